@@ -1,0 +1,537 @@
+"""Typed, validated job configuration, loaded from one YAML file.
+
+Every key is declared here with its type, default and a one-line description; an unknown key, a
+wrong type or an inconsistent value (a task whose label is not declared, ...) fails at load with
+one line naming the key, the value received and the fix. ``docs/configuration.md`` is generated
+from these models (``python -m mtrec.config``) and a test keeps it in sync.
+
+Example:
+    >>> cfg = load_config("esmm")                      # a shipped example, or a path / fsspec URL
+    >>> cfg.tasks[1].name, cfg.tasks[1].given
+    ('cvr', 'ctr')
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from enum import Enum, StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtrec.errors import ConfigError
+
+# The data contract's required columns (docs/data-contract.md). Labels and features add more.
+ID_COLUMNS = ("user_id", "item_id")
+POSITION_COLUMN = "position"
+REQUIRED_LABELS = ("click", "conversion")
+EXAMPLES = ("esmm", "esm2", "mmoe")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class Pooling(StrEnum):
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class LabelKind(StrEnum):
+    BINARY = "binary"
+    REGRESSION = "regression"
+
+
+class Arch(StrEnum):
+    SHARED_BOTTOM = "shared_bottom"
+    ESMM = "esmm"
+    ESM2 = "esm2"
+    MMOE = "mmoe"
+    PLE = "ple"
+    NAIVE_CVR = "naive_cvr"
+
+
+class ShardingType(StrEnum):
+    TABLE_WISE = "table_wise"
+    COLUMN_WISE = "column_wise"
+    ROW_WISE = "row_wise"  # GPU only
+    TABLE_ROW_WISE = "table_row_wise"  # GPU only
+    DATA_PARALLEL = "data_parallel"
+
+
+class EmbeddingOptimizer(StrEnum):
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    SGD = "sgd"
+    ADAM = "adam"  # GPU only: FBGEMM has no fused Adam on CPU
+
+
+class DenseOptimizer(StrEnum):
+    ADAM = "adam"
+    ADAGRAD = "adagrad"
+    SGD = "sgd"
+
+
+# --------------------------------------------------------------------------------------------------
+# features and labels
+
+
+class SparseFeature(_Strict):
+    name: str = Field(description="Feature name (also the embedding table name).")
+    column: str | None = Field(None, description="Log column holding the id(s); defaults to `name`.")
+    hash_size: int = Field(gt=0, description="Rows of the embedding table; ids are hashed into it.")
+    dim: int = Field(16, gt=0, description="Embedding dimension.")
+    multi_hot: bool = Field(False, description="The column is a list of ids (e.g. item tags).")
+    pooling: Pooling = Field(Pooling.SUM, description="How a multi-hot bag is pooled: sum or mean.")
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class DenseFeature(_Strict):
+    name: str = Field(description="Feature name.")
+    column: str | None = Field(None, description="Log column (float); defaults to `name`.")
+    log1p: bool = Field(False, description="Apply sign(x)*log1p(|x|) first (heavy-tailed counts, prices).")
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class BiasFeature(_Strict):
+    name: str = Field(description="Bias feature name (position, device, ...): shallow tower only.")
+    column: str | None = Field(None, description="Log column (integer); defaults to `name`.")
+    num_values: int = Field(gt=0, description="Values 0..num_values-1 get their own logit; larger ones share the last.")
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class FeaturesConfig(_Strict):
+    sparse: list[SparseFeature] = Field(min_length=1, description="Categorical id features (embedding tables).")
+    dense: list[DenseFeature] = Field(default_factory=list, description="Float features, concatenated to the embeddings.")
+    bias: list[BiasFeature] = Field(default_factory=list, description="Features seen only by the shallow tower in training (absent at serving).")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeaturesConfig:
+        seen: set[str] = set()
+        for f in [*self.sparse, *self.dense, *self.bias]:
+            if f.name in seen:
+                raise ValueError(f"feature name `{f.name}` is declared twice; give each feature a unique name")
+            seen.add(f.name)
+        return self
+
+    def columns(self) -> list[str]:
+        """Every log column a feature reads, in declaration order, without duplicates."""
+        cols = [f.source for f in [*self.sparse, *self.dense, *self.bias]]
+        return list(dict.fromkeys(cols))
+
+
+class TaskConfig(_Strict):
+    name: str = Field(description="Task name (ctr, cvr, ...): keys of the model's outputs and metrics.")
+    label: str = Field(description="Label column; must be declared under `labels`.")
+    given: str | None = Field(None, description="Name of the task this one is conditioned on (cvr is `given: ctr`).")
+    weight: float = Field(1.0, ge=0, description="Weight of this task's loss.")
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+class ShallowTowerConfig(_Strict):
+    hidden: list[int] = Field(default_factory=lambda: [16], description="Hidden layer sizes over the bias features.")
+    dim: int = Field(8, gt=0, description="Embedding dimension of each bias feature value.")
+    feature_dropout: float = Field(0.1, ge=0, lt=1, description="Probability a row's bias features are dropped in training (YouTube paper), so the main towers cannot lean on them.")
+    apply_to: list[str] | None = Field(None, description="Tasks whose logit gets the bias logit; default: the root (click) task only.")
+
+
+class _ModelBase(_Strict):
+    tower: list[int] = Field(default_factory=lambda: [256, 128, 64], description="Hidden sizes of each task tower.")
+    batch_norm: bool = Field(False, description="BatchNorm1d after each hidden layer of towers/experts (see docs/bn-consistency.md).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
+    shallow_tower: ShallowTowerConfig | None = Field(None, description="Position-bias shallow tower (training only); omit for none.")
+
+
+class SharedBottomModel(_ModelBase):
+    arch: Literal[Arch.SHARED_BOTTOM] = Field(description="Model architecture.")
+    bottom: list[int] = Field(default_factory=lambda: [256, 128], description="Hidden sizes of the shared bottom MLP.")
+
+
+class EsmmModel(_ModelBase):
+    arch: Literal[Arch.ESMM] = Field(description="Model architecture.")
+
+
+class Esm2Model(_ModelBase):
+    arch: Literal[Arch.ESM2] = Field(description="Model architecture.")
+    daction_task: str = Field("dar", description="Task whose label is the deterministic action (add-to-cart / wishlist).")
+
+
+class NaiveCvrModel(_ModelBase):
+    arch: Literal[Arch.NAIVE_CVR] = Field(description="Model architecture.")
+
+
+class MmoeModel(_ModelBase):
+    arch: Literal[Arch.MMOE] = Field(description="Model architecture.")
+    num_experts: int = Field(4, gt=0, description="Number of shared experts.")
+    expert: list[int] = Field(default_factory=lambda: [256, 128], description="Hidden sizes of each expert MLP.")
+
+
+class PleModel(_ModelBase):
+    arch: Literal[Arch.PLE] = Field(description="Model architecture.")
+    levels: int = Field(2, ge=1, description="Extraction levels.")
+    shared_experts: int = Field(2, gt=0, description="Shared experts per level.")
+    task_experts: int = Field(1, gt=0, description="Task-specific experts per task per level.")
+    expert: list[int] = Field(default_factory=lambda: [128], description="Hidden sizes of each expert MLP.")
+
+
+ModelConfig = Annotated[
+    Union[SharedBottomModel, EsmmModel, Esm2Model, NaiveCvrModel, MmoeModel, PleModel],  # noqa: UP007
+    Field(discriminator="arch"),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# training and job
+
+
+class DenseOptimizerConfig(_Strict):
+    name: DenseOptimizer = Field(DenseOptimizer.ADAM, description="Optimizer of the dense (data-parallel) parameters.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+
+
+class EmbeddingOptimizerConfig(_Strict):
+    name: EmbeddingOptimizer = Field(EmbeddingOptimizer.ROWWISE_ADAGRAD, description="TorchRec fused optimizer of the tables (rowwise_adagrad works on CPU and GPU).")
+    lr: float = Field(0.05, gt=0, description="Learning rate.")
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(2048, gt=0, description="Rows per batch per worker.")
+    seed: int = Field(0, description="Seed of parameter init and of any sampling.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (= torch.distributed world size).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves (fractions leave room for Ray Data on small boxes).")
+    sharding_types: list[ShardingType] = Field(default_factory=lambda: [ShardingType.TABLE_WISE], min_length=1, description="Sharding types the planner may use (CPU: table_wise, column_wise, data_parallel).")
+    dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig, description="Dense optimizer.")
+    embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig, description="Embedding (fused) optimizer.")
+    checkpoint_every_batches: int = Field(500, gt=0, description="Intra-day checkpoint period, for resume after a failure.")
+
+
+class JobConfig(_Strict):
+    logs: str = Field("./world", description="Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet.")
+    workdir: str = Field("./mtrec-work", description="Where checkpoints, the MLflow store, quarantine and reports go.")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined.")
+    timezone: str = Field("UTC", description="Timezone in which `--date yesterday` is resolved.")
+
+
+class MtrecConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name: experiment, registered model and checkpoint folder.")
+    labels: dict[str, LabelKind] = Field(description="Label columns in the logs and their kind (binary or regression); must include click and conversion.")
+    features: FeaturesConfig = Field(description="Feature columns.")
+    tasks: list[TaskConfig] = Field(min_length=1, description="Tasks the model predicts.")
+    model: ModelConfig = Field(description="Model architecture and sizes; `arch` selects the other keys.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    job: JobConfig = Field(default_factory=JobConfig, description="Paths and job settings.")
+
+    @field_validator("labels")
+    @classmethod
+    def _required_labels(cls, labels: dict[str, LabelKind]) -> dict[str, LabelKind]:
+        for col in REQUIRED_LABELS:
+            if labels.get(col) != LabelKind.BINARY:
+                raise ValueError(f"the data contract requires binary label `{col}`; add `{col}: binary` under `labels`")
+        return labels
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> MtrecConfig:
+        names = [t.name for t in self.tasks]
+        for t in self.tasks:
+            if names.count(t.name) > 1:
+                raise ValueError(f"task name `{t.name}` is used twice; give each task a unique name")
+            if t.label not in self.labels:
+                declared = ", ".join(self.labels)
+                raise ValueError(
+                    f"task `{t.name}`: label `{t.label}` is not declared under `labels` (declared: {declared}); "
+                    f"add `{t.label}: binary` (or regression) under `labels` or use a declared label"
+                )
+            if t.given is not None:
+                if t.given not in names:
+                    raise ValueError(f"task `{t.name}`: `given: {t.given}` names no task; use one of {', '.join(names)}")
+                parent = self.task(t.given)
+                if self.labels[parent.label] != LabelKind.BINARY:
+                    raise ValueError(f"task `{t.name}`: `given: {t.given}` must name a binary task, `{t.given}` is regression")
+                if parent.given is not None:
+                    raise ValueError(f"task `{t.name}`: chains are one level deep (`{t.given}` is itself given `{parent.given}`)")
+        st = self.model.shallow_tower
+        if st is not None:
+            if not self.features.bias:
+                raise ValueError("`model.shallow_tower` is set but `features.bias` is empty; declare bias features (e.g. position) or drop the shallow tower")
+            for name in st.apply_to or []:
+                if name not in names:
+                    raise ValueError(f"`model.shallow_tower.apply_to` names unknown task `{name}`; use one of {', '.join(names)}")
+        if isinstance(self.model, Esm2Model) and self.model.daction_task not in names:
+            raise ValueError(f"`model.daction_task` is `{self.model.daction_task}` but no task has that name; use one of {', '.join(names)}")
+        return self
+
+    # ---- helpers used across the package -------------------------------------------------------
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def label_kind(self, task: TaskConfig) -> LabelKind:
+        return self.labels[task.label]
+
+    def required_columns(self) -> list[str]:
+        """Every column a day's logs must have for this config (contract + labels + features)."""
+        cols = [*ID_COLUMNS, POSITION_COLUMN, *self.labels, *self.features.columns()]
+        return list(dict.fromkeys(cols))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the model's parameters (not paths, not learning rates)."""
+        shape = self.model_dump(mode="json", include={"name", "labels", "features", "tasks", "model"})
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, logs: str | None = None, workdir: str | None = None) -> MtrecConfig:
+        """A copy with the CLI's common overrides applied (`--logs`, `--workdir`)."""
+        job = self.job.model_copy(update={k: v for k, v in {"logs": logs, "workdir": workdir}.items() if v})
+        return self.model_copy(update={"job": job})
+
+
+# --------------------------------------------------------------------------------------------------
+# loading and error messages
+
+
+def example_path(name: str) -> Path:
+    """Path of a shipped example config (``esmm``, ``esm2``, ``mmoe``)."""
+    return Path(str(resources.files("mtrec.configs").joinpath(f"{name}.yaml")))
+
+
+def load_config(source: str | Path, logs: str | None = None, workdir: str | None = None) -> MtrecConfig:
+    """Load and validate a config.
+
+    Args:
+        source (str | Path): a YAML path or fsspec URL, or the name of a shipped example
+            (``esmm``, ``esm2``, ``mmoe``).
+        logs, workdir (str | None): the CLI's `--logs` / `--workdir` overrides.
+
+    Returns:
+        MtrecConfig: the validated config.
+
+    Raises:
+        ConfigError: one line naming the key, the value received and the fix.
+    """
+    src = str(source)
+    if src in EXAMPLES:
+        src = str(example_path(src))
+    label = Path(src).name
+    try:
+        import fsspec
+
+        with fsspec.open(src, "r") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file `{src}` not found; pass --config PATH or one of the shipped examples: {', '.join(EXAMPLES)}"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {label}: not valid YAML{where} ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {label}: the top level must be a mapping of keys (name, labels, features, ...), got {type(data).__name__}")
+    return parse_config(data, label).with_overrides(logs=logs, workdir=workdir)
+
+
+def parse_config(data: dict[str, Any], label: str = "config") -> MtrecConfig:
+    """Validate a config given as a dict (already parsed YAML); see `load_config`."""
+    try:
+        return MtrecConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, label)) from None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic puts the discriminator value into the location: ('model', 'esmm', 'tower') -> model.tower
+    arch_values = {a.value for a in Arch} | {f"Literal[{a!s}]" for a in Arch}
+    return tuple(p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "model" and p in arch_values))
+
+
+def _model_at(loc: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
+    """The config model class that owns the last key of `loc` (for listing allowed keys)."""
+    cls: Any = MtrecConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        if part == "model":
+            arch = data.get("model", {}).get("arch") if isinstance(data, dict) else None
+            cls = {m.model_fields["arch"].annotation.__args__[0].value: m for m in _ARCH_MODELS}.get(arch)
+            continue
+        cls = _unwrap(ann)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    """list[X] -> X, X | None -> X."""
+    for _ in range(3):
+        origin = typing.get_origin(ann)
+        if origin in (list, dict):
+            ann = typing.get_args(ann)[-1]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            ann = args[0] if len(args) == 1 else ann
+            if len(args) != 1:
+                break
+        else:
+            break
+    return ann
+
+
+def _one_line(err: ValidationError, label: str) -> str:
+    errors = err.errors()
+    first = errors[0]
+    loc = _strip_union_tags(tuple(first["loc"]))
+    key = _dotted(loc)
+    more = f" (+{len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    value = first.get("input")
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc, _root_input(err))
+        allowed = sorted(owner.model_fields) if owner else []
+        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean `{guess[0]}`? " if guess else ""
+        allowed_txt = f"allowed keys here: {', '.join(allowed)}; " if allowed else ""
+        return f"config {label}: unknown key `{key}`; {hint}{allowed_txt}remove or rename it{more}"
+    if kind == "missing":
+        return f"config {label}: missing required key `{key}`; add it (see docs/configuration.md){more}"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        choices = ", ".join(a.value for a in Arch)
+        got = first.get("ctx", {}).get("tag", value)
+        return f"config {label}: `{key}.arch` is {got!r}; use one of {choices}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        where = f"`{key}`: " if loc else ""
+        return f"config {label}: {where}{msg}{more}"
+    return f"config {label}: `{key}` got {_short(value)} ({msg}); fix the value (see docs/configuration.md){more}"
+
+
+def _root_input(err: ValidationError) -> Any:
+    # ValidationError does not keep the root input; the owner lookup only needs `model.arch`.
+    for e in err.errors():
+        if tuple(e["loc"][:1]) == ("model",) and isinstance(e.get("input"), dict) and "arch" in e["input"]:
+            return {"model": e["input"]}
+    for e in err.errors():
+        loc = e["loc"]
+        if len(loc) >= 2 and loc[0] == "model" and loc[1] in {a.value for a in Arch}:
+            return {"model": {"arch": loc[1]}}
+    return {}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_ARCH_MODELS = (SharedBottomModel, EsmmModel, Esm2Model, NaiveCvrModel, MmoeModel, PleModel)
+
+
+# --------------------------------------------------------------------------------------------------
+# reference documentation (docs/configuration.md is this function's output)
+
+
+def reference_markdown() -> str:
+    """Every config key with its type, default and description, as Markdown."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m mtrec.config > docs/configuration.md`; a test keeps it in sync. -->",
+        "",
+        "One YAML file configures a model and its jobs. Unknown keys are errors. Shipped examples:",
+        "`mtrec/configs/esmm.yaml`, `esm2.yaml`, `mmoe.yaml` (use `--config esmm` to refer to one).",
+        "CLI overrides: `--logs` sets `job.logs`, `--workdir` sets `job.workdir`.",
+        "",
+    ]
+
+    def section(title: str, cls: type[BaseModel], prefix: str) -> None:
+        lines.extend([f"## `{title}`", "", "| key | type | default | description |", "|---|---|---|---|"])
+        nested: list[tuple[str, type[BaseModel], str]] = []
+        for name, field in cls.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            sub = _unwrap(ann)
+            lines.append(f"| `{key}` | {_type_name(ann)} | {_default(field)} | {field.description or ''} |")
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                is_list = typing.get_origin(ann) is list
+                nested.append((f"{key}[]" if is_list else key, sub, f"{key}[]." if is_list else f"{key}."))
+        lines.append("")
+        for t, c, p in nested:
+            section(t, c, p)
+
+    section("(top level)", MtrecConfig, "")
+    for m in _ARCH_MODELS:
+        arch = m.model_fields["arch"].annotation.__args__[0].value
+        section(f"model (arch: {arch})", m, "model.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _type_name(ann: Any) -> str:
+    if isinstance(ann, type) and issubclass(ann, Enum):
+        return " \\| ".join(m.value for m in ann)
+    if isinstance(ann, type):
+        return ann.__name__ if not issubclass(ann, BaseModel) else "mapping"
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if origin is Literal:
+        return " \\| ".join(str(getattr(a, "value", a)) for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [a for a in args if a is not type(None)]
+        if all(isinstance(p, type) and issubclass(p, BaseModel) for p in parts) and len(parts) > 1:
+            return "mapping (by `arch`)"
+        return " or ".join(_type_name(p) for p in parts) + (" or null" if type(None) in args else "")
+    if origin is Annotated:
+        return _type_name(args[0])
+    return str(ann)
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(see below)"
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, list):
+        value = [getattr(v, "value", v) for v in value]
+    return f"`{json.dumps(value)}`"
+
+
+def reference_keys() -> set[str]:
+    """Every documented key path (as in the reference tables), for the docs-sync test."""
+    return {line.split("`")[1] for line in reference_markdown().splitlines() if line.startswith("| `")}
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,0 +1,396 @@
+"""A synthetic multi-day world with known ground truth, written in the data contract's format.
+
+The generative model (docs/synthetic-world.md states it in full):
+
+* users and items carry latent vectors; observable categorical features (segment, age bucket,
+  category, brand, shop, price bucket, multi-hot tags) are noisy functions of those latents;
+* each request shows ``positions`` items, the top of ``candidates`` ranked by a noisy logging
+  policy; clicks follow a position-based model ``p(click) = p(examined | position, device) x
+  p(relevant | user, item)``;
+* after a click the user takes the deterministic action (``daction``: add-to-cart / wishlist) or
+  another action (``oaction``), then buys with a probability much higher after ``daction``;
+  conversion is driven by an affinity that is *negatively* correlated with the click affinity
+  (and by price, which does not affect clicks), so CVR learned on clicked rows only is biased;
+* watch time (regression) follows a third affinity, also anti-correlated with clicks, so the
+  tasks conflict;
+* every day item latents and popularity drift and new users and items arrive.
+
+The truth table beside each day (``<out>/_truth/dt=D/``, keyed by ``row_id``) holds every row's
+examination probability, unbiased click probability, CVR given click, CTCVR, ... Training never
+reads it (the leading underscore also hides it from Hive-style partition discovery).
+
+Example:
+    >>> summary = write_world("memory://w", days=2, rows_per_day=10_000, seed=7)
+    >>> summary.rows
+    [10000, 10000]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mtrec.data.io import day_url, filesystem, join
+from mtrec.errors import MtrecError
+
+TRUTH_DIR = "_truth"
+WORLD_FILE = "_world.json"
+USER_ID_BASE = 1_000_000_000  # ids are large, sparse int64s as in real logs
+ITEM_ID_BASE = 5_000_000_000
+
+
+@dataclass(frozen=True)
+class WorldParams:
+    """Parameters of the generative model (defaults give CTR ~10%, CVR ~10%, CTCVR ~1%)."""
+
+    users: int = 50_000  # users on day 1
+    items: int = 10_000  # items on day 1
+    new_users_per_day: float = 0.03  # fraction of the current population added each day
+    new_items_per_day: float = 0.05
+    latent_dim: int = 8
+    positions: int = 10  # slots per request (K)
+    candidates: int = 30  # items the logging policy ranks per request
+    policy_noise: float = 1.0  # std of the logging policy's error on the relevance logit
+    exam_power: float = 0.9  # p(examined | position k) = 1 / (1 + k) ** exam_power ...
+    device_exam: tuple[float, ...] = (1.0, 0.7)  # ... x this factor per device (0 = app, 1 = web)
+    web_share: float = 0.3
+    click_bias: float = -2.6  # relevance logit = click_bias + click_scale * affinity + popularity
+    click_scale: float = 1.2
+    popularity_std: float = 0.6
+    rho_conversion: float = -0.5  # corr(click affinity, conversion affinity): clickbait converts less
+    rho_watch: float = -0.6  # corr(click affinity, watch affinity): tasks conflict
+    daction_bias: float = -1.0  # logit of p(daction | click)
+    daction_scale: float = 0.8
+    buy_bias: float = -2.2  # logit of p(buy | click), before the action effect
+    buy_scale: float = 1.0
+    buy_after_daction: float = 2.0  # added to the buy logit after a daction ...
+    buy_after_oaction: float = -1.5  # ... or after an oaction: p(buy | daction) >> p(buy | oaction)
+    price_effect: float = -0.6  # per std of log price, on the buy logit only
+    watch_log_mean: float = 3.4  # log seconds
+    watch_scale: float = 0.5
+    watch_noise: float = 0.6
+    drift: float = 0.08  # daily random-walk step of item latents and popularity (user taste: half)
+    segments: int = 50
+    age_buckets: int = 8
+    categories: int = 100
+    brands: int = 1000
+    shops: int = 3000
+    price_buckets: int = 10
+    tags: int = 300
+    feature_noise: float = 0.5  # noise on the latents before observable features are derived
+
+    def examination(self) -> np.ndarray:
+        """p(examined | position) on device 0, shape K."""
+        return 1.0 / (1.0 + np.arange(self.positions)) ** self.exam_power
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _mix(rng: np.random.Generator, base: np.ndarray, rho: float) -> np.ndarray:
+    """A latent with correlation `rho` to `base` (both unit-variance per dimension)."""
+    return rho * base + math.sqrt(1.0 - rho * rho) * rng.standard_normal(base.shape, dtype=np.float32)
+
+
+class _Population:
+    """Growable arrays of per-entity attributes (users or items)."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.cols.values()))) if self.cols else 0
+
+    def add(self, **cols: np.ndarray) -> None:
+        for k, v in cols.items():
+            self.cols[k] = np.concatenate([self.cols[k], v]) if k in self.cols else v
+
+    def __getitem__(self, k: str) -> np.ndarray:
+        return self.cols[k]
+
+
+class World:
+    """The evolving world. State (latents, popularity, new ids) advances one day at a time from
+    one RNG; each day's traffic draws from its own RNG seeded by (seed, day, file), so a day's
+    logs do not depend on how many days are written after it.
+
+    Args:
+        params (WorldParams): the generative model.
+        seed (int): everything is deterministic for a seed.
+    """
+
+    def __init__(self, params: WorldParams, seed: int):
+        self.p = params
+        self.seed = seed
+        self.rng = np.random.default_rng([seed, 0])
+        d = params.latent_dim
+        r = self.rng
+        # fixed projections from latents to observable categorical features
+        self.proj = {
+            "segment": r.standard_normal((d, params.segments), dtype=np.float32),
+            "category": r.standard_normal((d, params.categories), dtype=np.float32),
+            "brand": r.standard_normal((d, params.brands), dtype=np.float32),
+            "shop": r.standard_normal((d, params.shops), dtype=np.float32),
+            "tags": r.standard_normal((d, params.tags), dtype=np.float32),
+        }
+        self.users = _Population()
+        self.items = _Population()
+        self._new_users(params.users)
+        self._new_items(params.items)
+        self.day_index = 0
+        # entities at or past these indices arrived today (none on day 1)
+        self.first_new_user, self.first_new_item = len(self.users), len(self.items)
+
+    # ---- population ------------------------------------------------------------------------------
+    def _noisy(self, x: np.ndarray) -> np.ndarray:
+        return x + self.p.feature_noise * self.rng.standard_normal(x.shape, dtype=np.float32)
+
+    def _new_users(self, n: int) -> None:
+        p, r = self.p, self.rng
+        start = len(self.users)
+        taste = r.standard_normal((n, p.latent_dim), dtype=np.float32)
+        activity = r.lognormal(0.0, 1.0, n).astype(np.float32)  # requests per day, relative
+        age = np.digitize(self._noisy(taste[:, :1])[:, 0], np.linspace(-1.5, 1.5, p.age_buckets - 1))
+        self.users.add(
+            id=USER_ID_BASE + np.arange(start, start + n, dtype=np.int64) * 7919,
+            taste=taste,
+            activity=activity,
+            segment=np.argmax(self._noisy(taste) @ self.proj["segment"], axis=1).astype(np.int64),
+            age=age.astype(np.int64),
+            web=(r.random(n) < p.web_share),
+        )
+
+    def _new_items(self, n: int) -> None:
+        p, r = self.p, self.rng
+        start = len(self.items)
+        click_lat = r.standard_normal((n, p.latent_dim), dtype=np.float32)
+        conv_lat = _mix(r, click_lat, p.rho_conversion)
+        watch_lat = _mix(r, click_lat, p.rho_watch)
+        log_price = r.normal(3.0, 1.0, n).astype(np.float32)
+        scores = self._noisy(click_lat) @ self.proj["tags"]
+        k = r.integers(1, 5, n)  # 1..4 tags per item
+        top = np.argsort(-scores, axis=1)[:, :4]
+        tag_mask = np.arange(4)[None, :] < k[:, None]
+        self.items.add(
+            id=ITEM_ID_BASE + np.arange(start, start + n, dtype=np.int64) * 104729,
+            click_lat=click_lat,
+            conv_lat=conv_lat,
+            watch_lat=watch_lat,
+            popularity=(p.popularity_std * r.standard_normal(n)).astype(np.float32),
+            log_price=log_price,
+            category=np.argmax(self._noisy(click_lat) @ self.proj["category"], axis=1).astype(np.int64),
+            brand=np.argmax(self._noisy(conv_lat) @ self.proj["brand"], axis=1).astype(np.int64),
+            shop=np.argmax(self._noisy(watch_lat) @ self.proj["shop"], axis=1).astype(np.int64),
+            price_bucket=np.clip(np.floor((log_price - 0.5) / 5.0 * p.price_buckets), 0, p.price_buckets - 1).astype(np.int64),
+            tags=top.astype(np.int64),
+            tag_mask=tag_mask,
+        )
+
+    def advance(self) -> None:
+        """One day passes: latents and popularity drift, new users and items arrive."""
+        p, r = self.p, self.rng
+        it, us = self.items.cols, self.users.cols
+        for key in ("click_lat", "conv_lat", "watch_lat"):
+            it[key] = (it[key] + p.drift * r.standard_normal(it[key].shape, dtype=np.float32)) / math.sqrt(1 + p.drift**2)
+        it["popularity"] = it["popularity"] + p.drift * p.popularity_std * r.standard_normal(len(self.items)).astype(np.float32)
+        us["taste"] = (us["taste"] + 0.5 * p.drift * r.standard_normal(us["taste"].shape, dtype=np.float32)) / math.sqrt(1 + (0.5 * p.drift) ** 2)
+        self.first_new_user, self.first_new_item = len(self.users), len(self.items)
+        self._new_users(max(1, round(p.new_users_per_day * len(self.users))))
+        self._new_items(max(1, round(p.new_items_per_day * len(self.items))))
+        self.day_index += 1
+
+    # ---- traffic ---------------------------------------------------------------------------------
+    def traffic(self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date) -> tuple[pa.Table, pa.Table]:
+        """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth)."""
+        p = self.p
+        r = np.random.default_rng([self.seed, 1, self.day_index, part])
+        K, C = p.positions, p.candidates
+        n_req = -(-rows // K)
+        us, it = self.users.cols, self.items.cols
+        user_p = us["activity"] / us["activity"].sum()
+        uidx = r.choice(len(self.users), size=n_req, p=user_p)
+        item_p = np.exp(it["popularity"])
+        item_p /= item_p.sum()
+        cand = r.choice(len(self.items), size=(n_req, C), p=item_p)  # n_req x C
+        taste = us["taste"][uidx]  # n_req x d
+        scale = 1.0 / math.sqrt(p.latent_dim)
+        aff_click = np.einsum("rd,rcd->rc", taste, it["click_lat"][cand]) * scale  # n_req x C
+        rel_logit = p.click_bias + p.click_scale * aff_click + it["popularity"][cand]
+        policy = rel_logit + p.policy_noise * r.standard_normal(rel_logit.shape, dtype=np.float32)
+        shown = np.argsort(-policy, axis=1)[:, :K]  # n_req x K, position order
+        items = np.take_along_axis(cand, shown, axis=1).reshape(-1)[:rows]
+        rel_logit = np.take_along_axis(rel_logit, shown, axis=1).reshape(-1)[:rows]
+        req = np.repeat(np.arange(n_req), K)[:rows]
+        pos = np.tile(np.arange(K, dtype=np.int32), n_req)[:rows]
+        user = uidx[req]
+        device = us["web"][user].astype(np.int8)
+
+        taste_r = us["taste"][user]
+        aff_conv = np.einsum("nd,nd->n", taste_r, it["conv_lat"][items]) * scale
+        aff_watch = np.einsum("nd,nd->n", taste_r, it["watch_lat"][items]) * scale
+        price_z = it["log_price"][items] - 3.0
+
+        p_exam = p.examination()[pos] * np.asarray(p.device_exam, dtype=np.float64)[device]
+        p_rel = _sigmoid(rel_logit)
+        p_click = p_exam * p_rel
+        p_dact = _sigmoid(p.daction_bias + p.daction_scale * aff_conv)
+        buy_logit = p.buy_bias + p.buy_scale * aff_conv + p.price_effect * price_z
+        p_buy_d = _sigmoid(buy_logit + p.buy_after_daction)
+        p_buy_o = _sigmoid(buy_logit + p.buy_after_oaction)
+        cvr = p_dact * p_buy_d + (1 - p_dact) * p_buy_o
+        watch_mu = p.watch_log_mean + p.watch_scale * aff_watch
+
+        click = r.random(rows) < p_click
+        dact = click & (r.random(rows) < p_dact)
+        oact = click & ~dact
+        buy = click & (r.random(rows) < np.where(dact, p_buy_d, p_buy_o))
+        watch = np.where(click, np.exp(watch_mu + p.watch_noise * r.standard_normal(rows)), 0.0)
+
+        ts_req = np.sort(r.uniform(t0, t1, n_req))
+        ts = (np.datetime64(day.isoformat(), "ms") + (ts_req[req] * 1000).astype("timedelta64[ms]"))
+        row_id = np.arange(first_row, first_row + rows, dtype=np.int64)
+        req_global = req + first_row // K  # unique within the day: parts start on request boundaries
+        tags = it["tags"][items]
+        tag_mask = it["tag_mask"][items]
+        offsets = np.concatenate([[0], np.cumsum(tag_mask.sum(axis=1))]).astype(np.int32)
+        activity = us["activity"][user] * r.lognormal(0, 0.2, rows)  # observed with noise
+        popularity = _sigmoid(it["popularity"][items] + 0.3 * r.standard_normal(rows) - 2.0)
+
+        logs = pa.table({
+            "row_id": row_id,
+            "request_id": pc.binary_join_element_wise(f"{day:%Y%m%d}-", pc.cast(pa.array(req_global), pa.string()), ""),
+            "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")),
+            "user_id": us["id"][user],
+            "item_id": it["id"][items],
+            "position": pos,
+            "device": device,
+            "click": click.astype(np.int8),
+            "conversion": buy.astype(np.int8),
+            "daction": dact.astype(np.int8),
+            "oaction": oact.astype(np.int8),
+            "watch_time": watch.astype(np.float32),
+            "user_segment": us["segment"][user],
+            "age_bucket": us["age"][user],
+            "item_category": it["category"][items],
+            "brand": it["brand"][items],
+            "shop": it["shop"][items],
+            "price_bucket": it["price_bucket"][items],
+            "item_tags": pa.ListArray.from_arrays(offsets, tags[tag_mask]),
+            "user_activity": activity.astype(np.float32),
+            "item_price": np.exp(it["log_price"][items]).astype(np.float32),
+            "item_popularity": popularity.astype(np.float32),
+        })
+        truth = pa.table({
+            "row_id": row_id,
+            "p_examine": p_exam.astype(np.float32),
+            "p_click_unbiased": p_rel.astype(np.float32),  # relevance: click prob. with the position effect removed
+            "p_click": p_click.astype(np.float32),
+            "p_daction": p_dact.astype(np.float32),  # given click
+            "p_buy_daction": p_buy_d.astype(np.float32),
+            "p_buy_oaction": p_buy_o.astype(np.float32),
+            "cvr": cvr.astype(np.float32),  # given click
+            "ctcvr": (p_click * cvr).astype(np.float32),
+            "ctcvr_unbiased": (p_rel * cvr).astype(np.float32),
+            "watch_log_mean": watch_mu.astype(np.float32),  # E[log watch_time | click]
+            "new_user": user >= self.first_new_user,  # first seen today
+            "new_item": items >= self.first_new_item,
+        })
+        return logs, truth
+
+
+@dataclass
+class WorldSummary:
+    out: str
+    start: str
+    days: list[str]
+    rows: list[int]
+    seed: int
+    files_per_day: int
+    seconds: list[float] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+
+def write_world(
+    out: str,
+    days: int,
+    rows_per_day: int,
+    seed: int = 0,
+    start: dt.date = dt.date(2026, 1, 1),
+    files_per_day: int = 4,
+    params: WorldParams | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> WorldSummary:
+    """Write `days` day partitions of logs (+ truth) under `out` (any fsspec URL).
+
+    Args:
+        out (str): logs root; gets ``dt=YYYY-MM-DD/part-NNNNN.parquet``, ``_truth/dt=.../`` and
+            ``_world.json`` (parameters, seed, examination curve).
+        days (int): number of days, starting at `start`.
+        rows_per_day (int): impressions per day (exactly).
+        seed (int): the world is deterministic for a seed.
+        files_per_day (int): Parquet files per day; file k holds the k-th slice of the day's hours.
+        params (WorldParams | None): the generative model; defaults if None.
+
+    Returns:
+        WorldSummary: what was written and how long each day took.
+    """
+    if days < 1:
+        raise MtrecError(f"`--days` must be >= 1, got {days}; pass --days 1 or more")
+    if rows_per_day < 1:
+        raise MtrecError(f"`--rows-per-day` must be >= 1, got {rows_per_day}; pass --rows-per-day 1 or more")
+    if files_per_day < 1:
+        raise MtrecError(f"`--files-per-day` must be >= 1, got {files_per_day}; pass --files-per-day 1 or more")
+    params = params or WorldParams()
+    world = World(params, seed)
+    fs, _ = filesystem(out)
+    summary = WorldSummary(out=out, start=start.isoformat(), days=[], rows=[], seed=seed, files_per_day=files_per_day,
+                           params={**asdict(params), "examination": params.examination().round(6).tolist()})
+    K = params.positions
+    for d in range(days):
+        t_day = time.perf_counter()
+        day = start + dt.timedelta(days=d)
+        if d > 0:
+            world.advance()
+        # parts are cut on request boundaries so that request ids stay whole within one file
+        n_req = -(-rows_per_day // K)
+        req_cuts = np.linspace(0, n_req, files_per_day + 1).round().astype(int)
+        for part in range(files_per_day):
+            first, last = req_cuts[part] * K, min(req_cuts[part + 1] * K, rows_per_day)
+            if last <= first:
+                continue
+            secs = 86_400 / files_per_day
+            logs, truth = world.traffic(last - first, part, first, part * secs, (part + 1) * secs, day)
+            for root, table in ((out, logs), (join(out, TRUTH_DIR), truth)):
+                folder = day_url(root, day)
+                dfs, dpath = filesystem(folder)
+                dfs.makedirs(dpath, exist_ok=True)
+                with dfs.open(f"{dpath}/part-{part:05d}.parquet", "wb") as fh:
+                    pq.write_table(table, fh, compression="snappy")
+        summary.days.append(day.isoformat())
+        summary.rows.append(rows_per_day)
+        summary.seconds.append(round(time.perf_counter() - t_day, 3))
+        if progress:
+            progress(f"  {day}: {rows_per_day:,} rows in {files_per_day} files ({summary.seconds[-1]:.1f}s)")
+    with fs.open(f"{filesystem(out)[1]}/{WORLD_FILE}", "w") as fh:
+        fh.write(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def read_world(out: str) -> dict:
+    """The `_world.json` written beside a synthetic world (parameters, examination curve, days)."""
+    fs, path = filesystem(out)
+    try:
+        with fs.open(f"{path}/{WORLD_FILE}", "r") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise MtrecError(f"{out} holds no {WORLD_FILE}: it is not a synthetic world written by `mtrec synth`") from None

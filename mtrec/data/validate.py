@@ -1,0 +1,317 @@
+"""The data contract, checked: schema per file, rules per row, quarantine with counts.
+
+Schema problems (a missing or wrongly-typed column) stop the day with one line naming the file,
+the column and the fix: nothing is trained on a day whose schema is wrong. Row problems send the
+row to ``<workdir>/quarantine/dt=D/`` with a ``reason`` column (plus ``source_file`` and
+``source_row`` so it can be traced); every input row is either good or quarantined, never dropped.
+The same `RowValidator.split` filters batches in the training stream.
+
+Example:
+    >>> report = validate_day(load_config("esmm"), date(2026, 1, 1))     # doctest: +SKIP
+    >>> report.input_rows == report.good_rows + report.bad_rows
+    True
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mtrec.config import ID_COLUMNS, POSITION_COLUMN, LabelKind, MtrecConfig
+from mtrec.data.io import DataFile, day_url, filesystem, join, list_day_files
+from mtrec.errors import DataValidationError
+
+# The contract's own label rules (docs/data-contract.md), applied when the columns are declared.
+CONTRACT_IMPLIES = (("conversion", "click"), ("daction", "click"), ("oaction", "click"))
+CONTRACT_EXCLUSIVE = (("daction", "oaction"),)
+BATCH_ROWS = 65_536  # rows per Arrow batch read: bounded memory whatever the day's size
+QUARANTINE_EXTRA = ("source_file", "source_row", "reason")
+
+Mask = Callable[[pa.RecordBatch], np.ndarray]
+
+
+class Split(NamedTuple):
+    """A batch split by the contract: `good` rows, `bad` rows (+ `reason`), `bad_index` (row numbers of bad in the batch)."""
+
+    good: pa.RecordBatch
+    bad: pa.RecordBatch
+    bad_index: np.ndarray
+
+
+def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Arrow boolean (nulls = False) -> numpy bool."""
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_boolean(t)
+
+
+def _is_id(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_num(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+@dataclass
+class ValidationReport:
+    """What validation found in one day. ``input_rows == good_rows + bad_rows`` always."""
+
+    date: str
+    logs: str
+    quarantine: str
+    input_rows: int = 0
+    good_rows: int = 0
+    bad_rows: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    files: list[dict] = field(default_factory=list)
+    max_bad_fraction: float = 0.01
+    seconds: float = 0.0
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad_rows / self.input_rows if self.input_rows else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.bad_fraction <= self.max_bad_fraction
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "bad_fraction": self.bad_fraction, "passed": self.passed}, indent=2)
+
+    def summary(self) -> str:
+        """Human-readable lines for the console."""
+        lines = [
+            f"day {self.date}: {self.input_rows:,} rows in {len(self.files)} files, "
+            f"{self.good_rows:,} good, {self.bad_rows:,} quarantined ({self.bad_fraction:.3%}, "
+            f"limit {self.max_bad_fraction:.2%}) in {self.seconds:.1f}s",
+        ]
+        for reason, n in self.by_reason.items():
+            if n:
+                lines.append(f"  {reason:<28} {n:>10,}")
+        if self.bad_rows:
+            lines.append(f"  quarantine: {self.quarantine}")
+        return "\n".join(lines)
+
+
+class RowValidator:
+    """Schema check and per-row rules of the data contract for one config.
+
+    Args:
+        cfg (MtrecConfig): declares the label, feature and bias columns to check.
+
+    Example:
+        >>> v = RowValidator(cfg)
+        >>> good, bad, _ = v.split(batch)       # bad has a `reason` column
+    """
+
+    def __init__(self, cfg: MtrecConfig):
+        self.cfg = cfg
+        self.rules: list[tuple[str, Mask]] = self._rules()
+        self.reasons: list[str] = list(dict.fromkeys(r for r, _ in self.rules))
+
+    # ---- schema ---------------------------------------------------------------------------------
+    def check_schema(self, schema: pa.Schema, where: str) -> None:
+        """Raise DataValidationError (one line) on a missing or wrongly-typed column."""
+        cfg = self.cfg
+        expect: dict[str, tuple[Callable[[pa.DataType], bool], str, str]] = {}
+        for col in ID_COLUMNS:
+            expect[col] = (_is_id, "an integer or string id (int64)", "the data contract")
+        expect[POSITION_COLUMN] = (_is_int, "an integer (int32, 0-based slot)", "the data contract")
+        for col, kind in cfg.labels.items():
+            if kind == LabelKind.BINARY:
+                expect[col] = (_is_int, "an integer label (int8 0/1)", "`labels`")
+            else:
+                expect[col] = (_is_num, "a numeric label (float32)", "`labels`")
+        for f in cfg.features.sparse:
+            if f.multi_hot:
+                expect.setdefault(f.source, (lambda t: _is_list(t) and _is_id(t.value_type), "a list of integer or string ids", f"`features.sparse` ({f.name}, multi_hot: true)"))
+            else:
+                expect.setdefault(f.source, (_is_id, "an integer or string id", f"`features.sparse` ({f.name})"))
+        for f in cfg.features.dense:
+            expect.setdefault(f.source, (_is_num, "a number (float32)", f"`features.dense` ({f.name})"))
+        for f in cfg.features.bias:
+            expect.setdefault(f.source, (_is_int, "an integer (bias feature value)", f"`features.bias` ({f.name})"))
+        names = set(schema.names)
+        for col, (ok, wanted, by) in expect.items():
+            if col not in names:
+                raise DataValidationError(
+                    f"{where}: column `{col}` is missing (required by {by}); add it to the export or remove it from the config"
+                )
+            t = schema.field(col).type
+            if not ok(t):
+                raise DataValidationError(
+                    f"{where}: column `{col}` has type {t}, expected {wanted} (required by {by}); fix the export's type or the config"
+                )
+
+    # ---- row rules ------------------------------------------------------------------------------
+    def _rules(self) -> list[tuple[str, Mask]]:
+        cfg = self.cfg
+        rules: list[tuple[str, Mask]] = []
+        for col in ID_COLUMNS:
+            rules.append(("null_id", lambda b, c=col: _np(pc.is_null(b.column(c)))))
+        rules.append(("bad_position", lambda b: _np(pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(b.column(POSITION_COLUMN), 0)))))
+        for col in cfg.labels:
+            rules.append(("null_label", lambda b, c=col: _np(pc.is_null(b.column(c), nan_is_null=True))))
+        for col, kind in cfg.labels.items():
+            if kind == LabelKind.BINARY:
+                rules.append(("label_out_of_range", lambda b, c=col: _np(pc.invert(pc.is_in(b.column(c), pa.array([0, 1], b.column(c).type))))))
+            else:
+                rules.append(("label_out_of_range", lambda b, c=col: _np(pc.is_inf(pc.cast(b.column(c), pa.float64())))))
+        implies = [(c, p) for c, p in CONTRACT_IMPLIES if c in cfg.labels and p in cfg.labels]
+        for t in cfg.tasks:
+            if t.given is not None:
+                pair = (t.label, cfg.task(t.given).label)
+                if pair not in implies and pair[0] != pair[1]:
+                    implies.append(pair)
+        for child, parent in implies:
+            # a non-zero child label (conversion=1, watch_time>0) requires parent=1
+            rules.append((f"{child}_without_{parent}", lambda b, c=child, p=parent: _np(
+                pc.and_kleene(pc.not_equal(b.column(c), 0), pc.not_equal(b.column(p), 1)))))
+        for a, b_ in CONTRACT_EXCLUSIVE:
+            if a in cfg.labels and b_ in cfg.labels:
+                rules.append((f"{a}_and_{b_}", lambda b, x=a, y=b_: _np(pc.and_kleene(pc.equal(b.column(x), 1), pc.equal(b.column(y), 1)))))
+        for f in cfg.features.dense:
+            rules.append(("bad_feature", lambda b, c=f.source: _np(pc.invert(pc.is_finite(pc.cast(b.column(c), pa.float64()))))))
+        for f in cfg.features.bias:
+            if f.source != POSITION_COLUMN:
+                rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(pc.is_null(b.column(c)), pc.less(b.column(c), 0)))))
+        return rules
+
+    def reason_codes(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Per row: index into `self.reasons` of the first rule it breaks, or -1 (good). Shape B."""
+        codes = np.full(batch.num_rows, -1, dtype=np.int16)
+        for reason, rule in self.rules:
+            hit = rule(batch) & (codes < 0)
+            codes[hit] = self.reasons.index(reason)
+        return codes
+
+    def split(self, batch: pa.RecordBatch) -> Split:
+        """Good rows, and bad rows with a `reason` column appended. Together they are the batch."""
+        codes = self.reason_codes(batch)
+        bad = codes >= 0
+        index = np.flatnonzero(bad)
+        if not index.size:
+            return Split(batch, batch.slice(0, 0).append_column("reason", pa.array([], pa.string())), index)
+        reasons = np.asarray(self.reasons, dtype=object)[codes[bad]]
+        bad_b = batch.filter(pa.array(bad)).append_column("reason", pa.array(reasons, pa.string()))
+        return Split(batch.filter(pa.array(~bad)), bad_b, index)
+
+
+def iter_file_batches(f: DataFile, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Stream one Parquet file as Arrow batches (bounded memory)."""
+    fs, path = filesystem(f.url)
+    with fs.open(path, "rb") as fh:
+        yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def read_schema(f: DataFile) -> pa.Schema:
+    fs, path = filesystem(f.url)
+    try:
+        with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).schema_arrow
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataValidationError(f"{f.url}: not a readable Parquet file ({e}); re-export the file or remove it from the day") from None
+
+
+def quarantine_url(workdir: str, day: dt.date) -> str:
+    return day_url(join(workdir, "quarantine"), day)
+
+
+def validate_day(
+    cfg: MtrecConfig,
+    day: dt.date,
+    progress: Callable[[str], None] | None = None,
+) -> ValidationReport:
+    """Validate one day of logs, write its quarantine and report, and enforce the threshold.
+
+    Args:
+        cfg (MtrecConfig): config; `job.logs`, `job.workdir` and `job.max_bad_fraction` are used.
+        day (date): the day partition to check.
+        progress (callable | None): receives one line per file.
+
+    Returns:
+        ValidationReport: counts by reason; also written to ``<quarantine>/_report.json``.
+
+    Raises:
+        DataValidationError: schema problem (nothing written), or bad fraction above the limit
+            (quarantine and report written first so the rows can be inspected).
+    """
+    t0 = time.perf_counter()
+    files = list_day_files(cfg.job.logs, day)
+    validator = RowValidator(cfg)
+    for f in files:  # all schemas first: a bad file stops the day before anything is written
+        validator.check_schema(read_schema(f), f"logs {day} file {f.name}")
+
+    qurl = quarantine_url(cfg.job.workdir, day)
+    qfs, qpath = filesystem(qurl)
+    if qfs.exists(qpath):
+        qfs.rm(qpath, recursive=True)  # re-validating a day replaces its quarantine
+    report = ValidationReport(
+        date=day.isoformat(), logs=day_url(cfg.job.logs, day), quarantine=qurl,
+        by_reason={r: 0 for r in validator.reasons}, max_bad_fraction=cfg.job.max_bad_fraction,
+    )
+    for f in files:
+        rows = bad_rows = 0
+        writer: pq.ParquetWriter | None = None
+        sink = None
+        try:
+            for batch in iter_file_batches(f):
+                good, bad, bad_index = validator.split(batch)
+                if bad.num_rows:
+                    bad = _with_source(bad, f.name, bad_index + rows)
+                    if writer is None:
+                        qfs.makedirs(qpath, exist_ok=True)
+                        sink = qfs.open(f"{qpath}/{f.name}", "wb")
+                        writer = pq.ParquetWriter(sink, bad.schema)
+                    writer.write_batch(bad)
+                    for reason, n in zip(*np.unique(bad.column("reason").to_numpy(zero_copy_only=False), return_counts=True), strict=True):
+                        report.by_reason[str(reason)] += int(n)
+                rows += batch.num_rows
+                bad_rows += bad.num_rows
+                report.good_rows += good.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+                sink.close()
+        report.input_rows += rows
+        report.bad_rows += bad_rows
+        report.files.append({"name": f.name, "size": f.size, "rows": rows, "quarantined": bad_rows})
+        if progress:
+            progress(f"  {f.name}: {rows:,} rows, {bad_rows:,} quarantined")
+    assert report.input_rows == report.good_rows + report.bad_rows  # internal invariant, not user input
+    report.seconds = time.perf_counter() - t0
+    qfs.makedirs(qpath, exist_ok=True)
+    with qfs.open(f"{qpath}/_report.json", "w") as fh:
+        fh.write(report.to_json())
+    if not report.passed:
+        top = ", ".join(f"{r} {n:,}" for r, n in sorted(report.by_reason.items(), key=lambda kv: -kv[1]) if n)
+        raise DataValidationError(
+            f"day {day}: {report.bad_fraction:.2%} of rows quarantined ({report.bad_rows:,} of {report.input_rows:,}: {top}) "
+            f"is above job.max_bad_fraction={cfg.job.max_bad_fraction:.2%}; inspect {qurl}, fix the logs or raise the limit"
+        )
+    return report
+
+
+def _with_source(bad: pa.RecordBatch, name: str, rows: np.ndarray) -> pa.RecordBatch:
+    """Insert source_file / source_row before `reason` so a quarantined row can be traced."""
+    reason = bad.column("reason")
+    bad = bad.drop_columns(["reason"])
+    bad = bad.append_column("source_file", pa.array([name] * bad.num_rows, pa.string()))
+    bad = bad.append_column("source_row", pa.array(rows, pa.int64()))
+    return bad.append_column("reason", reason)

@@ -1,0 +1,34 @@
+"""One small exception hierarchy. Every message is one line naming the problem and the fix.
+
+The classes hold only a message string, so they pickle and survive Ray workers.
+"""
+
+from __future__ import annotations
+
+
+class MtrecError(Exception):
+    """Base class: the CLI prints ``mtrec: error: <message>`` and exits non-zero."""
+
+    exit_code = 2
+
+
+class ConfigError(MtrecError):
+    """The YAML config (or a CLI override) is invalid."""
+
+
+class DataValidationError(MtrecError):
+    """A day's logs break the data contract (schema), or too many rows were quarantined."""
+
+    exit_code = 3
+
+
+class CheckpointError(MtrecError):
+    """A checkpoint is missing, incomplete, corrupted or belongs to another model/config."""
+
+    exit_code = 4
+
+
+class GateRefused(MtrecError):
+    """The promotion gate refused the challenger."""
+
+    exit_code = 5
