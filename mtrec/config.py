@@ -470,7 +470,12 @@ def reference_markdown() -> str:
         "",
     ]
 
+    done: set[str] = set()
+
     def section(title: str, cls: type[BaseModel], prefix: str) -> None:
+        if title in done:  # e.g. model.shallow_tower, shared by every arch
+            return
+        done.add(title)
         lines.extend([f"## `{title}`", "", "| key | type | default | description |", "|---|---|---|---|"])
         nested: list[tuple[str, type[BaseModel], str]] = []
         for name, field in cls.model_fields.items():

@@ -1,0 +1,27 @@
+"""Shared fixtures: one small synthetic world per session (fast, deterministic)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from mtrec.config import load_config
+from mtrec.data.synth import write_world
+
+DAY1 = dt.date(2026, 1, 1)
+WORLD_ROWS = 20_000
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> str:
+    """A 3-day world of 20,000 rows/day, 4 files/day, seed 3: the logs root (a local path)."""
+    root = str(tmp_path_factory.mktemp("world"))
+    write_world(root, days=3, rows_per_day=WORLD_ROWS, seed=3)
+    return root
+
+
+@pytest.fixture
+def cfg(world, tmp_path):
+    """The ESMM example config pointed at the session world and a fresh workdir."""
+    return load_config("esmm", logs=world, workdir=str(tmp_path / "work"))

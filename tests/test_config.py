@@ -1,0 +1,144 @@
+import copy
+
+import pytest
+import yaml
+
+from mtrec.config import (
+    EXAMPLES,
+    Arch,
+    LabelKind,
+    MmoeModel,
+    example_path,
+    load_config,
+    parse_config,
+)
+from mtrec.errors import ConfigError
+
+
+@pytest.fixture
+def esmm() -> dict:
+    return yaml.safe_load(example_path("esmm").read_text())
+
+
+def _err(data: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "esmm.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg, "config errors are one line"
+    return msg
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_load(name):
+    cfg = load_config(name)
+    assert cfg.name == f"{name}_synth"
+    assert cfg.model.arch == Arch(name)
+    assert cfg.labels["click"] == LabelKind.BINARY
+    assert cfg.task("ctr").given is None and cfg.task("cvr").given == "ctr"
+
+
+def test_mmoe_example_has_regression_task_and_shallow_tower():
+    cfg = load_config("mmoe")
+    assert isinstance(cfg.model, MmoeModel)
+    assert cfg.label_kind(cfg.task("watch_time")) == LabelKind.REGRESSION
+    assert cfg.model.shallow_tower is not None and cfg.model.shallow_tower.apply_to == ["ctr"]
+    assert [f.name for f in cfg.features.bias] == ["position", "device"]
+
+
+def test_unknown_key_names_key_and_suggests(esmm):
+    esmm["train"]["batchsize"] = 512
+    msg = _err(esmm)
+    assert "unknown key `train.batchsize`" in msg
+    assert "did you mean `batch_size`?" in msg
+    assert "remove or rename it" in msg
+
+
+def test_unknown_key_inside_arch_specific_model(esmm):
+    esmm["model"]["num_experts"] = 4  # an MMoE key on an ESMM model
+    msg = _err(esmm)
+    assert "unknown key `model.num_experts`" in msg
+    assert "allowed keys here: arch, batch_norm, dropout, shallow_tower, tower" in msg
+
+
+def test_wrong_type_names_key_and_value(esmm):
+    esmm["train"]["batch_size"] = "big"
+    msg = _err(esmm)
+    assert "`train.batch_size` got 'big'" in msg and "valid integer" in msg
+
+
+def test_nested_list_location(esmm):
+    esmm["features"]["sparse"][2]["dim"] = 0
+    assert "`features.sparse[2].dim` got 0" in _err(esmm)
+
+
+def test_task_label_not_declared(esmm):
+    esmm["tasks"][1]["label"] = "purchase"
+    msg = _err(esmm)
+    assert "task `cvr`: label `purchase` is not declared under `labels`" in msg
+    assert "add `purchase: binary`" in msg
+
+
+def test_required_contract_label(esmm):
+    del esmm["labels"]["conversion"]
+    assert "requires binary label `conversion`" in _err(esmm)
+
+
+def test_unknown_arch(esmm):
+    esmm["model"]["arch"] = "dlrm"
+    assert "`model.arch` is 'dlrm'; use one of shared_bottom, esmm, esm2, mmoe, ple, naive_cvr" in _err(esmm)
+
+
+def test_given_must_name_a_task(esmm):
+    esmm["tasks"][1]["given"] = "click"
+    assert "`given: click` names no task; use one of ctr, cvr" in _err(esmm)
+
+
+def test_shallow_tower_needs_bias_features(esmm):
+    esmm["model"]["shallow_tower"] = {}
+    esmm["features"]["bias"] = []
+    assert "`features.bias` is empty" in _err(esmm)
+
+
+def test_duplicate_feature_name(esmm):
+    esmm["features"]["dense"].append({"name": "user_id"})
+    assert "feature name `user_id` is declared twice" in _err(esmm)
+
+
+def test_missing_key_and_error_count(esmm):
+    del esmm["tasks"]
+    esmm["train"]["seed"] = "x"
+    msg = _err(esmm)
+    assert msg.startswith("config esmm.yaml: ")
+    assert "(+1 more problem)" in msg
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="config file `.*nope.yaml` not found; pass --config PATH"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line 2"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_overrides_and_fingerprint(esmm):
+    cfg = load_config("esmm", logs="memory://logs", workdir="/tmp/w")
+    assert (cfg.job.logs, cfg.job.workdir) == ("memory://logs", "/tmp/w")
+    base = parse_config(esmm)
+    lr_changed = copy.deepcopy(esmm)
+    lr_changed["train"]["dense_optimizer"]["lr"] = 0.5
+    dim_changed = copy.deepcopy(esmm)
+    dim_changed["features"]["sparse"][0]["dim"] = 32
+    assert parse_config(lr_changed).fingerprint() == base.fingerprint()  # paths/lr do not shape the model
+    assert parse_config(dim_changed).fingerprint() != base.fingerprint()
+    assert cfg.fingerprint() == base.fingerprint()
+
+
+def test_required_columns_cover_contract_labels_and_features():
+    cols = load_config("esmm").required_columns()
+    assert cols[:5] == ["user_id", "item_id", "position", "click", "conversion"]
+    assert {"item_tags", "user_activity", "device", "watch_time"} <= set(cols)
+    assert len(cols) == len(set(cols))

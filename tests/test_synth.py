@@ -1,0 +1,149 @@
+"""The synthetic world's ground truth holds: position bias, label chain, ESM2 structure, drift."""
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from mtrec.data.synth import WorldParams, read_world, write_world
+from mtrec.errors import MtrecError
+
+DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
+
+
+def _day(root: str, day: str, truth: bool = False):
+    sub = f"_truth/dt={day}" if truth else f"dt={day}"
+    return ds.dataset(f"{root}/{sub}").to_table()
+
+
+@pytest.fixture(scope="module")
+def big_day(tmp_path_factory) -> str:
+    """One day of 100,000 rows: enough for the statistical checks below."""
+    root = str(tmp_path_factory.mktemp("bigworld"))
+    write_world(root, days=1, rows_per_day=100_000, seed=11)
+    return root
+
+
+def test_layout_sizes_and_types(world):
+    assert sorted(p.name for p in Path(world).iterdir()) == ["_truth", "_world.json", *[f"dt={d}" for d in DAYS]]
+    files = sorted(Path(world, f"dt={DAYS[0]}").glob("*.parquet"))
+    assert [f.name for f in files] == [f"part-0000{i}.parquet" for i in range(4)]
+    logs, truth = _day(world, DAYS[0]), _day(world, DAYS[0], truth=True)
+    assert logs.num_rows == truth.num_rows == 20_000
+    assert logs.column("row_id").to_pylist() == truth.column("row_id").to_pylist() == list(range(20_000))
+    types = {f.name: str(f.type) for f in logs.schema}
+    assert (types["user_id"], types["item_id"], types["position"], types["click"], types["conversion"]) == \
+        ("int64", "int64", "int32", "int8", "int8")
+    assert types["item_tags"].startswith("list<") and types["item_tags"].endswith("int64>") and types["watch_time"] == "float"
+    # a request never straddles two files, so request ids are whole within a file
+    per_file = [set(pq.read_table(f, columns=["request_id"]).column(0).to_pylist()) for f in files]
+    assert all(not (a & b) for i, a in enumerate(per_file) for b in per_file[i + 1:])
+    # files are time slices: file k's requests come before file k+1's
+    ts = [pq.read_table(f, columns=["ts"]).column(0) for f in files]
+    assert all(ts[i].to_numpy().max() <= ts[i + 1].to_numpy().min() for i in range(3))
+
+
+def test_deterministic_for_seed_and_prefix_stable(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    write_world(a, days=2, rows_per_day=2000, seed=5)
+    write_world(b, days=3, rows_per_day=2000, seed=5)
+    write_world(c, days=2, rows_per_day=2000, seed=6)
+    for day in DAYS[:2]:
+        assert _day(a, day).equals(_day(b, day)) and _day(a, day, True).equals(_day(b, day, True))
+        assert not _day(a, day).equals(_day(c, day))
+
+
+def test_click_rate_by_position_matches_examination_curve(big_day):
+    logs, truth = _day(big_day, DAYS[0]), _day(big_day, DAYS[0], True)
+    exam = np.array(read_world(big_day)["params"]["examination"])
+    pos = logs.column("position").to_numpy()
+    app = logs.column("device").to_numpy() == 0  # device 0 has examination factor 1.0
+    click = logs.column("click").to_numpy()
+    rel = truth.column("p_click_unbiased").to_numpy()
+    for k in range(len(exam)):
+        # clicks at position k = Binomial(sum over rows of exam[k] * relevance): within 4 std. errors
+        p = exam[k] * rel[app & (pos == k)]
+        observed, expected, sd = click[app & (pos == k)].sum(), p.sum(), np.sqrt((p * (1 - p)).sum())
+        assert abs(observed - expected) < 4 * sd, (k, observed, expected, sd)
+    # E[click | pos] / E[relevance | pos] estimates p(examined | pos): same order as the curve
+    est = np.array([click[app & (pos == k)].sum() / rel[app & (pos == k)].sum() for k in range(len(exam))])
+    assert np.all(np.diff(exam) < 0)
+    assert np.corrcoef(est, exam)[0, 1] > 0.99
+    # the logging policy puts more relevant items first: position is confounded with relevance
+    mean_rel = [rel[pos == k].mean() for k in range(len(exam))]
+    assert mean_rel[0] > mean_rel[-1]
+
+
+def test_label_chain_never_broken(world):
+    for day in DAYS:
+        t = _day(world, day)
+        click, conv, dact, oact = (t.column(c).to_numpy() for c in ("click", "conversion", "daction", "oaction"))
+        assert not np.any((conv == 1) & (click == 0))
+        assert not np.any((dact == 1) & (click == 0)) and not np.any((oact == 1) & (click == 0))
+        assert not np.any((dact == 1) & (oact == 1))
+        assert np.all((dact | oact) == click)  # every click ends in one of the two actions
+        watch = t.column("watch_time").to_numpy()
+        assert np.all(watch[click == 0] == 0) and np.all(watch[click == 1] > 0)
+
+
+def test_conversion_after_daction_vs_oaction_as_configured(big_day):
+    t, tr = _day(big_day, DAYS[0]), _day(big_day, DAYS[0], True)
+    conv, dact, oact = (t.column(c).to_numpy() for c in ("conversion", "daction", "oaction"))
+    p_d, p_o = tr.column("p_buy_daction").to_numpy(), tr.column("p_buy_oaction").to_numpy()
+    emp_d, emp_o = conv[dact == 1].mean(), conv[oact == 1].mean()
+    # empirical rates match the configured probabilities within 4 standard errors
+    for emp, p in ((emp_d, p_d[dact == 1]), (emp_o, p_o[oact == 1])):
+        assert abs(emp - p.mean()) < 4 * np.sqrt(p.mean() * (1 - p.mean()) / p.size)
+    assert emp_d > 8 * emp_o  # p(buy | daction) >> p(buy | oaction)
+
+
+def test_selection_bias_and_task_conflict_are_real(big_day):
+    t, tr = _day(big_day, DAYS[0]), _day(big_day, DAYS[0], True)
+    click = t.column("click").to_numpy() == 1
+    cvr = tr.column("cvr").to_numpy()
+    # CVR over clicked rows differs from CVR over all impressions: naive CVR training is biased
+    assert cvr.mean() / cvr[click].mean() > 1.15
+    rel = tr.column("p_click_unbiased").to_numpy()
+    assert np.corrcoef(rel, cvr)[0, 1] < -0.15
+    assert np.corrcoef(rel, tr.column("watch_log_mean").to_numpy())[0, 1] < -0.25
+
+
+def test_new_ids_appear_on_later_days(world):
+    seen_users = set(_day(world, DAYS[0]).column("user_id").to_pylist())
+    seen_items = set(_day(world, DAYS[0]).column("item_id").to_pylist())
+    assert not _day(world, DAYS[0], True).column("new_user").to_numpy().any()
+    for day in DAYS[1:]:
+        t, tr = _day(world, day), _day(world, day, True)
+        new_u = tr.column("new_user").to_numpy()
+        new_i = tr.column("new_item").to_numpy()
+        assert 0.005 < new_u.mean() < 0.1 and 0.01 < new_i.mean() < 0.2
+        users = t.column("user_id").to_numpy()
+        items = t.column("item_id").to_numpy()
+        assert not (set(users[new_u].tolist()) & seen_users)  # truly never seen before
+        assert not (set(items[new_i].tolist()) & seen_items)
+        seen_users |= set(users.tolist())
+        seen_items |= set(items.tolist())
+
+
+def test_world_json_and_memory_url():
+    s = write_world("memory://synth-t", days=1, rows_per_day=1234, seed=0, files_per_day=3, start=dt.date(2025, 12, 31))
+    assert s.rows == [1234] and s.days == ["2025-12-31"]
+    meta = read_world("memory://synth-t")
+    assert meta["seed"] == 0 and len(meta["params"]["examination"]) == WorldParams().positions
+    import fsspec
+
+    assert ds.dataset("/synth-t/dt=2025-12-31", filesystem=fsspec.filesystem("memory")).count_rows() == 1234
+    assert json.dumps(meta)
+
+
+def test_bad_arguments():
+    with pytest.raises(MtrecError, match=r"`--days` must be >= 1, got 0"):
+        write_world("memory://x", days=0, rows_per_day=10)
+    with pytest.raises(MtrecError, match=r"`--rows-per-day` must be >= 1, got -5"):
+        write_world("memory://x", days=1, rows_per_day=-5)
+    with pytest.raises(MtrecError, match="not a synthetic world"):
+        read_world("memory://nothing-here")
