@@ -140,6 +140,12 @@ class TaskConfig(_Strict):
     label: str = Field(description="Label column; must be declared under `labels`.")
     given: str | None = Field(None, description="Name of the task this one is conditioned on (cvr is `given: ctr`).")
     weight: float = Field(1.0, ge=0, description="Weight of this task's loss.")
+    joint: str | None = Field(None, description="Name of the entire-space prediction p(given) x p(this), e.g. ctcvr; default `<given>_<name>`. Only with `given`.")
+    log1p: bool = Field(False, description="Regression only: the model predicts log1p(label) (heavy-tailed targets such as watch time).")
+
+    @property
+    def joint_name(self) -> str | None:
+        return None if self.given is None else (self.joint or f"{self.given}_{self.name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,6 +265,10 @@ class MtrecConfig(_Strict):
                     f"task `{t.name}`: label `{t.label}` is not declared under `labels` (declared: {declared}); "
                     f"add `{t.label}: binary` (or regression) under `labels` or use a declared label"
                 )
+            if t.joint is not None and t.given is None:
+                raise ValueError(f"task `{t.name}`: `joint: {t.joint}` needs `given` (the joint is p(given) x p({t.name}))")
+            if t.log1p and self.labels[t.label] != LabelKind.REGRESSION:
+                raise ValueError(f"task `{t.name}`: `log1p: true` is for regression labels, `{t.label}` is binary")
             if t.given is not None:
                 if t.given not in names:
                     raise ValueError(f"task `{t.name}`: `given: {t.given}` names no task; use one of {', '.join(names)}")
@@ -267,6 +277,9 @@ class MtrecConfig(_Strict):
                     raise ValueError(f"task `{t.name}`: `given: {t.given}` must name a binary task, `{t.given}` is regression")
                 if parent.given is not None:
                     raise ValueError(f"task `{t.name}`: chains are one level deep (`{t.given}` is itself given `{parent.given}`)")
+        outputs = names + [t.joint_name for t in self.tasks if t.joint_name]
+        if len(set(outputs)) != len(outputs):
+            raise ValueError(f"task and joint names must be distinct, got {', '.join(outputs)}; rename a `joint`")
         st = self.model.shallow_tower
         if st is not None:
             if not self.features.bias:

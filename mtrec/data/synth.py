@@ -5,7 +5,7 @@ The generative model (docs/synthetic-world.md states it in full):
 * users and items carry latent vectors; observable categorical features (segment, age bucket,
   category, brand, shop, price bucket, multi-hot tags) are noisy functions of those latents;
 * each request shows ``positions`` items, the top of ``candidates`` ranked by a noisy logging
-  policy; clicks follow a position-based model ``p(click) = p(examined | position, device) x
+  policy that also promotes some items regardless of relevance; clicks follow a position-based model ``p(click) = p(examined | position, device) x
   p(relevant | user, item)``;
 * after a click the user takes the deterministic action (``daction``: add-to-cart / wishlist) or
   another action (``oaction``), then buys with a probability much higher after ``daction``;
@@ -60,6 +60,7 @@ class WorldParams:
     positions: int = 10  # slots per request (K)
     candidates: int = 30  # items the logging policy ranks per request
     policy_noise: float = 1.0  # std of the logging policy's error on the relevance logit
+    policy_boost: float = 1.0  # std of a per-item promotion the policy adds (not relevance)
     exam_power: float = 0.9  # p(examined | position k) = 1 / (1 + k) ** exam_power ...
     device_exam: tuple[float, ...] = (1.0, 0.7)  # ... x this factor per device (0 = app, 1 = web)
     web_share: float = 0.3
@@ -187,6 +188,7 @@ class World:
             conv_lat=conv_lat,
             watch_lat=watch_lat,
             popularity=(p.popularity_std * r.standard_normal(n)).astype(np.float32),
+            boost=(p.policy_boost * r.standard_normal(n)).astype(np.float32),
             log_price=log_price,
             category=np.argmax(self._noisy(click_lat) @ self.proj["category"], axis=1).astype(np.int64),
             brand=np.argmax(self._noisy(conv_lat) @ self.proj["brand"], axis=1).astype(np.int64),
@@ -226,7 +228,8 @@ class World:
         scale = 1.0 / math.sqrt(p.latent_dim)
         aff_click = np.einsum("rd,rcd->rc", taste, it["click_lat"][cand]) * scale  # n_req x C
         rel_logit = p.click_bias + p.click_scale * aff_click + it["popularity"][cand]
-        policy = rel_logit + p.policy_noise * r.standard_normal(rel_logit.shape, dtype=np.float32)
+        # the logging policy: relevance, plus its own error, plus item promotion (business rules)
+        policy = rel_logit + it["boost"][cand] + p.policy_noise * r.standard_normal(rel_logit.shape, dtype=np.float32)
         shown = np.argsort(-policy, axis=1)[:, :K]  # n_req x K, position order
         items = np.take_along_axis(cand, shown, axis=1).reshape(-1)[:rows]
         rel_logit = np.take_along_axis(rel_logit, shown, axis=1).reshape(-1)[:rows]

@@ -1,0 +1,124 @@
+"""Score a model on a day, as served (no bias features), and report per-task metrics.
+
+Metrics per task (keys ``<name>/<metric>``):
+
+* root binary task (ctr): auc, gauc (per user), ne, calibration, log_loss on every impression;
+* task `given` a parent (cvr): the same on the parent's positive rows (the classic CVR metrics),
+  and for its joint (ctcvr) on every impression against parent AND task labels;
+* regression task: mse (in the model's target space) and pearson correlation.
+
+On the synthetic world (a `_truth` folder beside the logs) it adds, against the truth table:
+
+* ``<ctr>/auc_unbiased``: AUC of pCTR against the true relevance (position effect removed),
+  as a soft label; ``/auc_unbiased_oracle`` is the truth scored against itself (the ceiling);
+* ``<cvr>/auc_entire_space``: AUC of pCVR over every impression, each counted as a positive with
+  weight = true CVR and a negative with weight 1 - true CVR; ``/auc_entire_space_oracle`` likewise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mtrec.config import LabelKind, MtrecConfig
+from mtrec.data.batch import BatchConverter
+from mtrec.data.io import day_url, filesystem, join
+from mtrec.data.synth import TRUTH_DIR
+from mtrec.eval.metrics import auc, binary_report
+from mtrec.train.stream import StreamCounts, day_batches
+
+TRUTH_OF_LABEL = {"click": "p_click_unbiased", "conversion": "cvr"}  # synthetic world's truth columns
+
+
+@dataclass
+class Predictions:
+    """Per-row predictions and labels of a day (numpy, N rows)."""
+
+    outputs: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    user_id: np.ndarray
+    row_id: np.ndarray | None
+
+
+@torch.no_grad()
+def predict_day(model: torch.nn.Module, cfg: MtrecConfig, day: dt.date, batch_size: int = 8192) -> Predictions:
+    """Run `model` (a MultiTaskModel, sharded or not) in eval mode over a day's good rows."""
+    conv = BatchConverter(cfg)
+    was_training = model.training
+    model.eval()
+    outs: dict[str, list[np.ndarray]] = {}
+    labels: dict[str, list[np.ndarray]] = {c: [] for c in cfg.labels}
+    users, rows = [], []
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    for rb in day_batches(cfg, [day], batch_size, StreamCounts()):
+        out = model(conv(rb, with_bias=False).to(device))  # serving: no bias features
+        for k, v in out.items():
+            outs.setdefault(k, []).append(v.float().cpu().numpy())
+        for c in cfg.labels:
+            labels[c].append(rb.column(c).to_numpy(zero_copy_only=False).astype(np.float32))
+        users.append(rb.column("user_id").to_numpy(zero_copy_only=False))
+        if "row_id" in rb.schema.names:
+            rows.append(rb.column("row_id").to_numpy(zero_copy_only=False))
+    model.train(was_training)
+    cat = np.concatenate
+    return Predictions({k: cat(v) for k, v in outs.items()}, {k: cat(v) for k, v in labels.items()},
+                       cat(users), cat(rows) if rows else None)
+
+
+def read_truth(cfg: MtrecConfig, day: dt.date) -> pa.Table | None:
+    """The synthetic world's truth table for a day, or None for real logs."""
+    url = day_url(join(cfg.job.logs, TRUTH_DIR), day)
+    fs, path = filesystem(url)
+    if not fs.isdir(path):
+        return None
+    import pyarrow.parquet as pq
+
+    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables)
+
+
+def report(cfg: MtrecConfig, pred: Predictions, truth: pa.Table | None = None) -> dict[str, float]:
+    """Metrics of a day's predictions (see the module docstring for the keys)."""
+    out: dict[str, float] = {}
+    labels, outputs = pred.labels, pred.outputs
+    aligned = None
+    if truth is not None and pred.row_id is not None:
+        t_rows = truth.column("row_id").to_numpy()
+        order = np.argsort(t_rows)
+        idx = order[np.searchsorted(t_rows, pred.row_id, sorter=order)]
+        aligned = {c: truth.column(c).to_numpy()[idx] for c in truth.column_names}
+    for t in cfg.tasks:
+        y = labels[t.label]
+        if cfg.label_kind(t) == LabelKind.REGRESSION:
+            target = np.log1p(y) if t.log1p else y
+            out[f"{t.name}/mse"] = float(np.mean((outputs[t.name] - target) ** 2))
+            out[f"{t.name}/pearson"] = float(np.corrcoef(outputs[t.name], target)[0, 1])
+            continue
+        if t.given is None:
+            metrics = binary_report(outputs[t.name], y, pred.user_id)
+        else:
+            parent = labels[cfg.task(t.given).label] > 0
+            metrics = binary_report(outputs[t.name][parent], y[parent], pred.user_id[parent])
+            for k, v in binary_report(outputs[t.joint_name], y * labels[cfg.task(t.given).label], pred.user_id).items():
+                out[f"{t.joint_name}/{k}"] = v
+        out.update({f"{t.name}/{k}": v for k, v in metrics.items()})
+        truth_col = TRUTH_OF_LABEL.get(t.label)
+        if aligned is not None and truth_col in aligned:
+            soft = aligned[truth_col].astype(np.float64)
+            key = "auc_unbiased" if t.given is None else "auc_entire_space"
+            out[f"{t.name}/{key}"] = auc(outputs[t.name], soft)
+            out[f"{t.name}/{key}_oracle"] = auc(soft, soft)
+    return out
+
+
+def evaluate_day(model: torch.nn.Module, cfg: MtrecConfig, day: dt.date) -> dict[str, float]:
+    """predict_day + report, with the truth table when the logs are a synthetic world."""
+    return report(cfg, predict_day(model, cfg, day), read_truth(cfg, day))

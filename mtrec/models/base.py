@@ -1,0 +1,75 @@
+"""What every multi-task model shares: the sparse arch in, the output dict out.
+
+Output dict (stable; keys are the config's task names):
+
+    "<task>"          binary task: probability, B. For a task `given` a parent (cvr given ctr) it
+                      is the conditional probability (pCVR = p(buy | click)), defined on every
+                      impression. Regression task: the predicted value (of log1p(label) when the
+                      task has `log1p: true`), B.
+    "<task>_logit"    binary task with its own logit (not ESM2's composed cvr), B.
+    "<joint>"         for a task with `given`: p(given) x p(task) (ESMM's pCTCVR), B.
+    "bias_logit"      the shallow tower's logit, B (training only, when bias features are given).
+
+Subclasses implement `task_logits(x)`: one raw B-vector per task from `features(batch)` (by default
+the B x D sparse-arch output).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec.config import LabelKind, MtrecConfig
+from mtrec.data.batch import Batch
+from mtrec.models.shallow_tower import ShallowTower
+from mtrec.models.sparse_arch import SparseArch
+
+
+class MultiTaskModel(nn.Module):
+    """Base class. `entire_space` tells the loss how to train tasks that are `given` a parent:
+    through the joint probability on every impression (True, ESMM's idea) or on the parent's
+    positive rows only (False, the naive baseline)."""
+
+    entire_space = True
+
+    def __init__(self, cfg: MtrecConfig, device: torch.device):
+        super().__init__()
+        self.task_names = [t.name for t in cfg.tasks]
+        self.binary = {t.name: cfg.label_kind(t) == LabelKind.BINARY for t in cfg.tasks}
+        self.joints = {t.name: (t.given, t.joint_name) for t in cfg.tasks if t.given is not None}
+        self.sparse_arch = SparseArch(cfg.features, device)
+        st = cfg.model.shallow_tower
+        self.shallow_tower = ShallowTower(cfg.features.bias, st) if st is not None else None
+        roots = [t.name for t in cfg.tasks if t.given is None and self.binary[t.name]]
+        self.bias_tasks = (st.apply_to or roots[:1]) if st is not None else []
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        return self.sparse_arch(batch.sparse, batch.dense)  # B x D
+
+    def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = self.task_logits(self.features(batch))
+        out: dict[str, torch.Tensor] = {}
+        if self.shallow_tower is not None and batch.bias is not None:
+            bias = self.shallow_tower(batch.bias)  # B
+            for name in self.bias_tasks:
+                logits[name] = logits[name] + bias
+            out["bias_logit"] = bias
+        return self.outputs(logits, out)
+
+    def outputs(self, logits: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Probabilities from logits, then the joints. A task already in `out` was composed by the
+        subclass (ESM2's pCVR) and is kept as is."""
+        for name in self.task_names:
+            if name in out:
+                continue
+            if self.binary[name]:
+                out[f"{name}_logit"] = logits[name]
+                out[name] = torch.sigmoid(logits[name])
+            else:
+                out[name] = logits[name]
+        for name, (parent, joint) in self.joints.items():
+            out[joint] = out[parent] * out[name]
+        return out

@@ -1,0 +1,27 @@
+"""ESMM (Ma et al., SIGIR 2018): CTR and CVR towers over shared embeddings; pCTCVR = pCTR x pCVR.
+
+Both losses are on every impression — BCE(click, pCTR) + BCE(click AND conversion, pCTCVR) —
+so pCVR is learned over the entire space, without the sample-selection bias of training it on
+clicked rows only (see naive_cvr.py). pCVR (``out["cvr"]``) is exposed for scoring.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec.config import MtrecConfig
+from mtrec.models.base import MultiTaskModel
+from mtrec.models.layers import Tower
+
+
+class ESMM(MultiTaskModel):
+    """One tower per task straight on the shared embeddings (ESMM shares nothing else)."""
+
+    def __init__(self, cfg: MtrecConfig, device: torch.device):
+        super().__init__(cfg, device)
+        m = cfg.model
+        self.towers = nn.ModuleDict({n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
+
+    def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: tower(x) for n, tower in self.towers.items()}

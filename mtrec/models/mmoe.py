@@ -1,0 +1,25 @@
+"""MMoE (Ma et al., KDD 2018): shared experts, one softmax gate per task, one tower per task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec.config import MmoeModel, MtrecConfig
+from mtrec.models.base import MultiTaskModel
+from mtrec.models.layers import MLP, Gate, Tower
+
+
+class MMoE(MultiTaskModel):
+    def __init__(self, cfg: MtrecConfig, device: torch.device):
+        super().__init__(cfg, device)
+        m: MmoeModel = cfg.model
+        d = self.sparse_arch.out_dim
+        self.experts = nn.ModuleList(MLP(d, m.expert, m.batch_norm, m.dropout) for _ in range(m.num_experts))
+        h = self.experts[0].out_dim
+        self.gates = nn.ModuleDict({n: Gate(d, m.num_experts) for n in self.task_names})
+        self.towers = nn.ModuleDict({n: Tower(h, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
+
+    def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        experts = torch.stack([e(x) for e in self.experts], dim=1)  # B x E x H
+        return {n: self.towers[n](self.gates[n](x, experts)) for n in self.task_names}

@@ -1,0 +1,22 @@
+"""Shared-bottom: one shared MLP over the embeddings, one tower per task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec.config import MtrecConfig, SharedBottomModel
+from mtrec.models.base import MultiTaskModel
+from mtrec.models.layers import MLP, Tower
+
+
+class SharedBottom(MultiTaskModel):
+    def __init__(self, cfg: MtrecConfig, device: torch.device):
+        super().__init__(cfg, device)
+        m: SharedBottomModel = cfg.model
+        self.bottom = MLP(self.sparse_arch.out_dim, m.bottom, m.batch_norm, m.dropout)
+        self.towers = nn.ModuleDict({n: Tower(self.bottom.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
+
+    def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.bottom(x)
+        return {n: tower(h) for n, tower in self.towers.items()}

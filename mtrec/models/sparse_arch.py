@@ -1,0 +1,46 @@
+"""The sparse arch: one TorchRec EmbeddingBagCollection for every sparse feature, shared by all
+tasks, concatenated with the dense features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtrec.config import FeaturesConfig, Pooling
+
+
+class SparseArch(nn.Module):
+    """Embeddings of all sparse features (single- or multi-hot, pooled) + dense features.
+
+    Args:
+        features (FeaturesConfig): one table per sparse feature (`hash_size` x `dim`).
+        device (torch.device): build the tables on ``meta`` to shard them later with
+            DistributedModelParallel, or on ``cpu`` to run unsharded.
+
+    Example:
+        >>> arch = SparseArch(cfg.features, torch.device("cpu"))
+        >>> arch(batch.sparse, batch.dense).shape      # B x arch.out_dim
+    """
+
+    def __init__(self, features: FeaturesConfig, device: torch.device):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=f.name,
+                    embedding_dim=f.dim,
+                    num_embeddings=f.hash_size,
+                    feature_names=[f.name],
+                    pooling=PoolingType.MEAN if f.pooling == Pooling.MEAN else PoolingType.SUM,
+                )
+                for f in features.sparse
+            ],
+            device=device,
+        )
+        self.out_dim = sum(f.dim for f in features.sparse) + len(features.dense)
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        emb = self.ebc(sparse).values()  # B x sum(dim)
+        return torch.cat([emb, dense], dim=1)  # B x out_dim

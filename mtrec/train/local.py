@@ -1,0 +1,71 @@
+"""Single-process training: the same DMP-sharded model and step the Ray workers run, in one
+process (world size 1). Used by the model comparison (bench/compare_models.py) and tests."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from mtrec.config import MtrecConfig
+from mtrec.data.batch import BatchConverter
+from mtrec.models import MultiTaskTrain, build_model
+from mtrec.train.sharding import dense_optimizer, device_for_backend, init_single_process, shard
+from mtrec.train.stream import StreamCounts, day_batches
+
+
+@dataclass
+class TrainResult:
+    dmp: torch.nn.Module  # DistributedModelParallel(MultiTaskTrain(model))
+    counts: StreamCounts
+    seconds: float
+    losses: list[dict[str, float]] = field(default_factory=list)  # per logged step
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The (sharded) MultiTaskModel inside, for scoring."""
+        return self.dmp.module.model
+
+
+def build_sharded(cfg: MtrecConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Seeded model -> MultiTaskTrain -> DMP, and the dense optimizer."""
+    init_single_process()
+    device, _ = device_for_backend()
+    torch.manual_seed(cfg.train.seed)
+    dmp, _ = shard(MultiTaskTrain(build_model(cfg, "meta"), cfg), cfg, device)
+    return dmp, dense_optimizer(dmp, cfg)
+
+
+def train_days(
+    cfg: MtrecConfig,
+    days: Iterable[dt.date],
+    log_every: int = 50,
+    progress: Callable[[str], None] | None = None,
+    dmp: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """One pass over `days` in order (a fresh seeded model unless `dmp`/`optimizer` are given)."""
+    if dmp is None:
+        dmp, optimizer = build_sharded(cfg)
+    device, _ = device_for_backend()
+    conv = BatchConverter(cfg)
+    counts = StreamCounts()
+    result = TrainResult(dmp, counts, 0.0)
+    dmp.train()
+    t0 = time.perf_counter()
+    for step, rb in enumerate(day_batches(cfg, days, cfg.train.batch_size, counts)):
+        batch = conv(rb).to(device)
+        optimizer.zero_grad()
+        loss, (losses, _, _) = dmp(batch)
+        loss.backward()
+        optimizer.step()
+        if step % log_every == 0:
+            result.losses.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
+            if progress:
+                rate = counts.good / max(time.perf_counter() - t0, 1e-9)
+                progress(f"  step {step}: loss {result.losses[-1]['loss']:.4f}, {counts.good:,} rows, {rate:,.0f} rows/s")
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,64 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from mtrec.config import parse_config
+from mtrec.data.batch import BatchConverter, hash_ids
+from mtrec.train.stream import rebatch
+
+
+def cfg(multi_pooling="mean"):
+    return parse_config({
+        "name": "t", "labels": {"click": "binary", "conversion": "binary", "watch_time": "regression"},
+        "features": {"sparse": [{"name": "user_id", "hash_size": 97}, {"name": "tags", "hash_size": 13, "multi_hot": True, "pooling": multi_pooling}],
+                     "dense": [{"name": "price", "log1p": True}], "bias": [{"name": "position", "num_values": 3}]},
+        "tasks": [{"name": "ctr", "label": "click"}], "model": {"arch": "esmm"},
+    })
+
+
+def test_hash_is_deterministic_in_range_and_spreads():
+    ids = np.arange(1_000_000, 1_100_000, dtype=np.int64)
+    h = hash_ids(ids, 1000)
+    assert h.min() >= 0 and h.max() < 1000
+    np.testing.assert_array_equal(h, hash_ids(ids, 1000))
+    counts = np.bincount(h, minlength=1000)
+    assert counts.std() / counts.mean() < 0.15  # sequential ids do not pile up
+
+
+def test_conversion_jagged_nulls_and_strings():
+    rb = pa.record_batch({
+        "user_id": pa.array(["u1", None, "u1"]),
+        "tags": pa.array([[1, 2], None, [3, None]], pa.list_(pa.int64())),
+        "price": pa.array([0.0, 9.0, -9.0], pa.float32()),
+        "position": pa.array([0, 5, 1], pa.int32()),
+        "click": pa.array([1, 0, 1], pa.int8()), "conversion": pa.array([0, 0, 1], pa.int8()),
+        "watch_time": pa.array([1.5, 0, 2], pa.float32()),
+    })
+    b = BatchConverter(cfg())(rb)
+    kjt = b.sparse.to_dict()
+    assert kjt["user_id"].lengths().tolist() == [1, 0, 1]  # a null id is an empty bag
+    u = kjt["user_id"].values().tolist()
+    assert u[0] == u[1] and 0 <= u[0] < 97  # same string, same row
+    assert kjt["tags"].lengths().tolist() == [2, 0, 1]  # null list and null element dropped
+    torch.testing.assert_close(b.dense[:, 0], torch.tensor([0.0, np.log1p(9.0), -np.log1p(9.0)], dtype=torch.float32))
+    assert b.bias[:, 0].tolist() == [0, 2, 1]  # clipped to num_values - 1
+    assert b.labels["watch_time"].tolist() == [1.5, 0.0, 2.0]
+    assert BatchConverter(cfg())(rb, with_bias=False, with_labels=False).bias is None
+
+
+@pytest.mark.parametrize(("sizes", "batch", "expected"), [
+    ([7, 7, 7], 5, [5, 5, 5, 6]),   # 21 rows: tail of 1 merged into the last full batch
+    ([10, 3], 5, [5, 5, 3]),        # tail of 3 >= half: kept on its own
+    ([4], 5, [4]),
+    ([], 5, []),
+])
+def test_rebatch_exact_sizes_no_row_lost(sizes, batch, expected):
+    start = 0
+    parts = []
+    for s in sizes:
+        parts.append(pa.record_batch({"x": pa.array(range(start, start + s))}))
+        start += s
+    out = list(rebatch(parts, batch))
+    assert [b.num_rows for b in out] == expected
+    assert [v for b in out for v in b.column("x").to_pylist()] == list(range(start))

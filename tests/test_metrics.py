@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from mtrec.eval.metrics import auc, calibration, gauc, log_loss, normalized_entropy
+
+rng = np.random.default_rng(0)
+N = 5000
+pred = rng.random(N)
+label = (rng.random(N) < pred).astype(float)
+pred_ties = np.round(pred, 1)  # many ties
+
+
+@pytest.mark.parametrize("p", [pred, pred_ties])
+def test_auc_matches_sklearn(p):
+    assert auc(p, label) == pytest.approx(roc_auc_score(label, p), abs=1e-12)
+    w = rng.random(N)
+    assert auc(p, label, w) == pytest.approx(roc_auc_score(label, p, sample_weight=w), abs=1e-12)
+
+
+def test_soft_label_auc_equals_duplicated_rows():
+    soft = rng.random(N)  # true CVR of each impression
+    dup_y = np.concatenate([np.ones(N), np.zeros(N)])
+    dup_w = np.concatenate([soft, 1 - soft])
+    expected = roc_auc_score(dup_y, np.concatenate([pred, pred]), sample_weight=dup_w)
+    assert auc(pred, soft) == pytest.approx(expected, abs=1e-12)
+    assert auc(soft, soft) > auc(pred, soft)  # the oracle is the ceiling
+
+
+def test_gauc_is_impression_weighted_per_user_auc():
+    users = rng.integers(0, 40, N)
+    users[:30] = 999  # one user with a single class: skipped
+    label2 = label.copy()
+    label2[users == 999] = 1
+    expected_num = expected_den = 0.0
+    for u in np.unique(users):
+        m = users == u
+        if 0 < label2[m].sum() < m.sum():
+            expected_num += m.sum() * roc_auc_score(label2[m], pred_ties[m])
+            expected_den += m.sum()
+    assert gauc(pred_ties, label2, users) == pytest.approx(expected_num / expected_den, abs=1e-12)
+
+
+def test_log_loss_ne_calibration():
+    assert log_loss(pred, label) == pytest.approx(sk_log_loss(label, pred), abs=1e-9)
+    base = label.mean()
+    assert normalized_entropy(np.full(N, base), label) == pytest.approx(1.0, abs=1e-9)
+    assert normalized_entropy(pred, label) < 1.0
+    assert calibration(pred, label) == pytest.approx(pred.sum() / label.sum())
+    assert np.isnan(auc(pred, np.zeros(N)))
