@@ -50,13 +50,13 @@ ITEM_ID_BASE = 5_000_000_000
 
 @dataclass(frozen=True)
 class WorldParams:
-    """Parameters of the generative model (defaults give CTR ~10%, CVR ~10%, CTCVR ~1%)."""
+    """Parameters of the generative model (defaults give CTR ~5%, CVR ~6%, CTCVR ~0.3%)."""
 
-    users: int = 50_000  # users on day 1
-    items: int = 10_000  # items on day 1
+    users: int = 20_000  # users on day 1
+    items: int = 5_000  # items on day 1
     new_users_per_day: float = 0.03  # fraction of the current population added each day
     new_items_per_day: float = 0.05
-    latent_dim: int = 8
+    latent_dim: int = 4
     positions: int = 10  # slots per request (K)
     candidates: int = 30  # items the logging policy ranks per request
     policy_noise: float = 1.0  # std of the logging policy's error on the relevance logit
@@ -64,10 +64,10 @@ class WorldParams:
     exam_power: float = 0.9  # p(examined | position k) = 1 / (1 + k) ** exam_power ...
     device_exam: tuple[float, ...] = (1.0, 0.7)  # ... x this factor per device (0 = app, 1 = web)
     web_share: float = 0.3
-    click_bias: float = -2.6  # relevance logit = click_bias + click_scale * affinity + popularity
+    click_bias: float = -3.5  # relevance logit = click_bias + click_scale * affinity + popularity
     click_scale: float = 1.2
     popularity_std: float = 0.6
-    rho_conversion: float = -0.5  # corr(click affinity, conversion affinity): clickbait converts less
+    rho_conversion: float = -0.8  # corr(click affinity, conversion affinity): clickbait converts less
     rho_watch: float = -0.6  # corr(click affinity, watch affinity): tasks conflict
     daction_bias: float = -1.0  # logit of p(daction | click)
     daction_scale: float = 0.8
