@@ -287,8 +287,18 @@ class MtrecConfig(_Strict):
             for name in st.apply_to or []:
                 if name not in names:
                     raise ValueError(f"`model.shallow_tower.apply_to` names unknown task `{name}`; use one of {', '.join(names)}")
-        if isinstance(self.model, Esm2Model) and self.model.daction_task not in names:
-            raise ValueError(f"`model.daction_task` is `{self.model.daction_task}` but no task has that name; use one of {', '.join(names)}")
+        if isinstance(self.model, Esm2Model):
+            dt_name = self.model.daction_task
+            if dt_name not in names:
+                raise ValueError(f"`model.daction_task` is `{dt_name}` but no task has that name; use one of {', '.join(names)}")
+            dar = self.task(dt_name)
+            if dar.given is None or self.labels[dar.label] != LabelKind.BINARY:
+                raise ValueError(f"`model.daction_task` `{dt_name}` must be a binary task `given` the click task (see mtrec/configs/esm2.yaml)")
+            buy = [t.name for t in self.tasks if t.given == dar.given and t.name != dt_name and self.labels[t.label] == LabelKind.BINARY]
+            if len(buy) != 1:
+                raise ValueError(f"esm2 needs exactly one purchase task given `{dar.given}` besides `{dt_name}`, found {buy or 'none'}; see mtrec/configs/esm2.yaml")
+            if st is not None and buy[0] in (st.apply_to or []):
+                raise ValueError(f"`model.shallow_tower.apply_to` names `{buy[0]}`, whose ESM2 probability is composed (no logit of its own); apply it to `{dar.given}`")
         return self
 
     # ---- helpers used across the package -------------------------------------------------------
@@ -435,7 +445,9 @@ def _one_line(err: ValidationError, label: str) -> str:
         return f"config {label}: unknown key `{key}`; {hint}{allowed_txt}remove or rename it{more}"
     if kind == "missing":
         return f"config {label}: missing required key `{key}`; add it (see docs/configuration.md){more}"
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+    if kind == "union_tag_not_found":
+        return f"config {label}: missing required key `{key}.arch`; use one of {', '.join(a.value for a in Arch)}{more}"
+    if kind == "union_tag_invalid":
         choices = ", ".join(a.value for a in Arch)
         got = first.get("ctx", {}).get("tag", value)
         return f"config {label}: `{key}.arch` is {got!r}; use one of {choices}{more}"

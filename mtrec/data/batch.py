@@ -43,7 +43,7 @@ def hash_ids(ids: np.ndarray, size: int) -> np.ndarray:
 def _ids_to_int(values: pa.Array) -> np.ndarray:
     """Non-null ids (integer or string) -> int64 numpy, strings via blake2b of each distinct value."""
     if pa.types.is_integer(values.type):
-        return values.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        return values.cast(pa.int64(), safe=False).to_numpy(zero_copy_only=False)  # uint64 ids wrap, stay distinct
     enc = pc.dictionary_encode(values)
     table = np.array(
         [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little", signed=True)
@@ -102,12 +102,12 @@ class BatchConverter:
             if isinstance(col, pa.ChunkedArray):
                 col = col.combine_chunks()
             if f.multi_hot:
-                flat = pc.list_flatten(col)  # a null list contributes nothing
-                parent = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+                flat = pc.list_flatten(col)  # a null list contributes nothing (whatever lies under it)
+                lens = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
                 if flat.null_count:  # null ids inside a list are dropped from its bag
-                    keep = pc.is_valid(flat)
-                    flat, parent = flat.filter(keep), parent[keep.to_numpy(zero_copy_only=False)]
-                lens = np.bincount(parent, minlength=n).astype(np.int64)
+                    keep = pc.is_valid(flat).to_numpy(zero_copy_only=False)
+                    lens = np.bincount(np.repeat(np.arange(n), lens)[keep], minlength=n).astype(np.int64)
+                    flat = flat.filter(pa.array(keep))
                 ids = _ids_to_int(flat)
             else:
                 valid = pc.is_valid(col).to_numpy(zero_copy_only=False)

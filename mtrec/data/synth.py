@@ -354,6 +354,7 @@ def write_world(
     if files_per_day < 1:
         raise MtrecError(f"`--files-per-day` must be >= 1, got {files_per_day}; pass --files-per-day 1 or more")
     params = params or WorldParams()
+    _prepare_out(out)
     world = World(params, seed)
     fs, _ = filesystem(out)
     summary = WorldSummary(out=out, start=start.isoformat(), days=[], rows=[], seed=seed, files_per_day=files_per_day,
@@ -387,6 +388,20 @@ def write_world(
     with fs.open(f"{filesystem(out)[1]}/{WORLD_FILE}", "w") as fh:
         fh.write(json.dumps(asdict(summary), indent=2))
     return summary
+
+
+def _prepare_out(out: str) -> None:
+    """An empty folder, or a synthetic world written before (replaced whole: no stale part files
+    from an earlier run may mix with the new one). Anything else is refused, never deleted."""
+    fs, path = filesystem(out)
+    if not fs.exists(path) or not fs.ls(path, detail=False):
+        return
+    if not fs.exists(f"{path}/{WORLD_FILE}"):
+        raise MtrecError(f"{out} is not empty and holds no {WORLD_FILE}; `mtrec synth` writes only into an empty folder or over a world it wrote")
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("dt=") or name in (TRUTH_DIR, WORLD_FILE):
+            fs.rm(entry, recursive=True)
 
 
 def read_world(out: str) -> dict:

@@ -47,6 +47,11 @@ class Split(NamedTuple):
     bad_index: np.ndarray
 
 
+def _i64(col: pa.Array) -> pa.Array:
+    """Integer or boolean column as int64 (rules compare against 0/1 and bounds)."""
+    return pc.cast(col, pa.int64(), safe=False)
+
+
 def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Arrow boolean (nulls = False) -> numpy bool."""
     return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
@@ -165,14 +170,17 @@ class RowValidator:
         rules: list[tuple[str, Mask]] = []
         for col in ID_COLUMNS:
             rules.append(("null_id", lambda b, c=col: _np(pc.is_null(b.column(c)))))
-        rules.append(("bad_position", lambda b: _np(pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(b.column(POSITION_COLUMN), 0)))))
+        rules.append(("bad_position", lambda b: _np(pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(_i64(b.column(POSITION_COLUMN)), 0)))))
         for col in cfg.labels:
             rules.append(("null_label", lambda b, c=col: _np(pc.is_null(b.column(c), nan_is_null=True))))
         for col, kind in cfg.labels.items():
             if kind == LabelKind.BINARY:
-                rules.append(("label_out_of_range", lambda b, c=col: _np(pc.invert(pc.is_in(b.column(c), pa.array([0, 1], b.column(c).type))))))
+                rules.append(("label_out_of_range", lambda b, c=col: _np(pc.invert(pc.is_in(_i64(b.column(c)), pa.array([0, 1], pa.int64()))))))
             else:
-                rules.append(("label_out_of_range", lambda b, c=col: _np(pc.is_inf(pc.cast(b.column(c), pa.float64())))))
+                # infinite; or <= -1 where a task trains on log1p(label)
+                floor = -1.0 if any(t.log1p and t.label == col for t in cfg.tasks) else -np.inf
+                rules.append(("label_out_of_range", lambda b, c=col, lo=floor: _np(pc.or_kleene(
+                    pc.is_inf(pc.cast(b.column(c), pa.float64())), pc.less_equal(pc.cast(b.column(c), pa.float64()), lo)))))
         implies = [(c, p) for c, p in CONTRACT_IMPLIES if c in cfg.labels and p in cfg.labels]
         for t in cfg.tasks:
             if t.given is not None:
@@ -182,15 +190,17 @@ class RowValidator:
         for child, parent in implies:
             # a non-zero child label (conversion=1, watch_time>0) requires parent=1
             rules.append((f"{child}_without_{parent}", lambda b, c=child, p=parent: _np(
-                pc.and_kleene(pc.not_equal(b.column(c), 0), pc.not_equal(b.column(p), 1)))))
+                pc.and_kleene(pc.not_equal(pc.cast(b.column(c), pa.float64()), 0), pc.not_equal(_i64(b.column(p)), 1)))))
         for a, b_ in CONTRACT_EXCLUSIVE:
             if a in cfg.labels and b_ in cfg.labels:
-                rules.append((f"{a}_and_{b_}", lambda b, x=a, y=b_: _np(pc.and_kleene(pc.equal(b.column(x), 1), pc.equal(b.column(y), 1)))))
+                rules.append((f"{a}_and_{b_}", lambda b, x=a, y=b_: _np(pc.and_kleene(pc.equal(_i64(b.column(x)), 1), pc.equal(_i64(b.column(y)), 1)))))
         for f in cfg.features.dense:
-            rules.append(("bad_feature", lambda b, c=f.source: _np(pc.invert(pc.is_finite(pc.cast(b.column(c), pa.float64()))))))
+            # null, NaN or infinite (is_finite of a null is null, hence the explicit is_null)
+            rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(
+                pc.is_null(b.column(c)), pc.invert(pc.is_finite(pc.cast(b.column(c), pa.float64())))))))
         for f in cfg.features.bias:
             if f.source != POSITION_COLUMN:
-                rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(pc.is_null(b.column(c)), pc.less(b.column(c), 0)))))
+                rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(pc.is_null(b.column(c)), pc.less(_i64(b.column(c)), 0)))))
         return rules
 
     def reason_codes(self, batch: pa.RecordBatch) -> np.ndarray:

@@ -28,6 +28,7 @@ from mtrec.config import LabelKind, MtrecConfig
 from mtrec.data.batch import BatchConverter
 from mtrec.data.io import day_url, filesystem, join
 from mtrec.data.synth import TRUTH_DIR
+from mtrec.errors import MtrecError
 from mtrec.eval.metrics import auc, binary_report
 from mtrec.train.stream import StreamCounts, day_batches
 
@@ -92,8 +93,15 @@ def report(cfg: MtrecConfig, pred: Predictions, truth: pa.Table | None = None) -
     aligned = None
     if truth is not None and pred.row_id is not None:
         t_rows = truth.column("row_id").to_numpy()
-        order = np.argsort(t_rows)
-        idx = order[np.searchsorted(t_rows, pred.row_id, sorter=order)]
+        order = np.argsort(t_rows, kind="stable")
+        pos = np.minimum(np.searchsorted(t_rows, pred.row_id, sorter=order), len(t_rows) - 1)
+        idx = order[pos]
+        missing = int(np.sum(t_rows[idx] != pred.row_id))
+        if missing or len(np.unique(t_rows)) != len(t_rows):
+            raise MtrecError(
+                f"the truth table does not match the logs ({missing:,} of {len(pred.row_id):,} row ids missing, "
+                f"{len(t_rows) - len(np.unique(t_rows)):,} duplicated); rewrite the world with `mtrec synth` into an empty --out"
+            )
         aligned = {c: truth.column(c).to_numpy()[idx] for c in truth.column_names}
     for t in cfg.tasks:
         y = labels[t.label]

@@ -40,6 +40,8 @@ def auc(pred: np.ndarray, label: np.ndarray, weight: np.ndarray | None = None) -
         1.0
     """
     pred = np.asarray(pred, dtype=np.float64)
+    if not pred.size:
+        return float("nan")
     w = np.ones_like(pred) if weight is None else np.asarray(weight, dtype=np.float64)
     y = np.asarray(label, dtype=np.float64)
     order = np.argsort(pred, kind="mergesort")
@@ -55,6 +57,8 @@ def gauc(pred: np.ndarray, label: np.ndarray, group: np.ndarray) -> float:
     """Group AUC: per-group (user) AUC averaged with impression weights, over groups that have
     both a positive and a negative."""
     pred = np.asarray(pred, dtype=np.float64)
+    if not pred.size:
+        return float("nan")
     y = np.asarray(label, dtype=np.float64)
     order = np.lexsort((pred, group))
     g, p, y = np.asarray(group)[order], pred[order], y[order]
@@ -76,6 +80,8 @@ def gauc(pred: np.ndarray, label: np.ndarray, group: np.ndarray) -> float:
 
 
 def log_loss(pred: np.ndarray, label: np.ndarray) -> float:
+    if not len(pred):
+        return float("nan")
     p = np.clip(np.asarray(pred, dtype=np.float64), _EPS, 1 - _EPS)
     y = np.asarray(label, dtype=np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
@@ -83,6 +89,8 @@ def log_loss(pred: np.ndarray, label: np.ndarray) -> float:
 
 def normalized_entropy(pred: np.ndarray, label: np.ndarray) -> float:
     """Log loss divided by the entropy of the base rate (He et al., 2014): < 1 beats the prior."""
+    if not len(label):
+        return float("nan")
     base = float(np.clip(np.mean(label), _EPS, 1 - _EPS))
     return log_loss(pred, label) / -(base * np.log(base) + (1 - base) * np.log(1 - base))
 

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from mtrec.config import Esm2Model, MtrecConfig
-from mtrec.errors import ConfigError
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.layers import Tower
 
@@ -29,13 +28,8 @@ class ESM2(MultiTaskModel):
         super().__init__(cfg, device)
         m: Esm2Model = cfg.model
         self.daction_task = m.daction_task
-        dar = cfg.task(m.daction_task)
+        dar = cfg.task(m.daction_task)  # the config checked: binary, given the click task, one purchase task
         others = [t for t in cfg.tasks if t.given == dar.given and t.name != dar.name and self.binary[t.name]]
-        if dar.given is None or len(others) != 1:
-            raise ConfigError(
-                f"esm2 needs a root click task, `{m.daction_task}` given it, and exactly one purchase task given it "
-                f"(found {[t.name for t in others]}); see mtrec/configs/esm2.yaml"
-            )
         self.ctr_task, self.buy_task = dar.given, others[0].name
         heads = [n for n in self.task_names if n != self.buy_task] + [BUY_AFTER_D, BUY_AFTER_O]
         self.towers = nn.ModuleDict({n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in heads})

@@ -7,8 +7,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from mtrec.config import MtrecConfig
+from mtrec.config import ID_COLUMNS, POSITION_COLUMN, LabelKind, MtrecConfig
 from mtrec.data.io import list_day_files
 from mtrec.data.validate import RowValidator, iter_file_batches
 
@@ -21,6 +22,39 @@ class StreamCounts:
     good: int = 0
     bad: int = 0
     files: list[str] = field(default_factory=list)
+
+
+def _canonical_type(t: pa.DataType, kind: str) -> pa.DataType:
+    if kind == "id":
+        return pa.int64() if pa.types.is_integer(t) else pa.string()
+    if kind == "ids":
+        return pa.list_(_canonical_type(t.value_type, "id"))
+    return {"int": pa.int64(), "label": pa.int8(), "float": pa.float32()}[kind]
+
+
+def canonical(batch: pa.RecordBatch, cfg: MtrecConfig) -> pa.RecordBatch:
+    """Only the columns training reads (plus row_id), in a fixed order, with fixed types, so
+    batches from files that differ in column order, extra columns, integer widths or nullability
+    can be concatenated. Validation has already accepted each file's types."""
+    kinds: dict[str, str] = {c: "id" for c in ID_COLUMNS}
+    kinds[POSITION_COLUMN] = "int"
+    for col, kind in cfg.labels.items():
+        kinds[col] = "label" if kind == LabelKind.BINARY else "float"
+    for f in cfg.features.sparse:
+        kinds.setdefault(f.source, "ids" if f.multi_hot else "id")
+    for f in cfg.features.dense:
+        kinds.setdefault(f.source, "float")
+    for f in cfg.features.bias:
+        kinds.setdefault(f.source, "int")
+    if "row_id" in batch.schema.names:
+        kinds["row_id"] = "int"
+    arrays, fields = [], []
+    for col, kind in kinds.items():
+        arr = batch.column(col)
+        t = _canonical_type(arr.type, kind)
+        arrays.append(arr if arr.type == t else pc.cast(arr, t, safe=False))
+        fields.append(pa.field(col, t))
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
@@ -68,6 +102,6 @@ def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, coun
                         counts.read += batch.num_rows
                         counts.good += split.good.num_rows
                         counts.bad += split.bad.num_rows
-                    yield split.good
+                    yield canonical(split.good, cfg)
 
     return rebatch(good(), batch_size)
