@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from mtrec.config import LabelKind, MtrecConfig
@@ -76,11 +77,8 @@ def read_truth(cfg: MtrecConfig, day: dt.date) -> pa.Table | None:
     fs, path = filesystem(url)
     if not fs.isdir(path):
         return None
-    import pyarrow.parquet as pq
-
-    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
     tables = []
-    for p in files:
+    for p in sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet")):
         with fs.open(p, "rb") as fh:
             tables.append(pq.read_table(fh))
     return pa.concat_tables(tables)

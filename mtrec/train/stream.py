@@ -89,14 +89,13 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
 def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
     """Good rows of `days`, in file order, as `batch_size`-row batches; `counts` is filled as it goes."""
     validator = RowValidator(cfg)
-    columns = None  # every column: bad-row rules need the labels too
 
     def good() -> Iterator[pa.RecordBatch]:
         for day in days:
             for f in list_day_files(cfg.job.logs, day):
                 if counts is not None:
                     counts.files.append(f.url)
-                for batch in iter_file_batches(f, columns):
+                for batch in iter_file_batches(f):  # every column: the bad-row rules need them
                     split = validator.split(batch)
                     if counts is not None:
                         counts.read += batch.num_rows
