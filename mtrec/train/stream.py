@@ -68,14 +68,17 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
             continue
         pending.append(b)
         rows += b.num_rows
-        while rows >= size:
-            table = pa.Table.from_batches(pending).combine_chunks()
+        if rows < size:
+            continue
+        table = pa.Table.from_batches(pending).combine_chunks()  # one copy; the slices below are views
+        full = rows // size
+        for k in range(full):
             if held is not None:
                 yield held
-            held = table.slice(0, size).to_batches()[0]
-            rest = table.slice(size)
-            pending = rest.to_batches() if rest.num_rows else []
-            rows = rest.num_rows
+            held = table.slice(k * size, size).to_batches()[0]
+        rest = table.slice(full * size)
+        pending = rest.to_batches() if rest.num_rows else []
+        rows = rest.num_rows
     tail = pa.Table.from_batches(pending).combine_chunks().to_batches()[0] if rows else None
     if held is not None and tail is not None and tail.num_rows < size // 2:
         yield pa.Table.from_batches([held, tail]).combine_chunks().to_batches()[0]
