@@ -129,11 +129,6 @@ class FeaturesConfig(_Strict):
             seen.add(f.name)
         return self
 
-    def columns(self) -> list[str]:
-        """Every log column a feature reads, in declaration order, without duplicates."""
-        cols = [f.source for f in [*self.sparse, *self.dense, *self.bias]]
-        return list(dict.fromkeys(cols))
-
 
 class TaskConfig(_Strict):
     name: str = Field(description="Task name (ctr, cvr, ...): keys of the model's outputs and metrics.")
@@ -311,10 +306,29 @@ class MtrecConfig(_Strict):
     def label_kind(self, task: TaskConfig) -> LabelKind:
         return self.labels[task.label]
 
+    def column_roles(self) -> dict[str, tuple[str, str]]:
+        """Every column a day's logs must have, in order, as column -> (role, what requires it).
+
+        Roles: ``id``, ``ids`` (multi-hot), ``position``, ``label`` (binary), ``regression``,
+        ``dense``, ``bias``. Labels take precedence over a feature reading the same column; the
+        schema check and the training stream's cast both read this one map.
+        """
+        roles = {c: ("id", "the data contract") for c in ID_COLUMNS}
+        roles[POSITION_COLUMN] = ("position", "the data contract")
+        for col, kind in self.labels.items():
+            roles[col] = ("label" if kind == LabelKind.BINARY else "regression", "`labels`")
+        for f in self.features.sparse:
+            role, by = ("ids", f"`features.sparse` ({f.name}, multi_hot: true)") if f.multi_hot else ("id", f"`features.sparse` ({f.name})")
+            roles.setdefault(f.source, (role, by))
+        for f in self.features.dense:
+            roles.setdefault(f.source, ("dense", f"`features.dense` ({f.name})"))
+        for f in self.features.bias:
+            roles.setdefault(f.source, ("bias", f"`features.bias` ({f.name})"))
+        return roles
+
     def required_columns(self) -> list[str]:
         """Every column a day's logs must have for this config (contract + labels + features)."""
-        cols = [*ID_COLUMNS, POSITION_COLUMN, *self.labels, *self.features.columns()]
-        return list(dict.fromkeys(cols))
+        return list(self.column_roles())
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes the model's parameters (not paths, not learning rates)."""

@@ -73,6 +73,18 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
+# schema role (MtrecConfig.column_roles) -> (accepted Arrow types, what the error says is expected)
+_EXPECTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    "id": (_is_id, "an integer or string id (int64)"),
+    "ids": (lambda t: _is_list(t) and _is_id(t.value_type), "a list of integer or string ids"),
+    "position": (_is_int, "an integer (int32, 0-based slot)"),
+    "label": (_is_int, "an integer label (int8 0/1)"),
+    "regression": (_is_num, "a numeric label (float32)"),
+    "dense": (_is_num, "a number (float32)"),
+    "bias": (_is_int, "an integer (bias feature value)"),
+}
+
+
 @dataclass
 class ValidationReport:
     """What validation found in one day. ``input_rows == good_rows + bad_rows`` always."""
@@ -133,27 +145,9 @@ class RowValidator:
     # ---- schema ---------------------------------------------------------------------------------
     def check_schema(self, schema: pa.Schema, where: str) -> None:
         """Raise DataValidationError (one line) on a missing or wrongly-typed column."""
-        cfg = self.cfg
-        expect: dict[str, tuple[Callable[[pa.DataType], bool], str, str]] = {}
-        for col in ID_COLUMNS:
-            expect[col] = (_is_id, "an integer or string id (int64)", "the data contract")
-        expect[POSITION_COLUMN] = (_is_int, "an integer (int32, 0-based slot)", "the data contract")
-        for col, kind in cfg.labels.items():
-            if kind == LabelKind.BINARY:
-                expect[col] = (_is_int, "an integer label (int8 0/1)", "`labels`")
-            else:
-                expect[col] = (_is_num, "a numeric label (float32)", "`labels`")
-        for f in cfg.features.sparse:
-            if f.multi_hot:
-                expect.setdefault(f.source, (lambda t: _is_list(t) and _is_id(t.value_type), "a list of integer or string ids", f"`features.sparse` ({f.name}, multi_hot: true)"))
-            else:
-                expect.setdefault(f.source, (_is_id, "an integer or string id", f"`features.sparse` ({f.name})"))
-        for f in cfg.features.dense:
-            expect.setdefault(f.source, (_is_num, "a number (float32)", f"`features.dense` ({f.name})"))
-        for f in cfg.features.bias:
-            expect.setdefault(f.source, (_is_int, "an integer (bias feature value)", f"`features.bias` ({f.name})"))
         names = set(schema.names)
-        for col, (ok, wanted, by) in expect.items():
+        for col, (role, by) in self.cfg.column_roles().items():
+            ok, wanted = _EXPECTED[role]
             if col not in names:
                 raise DataValidationError(
                     f"{where}: column `{col}` is missing (required by {by}); add it to the export or remove it from the config"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtrec.config import ID_COLUMNS, POSITION_COLUMN, LabelKind, MtrecConfig
+from mtrec.config import MtrecConfig
 from mtrec.data.io import list_day_files
 from mtrec.data.validate import RowValidator, iter_file_batches
 
@@ -24,34 +24,29 @@ class StreamCounts:
     files: list[str] = field(default_factory=list)
 
 
-def _canonical_type(t: pa.DataType, kind: str) -> pa.DataType:
-    if kind == "id":
+_INTEGER_ROLES = {"position": pa.int64(), "bias": pa.int64(), "label": pa.int8()}
+
+
+def _canonical_type(t: pa.DataType, role: str) -> pa.DataType:
+    if role == "id":
         return pa.int64() if pa.types.is_integer(t) else pa.string()
-    if kind == "ids":
+    if role == "ids":
         return pa.list_(_canonical_type(t.value_type, "id"))
-    return {"int": pa.int64(), "label": pa.int8(), "float": pa.float32()}[kind]
+    return _INTEGER_ROLES.get(role, pa.float32())  # regression labels and dense features: float32
 
 
-def canonical(batch: pa.RecordBatch, cfg: MtrecConfig) -> pa.RecordBatch:
-    """Only the columns training reads (plus row_id), in a fixed order, with fixed types, so
-    batches from files that differ in column order, extra columns, integer widths or nullability
-    can be concatenated. Validation has already accepted each file's types."""
-    kinds: dict[str, str] = {c: "id" for c in ID_COLUMNS}
-    kinds[POSITION_COLUMN] = "int"
-    for col, kind in cfg.labels.items():
-        kinds[col] = "label" if kind == LabelKind.BINARY else "float"
-    for f in cfg.features.sparse:
-        kinds.setdefault(f.source, "ids" if f.multi_hot else "id")
-    for f in cfg.features.dense:
-        kinds.setdefault(f.source, "float")
-    for f in cfg.features.bias:
-        kinds.setdefault(f.source, "int")
+def canonical(batch: pa.RecordBatch, roles: dict[str, tuple[str, str]]) -> pa.RecordBatch:
+    """Only the columns training reads (`MtrecConfig.column_roles`, plus row_id), in a fixed
+    order, with fixed types, so batches from files that differ in column order, extra columns,
+    integer widths or nullability can be concatenated. Validation has already accepted each
+    file's types."""
+    cols = [(col, role) for col, (role, _) in roles.items()]
     if "row_id" in batch.schema.names:
-        kinds["row_id"] = "int"
+        cols.append(("row_id", "position"))  # an int64 like position
     arrays, fields = [], []
-    for col, kind in kinds.items():
+    for col, role in cols:
         arr = batch.column(col)
-        t = _canonical_type(arr.type, kind)
+        t = _canonical_type(arr.type, role)
         arrays.append(arr if arr.type == t else pc.cast(arr, t, safe=False))
         fields.append(pa.field(col, t))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
@@ -92,6 +87,7 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
 def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
     """Good rows of `days`, in file order, as `batch_size`-row batches; `counts` is filled as it goes."""
     validator = RowValidator(cfg)
+    roles = cfg.column_roles()  # once per stream, not per batch
 
     def good() -> Iterator[pa.RecordBatch]:
         for day in days:
@@ -104,6 +100,6 @@ def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, coun
                         counts.read += batch.num_rows
                         counts.good += split.good.num_rows
                         counts.bad += split.bad.num_rows
-                    yield canonical(split.good, cfg)
+                    yield canonical(split.good, roles)
 
     return rebatch(good(), batch_size)
