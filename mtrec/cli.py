@@ -52,6 +52,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtrec.config import load_config
+    from mtrec.data.io import parse_date
+    from pipelines.full_retrain import run_train, write_summary
+
+    cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
+    train = {k: v for k, v in {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+                               "batch_size": args.batch_size, "torch_threads": args.torch_threads}.items() if v is not None}
+    if train:
+        cfg = cfg.with_train(**train)
+    start, end = parse_date(args.start, "--from"), parse_date(args.end, "--to")
+    _say(f"mtrec train {cfg.name}: full retrain over {start} .. {end} from {cfg.job.logs}")
+    summary = run_train(cfg, start, end, address=args.address, say=_say, log_every=args.log_every, ray_logs=args.ray_logs)
+    for line in summary.lines():
+        _say(line)
+    if args.summary:
+        write_summary(summary, args.summary)
+        _say(f"summary: {args.summary}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -77,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="full retrain over a date range on Ray (cold start)")
+    _common(p, date=False)
+    p.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, help="last day (inclusive), YYYY-MM-DD")
+    p.add_argument("--workers", type=int, help="Ray Train workers = world size (overrides train.num_workers)")
+    p.add_argument("--cpus-per-worker", type=float, help="logical CPUs per worker (overrides train.cpus_per_worker)")
+    p.add_argument("--batch-size", type=int, help="rows per batch per worker (overrides train.batch_size)")
+    p.add_argument("--torch-threads", type=int, help="torch threads per worker, 0 = auto (overrides train.torch_threads)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
+    p.add_argument("--summary", help="also write the job summary (JSON) to this path/URL")
+    p.add_argument("--ray-logs", action="store_true", help="forward the Ray workers' output to this console (default: Ray's log files)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the whole story on a small synthetic world, on one machine")
     p.add_argument("--workdir", default="./mtrec-demo", help="where the demo writes everything (default ./mtrec-demo)")

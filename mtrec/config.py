@@ -218,6 +218,7 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed of parameter init and of any sampling.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (= torch.distributed world size).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves (fractions leave room for Ray Data on small boxes).")
+    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads per worker; 0 = the node's cores divided by the workers on it (Ray would otherwise pin 1).")
     sharding_types: list[ShardingType] = Field(default_factory=lambda: [ShardingType.TABLE_WISE], min_length=1, description="Sharding types the planner may use (CPU: table_wise, column_wise, data_parallel).")
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig, description="Dense optimizer.")
     embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig, description="Embedding (fused) optimizer.")
@@ -339,6 +340,12 @@ class MtrecConfig(_Strict):
         """A copy with the CLI's common overrides applied (`--logs`, `--workdir`)."""
         job = self.job.model_copy(update={k: v for k, v in {"logs": logs, "workdir": workdir}.items() if v})
         return self.model_copy(update={"job": job})
+
+    def with_train(self, **values: Any) -> MtrecConfig:
+        """A copy with `train` keys replaced (CLI flags such as --workers), validated like the YAML."""
+        data = self.model_dump(mode="json")
+        data["train"].update(values)
+        return parse_config(data, label="command-line train overrides")
 
 
 # --------------------------------------------------------------------------------------------------

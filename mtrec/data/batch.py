@@ -135,3 +135,19 @@ class BatchConverter:
             for col in self.cfg.labels:
                 labels[col] = torch.from_numpy(rb.column(col).to_numpy(zero_copy_only=False).astype(np.float32))
         return Batch(sparse, torch.from_numpy(dense), bias, labels)
+
+
+def pad_batch(cfg: MtrecConfig, rows: int = 2) -> Batch:
+    """A stand-in batch for a worker whose share of the stream has run out while others still
+    train: every id is row 0 of its table, dense/bias/labels are zeros. The training loop runs it
+    with the loss multiplied by 0 and BatchNorm frozen, so it changes nothing; it exists because
+    sharded embeddings need every rank in every all-to-all."""
+    keys = [f.name for f in cfg.features.sparse]
+    bias = torch.zeros(rows, len(cfg.features.bias), dtype=torch.int64) if cfg.features.bias else None
+    return Batch(
+        KeyedJaggedTensor(keys=keys, values=torch.zeros(rows * len(keys), dtype=torch.int64),
+                          lengths=torch.ones(rows * len(keys), dtype=torch.int32)),
+        torch.zeros(rows, len(cfg.features.dense)),
+        bias,
+        {col: torch.zeros(rows) for col in cfg.labels},
+    )

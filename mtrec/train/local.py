@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mtrec.config import MtrecConfig
-from mtrec.data.batch import BatchConverter
 from mtrec.models import MultiTaskTrain, build_model
+from mtrec.train.loop import train_stream
 from mtrec.train.sharding import dense_optimizer, device_for_backend, init_single_process, shard
 from mtrec.train.stream import StreamCounts, day_batches
 
@@ -47,25 +47,13 @@ def train_days(
     dmp: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
-    """One pass over `days` in order (a fresh seeded model unless `dmp`/`optimizer` are given)."""
+    """One pass over `days` in order (a fresh seeded model unless `dmp`/`optimizer` are given),
+    with the same loop the Ray workers run (`mtrec.train.loop.train_stream`)."""
     if dmp is None:
         dmp, optimizer = build_sharded(cfg)
     device, _ = device_for_backend()
-    conv = BatchConverter(cfg)
     counts = StreamCounts()
-    result = TrainResult(dmp, counts, 0.0)
-    dmp.train()
     t0 = time.perf_counter()
-    for step, rb in enumerate(day_batches(cfg, days, cfg.train.batch_size, counts)):
-        batch = conv(rb).to(device)
-        optimizer.zero_grad()
-        loss, (losses, _, _) = dmp(batch)
-        loss.backward()
-        optimizer.step()
-        if step % log_every == 0:
-            result.losses.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
-            if progress:
-                rate = counts.good / max(time.perf_counter() - t0, 1e-9)
-                progress(f"  step {step}: loss {result.losses[-1]['loss']:.4f}, {counts.good:,} rows, {rate:,.0f} rows/s")
-    result.seconds = time.perf_counter() - t0
-    return result
+    stats = train_stream(dmp, optimizer, day_batches(cfg, days, cfg.train.batch_size, counts), cfg, device,
+                         log_every=log_every, on_progress=(lambda p: progress(p.line())) if progress else None)
+    return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses)

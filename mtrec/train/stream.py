@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtrec.config import MtrecConfig
-from mtrec.data.io import list_day_files
+from mtrec.data.io import DataFile, list_day_files
 from mtrec.data.validate import RowValidator, iter_file_batches
 
 
@@ -84,22 +84,24 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
         yield tail
 
 
+def good_file_batches(f: DataFile, validator: RowValidator, roles: dict[str, tuple[str, str]],
+                      counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
+    """One file's good rows, canonical (`canonical`), batch by batch as read. The one reader of
+    training data: the single-process stream below and the Ray Data read tasks both use it."""
+    if counts is not None:
+        counts.files.append(f.url)
+    for batch in iter_file_batches(f):  # every column: the bad-row rules need them
+        split = validator.split(batch)
+        if counts is not None:
+            counts.read += batch.num_rows
+            counts.good += split.good.num_rows
+            counts.bad += split.bad.num_rows
+        yield canonical(split.good, roles)
+
+
 def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
     """Good rows of `days`, in file order, as `batch_size`-row batches; `counts` is filled as it goes."""
     validator = RowValidator(cfg)
     roles = cfg.column_roles()  # once per stream, not per batch
-
-    def good() -> Iterator[pa.RecordBatch]:
-        for day in days:
-            for f in list_day_files(cfg.job.logs, day):
-                if counts is not None:
-                    counts.files.append(f.url)
-                for batch in iter_file_batches(f):  # every column: the bad-row rules need them
-                    split = validator.split(batch)
-                    if counts is not None:
-                        counts.read += batch.num_rows
-                        counts.good += split.good.num_rows
-                        counts.bad += split.bad.num_rows
-                    yield canonical(split.good, roles)
-
-    return rebatch(good(), batch_size)
+    good = (b for day in days for f in list_day_files(cfg.job.logs, day) for b in good_file_batches(f, validator, roles, counts))
+    return rebatch(good, batch_size)

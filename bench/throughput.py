@@ -1,0 +1,265 @@
+"""Training throughput: compute ceiling, plain-PyTorch reference, end-to-end through Ray, peak RSS.
+
+    .venv/bin/python bench/throughput.py                       # everything, 1M rows
+    .venv/bin/python bench/throughput.py --only ceiling        # in-memory parts only
+
+The workload (issue 9): ESMM, 20 sparse features of vocabulary 100,000 and dim 16, towers
+256-128-64 (CTR and CVR), batch 2048, ids uniform over the vocabulary unless `--zipf A`.
+
+1. ceiling    rows/s of the training step (DMP, world size 1, fused row-wise Adagrad, Adam for
+              dense) over batches already converted to KeyedJaggedTensor in memory (no I/O);
+2. reference  the same model in plain PyTorch: 20 nn.EmbeddingBag(sparse=True) + Adagrad,
+              towers with Adam, same batches;
+3. end-to-end `mtrec train` (Ray Data -> Ray Train -> DMP) over the same rows from Parquet, world
+              size 1 and 2: rows/s while streaming (first batch to last, every worker) and the
+              job's wall time including Ray start/stop;
+4. rss        peak RSS (the job's processes together) for a day of `--rows` and of 4 x `--rows`.
+
+The machine is noisy: compare figures from one run. Figures and the command: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from torch import nn
+
+N_SPARSE, VOCAB, DIM, TOWER, BATCH = 20, 100_000, 16, [256, 128, 64], 2048
+DAY = "2026-01-01"
+
+
+def bench_config(logs: str, workdir: str, workers: int = 1) -> dict:
+    """The issue's ESMM workload as an mtrec config (f00 is user_id, f01 item_id)."""
+    names = ["user_id", "item_id"] + [f"f{i:02d}" for i in range(2, N_SPARSE)]
+    return {
+        "name": "esmm_bench",
+        "labels": {"click": "binary", "conversion": "binary"},
+        "features": {"sparse": [{"name": n, "hash_size": VOCAB, "dim": DIM} for n in names]},
+        "tasks": [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"}],
+        "model": {"arch": "esmm", "tower": TOWER},
+        "train": {"batch_size": BATCH, "num_workers": workers, "sharding_types": ["table_wise"],
+                  "embedding_optimizer": {"name": "rowwise_adagrad", "lr": 0.05}, "dense_optimizer": {"name": "adam", "lr": 0.001}},
+        "job": {"logs": logs, "workdir": workdir},
+    }
+
+
+def make_rows(n: int, seed: int, zipf: float | None) -> pa.Table:
+    """n impressions with the bench's columns; ids uniform (or Zipf) over the vocabulary."""
+    rng = np.random.default_rng(seed)
+    cols = {}
+    for i in range(N_SPARSE):
+        name = ["user_id", "item_id"][i] if i < 2 else f"f{i:02d}"
+        ids = (rng.zipf(zipf, n) - 1) % VOCAB if zipf else rng.integers(0, VOCAB, n)
+        cols[name] = pa.array(ids.astype(np.int64))
+    click = (rng.random(n) < 0.05).astype(np.int8)
+    cols["position"] = pa.array(rng.integers(0, 10, n).astype(np.int32))
+    cols["click"] = pa.array(click)
+    cols["conversion"] = pa.array((click & (rng.random(n) < 0.1)).astype(np.int8))
+    return pa.table(cols)
+
+
+def write_day(root: Path, rows: int, seed: int, zipf: float | None, files: int = 8) -> None:
+    d = root / f"dt={DAY}"
+    d.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // files)
+    for k in range(files):
+        n = min(per, rows - k * per)
+        if n > 0:
+            pq.write_table(make_rows(n, seed * 1000 + k, zipf), d / f"part-{k:05d}.parquet")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. compute ceiling (mtrec's DMP training step, batches in memory)
+
+
+def ceiling(cfg, table: pa.Table, warmup: int) -> float:
+    from mtrec.data.batch import BatchConverter
+    from mtrec.train.local import build_sharded
+
+    conv = BatchConverter(cfg)
+    batches = [conv(table.slice(i, BATCH)) for i in range(0, table.num_rows - BATCH + 1, BATCH)]
+    dmp, opt = build_sharded(cfg)
+    dmp.train()
+
+    def step(b):
+        opt.zero_grad()
+        loss, _ = dmp(b)
+        loss.backward()
+        opt.step()
+
+    for b in batches[:warmup]:
+        step(b)
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    return len(batches) * BATCH / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. plain-PyTorch reference: nn.EmbeddingBag(sparse=True) + Adagrad, towers with Adam
+
+
+class PlainESMM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.EmbeddingBag(VOCAB, DIM, mode="sum", sparse=True) for _ in range(N_SPARSE))
+
+        def tower():
+            layers, d = [], N_SPARSE * DIM
+            for h in TOWER:
+                layers += [nn.Linear(d, h), nn.ReLU()]
+                d = h
+            return nn.Sequential(*layers, nn.Linear(d, 1))
+
+        self.ctr, self.cvr = tower(), tower()
+
+    def forward(self, ids: list[torch.Tensor], offsets: torch.Tensor):
+        x = torch.cat([t(i, offsets) for t, i in zip(self.tables, ids)], dim=1)  # B x 320
+        return self.ctr(x).squeeze(1), self.cvr(x).squeeze(1)
+
+
+def reference(table: pa.Table, warmup: int) -> float:
+    from mtrec.data.batch import hash_ids
+
+    torch.manual_seed(0)
+    names = table.column_names[:N_SPARSE]
+    batches = []
+    for i in range(0, table.num_rows - BATCH + 1, BATCH):
+        t = table.slice(i, BATCH)
+        ids = [torch.from_numpy(hash_ids(t.column(n).to_numpy(), VOCAB)) for n in names]
+        batches.append((ids, torch.arange(BATCH), torch.from_numpy(t.column("click").to_numpy().astype(np.float32)),
+                        torch.from_numpy(t.column("conversion").to_numpy().astype(np.float32))))
+    model = PlainESMM()
+    sparse_opt = torch.optim.Adagrad(list(model.tables.parameters()), lr=0.05)
+    dense_opt = torch.optim.Adam(list(model.ctr.parameters()) + list(model.cvr.parameters()), lr=0.001)
+    bce = nn.functional.binary_cross_entropy
+
+    def step(b):
+        ids, offsets, click, conv = b
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+        ctr_logit, cvr_logit = model(ids, offsets)
+        p_ctr = torch.sigmoid(ctr_logit)
+        loss = nn.functional.binary_cross_entropy_with_logits(ctr_logit, click) + bce((p_ctr * torch.sigmoid(cvr_logit)).clamp(1e-7, 1 - 1e-7), click * conv)
+        loss.backward()
+        sparse_opt.step()
+        dense_opt.step()
+
+    for b in batches[:warmup]:
+        step(b)
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    return len(batches) * BATCH / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3 + 4. end-to-end `mtrec train` in a subprocess, with its peak RSS
+
+
+def end_to_end(root: Path, workers: int, env_extra: dict | None = None) -> dict:
+    """Run `mtrec train` on the bench day; returns its summary JSON + wall time + peak RSS (MiB)."""
+    work = root / f"work-{workers}"
+    cfg_path = root / f"bench-{workers}.yaml"
+    cfg_path.write_text(yaml.safe_dump(bench_config(str(root / "logs"), str(work), workers)))
+    cmd = [sys.executable, "-m", "mtrec.cli", "train", "--config", str(cfg_path), "--from", DAY, "--to", DAY,
+           "--summary", str(root / f"summary-{workers}.json")]
+    t0 = time.perf_counter()
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = _watch_rss(proc)
+    out = proc.stdout.read()
+    if proc.wait() != 0:
+        raise SystemExit(f"mtrec train failed:\n{out[-4000:]}")
+    summary = json.loads((root / f"summary-{workers}.json").read_text())
+    summary.update(wall_s=time.perf_counter() - t0, peak_rss_mib=peak)
+    return summary
+
+
+def _watch_rss(proc: subprocess.Popen) -> float:
+    """Peak of the summed RSS of every process the job started (the Ray cluster included:
+    mtrec train starts and stops its own local cluster, so all of it is the job's)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    peak = 0.0
+    while proc.poll() is None:
+        total = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        peak = max(peak, total / 2**20)
+        time.sleep(0.2)
+    return peak
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the bench day (default 1M)")
+    ap.add_argument("--ceiling-rows", type=int, default=409_600, help="rows timed in memory (default 200 batches)")
+    ap.add_argument("--repeats", type=int, default=3, help="in-memory runs; the median is printed (default 3)")
+    ap.add_argument("--zipf", type=float, default=None, help="Zipf exponent of the ids (default: uniform)")
+    ap.add_argument("--only", choices=["ceiling", "e2e", "rss"], action="append", help="run only these parts")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="world sizes of the end-to-end run")
+    args = ap.parse_args(argv)
+    parts = set(args.only or ["ceiling", "e2e", "rss"])
+    from mtrec.config import parse_config
+
+    ids = f"zipf({args.zipf})" if args.zipf else "uniform"
+    print(f"workload: ESMM, {N_SPARSE} sparse features x vocab {VOCAB:,} x dim {DIM}, towers {TOWER}, batch {BATCH}, ids {ids}; "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="mtrec-bench-") as tmp:
+        root = Path(tmp)
+        if "ceiling" in parts or "e2e" in parts:
+            table = make_rows(args.ceiling_rows, 7, args.zipf)
+            cfg = parse_config(bench_config(str(root / "logs"), str(root / "work")))
+            c = [ceiling(cfg, table, warmup=10) for _ in range(args.repeats)]
+            r = [reference(table, warmup=10) for _ in range(args.repeats)]
+            out["ceiling"], out["reference"] = statistics.median(c), statistics.median(r)
+            print(f"compute ceiling (mtrec DMP step, in memory): {out['ceiling']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in c)})")
+            print(f"plain-PyTorch reference (EmbeddingBag sparse + Adagrad): {out['reference']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in r)})")
+            print(f"ratio ceiling/reference: {out['ceiling'] / out['reference']:.2f}", flush=True)
+        if "e2e" in parts:
+            write_day(root / "logs", args.rows, 1, args.zipf)
+            for w in args.workers:
+                s = end_to_end(root, w)
+                print(f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows: {s['rows_per_s']:,.0f} rows/s streaming "
+                      f"(per worker: {', '.join(f'{x:,.0f}' for x in s['worker_rows_per_s'])}); wall {s['wall_s']:.1f}s incl. Ray start/stop; "
+                      f"peak RSS {s['peak_rss_mib']:,.0f} MiB", flush=True)
+                out[f"e2e{w}"] = s["rows_per_s"]
+            if "ceiling" in out and "e2e1" in out:
+                print(f"ratio end-to-end/ceiling: {out['e2e1'] / out['ceiling']:.2f}")
+        if "rss" in parts:
+            peaks = {}
+            for mult in (1, 4):
+                r = root / f"rss{mult}"
+                write_day(r / "logs", args.rows * mult, 2, args.zipf)
+                s = end_to_end(r, 1)
+                peaks[mult] = s["peak_rss_mib"]
+                print(f"peak RSS, 1 worker, {s['rows']:,} rows: {peaks[mult]:,.0f} MiB (wall {s['wall_s']:.1f}s)", flush=True)
+            print(f"ratio peak RSS {4 * args.rows:,} / {args.rows:,} rows: {peaks[4] / peaks[1]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The training loop every worker runs, in lockstep with the other ranks.
+
+Sharded embedding tables make every step a collective (the all-to-all of ids and pooled
+embeddings), so all ranks must take the same number of steps, and a stream split across workers
+is never exactly even. Each step the ranks agree (one tiny all-reduce) on how many still have a
+batch. A rank whose share has run out runs a pad batch (`mtrec.data.batch.pad_batch`) with its loss
+multiplied by 0 and BatchNorm frozen, and the dense gradients (averaged over all ranks by DDP) are
+rescaled to the mean over the ranks that trained. No row is dropped to even the split (Ray
+Train's default `equal=True` split would), none is trained twice, and the step ends when every
+rank's share is done.
+
+World size 1 needs none of that and takes no collective.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtrec.config import MtrecConfig
+from mtrec.data.batch import BatchConverter, pad_batch
+
+
+@dataclass
+class WorkerStats:
+    """What one rank trained. `rows` counts real rows only (never pad rows)."""
+
+    rank: int
+    world_size: int
+    rows: int = 0
+    batches: int = 0
+    steps: int = 0  # lockstep steps, pad steps included
+    pad_steps: int = 0
+    first_batch_wait_s: float = 0.0  # from loop start to this rank's first batch (stream start-up)
+    seconds: float = 0.0  # from the first batch to the last step
+    losses: list[dict[str, float]] = field(default_factory=list)  # per logged step, this rank
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rows_per_s": self.rows_per_s}
+
+
+@dataclass
+class Progress:
+    """One progress record (identical on every rank; rank 0 prints it)."""
+
+    step: int
+    rows: list[int]  # rows trained so far, per rank
+    rows_per_s: float  # all ranks together, since the first batch
+    loss: float  # mean batch loss since the previous record, all ranks
+
+    def line(self) -> str:
+        per = ", ".join(f"{r:,}" for r in self.rows)
+        return f"  step {self.step}: {sum(self.rows):,} rows (per worker: {per}), {self.rows_per_s:,.0f} rows/s, loss {self.loss:.4f}"
+
+
+def _batchnorms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def train_stream(
+    dmp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[pa.RecordBatch],
+    cfg: MtrecConfig,
+    device: torch.device,
+    log_every: int = 50,
+    on_progress: Callable[[Progress], None] | None = None,
+    pg: dist.ProcessGroup | None = None,
+) -> WorkerStats:
+    """Train on this rank's share of the stream until every rank's share is done.
+
+    Args:
+        dmp: DistributedModelParallel(MultiTaskTrain(model)); returns (loss, (losses, out, labels)).
+        optimizer: the dense optimizer (the tables' fused optimizer steps inside backward).
+        batches: this rank's Arrow record batches (canonical columns, see mtrec.train.stream).
+        cfg: the config (for the converter and the pad batch).
+        device: where batches go.
+        log_every: lockstep steps between progress records (each costs one small all-gather).
+        on_progress: receives each progress record, on every rank.
+        pg: process group (default: the world).
+
+    Returns:
+        WorkerStats of this rank.
+    """
+    world = dist.get_world_size(pg) if dist.is_initialized() else 1
+    rank = dist.get_rank(pg) if dist.is_initialized() else 0
+    stats = WorkerStats(rank=rank, world_size=world)
+    conv = BatchConverter(cfg)
+    pad = pad_batch(cfg).to(device) if world > 1 else None
+    bns = _batchnorms(dmp)
+    dense_params = [p for g in optimizer.param_groups for p in g["params"]]
+    it = iter(batches)
+    dmp.train()
+    t_start = time.perf_counter()
+    t0: float | None = None
+    window = [0.0, 0]  # loss sum and batches of this rank since the last progress record
+    while True:
+        rb = next(it, None)
+        if rb is not None and t0 is None:
+            t0 = time.perf_counter()
+            stats.first_batch_wait_s = t0 - t_start
+        if world > 1:
+            flag = torch.tensor([0 if rb is None else 1], dtype=torch.int64, device=device)
+            dist.all_reduce(flag, group=pg)
+            active = int(flag.item())
+        else:
+            active = 0 if rb is None else 1
+        if active == 0:
+            break
+        optimizer.zero_grad()
+        if rb is not None:
+            batch = conv(rb).to(device)
+            loss, _ = dmp(batch)
+            loss.backward()
+            window[0] += float(loss.item())
+            window[1] += 1
+            stats.rows += rb.num_rows
+            stats.batches += 1
+        else:
+            for m in bns:
+                m.eval()  # the pad rows must not move the running statistics
+            loss, _ = dmp(pad)
+            (loss * 0.0).backward()
+            for m in bns:
+                m.train()
+            stats.pad_steps += 1
+        if active < world:  # DDP averaged over `world` ranks, of which only `active` trained
+            for p in dense_params:
+                if p.grad is not None:
+                    p.grad.mul_(world / active)
+        optimizer.step()
+        stats.steps += 1
+        if stats.steps % log_every == 0:
+            _progress(stats, window, t0, world, device, pg, on_progress)
+    if stats.steps % log_every:  # the last partial window (every rank ends at the same step)
+        _progress(stats, window, t0, world, device, pg, on_progress)
+    stats.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+    return stats
+
+
+def _progress(stats: WorkerStats, window: list, t0: float | None, world: int, device: torch.device,
+              pg: dist.ProcessGroup | None, on_progress: Callable[[Progress], None] | None) -> None:
+    """Gather (rows, window loss, elapsed) from every rank; record this rank's window mean loss."""
+    mine = torch.tensor([stats.rows, window[0], window[1], time.perf_counter() - (t0 or time.perf_counter())],
+                        dtype=torch.float64, device=device)
+    if world > 1:
+        parts = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=pg)
+    else:
+        parts = [mine]
+    rows = [int(p[0].item()) for p in parts]
+    n_loss = sum(p[2].item() for p in parts)
+    mean_loss = sum(p[1].item() for p in parts) / max(n_loss, 1)
+    elapsed = max(p[3].item() for p in parts)
+    rec = Progress(step=stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss)
+    if window[1]:
+        stats.losses.append({"step": stats.steps, "rows": stats.rows, "loss": window[0] / window[1]})
+    window[0], window[1] = 0.0, 0
+    if on_progress is not None:
+        on_progress(rec)
+
+
+def gather_stats(stats: WorkerStats, pg: dist.ProcessGroup | None = None) -> list[dict]:
+    """Every rank's WorkerStats as dicts, on every rank (world size 1: just this one)."""
+    if not dist.is_initialized() or dist.get_world_size(pg) == 1:
+        return [stats.to_dict()]
+    out: list[dict | None] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(out, stats.to_dict(), group=pg)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,78 @@
+"""Connecting to Ray: join a cluster (`--address` / RAY_ADDRESS) or start a local one.
+
+A local cluster declares more logical CPUs than the box may have: the train workers reserve
+`num_workers x cpus_per_worker` and Ray Data needs CPUs left to read with, otherwise the job
+waits forever for a read slot (2-core machines). Torch threads are set separately
+(`train.torch_threads`), so logical CPUs here are only a scheduling budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from mtrec.config import MtrecConfig
+from mtrec.errors import ConfigError
+
+READ_CPUS = 2  # logical CPUs a local cluster keeps for Ray Data read tasks beyond the workers
+
+
+def local_cpus(cfg: MtrecConfig) -> int:
+    need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + READ_CPUS
+    return max(os.cpu_count() or 1, need)
+
+
+def quiet_ray() -> None:
+    """Ray Train/Data log a lot at INFO; the job prints its own progress."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="ray")
+
+
+@contextmanager
+def ray_session(cfg: MtrecConfig, address: str | None = None, say: Callable[[str], None] = print,
+                ray_logs: bool = False) -> Iterator[dict]:
+    """Ray for one job: reuse an initialized session, join `address` (or RAY_ADDRESS), or start
+    a local cluster that is shut down afterwards. Worker and Ray-internal output stays in the Ray
+    session's log files unless `ray_logs` (the job prints its own progress; a failure is
+    reported as one line naming the worker).
+
+    Yields:
+        dict: {"mode": "existing" | "joined" | "local", "address", "cpus", "gpus", "nodes"}.
+    """
+    quiet_ray()
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    owned = False
+    if ray.is_initialized():
+        mode = "existing"
+    elif address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=ray_logs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]}); "
+                              "check `ray status` there, or drop --address/RAY_ADDRESS to start a local cluster") from None
+        mode, owned = "joined", True
+    else:
+        ray.init(num_cpus=local_cpus(cfg), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=ray_logs)
+        mode, owned = "local", True
+    try:
+        res = ray.cluster_resources()
+        info = {"mode": mode, "address": ray.get_runtime_context().gcs_address, "cpus": res.get("CPU", 0),
+                "gpus": res.get("GPU", 0), "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
+        need = cfg.train.num_workers * cfg.train.cpus_per_worker
+        if need > info["cpus"]:
+            raise ConfigError(f"`train.num_workers` x `train.cpus_per_worker` = {need:g} CPUs but the Ray cluster has {info['cpus']:g}; "
+                              "pass fewer --workers or a smaller --cpus-per-worker, or add nodes")
+        say(f"ray: {mode} cluster {info['address']}, {info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs")
+        yield info
+    finally:
+        if owned:
+            ray.shutdown()

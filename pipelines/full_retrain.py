@@ -1,0 +1,250 @@
+"""`mtrec train`: a full retrain (cold start) over a date range, on Ray.
+
+    validate every day (quarantine, threshold) -> the good-row count the job must train
+    -> Ray Data: one read task per Parquet file (any fsspec URL), the contract's row rules, the
+       training columns; a stream in file order, split across the workers without dropping rows
+    -> Ray Train: `num_workers` workers, each a DistributedModelParallel rank (mtrec.train.worker)
+    -> per-worker row counts summed and checked against the validated count: every row once
+
+The pipeline never materializes the data: memory is bounded by Ray Data's backpressure and the
+workers' prefetch, whatever the size of the range.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from mtrec.config import MtrecConfig
+from mtrec.data.io import DataFile, filesystem, join, list_day_files
+from mtrec.data.validate import RowValidator, validate_day
+from mtrec.errors import ConfigError, MtrecError
+from mtrec.train.stream import good_file_batches
+from pipelines.cluster import ray_session
+
+
+@dataclass
+class TrainSummary:
+    """What a training job did. `rows == expected_rows` is checked before the job succeeds."""
+
+    model: str
+    days: list[str]
+    world_size: int
+    input_rows: int = 0
+    quarantined_rows: int = 0
+    expected_rows: int = 0  # good rows the validation counted
+    rows: int = 0  # rows the workers trained, summed
+    rows_per_s: float = 0.0  # streaming rate: rows / slowest worker's first-to-last-batch time
+    wall_s: float = 0.0
+    workers: list[dict] = field(default_factory=list)  # per rank: WorkerStats + node/pid/threads
+    plan: dict = field(default_factory=dict)  # table -> {sharding_type, ranks}
+    progress: list[dict] = field(default_factory=list)  # rank 0's progress records
+    ray: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def lines(self) -> list[str]:
+        per = ", ".join(f"worker {w['rank']}: {w['rows']:,} rows at {w['rows_per_s']:,.0f}/s" for w in self.workers)
+        tables: dict[int, int] = {}
+        for t in self.plan.values():
+            for r in t["ranks"]:
+                tables[r] = tables.get(r, 0) + 1
+        loss = [p["loss"] for p in self.progress]
+        return [
+            f"trained {self.rows:,} rows of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
+            f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, {self.wall_s:.1f}s wall",
+            f"  {per}",
+            f"  embedding shards per worker: {', '.join(f'worker {r}: {n} tables' for r, n in sorted(tables.items()))}",
+            f"  loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "  loss: no batches",
+        ]
+
+
+def date_range(start: dt.date, end: dt.date) -> list[dt.date]:
+    if end < start:
+        raise ConfigError(f"--to {end} is before --from {start}; pass a range whose end is on or after its start")
+    return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+
+
+def read_good_rows(files: pa.Table, cfg: dict) -> Iterator[pa.Table]:
+    """Ray Data UDF: the files of this block (url, name, size) -> their good rows, canonical,
+    one Arrow batch at a time (the same reader as single-process training)."""
+    config = MtrecConfig.model_validate(cfg)
+    validator, roles = RowValidator(config), config.column_roles()
+    for row in files.to_pylist():
+        for b in good_file_batches(DataFile(row["url"], row["name"], row["size"]), validator, roles):
+            if b.num_rows:
+                yield pa.Table.from_batches([b])
+
+
+def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile]):
+    """A Ray Dataset streaming the good rows of `files` in file order (one read task per file)."""
+    import ray.data
+
+    items = [{"url": f.url, "name": f.name, "size": f.size} for f in files]
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    return ds.map_batches(read_good_rows, fn_kwargs={"cfg": cfg.model_dump(mode="json")}, batch_size=1, batch_format="pyarrow")
+
+
+def _exact_split_config():
+    """Ray Train's default DataConfig splits with `equal=True`, which drops rows to even the
+    shards out; mtrec's lockstep loop handles uneven shards, so split with `equal=False`."""
+    from ray.train import DataConfig
+
+    class ExactSplit(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options.preserve_order = True  # file order: reproducible runs
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                    out[i][name] = split
+            return out
+
+    return ExactSplit()
+
+
+def _storage(cfg: MtrecConfig) -> str:
+    url = join(cfg.job.workdir, "ray")
+    if "://" in url and not url.startswith("file://"):
+        return url
+    path = os.path.abspath(url.removeprefix("file://"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
+    """Ray Train's failure -> one line naming the worker(s) and the cause (the worker's own
+    MtrecError as is)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for exc in failures.values():
+        cause = _root(exc)
+        if isinstance(cause, MtrecError):
+            return cause
+    if not failures:
+        cause = _root(getattr(err, "controller_failure", err))
+        return MtrecError(f"training failed in Ray Train's controller: {_first_line(cause)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
+    parts = []
+    for rank, exc in sorted(failures.items()):
+        w = workers.get(rank, {})
+        where = f"worker {rank}" + (f" (node {w['node']}, pid {w['pid']})" if w else "")
+        parts.append(f"{where}: {_first_line(_root(exc))}")
+    return MtrecError("training failed: " + "; ".join(parts) + "; nothing was published, rerun the job (see the Ray logs for the traceback)")
+
+
+def _root(exc: BaseException) -> BaseException:
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def run_train(
+    cfg: MtrecConfig,
+    start: dt.date,
+    end: dt.date,
+    address: str | None = None,
+    say: Callable[[str], None] = print,
+    log_every: int = 50,
+    ray_logs: bool = False,
+) -> TrainSummary:
+    """Full retrain of `cfg` over days `start`..`end` (inclusive) on Ray.
+
+    Raises:
+        DataValidationError: a day fails the contract (before any training).
+        MtrecError: a worker failed (named) or the rows trained differ from the rows validated.
+    """
+    t_job = time.perf_counter()
+    days = date_range(start, end)
+    summary = TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers)
+    files: list[DataFile] = []
+    for day in days:
+        report = validate_day(cfg, day)
+        summary.input_rows += report.input_rows
+        summary.quarantined_rows += report.bad_rows
+        summary.expected_rows += report.good_rows
+        files += list_day_files(cfg.job.logs, day)
+        say(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
+
+    with ray_session(cfg, address, say, ray_logs) as info:
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from mtrec.train.worker import RunCollector, train_loop_per_worker
+
+        summary.ray = info
+        use_gpu = info["gpus"] >= cfg.train.num_workers > 0
+        collector = RunCollector.remote()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "collector": collector, "log_every": log_every},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            datasets={"train": good_rows_dataset(cfg, files)},
+            dataset_config=_exact_split_config(),
+            run_config=RunConfig(name=f"{cfg.name}-train-{start}-{end}-{int(time.time())}", storage_path=_storage(cfg),
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        say(f"training {cfg.name} on {summary.expected_rows:,} rows with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}")
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            for rec in ray.get(collector.drain.remote()):
+                say(rec["line"])
+        for rec in ray.get(collector.drain.remote()):
+            say(rec["line"])
+        snap = ray.get(collector.snapshot.remote())
+        if "error" in outcome:
+            raise worker_failure(outcome["error"], snap["workers"]) from None
+        result = snap["result"]
+        if result is None:
+            raise MtrecError("training ended without a result from worker 0; see the Ray logs")
+
+    summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in result["workers"]]
+    summary.plan = result["plan"]
+    summary.progress = [{k: v for k, v in p.items() if k != "line"} for p in snap["history"]]
+    summary.rows = sum(w["rows"] for w in summary.workers)
+    slowest = max((w["seconds"] for w in summary.workers), default=0.0)
+    summary.rows_per_s = summary.rows / slowest if slowest > 0 else 0.0
+    summary.wall_s = time.perf_counter() - t_job
+    if summary.rows != summary.expected_rows:
+        raise MtrecError(f"workers trained {summary.rows:,} rows but validation counted {summary.expected_rows:,} good rows "
+                         f"({', '.join(str(w['rows']) for w in summary.workers)} per worker); the model is not published, rerun the job")
+    return summary
+
+
+def _fit(trainer, outcome: dict) -> None:
+    try:
+        outcome["result"] = trainer.fit()
+    except Exception as e:  # handed to the main thread, which names the worker
+        outcome["error"] = e
+
+
+def write_summary(summary: TrainSummary, url: str) -> None:
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as fh:
+        fh.write(summary.to_json())
