@@ -127,7 +127,7 @@ class PlainESMM(nn.Module):
         self.ctr, self.cvr = tower(), tower()
 
     def forward(self, ids: list[torch.Tensor], offsets: torch.Tensor):
-        x = torch.cat([t(i, offsets) for t, i in zip(self.tables, ids)], dim=1)  # B x 320
+        x = torch.cat([t(i, offsets) for t, i in zip(self.tables, ids, strict=True)], dim=1)  # B x 320
         return self.ctr(x).squeeze(1), self.cvr(x).squeeze(1)
 
 
@@ -189,26 +189,50 @@ def end_to_end(root: Path, workers: int, env_extra: dict | None = None) -> dict:
     return summary
 
 
+def _pss(pid: str, page: int) -> int:
+    """Proportional set size (shared pages - the Ray object store - split among the processes
+    mapping them, so a sum over processes counts them once); RSS where smaps_rollup is missing."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+
+
+def _tree_rss_mib(root: int) -> float:
+    """Summed memory (PSS) of `root` and all its descendants, from /proc (Linux)."""
+    parent: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            parent[int(d)] = int(fields[1])
+            rss[int(d)] = _pss(d, page)
+        except (OSError, ValueError, IndexError):
+            continue
+    keep, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in keep:
+                keep.add(child)
+                frontier.append(child)
+    return sum(rss.get(p, 0) for p in keep) / 2**20
+
+
 def _watch_rss(proc: subprocess.Popen) -> float:
     """Peak of the summed RSS of every process the job started (the Ray cluster included:
     mtrec train starts and stops its own local cluster, so all of it is the job's)."""
-    import psutil
-
-    root = psutil.Process(proc.pid)
     peak = 0.0
     while proc.poll() is None:
-        total = 0
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        peak = max(peak, total / 2**20)
-        time.sleep(0.2)
+        peak = max(peak, _tree_rss_mib(proc.pid))
+        time.sleep(0.5)
     return peak
 
 

@@ -73,6 +73,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mtrec.config import load_config
+    from mtrec.data.io import parse_date
+    from pipelines.evaluate import evaluate_checkpoint
+
+    cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
+    day = parse_date(args.date)
+    metrics, url, manifest = evaluate_checkpoint(cfg, day, args.checkpoint)
+    _say(f"{cfg.name} checkpoint {url} (trained on {manifest['days'][0]} .. {manifest['days'][-1]}, "
+         f"{manifest['rows_trained']:,} rows, {manifest['world_size']} worker(s)) on {day}:")
+    for k in sorted(metrics):
+        _say(f"  {k:<32} {metrics[k]:.4f}")
+    if args.json:
+        import json
+
+        print(json.dumps({"checkpoint": url, "date": day.isoformat(), "metrics": metrics}, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -112,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", help="also write the job summary (JSON) to this path/URL")
     p.add_argument("--ray-logs", action="store_true", help="forward the Ray workers' output to this console (default: Ray's log files)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a day (default: the newest one before it)")
+    _common(p)
+    p.add_argument("--checkpoint", help="checkpoint URL (default: the newest published one before --date)")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="the whole story on a small synthetic world, on one machine")
     p.add_argument("--workdir", default="./mtrec-demo", help="where the demo writes everything (default ./mtrec-demo)")

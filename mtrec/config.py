@@ -72,6 +72,11 @@ class EmbeddingOptimizer(StrEnum):
     ADAM = "adam"  # GPU only: FBGEMM has no fused Adam on CPU
 
 
+class Placement(StrEnum):
+    PACK = "pack"
+    SPREAD = "spread"
+
+
 class DenseOptimizer(StrEnum):
     ADAM = "adam"
     ADAGRAD = "adagrad"
@@ -218,6 +223,7 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed of parameter init and of any sampling.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (= torch.distributed world size).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves (fractions leave room for Ray Data on small boxes).")
+    placement: Placement = Field(Placement.PACK, description="Where Ray puts the workers: pack (fewest nodes) or spread (one per node where possible).")
     torch_threads: int = Field(0, ge=0, description="Torch intra-op threads per worker; 0 = the node's cores divided by the workers on it (Ray would otherwise pin 1).")
     sharding_types: list[ShardingType] = Field(default_factory=lambda: [ShardingType.TABLE_WISE], min_length=1, description="Sharding types the planner may use (CPU: table_wise, column_wise, data_parallel).")
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig, description="Dense optimizer.")

@@ -61,7 +61,7 @@ def ray_session(cfg: MtrecConfig, address: str | None = None, say: Callable[[str
                               "check `ray status` there, or drop --address/RAY_ADDRESS to start a local cluster") from None
         mode, owned = "joined", True
     else:
-        ray.init(num_cpus=local_cpus(cfg), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=ray_logs)
+        ray.init(address="local", num_cpus=local_cpus(cfg), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=ray_logs)
         mode, owned = "local", True
     try:
         res = ray.cluster_resources()

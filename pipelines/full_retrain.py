@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
+from mtrec import __version__
 from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, filesystem, join, list_day_files
 from mtrec.data.validate import RowValidator, validate_day
 from mtrec.errors import ConfigError, MtrecError
+from mtrec.train.checkpoint import checkpoint_url
 from mtrec.train.stream import good_file_batches
 from pipelines.cluster import ray_session
 
@@ -47,6 +49,7 @@ class TrainSummary:
     plan: dict = field(default_factory=dict)  # table -> {sharding_type, ranks}
     progress: list[dict] = field(default_factory=list)  # rank 0's progress records
     ray: dict = field(default_factory=dict)
+    checkpoint: str = ""  # the published checkpoint (dt=<last day>)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -64,6 +67,7 @@ class TrainSummary:
             f"  {per}",
             f"  embedding shards per worker: {', '.join(f'worker {r}: {n} tables' for r, n in sorted(tables.items()))}",
             f"  loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "  loss: no batches",
+            f"  checkpoint: {self.checkpoint}",
         ]
 
 
@@ -132,12 +136,15 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
     if not failures:
         cause = _root(getattr(err, "controller_failure", err))
         return MtrecError(f"training failed in Ray Train's controller: {_first_line(cause)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
+    def died(exc: BaseException) -> bool:  # the process is gone (killed, OOM, node lost), not a Python error
+        return any(k in type(_root(exc)).__name__ for k in ("HealthCheck", "ActorDied", "WorkerCrashed", "NodeDied"))
+
     parts = []
-    for rank, exc in sorted(failures.items()):
+    for rank, exc in sorted(failures.items(), key=lambda kv: (not died(kv[1]), kv[0])):
         w = workers.get(rank, {})
         where = f"worker {rank}" + (f" (node {w['node']}, pid {w['pid']})" if w else "")
-        parts.append(f"{where}: {_first_line(_root(exc))}")
-    return MtrecError("training failed: " + "; ".join(parts) + "; nothing was published, rerun the job (see the Ray logs for the traceback)")
+        parts.append(f"{where}{' died' if died(exc) else ''}: {_first_line(_root(exc))}")
+    return MtrecError("training failed: " + "; then ".join(parts) + "; nothing was published, rerun the job (see the Ray logs for the traceback)")
 
 
 def _root(exc: BaseException) -> BaseException:
@@ -153,7 +160,8 @@ def _root(exc: BaseException) -> BaseException:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    line = text[0] if text else ""
+    return f"{type(exc).__name__}: {line[:200] + ' ...' if len(line) > 200 else line}".strip()
 
 
 def run_train(
@@ -191,14 +199,22 @@ def run_train(
         from mtrec.train.worker import RunCollector, train_loop_per_worker
 
         summary.ray = info
+        summary.checkpoint = checkpoint_url(cfg, end)
+        manifest = {"model": cfg.name, "date": end.isoformat(), "kind": "full_retrain", "days": summary.days, "parent": None,
+                    "config_fingerprint": cfg.fingerprint(), "config": cfg.model_dump(mode="json"),
+                    "input_rows": summary.input_rows, "quarantined_rows": summary.quarantined_rows,
+                    "files": [{"url": f.url, "size": f.size} for f in files], "mtrec_version": __version__}
         use_gpu = info["gpus"] >= cfg.train.num_workers > 0
         collector = RunCollector.remote()
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "collector": collector, "log_every": log_every},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "collector": collector, "log_every": log_every,
+                               "kill": os.environ.get("MTREC_KILL_WORKER"), "expected_rows": summary.expected_rows,
+                               "checkpoint": summary.checkpoint, "manifest": manifest},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                         placement_strategy=cfg.train.placement.value.upper()),
             datasets={"train": good_rows_dataset(cfg, files)},
             dataset_config=_exact_split_config(),
             run_config=RunConfig(name=f"{cfg.name}-train-{start}-{end}-{int(time.time())}", storage_path=_storage(cfg),

@@ -25,3 +25,16 @@ def world(tmp_path_factory) -> str:
 def cfg(world, tmp_path):
     """The ESMM example config pointed at the session world and a fresh workdir."""
     return load_config("esmm", logs=world, workdir=str(tmp_path / "work"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole session (4 logical CPUs: 2 workers + 2 read slots)."""
+    import ray
+
+    from pipelines.cluster import quiet_ray
+
+    quiet_ray()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -39,8 +39,15 @@ class SparseArch(nn.Module):
             ],
             device=device,
         )
+        self.feature_names = [f.name for f in features.sparse]
         self.out_dim = sum(f.dim for f in features.sparse) + len(features.dense)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        emb = self.ebc(sparse).values()  # B x sum(dim)
-        return torch.cat([emb, dense], dim=1)  # B x out_dim
+        # By name, not `.values()`: a sharded collection returns its tables grouped by rank, so the
+        # order of `.values()` depends on the sharding plan, and towers trained under one plan
+        # would read permuted features under another (e.g. trained on 2 ranks, served on 1).
+        emb = self.ebc(sparse).to_dict()  # name -> B x dim
+        parts = [emb[name] for name in self.feature_names]
+        if dense.shape[1]:
+            parts.append(dense)
+        return torch.cat(parts, dim=1)  # B x out_dim

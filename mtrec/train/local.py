@@ -23,6 +23,7 @@ class TrainResult:
     counts: StreamCounts
     seconds: float
     losses: list[dict[str, float]] = field(default_factory=list)  # per logged step
+    optimizer: torch.optim.Optimizer | None = None  # the dense optimizer
 
     @property
     def model(self) -> torch.nn.Module:
@@ -56,4 +57,4 @@ def train_days(
     t0 = time.perf_counter()
     stats = train_stream(dmp, optimizer, day_batches(cfg, days, cfg.train.batch_size, counts), cfg, device,
                          log_every=log_every, on_progress=(lambda p: progress(p.line())) if progress else None)
-    return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses)
+    return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses, optimizer)

@@ -1,0 +1,89 @@
+"""Checkpoints: DCP shards + manifest + _SUCCESS; exact round trip of weights and optimizer state;
+unpublished, foreign or damaged checkpoints fail with one clear line."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DAY1
+from test_train_eval import small
+
+from mtrec.errors import CheckpointError
+from mtrec.train import checkpoint as ck
+from mtrec.train.local import build_sharded, train_days
+
+
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v.local_shards()[0].tensor if hasattr(v, "local_shards") else v
+
+
+@pytest.fixture(scope="module")
+def saved(world, tmp_path_factory):
+    cfg = small(world).with_overrides(workdir=str(tmp_path_factory.mktemp("ckpt")))
+    res = train_days(cfg, [DAY1])
+    url = ck.checkpoint_url(cfg, DAY1)
+    ck.save(res.dmp, res.optimizer, url, {"model": cfg.name, "config_fingerprint": cfg.fingerprint(), "date": str(DAY1)})
+    return cfg, res, url
+
+
+def test_layout_and_success_marker_last(saved):
+    cfg, _, url = saved
+    files = sorted(p.name for p in Path(url).iterdir())
+    assert files == [".metadata", "_SUCCESS", "__0_0.distcp", "manifest.json"]
+    assert Path(url, "_SUCCESS").stat().st_mtime_ns >= Path(url, "manifest.json").stat().st_mtime_ns
+    assert ck.published_days(cfg) == [DAY1]
+    assert ck.latest_before(cfg, DAY1 + dt.timedelta(days=1)) == url
+
+
+def test_round_trip_restores_weights_and_both_optimizers_exactly(saved):
+    cfg, res, url = saved
+    dmp, opt = build_sharded(cfg)
+    ck.load(dmp, opt, url, cfg)
+    before, after = dict(_flat(ck.state_to_save(res.dmp, res.optimizer))), dict(_flat(ck.state_to_save(dmp, opt)))
+    assert before.keys() == after.keys()
+    kinds = {k.split("/")[0] for k in before}
+    assert kinds == {"model", "fused_optimizer", "dense_optimizer"}
+    assert any(k.endswith("momentum1") for k in before)  # row-wise Adagrad state, not in model.state_dict()
+    assert any(k.endswith("exp_avg_sq") for k in before)  # Adam state of the towers
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+
+
+def test_unpublished_foreign_and_damaged_checkpoints_are_refused(saved, tmp_path):
+    cfg, _, url = saved
+    dmp, _ = build_sharded(cfg)
+    with pytest.raises(CheckpointError, match="no published checkpoint of .* before 2026-01-01"):
+        ck.latest_before(cfg, DAY1)
+    with pytest.raises(CheckpointError, match="not a published checkpoint"):
+        ck.load(dmp, None, str(tmp_path), cfg)
+    other = cfg.model_copy(update={"name": "other_model"})
+    with pytest.raises(CheckpointError, match="holds model 'esmm_synth', not 'other_model'"):
+        ck.load(dmp, None, url, other)
+    d = cfg.model_dump(mode="json")
+    d["model"]["tower"] = [32]
+    with pytest.raises(CheckpointError, match="another model shape"):
+        ck.load(dmp, None, url, type(cfg).model_validate(d))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(url).iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".distcp" else data)
+    with pytest.raises(CheckpointError, match="shards cannot be read .* damaged"):
+        ck.load(dmp, None, str(broken), cfg)
+
+
+def test_damaged_message_names_the_root_cause(saved, tmp_path):
+    cfg, _, url = saved
+    dmp, _ = build_sharded(cfg)
+    for f in Path(url).iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".distcp" else f.read_bytes())
+    with pytest.raises(CheckpointError) as e:
+        ck.load(dmp, None, str(tmp_path), cfg)
+    assert "RuntimeError: PytorchStreamReader failed reading zip archive" in str(e.value) and "\n" not in str(e.value)

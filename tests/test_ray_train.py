@@ -1,0 +1,199 @@
+"""`mtrec train` on Ray: Ray Data -> Ray Train workers -> DistributedModelParallel.
+
+In-process tests share the session's local Ray cluster; the integration test starts a real
+two-node cluster with `ray start` and runs the `mtrec` command against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import DAY1
+
+from mtrec.config import load_config
+from mtrec.data.synth import write_world
+from mtrec.errors import MtrecError
+from pipelines.evaluate import evaluate_checkpoint
+from pipelines.full_retrain import run_train, worker_failure
+
+DAY2 = DAY1 + dt.timedelta(days=1)
+ROWS = 6_001  # per day, 3 files: shares of the stream cannot be equal
+BIN = Path(sys.executable).parent
+
+
+def small_config(logs: str, workdir: str, workers: int = 2, **train):
+    cfg = load_config("esmm", logs=logs, workdir=workdir).model_dump(mode="json")
+    cfg["train"].update(batch_size=256, num_workers=workers, **train)
+    for f in cfg["features"]["sparse"]:
+        f["hash_size"] = min(f["hash_size"], 20_000)
+    return type(load_config("esmm")).model_validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory) -> tuple[str, int]:
+    """2 days x 6,001 rows in 3 files per day, 7 rows of day 1 breaking the label chain."""
+    root = tmp_path_factory.mktemp("ray-world")
+    write_world(str(root), days=2, rows_per_day=ROWS, seed=11, files_per_day=3)
+    f = root / f"dt={DAY1}" / "part-00001.parquet"
+    t = pq.read_table(f)
+    conv = t.column("conversion").to_numpy().copy()
+    no_click = np.flatnonzero(t.column("click").to_numpy() == 0)[:7]
+    conv[no_click] = 1  # conversion without click: quarantined, never trained
+    pq.write_table(t.set_column(t.schema.get_field_index("conversion"), "conversion", pa.array(conv, pa.int8())), f)
+    return str(root), 7
+
+
+def test_two_workers_train_every_good_row_exactly_once(ray_local, small_world, tmp_path):
+    logs, bad = small_world
+    lines: list[str] = []
+    s = run_train(small_config(logs, str(tmp_path / "work")), DAY1, DAY2, say=lines.append, log_every=5)
+    assert s.input_rows == 2 * ROWS and s.quarantined_rows == bad
+    assert s.rows == s.expected_rows == 2 * ROWS - bad  # summed per worker, checked by the job too
+    rows = [w["rows"] for w in s.workers]
+    assert len(rows) == 2 and min(rows) > 0
+    assert len({w["pid"] for w in s.workers}) == 2
+    # lockstep: every rank took the same steps; a rank whose share ran out padded (no row twice)
+    steps = {w["steps"] for w in s.workers}
+    assert steps == {max(w["batches"] for w in s.workers)}
+    assert all(w["batches"] + w["pad_steps"] == w["steps"] for w in s.workers)
+    # both workers hold embedding shards (table_wise over 2 ranks)
+    assert {r for t in s.plan.values() for r in t["ranks"]} == {0, 1}
+    assert all(t["sharding_type"] == "table_wise" for t in s.plan.values())
+    # the loss fell (mean batch loss of the first progress window vs the last)
+    assert s.progress[-1]["loss"] < 0.7 * s.progress[0]["loss"]
+    assert s.progress[-1]["rows"] == rows
+    assert any(line.startswith("  step ") and "rows/s" in line for line in lines)
+    assert s.ray["mode"] == "existing"
+    # published only after the row check: manifest written by rank 0, shards by both ranks
+    m = json.loads(Path(s.checkpoint, "manifest.json").read_text())
+    assert Path(s.checkpoint, "_SUCCESS").exists() and s.checkpoint.endswith(f"dt={DAY2}")
+    assert m["rows_trained"] == s.rows and m["rows_per_worker"] == rows and m["world_size"] == 2
+    assert m["quarantined_rows"] == bad and len(m["files"]) == 6 and m["kind"] == "full_retrain"
+    assert sorted(p.name for p in Path(s.checkpoint).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_world_size_1_and_2_reach_the_same_quality(ray_local, world, tmp_path):
+    """Same data (days 1-2) and the same global batch (512 rows: 1 x 512 vs 2 x 256, so the same
+    number of dense steps), 1 vs 2 workers; the 2-worker checkpoint loads resharded at world size
+    1 for scoring; next-day AUCs agree within 0.01."""
+    day3 = DAY1 + dt.timedelta(days=2)
+    metrics = {}
+    for workers in (1, 2):
+        cfg = small_config(world, str(tmp_path / f"w{workers}"), workers=workers).with_train(batch_size=512 // workers)
+        run_train(cfg, DAY1, DAY2, say=lambda _: None)
+        metrics[workers], url, manifest = evaluate_checkpoint(cfg, day3)
+        assert manifest["world_size"] == workers and url.endswith(f"dt={DAY2}")
+    for key in ("ctr/auc", "ctcvr/auc"):
+        assert abs(metrics[1][key] - metrics[2][key]) < 0.01, (key, metrics[1][key], metrics[2][key])
+    assert min(metrics[1]["ctr/auc"], metrics[2]["ctr/auc"]) > 0.53, metrics  # learned (untrained: ~0.50)
+
+
+def test_a_killed_worker_fails_the_job_naming_it(ray_local, small_world, tmp_path, monkeypatch):
+    logs, _ = small_world
+    monkeypatch.setenv("MTREC_KILL_WORKER", "1:3")
+    with pytest.raises(MtrecError, match=r"^training failed: worker 1 \(node \S+, pid \d+\) died: .*nothing was published"):
+        run_train(small_config(logs, str(tmp_path / "work")), DAY1, DAY1, say=lambda _: None)
+
+
+def test_worker_failure_message():
+    from ray.train import WorkerGroupError
+
+    err = WorkerGroupError("boom", {1: RuntimeError("CUDA out of memory\nlong trace")})
+    msg = str(worker_failure(err, {1: {"node": "10.0.0.7", "pid": 42}}))
+    assert msg.startswith("training failed: worker 1 (node 10.0.0.7, pid 42): RuntimeError: CUDA out of memory;")
+    mine = MtrecError("bad thing; fix it")
+    assert worker_failure(WorkerGroupError("x", {0: mine}), {}) is mine
+
+
+def test_date_range_is_checked(cfg):
+    with pytest.raises(MtrecError, match="--to 2026-01-01 is before --from 2026-01-02"):
+        run_train(cfg, DAY2, DAY1, say=lambda _: None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group; returns once the node is up."""
+    fh = log.open("w")
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_node(proc)
+            raise RuntimeError(f"ray start failed:\n{log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    """Stop one node and everything it started (its process group) - not `ray stop`, which would
+    also kill the session's local cluster and with it this pytest process."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """A real Ray cluster of two nodes on 127.0.0.1 (`ray start --head` + `ray start --address`),
+    token-authenticated, stopped afterwards. Yields (address, env for clients)."""
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DISABLE_USAGE_STATS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+    nodes: list[subprocess.Popen] = []
+    try:
+        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=false", *common], env, tmp_path / "head.log"))
+        nodes.append(_start_node([f"--address=127.0.0.1:{port}", *common], env, tmp_path / "node2.log"))
+        yield f"127.0.0.1:{port}", env
+    finally:
+        for proc in reversed(nodes):
+            _stop_node(proc)
+
+
+@pytest.mark.integration
+def test_mtrec_train_on_a_two_node_cluster(two_node_cluster, small_world, tmp_path):
+    address, env = two_node_cluster
+    logs, bad = small_world
+    cfg = small_config(logs, str(tmp_path / "work"), placement="spread")
+    path = tmp_path / "spread.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run([str(BIN / "mtrec"), "train", "--config", str(path), "--from", str(DAY1), "--to", str(DAY2),
+                           "--address", address, "--log-every", "5", "--summary", str(summary)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ray: joined cluster" in proc.stdout and "2 node(s)" in proc.stdout
+    s = json.loads(summary.read_text())
+    assert s["rows"] == s["expected_rows"] == 2 * ROWS - bad
+    assert sum(w["rows"] for w in s["workers"]) == s["rows"] and all(w["rows"] > 0 for w in s["workers"])
+    assert len({w["node_id"] for w in s["workers"]}) == 2  # one worker per node (placement: spread)
+    assert {r for t in s["plan"].values() for r in t["ranks"]} == {0, 1}
+    assert s["progress"][-1]["loss"] < 0.7 * s["progress"][0]["loss"]
+    assert pc.sum(pa.array([w["pad_steps"] for w in s["workers"]])).as_py() == abs(s["workers"][0]["batches"] - s["workers"][1]["batches"])
