@@ -13,7 +13,8 @@ The workload (issue 9): ESMM, 20 sparse features of vocabulary 100,000 and dim 1
 3. end-to-end `mtrec train` (Ray Data -> Ray Train -> DMP) over the same rows from Parquet, world
               size 1 and 2: rows/s while streaming (first batch to last, every worker) and the
               job's wall time including Ray start/stop;
-4. rss        peak RSS (the job's processes together) for a day of `--rows` and of 4 x `--rows`.
+4. rss        peak memory of the job's processes together (PSS summed, so the shared object
+              store counts once; sampled every 2 s) for a day of `--rows` and of 4 x `--rows`.
 
 The machine is noisy: compare figures from one run. Figures and the command: docs/benchmarks.md.
 """
@@ -41,7 +42,7 @@ N_SPARSE, VOCAB, DIM, TOWER, BATCH = 20, 100_000, 16, [256, 128, 64], 2048
 DAY = "2026-01-01"
 
 
-def bench_config(logs: str, workdir: str, workers: int = 1) -> dict:
+def bench_config(logs: str, workdir: str, workers: int = 1, torch_threads: int = 0) -> dict:
     """The issue's ESMM workload as an mtrec config (f00 is user_id, f01 item_id)."""
     names = ["user_id", "item_id"] + [f"f{i:02d}" for i in range(2, N_SPARSE)]
     return {
@@ -50,7 +51,7 @@ def bench_config(logs: str, workdir: str, workers: int = 1) -> dict:
         "features": {"sparse": [{"name": n, "hash_size": VOCAB, "dim": DIM} for n in names]},
         "tasks": [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"}],
         "model": {"arch": "esmm", "tower": TOWER},
-        "train": {"batch_size": BATCH, "num_workers": workers, "sharding_types": ["table_wise"],
+        "train": {"batch_size": BATCH, "num_workers": workers, "sharding_types": ["table_wise"], "torch_threads": torch_threads,
                   "embedding_optimizer": {"name": "rowwise_adagrad", "lr": 0.05}, "dense_optimizer": {"name": "adam", "lr": 0.001}},
         "job": {"logs": logs, "workdir": workdir},
     }
@@ -170,18 +171,21 @@ def reference(table: pa.Table, warmup: int) -> float:
 # 3 + 4. end-to-end `mtrec train` in a subprocess, with its peak RSS
 
 
-def end_to_end(root: Path, workers: int, env_extra: dict | None = None) -> dict:
-    """Run `mtrec train` on the bench day; returns its summary JSON + wall time + peak RSS (MiB)."""
+def end_to_end(root: Path, workers: int, torch_threads: int = 0, watch_memory: bool = False) -> dict:
+    """Run `mtrec train` on the bench day; returns its summary JSON + wall time (+ peak memory in
+    MiB when `watch_memory`: the /proc scan costs CPU, so throughput runs do not watch)."""
     work = root / f"work-{workers}"
     cfg_path = root / f"bench-{workers}.yaml"
-    cfg_path.write_text(yaml.safe_dump(bench_config(str(root / "logs"), str(work), workers)))
+    cfg_path.write_text(yaml.safe_dump(bench_config(str(root / "logs"), str(work), workers, torch_threads)))
     cmd = [sys.executable, "-m", "mtrec.cli", "train", "--config", str(cfg_path), "--from", DAY, "--to", DAY,
            "--summary", str(root / f"summary-{workers}.json")]
     t0 = time.perf_counter()
-    env = {**os.environ, **(env_extra or {})}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = _watch_rss(proc)
-    out = proc.stdout.read()
+    log = root / f"train-{workers}.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        peak = _watch_rss(proc) if watch_memory else 0.0
+        proc.wait()
+    out = log.read_text()
     if proc.wait() != 0:
         raise SystemExit(f"mtrec train failed:\n{out[-4000:]}")
     summary = json.loads((root / f"summary-{workers}.json").read_text())
@@ -232,7 +236,7 @@ def _watch_rss(proc: subprocess.Popen) -> float:
     peak = 0.0
     while proc.poll() is None:
         peak = max(peak, _tree_rss_mib(proc.pid))
-        time.sleep(0.5)
+        time.sleep(2.0)
     return peak
 
 
@@ -243,6 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="in-memory runs; the median is printed (default 3)")
     ap.add_argument("--zipf", type=float, default=None, help="Zipf exponent of the ids (default: uniform)")
     ap.add_argument("--only", choices=["ceiling", "e2e", "rss"], action="append", help="run only these parts")
+    ap.add_argument("--torch-threads", type=int, default=0, help="train.torch_threads of the end-to-end runs (default 0: auto)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="world sizes of the end-to-end run")
     args = ap.parse_args(argv)
     parts = set(args.only or ["ceiling", "e2e", "rss"])
@@ -266,10 +271,11 @@ def main(argv=None) -> int:
         if "e2e" in parts:
             write_day(root / "logs", args.rows, 1, args.zipf)
             for w in args.workers:
-                s = end_to_end(root, w)
+                s = end_to_end(root, w, args.torch_threads)
+                per = "; ".join(f"{x['rows_per_s']:,.0f} rows/s, {x['wait_s']:.1f}s of {x['seconds']:.1f}s waiting for data, "
+                                f"{x['convert_s']:.1f}s converting" for x in s["workers"])
                 print(f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows: {s['rows_per_s']:,.0f} rows/s streaming "
-                      f"(per worker: {', '.join(f'{x:,.0f}' for x in s['worker_rows_per_s'])}); wall {s['wall_s']:.1f}s incl. Ray start/stop; "
-                      f"peak RSS {s['peak_rss_mib']:,.0f} MiB", flush=True)
+                      f"(per worker: {per}); wall {s['wall_s']:.1f}s incl. Ray start/stop and checkpoint", flush=True)
                 out[f"e2e{w}"] = s["rows_per_s"]
             if "ceiling" in out and "e2e1" in out:
                 print(f"ratio end-to-end/ceiling: {out['e2e1'] / out['ceiling']:.2f}")
@@ -278,7 +284,7 @@ def main(argv=None) -> int:
             for mult in (1, 4):
                 r = root / f"rss{mult}"
                 write_day(r / "logs", args.rows * mult, 2, args.zipf)
-                s = end_to_end(r, 1)
+                s = end_to_end(r, 1, args.torch_threads, watch_memory=True)
                 peaks[mult] = s["peak_rss_mib"]
                 print(f"peak RSS, 1 worker, {s['rows']:,} rows: {peaks[mult]:,.0f} MiB (wall {s['wall_s']:.1f}s)", flush=True)
             print(f"ratio peak RSS {4 * args.rows:,} / {args.rows:,} rows: {peaks[4] / peaks[1]:.2f}")

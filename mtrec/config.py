@@ -228,6 +228,7 @@ class TrainConfig(_Strict):
     sharding_types: list[ShardingType] = Field(default_factory=lambda: [ShardingType.TABLE_WISE], min_length=1, description="Sharding types the planner may use (CPU: table_wise, column_wise, data_parallel).")
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig, description="Dense optimizer.")
     embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig, description="Embedding (fused) optimizer.")
+    ingest_buffer_mb: int = Field(512, gt=0, description="Object-store memory Ray Data may fill ahead of the workers: bounds the job's memory whatever the size of the range.")
     checkpoint_every_batches: int = Field(500, gt=0, description="Intra-day checkpoint period, for resume after a failure.")
 
 

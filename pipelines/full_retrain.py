@@ -17,18 +17,16 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-
-import pyarrow as pa
 
 from mtrec import __version__
 from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, filesystem, join, list_day_files
-from mtrec.data.validate import RowValidator, validate_day
+from mtrec.data.validate import validate_day
 from mtrec.errors import ConfigError, MtrecError
 from mtrec.train.checkpoint import checkpoint_url
-from mtrec.train.stream import good_file_batches
+from mtrec.train.stream import read_good_rows
 from pipelines.cluster import ray_session
 
 
@@ -55,7 +53,8 @@ class TrainSummary:
         return json.dumps(asdict(self), indent=2, default=str)
 
     def lines(self) -> list[str]:
-        per = ", ".join(f"worker {w['rank']}: {w['rows']:,} rows at {w['rows_per_s']:,.0f}/s" for w in self.workers)
+        per = ", ".join(f"worker {w['rank']}: {w['rows']:,} rows at {w['rows_per_s']:,.0f}/s "
+                        f"({w['wait_s']:.1f}s waiting for data, {w['convert_s']:.1f}s converting)" for w in self.workers)
         tables: dict[int, int] = {}
         for t in self.plan.values():
             for r in t["ranks"]:
@@ -77,17 +76,6 @@ def date_range(start: dt.date, end: dt.date) -> list[dt.date]:
     return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
 
 
-def read_good_rows(files: pa.Table, cfg: dict) -> Iterator[pa.Table]:
-    """Ray Data UDF: the files of this block (url, name, size) -> their good rows, canonical,
-    one Arrow batch at a time (the same reader as single-process training)."""
-    config = MtrecConfig.model_validate(cfg)
-    validator, roles = RowValidator(config), config.column_roles()
-    for row in files.to_pylist():
-        for b in good_file_batches(DataFile(row["url"], row["name"], row["size"]), validator, roles):
-            if b.num_rows:
-                yield pa.Table.from_batches([b])
-
-
 def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile]):
     """A Ray Dataset streaming the good rows of `files` in file order (one read task per file)."""
     import ray.data
@@ -97,9 +85,12 @@ def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile]):
     return ds.map_batches(read_good_rows, fn_kwargs={"cfg": cfg.model_dump(mode="json")}, batch_size=1, batch_format="pyarrow")
 
 
-def _exact_split_config():
+def _exact_split_config(buffer_bytes: int):
     """Ray Train's default DataConfig splits with `equal=True`, which drops rows to even the
-    shards out; mtrec's lockstep loop handles uneven shards, so split with `equal=False`."""
+    shards out; mtrec's lockstep loop handles uneven shards, so split with `equal=False`. Reads
+    run ahead of training by at most `buffer_bytes` of object-store memory (without a limit Ray
+    Data reads a whole day ahead into the object store: memory would grow with the data)."""
+    from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     class ExactSplit(DataConfig):
@@ -107,8 +98,12 @@ def _exact_split_config():
             out = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                ds.context.execution_options.preserve_order = True  # file order: reproducible runs
+                opts = self._resolve_execution_options(name)
+                opts.preserve_order = True  # file order: reproducible runs
+                r = opts.resource_limits
+                opts.resource_limits = ExecutionResources(cpu=r.cpu, gpu=r.gpu, memory=r.memory,
+                                                          object_store_memory=min(r.object_store_memory, buffer_bytes))
+                ds.context.execution_options = opts
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
                     out[i][name] = split
             return out
@@ -216,7 +211,7 @@ def run_train(
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                          placement_strategy=cfg.train.placement.value.upper()),
             datasets={"train": good_rows_dataset(cfg, files)},
-            dataset_config=_exact_split_config(),
+            dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
             run_config=RunConfig(name=f"{cfg.name}-train-{start}-{end}-{int(time.time())}", storage_path=_storage(cfg),
                                  failure_config=FailureConfig(max_failures=0)),
         )

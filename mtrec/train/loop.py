@@ -39,6 +39,8 @@ class WorkerStats:
     pad_steps: int = 0
     first_batch_wait_s: float = 0.0  # from loop start to this rank's first batch (stream start-up)
     seconds: float = 0.0  # from the first batch to the last step
+    wait_s: float = 0.0  # of `seconds`, blocked waiting for the next batch (the input pipeline)
+    convert_s: float = 0.0  # of `seconds`, Arrow -> KeyedJaggedTensor conversion
     losses: list[dict[str, float]] = field(default_factory=list)  # per logged step, this rank
 
     @property
@@ -105,7 +107,10 @@ def train_stream(
     t0: float | None = None
     window = [0.0, 0]  # loss sum and batches of this rank since the last progress record
     while True:
+        tw = time.perf_counter()
         rb = next(it, None)
+        if t0 is not None:
+            stats.wait_s += time.perf_counter() - tw
         if rb is not None and t0 is None:
             t0 = time.perf_counter()
             stats.first_batch_wait_s = t0 - t_start
@@ -119,7 +124,9 @@ def train_stream(
             break
         optimizer.zero_grad()
         if rb is not None:
+            tc = time.perf_counter()
             batch = conv(rb).to(device)
+            stats.convert_s += time.perf_counter() - tc
             loss, _ = dmp(batch)
             loss.backward()
             window[0] += float(loss.item())

@@ -105,3 +105,15 @@ def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, coun
     roles = cfg.column_roles()  # once per stream, not per batch
     good = (b for day in days for f in list_day_files(cfg.job.logs, day) for b in good_file_batches(f, validator, roles, counts))
     return rebatch(good, batch_size)
+
+
+def read_good_rows(files: pa.Table, cfg: dict) -> Iterator[pa.Table]:
+    """Ray Data UDF (no Ray import needed): the files of this block (url, name, size) -> their
+    good rows, canonical, one Arrow table per read batch. Lives here, away from torch, so the
+    Ray Data read workers import only pyarrow and the config."""
+    config = MtrecConfig.model_validate(cfg)
+    validator, roles = RowValidator(config), config.column_roles()
+    for row in files.to_pylist():
+        for b in good_file_batches(DataFile(row["url"], row["name"], row["size"]), validator, roles):
+            if b.num_rows:
+                yield pa.Table.from_batches([b])
