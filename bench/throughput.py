@@ -82,6 +82,16 @@ def write_day(root: Path, rows: int, seed: int, zipf: float | None, files: int =
             pq.write_table(make_rows(n, seed * 1000 + k, zipf), d / f"part-{k:05d}.parquet")
 
 
+def _rows_per_s(step, batches: list, warmup: int) -> float:
+    """Rows/s of `step` over every batch, after `warmup` untimed steps."""
+    for b in batches[:warmup]:
+        step(b)
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    return len(batches) * BATCH / (time.perf_counter() - t0)
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. compute ceiling (mtrec's DMP training step, batches in memory)
 
@@ -101,12 +111,7 @@ def ceiling(cfg, table: pa.Table, warmup: int) -> float:
         loss.backward()
         opt.step()
 
-    for b in batches[:warmup]:
-        step(b)
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    return len(batches) * BATCH / (time.perf_counter() - t0)
+    return _rows_per_s(step, batches, warmup)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,12 +164,7 @@ def reference(table: pa.Table, warmup: int) -> float:
         sparse_opt.step()
         dense_opt.step()
 
-    for b in batches[:warmup]:
-        step(b)
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    return len(batches) * BATCH / (time.perf_counter() - t0)
+    return _rows_per_s(step, batches, warmup)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,9 +112,10 @@ def train_loop_per_worker(config: dict) -> None:
         raise MtrecError(f"workers trained {rows:,} rows ({per} per worker) but validation "
                          f"counted {config['expected_rows']:,} good rows; nothing was published - rerun the job")
     t1 = time.perf_counter()
-    manifest = {**config["manifest"], "world_size": len(everyone), "plan": plan_summary(plan), "rows_trained": rows,
+    plan_dict = plan_summary(plan)
+    manifest = {**config["manifest"], "world_size": len(everyone), "plan": plan_dict, "rows_trained": rows,
                 "rows_per_worker": [w["rows"] for w in everyone], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     checkpoint.save(dmp, optimizer, config["checkpoint"], manifest)
     if rank == 0:
-        ray.get(collector.finish.remote({"workers": everyone, "plan": plan_summary(plan), "setup_s": setup_s,
+        ray.get(collector.finish.remote({"workers": everyone, "plan": plan_dict, "setup_s": setup_s,
                                          "checkpoint_s": time.perf_counter() - t1}))
