@@ -52,24 +52,67 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_cfg(args: argparse.Namespace):
+    """The config with the training jobs' command-line overrides."""
     from mtrec.config import load_config
-    from mtrec.data.io import parse_date
-    from pipelines.full_retrain import run_train, write_summary
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
     train = {k: v for k, v in {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
                                "batch_size": args.batch_size, "torch_threads": args.torch_threads}.items() if v is not None}
-    if train:
-        cfg = cfg.with_train(**train)
+    return cfg.with_train(**train) if train else cfg
+
+
+def _report(summaries, path: str | None) -> None:
+    from pipelines.train_job import write_summary
+
+    for s in summaries:
+        if not s.skipped:
+            for line in s.lines():
+                _say(line)
+    if path:
+        write_summary(summaries[0] if len(summaries) == 1 else summaries, path)
+        _say(f"summary: {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtrec.data.io import parse_date
+    from pipelines.full_retrain import run_train
+
+    cfg = _train_cfg(args)
     start, end = parse_date(args.start, "--from"), parse_date(args.end, "--to")
     _say(f"mtrec train {cfg.name}: full retrain over {start} .. {end} from {cfg.job.logs}")
-    summary = run_train(cfg, start, end, address=args.address, say=_say, log_every=args.log_every, ray_logs=args.ray_logs)
-    for line in summary.lines():
-        _say(line)
-    if args.summary:
-        write_summary(summary, args.summary)
-        _say(f"summary: {args.summary}")
+    summary = run_train(cfg, start, end, address=args.address, say=_say, log_every=args.log_every, ray_logs=args.ray_logs, force=args.force)
+    _report([summary], args.summary)
+    return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from mtrec.data.io import parse_date
+    from pipelines.nightly import run_nightly
+
+    cfg = _train_cfg(args)
+    day = parse_date(args.date)
+    _say(f"mtrec nightly {cfg.name}: {day} from {cfg.job.logs}")
+    summaries = run_nightly(cfg, day, cold_start=args.cold_start, catch_up=args.catch_up, force=args.force,
+                            allow_config_change=args.allow_config_change, address=args.address, say=_say,
+                            log_every=args.log_every, ray_logs=args.ray_logs)
+    _report(summaries, args.summary)
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from mtrec.data.io import parse_date
+    from pipelines.nightly import run_backfill
+
+    cfg = _train_cfg(args)
+    start, end = parse_date(args.start, "--from"), parse_date(args.end, "--to")
+    _say(f"mtrec backfill {cfg.name}: {start} .. {end} from {cfg.job.logs}")
+    summaries = run_backfill(cfg, start, end, cold_start=args.cold_start, force=args.force,
+                             allow_config_change=args.allow_config_change, address=args.address, say=_say,
+                             log_every=args.log_every, ray_logs=args.ray_logs)
+    trained = [s for s in summaries if not s.skipped]
+    _report(summaries, args.summary)
+    _say(f"backfill done: {len(trained)} day(s) trained, {len(summaries) - len(trained)} already published")
     return 0
 
 
@@ -99,6 +142,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="retrain a day that is already published and replace its checkpoint")
+    p.add_argument("--workers", type=int, help="Ray Train workers = world size (overrides train.num_workers)")
+    p.add_argument("--cpus-per-worker", type=float, help="logical CPUs per worker (overrides train.cpus_per_worker)")
+    p.add_argument("--batch-size", type=int, help="rows per batch per worker (overrides train.batch_size)")
+    p.add_argument("--torch-threads", type=int, help="torch threads per worker, 0 = auto (overrides train.torch_threads)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
+    p.add_argument("--summary", help="also write the job summary (JSON) to this path/URL")
+    p.add_argument("--ray-logs", action="store_true", help="forward the Ray workers' output to this console (default: Ray's log files)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtrec", description="Nightly multi-task recommendation training (see README.md).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -122,15 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, date=False)
     p.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
     p.add_argument("--to", dest="end", required=True, help="last day (inclusive), YYYY-MM-DD")
-    p.add_argument("--workers", type=int, help="Ray Train workers = world size (overrides train.num_workers)")
-    p.add_argument("--cpus-per-worker", type=float, help="logical CPUs per worker (overrides train.cpus_per_worker)")
-    p.add_argument("--batch-size", type=int, help="rows per batch per worker (overrides train.batch_size)")
-    p.add_argument("--torch-threads", type=int, help="torch threads per worker, 0 = auto (overrides train.torch_threads)")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local cluster)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
-    p.add_argument("--summary", help="also write the job summary (JSON) to this path/URL")
-    p.add_argument("--ray-logs", action="store_true", help="forward the Ray workers' output to this console (default: Ray's log files)")
+    _train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("nightly", help="one incremental day, warm-started from the day before's checkpoint")
+    _common(p)
+    p.add_argument("--cold-start", action="store_true", help="train the day from a fresh model (required when no earlier checkpoint exists)")
+    p.add_argument("--catch-up", action="store_true", help="train missing days before --date first, in order (default: refuse a gap)")
+    p.add_argument("--allow-config-change", action="store_true", help="warm-start although learning rates, batch size or seed changed")
+    _train_flags(p)
+    p.set_defaults(func=cmd_nightly)
+
+    p = sub.add_parser("backfill", help="nightly for each day of a range, in order, skipping published days")
+    _common(p, date=False)
+    p.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, help="last day (inclusive), YYYY-MM-DD")
+    p.add_argument("--cold-start", action="store_true", help="train the first day from a fresh model")
+    p.add_argument("--allow-config-change", action="store_true", help="warm-start the first day although training settings changed")
+    _train_flags(p)
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a day (default: the newest one before it)")
     _common(p)

@@ -229,7 +229,12 @@ class TrainConfig(_Strict):
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig, description="Dense optimizer.")
     embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig, description="Embedding (fused) optimizer.")
     ingest_buffer_mb: int = Field(512, gt=0, description="Object-store memory Ray Data may fill ahead of the workers: bounds the job's memory whatever the size of the range.")
-    checkpoint_every_batches: int = Field(500, gt=0, description="Intra-day checkpoint period, for resume after a failure.")
+    checkpoint_every_batches: int = Field(500, gt=0, description="Intra-day checkpoint period in steps: a failed job (or a restarted worker) resumes from the newest one instead of restarting the day.")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts Ray Train may make within one job (each resumes from the newest intra-day checkpoint); 0 = fail at the first worker failure.")
+
+
+RESOURCE_KEYS = {"num_workers", "cpus_per_worker", "placement", "torch_threads", "ingest_buffer_mb",
+                 "checkpoint_every_batches", "max_failures", "sharding_types"}
 
 
 class JobConfig(_Strict):
@@ -339,9 +344,21 @@ class MtrecConfig(_Strict):
         return list(self.column_roles())
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the model's parameters (not paths, not learning rates)."""
+        """Hash of everything that shapes the saved state: the model's parameters and the kind of
+        each optimizer (not paths, not learning rates). A checkpoint loads only under an equal one."""
         shape = self.model_dump(mode="json", include={"name", "labels", "features", "tasks", "model"})
+        shape["optimizers"] = [self.train.embedding_optimizer.name.value, self.train.dense_optimizer.name.value]
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+    def training_settings(self) -> dict[str, Any]:
+        """The `train` keys that change what training computes (learning rates, batch size, seed),
+        without the resources it runs on (workers, CPUs, threads, buffers, checkpoint period,
+        sharding types: a checkpoint reshards)."""
+        return self.train.model_dump(mode="json", exclude=RESOURCE_KEYS)
+
+    def training_fingerprint(self) -> str:
+        """Hash of `training_settings()`: a warm start under another one needs --allow-config-change."""
+        return hashlib.sha256(json.dumps(self.training_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, logs: str | None = None, workdir: str | None = None) -> MtrecConfig:
         """A copy with the CLI's common overrides applied (`--logs`, `--workdir`)."""

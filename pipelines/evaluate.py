@@ -18,6 +18,6 @@ def evaluate_checkpoint(cfg: MtrecConfig, day: dt.date, url: str | None = None) 
     """(metrics, checkpoint URL, manifest): the newest checkpoint before `day` unless `url`."""
     url = url or checkpoint.latest_before(cfg, day)
     dmp, _ = build_sharded(cfg)
-    manifest = checkpoint.load(dmp, None, url, cfg)
+    manifest = checkpoint.load(dmp, None, url, cfg, allow_config_change=True)  # scoring: learning rates do not matter
     dmp.eval()
     return evaluate_day(dmp.module.model, cfg, day), url, manifest

@@ -1,162 +1,19 @@
 """`mtrec train`: a full retrain (cold start) over a date range, on Ray.
 
-    validate every day (quarantine, threshold) -> the good-row count the job must train
-    -> Ray Data: one read task per Parquet file (any fsspec URL), the contract's row rules, the
-       training columns; a stream in file order, split across the workers without dropping rows
-    -> Ray Train: `num_workers` workers, each a DistributedModelParallel rank (mtrec.train.worker)
-    -> per-worker row counts summed and checked against the validated count: every row once
-
-The pipeline never materializes the data: memory is bounded by Ray Data's backpressure and the
-workers' prefetch, whatever the size of the range.
+The same job as a nightly day (`pipelines.train_job.run_job`), over every day of the range,
+from a fresh model; it publishes the checkpoint dt=<last day>. Like every job it is idempotent:
+if that day is already published, nothing is done unless `force`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
-from mtrec import __version__
 from mtrec.config import MtrecConfig
-from mtrec.data.io import DataFile, filesystem, join, list_day_files
-from mtrec.data.validate import validate_day
-from mtrec.errors import ConfigError, MtrecError
-from mtrec.train.checkpoint import checkpoint_url
-from mtrec.train.stream import read_good_rows
+from mtrec.train import checkpoint
 from pipelines.cluster import ray_session
-
-
-@dataclass
-class TrainSummary:
-    """What a training job did. `rows == expected_rows` is checked before the job succeeds."""
-
-    model: str
-    days: list[str]
-    world_size: int
-    input_rows: int = 0
-    quarantined_rows: int = 0
-    expected_rows: int = 0  # good rows the validation counted
-    rows: int = 0  # rows the workers trained, summed
-    rows_per_s: float = 0.0  # streaming rate: rows / slowest worker's first-to-last-batch time
-    wall_s: float = 0.0
-    workers: list[dict] = field(default_factory=list)  # per rank: WorkerStats + node/pid/threads
-    plan: dict = field(default_factory=dict)  # table -> {sharding_type, ranks}
-    progress: list[dict] = field(default_factory=list)  # rank 0's progress records
-    ray: dict = field(default_factory=dict)
-    checkpoint: str = ""  # the published checkpoint (dt=<last day>)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
-
-    def lines(self) -> list[str]:
-        per = ", ".join(f"worker {w['rank']}: {w['rows']:,} rows at {w['rows_per_s']:,.0f}/s "
-                        f"({w['wait_s']:.1f}s waiting for data, {w['convert_s']:.1f}s converting)" for w in self.workers)
-        tables: dict[int, int] = {}
-        for t in self.plan.values():
-            for r in t["ranks"]:
-                tables[r] = tables.get(r, 0) + 1
-        loss = [p["loss"] for p in self.progress]
-        return [
-            f"trained {self.rows:,} rows of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
-            f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, {self.wall_s:.1f}s wall",
-            f"  {per}",
-            f"  embedding shards per worker: {', '.join(f'worker {r}: {n} tables' for r, n in sorted(tables.items()))}",
-            f"  loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "  loss: no batches",
-            f"  checkpoint: {self.checkpoint}",
-        ]
-
-
-def date_range(start: dt.date, end: dt.date) -> list[dt.date]:
-    if end < start:
-        raise ConfigError(f"--to {end} is before --from {start}; pass a range whose end is on or after its start")
-    return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
-
-
-def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile]):
-    """A Ray Dataset streaming the good rows of `files` in file order (one read task per file)."""
-    import ray.data
-
-    items = [{"url": f.url, "name": f.name, "size": f.size} for f in files]
-    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
-    return ds.map_batches(read_good_rows, fn_kwargs={"cfg": cfg.model_dump(mode="json")}, batch_size=1, batch_format="pyarrow")
-
-
-def _exact_split_config(buffer_bytes: int):
-    """Ray Train's default DataConfig splits with `equal=True`, which drops rows to even the
-    shards out; mtrec's lockstep loop handles uneven shards, so split with `equal=False`. Reads
-    run ahead of training by at most `buffer_bytes` of object-store memory (without a limit Ray
-    Data reads a whole day ahead into the object store: memory would grow with the data)."""
-    from ray.data import ExecutionResources
-    from ray.train import DataConfig
-
-    class ExactSplit(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            out = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                opts = self._resolve_execution_options(name)
-                opts.preserve_order = True  # file order: reproducible runs
-                r = opts.resource_limits
-                opts.resource_limits = ExecutionResources(cpu=r.cpu, gpu=r.gpu, memory=r.memory,
-                                                          object_store_memory=min(r.object_store_memory, buffer_bytes))
-                ds.context.execution_options = opts
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                    out[i][name] = split
-            return out
-
-    return ExactSplit()
-
-
-def _storage(cfg: MtrecConfig) -> str:
-    url = join(cfg.job.workdir, "ray")
-    if "://" in url and not url.startswith("file://"):
-        return url
-    path = os.path.abspath(url.removeprefix("file://"))
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
-    """Ray Train's failure -> one line naming the worker(s) and the cause (the worker's own
-    MtrecError as is)."""
-    failures = getattr(err, "worker_failures", None) or {}
-    for exc in failures.values():
-        cause = _root(exc)
-        if isinstance(cause, MtrecError):
-            return cause
-    if not failures:
-        cause = _root(getattr(err, "controller_failure", err))
-        return MtrecError(f"training failed in Ray Train's controller: {_first_line(cause)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
-    def died(exc: BaseException) -> bool:  # the process is gone (killed, OOM, node lost), not a Python error
-        return any(k in type(_root(exc)).__name__ for k in ("HealthCheck", "ActorDied", "WorkerCrashed", "NodeDied"))
-
-    parts = []
-    for rank, exc in sorted(failures.items(), key=lambda kv: (not died(kv[1]), kv[0])):
-        w = workers.get(rank, {})
-        where = f"worker {rank}" + (f" (node {w['node']}, pid {w['pid']})" if w else "")
-        parts.append(f"{where}{' died' if died(exc) else ''}: {_first_line(_root(exc))}")
-    return MtrecError("training failed: " + "; then ".join(parts) + "; nothing was published, rerun the job (see the Ray logs for the traceback)")
-
-
-def _root(exc: BaseException) -> BaseException:
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(exc).__name__}: {line[:200] + ' ...' if len(line) > 200 else line}".strip()
+from pipelines.train_job import TrainSummary, date_range, run_job
 
 
 def run_train(
@@ -167,93 +24,19 @@ def run_train(
     say: Callable[[str], None] = print,
     log_every: int = 50,
     ray_logs: bool = False,
+    force: bool = False,
 ) -> TrainSummary:
     """Full retrain of `cfg` over days `start`..`end` (inclusive) on Ray.
 
     Raises:
         DataValidationError: a day fails the contract (before any training).
         MtrecError: a worker failed (named), or the rows trained differ from the rows validated
-            (checked on every worker before the checkpoint is written).
+            (checked on every worker before the checkpoint is staged).
     """
-    t_job = time.perf_counter()
     days = date_range(start, end)
-    summary = TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers)
-    files: list[DataFile] = []
-    for day in days:
-        report = validate_day(cfg, day)
-        summary.input_rows += report.input_rows
-        summary.quarantined_rows += report.bad_rows
-        summary.expected_rows += report.good_rows
-        files += list_day_files(cfg.job.logs, day)
-        say(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
-
+    url = checkpoint.checkpoint_url(cfg, end)
+    if not force and end in checkpoint.published_days(cfg):
+        say(f"{url} is already published; nothing to do (--force retrains it and replaces it)")
+        return TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers, skipped=True, checkpoint=url)
     with ray_session(cfg, address, say, ray_logs) as info:
-        import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        from mtrec.train.worker import RunCollector, train_loop_per_worker
-
-        summary.ray = info
-        summary.checkpoint = checkpoint_url(cfg, end)
-        manifest = {"model": cfg.name, "date": end.isoformat(), "kind": "full_retrain", "days": summary.days, "parent": None,
-                    "config_fingerprint": cfg.fingerprint(), "config": cfg.model_dump(mode="json"),
-                    "input_rows": summary.input_rows, "quarantined_rows": summary.quarantined_rows,
-                    "files": [{"url": f.url, "size": f.size} for f in files], "mtrec_version": __version__}
-        use_gpu = info["gpus"] >= cfg.train.num_workers > 0
-        collector = RunCollector.remote()
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "collector": collector, "log_every": log_every,
-                               "kill": os.environ.get("MTREC_KILL_WORKER"), "expected_rows": summary.expected_rows,
-                               "checkpoint": summary.checkpoint, "manifest": manifest},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-                                         placement_strategy=cfg.train.placement.value.upper()),
-            datasets={"train": good_rows_dataset(cfg, files)},
-            dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
-            run_config=RunConfig(name=f"{cfg.name}-train-{start}-{end}-{int(time.time())}", storage_path=_storage(cfg),
-                                 failure_config=FailureConfig(max_failures=0)),
-        )
-        say(f"training {cfg.name} on {summary.expected_rows:,} rows with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}")
-        outcome: dict = {}
-        thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            for rec in ray.get(collector.drain.remote()):
-                say(rec["line"])
-        for rec in ray.get(collector.drain.remote()):
-            say(rec["line"])
-        snap = ray.get(collector.snapshot.remote())
-        if "error" in outcome:
-            raise worker_failure(outcome["error"], snap["workers"]) from None
-        result = snap["result"]
-        if result is None:
-            raise MtrecError("training ended without a result from worker 0; see the Ray logs")
-
-    summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in result["workers"]]
-    summary.plan = result["plan"]
-    summary.progress = [{k: v for k, v in p.items() if k != "line"} for p in snap["history"]]
-    summary.rows = sum(w["rows"] for w in summary.workers)
-    slowest = max((w["seconds"] for w in summary.workers), default=0.0)
-    summary.rows_per_s = summary.rows / slowest if slowest > 0 else 0.0
-    summary.wall_s = time.perf_counter() - t_job
-    return summary  # rows == expected_rows: the workers checked it before publishing
-
-
-def _fit(trainer, outcome: dict) -> None:
-    try:
-        outcome["result"] = trainer.fit()
-    except Exception as e:  # handed to the main thread, which names the worker
-        outcome["error"] = e
-
-
-def write_summary(summary: TrainSummary, url: str) -> None:
-    fs, path = filesystem(url)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as fh:
-        fh.write(summary.to_json())
+        return run_job(cfg, days, "full_retrain", None, say=say, log_every=log_every, ray_info=info)

@@ -30,7 +30,8 @@ from mtrec.config import load_config
 from mtrec.data.synth import write_world
 from mtrec.errors import MtrecError
 from pipelines.evaluate import evaluate_checkpoint
-from pipelines.full_retrain import run_train, worker_failure
+from pipelines.full_retrain import run_train
+from pipelines.train_job import worker_failure
 
 DAY2 = DAY1 + dt.timedelta(days=1)
 ROWS = 6_001  # per day, 3 files: shares of the stream cannot be equal
@@ -108,7 +109,7 @@ def test_a_killed_worker_fails_the_job_naming_it(ray_local, small_world, tmp_pat
     logs, _ = small_world
     monkeypatch.setenv("MTREC_KILL_WORKER", "1:3")
     with pytest.raises(MtrecError, match=r"^training failed: worker 1 \(node \S+, pid \d+\) died: .*nothing was published"):
-        run_train(small_config(logs, str(tmp_path / "work")), DAY1, DAY1, say=lambda _: None)
+        run_train(small_config(logs, str(tmp_path / "work")).with_train(max_failures=0), DAY1, DAY1, say=lambda _: None)
 
 
 def test_worker_failure_message():

@@ -2,11 +2,20 @@
 
 Layout (../shared/DESIGN.md):
 
-    <workdir>/checkpoints/<model>/dt=YYYY-MM-DD/
-        *.distcp, .metadata      DCP shards: every rank writes its own embedding shards
-        manifest.json            date, world size, sharding plan, config hash, rows, files, ...
-        _SUCCESS                 written last, by rank 0, after every rank finished: a folder
-                                 without it is not a checkpoint
+    <workdir>/checkpoints/<model>/
+        dt=YYYY-MM-DD/               a published checkpoint
+            *.distcp, .metadata      DCP shards: every rank writes its own embedding shards
+            manifest.json            date, parent, world size, sharding plan, config hashes, rows,
+                                     files consumed, package version, ...
+            _SUCCESS                 written last: a folder without it is not a checkpoint
+        _staging/dt=D.<run>/         a finished job's checkpoint before it is published
+        _partial/dt=D/step-NNNNNNNN/ intra-day checkpoints of an unfinished job (with the data
+                                     position), newest kept; removed when day D is published
+
+Publishing is atomic: the checkpoint is written completely under `_staging/`, then on a local
+disk the folder is renamed into place with `_SUCCESS` already inside (one rename); on an object
+store it is copied to `dt=D/` and `_SUCCESS` is written after the last object. A reader trusts
+only `_SUCCESS`, so a job killed at any point leaves either the old state or the new one.
 
 What is saved (tensors only - loading executes no pickled code):
 
@@ -22,8 +31,12 @@ DCP reshards on load: a checkpoint written by N ranks loads at M ranks and anoth
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import re
+import time
+import uuid
 import warnings
 from typing import Any
 
@@ -40,6 +53,8 @@ from mtrec.errors import CheckpointError
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
+STAGING = "_staging"
+PARTIAL = "_partial"
 
 
 def checkpoint_root(cfg: MtrecConfig) -> str:
@@ -78,9 +93,11 @@ def state_to_save(dmp: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     }
 
 
-def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: dict, pg: dist.ProcessGroup | None = None) -> None:
+def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: dict, pg: dist.ProcessGroup | None = None,
+         marker: bool = True) -> None:
     """Every rank calls this. Shards first (any half-written folder is cleared by rank 0 first),
-    then, after all ranks are done, rank 0 writes the manifest and `_SUCCESS`."""
+    then, after all ranks are done, rank 0 writes the manifest and (`marker`) `_SUCCESS`. A
+    published day is never written here directly: see `stage` and `publish`."""
     rank = dist.get_rank(pg) if dist.is_initialized() else 0
     fs, path = filesystem(url)
     if rank == 0:
@@ -98,8 +115,140 @@ def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: d
     if rank == 0:
         with fs.open(f"{path}/{MANIFEST}", "w") as fh:
             fh.write(json.dumps(manifest, indent=2, default=str))
-        with fs.open(f"{path}/{SUCCESS}", "w") as fh:
-            fh.write("")
+        if marker:
+            _touch(fs, f"{path}/{SUCCESS}")
+    if dist.is_initialized():
+        dist.barrier(group=pg)  # nobody goes on (or reads it) before it is complete
+
+
+def _touch(fs, path: str) -> None:
+    with fs.open(path, "w") as fh:
+        fh.write("")
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def staging_url(cfg: MtrecConfig, day: dt.date) -> str:
+    """A fresh folder for a job's final checkpoint before it is published."""
+    return join(checkpoint_root(cfg), STAGING, f"dt={day.isoformat()}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+
+
+def publish(staged: str, url: str) -> None:
+    """Make the complete checkpoint at `staged` the published one at `url` (replacing a previous
+    one: --force). Local disk: `_SUCCESS` into the staged folder, then renames, so `url` is
+    always either the old complete checkpoint or the new one. Object store: the old marker goes
+    first, then the objects are copied and `_SUCCESS` is written after the last one."""
+    fs, src = filesystem(staged)
+    _, dst = filesystem(url)
+    if _is_local(fs):
+        _touch(fs, f"{src}/{SUCCESS}")
+        old = None
+        if os.path.exists(dst):
+            old = f"{src}.replaced"
+            os.rename(dst, old)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)
+        if old:
+            fs.rm(old, recursive=True)
+        return
+    if fs.exists(f"{dst}/{SUCCESS}"):
+        fs.rm(f"{dst}/{SUCCESS}")
+    if fs.exists(dst):
+        fs.rm(dst, recursive=True)
+    for p in fs.find(src):
+        fs.copy(p, f"{dst}/{p[len(src):].lstrip('/')}")
+    _touch(fs, f"{dst}/{SUCCESS}")
+    fs.rm(src, recursive=True)
+
+
+def discard(url: str) -> None:
+    """Remove an unpublished folder (a failed job's staged checkpoint) if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def discard_staging(cfg: MtrecConfig, day: dt.date) -> None:
+    """Remove staged, never-published checkpoints of day `day` (left by a driver that died)."""
+    fs, root = filesystem(join(checkpoint_root(cfg), STAGING))
+    if fs.exists(root):
+        for p in fs.ls(root, detail=False):
+            if p.rstrip("/").rsplit("/", 1)[-1].startswith(f"dt={day.isoformat()}."):
+                fs.rm(p, recursive=True)
+
+
+def partial_root(cfg: MtrecConfig, day: dt.date) -> str:
+    return join(checkpoint_root(cfg), PARTIAL, f"dt={day.isoformat()}")
+
+
+def partial_url(cfg: MtrecConfig, day: dt.date, step: int) -> str:
+    return join(partial_root(cfg, day), f"step-{step:08d}")
+
+
+def latest_partial(cfg: MtrecConfig, day: dt.date) -> tuple[str, dict] | None:
+    """The newest complete intra-day checkpoint of day `day` (URL, manifest), or None."""
+    fs, root = filesystem(partial_root(cfg, day))
+    if not fs.exists(root):
+        return None
+    steps = sorted((p.rstrip("/") for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("step-")), reverse=True)
+    for p in steps:
+        if fs.exists(f"{p}/{SUCCESS}"):
+            url = join(partial_root(cfg, day), p.rsplit("/", 1)[-1])
+            return url, read_manifest(url)
+    return None
+
+
+def prune_partials(cfg: MtrecConfig, day: dt.date, keep: str | None = None) -> None:
+    """Remove day `day`'s intra-day checkpoints except `keep` (all of them when None)."""
+    fs, root = filesystem(partial_root(cfg, day))
+    if not fs.exists(root):
+        return
+    if keep is None:
+        fs.rm(root, recursive=True)
+        return
+    _, keep_path = filesystem(keep)
+    for p in fs.ls(root, detail=False):
+        if p.rstrip("/") != keep_path.rstrip("/"):
+            fs.rm(p, recursive=True)
+
+
+def read_full(url: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole (shards joined), keyed `model.<name>`,
+    `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. For comparing
+    checkpoints written at different world sizes (tests, `bench/incremental.py`)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _load_state_dict(state, storage_reader=FsspecReader(url), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif torch.is_tensor(v):
+                out[f"{prefix}{k}"] = v
+    walk(state, "")
+    return out
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """(largest |a - b| over every tensor, where): the two must hold the same keys and shapes."""
+    if a.keys() != b.keys():
+        raise ValueError(f"different tensors: only in one: {sorted(a.keys() ^ b.keys())[:5]}")
+    worst, where = 0.0, ""
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ValueError(f"{k}: shape {tuple(a[k].shape)} != {tuple(b[k].shape)}")
+        d = float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0
+        if d > worst:
+            worst, where = d, k
+    return worst, where
 
 
 def read_manifest(url: str) -> dict:
@@ -114,20 +263,34 @@ def read_manifest(url: str) -> dict:
         raise CheckpointError(f"{url}/{MANIFEST} is unreadable ({e}); the checkpoint is damaged - rerun the job that wrote it") from None
 
 
-def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg: MtrecConfig, pg: dist.ProcessGroup | None = None) -> dict:
-    """Load a published checkpoint into `dmp` (and `optimizer`), at this world size and plan.
-
-    Returns:
-        dict: its manifest.
-    Raises:
-        CheckpointError: not published, another model, another model shape, or damaged shards.
-    """
-    manifest = read_manifest(url)
+def check_compatible(manifest: dict, url: str, cfg: MtrecConfig, allow_config_change: bool = False) -> None:
+    """Refuse a checkpoint of another model or model shape (always), or trained under other
+    training settings (unless `allow_config_change`), with one line naming what differs."""
     if manifest.get("model") != cfg.name:
         raise CheckpointError(f"{url} holds model {manifest.get('model')!r}, not {cfg.name!r}; point --workdir/--config at the right model")
     if manifest.get("config_fingerprint") != cfg.fingerprint():
         raise CheckpointError(f"{url} was trained with another model shape (config fingerprint {manifest.get('config_fingerprint')} "
-                              f"!= {cfg.fingerprint()}); features, tasks or model changed - retrain with `mtrec train`")
+                              f"!= {cfg.fingerprint()}); features, tasks, model or optimizer kinds changed - retrain with `mtrec train`")
+    if not allow_config_change and manifest.get("training_fingerprint", cfg.training_fingerprint()) != cfg.training_fingerprint():
+        before = (manifest.get("config") or {}).get("train", {})
+        now = cfg.training_settings()
+        diff = ", ".join(f"train.{k}: {before.get(k)!r} -> {now[k]!r}" for k in sorted(now) if before.get(k) != now[k]) or "see the manifest"
+        raise CheckpointError(f"{url} was trained with other training settings ({diff}); pass --allow-config-change "
+                              "to warm-start under the new ones")
+
+
+def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg: MtrecConfig, pg: dist.ProcessGroup | None = None,
+         allow_config_change: bool = False) -> dict:
+    """Load a checkpoint into `dmp` (and `optimizer`), at this world size and plan.
+
+    Returns:
+        dict: its manifest.
+    Raises:
+        CheckpointError: not published, another model, another model shape, other training
+            settings (unless `allow_config_change`), or damaged shards.
+    """
+    manifest = read_manifest(url)
+    check_compatible(manifest, url, cfg, allow_config_change)
     state = state_to_save(dmp, optimizer) if optimizer is not None else {"model": dmp.state_dict()}
     try:
         if optimizer is not None:  # a fresh optimizer has no state yet: shape it from the checkpoint
@@ -152,10 +315,8 @@ def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg:
     return manifest
 
 
-def published_days(cfg: MtrecConfig) -> list:
+def published_days(cfg: MtrecConfig) -> list[dt.date]:
     """Days with a published checkpoint (a `_SUCCESS` marker) for this model, oldest first."""
-    import datetime as dt
-
     fs, root = filesystem(checkpoint_root(cfg))
     if not fs.exists(root):
         return []

@@ -49,12 +49,15 @@ def train_days(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """One pass over `days` in order (a fresh seeded model unless `dmp`/`optimizer` are given),
-    with the same loop the Ray workers run (`mtrec.train.loop.train_stream`)."""
+    with the same loop and per-step seeds the Ray workers run (`mtrec.train.loop.train_stream`):
+    `train_days(cfg, [d])` takes the same steps as the job that trains day d on one worker."""
+    days = list(days)
     if dmp is None:
         dmp, optimizer = build_sharded(cfg)
     device, _ = device_for_backend()
     counts = StreamCounts()
     t0 = time.perf_counter()
     stats = train_stream(dmp, optimizer, day_batches(cfg, days, cfg.train.batch_size, counts), cfg, device,
-                         log_every=log_every, on_progress=(lambda p: progress(p.line())) if progress else None)
+                         log_every=log_every, on_progress=(lambda p: progress(p.line())) if progress else None,
+                         rng_key=days[-1].toordinal())
     return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses, optimizer)

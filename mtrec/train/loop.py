@@ -10,6 +10,11 @@ Train's default `equal=True` split would), none is trained twice, and the step e
 rank's share is done.
 
 World size 1 needs none of that and takes no collective.
+
+Resumable: every step reseeds torch's RNG (dropout, the shallow tower's feature dropout) from
+(train.seed, the job's key, the step, the rank), and each rank records the rows it trained
+(`mtrec.train.position.Position`). A job resumed from an intra-day checkpoint at step S with the
+same rows left therefore takes exactly the steps the uninterrupted job would have taken.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 
 from mtrec.config import MtrecConfig
 from mtrec.data.batch import BatchConverter, pad_batch
+from mtrec.train.position import Position, batch_positions
 
 
 @dataclass
@@ -78,6 +84,10 @@ def train_stream(
     log_every: int = 50,
     on_progress: Callable[[Progress], None] | None = None,
     pg: dist.ProcessGroup | None = None,
+    position: Position | None = None,
+    start_step: int = 0,
+    rng_key: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> WorkerStats:
     """Train on this rank's share of the stream until every rank's share is done.
 
@@ -90,6 +100,11 @@ def train_stream(
         log_every: lockstep steps between progress records (each costs one small all-gather).
         on_progress: receives each progress record, on every rank.
         pg: process group (default: the world).
+        position: receives the (file, row) positions of every row this rank trains.
+        start_step: steps already taken by the job (a resumed job continues its step count).
+        rng_key: the job's key in the per-step seed (the nightly job uses the day's ordinal).
+        on_step: called on every rank after each step with the job's step count (intra-day
+            checkpoints; a collective is allowed there, every rank calls it at the same step).
 
     Returns:
         WorkerStats of this rank.
@@ -123,6 +138,7 @@ def train_stream(
         if active == 0:
             break
         optimizer.zero_grad()
+        torch.manual_seed(step_seed(cfg.train.seed, rng_key, start_step + stats.steps, rank))
         if rb is not None:
             tc = time.perf_counter()
             batch = conv(rb).to(device)
@@ -133,6 +149,8 @@ def train_stream(
             window[1] += 1
             stats.rows += rb.num_rows
             stats.batches += 1
+            if position is not None and (pos := batch_positions(rb)) is not None:
+                position.add_batch(*pos)
         else:
             for m in bns:
                 m.eval()  # the pad rows must not move the running statistics
@@ -148,15 +166,26 @@ def train_stream(
         optimizer.step()
         stats.steps += 1
         if stats.steps % log_every == 0:
-            _progress(stats, window, t0, world, device, pg, on_progress)
+            _progress(stats, window, t0, world, device, pg, on_progress, start_step)
+        if on_step is not None:
+            on_step(start_step + stats.steps)
     if stats.steps % log_every:  # the last partial window (every rank ends at the same step)
-        _progress(stats, window, t0, world, device, pg, on_progress)
+        _progress(stats, window, t0, world, device, pg, on_progress, start_step)
     stats.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
     return stats
 
 
+def step_seed(seed: int, key: int, step: int, rank: int) -> int:
+    """A 63-bit seed from (seed, key, step, rank): reproducible, different for every step."""
+    x = 0x9E3779B97F4A7C15
+    for v in (seed, key, step, rank):
+        x = ((x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
 def _progress(stats: WorkerStats, window: list, t0: float | None, world: int, device: torch.device,
-              pg: dist.ProcessGroup | None, on_progress: Callable[[Progress], None] | None) -> None:
+              pg: dist.ProcessGroup | None, on_progress: Callable[[Progress], None] | None, start_step: int = 0) -> None:
     """Gather (rows, window loss, elapsed) from every rank; record this rank's window mean loss."""
     mine = torch.tensor([stats.rows, window[0], window[1], time.perf_counter() - (t0 or time.perf_counter())],
                         dtype=torch.float64, device=device)
@@ -169,7 +198,7 @@ def _progress(stats: WorkerStats, window: list, t0: float | None, world: int, de
     n_loss = sum(p[2].item() for p in parts)
     mean_loss = sum(p[1].item() for p in parts) / max(n_loss, 1)
     elapsed = max(p[3].item() for p in parts)
-    rec = Progress(step=stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss)
+    rec = Progress(step=start_step + stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss)
     if window[1]:
         stats.losses.append({"step": stats.steps, "rows": stats.rows, "loss": window[0] / window[1]})
     window[0], window[1] = 0.0, 0

@@ -6,12 +6,14 @@ import datetime as dt
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, list_day_files
 from mtrec.data.validate import RowValidator, iter_file_batches
+from mtrec.train.position import FILE_COL, ROW_COL, Position, skip_trained
 
 
 @dataclass
@@ -85,35 +87,50 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
 
 
 def good_file_batches(f: DataFile, validator: RowValidator, roles: dict[str, tuple[str, str]],
-                      counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
+                      counts: StreamCounts | None = None, file_index: int | None = None) -> Iterator[pa.RecordBatch]:
     """One file's good rows, canonical (`canonical`), batch by batch as read. The one reader of
-    training data: the single-process stream below and the Ray Data read tasks both use it."""
+    training data: the single-process stream below and the Ray Data read tasks both use it.
+    With `file_index`, each row also carries its position (`mtrec.train.position`): `_file` =
+    file_index, `_row` = its ordinal among the file's good rows."""
     if counts is not None:
         counts.files.append(f.url)
+    ordinal = 0
     for batch in iter_file_batches(f):  # every column: the bad-row rules need them
         split = validator.split(batch)
         if counts is not None:
             counts.read += batch.num_rows
             counts.good += split.good.num_rows
             counts.bad += split.bad.num_rows
-        yield canonical(split.good, roles)
+        out = canonical(split.good, roles)
+        if file_index is not None:
+            n = out.num_rows
+            out = pa.RecordBatch.from_arrays(
+                [*out.columns, pa.array(np.full(n, file_index, dtype=np.int32)), pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64))],
+                schema=out.schema.append(pa.field(FILE_COL, pa.int32())).append(pa.field(ROW_COL, pa.int64())))
+            ordinal += n
+        yield out
 
 
 def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
-    """Good rows of `days`, in file order, as `batch_size`-row batches; `counts` is filled as it goes."""
+    """Good rows of `days`, in file order, as `batch_size`-row batches, with positions (file index
+    within these days' files); `counts` is filled as it goes."""
     validator = RowValidator(cfg)
     roles = cfg.column_roles()  # once per stream, not per batch
-    good = (b for day in days for f in list_day_files(cfg.job.logs, day) for b in good_file_batches(f, validator, roles, counts))
+    files = [f for day in days for f in list_day_files(cfg.job.logs, day)]
+    good = (b for i, f in enumerate(files) for b in good_file_batches(f, validator, roles, counts, file_index=i))
     return rebatch(good, batch_size)
 
 
-def read_good_rows(files: pa.Table, cfg: dict) -> Iterator[pa.Table]:
-    """Ray Data UDF (no Ray import needed): the files of this block (url, name, size) -> their
-    good rows, canonical, one Arrow table per read batch. Lives here, away from torch, so the
-    Ray Data read workers import only pyarrow and the config."""
+def read_good_rows(files: pa.Table, cfg: dict, done: dict | None = None) -> Iterator[pa.Table]:
+    """Ray Data UDF (no Ray import needed): the files of this block (index, url, name, size) ->
+    their good rows, canonical, with positions, one Arrow table per read batch. Rows inside
+    `done` (a resumed job's trained rows, `Position.to_json()`) are not emitted. Lives here, away
+    from torch, so the Ray Data read workers import only pyarrow and the config."""
     config = MtrecConfig.model_validate(cfg)
     validator, roles = RowValidator(config), config.column_roles()
+    trained = Position.from_json(done)
     for row in files.to_pylist():
-        for b in good_file_batches(DataFile(row["url"], row["name"], row["size"]), validator, roles):
+        f = DataFile(row["url"], row["name"], row["size"])
+        for b in skip_trained(good_file_batches(f, validator, roles, file_index=row["index"]), trained):
             if b.num_rows:
                 yield pa.Table.from_batches([b])

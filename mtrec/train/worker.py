@@ -9,6 +9,7 @@ streams its share of the Ray Data stream as Arrow batches, and runs the lockstep
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import socket
@@ -17,28 +18,39 @@ import time
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 
 from mtrec.config import MtrecConfig
 from mtrec.errors import MtrecError
 from mtrec.models import MultiTaskTrain, build_model
 from mtrec.train import checkpoint
 from mtrec.train.loop import Progress, gather_stats, train_stream
+from mtrec.train.position import Position, skip_trained
 from mtrec.train.sharding import dense_optimizer, device_for_backend, plan_summary, shard
 from mtrec.train.stream import rebatch
 
 
 @ray.remote(num_cpus=0)
 class RunCollector:
-    """Driver-side inbox: worker registrations, progress records, final per-worker results."""
+    """Driver-side inbox, alive across worker-group restarts: worker registrations, progress
+    records, the final result, and the fault drill's one-shot switch."""
 
     def __init__(self):
         self.workers: dict[int, dict] = {}
+        self.attempts = 0  # rank 0 registrations: 1 + worker-group restarts
         self.pending: list[dict] = []
         self.history: list[dict] = []
         self.result: dict | None = None
+        self.killed = False
+        self.marks: dict[str, float] = {}  # rank 0's milestones (epoch seconds), newest attempt
+
+    def mark(self, name: str, t: float) -> None:
+        self.marks[name] = t
 
     def register(self, rank: int, info: dict) -> None:
         self.workers[rank] = info
+        if rank == 0:
+            self.attempts += 1
 
     def progress(self, rec: dict) -> None:
         self.pending.append(rec)
@@ -51,8 +63,12 @@ class RunCollector:
     def finish(self, result: dict) -> None:
         self.result = result
 
+    def claim_kill(self) -> bool:
+        first, self.killed = not self.killed, True
+        return first
+
     def snapshot(self) -> dict:
-        return {"workers": self.workers, "history": self.history, "result": self.result}
+        return {"workers": self.workers, "history": self.history, "result": self.result, "attempts": self.attempts, "marks": self.marks}
 
 
 def torch_threads(requested: int, local_world_size: int) -> int:
@@ -60,62 +76,115 @@ def torch_threads(requested: int, local_world_size: int) -> int:
     return requested if requested > 0 else max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
 
 
-def _kill_switch(batches, rank: int, kill: str | None):
+def _kill_switch(batches, rank: int, kill: str | None, collector):
     """Fault injection for tests and drills (`MTREC_KILL_WORKER=<rank>:<batches>` on the driver):
-    that rank SIGKILLs itself after that many batches, as an OOM kill or a lost node would."""
+    that rank SIGKILLs itself after that many batches, as an OOM kill or a lost node would; once
+    per job (a restarted worker group runs on)."""
     if not kill:
         yield from batches
         return
     who, after = (int(x) for x in kill.split(":"))
     for i, b in enumerate(batches):
-        if who == rank and i == after:
+        if who == rank and i == after and ray.get(collector.claim_kill.remote()):
             os.kill(os.getpid(), signal.SIGKILL)
         yield b
 
 
+def _gather_positions(mine: Position, world: int) -> Position:
+    """Every rank's trained rows merged (an overlap raises: a row trained twice)."""
+    if world == 1:
+        return Position(mine.intervals)
+    parts: list[dict | None] = [None] * world
+    dist.all_gather_object(parts, mine.to_json())
+    merged = Position()
+    for p in parts:
+        merged.merge(Position.from_json(p))
+    return merged
+
+
+def day_ordinal(day: str) -> int:
+    return dt.date.fromisoformat(day).toordinal()
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry. `config`: {"cfg": MtrecConfig as JSON dict, "collector": RunCollector,
-    "log_every": int, "expected_rows": good rows validated, "checkpoint": URL to publish,
-    "manifest": its fields known to the driver}. The dataset shard "train" yields canonical
-    Arrow batches. Publishes the checkpoint only when the rows trained equal `expected_rows`."""
+    """Ray Train entry (also after a worker-group restart). `config`: {"cfg": MtrecConfig as JSON
+    dict, "collector": RunCollector, "log_every": int, "kill": fault drill, "job": {"id", "day",
+    "parent", "staging", "expected_rows", "allow_config_change", "manifest"}}. The dataset shard
+    "train" yields canonical Arrow batches with positions.
+
+    Starts from the job's newest intra-day checkpoint if there is one, else the parent, else a
+    fresh model; saves an intra-day checkpoint every `train.checkpoint_every_batches` steps;
+    stages the final checkpoint only when every good row was trained exactly once."""
     cfg = MtrecConfig.model_validate(config["cfg"])
+    job = config["job"]
+    day = dt.date.fromisoformat(job["day"])
     collector = config["collector"]
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = torch_threads(cfg.train.torch_threads, ctx.get_local_world_size())
     torch.set_num_threads(threads)
     device, backend = device_for_backend()
     ray.get(collector.register.remote(rank, {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
                                              "pid": os.getpid(), "device": str(device), "backend": backend, "torch_threads": threads}))
+    mark = (lambda name: collector.mark.remote(name, time.time())) if rank == 0 else (lambda name: None)
+    mark("worker_started")
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     dmp, plan = shard(MultiTaskTrain(build_model(cfg, "meta"), cfg), cfg, device)
     optimizer = dense_optimizer(dmp, cfg)
+
+    done, start_step = Position(), 0
+    partial = checkpoint.latest_partial(cfg, day)
+    if partial and partial[1].get("job_id") == job["id"]:
+        checkpoint.load(dmp, optimizer, partial[0], cfg)
+        done, start_step = Position.from_json(partial[1]["position"]), int(partial[1]["step"])
+    elif job["parent"]:
+        checkpoint.load(dmp, optimizer, job["parent"], cfg, allow_config_change=job["allow_config_change"])
     setup_s = time.perf_counter() - t0
+    mark("model_ready")
 
     shard_it = ray.train.get_dataset_shard("train")
     tables = shard_it.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", prefetch_batches=2)
-    # exact-size batches already; rebatch only merges a small last one (BatchNorm never sees 1 row)
-    batches = rebatch((rb for t in tables for rb in t.combine_chunks().to_batches()), cfg.train.batch_size)
+    # a restarted worker group streams the data from the start again: rows already trained are
+    # dropped here; then exact-size batches (rebatch merges a small last one: BatchNorm never sees 1 row)
+    batches = rebatch(skip_trained((rb for t in tables for rb in t.combine_chunks().to_batches()), done), cfg.train.batch_size)
+    batches = _kill_switch(batches, rank, config.get("kill"), collector)
 
-    batches = _kill_switch(batches, rank, config.get("kill"))
+    mine = Position()  # rows this rank trains in this attempt
+    every = cfg.train.checkpoint_every_batches
+
+    def on_step(step: int) -> None:
+        if step % every:
+            return
+        trained = _gather_positions(mine, world)
+        trained.merge(done)
+        url = checkpoint.partial_url(cfg, day, step)
+        checkpoint.save(dmp, optimizer, url, {**job["manifest"], "job_id": job["id"], "step": step,
+                                              "position": trained.to_json(), "rows_trained": trained.rows, "world_size": world})
+        if rank == 0:
+            checkpoint.prune_partials(cfg, day, keep=url)
 
     def on_progress(p: Progress) -> None:
         if rank == 0:
             collector.progress.remote({"step": p.step, "rows": p.rows, "rows_per_s": p.rows_per_s, "loss": p.loss, "line": p.line()})
 
-    stats = train_stream(dmp, optimizer, batches, cfg, device, log_every=config.get("log_every", 50), on_progress=on_progress)
+    stats = train_stream(dmp, optimizer, batches, cfg, device, log_every=config.get("log_every", 50), on_progress=on_progress,
+                         position=mine, start_step=start_step, rng_key=day_ordinal(job["day"]), on_step=on_step)
+    mark("trained")
     everyone = gather_stats(stats)
-    rows = sum(w["rows"] for w in everyone)
-    if rows != config["expected_rows"]:  # every rank sees the same sums: all stop before publishing
+    trained = _gather_positions(mine, world)
+    trained.merge(done)  # raises if a row was trained twice
+    if trained.rows != job["expected_rows"]:  # every rank sees the same sums: all stop before staging
         per = ", ".join(f"{w['rows']:,}" for w in everyone)
-        raise MtrecError(f"workers trained {rows:,} rows ({per} per worker) but validation "
-                         f"counted {config['expected_rows']:,} good rows; nothing was published - rerun the job")
+        raise MtrecError(f"workers trained {trained.rows:,} rows ({per} per worker in this attempt, {done.rows:,} before it) but "
+                         f"validation counted {job['expected_rows']:,} good rows; nothing was published - rerun the job")
     t1 = time.perf_counter()
     plan_dict = plan_summary(plan)
-    manifest = {**config["manifest"], "world_size": len(everyone), "plan": plan_dict, "rows_trained": rows,
-                "rows_per_worker": [w["rows"] for w in everyone], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    checkpoint.save(dmp, optimizer, config["checkpoint"], manifest)
+    manifest = {**job["manifest"], "world_size": world, "plan": plan_dict, "rows_trained": trained.rows, "steps": start_step + stats.steps,
+                "rows_per_worker": [w["rows"] for w in everyone], "resumed_at_step": start_step or None,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    checkpoint.save(dmp, optimizer, job["staging"], manifest, marker=False)
+    mark("staged")
     if rank == 0:
-        ray.get(collector.finish.remote({"workers": everyone, "plan": plan_dict, "setup_s": setup_s,
+        ray.get(collector.finish.remote({"workers": everyone, "plan": plan_dict, "setup_s": setup_s, "rows_trained": trained.rows,
                                          "checkpoint_s": time.perf_counter() - t1}))

@@ -1,0 +1,153 @@
+"""`mtrec nightly` and `mtrec backfill`: incremental days, each warm-started from the day before.
+
+    nightly D:  D published already?         -> nothing to do (exit 0) unless --force
+                newest published day P < D:  P == D-1 -> warm start from dt=P, train D only
+                                             a gap   -> refused, naming the missing days,
+                                                        or (--catch-up) each missing day first
+                                             none    -> refused, unless --cold-start
+    backfill D1..D2: nightly for each day in order (published days skipped), one Ray session,
+                stopping at the first failure with the day named.
+
+The parent checkpoint is never chosen silently: it is the newest published day before D, and a
+damaged or incompatible one fails the job rather than falling back to an older one or a cold start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from mtrec.config import MtrecConfig
+from mtrec.errors import CheckpointError, MtrecError
+from mtrec.train import checkpoint
+from pipelines.cluster import ray_session
+from pipelines.train_job import TrainSummary, date_range, run_job
+
+
+def _fmt_days(days: list[dt.date]) -> str:
+    if len(days) <= 4:
+        return ", ".join(d.isoformat() for d in days)
+    return f"{days[0]} .. {days[-1]} ({len(days)} days)"
+
+
+def plan_nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool = False, catch_up: bool = False,
+                 force: bool = False) -> tuple[list[dt.date], str | None]:
+    """(days to train in order, the parent checkpoint of the first) for `mtrec nightly --date day`;
+    ([], url) when the day is already published and not `force`.
+
+    Raises:
+        CheckpointError: no checkpoint before `day` without `cold_start`, or a gap without `catch_up`.
+    """
+    published = checkpoint.published_days(cfg)
+    if day in published and not force:
+        return [], checkpoint.checkpoint_url(cfg, day)
+    earlier = [d for d in published if d < day]
+    if cold_start or not earlier:
+        if not cold_start:
+            raise CheckpointError(f"no published checkpoint of {cfg.name} before {day} under {checkpoint.checkpoint_root(cfg)}; "
+                                  "pass --cold-start to train this day from a fresh model, or run `mtrec train` over the days before it")
+        return [day], None
+    parent = earlier[-1]
+    missing = date_range(parent + dt.timedelta(days=1), day - dt.timedelta(days=1)) if parent < day - dt.timedelta(days=1) else []
+    if missing and not catch_up:
+        raise CheckpointError(f"missing day(s) {_fmt_days(missing)}: {cfg.name} has no published checkpoint for them "
+                              f"(the newest before {day} is dt={parent}); run `mtrec backfill --from {missing[0]} --to {missing[-1]}` "
+                              "first, or pass --catch-up")
+    return [*missing, day], checkpoint.checkpoint_url(cfg, parent)
+
+
+def run_nightly(
+    cfg: MtrecConfig,
+    day: dt.date,
+    cold_start: bool = False,
+    catch_up: bool = False,
+    force: bool = False,
+    allow_config_change: bool = False,
+    address: str | None = None,
+    say: Callable[[str], None] = print,
+    log_every: int = 50,
+    ray_logs: bool = False,
+) -> list[TrainSummary]:
+    """The nightly job for `day` (and, with `catch_up`, the missing days before it, in order).
+
+    Returns:
+        One TrainSummary per day trained; one with `skipped=True` when `day` was already published.
+    """
+    days, parent = plan_nightly(cfg, day, cold_start, catch_up, force)
+    if not days:
+        say(f"{parent} is already published; nothing to do (--force retrains it and replaces it)")
+        return [TrainSummary(model=cfg.name, days=[day.isoformat()], world_size=cfg.train.num_workers, kind="nightly",
+                             skipped=True, checkpoint=parent or "")]
+    if parent:  # fail before starting Ray: wrong model, shape or (without the flag) settings
+        checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
+    if len(days) > 1:
+        say(f"catching up {len(days) - 1} missing day(s) before {day}: {_fmt_days(days[:-1])}")
+    with ray_session(cfg, address, say, ray_logs) as info:
+        return _chain(cfg, days, parent, say, log_every, allow_config_change, info)
+
+
+def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, say: Callable[[str], None], log_every: int,
+           allow_config_change: bool, info: dict) -> list[TrainSummary]:
+    """Nightly jobs for `days` in order, each from the previous one's checkpoint; the first failure
+    stops the chain with its day named."""
+    out = []
+    for d in days:
+        say(f"nightly {cfg.name} {d}: " + (f"warm start from {parent}" if parent else "cold start"))
+        try:
+            s = run_job(cfg, [d], "nightly", parent, say=say, log_every=log_every, allow_config_change=allow_config_change, ray_info=info)
+        except MtrecError as e:
+            cls = next(c for c in type(e).__mro__ if c.__module__ == "mtrec.errors")
+            done = f" (published before it: {_fmt_days([dt.date.fromisoformat(x.days[-1]) for x in out])})" if out else ""
+            raise cls(f"day {d} failed{done}: {e}") from None
+        out.append(s)
+        parent = s.checkpoint
+        allow_config_change = False  # only the first warm start crosses the settings change
+    return out
+
+
+
+def run_backfill(
+    cfg: MtrecConfig,
+    start: dt.date,
+    end: dt.date,
+    cold_start: bool = False,
+    force: bool = False,
+    allow_config_change: bool = False,
+    address: str | None = None,
+    say: Callable[[str], None] = print,
+    log_every: int = 50,
+    ray_logs: bool = False,
+) -> list[TrainSummary]:
+    """Nightly for every day of `start`..`end` in order; published days are skipped (unless
+    `force`), the first day warm-starts from the newest published day before it, which must be
+    the day before (or `cold_start` when there is none).
+
+    Returns:
+        One TrainSummary per day of the range (`skipped=True` for days already published).
+    """
+    days = date_range(start, end)
+    published = set(checkpoint.published_days(cfg))
+    todo = days if force else [d for d in days if d not in published]
+    skipped = [d for d in days if d not in todo]
+    if skipped:
+        say(f"already published, skipped: {_fmt_days(skipped)}")
+    out = {d: TrainSummary(model=cfg.name, days=[d.isoformat()], world_size=cfg.train.num_workers, kind="nightly", skipped=True,
+                           checkpoint=checkpoint.checkpoint_url(cfg, d)) for d in skipped}
+    if not todo:
+        say(f"nothing to do: {start} .. {end} are all published")
+        return [out[d] for d in days]
+    # each day must warm-start from the day before: a skipped day in the middle is published, so
+    # plan the first day to train; every later one follows from the chain or a published day
+    with ray_session(cfg, address, say, ray_logs) as info:
+        i = 0
+        while i < len(todo):
+            run = [todo[i]]
+            while i + len(run) < len(todo) and todo[i + len(run)] == run[-1] + dt.timedelta(days=1):
+                run.append(todo[i + len(run)])
+            _, parent = plan_nightly(cfg, run[0], cold_start and i == 0, catch_up=False, force=True)
+            if parent:
+                checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change and i == 0)
+            for s in _chain(cfg, run, parent, say, log_every, allow_config_change and i == 0, info):
+                out[dt.date.fromisoformat(s.days[-1])] = s
+            i += len(run)
+    return [out[d] for d in days]

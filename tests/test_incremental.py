@@ -1,0 +1,159 @@
+"""Incremental training on real Ray: nightly warm starts, exactness against one uninterrupted
+process, resharding, resume after a killed worker or a killed job, idempotence, gaps, backfill.
+
+The model has dropout and a shallow tower with feature dropout, so the per-step seeds matter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import DAY1
+from test_train_eval import small
+
+from mtrec.errors import CheckpointError, DataValidationError, MtrecError
+from mtrec.train import checkpoint as ck
+from mtrec.train.local import build_sharded, train_days
+from pipelines.full_retrain import run_train
+from pipelines.nightly import plan_nightly, run_backfill, run_nightly
+
+DAY2, DAY3, DAY4 = (DAY1 + dt.timedelta(days=i) for i in (1, 2, 3))
+TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def inc_cfg(world, workdir, **train):
+    cfg = small(world).with_overrides(workdir=str(workdir))
+    d = cfg.model_dump(mode="json")
+    d["model"]["dropout"] = 0.1
+    d["model"]["shallow_tower"] = {"hidden": [8]}
+    d["train"].update({"checkpoint_every_batches": 20, **train})
+    return type(cfg).model_validate(d)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def tree_digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def in_memory_state(cfg, res, tmp_path) -> dict:
+    """The full tensors of a local process's model and optimizers (through a DCP save)."""
+    url = str(tmp_path / "local-state")
+    ck.save(res.dmp, res.optimizer, url, {"model": cfg.name})
+    return ck.read_full(url)
+
+
+def assert_same(a: dict, b: dict, what: str) -> None:
+    kinds = {k.split(".")[0] for k in a}
+    assert kinds == {"model", "fused_optimizer", "dense_optimizer"}, kinds
+    assert any(k.endswith("momentum1") for k in a)  # the tables' row-wise Adagrad state is compared too
+    diff, where = ck.max_abs_diff(a, b)
+    assert diff <= TOL, f"{what}: max abs diff {diff:.2e} at {where}"
+
+
+@pytest.fixture(scope="module")
+def chain(world, tmp_path_factory):
+    """Days 1 and 2 as two nightly jobs (1 worker): backfill with a cold start."""
+    cfg = inc_cfg(world, tmp_path_factory.mktemp("chain"))
+    summaries = run_backfill(cfg, DAY1, DAY2, cold_start=True, say=quiet)
+    return cfg, summaries
+
+
+@pytest.fixture(scope="module")
+def continuous(chain, tmp_path_factory):
+    """Days 1 and 2 trained in one process, no checkpoint in between."""
+    cfg, _ = chain
+    first = train_days(cfg, [DAY1])
+    second = train_days(cfg, [DAY2], dmp=first.dmp, optimizer=first.optimizer)
+    return in_memory_state(cfg, second, tmp_path_factory.mktemp("continuous"))
+
+
+def test_warm_started_day_matches_one_uninterrupted_process(chain, continuous):
+    cfg, summaries = chain
+    assert [s.kind for s in summaries] == ["nightly", "nightly"]
+    assert summaries[0].parent is None and summaries[1].parent == ck.checkpoint_url(cfg, DAY1)
+    man = ck.read_manifest(ck.checkpoint_url(cfg, DAY2))
+    assert man["parent"] == ck.checkpoint_url(cfg, DAY1) and man["rows_trained"] == summaries[1].expected_rows == 20_000
+    assert_same(ck.read_full(ck.checkpoint_url(cfg, DAY2)), continuous, "day 1 -> checkpoint -> day 2 vs continuous")
+    root = Path(ck.checkpoint_root(cfg))
+    assert not any((root / "_partial").rglob("*")) and not any((root / "_staging").rglob("*"))  # cleaned after publishing
+
+
+def test_published_day_is_a_noop_and_gaps_are_refused(chain, tmp_path):
+    cfg, _ = chain
+    before = tree_digest(ck.checkpoint_root(cfg))
+    lines: list[str] = []
+    (s,) = run_nightly(cfg, DAY2, say=lines.append)
+    assert s.skipped and "already published; nothing to do" in lines[0]
+    assert tree_digest(ck.checkpoint_root(cfg)) == before  # not one byte (or mtime) changed
+
+    gap = inc_cfg(cfg.job.logs, tmp_path)
+    shutil.copytree(ck.checkpoint_url(cfg, DAY1), ck.checkpoint_url(gap, DAY1))
+    with pytest.raises(CheckpointError, match=r"missing day\(s\) 2026-01-02: .* newest before 2026-01-03 is dt=2026-01-01.*--catch-up"):
+        run_nightly(gap, DAY3, say=quiet)
+    assert plan_nightly(gap, DAY3, catch_up=True) == ([DAY2, DAY3], ck.checkpoint_url(gap, DAY1))
+    with pytest.raises(CheckpointError, match="no published checkpoint of esmm_synth before 2026-01-01.*--cold-start"):
+        run_nightly(inc_cfg(cfg.job.logs, tmp_path / "empty"), DAY1, say=quiet)
+    faster = gap.with_train(batch_size=512)
+    with pytest.raises(CheckpointError, match=r"other training settings \(train.batch_size: 256 -> 512\); pass --allow-config-change"):
+        run_nightly(faster, DAY2, say=quiet)
+    assert plan_nightly(faster, DAY2) == ([DAY2], ck.checkpoint_url(gap, DAY1))
+
+
+def test_killed_job_resumes_and_killed_worker_restarts_to_the_same_model(chain, continuous, monkeypatch):
+    """A job whose worker dies with no restart left fails and publishes nothing; its rerun resumes
+    from the intra-day checkpoint, loses its worker again, Ray Train restarts it from a newer one.
+    The result equals the uninterrupted run."""
+    cfg, _ = chain
+    published = tree_digest(ck.checkpoint_url(cfg, DAY2))
+    monkeypatch.setenv("MTREC_KILL_WORKER", "0:30")  # after 30 batches: the step-20 checkpoint exists
+    with pytest.raises(MtrecError, match=r"worker 0 .*died.*nothing was published.*resumes from .*step-00000020 \(step 20\)"):
+        run_nightly(cfg.with_train(max_failures=0), DAY2, force=True, say=quiet)
+    assert tree_digest(ck.checkpoint_url(cfg, DAY2)) == published  # --force keeps the old one until the new one is complete
+    monkeypatch.setenv("MTREC_KILL_WORKER", "0:25")  # resumed at step 20: dies at step 45, restarts from step 40
+    (s,) = run_nightly(cfg.with_train(max_failures=1), DAY2, force=True, say=quiet)
+    assert s.resumed == {"checkpoint": ck.partial_url(cfg, DAY2, 20), "step": 20, "rows": 20 * 256} and s.restarts == 1
+    man = ck.read_manifest(ck.checkpoint_url(cfg, DAY2))
+    assert man["rows_trained"] == 20_000 and man["resumed_at_step"] == 40 and man["steps"] == 78
+    assert_same(ck.read_full(ck.checkpoint_url(cfg, DAY2)), continuous, "killed twice, resumed twice vs continuous")
+
+
+def test_two_worker_checkpoint_warm_starts_one_worker(world, tmp_path):
+    """Day 1 on 2 workers (column_wise), day 2 on 1 worker (table_wise): DCP reshards exactly, and
+    day 2 equals a process that takes the day-1 state and trains day 2 without a checkpoint."""
+    cfg = inc_cfg(world, tmp_path / "work", num_workers=2, cpus_per_worker=1, sharding_types=["column_wise"])
+    run_train(cfg, DAY1, DAY1, say=quiet)
+    day1 = ck.checkpoint_url(cfg, DAY1)
+    assert ck.read_manifest(day1)["world_size"] == 2
+    one = cfg.with_train(num_workers=1, sharding_types=["table_wise"])
+
+    dmp, opt = build_sharded(one)
+    ck.load(dmp, opt, day1, one)
+    saved_again = str(tmp_path / "resaved")
+    ck.save(dmp, opt, saved_again, {"model": cfg.name})
+    assert ck.max_abs_diff(ck.read_full(day1), ck.read_full(saved_again))[0] == 0.0  # 2 ranks -> 1 rank: lossless
+    reference = in_memory_state(one, train_days(one, [DAY2], dmp=dmp, optimizer=opt), tmp_path)
+
+    (s,) = run_nightly(one, DAY2, say=quiet)
+    assert s.world_size == 1 and {t["sharding_type"] for t in s.plan.values()} == {"table_wise"}
+    assert_same(ck.read_full(ck.checkpoint_url(one, DAY2)), reference, "2-worker day 1 -> 1-worker day 2")
+
+
+def test_backfill_skips_published_days_and_stops_at_the_failing_day(chain):
+    cfg, _ = chain
+    lines: list[str] = []
+    with pytest.raises(DataValidationError, match=r"^day 2026-01-04 failed \(published before it: 2026-01-03\): no logs for 2026-01-04"):
+        run_backfill(cfg, DAY1, DAY4, say=lines.append)
+    assert "already published, skipped: 2026-01-01, 2026-01-02" in lines
+    assert ck.published_days(cfg) == [DAY1, DAY2, DAY3]
+    assert ck.read_manifest(ck.checkpoint_url(cfg, DAY3))["parent"] == ck.checkpoint_url(cfg, DAY2)
+    assert json.loads(Path(ck.checkpoint_url(cfg, DAY3), "manifest.json").read_text())["kind"] == "nightly"
