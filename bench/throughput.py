@@ -178,7 +178,7 @@ def end_to_end(root: Path, workers: int, torch_threads: int = 0, watch_memory: b
     cfg_path = root / f"bench-{workers}.yaml"
     cfg_path.write_text(yaml.safe_dump(bench_config(str(root / "logs"), str(work), workers, torch_threads)))
     cmd = [sys.executable, "-m", "mtrec.cli", "train", "--config", str(cfg_path), "--from", DAY, "--to", DAY,
-           "--summary", str(root / f"summary-{workers}.json")]
+           "--summary", str(root / f"summary-{workers}.json"), "--force"]
     t0 = time.perf_counter()
     log = root / f"train-{workers}.log"
     with log.open("w") as fh:

@@ -255,8 +255,7 @@ def run_job(
     done = Position()
     partial = checkpoint.latest_partial(cfg, end)
     if partial and partial[1].get("job_id") == jid:
-        done = Position.from_json(partial[1]["position"])
-        summary.resumed = {"checkpoint": partial[0], "step": partial[1]["step"], "rows": done.rows}
+        done = Position.from_json(partial[1]["position"])  # read less; the workers skip by the newest one
         say(f"resuming from intra-day checkpoint {partial[0]}: step {partial[1]['step']}, "
             f"{done.rows:,} of {summary.expected_rows:,} rows already trained")
     elif partial:
@@ -266,6 +265,7 @@ def run_job(
 
     summary.checkpoint = checkpoint.checkpoint_url(cfg, end)
     staged = checkpoint.staging_url(cfg, end)
+    run = staged.rsplit(".", 1)[-1]  # this run's id, also in its intra-day checkpoints' names
     manifest = {"model": cfg.name, "date": end.isoformat(), "kind": kind, "days": summary.days, "parent": parent,
                 "parent_date": (parent_manifest or {}).get("date"), "job_id": jid,
                 "config_fingerprint": cfg.fingerprint(), "training_fingerprint": cfg.training_fingerprint(),
@@ -277,7 +277,7 @@ def run_job(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "collector": collector, "log_every": log_every,
                            "kill": os.environ.get("MTREC_KILL_WORKER"),
-                           "job": {"id": jid, "day": end.isoformat(), "parent": parent, "staging": staged,
+                           "job": {"id": jid, "run": run, "day": end.isoformat(), "parent": parent, "staging": staged,
                                    "expected_rows": summary.expected_rows, "allow_config_change": allow_config_change,
                                    "manifest": manifest}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -302,6 +302,7 @@ def run_job(
         say(rec["line"])
     snap = ray.get(collector.snapshot.remote())
     summary.restarts = max(snap["attempts"] - 1, 0)
+    summary.resumed = snap["starts"][0] if snap["starts"] and (not summary.restarts or done.rows) else None
     if "error" in outcome or snap["result"] is None:
         checkpoint.discard(staged)
         left = checkpoint.latest_partial(cfg, end)

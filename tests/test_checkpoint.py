@@ -87,3 +87,27 @@ def test_damaged_message_names_the_root_cause(saved, tmp_path):
     with pytest.raises(CheckpointError) as e:
         ck.load(dmp, None, str(tmp_path), cfg)
     assert "RuntimeError: PytorchStreamReader failed reading zip archive" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_publish_is_atomic_locally_and_marker_last_on_an_object_store(saved, tmp_path):
+    cfg, res, url = saved
+    # local: a staged checkpoint replaces a published one in one rename; the old one stays whole until then
+    target = str(tmp_path / "dt=2026-01-01")
+    for n in (1, 2):
+        staged = str(tmp_path / "_staging" / f"run{n}")
+        ck.save(res.dmp, res.optimizer, staged, {"model": cfg.name, "config_fingerprint": cfg.fingerprint(), "run": n}, marker=False)
+        assert not Path(staged, "_SUCCESS").exists()
+        ck.publish(staged, target)
+        assert ck.read_manifest(target)["run"] == n and not Path(staged).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_staging", "dt=2026-01-01"] and not any((tmp_path / "_staging").iterdir())
+    # object store (fsspec memory://): copied object by object, then the marker
+    staged, final = "memory://mtrec-test/_staging/run", "memory://mtrec-test/dt=2026-01-01"
+    ck.save(res.dmp, res.optimizer, staged, {"model": cfg.name, "config_fingerprint": cfg.fingerprint()}, marker=False)
+    with pytest.raises(CheckpointError, match="not a published checkpoint"):
+        ck.read_manifest(staged)
+    ck.publish(staged, final)
+    assert ck.read_manifest(final)["model"] == cfg.name
+    assert ck.max_abs_diff(ck.read_full(final), ck.read_full(url)) == (0.0, "")
+    import fsspec
+
+    assert not fsspec.filesystem("memory").exists("/mtrec-test/_staging/run")

@@ -116,12 +116,13 @@ def test_killed_job_resumes_and_killed_worker_restarts_to_the_same_model(chain, 
     cfg, _ = chain
     published = tree_digest(ck.checkpoint_url(cfg, DAY2))
     monkeypatch.setenv("MTREC_KILL_WORKER", "0:30")  # after 30 batches: the step-20 checkpoint exists
-    with pytest.raises(MtrecError, match=r"worker 0 .*died.*nothing was published.*resumes from .*step-00000020 \(step 20\)"):
+    with pytest.raises(MtrecError, match=r"worker 0 .*died.*nothing was published.*resumes from .*step-00000020\.\S+ \(step 20\)"):
         run_nightly(cfg.with_train(max_failures=0), DAY2, force=True, say=quiet)
     assert tree_digest(ck.checkpoint_url(cfg, DAY2)) == published  # --force keeps the old one until the new one is complete
     monkeypatch.setenv("MTREC_KILL_WORKER", "0:25")  # resumed at step 20: dies at step 45, restarts from step 40
     (s,) = run_nightly(cfg.with_train(max_failures=1), DAY2, force=True, say=quiet)
-    assert s.resumed == {"checkpoint": ck.partial_url(cfg, DAY2, 20), "step": 20, "rows": 20 * 256} and s.restarts == 1
+    assert (s.resumed["step"], s.resumed["rows"], s.restarts) == (20, 20 * 256, 1)
+    assert "/_partial/dt=2026-01-02/step-00000020." in s.resumed["checkpoint"]
     man = ck.read_manifest(ck.checkpoint_url(cfg, DAY2))
     assert man["rows_trained"] == 20_000 and man["resumed_at_step"] == 40 and man["steps"] == 78
     assert_same(ck.read_full(ck.checkpoint_url(cfg, DAY2)), continuous, "killed twice, resumed twice vs continuous")
@@ -157,3 +158,47 @@ def test_backfill_skips_published_days_and_stops_at_the_failing_day(chain):
     assert ck.published_days(cfg) == [DAY1, DAY2, DAY3]
     assert ck.read_manifest(ck.checkpoint_url(cfg, DAY3))["parent"] == ck.checkpoint_url(cfg, DAY2)
     assert json.loads(Path(ck.checkpoint_url(cfg, DAY3), "manifest.json").read_text())["kind"] == "nightly"
+
+
+@pytest.mark.integration
+def test_a_killed_nightly_process_leaves_nothing_published_and_the_next_run_resumes(chain, tmp_path):
+    """The whole `mtrec nightly` process tree (driver, its local Ray cluster, the workers) is
+    SIGKILLed mid-day: no `_SUCCESS`, and the next run resumes from the intra-day checkpoint and
+    publishes every row once. (The run changes the batch size: --allow-config-change end to end.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg, _ = chain
+    here = inc_cfg(cfg.job.logs, tmp_path / "work", batch_size=64)
+    shutil.copytree(ck.checkpoint_url(cfg, DAY1), ck.checkpoint_url(here, DAY1))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(here.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "mtrec.cli", "nightly", "--config", str(path), "--date", str(DAY2), "--allow-config-change"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MTREC_KILL_WORKER")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    partial = Path(ck.partial_root(here, DAY2))
+    deadline = time.time() + 240
+    try:
+        while not any(partial.glob("step-*/_SUCCESS")):
+            assert proc.poll() is None and time.time() < deadline, "the job ended before its first intra-day checkpoint"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert ck.published_days(here) == [DAY1]
+    with pytest.raises(CheckpointError, match="allow-config-change"):  # the flag is needed again: nothing was published
+        run_nightly(here, DAY2, say=quiet)
+    lines: list[str] = []
+    (s,) = run_nightly(here, DAY2, allow_config_change=True, say=lines.append)
+    # the workers resume from the newest intra-day checkpoint: a straggling worker of the killed
+    # process may have written one after the driver died (in its own folder: step-N.<run>)
+    assert s.resumed and s.resumed["step"] >= 20 and s.resumed["rows"] == s.resumed["step"] * 64
+    assert any(ln.startswith("resuming from intra-day checkpoint") for ln in lines)
+    man = ck.read_manifest(ck.checkpoint_url(here, DAY2))
+    assert man["rows_trained"] == 20_000 and man["resumed_at_step"] == s.resumed["step"] and s.restarts == 0
+    assert not partial.exists()  # the day's intra-day checkpoints go once it is published

@@ -9,8 +9,8 @@ Layout (../shared/DESIGN.md):
                                      files consumed, package version, ...
             _SUCCESS                 written last: a folder without it is not a checkpoint
         _staging/dt=D.<run>/         a finished job's checkpoint before it is published
-        _partial/dt=D/step-NNNNNNNN/ intra-day checkpoints of an unfinished job (with the data
-                                     position), newest kept; removed when day D is published
+        _partial/dt=D/step-NNNNNNNN.<run>/  intra-day checkpoints of an unfinished job (with the
+                                     data position), newest kept; removed when D is published
 
 Publishing is atomic: the checkpoint is written completely under `_staging/`, then on a local
 disk the folder is renamed into place with `_SUCCESS` already inside (one rename); on an object
@@ -183,21 +183,27 @@ def partial_root(cfg: MtrecConfig, day: dt.date) -> str:
     return join(checkpoint_root(cfg), PARTIAL, f"dt={day.isoformat()}")
 
 
-def partial_url(cfg: MtrecConfig, day: dt.date, step: int) -> str:
-    return join(partial_root(cfg, day), f"step-{step:08d}")
+def partial_url(cfg: MtrecConfig, day: dt.date, step: int, run: str) -> str:
+    """Folder of the intra-day checkpoint at `step` written by run `run` (the driver's run id:
+    a straggling worker of a killed run never writes into the folder of the run after it)."""
+    return join(partial_root(cfg, day), f"step-{step:08d}.{run}")
 
 
 def latest_partial(cfg: MtrecConfig, day: dt.date) -> tuple[str, dict] | None:
-    """The newest complete intra-day checkpoint of day `day` (URL, manifest), or None."""
+    """The complete intra-day checkpoint of day `day` with the most steps (URL, manifest), or None."""
     fs, root = filesystem(partial_root(cfg, day))
     if not fs.exists(root):
         return None
-    steps = sorted((p.rstrip("/") for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("step-")), reverse=True)
-    for p in steps:
-        if fs.exists(f"{p}/{SUCCESS}"):
-            url = join(partial_root(cfg, day), p.rsplit("/", 1)[-1])
-            return url, read_manifest(url)
-    return None
+    found = []
+    for p in fs.ls(root, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        m = re.fullmatch(r"step-(\d+)\.[\w-]+", name)
+        if m and fs.exists(f"{p.rstrip('/')}/{SUCCESS}"):
+            found.append((int(m.group(1)), name))
+    if not found:
+        return None
+    url = join(partial_root(cfg, day), max(found)[1])
+    return url, read_manifest(url)
 
 
 def prune_partials(cfg: MtrecConfig, day: dt.date, keep: str | None = None) -> None:

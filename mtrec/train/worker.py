@@ -43,6 +43,7 @@ class RunCollector:
         self.result: dict | None = None
         self.killed = False
         self.marks: dict[str, float] = {}  # rank 0's milestones (epoch seconds), newest attempt
+        self.starts: list[dict] = []  # per attempt that resumed: checkpoint, step, rows
 
     def mark(self, name: str, t: float) -> None:
         self.marks[name] = t
@@ -63,12 +64,17 @@ class RunCollector:
     def finish(self, result: dict) -> None:
         self.result = result
 
+    def started(self, resumed: dict) -> None:
+        """An attempt started from an intra-day checkpoint (the first such start is the job's resume point)."""
+        self.starts.append(resumed)
+
     def claim_kill(self) -> bool:
         first, self.killed = not self.killed, True
         return first
 
     def snapshot(self) -> dict:
-        return {"workers": self.workers, "history": self.history, "result": self.result, "attempts": self.attempts, "marks": self.marks}
+        return {"workers": self.workers, "history": self.history, "result": self.result, "attempts": self.attempts, "marks": self.marks,
+                "starts": self.starts}
 
 
 def torch_threads(requested: int, local_world_size: int) -> int:
@@ -108,7 +114,7 @@ def day_ordinal(day: str) -> int:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry (also after a worker-group restart). `config`: {"cfg": MtrecConfig as JSON
-    dict, "collector": RunCollector, "log_every": int, "kill": fault drill, "job": {"id", "day",
+    dict, "collector": RunCollector, "log_every": int, "kill": fault drill, "job": {"id", "run", "day",
     "parent", "staging", "expected_rows", "allow_config_change", "manifest"}}. The dataset shard
     "train" yields canonical Arrow batches with positions.
 
@@ -134,10 +140,12 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = dense_optimizer(dmp, cfg)
 
     done, start_step = Position(), 0
-    partial = checkpoint.latest_partial(cfg, day)
+    partial = checkpoint.latest_partial(cfg, day)  # the newest, also one written after the driver looked
     if partial and partial[1].get("job_id") == job["id"]:
         checkpoint.load(dmp, optimizer, partial[0], cfg)
         done, start_step = Position.from_json(partial[1]["position"]), int(partial[1]["step"])
+        if rank == 0:
+            ray.get(collector.started.remote({"checkpoint": partial[0], "step": start_step, "rows": done.rows}))
     elif job["parent"]:
         checkpoint.load(dmp, optimizer, job["parent"], cfg, allow_config_change=job["allow_config_change"])
     setup_s = time.perf_counter() - t0
@@ -158,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
         trained = _gather_positions(mine, world)
         trained.merge(done)
-        url = checkpoint.partial_url(cfg, day, step)
+        url = checkpoint.partial_url(cfg, day, step, job["run"])
         checkpoint.save(dmp, optimizer, url, {**job["manifest"], "job_id": job["id"], "step": step,
                                               "position": trained.to_json(), "rows_trained": trained.rows, "world_size": world})
         if rank == 0:
