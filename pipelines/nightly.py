@@ -18,7 +18,7 @@ import datetime as dt
 from collections.abc import Callable
 
 from mtrec.config import MtrecConfig
-from mtrec.errors import CheckpointError, MtrecError
+from mtrec.errors import CheckpointError, ConfigError, MtrecError
 from mtrec.train import checkpoint
 from pipelines.cluster import ray_session
 from pipelines.train_job import TrainSummary, date_range, run_job
@@ -31,13 +31,17 @@ def _fmt_days(days: list[dt.date]) -> str:
 
 
 def plan_nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool = False, catch_up: bool = False,
-                 force: bool = False) -> tuple[list[dt.date], str | None]:
+                 force: bool = False, gap_hint: str = "or pass --catch-up") -> tuple[list[dt.date], str | None]:
     """(days to train in order, the parent checkpoint of the first) for `mtrec nightly --date day`;
     ([], url) when the day is already published and not `force`.
 
     Raises:
         CheckpointError: no checkpoint before `day` without `cold_start`, or a gap without `catch_up`.
+        ConfigError: `cold_start` and `catch_up` together (one starts fresh, the other fills a gap).
     """
+    if cold_start and catch_up:
+        raise ConfigError("--cold-start and --catch-up contradict each other: a cold start ignores earlier days, catching up "
+                          "trains them; pass one")
     published = checkpoint.published_days(cfg)
     if day in published and not force:
         return [], checkpoint.checkpoint_url(cfg, day)
@@ -52,7 +56,7 @@ def plan_nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool = False, catch
     if missing and not catch_up:
         raise CheckpointError(f"missing day(s) {_fmt_days(missing)}: {cfg.name} has no published checkpoint for them "
                               f"(the newest before {day} is dt={parent}); run `mtrec backfill --from {missing[0]} --to {missing[-1]}` "
-                              "first, or pass --catch-up")
+                              f"first, {gap_hint}")
     return [*missing, day], checkpoint.checkpoint_url(cfg, parent)
 
 
@@ -80,6 +84,9 @@ def run_nightly(
                              skipped=True, checkpoint=parent or "")]
     if parent:  # fail before starting Ray: wrong model, shape or (without the flag) settings
         checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
+    earlier = [d for d in checkpoint.published_days(cfg) if d < day]
+    if cold_start and earlier:
+        say(f"cold start requested: not warm-starting from dt={earlier[-1]}")
     if len(days) > 1:
         say(f"catching up {len(days) - 1} missing day(s) before {day}: {_fmt_days(days[:-1])}")
     with ray_session(cfg, address, say, ray_logs) as info:
@@ -120,7 +127,8 @@ def run_backfill(
 ) -> list[TrainSummary]:
     """Nightly for every day of `start`..`end` in order; published days are skipped (unless
     `force`), the first day warm-starts from the newest published day before it, which must be
-    the day before (or `cold_start` when there is none).
+    the day before (or `cold_start`: the range's first day starts from a fresh model; a rerun
+    after a failure, whose first day to train is later, warm-starts as usual).
 
     Returns:
         One TrainSummary per day of the range (`skipped=True` for days already published).
@@ -144,10 +152,13 @@ def run_backfill(
             run = [todo[i]]
             while i + len(run) < len(todo) and todo[i + len(run)] == run[-1] + dt.timedelta(days=1):
                 run.append(todo[i + len(run)])
-            _, parent = plan_nightly(cfg, run[0], cold_start and i == 0, catch_up=False, force=True)
+            # --cold-start is for the range's first day only: a rerun after a failure continues
+            # from the last published day instead of starting over
+            _, parent = plan_nightly(cfg, run[0], cold_start and run[0] == days[0], catch_up=False, force=True,
+                                     gap_hint="or start the backfill earlier")
             if parent:
-                checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change and i == 0)
-            for s in _chain(cfg, run, parent, say, log_every, allow_config_change and i == 0, info):
+                checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
+            for s in _chain(cfg, run, parent, say, log_every, allow_config_change, info):
                 out[dt.date.fromisoformat(s.days[-1])] = s
             i += len(run)
     return [out[d] for d in days]

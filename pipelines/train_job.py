@@ -30,7 +30,7 @@ from mtrec import __version__
 from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, filesystem, join, list_day_files
 from mtrec.data.validate import validate_day
-from mtrec.errors import ConfigError, MtrecError
+from mtrec.errors import ConfigError, DataValidationError, MtrecError
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
 from mtrec.train.stream import read_good_rows
@@ -245,6 +245,9 @@ def run_job(
     files: list[DataFile] = []
     for day in days:
         report = validate_day(cfg, day)
+        if report.input_rows == 0:
+            raise DataValidationError(f"the logs of {day} hold no rows ({len(list_day_files(cfg.job.logs, day))} empty file(s) under "
+                                      f"{cfg.job.logs}); the export is empty or truncated - re-export the day, nothing was trained")
         summary.input_rows += report.input_rows
         summary.quarantined_rows += report.bad_rows
         summary.expected_rows += report.good_rows
@@ -261,7 +264,8 @@ def run_job(
     elif partial:
         say(f"discarding intra-day checkpoints of another job (other data, parent or settings) under {checkpoint.partial_root(cfg, end)}")
         checkpoint.prune_partials(cfg, end)
-    checkpoint.discard_staging(cfg, end)  # a driver that died between staging and publishing
+    for line in checkpoint.recover_staging(cfg, end):  # a driver that died between staging and publishing
+        say(line)
 
     summary.checkpoint = checkpoint.checkpoint_url(cfg, end)
     staged = checkpoint.staging_url(cfg, end)

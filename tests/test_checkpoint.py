@@ -111,3 +111,36 @@ def test_publish_is_atomic_locally_and_marker_last_on_an_object_store(saved, tmp
     import fsspec
 
     assert not fsspec.filesystem("memory").exists("/mtrec-test/_staging/run")
+
+
+def test_a_force_run_that_died_between_renames_gets_the_old_checkpoint_back(saved, tmp_path):
+    cfg, res, url = saved
+    here = cfg.with_overrides(workdir=str(tmp_path / "work"))
+    final = Path(ck.checkpoint_url(here, DAY1))
+    final.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(url, final)
+    staged = ck.staging_url(here, DAY1)
+    ck.save(res.dmp, res.optimizer, staged, {"model": cfg.name}, marker=False)
+    final.rename(staged + ".replaced")  # publish's first rename happened, the second did not
+    assert ck.published_days(here) == []
+    lines = ck.recover_staging(here, DAY1)
+    assert lines[0].startswith("removed an unpublished staged checkpoint") and lines[1].startswith("restored ")
+    assert ck.published_days(here) == [DAY1] and ck.read_manifest(str(final))["date"] == str(DAY1)
+    assert not any(Path(ck.checkpoint_root(here), "_staging").iterdir())
+
+
+def test_a_one_row_batch_trains_with_batchnorm(world):
+    """A rank's last batch can hold a single row (uneven split, resumed day): BatchNorm cannot
+    take batch statistics of one row, so that batch runs BatchNorm on its running statistics."""
+    from mtrec.train.loop import train_stream
+    from mtrec.train.stream import day_batches
+
+    d = small(world).model_dump(mode="json")
+    d["model"]["batch_norm"] = True
+    cfg = type(small(world)).model_validate(d)
+    dmp, opt = build_sharded(cfg)
+    first = next(day_batches(cfg, [DAY1], 64))
+    stats = train_stream(dmp, opt, [first, first.slice(0, 1)], cfg, torch.device("cpu"))
+    assert (stats.rows, stats.batches) == (65, 2)

@@ -16,7 +16,7 @@ import pytest
 from conftest import DAY1
 from test_train_eval import small
 
-from mtrec.errors import CheckpointError, DataValidationError, MtrecError
+from mtrec.errors import CheckpointError, ConfigError, DataValidationError, MtrecError
 from mtrec.train import checkpoint as ck
 from mtrec.train.local import build_sharded, train_days
 from pipelines.full_retrain import run_train
@@ -103,6 +103,8 @@ def test_published_day_is_a_noop_and_gaps_are_refused(chain, tmp_path):
     assert plan_nightly(gap, DAY3, catch_up=True) == ([DAY2, DAY3], ck.checkpoint_url(gap, DAY1))
     with pytest.raises(CheckpointError, match="no published checkpoint of esmm_synth before 2026-01-01.*--cold-start"):
         run_nightly(inc_cfg(cfg.job.logs, tmp_path / "empty"), DAY1, say=quiet)
+    with pytest.raises(ConfigError, match="--cold-start and --catch-up contradict"):
+        run_nightly(gap, DAY3, cold_start=True, catch_up=True, say=quiet)
     faster = gap.with_train(batch_size=512)
     with pytest.raises(CheckpointError, match=r"other training settings \(train.batch_size: 256 -> 512\); pass --allow-config-change"):
         run_nightly(faster, DAY2, say=quiet)
@@ -152,8 +154,9 @@ def test_two_worker_checkpoint_warm_starts_one_worker(world, tmp_path):
 def test_backfill_skips_published_days_and_stops_at_the_failing_day(chain):
     cfg, _ = chain
     lines: list[str] = []
+    # the rerun of a `--cold-start` backfill continues from the last published day, it does not start over
     with pytest.raises(DataValidationError, match=r"^day 2026-01-04 failed \(published before it: 2026-01-03\): no logs for 2026-01-04"):
-        run_backfill(cfg, DAY1, DAY4, say=lines.append)
+        run_backfill(cfg, DAY1, DAY4, cold_start=True, say=lines.append)
     assert "already published, skipped: 2026-01-01, 2026-01-02" in lines
     assert ck.published_days(cfg) == [DAY1, DAY2, DAY3]
     assert ck.read_manifest(ck.checkpoint_url(cfg, DAY3))["parent"] == ck.checkpoint_url(cfg, DAY2)
@@ -202,3 +205,19 @@ def test_a_killed_nightly_process_leaves_nothing_published_and_the_next_run_resu
     man = ck.read_manifest(ck.checkpoint_url(here, DAY2))
     assert man["rows_trained"] == 20_000 and man["resumed_at_step"] == s.resumed["step"] and s.restarts == 0
     assert not partial.exists()  # the day's intra-day checkpoints go once it is published
+
+
+def test_an_empty_day_is_refused_not_published(chain, tmp_path):
+    import pyarrow.parquet as pq
+
+    cfg, _ = chain
+    logs = tmp_path / "logs"
+    shutil.copytree(Path(cfg.job.logs) / f"dt={DAY1}", logs / f"dt={DAY1}")
+    (logs / f"dt={DAY2}").mkdir()
+    table = pq.read_table(next((logs / f"dt={DAY1}").glob("*.parquet")))
+    pq.write_table(table.slice(0, 0), logs / f"dt={DAY2}" / "part-0.parquet")
+    here = inc_cfg(str(logs), tmp_path / "work")
+    shutil.copytree(ck.checkpoint_url(cfg, DAY1), ck.checkpoint_url(here, DAY1))
+    with pytest.raises(DataValidationError, match=r"^day 2026-01-02 failed: the logs of 2026-01-02 hold no rows .*re-export the day"):
+        run_nightly(here, DAY2, say=quiet)
+    assert ck.published_days(here) == [DAY1]

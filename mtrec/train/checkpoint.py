@@ -80,7 +80,8 @@ def _load_dense_state(dmp: nn.Module, optimizer: torch.optim.Optimizer, flat: di
     for group in optimizer.param_groups:
         for p in group["params"]:
             prefix = f"{names[id(p)]}."
-            state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            # moments go where the parameter lives (a GPU); Adam keeps `step` on the CPU
+            state = {k[len(prefix):]: v if k.endswith(".step") else v.to(p.device) for k, v in flat.items() if k.startswith(prefix)}
             if state:
                 optimizer.state[p] = state
 
@@ -138,28 +139,40 @@ def staging_url(cfg: MtrecConfig, day: dt.date) -> str:
 def publish(staged: str, url: str) -> None:
     """Make the complete checkpoint at `staged` the published one at `url` (replacing a previous
     one: --force). Local disk: `_SUCCESS` into the staged folder, then renames, so `url` is
-    always either the old complete checkpoint or the new one. Object store: the old marker goes
-    first, then the objects are copied and `_SUCCESS` is written after the last one."""
+    always either the old complete checkpoint or the new one (a crash between the two renames
+    leaves the old one as `<staged>.replaced`, which the next run of the day puts back). Object
+    store: the old marker goes first, the objects are copied, stale ones removed, and `_SUCCESS`
+    is written after the last one (a crash in between leaves the day unpublished, never mixed).
+
+    Raises:
+        CheckpointError: the storage refused an operation (one line; the staged copy is kept).
+    """
     fs, src = filesystem(staged)
     _, dst = filesystem(url)
-    if _is_local(fs):
-        _touch(fs, f"{src}/{SUCCESS}")
-        old = None
-        if os.path.exists(dst):
-            old = f"{src}.replaced"
-            os.rename(dst, old)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.rename(src, dst)
-        if old:
-            fs.rm(old, recursive=True)
-        return
-    if fs.exists(f"{dst}/{SUCCESS}"):
-        fs.rm(f"{dst}/{SUCCESS}")
-    if fs.exists(dst):
-        fs.rm(dst, recursive=True)
-    for p in fs.find(src):
-        fs.copy(p, f"{dst}/{p[len(src):].lstrip('/')}")
-    _touch(fs, f"{dst}/{SUCCESS}")
+    try:
+        if _is_local(fs):
+            _touch(fs, f"{src}/{SUCCESS}")
+            old = None
+            if os.path.exists(dst):
+                old = f"{src}.replaced"
+                os.rename(dst, old)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+            if old:
+                fs.rm(old, recursive=True)
+            return
+        if fs.exists(f"{dst}/{SUCCESS}"):
+            fs.rm(f"{dst}/{SUCCESS}")
+        new = {p[len(src):].lstrip("/") for p in fs.find(src)}
+        for rel in sorted(new):
+            fs.copy(f"{src}/{rel}", f"{dst}/{rel}")
+        for p in fs.find(dst) if fs.exists(dst) else []:
+            if p[len(dst):].lstrip("/") not in new:
+                fs.rm(p)
+        _touch(fs, f"{dst}/{SUCCESS}")
+    except OSError as e:
+        raise CheckpointError(f"publishing {staged} as {url} failed ({type(e).__name__}: {e}); the day is not published "
+                              "- check the storage and rerun the job") from None
     fs.rm(src, recursive=True)
 
 
@@ -170,13 +183,27 @@ def discard(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def discard_staging(cfg: MtrecConfig, day: dt.date) -> None:
-    """Remove staged, never-published checkpoints of day `day` (left by a driver that died)."""
+def recover_staging(cfg: MtrecConfig, day: dt.date) -> list[str]:
+    """Clean up after a driver that died while publishing day `day`: a checkpoint it had moved
+    aside to replace (`.replaced`) goes back if `dt=day` is missing; staged, never-published
+    folders are removed. Returns what it did, one line each."""
     fs, root = filesystem(join(checkpoint_root(cfg), STAGING))
-    if fs.exists(root):
-        for p in fs.ls(root, detail=False):
-            if p.rstrip("/").rsplit("/", 1)[-1].startswith(f"dt={day.isoformat()}."):
-                fs.rm(p, recursive=True)
+    if not fs.exists(root):
+        return []
+    done = []
+    _, final = filesystem(checkpoint_url(cfg, day))
+    for p in sorted(fs.ls(root, detail=False)):
+        p = p.rstrip("/")
+        name = p.rsplit("/", 1)[-1]
+        if not name.startswith(f"dt={day.isoformat()}."):
+            continue
+        if name.endswith(".replaced") and not fs.exists(final) and fs.exists(f"{p}/{SUCCESS}"):
+            fs.mv(p, final, recursive=True)
+            done.append(f"restored {checkpoint_url(cfg, day)} (a --force run died while replacing it)")
+        else:
+            fs.rm(p, recursive=True)
+            done.append(f"removed an unpublished staged checkpoint {name}")
+    return done
 
 
 def partial_root(cfg: MtrecConfig, day: dt.date) -> str:
@@ -206,8 +233,9 @@ def latest_partial(cfg: MtrecConfig, day: dt.date) -> tuple[str, dict] | None:
     return url, read_manifest(url)
 
 
-def prune_partials(cfg: MtrecConfig, day: dt.date, keep: str | None = None) -> None:
-    """Remove day `day`'s intra-day checkpoints except `keep` (all of them when None)."""
+def prune_partials(cfg: MtrecConfig, day: dt.date, keep: str | None = None, run: str | None = None) -> None:
+    """Remove day `day`'s intra-day checkpoints: all of them (`keep` None), or run `run`'s
+    others than `keep` (a run never deletes another run's folders while it trains)."""
     fs, root = filesystem(partial_root(cfg, day))
     if not fs.exists(root):
         return
@@ -216,7 +244,8 @@ def prune_partials(cfg: MtrecConfig, day: dt.date, keep: str | None = None) -> N
         return
     _, keep_path = filesystem(keep)
     for p in fs.ls(root, detail=False):
-        if p.rstrip("/") != keep_path.rstrip("/"):
+        p = p.rstrip("/")
+        if p != keep_path.rstrip("/") and (run is None or p.endswith(f".{run}")):
             fs.rm(p, recursive=True)
 
 

@@ -143,8 +143,13 @@ def train_stream(
             tc = time.perf_counter()
             batch = conv(rb).to(device)
             stats.convert_s += time.perf_counter() - tc
+            lone = rb.num_rows < 2 and bns  # BatchNorm cannot take batch statistics of one row
+            for m in bns if lone else ():
+                m.eval()
             loss, _ = dmp(batch)
             loss.backward()
+            for m in bns if lone else ():
+                m.train()
             window[0] += float(loss.item())
             window[1] += 1
             stats.rows += rb.num_rows

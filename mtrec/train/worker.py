@@ -140,7 +140,12 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = dense_optimizer(dmp, cfg)
 
     done, start_step = Position(), 0
-    partial = checkpoint.latest_partial(cfg, day)  # the newest, also one written after the driver looked
+    # the newest, also one written after the driver looked; rank 0 chooses for everyone (a
+    # straggler of a killed run may complete another one while the ranks look)
+    choice = [checkpoint.latest_partial(cfg, day) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    partial = choice[0]
     if partial and partial[1].get("job_id") == job["id"]:
         checkpoint.load(dmp, optimizer, partial[0], cfg)
         done, start_step = Position.from_json(partial[1]["position"]), int(partial[1]["step"])
@@ -170,7 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint.save(dmp, optimizer, url, {**job["manifest"], "job_id": job["id"], "step": step,
                                               "position": trained.to_json(), "rows_trained": trained.rows, "world_size": world})
         if rank == 0:
-            checkpoint.prune_partials(cfg, day, keep=url)
+            checkpoint.prune_partials(cfg, day, keep=url, run=job["run"])
 
     def on_progress(p: Progress) -> None:
         if rank == 0:
