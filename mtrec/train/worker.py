@@ -193,7 +193,10 @@ def train_loop_per_worker(config: dict) -> None:
                          f"validation counted {job['expected_rows']:,} good rows; nothing was published - rerun the job")
     t1 = time.perf_counter()
     plan_dict = plan_summary(plan)
+    last = [w["losses"][-1]["loss"] for w in everyone if w["losses"]]
+    metrics = {"train_loss_last_window": sum(last) / len(last)} if last else {}  # next-day metrics: `mtrec evaluate`
     manifest = {**job["manifest"], "world_size": world, "plan": plan_dict, "rows_trained": trained.rows, "steps": start_step + stats.steps,
+                "metrics": metrics,
                 "rows_per_worker": [w["rows"] for w in everyone], "resumed_at_step": start_step or None,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     checkpoint.save(dmp, optimizer, job["staging"], manifest, marker=False)
