@@ -11,6 +11,12 @@ class MtrecError(Exception):
 
     exit_code = 2
 
+    def reworded(self, message: str) -> MtrecError:
+        """The same kind of error (same exit code) with another message. An error raised in a Ray
+        worker arrives as a Ray wrapper class deriving from this one: the mtrec class is used."""
+        cls = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+        return cls(message)
+
 
 class ConfigError(MtrecError):
     """The YAML config (or a CLI override) is invalid."""

@@ -103,9 +103,8 @@ def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, say: Calla
         try:
             s = run_job(cfg, [d], "nightly", parent, say=say, log_every=log_every, allow_config_change=allow_config_change, ray_info=info)
         except MtrecError as e:
-            cls = next(c for c in type(e).__mro__ if c.__module__ == "mtrec.errors")
             done = f" (published before it: {_fmt_days([dt.date.fromisoformat(x.days[-1]) for x in out])})" if out else ""
-            raise cls(f"day {d} failed{done}: {e}") from None
+            raise e.reworded(f"day {d} failed{done}: {e}") from None
         out.append(s)
         parent = s.checkpoint
         allow_config_change = False  # only the first warm start crosses the settings change

@@ -313,8 +313,7 @@ def run_job(
         err = worker_failure(outcome["error"], snap["workers"]) if "error" in outcome else \
             MtrecError("training ended without a result from worker 0; see the Ray logs")
         if left:
-            cls = next(c for c in type(err).__mro__ if c.__module__ == "mtrec.errors")  # not Ray's wrapper class
-            raise cls(f"{err}; the next run of this job resumes from {left[0]} (step {left[1]['step']})") from None
+            raise err.reworded(f"{err}; the next run of this job resumes from {left[0]} (step {left[1]['step']})") from None
         raise err from None
     result = snap["result"]
     t_fit = time.time()

@@ -166,11 +166,16 @@ def train_loop_per_worker(config: dict) -> None:
     mine = Position()  # rows this rank trains in this attempt
     every = cfg.train.checkpoint_every_batches
 
+    def trained_so_far() -> Position:
+        """Rows trained by every rank in this attempt plus those before it (a row twice raises)."""
+        trained = _gather_positions(mine, world)
+        trained.merge(done)
+        return trained
+
     def on_step(step: int) -> None:
         if step % every:
             return
-        trained = _gather_positions(mine, world)
-        trained.merge(done)
+        trained = trained_so_far()
         url = checkpoint.partial_url(cfg, day, step, job["run"])
         checkpoint.save(dmp, optimizer, url, {**job["manifest"], "job_id": job["id"], "step": step,
                                               "position": trained.to_json(), "rows_trained": trained.rows, "world_size": world})
@@ -185,8 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
                          position=mine, start_step=start_step, rng_key=day_ordinal(job["day"]), on_step=on_step)
     mark("trained")
     everyone = gather_stats(stats)
-    trained = _gather_positions(mine, world)
-    trained.merge(done)  # raises if a row was trained twice
+    trained = trained_so_far()
     if trained.rows != job["expected_rows"]:  # every rank sees the same sums: all stop before staging
         per = ", ".join(f"{w['rows']:,}" for w in everyone)
         raise MtrecError(f"workers trained {trained.rows:,} rows ({per} per worker in this attempt, {done.rows:,} before it) but "
