@@ -111,7 +111,6 @@ def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, say: Calla
     return out
 
 
-
 def run_backfill(
     cfg: MtrecConfig,
     start: dt.date,

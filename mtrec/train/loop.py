@@ -20,7 +20,8 @@ same rows left therefore takes exactly the steps the uninterrupted job would hav
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -73,6 +74,18 @@ class Progress:
 
 def _batchnorms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def _frozen(bns: list[nn.Module], frozen: bool = True) -> Iterator[None]:
+    """BatchNorm layers on their running statistics (not updating them) inside the block."""
+    for m in bns if frozen else ():
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in bns if frozen else ():
+            m.train()
 
 
 def train_stream(
@@ -143,13 +156,9 @@ def train_stream(
             tc = time.perf_counter()
             batch = conv(rb).to(device)
             stats.convert_s += time.perf_counter() - tc
-            lone = rb.num_rows < 2 and bns  # BatchNorm cannot take batch statistics of one row
-            for m in bns if lone else ():
-                m.eval()
-            loss, _ = dmp(batch)
-            loss.backward()
-            for m in bns if lone else ():
-                m.train()
+            with _frozen(bns, rb.num_rows < 2):  # BatchNorm cannot take batch statistics of one row
+                loss, _ = dmp(batch)
+                loss.backward()
             window[0] += float(loss.item())
             window[1] += 1
             stats.rows += rb.num_rows
@@ -157,12 +166,9 @@ def train_stream(
             if position is not None and (pos := batch_positions(rb)) is not None:
                 position.add_batch(*pos)
         else:
-            for m in bns:
-                m.eval()  # the pad rows must not move the running statistics
-            loss, _ = dmp(pad)
-            (loss * 0.0).backward()
-            for m in bns:
-                m.train()
+            with _frozen(bns):  # the pad rows must not move the running statistics
+                loss, _ = dmp(pad)
+                (loss * 0.0).backward()
             stats.pad_steps += 1
         if active < world:  # DDP averaged over `world` ranks, of which only `active` trained
             for p in dense_params:
