@@ -11,11 +11,18 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from mtrec.config import MtrecConfig, load_config
-from mtrec.errors import CheckpointError, ConfigError, DataValidationError, GateRefused, MtrecError
+from mtrec.errors import (
+    CheckpointError,
+    ConfigError,
+    DataValidationError,
+    GateRefused,
+    MtrecError,
+    TrackingError,
+)
 
 try:
     __version__ = version("mtrec")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["CheckpointError", "ConfigError", "DataValidationError", "GateRefused", "MtrecConfig", "MtrecError", "__version__", "load_config"]
+__all__ = ["CheckpointError", "ConfigError", "DataValidationError", "GateRefused", "MtrecConfig", "MtrecError", "TrackingError", "__version__", "load_config"]

@@ -97,6 +97,10 @@ def cmd_nightly(args: argparse.Namespace) -> int:
                             allow_config_change=args.allow_config_change, address=args.address, say=_say,
                             log_every=args.log_every, ray_logs=args.ray_logs)
     _report(summaries, args.summary)
+    if args.promote:
+        from pipelines.nightly import gate_after
+
+        gate_after(cfg, summaries, say=_say)
     return 0
 
 
@@ -113,7 +117,55 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     trained = [s for s in summaries if not s.skipped]
     _report(summaries, args.summary)
     _say(f"backfill done: {len(trained)} day(s) trained, {len(summaries) - len(trained)} already published")
+    if args.promote:
+        from pipelines.nightly import gate_after
+
+        gate_after(cfg, summaries, say=_say)
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mtrec.config import load_config
+    from mtrec.data.io import parse_date
+    from pipelines.predict import predict_to_parquet
+
+    cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
+    day = parse_date(args.date)
+    _tracking_env(cfg)
+    _say(f"mtrec predict: {args.model} on {cfg.job.logs} dt={day} -> {args.out}")
+    out = predict_to_parquet(args.model, cfg.job.logs, day, args.out, say=_say)
+    _say(f"wrote {out['rows']:,} rows from {out['files']} file(s) to {out['out']} in {out['seconds']:.1f}s "
+         f"(columns: {', '.join(out['columns'])})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mtrec.config import load_config
+    from mtrec.data.io import parse_date
+    from mtrec.tracking import promote
+
+    cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
+    if args.name and args.name != cfg.name:
+        cfg = cfg.model_copy(update={"name": args.name})
+    day = parse_date(args.date) if args.date else None
+    decision = promote(cfg, version=args.version, day=day, say=_say)
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(decision), indent=2))
+    return 0
+
+
+def _tracking_env(cfg) -> None:
+    """`models:/` URIs resolve against the config's tracking store (embedded sqlite by default)."""
+    import mlflow
+
+    from mtrec.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -185,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-start", action="store_true", help="train the day from a fresh model (required when no earlier checkpoint exists)")
     p.add_argument("--catch-up", action="store_true", help="train missing days before --date first, in order (default: refuse a gap)")
     p.add_argument("--allow-config-change", action="store_true", help="warm-start although learning rates, batch size or seed changed")
+    p.add_argument("--promote", action="store_true", help="then run the promotion gate on the new version (deferred while no later day has logs)")
     _train_flags(p)
     p.set_defaults(func=cmd_nightly)
 
@@ -194,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="end", required=True, help="last day (inclusive), YYYY-MM-DD")
     p.add_argument("--cold-start", action="store_true", help="train the first day from a fresh model")
     p.add_argument("--allow-config-change", action="store_true", help="warm-start the first day although training settings changed")
+    p.add_argument("--promote", action="store_true", help="then run the promotion gate on the last day's version")
     _train_flags(p)
     p.set_defaults(func=cmd_backfill)
 
@@ -202,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint URL (default: the newest published one before --date)")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="batch-score a day's logs with a logged model -> Parquet of per-task probabilities")
+    _common(p)
+    p.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/esmm_synth@champion, models:/esmm_synth/3, runs:/<id>/model")
+    p.add_argument("--out", required=True, help="Parquet file to write (path or fsspec URL)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("promote", help="promotion gate: challenger vs champion on an unseen day; moves `champion` if it passes")
+    _common(p, date=False)
+    p.add_argument("--name", help="registered model name (default: the config's `name`)")
+    p.add_argument("--version", help="version to judge (default: the `challenger` alias)")
+    p.add_argument("--date", help="day to compare on (default: the newest day with logs neither model trained on)")
+    p.add_argument("--json", action="store_true", help="also print the decision as JSON")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("demo", help="the whole story on a small synthetic world, on one machine")
     p.add_argument("--workdir", default="./mtrec-demo", help="where the demo writes everything (default ./mtrec-demo)")

@@ -244,6 +244,33 @@ class JobConfig(_Strict):
     timezone: str = Field("UTC", description="Timezone in which `--date yesterday` is resolved.")
 
 
+class TrackingConfig(_Strict):
+    enabled: bool = Field(True, description="Record every job in MLflow (run, metrics, artifacts, model, registry version); false: train and publish checkpoints only.")
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (embedded, no server).")
+    artifacts: str | None = Field(None, description="Artifact root of a new experiment in the embedded store; default <workdir>/mlartifacts (a server uses its own).")
+    retries: int = Field(4, ge=0, description="Retries of an MLflow call that fails to reach the store, with exponential backoff; then the job fails naming the URI.")
+    backoff_s: float = Field(1.0, ge=0, description="First wait between retries, doubled after each (1 s: a restarting server has ~15 s to come back).")
+    timeout_s: int = Field(30, gt=0, description="Timeout of one HTTP request to an MLflow server.")
+
+
+GATE_METRICS = {"auc": 1, "gauc": 1, "pearson": 1, "auc_unbiased": 1, "auc_entire_space": 1,  # higher is better
+                "ne": -1, "log_loss": -1, "mse": -1, "calibration": 0}  # lower is better; 0: |x - 1| lower is better
+
+
+class GateConfig(_Strict):
+    metrics: list[str] | None = Field(None, description="Metrics the promotion gate compares, `<task>/<metric>`; default: auc of every binary task and joint, mse of regression tasks.")
+    tolerance: float = Field(0.002, ge=0, description="How much worse than the champion a metric may be (absolute) and still pass; ~the day-to-day noise of AUC on 100k rows.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: list[str] | None) -> list[str] | None:
+        for m in metrics or []:
+            task, _, name = m.partition("/")
+            if not task or name not in GATE_METRICS:
+                raise ValueError(f"gate metric `{m}` is not `<task>/<metric>` with metric one of {', '.join(GATE_METRICS)}")
+        return metrics
+
+
 class MtrecConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name: experiment, registered model and checkpoint folder.")
     labels: dict[str, LabelKind] = Field(description="Label columns in the logs and their kind (binary or regression); must include click and conversion.")
@@ -252,6 +279,8 @@ class MtrecConfig(_Strict):
     model: ModelConfig = Field(description="Model architecture and sizes; `arch` selects the other keys.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     job: JobConfig = Field(default_factory=JobConfig, description="Paths and job settings.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="The promotion gate (`mtrec promote`).")
 
     @field_validator("labels")
     @classmethod
@@ -288,6 +317,9 @@ class MtrecConfig(_Strict):
         outputs = names + [t.joint_name for t in self.tasks if t.joint_name]
         if len(set(outputs)) != len(outputs):
             raise ValueError(f"task and joint names must be distinct, got {', '.join(outputs)}; rename a `joint`")
+        for m in self.gate.metrics or []:
+            if m.partition("/")[0] not in outputs:
+                raise ValueError(f"gate metric `{m}` names no task; use one of {', '.join(outputs)}")
         st = self.model.shallow_tower
         if st is not None:
             if not self.features.bias:
@@ -364,6 +396,18 @@ class MtrecConfig(_Strict):
         """A copy with the CLI's common overrides applied (`--logs`, `--workdir`)."""
         job = self.job.model_copy(update={k: v for k, v in {"logs": logs, "workdir": workdir}.items() if v})
         return self.model_copy(update={"job": job})
+
+    def gate_metrics(self) -> list[str]:
+        """The metrics the promotion gate compares (`gate.metrics`, or the default per task)."""
+        if self.gate.metrics:
+            return list(self.gate.metrics)
+        out = []
+        for t in self.tasks:
+            if self.label_kind(t) == LabelKind.REGRESSION:
+                out.append(f"{t.name}/mse")
+            else:
+                out += [f"{t.name}/auc"] + ([f"{t.joint_name}/auc"] if t.joint_name else [])
+        return out
 
     def with_train(self, **values: Any) -> MtrecConfig:
         """A copy with `train` keys replaced (CLI flags such as --workers), validated like the YAML."""

@@ -38,3 +38,13 @@ class GateRefused(MtrecError):
     """The promotion gate refused the challenger."""
 
     exit_code = 5
+
+
+class GateDeferred(GateRefused):
+    """The promotion gate cannot judge yet: no day with logs that neither model trained on."""
+
+
+class TrackingError(MtrecError):
+    """MLflow (tracking store or registry) is unreachable or refused a call."""
+
+    exit_code = 6

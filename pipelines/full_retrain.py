@@ -13,7 +13,7 @@ from collections.abc import Callable
 from mtrec.config import MtrecConfig
 from mtrec.train import checkpoint
 from pipelines.cluster import ray_session
-from pipelines.train_job import TrainSummary, date_range, run_job
+from pipelines.train_job import TrainSummary, date_range, ensure_registered, run_job
 
 
 def run_train(
@@ -37,6 +37,8 @@ def run_train(
     url = checkpoint.checkpoint_url(cfg, end)
     if not force and end in checkpoint.published_days(cfg):
         say(f"{url} is already published; nothing to do (--force retrains it and replaces it)")
-        return TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers, skipped=True, checkpoint=url)
+        version = ensure_registered(cfg, url, say)
+        return TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers, skipped=True, checkpoint=url,
+                            mlflow={"version": version} if version else {})
     with ray_session(cfg, address, say, ray_logs) as info:
         return run_job(cfg, days, "full_retrain", None, say=say, log_every=log_every, ray_info=info)

@@ -21,7 +21,7 @@ from mtrec.config import MtrecConfig
 from mtrec.errors import CheckpointError, ConfigError, MtrecError
 from mtrec.train import checkpoint
 from pipelines.cluster import ray_session
-from pipelines.train_job import TrainSummary, date_range, run_job
+from pipelines.train_job import TrainSummary, date_range, ensure_registered, run_job
 
 
 def _fmt_days(days: list[dt.date]) -> str:
@@ -80,8 +80,9 @@ def run_nightly(
     days, parent = plan_nightly(cfg, day, cold_start, catch_up, force)
     if not days:
         say(f"{parent} is already published; nothing to do (--force retrains it and replaces it)")
+        version = ensure_registered(cfg, parent or "", say)
         return [TrainSummary(model=cfg.name, days=[day.isoformat()], world_size=cfg.train.num_workers, kind="nightly",
-                             skipped=True, checkpoint=parent or "")]
+                             skipped=True, checkpoint=parent or "", mlflow={"version": version} if version else {})]
     if parent:  # fail before starting Ray: wrong model, shape or (without the flag) settings
         checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
     earlier = [d for d in checkpoint.published_days(cfg) if d < day]
@@ -91,6 +92,28 @@ def run_nightly(
         say(f"catching up {len(days) - 1} missing day(s) before {day}: {_fmt_days(days[:-1])}")
     with ray_session(cfg, address, say, ray_logs) as info:
         return _chain(cfg, days, parent, say, log_every, allow_config_change, info)
+
+
+def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary], say: Callable[[str], None] = print) -> None:
+    """`--promote`: the promotion gate on the version the job registered, when a day after it
+    already has logs (a backfill, a late rerun); otherwise it is deferred to `mtrec promote`.
+
+    Raises:
+        GateRefused: the gate refused it (the checkpoint stays published, `champion` stays).
+    """
+    from mtrec.errors import GateDeferred
+    from mtrec.tracking import promote
+
+    last = summaries[-1]
+    version = last.mlflow.get("version")
+    if not cfg.tracking.enabled or not version:
+        raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
+    try:
+        promote(cfg, version=version, say=say)
+    except GateDeferred as e:
+        say(f"gate deferred: {e}")
+    except MtrecError as e:
+        raise e.reworded(f"{last.days[-1]} was trained and published (v{version}), but {e}") from None
 
 
 def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, say: Callable[[str], None], log_every: int,
@@ -139,6 +162,9 @@ def run_backfill(
         say(f"already published, skipped: {_fmt_days(skipped)}")
     out = {d: TrainSummary(model=cfg.name, days=[d.isoformat()], world_size=cfg.train.num_workers, kind="nightly", skipped=True,
                            checkpoint=checkpoint.checkpoint_url(cfg, d)) for d in skipped}
+    for s in out.values():
+        version = ensure_registered(cfg, s.checkpoint, say)
+        s.mlflow = {"version": version} if version else {}
     if not todo:
         say(f"nothing to do: {start} .. {end} are all published")
         return [out[d] for d in days]

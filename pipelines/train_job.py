@@ -60,6 +60,7 @@ class TrainSummary:
     progress: list[dict] = field(default_factory=list)  # rank 0's progress records
     ray: dict = field(default_factory=dict)
     checkpoint: str = ""  # the published checkpoint (dt=<last day>)
+    mlflow: dict = field(default_factory=dict)  # {"uri", "run_id", "version", "model_uri", "eval_day", "metrics"} (tracking on)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -83,6 +84,9 @@ class TrainSummary:
             f"  embedding shards per worker: {', '.join(f'worker {r}: {n} tables' for r, n in sorted(tables.items()))}",
             f"  loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "  loss: no batches",
             f"  checkpoint: {self.checkpoint}",
+            *([f"  mlflow: run {self.mlflow['run_id']}, version {self.mlflow.get('version')} (alias challenger) in {self.mlflow['uri']}"
+               + (f"; on {self.mlflow['eval_day']}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.mlflow["metrics"].items() if k in self.mlflow["gate"])
+                  if self.mlflow.get("eval_day") else "; no next-day logs to evaluate on yet")] if self.mlflow.get("run_id") else []),
             "  timeline (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()),
         ]
 
@@ -227,13 +231,10 @@ def run_job(
             `allow_config_change`) trained under other training settings.
         MtrecError: a worker failed (named) more than `train.max_failures` times, or the rows
             trained differ from the rows validated; nothing is published then.
+        TrackingError: MLflow unreachable (tracking on): before training, nothing done; while
+            recording, nothing published; while registering, the checkpoint is published and
+            the rerun of the same command registers it.
     """
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-
-    from mtrec.train.worker import RunCollector, train_loop_per_worker
-
     t_job, t_epoch = time.perf_counter(), time.time()
     end = days[-1]
     summary = TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers,
@@ -243,8 +244,10 @@ def run_job(
         parent_manifest = checkpoint.read_manifest(parent)
         checkpoint.check_compatible(parent_manifest, parent, cfg, allow_config_change)
     files: list[DataFile] = []
+    reports = []
     for day in days:
         report = validate_day(cfg, day)
+        reports.append(report)
         if report.input_rows == 0:
             raise DataValidationError(f"the logs of {day} hold no rows ({len(list_day_files(cfg.job.logs, day))} empty file(s) under "
                                       f"{cfg.job.logs}); the export is empty or truncated - re-export the day, nothing was trained")
@@ -275,6 +278,36 @@ def run_job(
                 "config_fingerprint": cfg.fingerprint(), "training_fingerprint": cfg.training_fingerprint(),
                 "config": cfg.model_dump(mode="json"), "input_rows": summary.input_rows, "quarantined_rows": summary.quarantined_rows,
                 "files": [{"url": f.url, "size": f.size} for f in files], "mtrec_version": __version__}
+    tracker, run_id = None, None
+    if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
+        from mtrec.tracking import Tracker
+
+        tracker = Tracker(cfg, say)
+        run_id = tracker.start_run(kind, days, summary.checkpoint, parent, parent_manifest)
+        manifest.update(mlflow_run_id=run_id, tracking_uri=tracker.uri)
+        summary.mlflow = {"uri": tracker.uri, "run_id": run_id}
+        say(f"mlflow: run {run_id} in experiment {cfg.name} at {tracker.uri}")
+    try:
+        return _train_and_publish(cfg, days, kind, parent, say, log_every, allow_config_change, summary, manifest, files, done, jid,
+                                  staged, run, reports, tracker, run_id, t_job, t_epoch)
+    except BaseException:
+        if tracker is not None:
+            tracker.fail_run(run_id)
+        raise
+
+
+def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | None, say: Callable[[str], None], log_every: int,
+                       allow_config_change: bool, summary: TrainSummary, manifest: dict, files: list[DataFile], done: Position,
+                       jid: str, staged: str, run: str, reports: list, tracker, run_id: str | None, t_job: float,
+                       t_epoch: float) -> TrainSummary:
+    """run_job after the checks: train on Ray, record (MLflow), publish, register."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from mtrec.train.worker import RunCollector, train_loop_per_worker
+
+    end = days[-1]
     use_gpu = summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0
     collector = RunCollector.remote()
     trainer = _trainer_class()(
@@ -298,12 +331,23 @@ def run_job(
     t_start = time.time()
     thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
     thread.start()
+    tracking_error: list[MtrecError] = []
+
+    def drain() -> None:
+        recs = ray.get(collector.drain.remote())
+        for rec in recs:
+            say(rec["line"])
+        if recs and tracker is not None and not tracking_error:
+            try:
+                tracker.log_progress(run_id, recs)
+            except MtrecError as e:  # training goes on (its intra-day checkpoints are kept); nothing is published
+                tracking_error.append(e)
+                say(f"{e}; training goes on, but the job will fail before publishing")
+
     while thread.is_alive():
         thread.join(timeout=1.0)
-        for rec in ray.get(collector.drain.remote()):
-            say(rec["line"])
-    for rec in ray.get(collector.drain.remote()):
-        say(rec["line"])
+        drain()
+    drain()
     snap = ray.get(collector.snapshot.remote())
     summary.restarts = max(snap["attempts"] - 1, 0)
     summary.resumed = snap["starts"][0] if snap["starts"] and (not summary.restarts or done.rows) else None
@@ -317,21 +361,53 @@ def run_job(
         raise err from None
     result = snap["result"]
     t_fit = time.time()
+    summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in result["workers"]]
+    summary.plan = result["plan"]
+    marks = {"validated": t_start - t_epoch, **{k: v - t_epoch for k, v in snap["marks"].items()}, "fit_returned": t_fit - t_epoch}
+    if tracker is not None:  # record before publishing: no published checkpoint without its run
+        from mtrec.tracking import record_job
+
+        try:
+            if tracking_error:
+                raise tracking_error[0]
+            summary.mlflow.update(record_job(tracker, run_id, cfg, staged, manifest, summary, reports, say))
+        except MtrecError as e:
+            checkpoint.discard(staged)
+            left = checkpoint.latest_partial(cfg, end)
+            resume = f"; the next run resumes from {left[0]} (step {left[1]['step']})" if left else ""
+            raise e.reworded(f"{e}; the day was trained but nothing was published{resume}") from None
+        marks["recorded"] = time.time() - t_epoch
     checkpoint.publish(staged, summary.checkpoint)
     checkpoint.prune_partials(cfg, end)
     say(f"published {summary.checkpoint}")
-    marks = {"validated": t_start - t_epoch, **{k: v - t_epoch for k, v in snap["marks"].items()}, "fit_returned": t_fit - t_epoch,
-             "published": time.time() - t_epoch}
+    marks["published"] = time.time() - t_epoch
+    if tracker is not None:  # after publishing: no version points at a missing checkpoint
+        try:
+            summary.mlflow["version"] = tracker.register(run_id, summary.mlflow["model_uri"], summary.checkpoint, end)
+            tracker.end_run(run_id)
+        except MtrecError as e:
+            raise e.reworded(f"{e}; {summary.checkpoint} is published and run {run_id} recorded, but no model version is "
+                             "registered for it: rerun the same command once MLflow is back, it registers the version without "
+                             "retraining") from None
+        say(f"registered version {summary.mlflow['version']} of {cfg.name} (alias challenger)")
+        marks["registered"] = time.time() - t_epoch
     summary.phases = {k: round(v, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
-
-    summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in result["workers"]]
-    summary.plan = result["plan"]
     summary.progress = [{k: v for k, v in p.items() if k != "line"} for p in snap["history"]]
     summary.rows = result["rows_trained"]
     slowest = max((w["seconds"] for w in summary.workers), default=0.0)
     summary.rows_per_s = sum(w["rows"] for w in summary.workers) / slowest if slowest > 0 else 0.0
     summary.wall_s = time.perf_counter() - t_job
     return summary  # rows == expected_rows: the workers checked it before staging
+
+def ensure_registered(cfg: MtrecConfig, url: str, say: Callable[[str], None] = print) -> str | None:
+    """For a day already published (a rerun is a no-op): its model version, registering it now if
+    MLflow was down when the job that published it tried (tracking on; None otherwise)."""
+    if not cfg.tracking.enabled:
+        return None
+    from mtrec.tracking import Tracker
+
+    return Tracker(cfg, say).ensure_registered(url, checkpoint.read_manifest(url))
+
 
 def _fit(trainer, outcome: dict) -> None:
     try:

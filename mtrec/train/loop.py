@@ -66,6 +66,7 @@ class Progress:
     rows: list[int]  # rows trained so far, per rank
     rows_per_s: float  # all ranks together, since the first batch
     loss: float  # mean batch loss since the previous record, all ranks
+    task_losses: dict[str, float] = field(default_factory=dict)  # the same, per task (unweighted)
 
     def line(self) -> str:
         per = ", ".join(f"{r:,}" for r in self.rows)
@@ -133,7 +134,8 @@ def train_stream(
     dmp.train()
     t_start = time.perf_counter()
     t0: float | None = None
-    window = [0.0, 0]  # loss sum and batches of this rank since the last progress record
+    tasks = [t.name for t in cfg.tasks]
+    window = [0.0, 0, [0.0] * len(tasks)]  # loss sum, batches and per-task loss sums of this rank since the last record
     while True:
         tw = time.perf_counter()
         rb = next(it, None)
@@ -157,10 +159,12 @@ def train_stream(
             batch = conv(rb).to(device)
             stats.convert_s += time.perf_counter() - tc
             with _frozen(bns, rb.num_rows < 2):  # BatchNorm cannot take batch statistics of one row
-                loss, _ = dmp(batch)
+                loss, (task_losses, _, _) = dmp(batch)
                 loss.backward()
             window[0] += float(loss.item())
             window[1] += 1
+            for i, name in enumerate(tasks):
+                window[2][i] += float(task_losses[name])
             stats.rows += rb.num_rows
             stats.batches += 1
             if position is not None and (pos := batch_positions(rb)) is not None:
@@ -177,11 +181,11 @@ def train_stream(
         optimizer.step()
         stats.steps += 1
         if stats.steps % log_every == 0:
-            _progress(stats, window, t0, world, device, pg, on_progress, start_step)
+            _progress(stats, window, t0, world, device, pg, on_progress, start_step, tasks)
         if on_step is not None:
             on_step(start_step + stats.steps)
     if stats.steps % log_every:  # the last partial window (every rank ends at the same step)
-        _progress(stats, window, t0, world, device, pg, on_progress, start_step)
+        _progress(stats, window, t0, world, device, pg, on_progress, start_step, tasks)
     stats.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
     return stats
 
@@ -196,9 +200,12 @@ def step_seed(seed: int, key: int, step: int, rank: int) -> int:
 
 
 def _progress(stats: WorkerStats, window: list, t0: float | None, world: int, device: torch.device,
-              pg: dist.ProcessGroup | None, on_progress: Callable[[Progress], None] | None, start_step: int = 0) -> None:
-    """Gather (rows, window loss, elapsed) from every rank; record this rank's window mean loss."""
-    mine = torch.tensor([stats.rows, window[0], window[1], time.perf_counter() - (t0 or time.perf_counter())],
+              pg: dist.ProcessGroup | None, on_progress: Callable[[Progress], None] | None, start_step: int = 0,
+              tasks: list[str] | None = None) -> None:
+    """Gather (rows, window loss, elapsed, per-task window losses) from every rank; record this
+    rank's window mean loss."""
+    tasks = tasks or []
+    mine = torch.tensor([stats.rows, window[0], window[1], time.perf_counter() - (t0 or time.perf_counter()), *window[2]],
                         dtype=torch.float64, device=device)
     if world > 1:
         parts = [torch.zeros_like(mine) for _ in range(world)]
@@ -209,10 +216,12 @@ def _progress(stats: WorkerStats, window: list, t0: float | None, world: int, de
     n_loss = sum(p[2].item() for p in parts)
     mean_loss = sum(p[1].item() for p in parts) / max(n_loss, 1)
     elapsed = max(p[3].item() for p in parts)
-    rec = Progress(step=start_step + stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss)
+    task_losses = {t: sum(p[4 + i].item() for p in parts) / max(n_loss, 1) for i, t in enumerate(tasks)}
+    rec = Progress(step=start_step + stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss,
+                   task_losses=task_losses)
     if window[1]:
         stats.losses.append({"step": stats.steps, "rows": stats.rows, "loss": window[0] / window[1]})
-    window[0], window[1] = 0.0, 0
+    window[0], window[1], window[2] = 0.0, 0, [0.0] * len(tasks)
     if on_progress is not None:
         on_progress(rec)
 

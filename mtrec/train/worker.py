@@ -184,7 +184,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_progress(p: Progress) -> None:
         if rank == 0:
-            collector.progress.remote({"step": p.step, "rows": p.rows, "rows_per_s": p.rows_per_s, "loss": p.loss, "line": p.line()})
+            collector.progress.remote({"step": p.step, "rows": p.rows, "rows_per_s": p.rows_per_s, "loss": p.loss, "task_losses": p.task_losses,
+                                      "line": p.line()})
 
     stats = train_stream(dmp, optimizer, batches, cfg, device, log_every=config.get("log_every", 50), on_progress=on_progress,
                          position=mine, start_step=start_step, rng_key=day_ordinal(job["day"]), on_step=on_step)

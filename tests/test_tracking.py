@@ -1,0 +1,363 @@
+"""MLflow: the gate's arithmetic, retries, the served model (unit); then, against a real
+`mlflow server` on 127.0.0.1, a 3-day run, the gate refusing a worse challenger, the server dying
+mid-job, and a registration lost after the publish (integration, real Ray)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mtrec.config import load_config
+from mtrec.data.synth import write_world
+from mtrec.errors import ConfigError, GateRefused, TrackingError
+from mtrec.tracking import Tracker, compare, flatten, tracking_uri
+
+DAY1 = dt.date(2026, 1, 1)
+DAY2, DAY3, DAY4 = (DAY1 + dt.timedelta(days=i) for i in (1, 2, 3))
+ROWS = 20_000
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def small(logs: str, workdir: str, uri: str | None = None, **tracking):
+    d = load_config("esmm", logs=logs, workdir=workdir).model_dump(mode="json")
+    d["train"].update(batch_size=256, num_workers=1)
+    for f in d["features"]["sparse"]:
+        f["hash_size"] = min(f["hash_size"], 20_000)
+    d["tracking"].update(uri=uri, retries=1, backoff_s=0.2, timeout_s=5, **tracking)
+    d["gate"]["tolerance"] = 0.01
+    return type(load_config("esmm")).model_validate(d)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+# ---- unit ------------------------------------------------------------------------------------------
+
+
+def test_gate_compares_each_metric_in_its_direction_within_tolerance(tmp_path):
+    d = load_config("esmm").model_dump(mode="json")
+    d["gate"] = {"metrics": ["ctr/auc", "ctr/ne", "ctr/calibration"], "tolerance": 0.01}
+    cfg = type(load_config("esmm")).model_validate(d)
+    champ = {"ctr/auc": 0.70, "ctr/ne": 0.90, "ctr/calibration": 1.02}
+    ok, worse, figures = compare(cfg, {"ctr/auc": 0.695, "ctr/ne": 0.905, "ctr/calibration": 0.99}, champ)
+    assert ok and not worse and figures["ctr/auc"] == {"challenger": 0.695, "champion": 0.70}
+    ok, worse, _ = compare(cfg, {"ctr/auc": 0.68, "ctr/ne": 0.95, "ctr/calibration": 1.2}, champ)
+    assert not ok
+    assert worse[0] == "ctr/auc 0.6800 vs champion 0.7000 (worse by 0.0200 > tolerance 0.01)"
+    assert worse[1].startswith("ctr/ne 0.9500 vs champion 0.9000") and worse[2].startswith("ctr/calibration 1.2000")
+    with pytest.raises(GateRefused, match="metric ctr/ne is missing"):
+        compare(cfg, {"ctr/auc": 0.7}, champ)
+    assert load_config("esmm").gate_metrics() == ["ctr/auc", "cvr/auc", "ctcvr/auc"]
+    d["gate"]["metrics"] = ["watch/auc"]
+    with pytest.raises(ValueError, match="gate metric `watch/auc` names no task"):
+        type(load_config("esmm")).model_validate(d)
+
+
+def test_params_flatten_nested_config():
+    flat = flatten({"a": {"b": 1, "c": [1, 2]}, "f": [{"name": "x"}, {"name": "y"}], "n": None, "t": True})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "f.0.name": "x", "f.1.name": "y", "n": "null", "t": "true"}
+
+
+def test_tracking_uri_defaults_to_sqlite_in_the_workdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = small("./logs", str(tmp_path / "w"))
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path}/w/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(cfg) == "http://127.0.0.1:5999"
+    assert tracking_uri(small("./logs", str(tmp_path), uri="http://h:1")) == "http://h:1"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ConfigError, match="set `tracking.uri`"):
+        tracking_uri(small("./logs", "s3://bucket/work"))
+
+
+def test_unreachable_server_fails_after_retries_naming_the_uri(tmp_path):
+    port = _free_port()
+    cfg = small("./logs", str(tmp_path), uri=f"http://127.0.0.1:{port}")
+    tracker = Tracker(cfg, quiet)
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"MLflow at http://127.0.0.1:{port} is unreachable: reading the experiment failed 2 time"):
+        tracker.experiment_id()
+    assert time.monotonic() - t0 < 30
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 2:
+            raise ConnectionError("connection refused")
+        return "ok"
+
+    assert tracker.call("x", flaky) == "ok" and len(calls) == 2
+    with pytest.raises(TrackingError, match="refused y: bad value"):
+        tracker.call("y", lambda: (_ for _ in ()).throw(ValueError("bad value")))
+
+
+def test_served_model_scores_like_the_trained_model_without_the_shallow_tower(world, tmp_path):
+    from mtrec.eval.evaluate import predict_day
+    from mtrec.serving import ServedModel
+    from mtrec.train import checkpoint
+    from mtrec.train.local import train_days
+
+    d = small(world, str(tmp_path)).model_dump(mode="json")
+    d["model"]["shallow_tower"] = {"hidden": [8]}
+    cfg = type(load_config("esmm")).model_validate(d)
+    res = train_days(cfg, [DAY1])
+    url = str(tmp_path / "ck")
+    checkpoint.save(res.dmp, res.optimizer, url, {"model": cfg.name})
+    served = ServedModel.from_checkpoint(cfg, url)
+    assert served.cfg.model.shallow_tower is None and not any("shallow_tower" in k for k in served.model.state_dict())
+    want = predict_day(res.model, cfg, DAY2)  # the sharded model, as served (no bias features)
+    table = pq.read_table(f"{world}/dt={DAY2}")
+    got = served.predict(table)
+    order = np.argsort(want.row_id)
+    for k in ("ctr", "cvr", "ctcvr"):
+        assert np.abs(got[k][np.argsort(table.column("row_id").to_numpy())] - want.outputs[k][order]).max() < 1e-6
+    served.save(tmp_path / "served")
+    again = type(served).load(tmp_path / "served").predict(table)
+    assert all(np.array_equal(again[k], got[k]) for k in got)
+    with pytest.raises(Exception, match="lacks feature column.*brand"):
+        served.predict(table.drop(["brand"]))
+
+
+# ---- integration: a real `mlflow server` ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 (sqlite backend, local artifacts) that can be stopped and restarted."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+        with open(self.root / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db", "--artifacts-destination", str(self.root / "artifacts")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("mlflow-server"))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("world4"))
+    write_world(root, days=4, rows_per_day=ROWS, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def three_days(ray_local, server, world4, tmp_path_factory):
+    """Full retrain of day 1, nightly days 2 and 3, the gate after each (as `nightly --promote` would)."""
+    from mtrec.tracking import promote
+    from pipelines.full_retrain import run_train
+    from pipelines.nightly import run_nightly
+
+    cfg = small(world4, str(tmp_path_factory.mktemp("work")), uri=server.uri)
+    summaries, gates = [run_train(cfg, DAY1, DAY1, say=quiet)], []
+    for day in (DAY2, DAY3):
+        gates.append(_gate(promote, cfg))
+        summaries += run_nightly(cfg, day, say=quiet)
+    gates.append(_gate(promote, cfg))
+    return cfg, summaries, gates
+
+
+def _gate(promote, cfg):
+    try:
+        return promote(cfg, say=quiet)
+    except GateRefused as e:
+        return e
+
+
+def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server):
+    from mlflow import MlflowClient
+
+    cfg, summaries, gates = three_days
+    client = MlflowClient(server.uri, server.uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = sorted(client.search_runs([exp.experiment_id]), key=lambda r: r.data.tags["mtrec.date"])
+    assert [r.data.tags["mtrec.date"] for r in runs] == [str(DAY1), str(DAY2), str(DAY3)]
+    assert [r.data.tags["mtrec.kind"] for r in runs] == ["full_retrain", "nightly", "nightly"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert runs[1].data.tags["mtrec.parent_run_id"] == runs[0].info.run_id and runs[2].data.tags["mtrec.parent_run_id"] == runs[1].info.run_id
+    for r, s, eval_day in zip(runs, summaries, (DAY2, DAY3, DAY4), strict=True):
+        assert r.data.tags["mtrec.checkpoint"] == s.checkpoint and os.path.exists(f"{s.checkpoint}/_SUCCESS")
+        assert r.data.tags["mtrec.eval_day"] == str(eval_day)
+        assert r.data.params["train.batch_size"] == "256" and r.data.params["world_size"] == "1"
+        assert r.data.params["plan.user_id"] == "table_wise"
+        for task in ("ctr", "cvr", "ctcvr"):
+            for m in ("auc", "gauc", "ne", "calibration", "log_loss"):
+                assert 0 < r.data.metrics[f"eval/{task}/{m}"] < 100
+        assert r.data.metrics["eval/cvr/auc_entire_space"] < r.data.metrics["eval/cvr/auc_entire_space_oracle"]
+        losses = client.get_metric_history(r.info.run_id, "train/loss")
+        assert len(losses) >= 2 and len(client.get_metric_history(r.info.run_id, "train/loss/cvr")) == len(losses)
+        assert client.get_metric_history(r.info.run_id, "train/rows_per_s")[-1].value > 0
+        files = {f.path for f in client.list_artifacts(r.info.run_id)} | {
+            f.path for d in ("plots", "validation") for f in client.list_artifacts(r.info.run_id, d)}
+        assert {"config.json", "manifest.json", f"validation/dt={r.data.tags['mtrec.date']}.json",
+                "plots/calibration.png", "plots/metric_trend.png"} <= files
+    versions = sorted(client.search_model_versions(f"name = '{cfg.name}'"), key=lambda v: int(v.version))
+    assert [v.tags["mtrec.date"] for v in versions] == [str(DAY1), str(DAY2), str(DAY3)]
+    assert [v.tags["mtrec.checkpoint"] for v in versions] == [s.checkpoint for s in summaries]
+    assert client.get_model_version_by_alias(cfg.name, "challenger").version == "3"
+    # the champion moved exactly as the gate decided, and each decision is on its version
+    champion = "1"
+    assert gates[0].promoted and versions[0].tags["mtrec.gate.decision"] == "promoted"
+    for v, g in zip(versions[1:], gates[1:], strict=True):
+        decision = v.tags["mtrec.gate.decision"]
+        assert decision == ("refused" if isinstance(g, GateRefused) else "promoted")
+        assert v.tags["mtrec.gate.slice"] == str(DAY4) and "ctr/auc" in v.tags["mtrec.gate.figures"]
+        champion = v.version if decision == "promoted" else champion
+    assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
+
+
+def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch):
+    import mlflow
+
+    from mtrec.cli import main
+
+    cfg, _, _ = three_days
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    mlflow.set_tracking_uri(server.uri)
+    mlflow.set_registry_uri(server.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.name}@champion")
+    assert [c.name for c in model.metadata.get_input_schema().inputs][:2] == ["user_id", "item_id"]
+    assert "position" not in model.metadata.get_input_schema().input_names()  # bias features are not served
+    files = sorted(glob.glob(f"{world4}/dt={DAY4}/*.parquet"))
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    direct = model.predict(df)
+    assert list(direct.columns) == ["ctr", "cvr", "ctcvr"] and len(direct) == ROWS
+    assert ((direct.values >= 0) & (direct.values <= 1)).all() and (direct["ctcvr"] <= direct["ctr"] + 1e-7).all()
+    out = tmp_path / "pred" / "day4.parquet"
+    rc = main(["predict", "--config", "esmm", "--logs", world4, "--workdir", str(tmp_path), "--date", str(DAY4),
+               "--model", f"models:/{cfg.name}@champion", "--out", str(out)])
+    assert rc == 0
+    written = pq.read_table(out).to_pandas()
+    assert written.columns.tolist() == ["row_id", "ctr", "cvr", "ctcvr"]
+    assert np.array_equal(written["row_id"].to_numpy(), df["row_id"].to_numpy())
+    for k in ("ctr", "cvr", "ctcvr"):
+        assert np.abs(written[k].to_numpy() - direct[k].to_numpy()).max() <= 1e-6
+
+
+def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, world4, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from mtrec.cli import main
+    from pipelines.full_retrain import run_train
+
+    cfg, _, _ = three_days
+    client = MlflowClient(server.uri, server.uri)
+    champion = client.get_model_version_by_alias(cfg.name, "champion").version
+    bad_logs = tmp_path / "shuffled"
+    rng = np.random.default_rng(0)
+    for day in (DAY1, DAY2, DAY3, DAY4):
+        for f in sorted(Path(world4, f"dt={day}").glob("*.parquet")):
+            t = pq.read_table(f)
+            if day != DAY4:  # labels shuffled jointly (the label chain stays valid), features untouched
+                perm = rng.permutation(t.num_rows)
+                for c in ("click", "conversion", "daction", "oaction", "watch_time"):
+                    t = t.set_column(t.schema.get_field_index(c), c, t.column(c).take(pa.array(perm)))
+            (bad_logs / f"dt={day}").mkdir(parents=True, exist_ok=True)
+            pq.write_table(t, bad_logs / f"dt={day}" / f.name)
+    shutil.copytree(Path(world4, "_truth"), bad_logs / "_truth")
+    bad = small(str(bad_logs), str(tmp_path / "work"), uri=server.uri)
+    s = run_train(bad, DAY1, DAY3, say=quiet)
+    version = s.mlflow["version"]
+    assert client.get_model_version_by_alias(cfg.name, "challenger").version == version
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)  # the CLI's config names no tracking URI
+    rc = main(["promote", "--config", "esmm", "--name", cfg.name, "--logs", world4, "--workdir", str(tmp_path / "work")])
+    assert rc == 5
+    v = client.get_model_version(cfg.name, version)
+    assert v.tags["mtrec.gate.decision"] == "refused"
+    reason = v.tags["mtrec.gate.reason"]
+    assert reason.startswith(f"worse than champion v{champion} on {DAY4}: ctr/auc 0.") and "vs champion 0." in reason
+    assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
+
+
+def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch):
+    from mlflow import MlflowClient
+
+    from mtrec import tracking
+    from mtrec.train import checkpoint
+    from pipelines.nightly import run_nightly
+
+    cfg, _, _ = three_days
+    url = checkpoint.checkpoint_url(cfg, DAY4)
+
+    def say(line: str) -> None:
+        if line.startswith("training "):  # the run is open, the workers are starting: the server dies
+            server.stop()
+
+    try:
+        with pytest.raises(TrackingError) as err:
+            run_nightly(cfg, DAY4, say=say)
+    finally:
+        server.stop()
+        server.start()
+    msg = str(err.value)
+    assert f"MLflow at {server.uri} is unreachable" in msg and "nothing was published" in msg
+    assert DAY4 not in checkpoint.published_days(cfg)
+    client = MlflowClient(server.uri, server.uri)
+    for v in client.search_model_versions(f"name = '{cfg.name}'"):  # no version points at a missing checkpoint
+        assert os.path.exists(f"{v.tags['mtrec.checkpoint']}/_SUCCESS")
+
+    real = tracking.Tracker.register
+    monkeypatch.setattr(tracking.Tracker, "register", lambda *a, **k: (_ for _ in ()).throw(TrackingError("MLflow at x is unreachable")))
+    with pytest.raises(TrackingError, match="is published and run .* recorded, but no model version is registered"):
+        run_nightly(cfg, DAY4, say=quiet)
+    assert DAY4 in checkpoint.published_days(cfg)
+    assert not client.search_model_versions(f"name = '{cfg.name}' and tags.`mtrec.checkpoint` = '{url}'")
+    monkeypatch.setattr(tracking.Tracker, "register", real)
+    again = run_nightly(cfg, DAY4, say=quiet)  # already published: registers the version, trains nothing
+    assert again[0].skipped
+    (v,) = client.search_model_versions(f"name = '{cfg.name}' and tags.`mtrec.checkpoint` = '{url}'")
+    assert again[0].mlflow["version"] == v.version and v.tags["mtrec.date"] == str(DAY4)
+    assert client.get_run(v.run_id).info.status == "FINISHED"
