@@ -238,10 +238,24 @@ RESOURCE_KEYS = {"num_workers", "cpus_per_worker", "placement", "torch_threads",
 
 
 class JobConfig(_Strict):
-    logs: str = Field("./world", description="Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet.")
-    workdir: str = Field("./mtrec-work", description="Where checkpoints, the MLflow store, quarantine and reports go.")
+    logs: str = Field("./world", description="Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet; a relative path is taken from the directory the command runs in.")
+    workdir: str = Field("./mtrec-work", description="Where checkpoints, the MLflow store, quarantine and reports go; a relative path is taken from the directory the command runs in.")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined.")
     timezone: str = Field("UTC", description="Timezone in which `--date yesterday` is resolved.")
+
+    @field_validator("logs", "workdir")
+    @classmethod
+    def _absolute(cls, url: str) -> str:
+        return absolute_url(url)
+
+
+def absolute_url(url: str) -> str:
+    """A relative local path made absolute against the current directory (where the config is
+    loaded): Ray workers run in other directories, so every process must see the same path.
+    URLs with a scheme (s3://, memory://, file://...) are left as they are."""
+    if "://" in url or not url:
+        return url
+    return str(Path(url).expanduser().absolute())
 
 
 class TrackingConfig(_Strict):
@@ -251,6 +265,11 @@ class TrackingConfig(_Strict):
     retries: int = Field(4, ge=0, description="Retries of an MLflow call that fails to reach the store, with exponential backoff; then the job fails naming the URI.")
     backoff_s: float = Field(1.0, ge=0, description="First wait between retries, doubled after each (1 s: a restarting server has ~15 s to come back).")
     timeout_s: int = Field(30, gt=0, description="Timeout of one HTTP request to an MLflow server.")
+
+    @field_validator("artifacts")
+    @classmethod
+    def _absolute(cls, url: str | None) -> str | None:
+        return absolute_url(url) if url else url
 
 
 GATE_METRICS = {"auc": 1, "gauc": 1, "pearson": 1, "auc_unbiased": 1, "auc_entire_space": 1,  # higher is better
@@ -394,7 +413,7 @@ class MtrecConfig(_Strict):
 
     def with_overrides(self, logs: str | None = None, workdir: str | None = None) -> MtrecConfig:
         """A copy with the CLI's common overrides applied (`--logs`, `--workdir`)."""
-        job = self.job.model_copy(update={k: v for k, v in {"logs": logs, "workdir": workdir}.items() if v})
+        job = self.job.model_copy(update={k: absolute_url(v) for k, v in {"logs": logs, "workdir": workdir}.items() if v})
         return self.model_copy(update={"job": job})
 
     def gate_metrics(self) -> list[str]:

@@ -35,6 +35,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,7 +60,7 @@ from mtrec.serving import ServedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT = "model"
-_RETRY_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"}
+_RETRY_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 _SERVING_DISTS = ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "fsspec", "mlflow")
 
 
@@ -98,14 +99,23 @@ def _transient(e: BaseException) -> bool:
     if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
         return True
     if isinstance(e, MlflowException):
-        return e.error_code in _RETRY_CODES or "API request" in str(e)
+        # the REST client wraps a refused connection / timeout as "API request to ... failed with
+        # exception ..." and a non-JSON 5xx as "... failed with error code 5xx"; INTERNAL_ERROR alone
+        # is also what any locally raised MlflowException carries, so it is not a reason to retry
+        text = str(e)
+        return (e.error_code in _RETRY_CODES or ("API request to" in text and "failed with exception" in text)
+                or re.search(r"error code 5\d\d", text) is not None)
     if type(e).__name__ == "OperationalError":  # sqlalchemy: sqlite locked / unreachable database
         return True
     return isinstance(e, requests.exceptions.HTTPError) and e.response is not None and e.response.status_code >= 500
 
 
 def _absent(e: BaseException) -> bool:
-    return isinstance(e, MlflowException) and (e.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(e).lower())
+    """MLflow answered that the thing does not exist (a missing alias is INVALID_PARAMETER_VALUE)."""
+    if not isinstance(e, MlflowException):
+        return False
+    return e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e))
 
 
 def _first_line(e: BaseException) -> str:
@@ -208,6 +218,11 @@ class Tracker:
                 "mtrec.checkpoint": checkpoint_url, "mtrec.parent_checkpoint": parent or "",
                 "mtrec.parent_run_id": (parent_manifest or {}).get("mlflow_run_id", ""), "mtrec.version": __version__,
                 "mtrec.git": _git_commit(), "mlflow.runName": f"{kind} {days[0]}" + (f"..{days[-1]}" if len(days) > 1 else "")}
+        stale = self.call("searching unfinished runs", self.client.search_runs, [self.experiment_id()],
+                          f"attributes.status = 'RUNNING' and tags.`mtrec.date` = '{days[-1]}' and tags.`mtrec.kind` = '{kind}'")
+        for r in stale:  # a job killed (or cut off from MLflow) before it could mark its run FAILED
+            self.call("closing a stale run", self.client.set_terminated, r.info.run_id, "FAILED")
+            self.say(f"mlflow: marked run {r.info.run_id} of an earlier, unfinished {kind} job for {days[-1]} FAILED")
         run = self.call("starting the run", self.client.create_run, self.experiment_id(), tags=tags)
         return run.info.run_id
 
@@ -242,9 +257,10 @@ class Tracker:
         self.call("ending the run", self.client.set_terminated, run_id, status)
 
     def fail_run(self, run_id: str) -> None:
-        """Best effort (MLflow may be the reason the job failed)."""
-        with contextlib.suppress(Exception):  # the job's own error is the one to report
-            self.client.set_terminated(run_id, "FAILED")
+        """Best effort, with the usual retries (MLflow may be the reason the job failed; a run left
+        RUNNING is closed by the next `start_run` of the same job)."""
+        with contextlib.suppress(MtrecError):  # the job's own error is the one to report
+            self.call("marking the run FAILED", self.client.set_terminated, run_id, "FAILED")
 
     # ---- the served model --------------------------------------------------------------------------
     def log_model(self, run_id: str, served: ServedModel, example) -> str:
@@ -256,6 +272,7 @@ class Tracker:
             signature = infer_signature(example, served.predict_pandas(example))
 
             def log() -> str:  # Model.log with run_id: no fluent active run (whose exit would end the run)
+                mlflow.set_experiment(experiment_id=self.experiment_id())  # the logged model's home (default: experiment 0, ./mlruns)
                 info = Model.log(artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pyfunc, run_id=run_id,
                                  python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts={"served": tmp},
                                  signature=signature, input_example=example, pip_requirements=_requirements())
@@ -265,36 +282,52 @@ class Tracker:
 
     # ---- registry ----------------------------------------------------------------------------------
     def register(self, run_id: str, model_uri: str, checkpoint_url: str, day: dt.date) -> str:
-        """A version of the registered model for a published checkpoint; alias `challenger` -> it."""
+        """The version of the registered model for the published checkpoint of run `run_id`;
+        alias `challenger` -> it unless a newer day's version holds it; the run ends FINISHED.
+        Idempotent: a rerun after a partial registration finds the version (by run id) and
+        completes the rest; a retry after a timeout does not register twice."""
         tags = {"mtrec.date": day.isoformat(), "mtrec.checkpoint": checkpoint_url, "mtrec.run_id": run_id}
-        mv = self.call("registering the version", mlflow.register_model, model_uri, self.name, tags=tags)
-        self.call("setting the challenger alias", self.client.set_registered_model_alias, self.name, CHALLENGER, mv.version)
-        self.set_tags(run_id, {"mtrec.model_version": mv.version})
-        return str(mv.version)
 
-    def version_for(self, checkpoint_url: str) -> str | None:
-        """The version registered for a published checkpoint, if any."""
-        found = self.call("searching versions", self.client.search_model_versions,
-                          f"name = '{self.name}' and tags.`mtrec.checkpoint` = '{checkpoint_url}'")
-        return str(max(int(v.version) for v in found)) if found else None
+        def find_or_register():
+            return self.version_of_run(run_id, retry=False) or mlflow.register_model(model_uri, self.name, tags=tags)
+
+        version = str(self.call("registering the version", find_or_register).version)
+        current = self.alias(CHALLENGER)
+        if current is None or current.date <= day:  # a late re-registration of an older day does not move it back
+            self.call("setting the challenger alias", self.client.set_registered_model_alias, self.name, CHALLENGER, version)
+        self.set_tags(run_id, {"mtrec.model_version": version})
+        self.end_run(run_id)
+        return version
+
+    def version_of_run(self, run_id: str, retry: bool = True):
+        """The model version registered from run `run_id`, if any."""
+        query = f"name = '{self.name}' and tags.`mtrec.run_id` = '{run_id}'"
+        found = (self.call("searching versions", self.client.search_model_versions, query) if retry
+                 else self.client.search_model_versions(query))
+        return max(found, key=lambda v: int(v.version)) if found else None
 
     def ensure_registered(self, checkpoint_url: str, manifest: dict) -> str | None:
-        """A published checkpoint whose registration failed (MLflow down after the publish) gets
-        its version now, from the run that recorded it. Returns the version (None: the checkpoint
-        was trained without tracking)."""
-        found = self.version_for(checkpoint_url)
-        if found:
-            return found
+        """For a published checkpoint (a rerun that has nothing to train): its version, completing
+        a registration that MLflow's failure interrupted after the publish. None when the
+        checkpoint was trained without tracking or recorded in another tracking store."""
         run_id = manifest.get("mlflow_run_id")
         if not run_id:
             return None
-        run = self.call("reading the run", self.client.get_run, run_id)
+        if manifest.get("tracking_uri") not in (None, self.uri):
+            self.say(f"mlflow: {checkpoint_url} was recorded in {manifest['tracking_uri']}, not {self.uri}; not checking its version")
+            return None
+        mv = self.version_of_run(run_id)
+        run = self.call("reading the run", self.client.get_run, run_id, absent_ok=True)
+        if mv is not None and run is not None and run.info.status == "FINISHED":
+            return str(mv.version)
+        if run is None:
+            self.say(f"mlflow: run {run_id} of {checkpoint_url} is not in {self.uri} (deleted?); not registering it")
+            return str(mv.version) if mv is not None else None
         model_uri = run.data.tags.get("mtrec.model_uri")
         if not model_uri:
             raise TrackingError(f"run {run_id} of {checkpoint_url} has no logged model; retrain the day with --force")
         version = self.register(run_id, model_uri, checkpoint_url, dt.date.fromisoformat(manifest["date"]))
-        self.call("ending the run", self.client.set_terminated, run_id, "FINISHED")
-        self.say(f"registered version {version} of {self.name} for {checkpoint_url} (its registration had failed)")
+        self.say(f"mlflow: completed the registration of {checkpoint_url}: version {version} of {self.name}")
         return version
 
     def alias(self, alias: str) -> VersionInfo | None:
@@ -310,6 +343,9 @@ class Tracker:
 
 def _info(mv) -> VersionInfo:
     tags = dict(mv.tags or {})
+    if "mtrec.date" not in tags:
+        raise TrackingError(f"version {mv.version} of {mv.name} has no `mtrec.date` tag: it was not registered by an mtrec job; "
+                            "pass --version of one that was")
     return VersionInfo(str(mv.version), dt.date.fromisoformat(tags["mtrec.date"]), tags.get("mtrec.checkpoint", ""),
                        mv.run_id or tags.get("mtrec.run_id", ""), tags)
 
@@ -336,17 +372,14 @@ def _requirements() -> list[str]:
 
 class MtrecPyfunc(mlflow.pyfunc.PythonModel):
     """The MLflow face of `ServedModel`: a pandas DataFrame of raw feature columns in, one column
-    per task (probability; regression value) out. Needs mtrec installed where it is loaded."""
+    per task (probability; regression value) out (MLflow's schema check takes DataFrames; for
+    Arrow batches use `load_served(uri).predict(table)`, the same model). Needs mtrec installed
+    where it is loaded."""
 
     def load_context(self, context) -> None:
         self.served = ServedModel.load(context.artifacts["served"])
 
     def predict(self, context, model_input, params=None):
-        import pandas as pd
-        import pyarrow as pa
-
-        if isinstance(model_input, (pa.Table, pa.RecordBatch)):
-            return pd.DataFrame(self.served.predict(model_input))
         return self.served.predict_pandas(model_input)
 
 
@@ -354,9 +387,9 @@ def load_served(model_uri: str) -> ServedModel:
     """The ServedModel inside a logged/registered model (`models:/<name>@champion`, `runs:/...`)."""
     try:
         model = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as e:
+    except Exception as e:  # noqa: BLE001 - MLflow, network, a model logged by another version: one line
         raise TrackingError(f"cannot load {model_uri}: {_first_line(e)}; check the name, version or alias "
-                            "(and MLFLOW_TRACKING_URI)") from None
+                            f"and the tracking URI ({mlflow.get_tracking_uri()})") from None
     inner = model.unwrap_python_model()
     if not isinstance(inner, MtrecPyfunc):
         raise TrackingError(f"{model_uri} is not an mtrec model ({type(inner).__name__}); point --model at one mtrec logged")
@@ -431,7 +464,8 @@ def day_trend(tracker: Tracker, metrics: list[str]) -> dict[str, list[tuple[str,
     """Per metric, (trained-through date, next-day value) of the experiment's finished and current
     runs, oldest first (one point per date: the newest run)."""
     runs = tracker.call("searching runs", tracker.client.search_runs, [tracker.experiment_id()],
-                        "tags.`mtrec.date` != ''", max_results=1000, order_by=["attributes.start_time ASC"])
+                        "tags.`mtrec.date` != ''", max_results=1000, order_by=["attributes.start_time DESC"])
+    runs = list(reversed(runs))  # the newest 1000, oldest first
     out: dict[str, dict[str, float]] = {m: {} for m in metrics}
     for r in runs:
         if r.info.status == "FAILED":
@@ -470,9 +504,12 @@ def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, 
     for m in cfg.gate_metrics():
         if m not in challenger or m not in champion:
             raise GateRefused(f"metric {m} is missing from the evaluation (computed: {', '.join(sorted(challenger))}); "
-                              "fix `gate.metrics` in the config")
+                              "fix `gate.metrics`, or pass the model's own --config")
         a, b = challenger[m], champion[m]
         figures[m] = {"challenger": a, "champion": b}
+        if not (np.isfinite(a) and np.isfinite(b)):  # e.g. AUC of a slice with one class: cannot judge
+            worse.append(f"{m} is not a number on this slice (challenger {a}, champion {b})")
+            continue
         sign = GATE_METRICS[m.partition("/")[2]]
         gap = (a - b) if sign > 0 else (b - a) if sign < 0 else (abs(b - 1) - abs(a - 1))  # > 0: challenger better
         if gap < -tol:
@@ -523,7 +560,8 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         scores = {}
         for who, v in (("challenger", chal), ("champion", champ)):
             served = load_served(f"models:/{cfg.name}/{v.version}")
-            scores[who] = report(served.cfg, predict_day(served.model, served.cfg, day), truth)
+            scfg = served.cfg.with_overrides(logs=cfg.job.logs)  # both on the same slice, whatever logs they trained on
+            scores[who] = report(scfg, predict_day(served.model, scfg, day), truth)
         ok, worse, figures = compare(cfg, scores["challenger"], scores["champion"])
         summary = "; ".join(f"{m} {f['challenger']:.4f} vs {f['champion']:.4f}" for m, f in figures.items())
         reason = (f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}" if ok

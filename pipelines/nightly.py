@@ -106,8 +106,11 @@ def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary], say: Callable[[s
 
     last = summaries[-1]
     version = last.mlflow.get("version")
-    if not cfg.tracking.enabled or not version:
+    if not cfg.tracking.enabled:
         raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
+    if not version:
+        raise ConfigError(f"{last.checkpoint} has no registered version (it was trained without tracking); retrain it with --force "
+                          "to record and register it, or run `mtrec promote --version V` on a registered one")
     try:
         promote(cfg, version=version, say=say)
     except GateDeferred as e:

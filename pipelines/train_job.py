@@ -30,7 +30,7 @@ from mtrec import __version__
 from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, filesystem, join, list_day_files
 from mtrec.data.validate import validate_day
-from mtrec.errors import ConfigError, DataValidationError, MtrecError
+from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
 from mtrec.train.stream import read_good_rows
@@ -291,7 +291,7 @@ def run_job(
         return _train_and_publish(cfg, days, kind, parent, say, log_every, allow_config_change, summary, manifest, files, done, jid,
                                   staged, run, reports, tracker, run_id, t_job, t_epoch)
     except BaseException:
-        if tracker is not None:
+        if tracker is not None and not summary.mlflow.get("published"):  # a published day's run is complete: only its registration may lag
             tracker.fail_run(run_id)
         raise
 
@@ -371,24 +371,24 @@ def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent:
             if tracking_error:
                 raise tracking_error[0]
             summary.mlflow.update(record_job(tracker, run_id, cfg, staged, manifest, summary, reports, say))
-        except MtrecError as e:
+        except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
             checkpoint.discard(staged)
             left = checkpoint.latest_partial(cfg, end)
             resume = f"; the next run resumes from {left[0]} (step {left[1]['step']})" if left else ""
-            raise e.reworded(f"{e}; the day was trained but nothing was published{resume}") from None
+            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {run_id} failed: {_first_line(e)}")
+            raise err.reworded(f"{err}; the day was trained but nothing was published{resume}") from None
         marks["recorded"] = time.time() - t_epoch
     checkpoint.publish(staged, summary.checkpoint)
+    summary.mlflow["published"] = True
     checkpoint.prune_partials(cfg, end)
     say(f"published {summary.checkpoint}")
     marks["published"] = time.time() - t_epoch
     if tracker is not None:  # after publishing: no version points at a missing checkpoint
         try:
             summary.mlflow["version"] = tracker.register(run_id, summary.mlflow["model_uri"], summary.checkpoint, end)
-            tracker.end_run(run_id)
         except MtrecError as e:
-            raise e.reworded(f"{e}; {summary.checkpoint} is published and run {run_id} recorded, but no model version is "
-                             "registered for it: rerun the same command once MLflow is back, it registers the version without "
-                             "retraining") from None
+            raise e.reworded(f"{e}; {summary.checkpoint} is published and run {run_id} recorded, but its registration did not "
+                             "complete: rerun the same command once MLflow is back, it completes it without retraining") from None
         say(f"registered version {summary.mlflow['version']} of {cfg.name} (alias challenger)")
         marks["registered"] = time.time() - t_epoch
     summary.phases = {k: round(v, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from mtrec.config import load_config
 from mtrec.data.synth import write_world
@@ -61,6 +62,8 @@ def test_gate_compares_each_metric_in_its_direction_within_tolerance(tmp_path):
     assert not ok
     assert worse[0] == "ctr/auc 0.6800 vs champion 0.7000 (worse by 0.0200 > tolerance 0.01)"
     assert worse[1].startswith("ctr/ne 0.9500 vs champion 0.9000") and worse[2].startswith("ctr/calibration 1.2000")
+    ok, worse, _ = compare(cfg, {"ctr/auc": float("nan"), "ctr/ne": 0.9, "ctr/calibration": 1.0}, champ)
+    assert not ok and worse == ["ctr/auc is not a number on this slice (challenger nan, champion 0.7)"]
     with pytest.raises(GateRefused, match="metric ctr/ne is missing"):
         compare(cfg, {"ctr/auc": 0.7}, champ)
     assert load_config("esmm").gate_metrics() == ["ctr/auc", "cvr/auc", "ctcvr/auc"]
@@ -231,6 +234,8 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     for r, s, eval_day in zip(runs, summaries, (DAY2, DAY3, DAY4), strict=True):
         assert r.data.tags["mtrec.checkpoint"] == s.checkpoint and os.path.exists(f"{s.checkpoint}/_SUCCESS")
         assert r.data.tags["mtrec.eval_day"] == str(eval_day)
+        model_id = r.data.tags["mtrec.model_uri"].removeprefix("models:/")
+        assert client.get_logged_model(model_id).experiment_id == exp.experiment_id  # not the Default experiment
         assert r.data.params["train.batch_size"] == "256" and r.data.params["world_size"] == "1"
         assert r.data.params["plan.user_id"] == "table_wise"
         for task in ("ctr", "cvr", "ctcvr"):
@@ -291,7 +296,6 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
     from mlflow import MlflowClient
 
     from mtrec.cli import main
-    from pipelines.full_retrain import run_train
 
     cfg, _, _ = three_days
     client = MlflowClient(server.uri, server.uri)
@@ -308,12 +312,18 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
             (bad_logs / f"dt={day}").mkdir(parents=True, exist_ok=True)
             pq.write_table(t, bad_logs / f"dt={day}" / f.name)
     shutil.copytree(Path(world4, "_truth"), bad_logs / "_truth")
-    bad = small(str(bad_logs), str(tmp_path / "work"), uri=server.uri)
-    s = run_train(bad, DAY1, DAY3, say=quiet)
-    version = s.mlflow["version"]
-    assert client.get_model_version_by_alias(cfg.name, "challenger").version == version
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)  # the CLI's config names no tracking URI
-    rc = main(["promote", "--config", "esmm", "--name", cfg.name, "--logs", world4, "--workdir", str(tmp_path / "work")])
+    # through the CLI with relative paths (Ray Train runs its workers in another directory)
+    d = small(str(bad_logs), str(tmp_path / "work")).model_dump(mode="json")
+    d["job"].update(logs="shuffled", workdir="work")
+    d["tracking"].pop("uri")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    assert main(["train", "--config", "bad.yaml", "--from", str(DAY1), "--to", str(DAY3)]) == 0
+    assert (tmp_path / "work" / "checkpoints" / cfg.name / f"dt={DAY3}" / "_SUCCESS").exists()
+    version = client.get_model_version_by_alias(cfg.name, "challenger").version
+    assert client.get_model_version(cfg.name, version).tags["mtrec.checkpoint"] == str(tmp_path / "work" / "checkpoints" / cfg.name / f"dt={DAY3}")
+    rc = main(["promote", "--config", "esmm", "--name", cfg.name, "--logs", world4, "--workdir", "work"])
     assert rc == 5
     v = client.get_model_version(cfg.name, version)
     assert v.tags["mtrec.gate.decision"] == "refused"
@@ -349,15 +359,35 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
     for v in client.search_model_versions(f"name = '{cfg.name}'"):  # no version points at a missing checkpoint
         assert os.path.exists(f"{v.tags['mtrec.checkpoint']}/_SUCCESS")
 
-    real = tracking.Tracker.register
-    monkeypatch.setattr(tracking.Tracker, "register", lambda *a, **k: (_ for _ in ()).throw(TrackingError("MLflow at x is unreachable")))
-    with pytest.raises(TrackingError, match="is published and run .* recorded, but no model version is registered"):
+    runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id], f"tags.`mtrec.date` = '{DAY4}'")
+    assert [r.info.status for r in runs] == ["RUNNING"]  # MLflow was down: it could not be marked FAILED
+    stale = runs[0].info.run_id
+
+    def down(*_a, **_k):
+        raise TrackingError("MLflow at x is unreachable")
+
+    # 1. MLflow fails after the publish: the day is published, its registration incomplete
+    monkeypatch.setattr(tracking.mlflow, "register_model", down)
+    with pytest.raises(TrackingError, match="is published and run .* recorded, but its registration did not complete"):
         run_nightly(cfg, DAY4, say=quiet)
+    monkeypatch.undo()
+    assert client.get_run(stale).info.status == "FAILED"  # closed by the next run of the same job
     assert DAY4 in checkpoint.published_days(cfg)
-    assert not client.search_model_versions(f"name = '{cfg.name}' and tags.`mtrec.checkpoint` = '{url}'")
-    monkeypatch.setattr(tracking.Tracker, "register", real)
-    again = run_nightly(cfg, DAY4, say=quiet)  # already published: registers the version, trains nothing
-    assert again[0].skipped
-    (v,) = client.search_model_versions(f"name = '{cfg.name}' and tags.`mtrec.checkpoint` = '{url}'")
-    assert again[0].mlflow["version"] == v.version and v.tags["mtrec.date"] == str(DAY4)
-    assert client.get_run(v.run_id).info.status == "FINISHED"
+    run_id = checkpoint.read_manifest(url)["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # recorded, not failed: only the registration lags
+    by_run = f"name = '{cfg.name}' and tags.`mtrec.run_id` = '{run_id}'"
+    assert not client.search_model_versions(by_run)
+    # 2. the rerun registers the version, then MLflow fails before the alias: still incomplete
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(TrackingError):
+        run_nightly(cfg, DAY4, say=quiet)
+    monkeypatch.undo()
+    (v,) = client.search_model_versions(by_run)
+    assert client.get_model_version_by_alias(cfg.name, "challenger").version != v.version
+    # 3. the next rerun completes it: no second version, alias moved, run FINISHED; nothing trained
+    again = run_nightly(cfg, DAY4, say=quiet)
+    assert again[0].skipped and again[0].mlflow["version"] == v.version
+    assert [x.version for x in client.search_model_versions(by_run)] == [v.version]
+    assert v.tags["mtrec.date"] == str(DAY4) and v.tags["mtrec.checkpoint"] == url
+    assert client.get_model_version_by_alias(cfg.name, "challenger").version == v.version
+    assert client.get_run(run_id).info.status == "FINISHED"
