@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from mtrec.config import MtrecConfig, load_config
 from mtrec.errors import (
+    BNCheckFailed,
     CheckpointError,
     ConfigError,
     DataValidationError,
@@ -25,4 +26,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["CheckpointError", "ConfigError", "DataValidationError", "GateRefused", "MtrecConfig", "MtrecError", "TrackingError", "__version__", "load_config"]
+__all__ = ["BNCheckFailed", "CheckpointError", "ConfigError", "DataValidationError", "GateRefused", "MtrecConfig", "MtrecError", "TrackingError", "__version__", "load_config"]

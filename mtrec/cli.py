@@ -157,6 +157,28 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bn_check(args: argparse.Namespace) -> int:
+    from mtrec.config import load_config
+    from mtrec.data.io import parse_date
+    from mtrec.errors import BNCheckFailed
+    from pipelines.bn_check import run_bn_check
+
+    cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
+    day = parse_date(args.date)
+    if args.model:
+        _tracking_env(cfg)
+    out = run_bn_check(cfg, day, model_uri=args.model, url=args.checkpoint, recalibrate=args.recalibrate, say=_say)
+    final = out["after"] or out["before"]
+    if args.json:
+        import json
+
+        print(json.dumps({"before": json.loads(out["before"].to_json()), "after": json.loads(out["after"].to_json()) if out["after"] else None,
+                          "version": out["version"]}, indent=2))
+    if not final.passed:
+        raise BNCheckFailed(final.summary())
+    return 0
+
+
 def _tracking_env(cfg) -> None:
     """`models:/` URIs resolve against the config's tracking store (embedded sqlite by default)."""
     import mlflow
@@ -270,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", help="day to compare on (default: the newest day with logs neither model trained on)")
     p.add_argument("--json", action="store_true", help="also print the decision as JSON")
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("bn-check", help="BatchNorm statistics of a model vs a day as served; --recalibrate fixes them")
+    _common(p)
+    p.add_argument("--model", help="MLflow model URI, e.g. models:/esmm_synth@challenger (default: the newest checkpoint before --date)")
+    p.add_argument("--checkpoint", help="checkpoint URL instead of --model")
+    p.add_argument("--recalibrate", action="store_true", help="recompute the BN statistics on --date and register the result as a new version")
+    p.add_argument("--json", action="store_true", help="also print the reports as JSON")
+    p.set_defaults(func=cmd_bn_check)
 
     p = sub.add_parser("demo", help="the whole story on a small synthetic world, on one machine")
     p.add_argument("--workdir", default="./mtrec-demo", help="where the demo writes everything (default ./mtrec-demo)")

@@ -218,6 +218,17 @@ class EmbeddingOptimizerConfig(_Strict):
     lr: float = Field(0.05, gt=0, description="Learning rate.")
 
 
+class SamplingConfig(_Strict):
+    label: str = Field("click", description="Binary label that defines positives and negatives for sampling.")
+    negative_rate: float = Field(1.0, gt=0, le=1, description="Fraction of negative rows kept (1 = no down-sampling); scores are corrected back at serving.")
+    positive_repeat: int = Field(1, ge=1, description="Times each positive row is trained (1 = no over-sampling); scores are corrected back at serving.")
+
+    @property
+    def odds_factor(self) -> float:
+        """How much sampling multiplies the odds of a positive: positive_repeat / negative_rate."""
+        return self.positive_repeat / self.negative_rate
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(2048, gt=0, description="Rows per batch per worker.")
     seed: int = Field(0, description="Seed of parameter init and of any sampling.")
@@ -231,6 +242,7 @@ class TrainConfig(_Strict):
     ingest_buffer_mb: int = Field(512, gt=0, description="Object-store memory Ray Data may fill ahead of the workers: bounds the job's memory whatever the size of the range.")
     checkpoint_every_batches: int = Field(500, gt=0, description="Intra-day checkpoint period in steps: a failed job (or a restarted worker) resumes from the newest one instead of restarting the day.")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts Ray Train may make within one job (each resumes from the newest intra-day checkpoint); 0 = fail at the first worker failure.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training-time sampling (negative down-sampling, positive over-sampling), deterministic per row.")
 
 
 RESOURCE_KEYS = {"num_workers", "cpus_per_worker", "placement", "torch_threads", "ingest_buffer_mb",
@@ -276,6 +288,13 @@ GATE_METRICS = {"auc": 1, "gauc": 1, "pearson": 1, "auc_unbiased": 1, "auc_entir
                 "ne": -1, "log_loss": -1, "mse": -1, "calibration": 0}  # lower is better; 0: |x - 1| lower is better
 
 
+class BNCheckConfig(_Strict):
+    max_smd: float = Field(0.25, gt=0, description="A BN layer fails when the mean over its channels of |running mean - serving mean| / serving std exceeds this.")
+    max_abs_log_var_ratio: float = Field(0.5, gt=0, description="A BN layer fails when the mean over its channels of |log(running var / serving var)| exceeds this.")
+    max_kl: float = Field(0.1, gt=0, description="A BN layer fails when the mean over its channels of KL(serving || running), two Gaussians, exceeds this.")
+    batch_rows: int = Field(8192, gt=0, description="Rows per forward pass of the check and of recalibration (memory bound).")
+
+
 class GateConfig(_Strict):
     metrics: list[str] | None = Field(None, description="Metrics the promotion gate compares, `<task>/<metric>`; default: auc of every binary task and joint, mse of regression tasks.")
     tolerance: float = Field(0.002, ge=0, description="How much worse than the champion a metric may be (absolute) and still pass; ~the day-to-day noise of AUC on 100k rows.")
@@ -300,6 +319,7 @@ class MtrecConfig(_Strict):
     job: JobConfig = Field(default_factory=JobConfig, description="Paths and job settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     gate: GateConfig = Field(default_factory=GateConfig, description="The promotion gate (`mtrec promote`).")
+    bn: BNCheckConfig = Field(default_factory=BNCheckConfig, description="BatchNorm statistics consistency check (`mtrec bn-check`).")
 
     @field_validator("labels")
     @classmethod
@@ -336,6 +356,13 @@ class MtrecConfig(_Strict):
         outputs = names + [t.joint_name for t in self.tasks if t.joint_name]
         if len(set(outputs)) != len(outputs):
             raise ValueError(f"task and joint names must be distinct, got {', '.join(outputs)}; rename a `joint`")
+        sl = self.train.sampling.label
+        if sl not in self.labels or self.labels[sl] != LabelKind.BINARY:
+            raise ValueError(f"`train.sampling.label` is `{sl}`, not a binary label; use one of "
+                             f"{', '.join(k for k, v in self.labels.items() if v == LabelKind.BINARY)}")
+        if self.train.sampling.odds_factor != 1 and not any(t.label == sl and t.given is None for t in self.tasks):
+            raise ValueError(f"`train.sampling` changes the rate of `{sl}` but no root task (without `given`) predicts it, so "
+                             "scores could not be corrected; sample on the root task's label")
         for m in self.gate.metrics or []:
             if m.partition("/")[0] not in outputs:
                 raise ValueError(f"gate metric `{m}` names no task; use one of {', '.join(outputs)}")

@@ -48,3 +48,9 @@ class TrackingError(MtrecError):
     """MLflow (tracking store or registry) is unreachable or refused a call."""
 
     exit_code = 6
+
+
+class BNCheckFailed(MtrecError):
+    """A model's BatchNorm running statistics do not match the serving-like slice."""
+
+    exit_code = 7

@@ -446,6 +446,7 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
             say(f"evaluated on {eval_day}: " + ", ".join(f"{m} {metrics[m]:.4f}" for m in cfg.gate_metrics() if m in metrics))
         else:
             say(f"no logs for {eval_day} yet: the run has no evaluation metrics (the promotion gate evaluates once they land)")
+        bn_result = record_bn(tracker, run_id, served, cfg, eval_day if metrics else None, out, say)
         curve = plots.position_bias(cfg, full, out / "plots" / "position_bias.png")
         if curve:
             tracker.log_metrics(run_id, {f"position_bias/{p}": v for p, v in enumerate(curve)})
@@ -455,9 +456,30 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
         tracker.log_artifacts(run_id, tmp)
     example = example_rows(cfg, eval_day if metrics else last, served.columns)
     model_uri = tracker.log_model(run_id, served, example)
-    tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.eval_day": eval_day.isoformat() if metrics else ""})
+    tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result})
     say(f"recorded run {run_id} in {tracker.uri} ({time.perf_counter() - t0:.1f}s)")
     return {"model_uri": model_uri, "eval_day": eval_day.isoformat() if metrics else None, "metrics": metrics, "gate": cfg.gate_metrics()}
+
+
+def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConfig, day: dt.date | None, out: Path,
+              say: Callable[[str], None] = print) -> str:
+    """A model with BatchNorm: its running statistics as an artifact and, when `day` has logs, the
+    consistency check against it (metrics `bn/...`, `bn/check.json`, `plots/bn_drift.png`).
+    Returns "passed", "failed", "not run" (no day) or "no BN layers"."""
+    from mtrec import bn
+
+    if not bn.bn_layers(served.model):
+        return "no BN layers"
+    (out / "bn").mkdir(exist_ok=True)
+    (out / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
+    if day is None:
+        return "not run"
+    report = bn.check(served.model, served.cfg.with_overrides(logs=cfg.job.logs), day)
+    tracker.log_metrics(run_id, report.metrics())
+    (out / "bn" / "check.json").write_text(report.to_json())
+    bn.drift_plot(report, out / "plots" / "bn_drift.png")
+    say(f"{report.summary()} ({report.seconds:.1f}s)")
+    return "passed" if report.passed else "failed"
 
 
 def day_trend(tracker: Tracker, metrics: list[str]) -> dict[str, list[tuple[str, float]]]:
@@ -489,11 +511,12 @@ class GateDecision:
     slice: str | None
     reason: str
     figures: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {challenger, champion}
+    bn: str = ""  # the challenger's BN check on the slice: passed | failed | no BN layers
 
     def tags(self) -> dict[str, str]:
         return {"mtrec.gate.decision": "promoted" if self.promoted else "refused", "mtrec.gate.reason": self.reason[:5000],
                 "mtrec.gate.champion": self.champion or "", "mtrec.gate.slice": self.slice or "",
-                "mtrec.gate.figures": json.dumps(self.figures)[:5000]}
+                "mtrec.gate.figures": json.dumps(self.figures)[:5000], "mtrec.gate.bn": self.bn}
 
 
 def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, float]) -> tuple[bool, list[str], dict]:
@@ -556,17 +579,27 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             raise GateRefused(f"--date {day} is not after both models' training (challenger to {chal.date}, champion to {champ.date}); "
                               "pass a later day")
         say(f"gate: challenger v{chal.version} (trained to {chal.date}) vs champion v{champ.version} (trained to {champ.date}) on {day}")
+        from mtrec import bn
+
         truth = read_truth(cfg, day)
-        scores = {}
+        scores, bn_report = {}, None
         for who, v in (("challenger", chal), ("champion", champ)):
             served = load_served(f"models:/{cfg.name}/{v.version}")
             scfg = served.cfg.with_overrides(logs=cfg.job.logs)  # both on the same slice, whatever logs they trained on
             scores[who] = report(scfg, predict_day(served.model, scfg, day), truth)
+            if who == "challenger" and bn.bn_layers(served.model):
+                bn_report = bn.check(served.model, scfg, day)
+                say(bn_report.summary())
         ok, worse, figures = compare(cfg, scores["challenger"], scores["champion"])
+        bn_failed = bn_report is not None and not bn_report.passed  # statistics that do not match what serving sees
         summary = "; ".join(f"{m} {f['challenger']:.4f} vs {f['champion']:.4f}" for m, f in figures.items())
-        reason = (f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}" if ok
-                  else f"worse than champion v{champ.version} on {day}: " + "; ".join(worse))
-        decision = GateDecision(ok, chal.version, champ.version, day.isoformat(), reason, figures)
+        reasons = ([f"worse than champion v{champ.version} on {day}: " + "; ".join(worse)] if worse else []) + (
+            [f"its {bn_report.summary()}"] if bn_failed else [])
+        ok = ok and not bn_failed
+        reason = (f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}"
+                  + ("; BN check passed" if bn_report is not None else "") if ok else "; ".join(reasons))
+        decision = GateDecision(ok, chal.version, champ.version, day.isoformat(), reason, figures,
+                                bn="no BN layers" if bn_report is None else ("passed" if bn_report.passed else "failed"))
     for k, v in decision.tags().items():
         tracker.call("tagging the version", tracker.client.set_model_version_tag, cfg.name, chal.version, k, v)
     if not decision.promoted:

@@ -80,6 +80,9 @@ class TrainSummary:
             f"trained {self.rows:,} rows of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
             f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, {self.wall_s:.1f}s wall",
             f"  {self.kind}: {start}",
+            *([f"  sampling: {sum(w.get('sampled_rows', 0) for w in self.workers):,} rows trained after sampling "
+               f"(negative_rate / positive_repeat in train.sampling)"]
+              if any(w.get("sampled_rows", w["rows"]) != w["rows"] for w in self.workers) else []),
             f"  {per}",
             f"  embedding shards per worker: {', '.join(f'worker {r}: {n} tables' for r, n in sorted(tables.items()))}",
             f"  loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "  loss: no batches",

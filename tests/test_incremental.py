@@ -33,6 +33,7 @@ def inc_cfg(world, workdir, **train):
     d["model"]["dropout"] = 0.1
     d["model"]["shallow_tower"] = {"hidden": [8]}
     d["train"].update({"checkpoint_every_batches": 20, **train})
+    d["tracking"]["enabled"] = False  # MLflow is tested in test_tracking.py; these jobs test training
     return type(cfg).model_validate(d)
 
 

@@ -41,6 +41,7 @@ BIN = Path(sys.executable).parent
 def small_config(logs: str, workdir: str, workers: int = 2, **train):
     cfg = load_config("esmm", logs=logs, workdir=workdir).model_dump(mode="json")
     cfg["train"].update(batch_size=256, num_workers=workers, **train)
+    cfg["tracking"]["enabled"] = False  # MLflow is tested in test_tracking.py; these jobs test training
     for f in cfg["features"]["sparse"]:
         f["hash_size"] = min(f["hash_size"], 20_000)
     return type(load_config("esmm")).model_validate(cfg)

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def small(logs: str, workdir: str, uri: str | None = None, **tracking):
     d = load_config("esmm", logs=logs, workdir=workdir).model_dump(mode="json")
     d["train"].update(batch_size=256, num_workers=1)
+    d["model"]["batch_norm"] = True  # the BN check runs in every job and in the gate
     for f in d["features"]["sparse"]:
         f["hash_size"] = min(f["hash_size"], 20_000)
     d["tracking"].update(uri=uri, retries=1, backoff_s=0.2, timeout_s=5, **tracking)
@@ -247,8 +248,11 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         assert client.get_metric_history(r.info.run_id, "train/rows_per_s")[-1].value > 0
         files = {f.path for f in client.list_artifacts(r.info.run_id)} | {
             f.path for d in ("plots", "validation") for f in client.list_artifacts(r.info.run_id, d)}
-        assert {"config.json", "manifest.json", f"validation/dt={r.data.tags['mtrec.date']}.json",
-                "plots/calibration.png", "plots/metric_trend.png"} <= files
+        files |= {f.path for f in client.list_artifacts(r.info.run_id, "bn")}
+        assert {"config.json", "manifest.json", f"validation/dt={r.data.tags['mtrec.date']}.json", "bn/running_stats.json",
+                "bn/check.json", "plots/calibration.png", "plots/metric_trend.png", "plots/bn_drift.png"} <= files
+        assert r.data.tags["mtrec.bn_check"] == ("passed" if r.data.metrics["bn/passed"] == 1.0 else "failed")
+        assert r.data.metrics["bn/layers"] == 6 and 0 <= r.data.metrics["bn/towers.ctr.mlp.1/smd_mean"] < 10
     versions = sorted(client.search_model_versions(f"name = '{cfg.name}'"), key=lambda v: int(v.version))
     assert [v.tags["mtrec.date"] for v in versions] == [str(DAY1), str(DAY2), str(DAY3)]
     assert [v.tags["mtrec.checkpoint"] for v in versions] == [s.checkpoint for s in summaries]
@@ -260,6 +264,7 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         decision = v.tags["mtrec.gate.decision"]
         assert decision == ("refused" if isinstance(g, GateRefused) else "promoted")
         assert v.tags["mtrec.gate.slice"] == str(DAY4) and "ctr/auc" in v.tags["mtrec.gate.figures"]
+        assert v.tags["mtrec.gate.bn"] in ("passed", "failed") and (v.tags["mtrec.gate.bn"] == "passed" or decision == "refused")
         champion = v.version if decision == "promoted" else champion
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
 

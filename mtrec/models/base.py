@@ -10,11 +10,18 @@ Output dict (stable; keys are the config's task names):
     "<joint>"         for a task with `given`: p(given) x p(task) (ESMM's pCTCVR), B.
     "bias_logit"      the shallow tower's logit, B (training only, when bias features are given).
 
+Sampling correction: a model trained with `train.sampling` (negatives down-sampled at rate r,
+positives repeated k times) learns odds k/r times too high for the sampled label. In eval mode
+(scoring, serving) the root task of that label gets log(k/r) subtracted from its logit, i.e.
+p' = p / (p + (1 - p) k / r), before the joints are formed; training (train mode) is unchanged.
+
 Subclasses implement `task_logits(x)`: one raw B-vector per task from `features(batch)` (by default
 the B x D sparse-arch output).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -42,6 +49,9 @@ class MultiTaskModel(nn.Module):
         self.shallow_tower = ShallowTower(cfg.features.bias, st) if st is not None else None
         roots = [t.name for t in cfg.tasks if t.given is None and self.binary[t.name]]
         self.bias_tasks = (st.apply_to or roots[:1]) if st is not None else []
+        sampling = cfg.train.sampling
+        self.score_offsets = {t.name: math.log(sampling.odds_factor) for t in cfg.tasks
+                              if t.given is None and t.label == sampling.label and sampling.odds_factor != 1}
 
     def features(self, batch: Batch) -> torch.Tensor:
         return self.sparse_arch(batch.sparse, batch.dense)  # B x D
@@ -65,6 +75,8 @@ class MultiTaskModel(nn.Module):
         for name in self.task_names:
             if name in out:
                 continue
+            if not self.training and name in self.score_offsets:  # back from the sampled space
+                logits[name] = logits[name] - self.score_offsets[name]
             if self.binary[name]:
                 out[f"{name}_logit"] = logits[name]
                 out[name] = torch.sigmoid(logits[name])

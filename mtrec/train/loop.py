@@ -32,6 +32,7 @@ from torch import nn
 from mtrec.config import MtrecConfig
 from mtrec.data.batch import BatchConverter, pad_batch
 from mtrec.train.position import Position, batch_positions
+from mtrec.train.sampling import sample
 
 
 @dataclass
@@ -40,7 +41,8 @@ class WorkerStats:
 
     rank: int
     world_size: int
-    rows: int = 0
+    rows: int = 0  # rows consumed from the stream
+    sampled_rows: int = 0  # rows trained after `train.sampling` (= rows without sampling)
     batches: int = 0
     steps: int = 0  # lockstep steps, pad steps included
     pad_steps: int = 0
@@ -127,7 +129,7 @@ def train_stream(
     rank = dist.get_rank(pg) if dist.is_initialized() else 0
     stats = WorkerStats(rank=rank, world_size=world)
     conv = BatchConverter(cfg)
-    pad = pad_batch(cfg).to(device) if world > 1 else None
+    pad = pad_batch(cfg).to(device)
     bns = _batchnorms(dmp)
     dense_params = [p for g in optimizer.param_groups for p in g["params"]]
     it = iter(batches)
@@ -144,41 +146,47 @@ def train_stream(
         if rb is not None and t0 is None:
             t0 = time.perf_counter()
             stats.first_batch_wait_s = t0 - t_start
+        fed = None  # the rows this rank trains on this step: rb after sampling
+        if rb is not None:
+            stats.rows += rb.num_rows  # consumed (sampled out or not): exactly-once counts these
+            if position is not None and (pos := batch_positions(rb)) is not None:
+                position.add_batch(*pos)
+            fed = sample(rb, cfg.train.sampling, cfg.train.seed)
+            stats.sampled_rows += fed.num_rows
+            fed = fed if fed.num_rows else None
         if world > 1:
-            flag = torch.tensor([0 if rb is None else 1], dtype=torch.int64, device=device)
+            flag = torch.tensor([0 if rb is None else 1, 0 if fed is None else 1], dtype=torch.int64, device=device)
             dist.all_reduce(flag, group=pg)
-            active = int(flag.item())
+            alive, active = int(flag[0].item()), int(flag[1].item())
         else:
-            active = 0 if rb is None else 1
-        if active == 0:
+            alive, active = int(rb is not None), int(fed is not None)
+        if alive == 0:
             break
         optimizer.zero_grad()
         torch.manual_seed(step_seed(cfg.train.seed, rng_key, start_step + stats.steps, rank))
-        if rb is not None:
+        if fed is not None:
             tc = time.perf_counter()
-            batch = conv(rb).to(device)
+            batch = conv(fed).to(device)
             stats.convert_s += time.perf_counter() - tc
-            with _frozen(bns, rb.num_rows < 2):  # BatchNorm cannot take batch statistics of one row
+            with _frozen(bns, fed.num_rows < 2):  # BatchNorm cannot take batch statistics of one row
                 loss, (task_losses, _, _) = dmp(batch)
                 loss.backward()
             window[0] += float(loss.item())
             window[1] += 1
             for i, name in enumerate(tasks):
                 window[2][i] += float(task_losses[name])
-            stats.rows += rb.num_rows
             stats.batches += 1
-            if position is not None and (pos := batch_positions(rb)) is not None:
-                position.add_batch(*pos)
-        else:
+        else:  # this rank's stream has ended (or sampling left nothing): the collectives still need it
             with _frozen(bns):  # the pad rows must not move the running statistics
                 loss, _ = dmp(pad)
                 (loss * 0.0).backward()
             stats.pad_steps += 1
-        if active < world:  # DDP averaged over `world` ranks, of which only `active` trained
+        if 0 < active < world:  # DDP averaged over `world` ranks, of which only `active` trained
             for p in dense_params:
                 if p.grad is not None:
                     p.grad.mul_(world / active)
-        optimizer.step()
+        if active:  # nobody trained (every rank's batch sampled away): Adam's momentum must not move
+            optimizer.step()
         stats.steps += 1
         if stats.steps % log_every == 0:
             _progress(stats, window, t0, world, device, pg, on_progress, start_step, tasks)

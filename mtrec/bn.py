@@ -1,0 +1,268 @@
+"""BatchNorm statistics consistency: catch the offline/online mismatch before it ships (DUPN's lesson).
+
+BN's running mean and variance are learned from the *training* stream. When that stream is
+filtered or re-balanced (negatives down-sampled, clicks over-sampled: `train.sampling`), the
+statistics describe another population than the one the model is served on. Served traffic is then
+normalized wrongly, and the model degrades online while offline metrics computed the same wrong
+way look fine.
+
+    capture      every BN layer's running mean / var / count, as the checkpoint holds them
+    reference    the mean / var of each BN layer's *input* on a serving-like slice: a day's
+                 impressions as served (no sampling, no bias features), streamed through the model
+                 in eval mode with forward hooks; float64 sums, bounded memory (one batch at a time)
+    compare      per layer and channel c, with mu/var the running and m/v the reference values:
+                   smd   = |mu_c - m_c| / sqrt(v_c)                  standardized mean difference
+                   lvr   = log(var_c / v_c)                          log variance ratio
+                   kl    = KL(N(m_c, v_c) || N(mu_c, var_c))
+                         = 0.5 * (log(var_c / v_c) + (v_c + (m_c - mu_c)^2) / var_c - 1)
+                 summarized per layer (mean and max over channels). A layer fails when the mean
+                 over its channels of smd, |lvr| or kl exceeds `bn.max_smd`,
+                 `bn.max_abs_log_var_ratio` or `bn.max_kl`.
+    recalibrate  the fix: reset the running statistics and recompute them on the serving-like slice
+                 as a cumulative average (momentum None), BN layers in train mode and every other
+                 module in eval mode (dropout off), no gradients. Only BN buffers change.
+
+Example:
+    >>> report = check(model, cfg, day)          # model: a MultiTaskModel (ServedModel.model)
+    >>> report.passed, report.worst
+    (False, 'towers.ctr.mlp.1')
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from mtrec.config import BNCheckConfig, MtrecConfig
+from mtrec.data.batch import BatchConverter
+from mtrec.data.io import list_day_files
+from mtrec.data.validate import iter_file_batches
+from mtrec.errors import DataValidationError
+
+_EPS = 1e-5  # BatchNorm1d's default eps: variances below it are noise
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of `model` by its module name, in forward order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def capture(model: nn.Module) -> dict[str, dict]:
+    """The running statistics of every BN layer (JSON-ready lists)."""
+    return {name: {"running_mean": m.running_mean.double().tolist(), "running_var": m.running_var.double().tolist(),
+                   "num_batches_tracked": int(m.num_batches_tracked)} for name, m in bn_layers(model).items()}
+
+
+class _Moments:
+    """Per-channel count, sum and sum of squares (float64) of a layer's inputs."""
+
+    def __init__(self, channels: int):
+        self.n = 0
+        self.s = np.zeros(channels)
+        self.ss = np.zeros(channels)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().double().reshape(x.shape[0], x.shape[1], -1).transpose(1, 2).reshape(-1, x.shape[1])  # rows x C
+        self.n += x.shape[0]
+        self.s += x.sum(0).numpy()
+        self.ss += (x * x).sum(0).numpy()
+
+    def mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.s / max(self.n, 1)
+        return mean, np.maximum(self.ss / max(self.n, 1) - mean * mean, 0.0)  # population variance, as BN normalizes
+
+
+def serving_batches(cfg: MtrecConfig, day: dt.date, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A day's impressions as served: every row of every file, feature columns only (no labels,
+    no sampling, no bias features)."""
+    f = cfg.features
+    columns = list(dict.fromkeys([s.source for s in f.sparse] + [d.source for d in f.dense]))
+    files = list_day_files(cfg.job.logs, day)
+    if not files:
+        raise DataValidationError(f"no logs for {day} under {cfg.job.logs} to compute the serving statistics on; pass a day with logs")
+    for fl in files:
+        yield from iter_file_batches(fl, columns=columns, batch_rows=batch_rows)
+
+
+@torch.no_grad()
+def reference(model: nn.Module, cfg: MtrecConfig, day: dt.date) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """({layer: (mean, var) of its input on the day as served}, rows): eval mode, forward hooks."""
+    layers = bn_layers(model)
+    moments = {name: _Moments(m.num_features) for name, m in layers.items()}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: moments[name].add(args[0])) for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    conv = BatchConverter(cfg)
+    rows = 0
+    try:
+        for rb in serving_batches(cfg, day, cfg.bn.batch_rows):
+            model(conv(rb, with_bias=False, with_labels=False))
+            rows += rb.num_rows
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {name: m.mean_var() for name, m in moments.items()}, rows
+
+
+def figures(mu: np.ndarray, var: np.ndarray, m: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-channel smd, log variance ratio and KL(N(m, v) || N(mu, var)) (see the module docstring)."""
+    var, v = np.maximum(var, _EPS), np.maximum(v, _EPS)
+    lvr = np.log(var / v)
+    return {"smd": np.abs(mu - m) / np.sqrt(v), "log_var_ratio": lvr, "kl": 0.5 * (lvr + (v + (m - mu) ** 2) / var - 1.0)}
+
+
+@dataclass
+class LayerCheck:
+    layer: str
+    channels: int
+    smd_mean: float
+    smd_max: float
+    abs_log_var_ratio_mean: float
+    abs_log_var_ratio_max: float
+    kl_mean: float
+    kl_max: float
+    passed: bool
+    failing: list[str] = field(default_factory=list)  # "smd_mean 0.61 > 0.25", ...
+
+
+@dataclass
+class BNReport:
+    """The check of one model on one day. `passed` when no layer fails (and when there is no BN)."""
+
+    day: str
+    rows: int
+    layers: list[LayerCheck]
+    thresholds: dict
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(lc.passed for lc in self.layers)
+
+    @property
+    def worst(self) -> LayerCheck | None:
+        return max(self.layers, key=lambda lc: lc.kl_mean, default=None)
+
+    def summary(self) -> str:
+        """One line: the verdict and, on failure, the worst failing layer with its figures."""
+        if not self.layers:
+            return f"BN check on {self.day}: no BN layers; passed"
+        if self.passed:
+            w = self.worst
+            return (f"BN check on {self.day} ({self.rows:,} rows): passed, {len(self.layers)} layers; largest drift {w.layer}: "
+                    f"smd {w.smd_mean:.3f}, |log var ratio| {w.abs_log_var_ratio_mean:.3f}, kl {w.kl_mean:.3f} (means over channels)")
+        bad = [lc for lc in self.layers if not lc.passed]
+        w = max(bad, key=lambda lc: lc.kl_mean)
+        return (f"BN check on {self.day} ({self.rows:,} rows): FAILED, {len(bad)} of {len(self.layers)} layers; worst {w.layer}: "
+                + ", ".join(w.failing) + " (means over channels); recalibrate with `mtrec bn-check --recalibrate`")
+
+    def table(self) -> list[str]:
+        lines = [f"{'layer':<40}{'ch':>5}{'smd mean':>10}{'smd max':>9}{'|lvr| mean':>11}{'kl mean':>9}{'kl max':>9}  verdict"]
+        for lc in self.layers:
+            lines.append(f"{lc.layer:<40}{lc.channels:>5}{lc.smd_mean:>10.3f}{lc.smd_max:>9.3f}{lc.abs_log_var_ratio_mean:>11.3f}"
+                         f"{lc.kl_mean:>9.3f}{lc.kl_max:>9.3f}  {'ok' if lc.passed else 'FAIL'}")
+        return lines
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures for MLflow: bn/passed, bn/<layer>/<figure>, bn/max_*."""
+        out: dict[str, float] = {"bn/passed": float(self.passed), "bn/layers": float(len(self.layers))}
+        for lc in self.layers:
+            for k in ("smd_mean", "smd_max", "abs_log_var_ratio_mean", "kl_mean", "kl_max"):
+                out[f"bn/{lc.layer}/{k}"] = getattr(lc, k)
+        if self.layers:
+            out["bn/max_smd_mean"] = max(lc.smd_mean for lc in self.layers)
+            out["bn/max_kl_mean"] = max(lc.kl_mean for lc in self.layers)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "passed": self.passed}, indent=2)
+
+
+def compare(running: dict[str, tuple[np.ndarray, np.ndarray]], ref: dict[str, tuple[np.ndarray, np.ndarray]],
+            th: BNCheckConfig, day: str = "", rows: int = 0) -> BNReport:
+    """Running (mean, var) per layer against the reference (mean, var) per layer."""
+    layers = []
+    for name, (mu, var) in running.items():
+        m, v = ref[name]
+        f = figures(np.asarray(mu, np.float64), np.asarray(var, np.float64), m, v)
+        alvr = np.abs(f["log_var_ratio"])
+        lc = LayerCheck(name, len(mu), float(f["smd"].mean()), float(f["smd"].max()), float(alvr.mean()), float(alvr.max()),
+                        float(f["kl"].mean()), float(f["kl"].max()), True)
+        for what, value, limit in (("smd_mean", lc.smd_mean, th.max_smd), ("|log var ratio| mean", lc.abs_log_var_ratio_mean,
+                                   th.max_abs_log_var_ratio), ("kl_mean", lc.kl_mean, th.max_kl)):
+            if not value <= limit:  # NaN fails too
+                lc.failing.append(f"{what} {value:.3f} > {limit:g}")
+        lc.passed = not lc.failing
+        layers.append(lc)
+    return BNReport(day, rows, layers, th.model_dump())
+
+
+def check(model: nn.Module, cfg: MtrecConfig, day: dt.date) -> BNReport:
+    """The consistency check of `model` (a MultiTaskModel on CPU) against `day` as served."""
+    t0 = time.perf_counter()
+    layers = bn_layers(model)
+    if not layers:
+        return BNReport(day.isoformat(), 0, [], cfg.bn.model_dump(), time.perf_counter() - t0)
+    running = {name: (m.running_mean.double().numpy(), m.running_var.double().numpy()) for name, m in layers.items()}
+    ref, rows = reference(model, cfg, day)
+    report = compare(running, ref, cfg.bn, day.isoformat(), rows)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, cfg: MtrecConfig, day: dt.date) -> int:
+    """Recompute every BN layer's running statistics on `day` as served (cumulative average);
+    every other parameter and buffer is left bit-identical. Returns the rows used."""
+    layers = bn_layers(model)
+    if not layers:
+        return 0
+    was_training = model.training
+    model.eval()
+    momenta = {}
+    for name, m in layers.items():
+        momenta[name] = m.momentum
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the slice's batches
+        m.train()
+    conv = BatchConverter(cfg)
+    rows = 0
+    try:
+        for rb in serving_batches(cfg, day, cfg.bn.batch_rows):
+            if rb.num_rows < 2:  # BN cannot take batch statistics of one row
+                continue
+            model(conv(rb, with_bias=False, with_labels=False))
+            rows += rb.num_rows
+    finally:
+        for name, m in layers.items():
+            m.momentum = momenta[name]
+        model.train(was_training)
+    return rows
+
+
+def drift_plot(report: BNReport, path) -> None:
+    """Per-layer drift (smd and kl, means over channels) against the thresholds, as a PNG."""
+    from mtrec.eval.plots import _pyplot
+
+    plt = _pyplot()
+    names = [lc.layer for lc in report.layers]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.6 * len(names) + 3), 4), squeeze=False)
+    for ax, key, limit in ((axes[0][0], "smd_mean", report.thresholds["max_smd"]), (axes[0][1], "kl_mean", report.thresholds["max_kl"])):
+        vals = [getattr(lc, key) for lc in report.layers]
+        ax.bar(range(len(names)), vals, color=["tab:blue" if lc.passed else "tab:red" for lc in report.layers])
+        ax.axhline(limit, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set(title=f"{key} per BN layer (dashed: limit)")
+    fig.suptitle(f"BN statistics vs serving on {report.day}: {'passed' if report.passed else 'FAILED'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

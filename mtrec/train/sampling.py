@@ -1,0 +1,51 @@
+"""Training-time sampling: negative down-sampling and positive over-sampling, deterministic per row.
+
+Ranking teams train on filtered, re-balanced logs: most non-clicks dropped (`negative_rate`),
+clicks repeated (`positive_repeat`). Whether a negative row is kept depends only on the seed and
+its position (file index, row ordinal), so a resumed or re-run job samples exactly the same rows,
+whatever the batch boundaries or the number of workers. The rows left out are still *consumed*:
+the exactly-once accounting (mtrec.train.position) counts them as done.
+
+The model's scores are corrected back to the unsampled space at scoring (mtrec.models.base), so
+only the training distribution changes. That is what shifts BatchNorm's running statistics away
+from what serving sees (mtrec.bn).
+
+Example:
+    >>> kept = sample(record_batch, cfg.train.sampling, seed=0)   # fewer negatives, repeated positives
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from mtrec.config import SamplingConfig
+from mtrec.train.position import FILE_COL, ROW_COL
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def uniform(seed: int, files: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) per (seed, file, row): splitmix64 of the three, reproducible anywhere."""
+    with np.errstate(over="ignore"):
+        z = (np.uint64(seed & 0xFFFFFFFF) << np.uint64(40)) ^ (files.astype(np.uint64) << np.uint64(32)) ^ rows.astype(np.uint64)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def sample(rb: pa.RecordBatch, cfg: SamplingConfig, seed: int) -> pa.RecordBatch:
+    """The rows of `rb` to train on: each negative kept with probability `negative_rate`, each
+    positive `positive_repeat` times (in place, so a batch keeps its order). `rb` must carry
+    positions (`_file`, `_row`) when negatives are down-sampled."""
+    if cfg.negative_rate >= 1 and cfg.positive_repeat == 1:
+        return rb
+    label = rb.column(cfg.label).to_numpy(zero_copy_only=False) > 0
+    times = np.where(label, cfg.positive_repeat, 1)
+    if cfg.negative_rate < 1:
+        u = uniform(seed, rb.column(FILE_COL).to_numpy(zero_copy_only=False), rb.column(ROW_COL).to_numpy(zero_copy_only=False))
+        times = np.where(~label & (u >= cfg.negative_rate), 0, times)
+    return rb.take(pa.array(np.repeat(np.arange(rb.num_rows), times)))

@@ -1,0 +1,188 @@
+"""BN statistics consistency: the figures against hand-computed values, a model without BN,
+recalibration touching only BN buffers; training-time sampling and its score correction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from mtrec import bn
+from mtrec.config import BNCheckConfig, SamplingConfig, load_config
+from mtrec.models import build_model
+from mtrec.train.sampling import sample, uniform
+
+DAY1 = dt.date(2026, 1, 1)
+DAY2 = DAY1 + dt.timedelta(days=1)
+
+
+def bn_cfg(world, batch_norm=True, **sampling):
+    d = load_config("esmm", logs=world).model_dump(mode="json")
+    d["model"].update(batch_norm=batch_norm, tower=[16, 8])
+    d["train"]["sampling"].update(sampling)
+    for f in d["features"]["sparse"]:
+        f["hash_size"] = min(f["hash_size"], 1000)
+    return type(load_config("esmm")).model_validate(d)
+
+
+def test_figures_equal_hand_computed_values_on_a_tiny_layer():
+    # running: mean (1, 0), var (4, 1); reference: mean (0, 0), var (1, 1)
+    f = bn.figures(np.array([1.0, 0.0]), np.array([4.0, 1.0]), np.array([0.0, 0.0]), np.array([1.0, 1.0]))
+    assert f["smd"].tolist() == [1.0, 0.0]
+    assert f["log_var_ratio"] == pytest.approx([math.log(4.0), 0.0])
+    # KL(N(0,1) || N(1,4)) = 0.5 * (log 4 + (1 + 1) / 4 - 1)
+    assert f["kl"] == pytest.approx([0.5 * (math.log(4) + 2 / 4 - 1), 0.0])
+    th = BNCheckConfig(max_smd=0.4, max_abs_log_var_ratio=10, max_kl=10)
+    rep = bn.compare({"l": (np.array([1.0, 0.0]), np.array([4.0, 1.0]))}, {"l": (np.zeros(2), np.ones(2))}, th, "2026-01-02", 10)
+    (lc,) = rep.layers
+    assert lc.smd_mean == pytest.approx(0.5) and lc.smd_max == 1.0 and lc.abs_log_var_ratio_mean == pytest.approx(math.log(4) / 2)
+    assert not rep.passed and lc.failing == ["smd_mean 0.500 > 0.4"]
+    assert "FAILED, 1 of 1 layers; worst l: smd_mean 0.500 > 0.4" in rep.summary()
+    assert rep.metrics()["bn/l/smd_mean"] == pytest.approx(0.5) and rep.metrics()["bn/passed"] == 0.0
+
+
+def test_reference_hooks_see_each_layers_input_streamed(world):
+    cfg = bn_cfg(world)
+    model = build_model(cfg, "cpu")
+    layer = bn.bn_layers(model)["towers.ctr.mlp.1"]
+    seen = []
+    h = layer.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().double()))
+    ref, rows = bn.reference(model, cfg.model_copy(update={"bn": cfg.bn.model_copy(update={"batch_rows": 3000})}), DAY1)
+    h.remove()
+    x = torch.cat(seen)
+    assert rows == x.shape[0] == 20_000 and len(seen) > 5  # every row, in bounded batches
+    mean, var = ref["towers.ctr.mlp.1"]
+    assert np.allclose(mean, x.mean(0).numpy(), atol=1e-9) and np.allclose(var, x.var(0, unbiased=False).numpy(), atol=1e-9)
+
+
+def test_a_model_without_bn_reports_no_bn_layers_and_passes(world):
+    cfg = bn_cfg(world, batch_norm=False)
+    rep = bn.check(build_model(cfg, "cpu"), cfg, DAY1)
+    assert rep.passed and rep.layers == [] and rep.summary() == f"BN check on {DAY1}: no BN layers; passed"
+
+
+def test_recalibration_changes_only_bn_buffers_and_matches_the_slice(world):
+    cfg = bn_cfg(world)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu")
+    for m in bn.bn_layers(model).values():  # statistics far from the data's
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(9.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not bn.check(model, cfg, DAY1).passed
+    rows = bn.recalibrate(model, cfg, DAY1)
+    assert rows == 20_000
+    after = model.state_dict()
+    bn_keys = {f"{n}.{b}" for n in bn.bn_layers(model) for b in ("running_mean", "running_var", "num_batches_tracked")}
+    for k, v in before.items():
+        if k in bn_keys:
+            assert not torch.equal(v, after[k]) or k.endswith("num_batches_tracked")
+        else:
+            assert torch.equal(v, after[k]), k  # bit-identical
+    assert all(m.momentum == 0.1 for m in bn.bn_layers(model).values()) and model.training  # as it was
+    assert bn.check(model, cfg, DAY1).passed
+
+
+def test_sampling_is_deterministic_per_row_and_keeps_the_rate():
+    n = 200_000
+    label = np.zeros(n, np.int8)
+    label[::10] = 1
+    rb = pa.RecordBatch.from_pydict({"click": label, "_file": np.zeros(n, np.int32), "_row": np.arange(n)})
+    cfg = SamplingConfig(negative_rate=0.1, positive_repeat=3)
+    out = sample(rb, cfg, seed=7)
+    clicks = out.column("click").to_numpy()
+    assert clicks.sum() == 3 * label.sum()
+    assert (clicks == 0).sum() == pytest.approx(0.1 * (label == 0).sum(), rel=0.03)
+    # the same row is kept whatever the batch it arrives in
+    halves = [sample(rb.slice(0, n // 2), cfg, 7), sample(rb.slice(n // 2), cfg, 7)]
+    assert np.array_equal(np.concatenate([h.column("_row").to_numpy() for h in halves]), out.column("_row").to_numpy())
+    assert not np.array_equal(sample(rb, cfg, 8).column("_row").to_numpy(), out.column("_row").to_numpy())
+    assert sample(rb, SamplingConfig(), 7) is rb
+    u = uniform(1, np.zeros(5, np.int32), np.arange(5))
+    assert ((u >= 0) & (u < 1)).all() and len(set(u.tolist())) == 5
+
+
+def test_scores_are_corrected_back_from_the_sampled_space(world):
+    from mtrec.data.batch import BatchConverter
+    from mtrec.data.io import list_day_files
+    from mtrec.data.validate import iter_file_batches
+
+    plain, sampled = bn_cfg(world, batch_norm=False), bn_cfg(world, batch_norm=False, negative_rate=0.1, positive_repeat=2)
+    torch.manual_seed(0)
+    a = build_model(plain, "cpu")
+    b = build_model(sampled, "cpu")
+    b.load_state_dict(a.state_dict())
+    rb = next(iter_file_batches(list_day_files(world, DAY1)[0], batch_rows=64))
+    batch = BatchConverter(plain)(rb, with_bias=False)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        pa_, pb = a(batch), b(batch)
+    p = pa_["ctr"].double()
+    assert torch.allclose(pb["ctr"].double(), p / (p + (1 - p) * 2 / 0.1), atol=1e-6)  # p' = p / (p + (1-p) k / r)
+    assert torch.allclose(pb["cvr"], pa_["cvr"]) and torch.allclose(pb["ctcvr"], pb["ctr"] * pb["cvr"])
+    b.train()
+    with torch.no_grad():
+        assert torch.allclose(b(batch)["ctr"], a.train()(batch)["ctr"])  # training is in the sampled space
+    with pytest.raises(ValueError, match="`train.sampling.label` is `watch_time`, not a binary label"):
+        bn_cfg(world, label="watch_time")
+
+
+def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch):
+    """Embedded MLflow (sqlite), models logged directly: champion A has statistics of the data;
+    challenger B is A with its running means shifted by 5. The gate refuses B naming the BN
+    check; `mtrec bn-check --recalibrate` registers B' whose statistics pass, and the gate
+    promotes B'."""
+    from mlflow import MlflowClient
+
+    from mtrec.cli import main
+    from mtrec.serving import ServedModel
+    from mtrec.tracking import Tracker, example_rows
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    d = bn_cfg(world).model_dump(mode="json")
+    d["job"]["workdir"] = str(tmp_path / "work")
+    d["gate"]["tolerance"] = 0.05
+    cfg = type(load_config("esmm")).model_validate(d)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu")
+    bn.recalibrate(model, cfg, DAY1)
+    tracker = Tracker(cfg, lambda _l: None)
+
+    def register(state, name):
+        served = ServedModel(cfg, state)
+        run = tracker.start_run("nightly", [DAY1], f"{tmp_path}/ck-{name}", None, None)
+        uri = tracker.log_model(run, served, example_rows(cfg, DAY1, served.columns))
+        return tracker.register(run, uri, f"{tmp_path}/ck-{name}", DAY1)
+
+    assert register(model.state_dict(), "a") == "1"
+    assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0  # no champion yet: v1
+    broken = {k: (v + 5.0 if k.endswith("running_mean") else v) for k, v in model.state_dict().items()}
+    assert register(broken, "b") == "2"
+    assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--model", f"models:/{cfg.name}/2"]) == 7
+    assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 5
+    client = MlflowClient(tracker.uri, tracker.uri)
+    v2 = client.get_model_version(cfg.name, "2").tags
+    assert v2["mtrec.gate.decision"] == "refused" and v2["mtrec.gate.bn"] == "failed"
+    assert "its BN check on 2026-01-03" in v2["mtrec.gate.reason"] and "FAILED" in v2["mtrec.gate.reason"]
+    assert str(client.get_model_version_by_alias(cfg.name, "champion").version) == "1"
+    # the fix: recalibrate v2 on day 2 -> v3, registered as the challenger, judged on day 3
+    assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--model", f"models:/{cfg.name}/2",
+                 "--recalibrate"]) == 0
+    v3 = client.get_model_version(cfg.name, "3")
+    assert v3.tags["mtrec.bn_recalibrated_on"] == str(DAY2) and v3.tags["mtrec.checkpoint"] == f"{tmp_path}/ck-b"
+    assert str(client.get_model_version_by_alias(cfg.name, "challenger").version) == "3"
+    assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0
+    assert client.get_model_version(cfg.name, "3").tags["mtrec.gate.bn"] == "passed"
+    assert str(client.get_model_version_by_alias(cfg.name, "champion").version) == "3"
+
+
+def _yaml(tmp_path, d):
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
