@@ -19,8 +19,11 @@ way look fine.
                  over its channels of smd, |lvr| or kl exceeds `bn.max_smd`,
                  `bn.max_abs_log_var_ratio` or `bn.max_kl`.
     recalibrate  the fix: reset the running statistics and recompute them on the serving-like slice
-                 as a cumulative average (momentum None), BN layers in train mode and every other
-                 module in eval mode (dropout off), no gradients. Only BN buffers change.
+                 as a cumulative average over equal-size batches (momentum None; only the last
+                 batch is shorter), BN layers in train mode and every other module in eval mode
+                 (dropout off), no gradients. Only BN buffers change. The variance is the mean of
+                 the batches' variances (BN's own estimate): with 8192-row batches of one day the
+                 spread of batch means it leaves out is small.
 
 Example:
     >>> report = check(model, cfg, day)          # model: a MultiTaskModel (ServedModel.model)
@@ -44,8 +47,9 @@ from torch import nn
 from mtrec.config import BNCheckConfig, MtrecConfig
 from mtrec.data.batch import BatchConverter
 from mtrec.data.io import list_day_files
-from mtrec.data.validate import iter_file_batches
+from mtrec.data.validate import read_schema
 from mtrec.errors import DataValidationError
+from mtrec.train.stream import day_batches
 
 _EPS = 1e-5  # BatchNorm1d's default eps: variances below it are noise
 
@@ -81,15 +85,19 @@ class _Moments:
 
 
 def serving_batches(cfg: MtrecConfig, day: dt.date, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """A day's impressions as served: every row of every file, feature columns only (no labels,
-    no sampling, no bias features)."""
-    f = cfg.features
-    columns = list(dict.fromkeys([s.source for s in f.sparse] + [d.source for d in f.dense]))
+    """A day's impressions as served: its good rows (the contract's row rules: no NaN feature
+    reaches BN's sums), unsampled, in `batch_rows`-row batches (the last one shorter); the caller
+    converts them without bias features or labels."""
     files = list_day_files(cfg.job.logs, day)
     if not files:
         raise DataValidationError(f"no logs for {day} under {cfg.job.logs} to compute the serving statistics on; pass a day with logs")
-    for fl in files:
-        yield from iter_file_batches(fl, columns=columns, batch_rows=batch_rows)
+    need = cfg.required_columns()
+    for f in files:
+        missing = [c for c in need if c not in read_schema(f).names]
+        if missing:
+            raise DataValidationError(f"{f.url} lacks column(s) {', '.join(missing)}; the BN check reads the day under {cfg.name}'s "
+                                      "data contract (`mtrec validate` shows what is wrong)")
+    yield from day_batches(cfg, [day], batch_rows)
 
 
 @torch.no_grad()
@@ -246,6 +254,9 @@ def recalibrate(model: nn.Module, cfg: MtrecConfig, day: dt.date) -> int:
         for name, m in layers.items():
             m.momentum = momenta[name]
         model.train(was_training)
+    if rows == 0:
+        raise DataValidationError(f"no batch of 2 or more good rows on {day} under {cfg.job.logs}: the BN statistics cannot be "
+                                  "recomputed (they are reset); recalibrate on a day with logs")
     return rows
 
 

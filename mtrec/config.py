@@ -360,9 +360,14 @@ class MtrecConfig(_Strict):
         if sl not in self.labels or self.labels[sl] != LabelKind.BINARY:
             raise ValueError(f"`train.sampling.label` is `{sl}`, not a binary label; use one of "
                              f"{', '.join(k for k, v in self.labels.items() if v == LabelKind.BINARY)}")
-        if self.train.sampling.odds_factor != 1 and not any(t.label == sl and t.given is None for t in self.tasks):
-            raise ValueError(f"`train.sampling` changes the rate of `{sl}` but no root task (without `given`) predicts it, so "
-                             "scores could not be corrected; sample on the root task's label")
+        if self.train.sampling.odds_factor != 1:
+            if not any(t.label == sl and t.given is None for t in self.tasks):
+                raise ValueError(f"`train.sampling` changes the rate of `{sl}` but no root task (without `given`) predicts it, so "
+                                 "scores could not be corrected; sample on the root task's label")
+            others = [t.name for t in self.tasks if t.given is None and t.label != sl]
+            if others:
+                raise ValueError(f"`train.sampling` on `{sl}` would skew root task(s) {', '.join(others)}, whose scores mtrec cannot "
+                                 "correct back; drop the sampling or train those tasks in another model")
         for m in self.gate.metrics or []:
             if m.partition("/")[0] not in outputs:
                 raise ValueError(f"gate metric `{m}` names no task; use one of {', '.join(outputs)}")

@@ -540,11 +540,28 @@ def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, 
     return not worse, worse, figures
 
 
-def gate_slice(cfg: MtrecConfig, challenger: VersionInfo, champion: VersionInfo) -> dt.date | None:
-    """The newest day with logs that neither model trained on."""
-    after = max(challenger.date, champion.date)
+def seen_until(v: VersionInfo) -> dt.date:
+    """The last day whose data shaped the version: trained on, or its BN statistics recalibrated on."""
+    recal = v.tags.get("mtrec.bn_recalibrated_on")
+    return max(v.date, dt.date.fromisoformat(recal)) if recal else v.date
+
+
+def gate_slice(cfg: MtrecConfig, *versions: VersionInfo) -> dt.date | None:
+    """The newest day with logs that none of the versions has seen (`seen_until`)."""
+    after = max(seen_until(v) for v in versions)
     days = [d for d in list_days(cfg.job.logs) if d > after]
     return days[-1] if days else None
+
+
+def _bn_check(served: ServedModel, scfg: MtrecConfig, day: dt.date, say: Callable[[str], None]):
+    """The gate's BN check of a served model on the slice (None without BN layers)."""
+    from mtrec import bn
+
+    if not bn.bn_layers(served.model):
+        return None
+    rep = bn.check(served.model, scfg, day)
+    say(rep.summary())
+    return rep
 
 
 def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = None,
@@ -568,28 +585,38 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
     if champ is not None and champ.version == chal.version:
         say(f"version {chal.version} is already the champion of {cfg.name}")
         return GateDecision(True, chal.version, champ.version, None, "already champion")
-    if champ is None:
+    def scoring_cfg(served: ServedModel) -> MtrecConfig:  # the slice's logs and this config's BN limits, the model's own tasks
+        return served.cfg.with_overrides(logs=cfg.job.logs).model_copy(update={"bn": cfg.bn})
+
+    if champ is None:  # the first champion: nothing to compare with, but its BN statistics are checked when a day allows
         decision = GateDecision(True, chal.version, None, None, f"no champion yet: version {chal.version} becomes the first")
+        first_day = day or gate_slice(cfg, chal)
+        if first_day is not None:
+            served = load_served(f"models:/{cfg.name}/{chal.version}")
+            rep = _bn_check(served, scoring_cfg(served), first_day, say)
+            if rep is not None:
+                decision.bn, decision.slice = ("passed" if rep.passed else "failed"), first_day.isoformat()
+                decision.promoted = rep.passed
+                decision.reason = (f"{decision.reason}; BN check passed on {first_day}" if rep.passed
+                                   else f"no champion yet, but its {rep.summary()}")
     else:
         day = day or gate_slice(cfg, chal, champ)
+        seen = max(seen_until(chal), seen_until(champ))
         if day is None:
-            raise GateDeferred(f"no day with logs after {max(chal.date, champ.date)} under {cfg.job.logs}: the gate compares both models "
-                              f"on a day neither trained on; run `mtrec promote` again once the next day's logs land")
-        if day <= max(chal.date, champ.date):
-            raise GateRefused(f"--date {day} is not after both models' training (challenger to {chal.date}, champion to {champ.date}); "
-                              "pass a later day")
+            raise GateDeferred(f"no day with logs after {seen} under {cfg.job.logs}: the gate compares both models "
+                              f"on a day neither has seen; run `mtrec promote` again once the next day's logs land")
+        if day <= seen:
+            raise GateRefused(f"--date {day} is not after both models' data (challenger to {seen_until(chal)}, champion to "
+                              f"{seen_until(champ)}); pass a later day")
         say(f"gate: challenger v{chal.version} (trained to {chal.date}) vs champion v{champ.version} (trained to {champ.date}) on {day}")
-        from mtrec import bn
-
         truth = read_truth(cfg, day)
         scores, bn_report = {}, None
         for who, v in (("challenger", chal), ("champion", champ)):
             served = load_served(f"models:/{cfg.name}/{v.version}")
-            scfg = served.cfg.with_overrides(logs=cfg.job.logs)  # both on the same slice, whatever logs they trained on
+            scfg = scoring_cfg(served)  # both on the same slice, whatever logs they trained on
             scores[who] = report(scfg, predict_day(served.model, scfg, day), truth)
-            if who == "challenger" and bn.bn_layers(served.model):
-                bn_report = bn.check(served.model, scfg, day)
-                say(bn_report.summary())
+            if who == "challenger":
+                bn_report = _bn_check(served, scfg, day, say)
         ok, worse, figures = compare(cfg, scores["challenger"], scores["champion"])
         bn_failed = bn_report is not None and not bn_report.passed  # statistics that do not match what serving sees
         summary = "; ".join(f"{m} {f['challenger']:.4f} vs {f['champion']:.4f}" for m, f in figures.items())
@@ -603,7 +630,8 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
     for k, v in decision.tags().items():
         tracker.call("tagging the version", tracker.client.set_model_version_tag, cfg.name, chal.version, k, v)
     if not decision.promoted:
-        raise GateRefused(f"challenger v{chal.version} of {cfg.name} refused: {decision.reason}; `champion` stays v{champ.version}")
+        stays = f"`champion` stays v{champ.version}" if champ is not None else "there is still no champion"
+        raise GateRefused(f"challenger v{chal.version} of {cfg.name} refused: {decision.reason}; {stays}")
     tracker.call("moving the champion alias", tracker.client.set_registered_model_alias, cfg.name, CHAMPION, chal.version)
     say(f"promoted v{chal.version} of {cfg.name} to champion: {decision.reason}")
     return decision

@@ -19,32 +19,39 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtrec import bn
-from mtrec.config import MtrecConfig
+from mtrec.config import MtrecConfig, parse_config
 from mtrec.errors import ConfigError
 from mtrec.serving import ServedModel
 from mtrec.train import checkpoint
 
 
-def _source(cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | None) -> tuple[ServedModel, dict]:
-    """The model and what it is: {"date", "checkpoint", "version"} (version "" for a checkpoint)."""
+def _source(cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | None, recalibrate: bool) -> tuple[ServedModel, dict]:
+    """The model and what it is: {"name", "date", "checkpoint", "version"} (version "" for a
+    checkpoint). With `recalibrate`, refuses (before any work) what could not be registered."""
     if model_uri and url:
         raise ConfigError("pass --model or --checkpoint, not both")
+    if recalibrate and not cfg.tracking.enabled:
+        raise ConfigError("--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`")
     if model_uri:
         from mtrec.tracking import Tracker, load_served
 
-        served = load_served(model_uri)
         m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
-        info = {"date": "", "checkpoint": "", "version": ""}
+        info = {"name": cfg.name, "date": "", "checkpoint": "", "version": ""}
         if m and cfg.tracking.enabled:
             tracker = Tracker(cfg.model_copy(update={"name": m.group(1)}))
             v = tracker.version(m.group(2)) if m.group(2) else tracker.alias(m.group(3))
             if v is not None:
-                info = {"date": v.date.isoformat(), "checkpoint": v.checkpoint, "version": v.version}
-        return served, info
+                info = {"name": m.group(1), "date": v.date.isoformat(), "checkpoint": v.checkpoint, "version": v.version}
+        if recalibrate and not info["checkpoint"]:
+            raise ConfigError(f"--recalibrate needs a registered mtrec version (models:/NAME/N or models:/NAME@alias), got {model_uri}; "
+                              "pass one, or --checkpoint")
+        return load_served(model_uri), info
     url = url or checkpoint.latest_before(cfg, day)
     manifest = checkpoint.read_manifest(url)
-    checkpoint.check_compatible(manifest, url, cfg, allow_config_change=True)
-    return ServedModel.from_checkpoint(cfg, url), {"date": manifest["date"], "checkpoint": url, "version": ""}
+    if manifest.get("model") != cfg.name:
+        checkpoint.check_compatible(manifest, url, cfg, allow_config_change=True)  # names the mismatch
+    trained = parse_config(manifest["config"], label=f"{url} manifest") if "config" in manifest else cfg  # as it was trained
+    return ServedModel.from_checkpoint(trained, url), {"name": cfg.name, "date": manifest["date"], "checkpoint": url, "version": ""}
 
 
 def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, url: str | None = None, recalibrate: bool = False,
@@ -54,8 +61,8 @@ def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, u
     Returns:
         {"before": BNReport, "after": BNReport | None, "version": new version or None, "source": {...}}
     """
-    served, source = _source(cfg, day, model_uri, url)
-    scfg = served.cfg.with_overrides(logs=cfg.job.logs)
+    served, source = _source(cfg, day, model_uri, url, recalibrate)
+    scfg = served.cfg.with_overrides(logs=cfg.job.logs).model_copy(update={"bn": cfg.bn})  # this config's limits and batch size
     what = model_uri or source["checkpoint"]
     if source["date"] and dt.date.fromisoformat(source["date"]) >= day:
         say(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
@@ -74,8 +81,7 @@ def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, u
     after = bn.check(served.model, scfg, day)
     out["after"] = after
     say(f"recalibrated on {rows:,} rows of {day}: {after.summary()}")
-    if cfg.tracking.enabled and source["checkpoint"]:
-        out["version"] = _record(cfg, served, source, day, before, after, say)
+    out["version"] = _record(cfg.model_copy(update={"name": source["name"]}), served, source, day, before, after, say)
     return out
 
 
@@ -103,5 +109,8 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, b
         tracker.fail_run(run_id)
         raise
     tracker.call("tagging the version", tracker.client.set_model_version_tag, cfg.name, version, "mtrec.bn_recalibrated_on", day.isoformat())
-    say(f"registered the recalibrated model as version {version} of {cfg.name} (alias challenger); `mtrec promote` judges it")
+    chal = tracker.alias("challenger")
+    alias = " (alias challenger)" if chal is not None and chal.version == version else " (the challenger alias stays on a newer day's version)"
+    say(f"registered the recalibrated model as version {version} of {cfg.name}{alias}; `mtrec promote --version {version}` judges it "
+        f"on a day after {day}")
     return version

@@ -129,6 +129,29 @@ def test_scores_are_corrected_back_from_the_sampled_space(world):
         assert torch.allclose(b(batch)["ctr"], a.train()(batch)["ctr"])  # training is in the sampled space
     with pytest.raises(ValueError, match="`train.sampling.label` is `watch_time`, not a binary label"):
         bn_cfg(world, label="watch_time")
+    d = load_config("mmoe").model_dump(mode="json")
+    d["train"]["sampling"]["negative_rate"] = 0.1
+    with pytest.raises(ValueError, match="would skew root task\\(s\\) watch_time"):
+        type(load_config("mmoe")).model_validate(d)
+
+
+def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
+    from mtrec.train.local import build_sharded
+    from mtrec.train.loop import train_stream
+    from mtrec.train.position import Position
+    from mtrec.train.sharding import device_for_backend
+    from mtrec.train.stream import StreamCounts, day_batches
+
+    d = bn_cfg(world, negative_rate=0.05, positive_repeat=2).model_dump(mode="json")
+    d["train"]["batch_size"] = 32  # many batches are sampled away entirely
+    cfg = type(load_config("esmm")).model_validate(d)
+    dmp, opt = build_sharded(cfg)
+    pos = Position()
+    stats = train_stream(dmp, opt, day_batches(cfg, [DAY1], 32, StreamCounts()), cfg, device_for_backend()[0], log_every=100, position=pos)
+    clicks = int(sum(b.column("click").to_numpy().sum() for b in day_batches(cfg, [DAY1], 4096)))
+    assert stats.rows == pos.rows == 20_000  # every row consumed once, sampled out or not
+    assert stats.sampled_rows == pytest.approx(2 * clicks + 0.05 * (20_000 - clicks), rel=0.1)
+    assert stats.batches < 20_000 // 32 and stats.steps == stats.batches and stats.pad_steps == 0  # world size 1: no pad steps
 
 
 def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch):
@@ -178,6 +201,8 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0
     assert client.get_model_version(cfg.name, "3").tags["mtrec.gate.bn"] == "passed"
     assert str(client.get_model_version_by_alias(cfg.name, "champion").version) == "3"
+    d["tracking"]["enabled"] = False
+    assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--checkpoint", str(tmp_path), "--recalibrate"]) == 2
 
 
 def _yaml(tmp_path, d):

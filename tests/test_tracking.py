@@ -251,7 +251,7 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         files |= {f.path for f in client.list_artifacts(r.info.run_id, "bn")}
         assert {"config.json", "manifest.json", f"validation/dt={r.data.tags['mtrec.date']}.json", "bn/running_stats.json",
                 "bn/check.json", "plots/calibration.png", "plots/metric_trend.png", "plots/bn_drift.png"} <= files
-        assert r.data.tags["mtrec.bn_check"] == ("passed" if r.data.metrics["bn/passed"] == 1.0 else "failed")
+        assert r.data.tags["mtrec.bn_check"] == "passed" and r.data.metrics["bn/passed"] == 1.0  # unsampled: statistics match serving
         assert r.data.metrics["bn/layers"] == 6 and 0 <= r.data.metrics["bn/towers.ctr.mlp.1/smd_mean"] < 10
     versions = sorted(client.search_model_versions(f"name = '{cfg.name}'"), key=lambda v: int(v.version))
     assert [v.tags["mtrec.date"] for v in versions] == [str(DAY1), str(DAY2), str(DAY3)]
@@ -264,7 +264,7 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         decision = v.tags["mtrec.gate.decision"]
         assert decision == ("refused" if isinstance(g, GateRefused) else "promoted")
         assert v.tags["mtrec.gate.slice"] == str(DAY4) and "ctr/auc" in v.tags["mtrec.gate.figures"]
-        assert v.tags["mtrec.gate.bn"] in ("passed", "failed") and (v.tags["mtrec.gate.bn"] == "passed" or decision == "refused")
+        assert v.tags["mtrec.gate.bn"] == "passed"
         champion = v.version if decision == "promoted" else champion
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
 

@@ -154,6 +154,8 @@ def train_stream(
             fed = sample(rb, cfg.train.sampling, cfg.train.seed)
             stats.sampled_rows += fed.num_rows
             fed = fed if fed.num_rows else None
+            if fed is None and world == 1:  # sampled away: no step at all (no collective needs it)
+                continue
         if world > 1:
             flag = torch.tensor([0 if rb is None else 1, 0 if fed is None else 1], dtype=torch.int64, device=device)
             dist.all_reduce(flag, group=pg)

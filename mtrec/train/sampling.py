@@ -8,7 +8,9 @@ the exactly-once accounting (mtrec.train.position) counts them as done.
 
 The model's scores are corrected back to the unsampled space at scoring (mtrec.models.base), so
 only the training distribution changes. That is what shifts BatchNorm's running statistics away
-from what serving sees (mtrec.bn).
+from what serving sees (mtrec.bn). Sampling on a label skews every other root task too (a
+regression task such as watch time would learn the sampled mean), which cannot be corrected, so
+the config refuses sampling when another root task exists.
 
 Example:
     >>> kept = sample(record_batch, cfg.train.sampling, seed=0)   # fewer negatives, repeated positives
@@ -28,13 +30,19 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 def uniform(seed: int, files: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A number in [0, 1) per (seed, file, row): splitmix64 of the three, reproducible anywhere."""
+    z = np.full(len(rows), np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+    for v in (files.astype(np.int64).view(np.uint64), rows.astype(np.int64).view(np.uint64)):
+        z = _mix(z ^ v)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer (vectorized)."""
     with np.errstate(over="ignore"):
-        z = (np.uint64(seed & 0xFFFFFFFF) << np.uint64(40)) ^ (files.astype(np.uint64) << np.uint64(32)) ^ rows.astype(np.uint64)
         z = z + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * _M1
         z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        return z ^ (z >> np.uint64(31))
 
 
 def sample(rb: pa.RecordBatch, cfg: SamplingConfig, seed: int) -> pa.RecordBatch:
