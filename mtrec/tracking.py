@@ -617,6 +617,10 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             scores[who] = report(scfg, predict_day(served.model, scfg, day), truth)
             if who == "challenger":
                 bn_report = _bn_check(served, scfg, day, say)
+        if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
+            tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores["challenger"].items()}
+                                | ({f"gate/{k}": v for k, v in bn_report.metrics().items()} if bn_report is not None else {}))
+            tracker.set_tags(chal.run_id, {"mtrec.gate_slice": day.isoformat()})
         ok, worse, figures = compare(cfg, scores["challenger"], scores["champion"])
         bn_failed = bn_report is not None and not bn_report.passed  # statistics that do not match what serving sees
         summary = "; ".join(f"{m} {f['challenger']:.4f} vs {f['champion']:.4f}" for m, f in figures.items())

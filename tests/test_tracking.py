@@ -265,6 +265,9 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         assert decision == ("refused" if isinstance(g, GateRefused) else "promoted")
         assert v.tags["mtrec.gate.slice"] == str(DAY4) and "ctr/auc" in v.tags["mtrec.gate.figures"]
         assert v.tags["mtrec.gate.bn"] == "passed"
+        run = client.get_run(v.run_id)  # the gate's evaluation lands in the challenger's run too
+        assert run.data.tags["mtrec.gate_slice"] == str(DAY4) and 0.5 < run.data.metrics["gate/ctr/auc"] < 1
+        assert run.data.metrics["gate/bn/passed"] == 1.0
         champion = v.version if decision == "promoted" else champion
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
 
