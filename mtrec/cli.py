@@ -181,13 +181,9 @@ def cmd_bn_check(args: argparse.Namespace) -> int:
 
 def _tracking_env(cfg) -> None:
     """`models:/` URIs resolve against the config's tracking store (embedded sqlite by default)."""
-    import mlflow
+    from mtrec.tracking import Tracker
 
-    from mtrec.tracking import tracking_uri
-
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    Tracker(cfg, _say)  # sets MLflow's tracking and registry URIs for this process
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

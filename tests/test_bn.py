@@ -154,7 +154,7 @@ def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     assert stats.batches < 20_000 // 32 and stats.steps == stats.batches and stats.pad_steps == 0  # world size 1: no pad steps
 
 
-def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch):
+def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch, capsys):
     """Embedded MLflow (sqlite), models logged directly: champion A has statistics of the data;
     challenger B is A with its running means shifted by 5. The gate refuses B naming the BN
     check; `mtrec bn-check --recalibrate` registers B' whose statistics pass, and the gate
@@ -185,7 +185,9 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0  # no champion yet: v1
     broken = {k: (v + 5.0 if k.endswith("running_mean") else v) for k, v in model.state_dict().items()}
     assert register(broken, "b") == "2"
+    capsys.readouterr()
     assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--model", f"models:/{cfg.name}/2"]) == 7
+    assert "mtrec: error: BN check on 2026-01-02 (20,000 rows): FAILED, 4 of 4 layers; worst towers." in capsys.readouterr().err
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 5
     client = MlflowClient(tracker.uri, tracker.uri)
     v2 = client.get_model_version(cfg.name, "2").tags
@@ -202,7 +204,9 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     assert client.get_model_version(cfg.name, "3").tags["mtrec.gate.bn"] == "passed"
     assert str(client.get_model_version_by_alias(cfg.name, "champion").version) == "3"
     d["tracking"]["enabled"] = False
+    capsys.readouterr()
     assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--checkpoint", str(tmp_path), "--recalibrate"]) == 2
+    assert "--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`" in capsys.readouterr().err
 
 
 def _yaml(tmp_path, d):

@@ -272,7 +272,7 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
 
 
-def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch):
+def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch, capsys):
     import mlflow
 
     from mtrec.cli import main
@@ -298,6 +298,15 @@ def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4,
     assert np.array_equal(written["row_id"].to_numpy(), df["row_id"].to_numpy())
     for k in ("ctr", "cvr", "ctcvr"):
         assert np.abs(written[k].to_numpy() - direct[k].to_numpy()).max() <= 1e-6
+    # logs without a feature the model reads: one line naming the file and the column, nothing written
+    broken = tmp_path / "broken" / f"dt={DAY4}"
+    broken.mkdir(parents=True)
+    pq.write_table(pq.read_table(files[0]).drop(["brand"]), broken / "part-00000.parquet")
+    capsys.readouterr()
+    assert main(["predict", "--config", "esmm", "--logs", str(tmp_path / "broken"), "--workdir", str(tmp_path), "--date", str(DAY4),
+                 "--model", f"models:/{cfg.name}@champion", "--out", str(tmp_path / "no.parquet")]) == 3
+    assert "part-00000.parquet lacks feature column(s) brand" in capsys.readouterr().err
+    assert not (tmp_path / "no.parquet").exists()
 
 
 def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, world4, tmp_path, monkeypatch):
