@@ -18,11 +18,18 @@ def _common(p: argparse.ArgumentParser, date: bool = True) -> None:
     p.add_argument("--logs", help="logs root URL (overrides job.logs)")
     p.add_argument("--workdir", help="work dir URL: quarantine, checkpoints, MLflow store (overrides job.workdir)")
     if date:
-        p.add_argument("--date", required=True, help="day to process, YYYY-MM-DD")
+        p.add_argument("--date", required=True, help="day to process: YYYY-MM-DD, or today / yesterday (resolved in job.timezone)")
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
+
+
+def _resolved(text: str, cfg) -> str:
+    """' (yesterday in Europe/Berlin)' when a relative --date was resolved, else ''."""
+    from mtrec.data.io import RELATIVE_DAYS
+
+    return f" ({text} in {cfg.job.timezone})" if text.lower() in RELATIVE_DAYS else ""
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -43,7 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from mtrec.data.validate import validate_day
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
-    day = parse_date(args.date)
+    day = parse_date(args.date, "--date", cfg.job.timezone)
     _say(f"validating {cfg.job.logs} dt={day} against {cfg.name}'s contract")
     report = validate_day(cfg, day, progress=_say)
     _say(report.summary())
@@ -79,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.full_retrain import run_train
 
     cfg = _train_cfg(args)
-    start, end = parse_date(args.start, "--from"), parse_date(args.end, "--to")
+    start, end = parse_date(args.start, "--from", cfg.job.timezone), parse_date(args.end, "--to", cfg.job.timezone)
     _say(f"mtrec train {cfg.name}: full retrain over {start} .. {end} from {cfg.job.logs}")
     summary = run_train(cfg, start, end, address=args.address, say=_say, log_every=args.log_every, ray_logs=args.ray_logs, force=args.force)
     _report([summary], args.summary)
@@ -91,8 +98,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from pipelines.nightly import run_nightly
 
     cfg = _train_cfg(args)
-    day = parse_date(args.date)
-    _say(f"mtrec nightly {cfg.name}: {day} from {cfg.job.logs}")
+    day = parse_date(args.date, "--date", cfg.job.timezone)
+    _say(f"mtrec nightly {cfg.name}: {day}{_resolved(args.date, cfg)} from {cfg.job.logs}")
     summaries = run_nightly(cfg, day, cold_start=args.cold_start, catch_up=args.catch_up, force=args.force,
                             allow_config_change=args.allow_config_change, address=args.address, say=_say,
                             log_every=args.log_every, ray_logs=args.ray_logs)
@@ -109,7 +116,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from pipelines.nightly import run_backfill
 
     cfg = _train_cfg(args)
-    start, end = parse_date(args.start, "--from"), parse_date(args.end, "--to")
+    start, end = parse_date(args.start, "--from", cfg.job.timezone), parse_date(args.end, "--to", cfg.job.timezone)
     _say(f"mtrec backfill {cfg.name}: {start} .. {end} from {cfg.job.logs}")
     summaries = run_backfill(cfg, start, end, cold_start=args.cold_start, force=args.force,
                              allow_config_change=args.allow_config_change, address=args.address, say=_say,
@@ -130,7 +137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import predict_to_parquet
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
-    day = parse_date(args.date)
+    day = parse_date(args.date, "--date", cfg.job.timezone)
     _tracking_env(cfg)
     _say(f"mtrec predict: {args.model} on {cfg.job.logs} dt={day} -> {args.out}")
     out = predict_to_parquet(args.model, cfg.job.logs, day, args.out, say=_say)
@@ -147,7 +154,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
     if args.name and args.name != cfg.name:
         cfg = cfg.model_copy(update={"name": args.name})
-    day = parse_date(args.date) if args.date else None
+    day = parse_date(args.date, "--date", cfg.job.timezone) if args.date else None
     decision = promote(cfg, version=args.version, day=day, say=_say)
     if args.json:
         import json
@@ -164,7 +171,7 @@ def cmd_bn_check(args: argparse.Namespace) -> int:
     from pipelines.bn_check import run_bn_check
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
-    day = parse_date(args.date)
+    day = parse_date(args.date, "--date", cfg.job.timezone)
     if args.model:
         _tracking_env(cfg)
     out = run_bn_check(cfg, day, model_uri=args.model, url=args.checkpoint, recalibrate=args.recalibrate, say=_say)
@@ -192,7 +199,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate_checkpoint
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
-    day = parse_date(args.date)
+    day = parse_date(args.date, "--date", cfg.job.timezone)
     metrics, url, manifest = evaluate_checkpoint(cfg, day, args.checkpoint)
     _say(f"{cfg.name} checkpoint {url} (trained on {manifest['days'][0]} .. {manifest['days'][-1]}, "
          f"{manifest['rows_trained']:,} rows, {manifest['world_size']} worker(s)) on {day}:")
@@ -210,6 +217,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(workdir=args.workdir, days=args.days, rows_per_day=args.rows_per_day, seed=args.seed, say=_say)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines import submit
+
+    if args.status:
+        return submit.status(args.address, args.status, say=_say)
+    if args.stop:
+        return submit.stop(args.address, args.stop, say=_say)
+    if args.attach:
+        return submit.attach(submit.client(args.address), args.attach, say=_say)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return submit.submit(args.address, command, wait=not args.no_wait, env=args.env, installed=args.installed,
+                         entrypoint_cpus=args.entrypoint_cpus, say=_say)
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -296,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", action="store_true", help="recompute the BN statistics on --date and register the result as a new version")
     p.add_argument("--json", action="store_true", help="also print the reports as JSON")
     p.set_defaults(func=cmd_bn_check)
+
+    p = sub.add_parser("submit", help="run an mtrec job on a Ray cluster (Ray Job Submission API), stream it, exit with its status",
+                       usage="mtrec submit [--address URL] [--no-wait] [--env KEY[=VALUE]] [--installed] -- COMMAND ...\n"
+                             "       mtrec submit [--address URL] (--status ID | --attach ID | --stop ID)")
+    p.add_argument("--address", help="the head's job server, http://HEAD:8265 (default: RAY_ADDRESS when it is an http URL)")
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return instead of streaming the job")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="env var for the job (repeatable; KEY alone copies this shell's value); MLFLOW_TRACKING_URI is always forwarded")
+    p.add_argument("--installed", action="store_true", help="run the mtrec installed on the cluster instead of uploading this one's code")
+    p.add_argument("--entrypoint-cpus", type=float, default=0.0, help="CPUs reserved for the job's driver (default 0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--status", metavar="ID", help="print a submitted job's status")
+    g.add_argument("--attach", metavar="ID", help="stream a submitted job's output and exit with its status")
+    g.add_argument("--stop", metavar="ID", help="stop a submitted job")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="after `--`: the mtrec command to run, e.g. -- nightly --date yesterday")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="the whole story on a small synthetic world, on one machine")
     p.add_argument("--workdir", default="./mtrec-demo", help="where the demo writes everything (default ./mtrec-demo)")

@@ -260,6 +260,17 @@ class JobConfig(_Strict):
     def _absolute(cls, url: str) -> str:
         return absolute_url(url)
 
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, name: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {name!r}; use an IANA name such as UTC, Europe/Berlin, America/New_York") from None
+        return name
+
 
 def absolute_url(url: str) -> str:
     """A relative local path made absolute against the current directory (where the config is

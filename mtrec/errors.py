@@ -54,3 +54,15 @@ class BNCheckFailed(MtrecError):
     """A model's BatchNorm running statistics do not match the serving-like slice."""
 
     exit_code = 7
+
+
+class LockHeld(MtrecError):
+    """Another job is training the same model (it holds the model's lock)."""
+
+    exit_code = 8
+
+
+class ClusterError(MtrecError):
+    """The Ray cluster's job server cannot be reached, or a submitted job never ran its command."""
+
+    exit_code = 9

@@ -11,6 +11,7 @@ import datetime as dt
 from collections.abc import Callable
 
 from mtrec.config import MtrecConfig
+from mtrec.lock import model_lock
 from mtrec.train import checkpoint
 from pipelines.cluster import ray_session
 from pipelines.train_job import TrainSummary, date_range, ensure_registered, run_job
@@ -32,7 +33,14 @@ def run_train(
         DataValidationError: a day fails the contract (before any training).
         MtrecError: a worker failed (named), or the rows trained differ from the rows validated
             (checked on every worker before the checkpoint is staged).
+        LockHeld: another job is training this model (`mtrec.lock`).
     """
+    with model_lock(cfg, f"mtrec train {start} .. {end}"):
+        return _train(cfg, start, end, address, say, log_every, ray_logs, force)
+
+
+def _train(cfg: MtrecConfig, start: dt.date, end: dt.date, address: str | None, say: Callable[[str], None], log_every: int,
+           ray_logs: bool, force: bool) -> TrainSummary:
     days = date_range(start, end)
     url = checkpoint.checkpoint_url(cfg, end)
     if not force and end in checkpoint.published_days(cfg):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from mtrec.config import MtrecConfig
 from mtrec.errors import CheckpointError, ConfigError, MtrecError
+from mtrec.lock import model_lock
 from mtrec.train import checkpoint
 from pipelines.cluster import ray_session
 from pipelines.train_job import TrainSummary, date_range, ensure_registered, run_job
@@ -72,11 +73,21 @@ def run_nightly(
     log_every: int = 50,
     ray_logs: bool = False,
 ) -> list[TrainSummary]:
-    """The nightly job for `day` (and, with `catch_up`, the missing days before it, in order).
+    """The nightly job for `day` (and, with `catch_up`, the missing days before it, in order),
+    holding the model's lock (`mtrec.lock`) throughout.
 
     Returns:
         One TrainSummary per day trained; one with `skipped=True` when `day` was already published.
+
+    Raises:
+        LockHeld: another job is training this model.
     """
+    with model_lock(cfg, f"mtrec nightly {day}"):
+        return _nightly(cfg, day, cold_start, catch_up, force, allow_config_change, address, say, log_every, ray_logs)
+
+
+def _nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool, catch_up: bool, force: bool, allow_config_change: bool,
+             address: str | None, say: Callable[[str], None], log_every: int, ray_logs: bool) -> list[TrainSummary]:
     days, parent = plan_nightly(cfg, day, cold_start, catch_up, force)
     if not days:
         say(f"{parent} is already published; nothing to do (--force retrains it and replaces it)")
@@ -156,7 +167,16 @@ def run_backfill(
 
     Returns:
         One TrainSummary per day of the range (`skipped=True` for days already published).
+
+    Raises:
+        LockHeld: another job is training this model (the lock is held for the whole range).
     """
+    with model_lock(cfg, f"mtrec backfill {start} .. {end}"):
+        return _backfill(cfg, start, end, cold_start, force, allow_config_change, address, say, log_every, ray_logs)
+
+
+def _backfill(cfg: MtrecConfig, start: dt.date, end: dt.date, cold_start: bool, force: bool, allow_config_change: bool,
+              address: str | None, say: Callable[[str], None], log_every: int, ray_logs: bool) -> list[TrainSummary]:
     days = date_range(start, end)
     published = set(checkpoint.published_days(cfg))
     todo = days if force else [d for d in days if d not in published]

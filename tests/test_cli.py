@@ -47,7 +47,7 @@ def test_validate_fails_above_threshold_with_one_line(world, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "code", "text"),
     [
-        (["validate", "--date", "2026-13-01"], 2, "`--date` must be a date YYYY-MM-DD, got '2026-13-01'"),
+        (["validate", "--date", "2026-13-01"], 2, "`--date` must be a date YYYY-MM-DD, `today` or `yesterday`, got '2026-13-01'"),
         (["validate", "--config", "missing.yaml", "--date", "2026-01-01"], 2, "config file `missing.yaml` not found"),
         (["validate", "--logs", "/nonexistent/logs", "--date", "2026-01-01"], 3, "no logs for 2026-01-01 under /nonexistent/logs"),
         (["synth", "--out", "memory://x", "--days", "0"], 2, "`--days` must be >= 1, got 0"),

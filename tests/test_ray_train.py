@@ -1,29 +1,19 @@
 """`mtrec train` on Ray: Ray Data -> Ray Train workers -> DistributedModelParallel.
 
-In-process tests share the session's local Ray cluster; the integration test starts a real
-two-node cluster with `ray start` and runs the `mtrec` command against it.
+In-process tests share the session's local Ray cluster; tests/test_cluster.py runs `mtrec train`
+and `mtrec nightly` on a real two-node cluster started with `ray start`, through `mtrec submit`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from conftest import DAY1
 
 from mtrec.config import load_config
@@ -35,7 +25,6 @@ from pipelines.train_job import worker_failure
 
 DAY2 = DAY1 + dt.timedelta(days=1)
 ROWS = 6_001  # per day, 3 files: shares of the stream cannot be equal
-BIN = Path(sys.executable).parent
 
 
 def small_config(logs: str, workdir: str, workers: int = 2, **train):
@@ -126,76 +115,3 @@ def test_worker_failure_message():
 def test_date_range_is_checked(cfg):
     with pytest.raises(MtrecError, match="--to 2026-01-01 is before --from 2026-01-02"):
         run_train(cfg, DAY2, DAY1, say=lambda _: None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """`ray start ... --block` in its own process group; returns once the node is up."""
-    fh = log.open("w")
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while "Ray runtime started" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_node(proc)
-            raise RuntimeError(f"ray start failed:\n{log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    return proc
-
-
-def _stop_node(proc: subprocess.Popen) -> None:
-    """Stop one node and everything it started (its process group) - not `ray stop`, which would
-    also kill the session's local cluster and with it this pytest process."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.fixture
-def two_node_cluster(tmp_path):
-    """A real Ray cluster of two nodes on 127.0.0.1 (`ray start --head` + `ray start --address`),
-    token-authenticated, stopped afterwards. Yields (address, env for clients)."""
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DISABLE_USAGE_STATS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
-    nodes: list[subprocess.Popen] = []
-    try:
-        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=false", *common], env, tmp_path / "head.log"))
-        nodes.append(_start_node([f"--address=127.0.0.1:{port}", *common], env, tmp_path / "node2.log"))
-        yield f"127.0.0.1:{port}", env
-    finally:
-        for proc in reversed(nodes):
-            _stop_node(proc)
-
-
-@pytest.mark.integration
-def test_mtrec_train_on_a_two_node_cluster(two_node_cluster, small_world, tmp_path):
-    address, env = two_node_cluster
-    logs, bad = small_world
-    cfg = small_config(logs, str(tmp_path / "work"), placement="spread")
-    path = tmp_path / "spread.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    summary = tmp_path / "summary.json"
-    proc = subprocess.run([str(BIN / "mtrec"), "train", "--config", str(path), "--from", str(DAY1), "--to", str(DAY2),
-                           "--address", address, "--log-every", "5", "--summary", str(summary)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ray: joined cluster" in proc.stdout and "2 node(s)" in proc.stdout
-    s = json.loads(summary.read_text())
-    assert s["rows"] == s["expected_rows"] == 2 * ROWS - bad
-    assert sum(w["rows"] for w in s["workers"]) == s["rows"] and all(w["rows"] > 0 for w in s["workers"])
-    assert len({w["node_id"] for w in s["workers"]}) == 2  # one worker per node (placement: spread)
-    assert {r for t in s["plan"].values() for r in t["ranks"]} == {0, 1}
-    assert s["progress"][-1]["loss"] < 0.7 * s["progress"][0]["loss"]
-    assert pc.sum(pa.array([w["pad_steps"] for w in s["workers"]])).as_py() == abs(s["workers"][0]["batches"] - s["workers"][1]["batches"])

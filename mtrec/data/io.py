@@ -29,12 +29,23 @@ class DataFile:
     size: int
 
 
-def parse_date(text: str, what: str = "--date") -> dt.date:
-    """Parse YYYY-MM-DD, with a one-line error naming the argument."""
+RELATIVE_DAYS = {"today": 0, "yesterday": 1}
+
+
+def parse_date(text: str, what: str = "--date", timezone: str | None = None) -> dt.date:
+    """Parse YYYY-MM-DD, or `today` / `yesterday` resolved now in `timezone` (the config's
+    `job.timezone`: a scheduler's clock is rarely in the timezone the logs are cut in), with a
+    one-line error naming the argument."""
+    if isinstance(text, str) and text.lower() in RELATIVE_DAYS:
+        if timezone is None:
+            raise MtrecError(f"`{what} {text}` is not accepted here; pass a date YYYY-MM-DD")
+        from zoneinfo import ZoneInfo
+
+        return dt.datetime.now(ZoneInfo(timezone)).date() - dt.timedelta(days=RELATIVE_DAYS[text.lower()])
     try:
         return dt.date.fromisoformat(text)
     except (TypeError, ValueError):
-        raise MtrecError(f"`{what}` must be a date YYYY-MM-DD, got {text!r}; e.g. {what} 2026-01-01") from None
+        raise MtrecError(f"`{what}` must be a date YYYY-MM-DD, `today` or `yesterday`, got {text!r}; e.g. {what} 2026-01-01") from None
 
 
 def join(root: str, *parts: str) -> str:

@@ -1,0 +1,278 @@
+"""`mtrec submit`: run any mtrec job on a Ray cluster through the Ray Job Submission API.
+
+    mtrec submit --address http://HEAD:8265 -- nightly --config my.yaml --date yesterday --promote
+
+The command after `--` is checked here first (it must parse as an `mtrec` command, and every
+local path it names must be absolute: the job runs in another directory, usually on another
+machine). What is sent, as the job's runtime environment:
+
+- a working dir holding the code this `mtrec` runs (the `mtrec` and `pipelines` packages, so the
+  cluster runs exactly the submitter's version; `--installed` uses the cluster's own install
+  instead) and the `--config` file when it is a local file (it is read on the cluster from the
+  uploaded copy; URLs and the shipped examples are passed as they are);
+- env vars: MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI when set here, and each `--env KEY[=VALUE]`.
+
+The job's driver runs `python -m mtrec.cli <command>` on the head node, joins the cluster (Ray sets
+RAY_ADDRESS for it) and starts its Ray Train workers there. `submit` streams the job's output and
+exits with the job's own exit code (0 when it SUCCEEDED; a refused gate gives 5, a held lock 8,
+...), or 9 when the job never ran its command (runtime environment failed, stopped) or the job
+server cannot be reached. `--no-wait` prints the submission id and returns; `--status ID`,
+`--attach ID` (stream and wait) and `--stop ID` act on a submitted job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import getpass
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from mtrec.errors import ClusterError, ConfigError
+
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+PATH_FLAGS = ("--logs", "--workdir", "--out", "--summary", "--checkpoint")
+SUBMITTABLE = ("train", "nightly", "backfill", "evaluate", "predict", "promote", "bn-check", "validate", "synth")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+STAGE_DIR = "_submit"
+
+
+def _is_local(value: str) -> bool:
+    return "://" not in value or value.startswith("file://")
+
+
+def _flag_values(argv: Sequence[str], flag: str) -> list[tuple[int, str]]:
+    """(index of the value, value) of every `flag VALUE` / `flag=VALUE` in argv."""
+    out = []
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            out.append((i + 1, argv[i + 1]))
+        elif a.startswith(flag + "="):
+            out.append((i, a.split("=", 1)[1]))
+    return out
+
+
+def check_command(argv: Sequence[str]) -> argparse.Namespace:
+    """The mtrec command to submit, parsed here so a typo fails before anything is sent.
+
+    Raises:
+        ConfigError: empty, not a job command, does not parse, or names a relative local path.
+    """
+    from mtrec.cli import build_parser
+
+    argv = list(argv)
+    if not argv:
+        raise ConfigError("mtrec submit needs the command to run after `--`, e.g. "
+                          "`mtrec submit --address http://HEAD:8265 -- nightly --config my.yaml --date yesterday`")
+    if argv[0] not in SUBMITTABLE:
+        raise ConfigError(f"`{argv[0]}` cannot be submitted; submit one of: {', '.join(SUBMITTABLE)} "
+                          "(the command after `--` is an mtrec sub-command without the word `mtrec`)")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        raise ConfigError(f"the command to submit does not parse: `mtrec {shlex.join(argv)}` (argparse's reason is printed above); "
+                          "fix it and submit again") from None
+    for flag in PATH_FLAGS:
+        for _, value in _flag_values(argv, flag):
+            if _is_local(value) and not Path(value.removeprefix("file://")).is_absolute():
+                raise ConfigError(f"{flag} {value} is a relative path: the job runs in another directory, usually on another machine; "
+                                  "pass an absolute path on storage every node sees (a shared file system) or a URL such as s3://...")
+    return args
+
+
+def _raw_config(source: str) -> dict:
+    from mtrec.config import EXAMPLES, example_path
+
+    path = example_path(source) if source in EXAMPLES else Path(source.removeprefix("file://"))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_config_paths(argv: Sequence[str], config: str) -> None:
+    """A config whose job.logs / job.workdir (or their defaults) are relative local paths would
+    resolve inside the job's working dir on the cluster: refuse unless the command overrides them."""
+    from mtrec.config import JobConfig
+
+    if not _is_local(config) and not config.startswith("file://"):
+        return  # read on the cluster; checked there
+    job = _raw_config(config).get("job") or {}
+    for key, flag in (("logs", "--logs"), ("workdir", "--workdir")):
+        if _flag_values(argv, flag):
+            continue
+        value = job.get(key, JobConfig.model_fields[key].default)
+        if isinstance(value, str) and _is_local(value) and not Path(value.removeprefix("file://")).expanduser().is_absolute():
+            raise ConfigError(f"the config's job.{key} is the relative path {value!r}; on the cluster it would resolve inside the "
+                              f"job's working dir: set an absolute path or URL in the config, or pass {flag}")
+
+
+def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
+    """Fill the working dir to upload; returns the command with `--config` pointing at the
+    uploaded copy when it is a local file."""
+    import mtrec
+    import pipelines
+
+    argv = list(argv)
+    if not installed:
+        for pkg in (mtrec, pipelines):
+            src = Path(pkg.__file__).parent
+            shutil.copytree(src, into / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    configs = _flag_values(argv, "--config") or [(-1, "esmm")]
+    for i, value in configs if argv[0] != "synth" else []:
+        _check_config_paths(argv, value)
+        local = value.removeprefix("file://")
+        if i >= 0 and _is_local(value) and Path(local).is_file():
+            (into / STAGE_DIR).mkdir(exist_ok=True)
+            shutil.copyfile(local, into / STAGE_DIR / Path(local).name)
+            rel = f"{STAGE_DIR}/{Path(local).name}"
+            argv[i] = rel if argv[i] == value else f"--config={rel}"
+        elif i >= 0 and _is_local(value) and value not in _examples():
+            raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(_examples())}")
+    return argv
+
+
+def _examples() -> tuple[str, ...]:
+    from mtrec.config import EXAMPLES
+
+    return tuple(EXAMPLES)
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE or KEY (taken from this shell's environment)")
+        if not eq:
+            if key not in os.environ:
+                raise ConfigError(f"--env {key}: {key} is not set in this shell; pass --env {key}=VALUE")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def submission_id(argv: Sequence[str]) -> str:
+    days = [v for f in ("--date", "--from", "--to") for _, v in _flag_values(argv, f)]
+    parts = ["mtrec", argv[0], *days, dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"), secrets.token_hex(3)]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts))
+
+
+def client(address: str | None):
+    """A JobSubmissionClient for `address` (or RAY_ADDRESS when it is an http(s) URL)."""
+    address = address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http") else None)
+    if not address:
+        raise ConfigError("mtrec submit needs the Ray job server: pass --address http://HEAD:8265 (the head's dashboard port), "
+                          "or set RAY_ADDRESS to that URL")
+    if "://" not in address:
+        address = f"http://{address}"
+    from pipelines.cluster import quiet_ray
+
+    quiet_ray()  # the SDK's INFO lines (uploading, websocket closed) are not the job's output
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ClusterError(f"cannot reach the Ray job server at {address} ({first}); start the head with the dashboard "
+                           "(`ray start --head --dashboard-host 0.0.0.0`, port 8265 by default) or fix --address") from None
+
+
+def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: Sequence[str] = (), installed: bool = False,
+           entrypoint_cpus: float = 0.0, say: Callable[[str], None] = print) -> int:
+    """Submit `mtrec <argv>` as a Ray job; with `wait`, stream its output and return its exit code.
+
+    Raises:
+        ConfigError: the command or its paths are wrong (nothing was submitted).
+        ClusterError: the job server cannot be reached.
+    """
+    argv = list(argv)
+    check_command(argv)
+    sid = submission_id(argv)
+    env_vars = {"PYTHONUNBUFFERED": "1", **parse_env(env), "MTREC_SUBMISSION_ID": sid}  # named by a held lock
+    c = client(address)
+    with tempfile.TemporaryDirectory(prefix="mtrec-submit-") as tmp:
+        sent = stage(argv, installed, Path(tmp))
+        runtime_env: dict = {"env_vars": env_vars}
+        if any(Path(tmp).iterdir()):
+            runtime_env["working_dir"] = tmp
+        try:
+            c.submit_job(entrypoint=f"python -m mtrec.cli {shlex.join(sent)}", submission_id=sid, runtime_env=runtime_env,
+                         entrypoint_num_cpus=entrypoint_cpus,
+                         metadata={"mtrec_command": shlex.join(argv), "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}"})
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({first})") from None
+    code = "uploaded" if not installed else "the cluster's installed mtrec"
+    say(f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})")
+    if not wait:
+        say(f"follow it: mtrec submit --address {c.get_address()} --attach {sid}   stop it: ... --stop {sid}")
+        print(sid, flush=True)
+        return 0
+    return attach(c, sid, say)
+
+
+def attach(c, sid: str, say: Callable[[str], None] = print) -> int:
+    """Stream a job's output until it ends; its exit code (see module doc)."""
+
+    async def tail() -> None:
+        async for lines in c.tail_job_logs(sid):
+            print(lines, end="", flush=True)
+
+    try:
+        try:
+            asyncio.run(tail())
+        except Exception as e:  # noqa: BLE001 - the log stream broke; the status below still decides
+            say(f"(log stream interrupted: {type(e).__name__}; waiting for the job's status)")
+        while (info := c.get_job_info(sid)).status not in TERMINAL:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        say(f"\nstopped waiting; job {sid} keeps running on the cluster. Stop it: mtrec submit --address {c.get_address()} --stop {sid}")
+        return 130
+    status = str(info.status)
+    if status == "SUCCEEDED":
+        say(f"job {sid} SUCCEEDED")
+        return 0
+    code = info.driver_exit_code
+    if status == "FAILED" and code:
+        say(f"job {sid} FAILED: mtrec exited {code}")
+        return int(code)
+    say(f"job {sid} {status}: {(info.message or '').strip().splitlines()[-1:] or ''}")
+    return ClusterError.exit_code
+
+
+def status(address: str | None, sid: str, say: Callable[[str], None] = print) -> int:
+    c = client(address)
+    try:
+        info = c.get_job_info(sid)
+    except Exception as e:  # noqa: BLE001
+        raise ClusterError(f"no job {sid} at {c.get_address()} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    took = ""
+    if info.start_time:
+        end = info.end_time or time.time() * 1000
+        took = f", {(end - info.start_time) / 1000:.0f}s"
+    say(f"{sid}: {info.status}{took}; exit code {info.driver_exit_code}; {(info.message or '').strip()}")
+    return 0
+
+
+def stop(address: str | None, sid: str, say: Callable[[str], None] = print) -> int:
+    c = client(address)
+    try:
+        stopped = c.stop_job(sid)
+    except Exception as e:  # noqa: BLE001
+        raise ClusterError(f"cannot stop {sid} at {c.get_address()} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    say(f"{sid}: {'stop requested' if stopped else 'not running (already ended)'}")
+    return 0

@@ -1,0 +1,210 @@
+"""Running it for real: `mtrec submit` to a two-node Ray cluster started with `ray start`.
+
+The integration test starts a head (with the job server on 127.0.0.1) and a second node, each
+with `ray start --block` in its own process group, token-authenticated; submits a full retrain
+with 2 workers (one per node), then two nightlies for the next day at once: exactly one trains
+(warm-started from the retrain's checkpoint), the other exits 8 naming the holder. Both nodes are
+stopped at the end, also on failure (not with `ray stop`, which would also kill the session's
+local cluster and this pytest process with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import yaml
+from conftest import DAY1
+from test_ray_train import small_config
+
+from mtrec.data.synth import write_world
+from mtrec.errors import ConfigError
+from pipelines import submit
+
+BIN = Path(sys.executable).parent
+DAY2, DAY3 = DAY1 + dt.timedelta(days=1), DAY1 + dt.timedelta(days=2)
+ROWS = 4_001
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group; returns once the node is up."""
+    fh = log.open("w")
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_node(proc)
+            raise RuntimeError(f"ray start failed:\n{log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    """Stop one node and everything it started (its process group)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """A real Ray cluster of two nodes on 127.0.0.1, the head with its job server, token auth;
+    stopped afterwards. Yields (job server URL, env for clients)."""
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DISABLE_USAGE_STATS": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the jobs' `python` is this venv's
+    env.pop("RAY_ADDRESS", None)
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+    # one temp dir per node, as on separate machines: two nodes sharing /tmp/ray would also share
+    # (and garbage-collect) each other's unpacked job working dirs. Short paths: Ray's sockets live there.
+    temps = [tempfile.mkdtemp(prefix="mr", dir="/tmp") for _ in range(2)]
+    nodes: list[subprocess.Popen] = []
+    try:
+        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                  f"--dashboard-port={dash}", f"--temp-dir={temps[0]}", *common], env, tmp_path / "head.log"))
+        nodes.append(_start_node([f"--address=127.0.0.1:{port}", f"--temp-dir={temps[1]}", *common], env, tmp_path / "node2.log"))
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 120
+        while True:  # the job server comes up after the node reports itself started
+            probe = subprocess.run([str(BIN / "mtrec"), "submit", "--address", url, "--status", "none"], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            if "cannot reach the Ray job server" not in probe.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        yield url, env
+    finally:
+        for proc in reversed(nodes):
+            _stop_node(proc)
+        for t in temps:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+@pytest.fixture
+def world3(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("cluster-world")
+    write_world(str(root), days=3, rows_per_day=ROWS, seed=5, files_per_day=2)
+    return str(root)
+
+
+def _mtrec(env: dict, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mtrec"), *argv], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.integration
+def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, world3, tmp_path):
+    url, env = two_node_cluster
+    cfg = small_config(world3, str(tmp_path / "work"), placement="spread")
+    d = cfg.model_dump(mode="json")
+    d["tracking"]["enabled"] = True  # embedded sqlite under the workdir: both nodes see it
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(d))
+    summary = tmp_path / "summary.json"
+
+    # 1. full retrain of days 1-2 with 2 workers, through the job server
+    p = _mtrec(env, "submit", "--address", url, "--", "train", "--config", str(path), "--from", str(DAY1), "--to", str(DAY2),
+               "--log-every", "5", "--summary", str(summary))
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "submitted mtrec-train-2026-01-01-2026-01-02-" in out and "SUCCEEDED" in out
+    assert "ray: joined cluster" in out and "2 node(s)" in out  # the job's own output, streamed
+    s = json.loads(summary.read_text())
+    assert s["rows"] == s["expected_rows"] == 2 * ROWS
+    assert len({w["node_id"] for w in s["workers"]}) == 2 and all(w["rows"] > 0 for w in s["workers"])  # one worker per node
+    assert {r for t in s["plan"].values() for r in t["ranks"]} == {0, 1}
+    assert pc.sum(pa.array([w["pad_steps"] for w in s["workers"]])).as_py() == abs(s["workers"][0]["batches"] - s["workers"][1]["batches"])
+    ckpt = Path(s["checkpoint"])
+    assert ckpt == Path(d["job"]["workdir"]) / "checkpoints" / cfg.name / f"dt={DAY2}" and (ckpt / "_SUCCESS").exists()
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{d['job']['workdir']}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["mtrec.kind"] == "full_retrain" and run.data.tags["mtrec.checkpoint"] == str(ckpt)
+    assert run.data.params["world_size"] == "2" and 0 < run.data.metrics["eval/ctr/auc"] < 1  # evaluated on day 3 (8k rows: no quality claim)
+
+    # 2. two nightlies for day 3 at once: one trains (warm start from day 2), the other is refused
+    nightly = ["--", "nightly", "--config", str(path), "--date", str(DAY3)]
+    ids = []
+    for _ in range(2):
+        p = _mtrec(env, "submit", "--address", url, "--no-wait", *nightly, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        ids.append(p.stdout.strip().splitlines()[-1])
+    results = [_mtrec(env, "submit", "--address", url, "--attach", i) for i in ids]
+    codes = sorted(r.returncode for r in results)
+    assert codes == [0, 8], [r.stdout[-2000:] + r.stderr[-2000:] for r in results]
+    winner, loser = (ids[0], ids[1]) if results[0].returncode == 0 else (ids[1], ids[0])
+    refused = next(r for r in results if r.returncode == 8).stdout
+    assert f"esmm_synth is being trained by `mtrec nightly {DAY3}`" in refused and f"Ray job {winner}" in refused
+    assert f"job {loser} FAILED: mtrec exited 8" in refused
+    manifest = json.loads((ckpt.parent / f"dt={DAY3}" / "manifest.json").read_text())
+    assert manifest["parent"] == str(ckpt) and manifest["days"] == [str(DAY3)]
+    status = _mtrec(env, "submit", "--address", url, "--status", winner, timeout=60)
+    assert status.returncode == 0 and f"{winner}: SUCCEEDED" in status.stdout
+
+
+def test_submit_checks_the_command_before_sending_anything(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="needs the command to run after `--`"):
+        submit.check_command([])
+    with pytest.raises(ConfigError, match="`demo` cannot be submitted"):
+        submit.check_command(["demo"])
+    with pytest.raises(ConfigError, match="the command to submit does not parse: `mtrec nightly --bogus`"):
+        submit.check_command(["nightly", "--bogus"])
+    with pytest.raises(ConfigError, match="--workdir work is a relative path: the job runs in another directory"):
+        submit.check_command(["nightly", "--date", "yesterday", "--workdir", "work"])
+    # the shipped example's job.logs is ./world: refused unless --logs is given
+    with pytest.raises(ConfigError, match=r"the config's job.logs is the relative path './world'.* or pass --logs"):
+        submit.stage(["nightly", "--config", "esmm", "--date", "yesterday", "--workdir", "/w"], False, tmp_path / "a")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="pass --address http://HEAD:8265"):
+        submit.client(None)
+
+
+def test_stage_uploads_the_code_and_the_config_file(tmp_path):
+    cfgfile = tmp_path / "my.yaml"
+    cfgfile.write_text(yaml.safe_dump({**yaml.safe_load(Path(submit.__file__).parents[1].joinpath("mtrec/configs/esmm.yaml").read_text()),
+                                       "job": {"logs": "/data/logs", "workdir": "s3://bucket/work"}}))
+    into = tmp_path / "stage"
+    into.mkdir()
+    argv = submit.stage(["nightly", "--config", str(cfgfile), "--date", "yesterday"], False, into)
+    assert argv == ["nightly", "--config", "_submit/my.yaml", "--date", "yesterday"]
+    assert (into / "_submit/my.yaml").read_bytes() == cfgfile.read_bytes()
+    assert (into / "mtrec/cli.py").exists() and (into / "pipelines/nightly.py").exists() and not list(into.rglob("__pycache__"))
+    only_config = tmp_path / "installed"
+    only_config.mkdir()
+    assert submit.stage(["train", f"--config={cfgfile}", "--from", "2026-01-01", "--to", "2026-01-02"], True, only_config)[1] == "--config=_submit/my.yaml"
+    assert [p.name for p in only_config.iterdir()] == ["_submit"]
+
+
+def test_unreachable_job_server_is_one_line(capsys):
+    from mtrec.cli import main
+
+    port = _free_port()
+    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--status", "x"]) == 9
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mtrec: error: cannot reach the Ray job server at http://127.0.0.1:{port}") and "\n" not in err
