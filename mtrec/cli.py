@@ -95,20 +95,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
+    from mtrec.lock import model_lock
     from pipelines.nightly import run_nightly
 
     cfg = _train_cfg(args)
     day = parse_date(args.date, "--date", cfg.job.timezone)
     _say(f"mtrec nightly {cfg.name}: {day}{_resolved(args.date, cfg)} from {cfg.job.logs}")
-    summaries = run_nightly(cfg, day, cold_start=args.cold_start, catch_up=args.catch_up, force=args.force,
-                            allow_config_change=args.allow_config_change, address=args.address, say=_say,
-                            log_every=args.log_every, ray_logs=args.ray_logs)
-    _report(summaries, args.summary)
-    if args.promote:
-        from pipelines.nightly import gate_after
+    _promote_needs_tracking(cfg, args)
+    with model_lock(cfg, f"mtrec nightly {day}"):  # the gate below runs under the job's lock too
+        pending = None
+        if args.promote:
+            from pipelines.nightly import gate_pending
 
-        gate_after(cfg, summaries, say=_say)
+            pending = gate_pending(cfg, day, say=_say)
+        summaries = run_nightly(cfg, day, cold_start=args.cold_start, catch_up=args.catch_up, force=args.force,
+                                allow_config_change=args.allow_config_change, address=args.address, say=_say,
+                                log_every=args.log_every, ray_logs=args.ray_logs)
+        _report(summaries, args.summary)
+        if args.promote:
+            from pipelines.nightly import gate_after
+
+            gate_after(cfg, summaries, say=_say)
+            if pending is not None:
+                raise pending.reworded(f"{day} was trained and published, but before that {pending}")
     return 0
+
+
+def _promote_needs_tracking(cfg, args: argparse.Namespace) -> None:
+    from mtrec.errors import ConfigError
+
+    if args.promote and not cfg.tracking.enabled:
+        raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -118,6 +135,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     cfg = _train_cfg(args)
     start, end = parse_date(args.start, "--from", cfg.job.timezone), parse_date(args.end, "--to", cfg.job.timezone)
     _say(f"mtrec backfill {cfg.name}: {start} .. {end} from {cfg.job.logs}")
+    _promote_needs_tracking(cfg, args)
     summaries = run_backfill(cfg, start, end, cold_start=args.cold_start, force=args.force,
                              allow_config_change=args.allow_config_change, address=args.address, say=_say,
                              log_every=args.log_every, ray_logs=args.ray_logs)
@@ -228,7 +246,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return submit.stop(args.address, args.stop, say=_say)
     if args.attach:
         return submit.attach(submit.client(args.address), args.attach, say=_say)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.job_argv[1:] if args.job_argv[:1] == ["--"] else args.job_argv
     return submit.submit(args.address, command, wait=not args.no_wait, env=args.env, installed=args.installed,
                          entrypoint_cpus=args.entrypoint_cpus, say=_say)
 
@@ -331,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--status", metavar="ID", help="print a submitted job's status")
     g.add_argument("--attach", metavar="ID", help="stream a submitted job's output and exit with its status")
     g.add_argument("--stop", metavar="ID", help="stop a submitted job")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="after `--`: the mtrec command to run, e.g. -- nightly --date yesterday")
+    p.add_argument("job_argv", nargs=argparse.REMAINDER, metavar="command",
+                   help="after `--`: the mtrec command to run, e.g. -- nightly --date yesterday")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="the whole story on a small synthetic world, on one machine")

@@ -267,7 +267,7 @@ class JobConfig(_Strict):
 
         try:
             ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder of zones, e.g. "Europe"
             raise ValueError(f"unknown timezone {name!r}; use an IANA name such as UTC, Europe/Berlin, America/New_York") from None
         return name
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import secrets
 import socket
@@ -41,8 +42,9 @@ from mtrec.data.io import filesystem, join
 from mtrec.errors import LockHeld
 
 LEASE_TTL_S = 300.0
-_held: dict[str, int] = {}  # lock URL -> depth, for re-entry in this process
+_held: dict[tuple[str, int], int] = {}  # (lock URL, thread) -> depth, for re-entry by the thread that holds it
 _guard = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def lock_url(cfg: MtrecConfig) -> str:
@@ -81,30 +83,29 @@ def model_lock(cfg: MtrecConfig, job: str) -> Iterator[str]:
         LockHeld: another job holds it.
     """
     url = lock_url(cfg)
+    key = (url, threading.get_ident())
     with _guard:
-        if url in _held:
-            _held[url] += 1
-            reentered = True
-        else:
-            reentered = False
+        reentered = key in _held
+        if reentered:
+            _held[key] += 1
     if reentered:
         try:
             yield url
         finally:
             with _guard:
-                _held[url] -= 1
+                _held[key] -= 1
         return
     fs, path = filesystem(url)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     hold = _flock(cfg, path, job) if local else _lease(cfg, fs, path, url, job)
     with hold:
         with _guard:
-            _held[url] = 1
+            _held[key] = 1
         try:
             yield url
         finally:
             with _guard:
-                del _held[url]
+                del _held[key]
 
 
 @contextmanager
@@ -166,15 +167,20 @@ def _lease(cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | Non
     won = _read_lease(fs, path)
     if not won or won.get("token") != token:
         raise _refused(cfg, url, (won or {}).get("holder"))
-    stop = threading.Event()
+    stop, lost = threading.Event(), threading.Event()
 
     def renew() -> None:
         while not stop.wait(ttl / 3):
-            lease["expires"] = time.time() + ttl
             try:
+                current = _read_lease(fs, path)
+                if current is not None and current.get("token") != token:  # taken over (we missed renewals): never overwrite
+                    lost.set()
+                    log.warning("lost the lease %s to %s; not renewing it", url, describe((current or {}).get("holder")))
+                    return
+                lease["expires"] = time.time() + ttl
                 _write_lease(fs, path, lease)
-            except Exception:  # noqa: BLE001 - a missed renewal is retried; the lease lasts ttl
-                continue
+            except Exception as e:  # noqa: BLE001 - a missed renewal is retried; the lease lasts ttl
+                log.warning("renewing the lease %s failed (%s); retrying", url, e)
 
     beat = threading.Thread(target=renew, name=f"mtrec-lease-{cfg.name}", daemon=True)
     beat.start()
@@ -182,7 +188,10 @@ def _lease(cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | Non
         yield
     finally:
         stop.set()
-        beat.join(timeout=5)
-        current = _read_lease(fs, path)
-        if current and current.get("token") == token:
-            fs.rm(path)
+        beat.join(timeout=max(ttl, 30.0))
+        try:  # a failed release must not hide the job's own error: the lease then expires by itself
+            current = _read_lease(fs, path)
+            if not beat.is_alive() and current and current.get("token") == token:
+                fs.rm(path)
+        except Exception as e:  # noqa: BLE001
+            log.warning("releasing the lease %s failed (%s); it expires within %.0f s", url, e, ttl)

@@ -105,6 +105,34 @@ def _nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool, catch_up: bool, f
         return _chain(cfg, days, parent, say, log_every, allow_config_change, info)
 
 
+def gate_pending(cfg: MtrecConfig, day: dt.date, say: Callable[[str], None] = print) -> MtrecError | None:
+    """`--promote`, before training `day`: the challenger an earlier night registered and no gate
+    has judged yet is judged now, on the newest day with logs neither it nor the champion trained
+    on (on a schedule: `day` itself). A nightly for yesterday can never judge its own version (no
+    later day has logs yet), so this is where a scheduled job's versions get promoted: each one
+    the next night, on the day after its data.
+
+    Returns:
+        The gate's refusal (training goes on; the caller reports it at the end), or None.
+    """
+    from mtrec.errors import GateDeferred, GateRefused
+    from mtrec.tracking import CHALLENGER, CHAMPION, Tracker, promote
+
+    tracker = Tracker(cfg, say)
+    chal, champ = tracker.alias(CHALLENGER), tracker.alias(CHAMPION)
+    if chal is None or "mtrec.gate.decision" in chal.tags or (champ is not None and champ.version == chal.version):
+        return None
+    say(f"gate: judging challenger v{chal.version} (trained to {chal.date}, not judged yet) before training {day}")
+    try:
+        promote(cfg, version=chal.version, say=say)
+    except GateDeferred as e:
+        say(f"gate deferred: {e}")
+    except GateRefused as e:
+        say(f"gate: {e}")
+        return e
+    return None
+
+
 def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary], say: Callable[[str], None] = print) -> None:
     """`--promote`: the promotion gate on the version the job registered, when a day after it
     already has logs (a backfill, a late rerun); otherwise it is deferred to `mtrec promote`.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import getpass
 import os
@@ -31,8 +32,10 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,11 +81,14 @@ def check_command(argv: Sequence[str]) -> argparse.Namespace:
     if argv[0] not in SUBMITTABLE:
         raise ConfigError(f"`{argv[0]}` cannot be submitted; submit one of: {', '.join(SUBMITTABLE)} "
                           "(the command after `--` is an mtrec sub-command without the word `mtrec`)")
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():  # noqa: SLF001 - argparse keeps subparsers there
+        sub.allow_abbrev = False  # flags in full: the checks and the --config rewrite below look for exact names
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit:
-        raise ConfigError(f"the command to submit does not parse: `mtrec {shlex.join(argv)}` (argparse's reason is printed above); "
-                          "fix it and submit again") from None
+        raise ConfigError(f"the command to submit does not parse: `mtrec {shlex.join(argv)}` (argparse's reason is printed above; "
+                          "write every flag in full); fix it and submit again") from None
     for flag in PATH_FLAGS:
         for _, value in _flag_values(argv, flag):
             if _is_local(value) and not Path(value.removeprefix("file://")).is_absolute():
@@ -132,15 +138,15 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
             shutil.copytree(src, into / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     configs = _flag_values(argv, "--config") or [(-1, "esmm")]
     for i, value in configs if argv[0] != "synth" else []:
-        _check_config_paths(argv, value)
         local = value.removeprefix("file://")
+        if _is_local(value) and value not in _examples() and not Path(local).is_file():
+            raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(_examples())}")
+        _check_config_paths(argv, value)
         if i >= 0 and _is_local(value) and Path(local).is_file():
             (into / STAGE_DIR).mkdir(exist_ok=True)
             shutil.copyfile(local, into / STAGE_DIR / Path(local).name)
             rel = f"{STAGE_DIR}/{Path(local).name}"
             argv[i] = rel if argv[i] == value else f"--config={rel}"
-        elif i >= 0 and _is_local(value) and value not in _examples():
-            raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(_examples())}")
     return argv
 
 
@@ -181,12 +187,20 @@ def client(address: str | None):
     from pipelines.cluster import quiet_ray
 
     quiet_ray()  # the SDK's INFO lines (uploading, websocket closed) are not the job's output
+    # Ray 2.60 clusters authenticate with a token by default; the SDK sends one only in token mode
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                                              or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if re.search(r"authenticat|unauthori[sz]ed|401|403", str(e), re.I):
+            raise ClusterError(f"the Ray job server at {address} refused the request ({first}): it needs the cluster's token; set "
+                               "RAY_AUTH_TOKEN to it (the head keeps it in ~/.ray/auth_token, or it is the RAY_AUTH_TOKEN the cluster "
+                               "was started with)") from None
         raise ClusterError(f"cannot reach the Ray job server at {address} ({first}); start the head with the dashboard "
                            "(`ray start --head --dashboard-host 0.0.0.0`, port 8265 by default) or fix --address") from None
 
@@ -226,40 +240,79 @@ def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: 
 
 
 def attach(c, sid: str, say: Callable[[str], None] = print) -> int:
-    """Stream a job's output until it ends; its exit code (see module doc)."""
+    """Stream a job's output until it ends; its exit code (see module doc). SIGTERM (Kubernetes
+    deleting the pod, a deadline, systemd stopping the unit) stops the job too, so a retried
+    submission never meets its own orphan; Ctrl-C only stops waiting."""
 
     async def tail() -> None:
         async for lines in c.tail_job_logs(sid):
             print(lines, end="", flush=True)
 
+    def terminated(_signum, _frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
     try:
+        info = _job_info(c, sid)  # an unknown id fails here, before any streaming
         try:
             asyncio.run(tail())
+        except _Terminated:
+            raise
         except Exception as e:  # noqa: BLE001 - the log stream broke; the status below still decides
             say(f"(log stream interrupted: {type(e).__name__}; waiting for the job's status)")
-        while (info := c.get_job_info(sid)).status not in TERMINAL:
-            time.sleep(1.0)
+        while (info := _job_info(c, sid, retries=30)).status not in TERMINAL:
+            time.sleep(2.0)
     except KeyboardInterrupt:
         say(f"\nstopped waiting; job {sid} keeps running on the cluster. Stop it: mtrec submit --address {c.get_address()} --stop {sid}")
         return 130
+    except _Terminated:
+        with contextlib.suppress(Exception):
+            c.stop_job(sid)
+        say(f"terminated: stop requested for job {sid}")
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     status = str(info.status)
     if status == "SUCCEEDED":
         say(f"job {sid} SUCCEEDED")
         return 0
     code = info.driver_exit_code
     if status == "FAILED" and code:
+        code = int(code) if code > 0 else 128 - int(code)  # killed by a signal: 128 + its number, as a shell reports it
         say(f"job {sid} FAILED: mtrec exited {code}")
-        return int(code)
-    say(f"job {sid} {status}: {(info.message or '').strip().splitlines()[-1:] or ''}")
+        return code
+    last = next(iter((info.message or "").strip().splitlines()[-1:]), "")
+    say(f"job {sid} {status}: {last}")
     return ClusterError.exit_code
+
+
+class _Terminated(BaseException):
+    """SIGTERM while attached."""
+
+
+def _job_info(c, sid: str, retries: int = 0):
+    """The job's details; transient errors (a head restarting) are retried `retries` times, 2 s apart.
+
+    Raises:
+        ClusterError: no such job, or the job server stays unreachable.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return c.get_job_info(sid)
+        except Exception as e:  # noqa: BLE001
+            text = str(e).strip()
+            if "does not exist" in text or "404" in text or attempt == retries:
+                first = (text.splitlines() or [type(e).__name__])[0][:200]
+                raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({first}); list jobs with "
+                                   f"`ray job list --address {c.get_address()}`") from None
+            time.sleep(2.0)
+    raise AssertionError("unreachable")
 
 
 def status(address: str | None, sid: str, say: Callable[[str], None] = print) -> int:
     c = client(address)
-    try:
-        info = c.get_job_info(sid)
-    except Exception as e:  # noqa: BLE001
-        raise ClusterError(f"no job {sid} at {c.get_address()} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    info = _job_info(c, sid)
     took = ""
     if info.start_time:
         end = info.end_time or time.time() * 1000

@@ -175,6 +175,10 @@ def test_submit_checks_the_command_before_sending_anything(tmp_path, monkeypatch
         submit.check_command(["demo"])
     with pytest.raises(ConfigError, match="the command to submit does not parse: `mtrec nightly --bogus`"):
         submit.check_command(["nightly", "--bogus"])
+    with pytest.raises(ConfigError, match="write every flag in full"):  # --conf would slip past the --config upload
+        submit.check_command(["nightly", "--date", "yesterday", "--conf", "/x.yaml"])
+    with pytest.raises(ConfigError, match="config file `/no/such.yaml` not found here"):
+        submit.stage(["nightly", "--config", "/no/such.yaml", "--date", "yesterday"], True, tmp_path)
     with pytest.raises(ConfigError, match="--workdir work is a relative path: the job runs in another directory"):
         submit.check_command(["nightly", "--date", "yesterday", "--workdir", "work"])
     # the shipped example's job.logs is ./world: refused unless --logs is given

@@ -65,11 +65,14 @@ def _mtrec_command(argv: list[str], where: str):
         pytest.fail(f"{where}: `mtrec {shlex.join(argv)}` is not accepted by mtrec's parser")
 
 
-def _check_submit(argv: list[str], where: str) -> None:
+def _check_submit(argv: list[str], where: str) -> list[str]:
+    from mtrec.cli import cmd_submit
+
     args = _mtrec_command(argv, where)
-    assert args.command == "submit" or argv[0] == "submit"
-    inner = args.command[1:] if args.command[:1] == ["--"] else args.command
-    check_command(inner)  # the command after `--` parses and names no relative path
+    assert args.func is cmd_submit, where
+    inner = args.job_argv[1:] if args.job_argv[:1] == ["--"] else args.job_argv
+    check_command(inner)  # the command after `--` parses (flags in full) and names no relative path
+    return inner
 
 
 def test_every_deploy_file_is_expected():
@@ -99,8 +102,7 @@ def test_cronjob_is_valid_forbids_overlap_and_submits_a_nightly_for_yesterday():
     (container,) = pod["containers"]
     cmd = container["command"]
     assert cmd[0] == "mtrec"
-    _check_submit(cmd[1:], "cronjob")
-    inner = cmd[cmd.index("--") + 1:]
+    inner = _check_submit(cmd[1:], "cronjob")
     assert inner[:1] == ["nightly"] and inner[inner.index("--date") + 1] == "yesterday"
     assert "http://mtrec-head-svc:8265" in cmd  # the service KubeRay creates for RayCluster `mtrec`
     # exit codes a retry cannot fix are not retried; they are mtrec's documented codes
@@ -152,8 +154,10 @@ def test_rayjob_runs_a_full_retrain_that_mtrec_accepts():
     prefix = ["python", "-m", "mtrec.cli"]
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == prefix
+    from mtrec.cli import cmd_train
+
     args = _mtrec_command(argv[3:], "rayjob")
-    assert args.command == "train" if isinstance(args.command, str) else argv[3] == "train"
+    assert args.func is cmd_train
     assert "env_vars" in yaml.safe_load(spec["runtimeEnvYAML"])
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
@@ -185,8 +189,10 @@ def test_systemd_service_and_timer():
     assert service["Service"]["Type"] == "oneshot"  # systemd never runs two at once
     exec_start = shlex.split(service["Service"]["ExecStart"])
     assert exec_start[0].endswith("/.venv/bin/mtrec")
+    from mtrec.cli import cmd_nightly
+
     args = _mtrec_command(exec_start[1:], "systemd")
-    assert exec_start[1] == "nightly" and args.date == "yesterday" and Path(args.config).is_absolute()
+    assert args.func is cmd_nightly and args.date == "yesterday" and Path(args.config).is_absolute()
     assert timer["Timer"]["Unit"] == "mtrec-nightly.service" and timer["Timer"]["Persistent"] == "true"
     assert timer["Install"]["WantedBy"] == "timers.target" and service["Install"]["WantedBy"]
     if shutil.which("systemd-analyze"):
@@ -206,3 +212,6 @@ def test_dockerfile_installs_from_the_lock_files_with_a_cuda_variant():
     mk = (ROOT / "Makefile").read_text()
     assert "ifeq ($(VARIANT),cuda)" in mk  # the build argument selects the Makefile's CUDA path
     assert "wget" in text  # KubeRay's probes run wget in the Ray containers
+    assert "rsync" in text  # the cluster launcher copies files into the container with rsync
+    # KubeRay and the cluster launcher start Ray in login shells, which reset PATH from /etc/profile
+    assert re.search(r"/opt/mtrec/\.venv/bin.*> /etc/profile\.d/\S+\.sh", text)

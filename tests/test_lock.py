@@ -69,10 +69,11 @@ def test_object_store_lease_refuses_while_fresh_and_is_taken_over_when_expired(m
     with lock.model_lock(cfg, "first"):
         lease = json.loads(fs.cat(path))
         assert lease["holder"]["job"] == "first" and lease["expires"] > time.time()
+        saved = dict(lock._held)
         lock._held.clear()  # pretend to be another process
         with pytest.raises(LockHeld, match="`first`"), lock.model_lock(cfg, "second"):
             pass
-        lock._held[lock.lock_url(cfg)] = 1
+        lock._held.update(saved)
         time.sleep(1.6)  # renewed every ttl/3: still held past the first expiry
         assert json.loads(fs.cat(path))["expires"] > lease["expires"]
     assert not fs.exists(path)  # released
@@ -82,9 +83,38 @@ def test_object_store_lease_refuses_while_fresh_and_is_taken_over_when_expired(m
         assert json.loads(fs.cat(path))["holder"]["job"] == "takeover"
 
 
+def test_lease_gives_way_to_a_concurrent_writer_and_never_overwrites_a_takeover(monkeypatch):
+    import fsspec
+
+    cfg = load_config("esmm", logs="memory://w/logs", workdir="memory://lease-race/work")
+    fs = fsspec.filesystem("memory")
+    path = lock.lock_url(cfg).removeprefix("memory://")
+    other = {"token": "other", "holder": {"job": "the other job", "pid": 7, "host": "h2"}, "expires": time.time() + 60}
+    real_sleep = time.sleep
+
+    def racing_sleep(seconds):  # another job's write lands between our write and our read-back
+        fs.pipe(path, json.dumps(other).encode())
+        real_sleep(seconds)
+
+    monkeypatch.setattr(lock.time, "sleep", racing_sleep)
+    with pytest.raises(LockHeld, match="`the other job` \\(pid 7 on h2"), lock.model_lock(cfg, "mine"):
+        pass
+    assert json.loads(fs.cat(path))["token"] == "other"  # its lease is left alone
+    monkeypatch.setattr(lock.time, "sleep", real_sleep)
+    fs.rm(path)
+    # we hold it, miss renewals, and another job takes over: our renewal must not overwrite it
+    monkeypatch.setattr(lock, "LEASE_TTL_S", 0.6)
+    with lock.model_lock(cfg, "mine"):
+        fs.pipe(path, json.dumps(other).encode())
+        real_sleep(0.5)  # > ttl/3: the renewer has looked
+        assert json.loads(fs.cat(path))["token"] == "other"
+    assert json.loads(fs.cat(path))["token"] == "other"  # and the release does not delete it
+
+
 def test_train_nightly_and_backfill_take_the_lock_before_anything_else(cfg, capsys):
     """A held lock: each training command exits 8 at once, naming the holder; nothing is trained."""
     with lock.model_lock(cfg, "mtrec nightly 2026-01-02"):
+        saved = dict(lock._held)
         lock._held.clear()  # the commands below behave as another process would
         base = ["--config", "esmm", "--logs", cfg.job.logs, "--workdir", cfg.job.workdir]
         try:
@@ -95,7 +125,7 @@ def test_train_nightly_and_backfill_take_the_lock_before_anything_else(cfg, caps
                 err = capsys.readouterr().err
                 assert "mtrec: error: esmm_synth is being trained by `mtrec nightly 2026-01-02`" in err
         finally:
-            lock._held[lock.lock_url(cfg)] = 1
+            lock._held.update(saved)
     assert not os.path.exists(f"{cfg.job.workdir}/checkpoints") and not os.path.exists(f"{cfg.job.workdir}/quarantine")
 
 
@@ -116,10 +146,11 @@ def test_unknown_timezone_is_a_config_error(tmp_path):
     import yaml
 
     d = load_config("esmm").model_dump(mode="json")
-    d["job"]["timezone"] = "Mars/Olympus"
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
-    with pytest.raises(ConfigError, match="unknown timezone 'Mars/Olympus'; use an IANA name"):
-        load_config(str(tmp_path / "c.yaml"))
+    for bad in ("Mars/Olympus", "Europe"):  # "Europe" is a folder of zones, not a zone
+        d["job"]["timezone"] = bad
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+        with pytest.raises(ConfigError, match=f"unknown timezone '{bad}'; use an IANA name"):
+            load_config(str(tmp_path / "c.yaml"))
 
 
 def test_nightly_prints_the_resolved_day(cfg, capsys):

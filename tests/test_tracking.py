@@ -200,25 +200,24 @@ def world4(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def three_days(ray_local, server, world4, tmp_path_factory):
-    """Full retrain of day 1, nightly days 2 and 3, the gate after each (as `nightly --promote` would)."""
+    """Full retrain of day 1, nightly days 2 and 3, each nightly judging the challenger the night
+    before registered (as `nightly --promote` does before training), then the gate on day 3's.
+    `gates`: "promoted" or the GateRefused, one per version."""
     from mtrec.tracking import promote
     from pipelines.full_retrain import run_train
-    from pipelines.nightly import run_nightly
+    from pipelines.nightly import gate_pending, run_nightly
 
     cfg = small(world4, str(tmp_path_factory.mktemp("work")), uri=server.uri)
     summaries, gates = [run_train(cfg, DAY1, DAY1, say=quiet)], []
     for day in (DAY2, DAY3):
-        gates.append(_gate(promote, cfg))
+        gates.append(gate_pending(cfg, day, say=quiet) or "promoted")
         summaries += run_nightly(cfg, day, say=quiet)
-    gates.append(_gate(promote, cfg))
-    return cfg, summaries, gates
-
-
-def _gate(promote, cfg):
     try:
-        return promote(cfg, say=quiet)
+        assert promote(cfg, say=quiet).promoted
+        gates.append("promoted")
     except GateRefused as e:
-        return e
+        gates.append(e)
+    return cfg, summaries, gates
 
 
 def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server):
@@ -259,7 +258,7 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     assert client.get_model_version_by_alias(cfg.name, "challenger").version == "3"
     # the champion moved exactly as the gate decided, and each decision is on its version
     champion = "1"
-    assert gates[0].promoted and versions[0].tags["mtrec.gate.decision"] == "promoted"
+    assert gates[0] == "promoted" and versions[0].tags["mtrec.gate.decision"] == "promoted"
     for v, g in zip(versions[1:], gates[1:], strict=True):
         decision = v.tags["mtrec.gate.decision"]
         assert decision == ("refused" if isinstance(g, GateRefused) else "promoted")
@@ -270,6 +269,11 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         assert run.data.metrics["gate/bn/passed"] == 1.0
         champion = v.version if decision == "promoted" else champion
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
+    # a challenger already judged is not judged again by the next night
+    from pipelines.nightly import gate_pending
+
+    said: list[str] = []
+    assert gate_pending(cfg, DAY4, say=said.append) is None and not [s for s in said if s.startswith("gate")]
 
 
 def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch, capsys):
