@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import getpass
+import logging
 import os
 import re
 import secrets
@@ -184,15 +185,17 @@ def client(address: str | None):
                           "or set RAY_ADDRESS to that URL")
     if "://" not in address:
         address = f"http://{address}"
-    from pipelines.cluster import quiet_ray
-
-    quiet_ray()  # the SDK's INFO lines (uploading, websocket closed) are not the job's output
     # Ray 2.60 clusters authenticate with a token by default; the SDK sends one only in token mode
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                                               or (Path.home() / ".ray" / "auth_token").is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
+    from pipelines.cluster import quiet_ray
+
+    quiet_ray()  # after Ray's import, which sets its loggers up: the SDK's INFO lines are not the job's output
+    for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
