@@ -233,7 +233,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    run_demo(workdir=args.workdir, days=args.days, rows_per_day=args.rows_per_day, seed=args.seed, say=_say)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    run_demo(workdir=args.workdir, days=args.days, rows_per_day=args.rows_per_day, seed=args.seed, models=models,
+             workers=args.workers, say=_say)
     return 0
 
 
@@ -358,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=7, help="days in the synthetic world (default 7)")
     p.add_argument("--rows-per-day", type=int, default=100_000, help="impressions per day (default 100000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--models", default="esmm,mmoe", help="models to train, comma-separated: esmm, mmoe (default both)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per job (default 2)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -458,7 +458,8 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
     model_uri = tracker.log_model(run_id, served, example)
     tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result})
     say(f"recorded run {run_id} in {tracker.uri} ({time.perf_counter() - t0:.1f}s)")
-    return {"model_uri": model_uri, "eval_day": eval_day.isoformat() if metrics else None, "metrics": metrics, "gate": cfg.gate_metrics()}
+    return {"model_uri": model_uri, "eval_day": eval_day.isoformat() if metrics else None, "metrics": metrics, "gate": cfg.gate_metrics(),
+            "bn": bn_result}
 
 
 def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConfig, day: dt.date | None, out: Path,

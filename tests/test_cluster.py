@@ -79,7 +79,8 @@ def two_node_cluster(tmp_path):
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DISABLE_USAGE_STATS": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the jobs' `python` is this venv's
-    env.pop("RAY_ADDRESS", None)
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # earlier tests' MLflow URIs stay in
+        env.pop(var, None)  # os.environ (mlflow.set_tracking_uri exports it), and submit forwards them to the job
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
     # one temp dir per node, as on separate machines: two nodes sharing /tmp/ray would also share
     # (and garbage-collect) each other's unpacked job working dirs. Short paths: Ray's sockets live there.

@@ -1,0 +1,71 @@
+"""`mtrec demo` at a tiny size: the summary's structure, and the MLflow store holds what it reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtrec.cli import main
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.integration
+def test_demo_tells_the_story_and_mlflow_holds_what_it_reports(tmp_path):
+    # MMoE has no BatchNorm: at 4,000 rows a day BN running statistics would still be near their
+    # initial values and (rightly) fail the check that the ESMM part of the demo passes at full size
+    work = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    p = subprocess.run([str(BIN / "mtrec"), "demo", "--workdir", str(work), "--rows-per-day", "4000", "--models", "mmoe"],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = p.stdout.splitlines()
+    # one progress line per step (not a TTY here: start and end), and nothing from Ray, MLflow or torch
+    done = [ln.strip() for ln in out if ln.strip().startswith("done ")]
+    assert done[0].startswith("done synthetic world: 7 days x 4,000 rows") and len(done) == 7  # synth, ray, train, promote, 3 nights
+    assert not [ln for ln in out if "WARNING" in ln or "UserWarning" in ln or ln.startswith("20")]
+    header = next(i for i, ln in enumerate(out) if ln.startswith("model "))
+    cols = out[header].split()
+    assert cols[:6] == ["model", "job", "days", "rows", "wall", "s"] and "es-CVR" in cols and cols[-1] == "gate"
+    rows = [ln.split(maxsplit=15) for ln in out[header + 2:] if ln.startswith("mmoe ")]
+    assert [r[1] for r in rows] == ["full_retrain", "nightly", "nightly", "nightly"]
+    assert [r[2] for r in rows] == ["2026-01-01..01-03", "2026-01-04", "2026-01-05", "2026-01-06"]
+    assert [int(r[3].replace(",", "")) for r in rows] == [12_000, 4_000, 4_000, 4_000]  # every row trained once
+    assert [r[6] for r in rows] == ["2026-01-04", "2026-01-05", "2026-01-06", "2026-01-07"]  # evaluated on the next day
+    summary = json.loads((work / "summary.json").read_text())
+    assert [r["version"] for r in summary["rows"]] == ["1", "2", "3", "4"]
+    assert summary["rows"][0]["gate"] == "champion (first)" and all(r["gate"] for r in summary["rows"])
+    assert all(r["bn"] == "no BN layers" for r in summary["rows"])
+    assert any(ln.startswith("mmoe: next-day ctr AUC ") and "a nightly day took" in ln for ln in out)
+    assert any("mlflow ui --backend-store-uri sqlite:///" in ln for ln in out) and any("mtrec predict" in ln for ln in out)
+    for step in ("synth", "ray", "mmoe-train", "mmoe-promote", "mmoe-nightly-2026-01-04"):
+        assert (work / "logs" / f"{step}.log").exists()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"], summary["tracking_uri"])
+    name = summary["models"]["mmoe"]
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert sorted(r.data.tags["mtrec.kind"] for r in runs) == ["full_retrain", "nightly", "nightly", "nightly"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
+    assert sorted(versions) == ["1", "2", "3", "4"]
+    for r in summary["rows"]:  # each version's gate decision is the one the summary shows
+        decision = versions[r["version"]].tags["mtrec.gate.decision"]
+        assert r["gate"].startswith("refused") == (decision == "refused")
+    promoted = [r["version"] for r in summary["rows"] if not r["gate"].startswith("refused")]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == promoted[-1]
+
+
+def test_demo_refuses_a_workdir_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    assert "exists and was not written by `mtrec demo`" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+    assert main(["demo", "--workdir", str(tmp_path / "d"), "--models", "esmm,dupn"]) == 2
+    assert "--models: unknown dupn" in capsys.readouterr().err
