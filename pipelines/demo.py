@@ -200,6 +200,7 @@ def run_demo(
             with step(f"{m}-promote", f"{m}: version 1 -> champion") as s:
                 code = main(["promote", "--config", str(path)])
             _check(code, {0}, s)
+            seconds[f"{m}-promote"] = s.seconds
             rows.append(_row(m, "full_retrain", out))
             for d in day_list[TRAIN_DAYS:days - 1]:
                 out = logdir / f"{m}-nightly-{d}.json"
