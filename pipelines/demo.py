@@ -36,6 +36,8 @@ from mtrec.errors import ConfigError, MtrecError
 
 MODELS = ("esmm", "mmoe")
 MARKER = ".mtrec-demo"
+WRITES = {MARKER, "world", "configs", "logs", "checkpoints", "quarantine", "locks", "mlartifacts", "mlflow.db", "ray",
+          "summary.json", "scores.parquet"}  # what a demo (and the next commands it prints) put in its workdir
 TRAIN_DAYS = 3
 OK_CODES = {0, 5}  # 5: the gate refused the new version; part of the story, not a failure
 
@@ -55,6 +57,8 @@ class DemoRow:
     bn: str = ""
     version: str | None = None
     gate: str = ""
+    exit_code: int = 0
+    log: str = ""
 
 
 class _Step:
@@ -86,14 +90,20 @@ class _Step:
         sys.stderr.flush()
         self.fh = self.log.open("ab")
         self.saved = (os.dup(1), os.dup(2))
-        os.dup2(self.fh.fileno(), 1)
+        os.dup2(self.fh.fileno(), 1)  # what writes to the fds: Ray, torch's C++ logs, subprocesses
         os.dup2(self.fh.fileno(), 2)
+        self.text = self.log.open("a", buffering=1)  # what writes to sys.stdout/err, whatever they are (pytest, Jupyter)
+        self.redirects = contextlib.ExitStack()
+        self.redirects.enter_context(contextlib.redirect_stdout(self.text))
+        self.redirects.enter_context(contextlib.redirect_stderr(self.text))
         if self.tty:
             self.thread = threading.Thread(target=self._show, daemon=True)
             self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.redirects.close()
+        self.text.close()
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self.saved[0], 1)
@@ -111,14 +121,22 @@ class _Step:
 
 
 def _prepare(workdir: Path, say: Callable[[str], None]) -> None:
-    """An empty workdir, or an earlier demo's (replaced); anything else is refused, never deleted."""
+    """An empty workdir, or an earlier demo's: its entries are replaced. A folder the demo did not
+    write, or one holding anything else besides, is refused and left as it is."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file; pass a folder (the demo creates it)")
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / MARKER).exists():
             raise ConfigError(f"{workdir} exists and was not written by `mtrec demo`; pass another --workdir (the demo starts from an empty one)")
+        other = sorted(p.name for p in workdir.iterdir() if p.name not in WRITES)
+        if other:
+            raise ConfigError(f"{workdir} holds an earlier demo and also {', '.join(other[:5])}, which the demo did not write; "
+                              "move them, or pass another --workdir")
         say(f"replacing the earlier demo in {workdir}")
-        shutil.rmtree(workdir)
+        for p in workdir.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text("written by `mtrec demo`; the next `mtrec demo` with this --workdir replaces this folder\n")
+    (workdir / MARKER).write_text("written by `mtrec demo`; the next `mtrec demo` with this --workdir replaces what it wrote here\n")
 
 
 def demo_config(example: str, workdir: Path, logs: str, workers: int) -> Path:
@@ -127,6 +145,8 @@ def demo_config(example: str, workdir: Path, logs: str, workers: int) -> Path:
     d = yaml.safe_load(example_path(example).read_text())
     d["job"].update(logs=logs, workdir=str(workdir))
     d["train"].update(num_workers=workers, cpus_per_worker=1)
+    # the demo's own store, whatever MLFLOW_TRACKING_URI says: it must not register versions on a real server
+    d.setdefault("tracking", {})["uri"] = f"sqlite:///{workdir}/mlflow.db"
     if example == "esmm":
         d["model"]["batch_norm"] = True
     path = workdir / "configs" / f"{example}.yaml"
@@ -162,7 +182,8 @@ def run_demo(
     _prepare(root, say)
     logs, logdir = str(root / "world"), root / "logs"
     logdir.mkdir()
-    console = sys.stdout
+    sys.stdout.flush()
+    console = os.fdopen(os.dup(1), "w", buffering=1)  # the terminal, while the steps' fds 1/2 go to their logs
     say(f"mtrec demo: everything goes under {root} (step logs in {logdir})")
     seconds: dict[str, float] = {}
 
@@ -209,8 +230,10 @@ def run_demo(
                 _check(code, OK_CODES, s)
                 seconds[f"{m}-nightly-{d}"] = s.seconds
                 rows.append(_row(m, "nightly", out))
+                rows[-1].exit_code, rows[-1].log = code, str(s.log)
     finally:
         ray.shutdown()
+        console.close()
     uri = f"sqlite:///{root}/mlflow.db"
     _gates(rows, names, uri)
     for line in summary_lines(rows, uri):
@@ -230,9 +253,13 @@ def run_demo(
 
 
 def _check(code: int, ok: set[int], s: _Step) -> None:
+    if code == 130:
+        raise KeyboardInterrupt
     if code not in ok:
         tail = s.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        raise MtrecError(f"the demo step `{s.title}` failed (exit {code}): {tail[0]}; its whole output is in {s.log}")
+        err = MtrecError(f"the demo step `{s.title}` failed (exit {code}): {tail[0]}; its whole output is in {s.log}")
+        err.exit_code = code  # the step's own: 3 bad data, 6 MLflow, ...
+        raise err
 
 
 def _row(model: str, kind: str, summary_json: Path) -> DemoRow:
@@ -258,9 +285,11 @@ def _gates(rows: list[DemoRow], names: dict[str, str], uri: str) -> None:
         if decision == "promoted":
             r.gate = "champion (first)" if not tags.get("mtrec.gate.champion") else f"promoted over v{tags['mtrec.gate.champion']}"
         elif decision == "refused":
-            r.gate = f"refused (champion v{tags.get('mtrec.gate.champion')} stays)"
+            r.gate = f"refused (champion v{tags['mtrec.gate.champion']} stays)" if tags.get("mtrec.gate.champion") else "refused (no champion yet)"
         else:
-            r.gate = "not judged yet"
+            r.gate = "not judged yet"  # a nightly whose next day has no logs yet: the next night's gate judges it
+        if r.exit_code == 5 and not r.gate.startswith("refused"):  # exit 5 without a refusal on record: not the gate saying no
+            raise MtrecError(f"the nightly {r.days} of {r.model} exited 5 but version {r.version} has no refusal recorded; see {r.log}")
 
 
 def _fmt(x: float | None) -> str:

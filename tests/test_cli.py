@@ -59,13 +59,11 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, argv, code, text):
     assert err.startswith("mtrec: error: ") and text in err and err.count("\n") == 1
 
 
-def test_demo_small(tmp_path, capsys):
-    code, out, _ = run(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--days", "2", "--rows-per-day", "3000")
-    assert code == 0
-    table = [line for line in out.splitlines() if line.startswith("2026-01-0")]
-    assert [line.split()[:4] for line in table] == [["2026-01-01", "3,000", "3,000", "0"], ["2026-01-02", "3,000", "3,000", "0"]]
-    assert "next:" in out and "mtrec validate --config esmm" in out
-    assert (tmp_path / "demo" / "world" / "_truth").is_dir()
+def test_demo_needs_enough_days(tmp_path, capsys):
+    """The demo itself runs in tests/test_demo.py; here only its up-front refusal."""
+    code, _, err = run(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--days", "2", "--rows-per-day", "3000")
+    assert code == 2 and "--days 2: the demo needs at least 5" in err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_console_script_is_installed():
