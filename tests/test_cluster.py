@@ -32,7 +32,7 @@ from conftest import DAY1
 from test_ray_train import small_config
 
 from mtrec.data.synth import write_world
-from mtrec.errors import ConfigError
+from mtrec.errors import ClusterError, ConfigError
 from pipelines import submit
 
 BIN = Path(sys.executable).parent
@@ -213,3 +213,58 @@ def test_unreachable_job_server_is_one_line(capsys):
     assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--status", "x"]) == 9
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mtrec: error: cannot reach the Ray job server at http://127.0.0.1:{port}") and "\n" not in err
+
+
+class _FakeJobs:
+    """The few JobSubmissionClient calls `attach` makes, scripted."""
+
+    def __init__(self, *infos, on_tail=None):
+        self.infos, self.on_tail, self.stopped = list(infos), on_tail, []
+
+    def get_address(self):
+        return "http://head:8265"
+
+    def get_job_info(self, sid):
+        if isinstance(self.infos[0], Exception):
+            raise self.infos[0]
+        return self.infos.pop(0) if len(self.infos) > 1 else self.infos[0]
+
+    async def tail_job_logs(self, sid):
+        for line in ("mtrec nightly esmm_synth: 2026-01-03\n", "done\n"):
+            if self.on_tail:
+                self.on_tail()
+            yield line
+
+    def stop_job(self, sid):
+        self.stopped.append(sid)
+        return True
+
+
+def _info(status, code=None, message=""):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(status=status, driver_exit_code=code, message=message, start_time=None, end_time=None)
+
+
+def test_attach_exits_with_the_jobs_own_code(capsys):
+    said: list[str] = []
+    assert submit.attach(_FakeJobs(_info("RUNNING"), _info("SUCCEEDED", 0)), "j1", said.append) == 0
+    assert "mtrec nightly esmm_synth: 2026-01-03" in capsys.readouterr().out and said[-1] == "job j1 SUCCEEDED"
+    assert submit.attach(_FakeJobs(_info("FAILED", 8)), "j2", said.append) == 8  # the lock: as the command itself exits
+    assert said[-1] == "job j2 FAILED: mtrec exited 8"
+    assert submit.attach(_FakeJobs(_info("FAILED", -9)), "j3", said.append) == 137  # OOM-killed driver: 128 + SIGKILL
+    assert submit.attach(_FakeJobs(_info("STOPPED", None, "Job was intentionally stopped.")), "j4", said.append) == 9
+    assert said[-1] == "job j4 STOPPED: Job was intentionally stopped."
+    with pytest.raises(ClusterError, match=r"cannot read job nope at http://head:8265 \(Request failed with status code 404"):
+        submit.attach(_FakeJobs(RuntimeError("Request failed with status code 404: Job nope does not exist.")), "nope", said.append)
+
+
+def test_sigterm_while_attached_stops_the_job():
+    """Kubernetes deleting the CronJob's pod (or its deadline) must not leave the job running: a
+    retried pod would meet its orphan's lock."""
+    before = signal.getsignal(signal.SIGTERM)
+    jobs = _FakeJobs(_info("RUNNING"), on_tail=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    said: list[str] = []
+    assert submit.attach(jobs, "j5", said.append) == 143
+    assert jobs.stopped == ["j5"] and said[-1] == "terminated: stop requested for job j5"
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
