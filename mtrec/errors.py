@@ -41,7 +41,10 @@ class GateRefused(MtrecError):
 
 
 class GateDeferred(GateRefused):
-    """The promotion gate cannot judge yet: no day with logs that neither model trained on."""
+    """The promotion gate cannot judge yet: no day with logs that neither model trained on. Its
+    own exit code, so a scheduled `mtrec promote` tells "not yet" from "no"."""
+
+    exit_code = 10
 
 
 class TrackingError(MtrecError):

@@ -203,6 +203,15 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0
     assert client.get_model_version(cfg.name, "3").tags["mtrec.gate.bn"] == "passed"
     assert str(client.get_model_version_by_alias(cfg.name, "champion").version) == "3"
+    # a challenger trained to the world's last day: no day to judge it on yet -> exit 10, not 5
+    late = DAY1 + dt.timedelta(days=2)
+    run = tracker.start_run("nightly", [late], f"{tmp_path}/ck-late", None, None)
+    served = ServedModel(cfg, model.state_dict())
+    assert tracker.register(run, tracker.log_model(run, served, example_rows(cfg, DAY1, served.columns)), f"{tmp_path}/ck-late", late) == "4"
+    capsys.readouterr()
+    assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 10
+    assert f"no day with logs after {late}" in capsys.readouterr().err
+    assert "mtrec.gate.decision" not in client.get_model_version(cfg.name, "4").tags
     d["tracking"]["enabled"] = False
     capsys.readouterr()
     assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--checkpoint", str(tmp_path), "--recalibrate"]) == 2
