@@ -39,6 +39,8 @@ VARIANTS = {  # name: (tasks, model)
     "esmm+shallow": (CVR2, {"arch": "esmm", "shallow_tower": SHALLOW}),
     "shared_bottom": (THREE, {"arch": "shared_bottom", "bottom": [256, 128], "tower": [64]}),
     "mmoe": (THREE, {"arch": "mmoe", "num_experts": 4, "expert": [256, 128], "tower": [64]}),
+    "mmoe+shallow": (THREE, {"arch": "mmoe", "num_experts": 4, "expert": [256, 128], "tower": [64],
+                             "shallow_tower": {**SHALLOW, "apply_to": ["ctr"]}}),  # the shipped mmoe example's model
     "ple": (THREE, {"arch": "ple", "levels": 2, "shared_experts": 2, "task_experts": 1, "expert": [128], "tower": [64]}),
 }
 
