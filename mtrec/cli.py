@@ -101,7 +101,10 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     cfg = _train_cfg(args)
     day = parse_date(args.date, "--date", cfg.job.timezone)
     _say(f"mtrec nightly {cfg.name}: {day}{_resolved(args.date, cfg)} from {cfg.job.logs}")
-    _promote_needs_tracking(cfg, args)
+    if args.promote:
+        from pipelines.nightly import require_tracking
+
+        require_tracking(cfg)
     with model_lock(cfg, f"mtrec nightly {day}"):  # the gate below runs under the job's lock too
         pending = None
         if args.promote:
@@ -121,13 +124,6 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return 0
 
 
-def _promote_needs_tracking(cfg, args: argparse.Namespace) -> None:
-    from mtrec.errors import ConfigError
-
-    if args.promote and not cfg.tracking.enabled:
-        raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
-
-
 def cmd_backfill(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
     from pipelines.nightly import run_backfill
@@ -135,7 +131,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     cfg = _train_cfg(args)
     start, end = parse_date(args.start, "--from", cfg.job.timezone), parse_date(args.end, "--to", cfg.job.timezone)
     _say(f"mtrec backfill {cfg.name}: {start} .. {end} from {cfg.job.logs}")
-    _promote_needs_tracking(cfg, args)
+    if args.promote:
+        from pipelines.nightly import require_tracking
+
+        require_tracking(cfg)
     summaries = run_backfill(cfg, start, end, cold_start=args.cold_start, force=args.force,
                              allow_config_change=args.allow_config_change, address=args.address, say=_say,
                              log_every=args.log_every, ray_logs=args.ray_logs)

@@ -105,6 +105,16 @@ def _nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool, catch_up: bool, f
         return _chain(cfg, days, parent, say, log_every, allow_config_change, info)
 
 
+def require_tracking(cfg: MtrecConfig) -> None:
+    """`--promote` compares registered versions: refused up front without MLflow tracking.
+
+    Raises:
+        ConfigError: `tracking.enabled` is false.
+    """
+    if not cfg.tracking.enabled:
+        raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
+
+
 def gate_pending(cfg: MtrecConfig, day: dt.date, say: Callable[[str], None] = print) -> MtrecError | None:
     """`--promote`, before training `day`: the challenger an earlier night registered and no gate
     has judged yet is judged now, on the newest day with logs neither it nor the champion trained
@@ -145,8 +155,7 @@ def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary], say: Callable[[s
 
     last = summaries[-1]
     version = last.mlflow.get("version")
-    if not cfg.tracking.enabled:
-        raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
+    require_tracking(cfg)
     if not version:
         raise ConfigError(f"{last.checkpoint} has no registered version (it was trained without tracking); retrain it with --force "
                           "to record and register it, or run `mtrec promote --version V` on a registered one")

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from mtrec.config import EXAMPLES, JobConfig, example_path
 from mtrec.errors import ClusterError, ConfigError
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -99,8 +100,6 @@ def check_command(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _raw_config(source: str) -> dict:
-    from mtrec.config import EXAMPLES, example_path
-
     path = example_path(source) if source in EXAMPLES else Path(source.removeprefix("file://"))
     try:
         data = yaml.safe_load(path.read_text())
@@ -112,9 +111,7 @@ def _raw_config(source: str) -> dict:
 def _check_config_paths(argv: Sequence[str], config: str) -> None:
     """A config whose job.logs / job.workdir (or their defaults) are relative local paths would
     resolve inside the job's working dir on the cluster: refuse unless the command overrides them."""
-    from mtrec.config import JobConfig
-
-    if not _is_local(config) and not config.startswith("file://"):
+    if not _is_local(config):  # file:// counts as local
         return  # read on the cluster; checked there
     job = _raw_config(config).get("job") or {}
     for key, flag in (("logs", "--logs"), ("workdir", "--workdir")):
@@ -140,8 +137,8 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
     configs = _flag_values(argv, "--config") or [(-1, "esmm")]
     for i, value in configs if argv[0] != "synth" else []:
         local = value.removeprefix("file://")
-        if _is_local(value) and value not in _examples() and not Path(local).is_file():
-            raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(_examples())}")
+        if _is_local(value) and value not in EXAMPLES and not Path(local).is_file():
+            raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(EXAMPLES)}")
         _check_config_paths(argv, value)
         if i >= 0 and _is_local(value) and Path(local).is_file():
             (into / STAGE_DIR).mkdir(exist_ok=True)
@@ -149,12 +146,6 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
             rel = f"{STAGE_DIR}/{Path(local).name}"
             argv[i] = rel if argv[i] == value else f"--config={rel}"
     return argv
-
-
-def _examples() -> tuple[str, ...]:
-    from mtrec.config import EXAMPLES
-
-    return tuple(EXAMPLES)
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:

@@ -71,3 +71,17 @@ def test_console_script_is_installed():
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     for command in ("synth", "validate", "demo"):
         assert command in res.stdout
+
+
+def test_promote_without_tracking_is_refused_before_training(tmp_path, capsys):
+    import yaml
+
+    from mtrec.config import load_config
+
+    d = load_config("esmm", logs=str(tmp_path / "logs"), workdir=str(tmp_path / "work")).model_dump(mode="json")
+    d["tracking"]["enabled"] = False
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    for argv in (["nightly", "--date", "2026-01-02", "--cold-start"], ["backfill", "--from", "2026-01-01", "--to", "2026-01-02"]):
+        code, _, err = run(capsys, *argv, "--config", str(tmp_path / "c.yaml"), "--promote")
+        assert code == 2 and "--promote needs MLflow tracking (`tracking.enabled: true`)" in err
+    assert not (tmp_path / "work").exists()  # nothing trained, not even the lock taken
