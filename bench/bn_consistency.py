@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtrec import bn  # noqa: E402
 from mtrec.config import load_config  # noqa: E402
-from mtrec.data.synth import write_world  # noqa: E402
+from mtrec.data.synth import world_params, write_world  # noqa: E402
 from mtrec.eval.evaluate import evaluate_day  # noqa: E402
 from mtrec.serving import ServedModel  # noqa: E402
 from mtrec.train import checkpoint  # noqa: E402
@@ -47,10 +47,12 @@ def main() -> None:
     ap.add_argument("--rates", default="1.0,0.1", help="negative_rate values to compare")
     ap.add_argument("--repeat", type=int, default=1, help="positive_repeat")
     ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--preset", help="a named world variant (mtrec.data.synth.PRESETS), e.g. item_quality")
+    ap.add_argument("--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="mtrec-bn-")
     logs = os.path.join(tmp, "world")
-    write_world(logs, 5, args.rows_per_day, seed=args.seed)
+    write_world(logs, 5, args.rows_per_day, seed=args.seed, params=world_params(args.world, args.preset))
     print(f"world: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids), seed {args.seed}; ESMM + BN, batch 512")
     rows = []
     for rate in (float(x) for x in args.rates.split(",")):

@@ -1,6 +1,6 @@
 """Train every model on the same synthetic world and score it on the next day against the truth.
 
-    .venv/bin/python bench/compare_models.py --days 6 --rows 200000
+    .venv/bin/python bench/compare_models.py --days 6 --rows 200000 --preset item_quality
 
 Days 1..N-1 train (one pass, in order, single process through DistributedModelParallel at world
 size 1), day N evaluates, as served (no bias features). Prints one table; docs/models.md holds
@@ -14,6 +14,7 @@ import copy
 import datetime as dt
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from mtrec.config import example_path, parse_config
-from mtrec.data.synth import read_world, write_world
+from mtrec.data.synth import WorldParams, read_world, world_params, write_world
 from mtrec.eval.evaluate import evaluate_day
 from mtrec.train.local import train_days
 
@@ -63,26 +64,25 @@ def position_logits(model) -> np.ndarray:
         return st(torch.stack([pos, torch.zeros_like(pos)], dim=1)).numpy()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--days", type=int, default=6)
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--models", default=",".join(VARIANTS))
-    ap.add_argument("--out", help="world dir (reused when it exists)")
-    args = ap.parse_args()
-    out = args.out or tempfile.mkdtemp(prefix="mtrec-compare-")
+METRICS = [("ctr/auc", "CTR AUC"), ("ctr/auc_unbiased", "unbiased CTR AUC"), ("cvr/auc", "CVR AUC (clicked rows)"),
+           ("cvr/auc_entire_space", "**entire-space CVR AUC**"), ("ctcvr/auc", "CTCVR AUC"), ("watch_time/pearson", "watch-time pearson")]
+
+
+def run_seed(args, seed: int, out: str) -> dict[str, dict]:
+    """Write (or reuse) the world of `seed` at `out`, train and evaluate every model on it."""
     if not Path(out, "_world.json").exists():
-        write_world(out, args.days, args.rows, seed=args.seed)
+        write_world(out, args.days, args.rows, seed=seed, params=world_params(args.world, args.preset))
     world = read_world(out)
     days = [dt.date.fromisoformat(d) for d in world["days"]]
     train, test = days[:-1], days[-1]
     exam = np.array(world["params"]["examination"])
-    print(f"world {out}: train {train[0]}..{train[-1]} ({len(train)} x {args.rows:,} rows), evaluate {test}; batch {args.batch_size}")
-    rows = []
+    default = asdict(WorldParams())
+    changed = {k: v for k, v in world["params"].items() if k in default and v != default[k] and not (isinstance(v, list) and tuple(v) == default[k])}
+    print(f"world {out}: train {train[0]}..{train[-1]} ({len(train)} x {args.rows:,} rows), evaluate {test}; batch {args.batch_size}; "
+          f"seed {world['seed']}; parameters {changed or 'default'}")
+    by = {}
     for name in args.models.split(","):
-        cfg = variant_config(name, out, args.batch_size, args.seed)
+        cfg = variant_config(name, out, args.batch_size, seed)
         t0 = time.perf_counter()
         res = train_days(cfg, train)
         m = evaluate_day(res.model, cfg, test)
@@ -90,26 +90,68 @@ def main() -> None:
         if res.model.shallow_tower is not None:
             logits = position_logits(res.model)
             row["pos_spearman"] = spearmanr(logits, exam).statistic
-            row["pos_logits"] = np.round(logits - logits[0], 3).tolist()
-        rows.append(row)
+            row["pos_logits"] = [round(float(x), 2) for x in logits - logits[0]]
+        by[name] = row
         print(f"{name:<14} ctr auc {m['ctr/auc']:.4f} unbiased {m['ctr/auc_unbiased']:.4f} | cvr auc(clicked) {m['cvr/auc']:.4f} "
               f"entire-space {m['cvr/auc_entire_space']:.4f} | ctcvr auc {m['ctcvr/auc']:.4f}"
               + (f" | watch pearson {m['watch_time/pearson']:.4f}" if "watch_time/pearson" in m else "")
               + (f" | pos spearman {row['pos_spearman']:.3f} {row['pos_logits']}" if "pos_spearman" in row else "")
               + f" | {row['rows/s']:,.0f} rows/s", flush=True)
-    r0 = rows[0]
+    r0 = next(iter(by.values()))
     print(f"oracle ceilings: ctr unbiased {r0['ctr/auc_unbiased_oracle']:.4f}, cvr entire-space {r0['cvr/auc_entire_space_oracle']:.4f}")
-    by = {r["model"]: r for r in rows}
-    if {"esmm", "naive_cvr"} <= by.keys():
-        print(f"esmm - naive_cvr entire-space CVR AUC: {by['esmm']['cvr/auc_entire_space'] - by['naive_cvr']['cvr/auc_entire_space']:+.4f} (target >= +0.01)")
-    if {"esmm", "esm2"} <= by.keys():
-        print(f"esm2 - esmm entire-space CVR AUC: {by['esm2']['cvr/auc_entire_space'] - by['esmm']['cvr/auc_entire_space']:+.4f} (target >= -0.002)")
-    if {"esmm", "esmm+shallow"} <= by.keys():
-        print(f"shallow - plain unbiased CTR AUC: {by['esmm+shallow']['ctr/auc_unbiased'] - by['esmm']['ctr/auc_unbiased']:+.4f} (target > 0)")
+    return by
+
+
+def claims(by_seed: list[dict[str, dict]]) -> list[str]:
+    """Issue 3's comparisons, per seed and as the mean over seeds."""
+    def line(label, target, f, needs):
+        if not all(set(needs) <= by.keys() for by in by_seed):
+            return None
+        vals = [f(by) for by in by_seed]
+        per = ", ".join(f"{v:+.4f}" for v in vals)
+        return f"{label}: {np.mean(vals):+.4f}" + (f" (mean of {per})" if len(vals) > 1 else "") + f" (target {target})"
+
+    es = "cvr/auc_entire_space"
     avg = lambda r: np.mean([r["ctr/auc"], r["cvr/auc"], r["ctcvr/auc"]])  # noqa: E731
-    for name in ("shared_bottom", "mmoe", "ple"):
-        if name in by:
-            print(f"{name:<14} mean AUC (ctr, cvr, ctcvr) {avg(by[name]):.4f}, watch pearson {by[name]['watch_time/pearson']:.4f}")
+    out = [
+        line("esmm - naive_cvr entire-space CVR AUC", ">= +0.01", lambda b: b["esmm"][es] - b["naive_cvr"][es], ["esmm", "naive_cvr"]),
+        line("esm2 - esmm entire-space CVR AUC", ">= -0.002", lambda b: b["esm2"][es] - b["esmm"][es], ["esmm", "esm2"]),
+        line("shallow - plain unbiased CTR AUC", "> 0", lambda b: b["esmm+shallow"]["ctr/auc_unbiased"] - b["esmm"]["ctr/auc_unbiased"],
+             ["esmm", "esmm+shallow"]),
+        line("esmm+shallow position-logit Spearman", ">= 0.9", lambda b: b["esmm+shallow"]["pos_spearman"], ["esmm+shallow"]),
+    ]
+    for name in ("mmoe", "ple"):
+        out.append(line(f"{name} - shared_bottom mean AUC (ctr, cvr, ctcvr)", "> 0", lambda b, n=name: avg(b[n]) - avg(b["shared_bottom"]),
+                        [name, "shared_bottom"]))
+    return [x for x in out if x]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--days", type=int, default=6)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="comma-separated seeds (world and training), e.g. 0,1,2: every figure per seed and their mean")
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--models", default=",".join(VARIANTS))
+    ap.add_argument("--out", help="world dir, reused when it exists (with --seeds: a folder per seed under it)")
+    ap.add_argument("--preset", help="a named world variant (mtrec.data.synth.PRESETS), e.g. item_quality")
+    ap.add_argument("--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)")
+    args = ap.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    root = args.out or tempfile.mkdtemp(prefix="mtrec-compare-")
+    by_seed = [run_seed(args, seed, str(Path(root, f"seed{seed}")) if args.seeds else root) for seed in seeds]
+    names = list(by_seed[0])
+    print(f"\nmean over seeds {','.join(map(str, seeds))}:" if len(seeds) > 1 else "")
+    print("| model | " + " | ".join(label for _, label in METRICS) + " |")
+    print("|---" * (len(METRICS) + 1) + "|")
+    for name in names:
+        cells = [f"{np.mean([by[name][k] for by in by_seed]):.4f}" if k in by_seed[0][name] else "" for k, _ in METRICS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    oracle = [np.mean([by[names[0]][k] for by in by_seed]) for k in ("ctr/auc_unbiased_oracle", "cvr/auc_entire_space_oracle")]
+    print(f"| oracle (truth) | | {oracle[0]:.4f} | | {oracle[1]:.4f} | | |")
+    for text in claims(by_seed):
+        print(text)
 
 
 if __name__ == "__main__":

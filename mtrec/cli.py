@@ -34,12 +34,14 @@ def _resolved(text: str, cfg) -> str:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
-    from mtrec.data.synth import write_world
+    from mtrec.data.synth import world_params, write_world
 
     start = parse_date(args.start, "--start")
-    _say(f"writing a synthetic world: {args.days} days x {args.rows_per_day:,} rows from {start} to {args.out} (seed {args.seed})")
+    params = world_params(args.param, args.preset)
+    _say(f"writing a synthetic world: {args.days} days x {args.rows_per_day:,} rows from {start} to {args.out} (seed {args.seed})"
+         + (f"; preset {args.preset}" if args.preset else "") + "".join(f"; {kv}" for kv in args.param))
     s = write_world(args.out, args.days, args.rows_per_day, seed=args.seed, start=start,
-                    files_per_day=args.files_per_day, progress=_say)
+                    files_per_day=args.files_per_day, params=params, progress=_say)
     _say(f"done: {sum(s.rows):,} rows in {sum(s.seconds):.1f}s; days {s.days[0]} .. {s.days[-1]}; truth under {args.out.rstrip('/')}/_truth/")
     return 0
 
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--start", default="2026-01-01", help="first day, YYYY-MM-DD (default 2026-01-01)")
     p.add_argument("--files-per-day", type=int, default=4, help="Parquet files per day (default 4)")
+    p.add_argument("--preset", help="a named variant of the default world, e.g. item_quality (docs/synthetic-world.md)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a parameter of the generative model (repeatable; docs/synthetic-world.md lists them)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("validate", help="check one day's logs; print counts; write quarantine")

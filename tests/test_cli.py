@@ -51,6 +51,8 @@ def test_validate_fails_above_threshold_with_one_line(world, tmp_path, capsys):
         (["validate", "--config", "missing.yaml", "--date", "2026-01-01"], 2, "config file `missing.yaml` not found"),
         (["validate", "--logs", "/nonexistent/logs", "--date", "2026-01-01"], 3, "no logs for 2026-01-01 under /nonexistent/logs"),
         (["synth", "--out", "memory://x", "--days", "0"], 2, "`--days` must be >= 1, got 0"),
+        (["synth", "--out", "memory://x", "--param", "apeal_std=1"], 2, "--param 'apeal_std=1': expected NAME=VALUE with NAME one of"),
+        (["synth", "--out", "memory://x", "--preset", "nope"], 2, "--preset 'nope': unknown; choose one of item_quality"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(capsys, argv, code, text):

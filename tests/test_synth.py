@@ -147,3 +147,59 @@ def test_bad_arguments():
         write_world("memory://x", days=1, rows_per_day=-5)
     with pytest.raises(MtrecError, match="not a synthetic world"):
         read_world("memory://nothing-here")
+
+
+def test_item_quality_leaves_everything_else_of_the_world_as_it_was(tmp_path):
+    """Quality and appeal draw from their own stream: switching quality on changes who buys, and
+    nothing else; the default world is the world written before these parameters existed."""
+    plain, quality = str(tmp_path / "plain"), str(tmp_path / "quality")
+    write_world(plain, days=2, rows_per_day=5000, seed=3)
+    write_world(quality, days=2, rows_per_day=5000, seed=3, params=WorldParams(quality_std=1.0))
+    for day in DAYS[:2]:
+        a, b = _day(plain, day), _day(quality, day)
+        same = [c for c in a.column_names if c != "conversion"]
+        assert a.select(same).equals(b.select(same))
+        assert not a.column("conversion").equals(b.column("conversion"))
+        ta, tb = _day(plain, day, True), _day(quality, day, True)
+        assert ta.column("p_click").equals(tb.column("p_click")) and not ta.column("cvr").equals(tb.column("cvr"))
+
+
+def test_appeal_and_quality_tie_an_items_clicks_to_its_purchases(tmp_path):
+    """With rho_quality > 0 an item's unobserved appeal (clicks) and quality (purchases) go
+    together, so its click rate carries information about its conversion rate."""
+
+    def item_corr(params: WorldParams) -> float:
+        root = str(tmp_path / f"w{params.rho_quality}")
+        write_world(root, days=1, rows_per_day=60_000, seed=4, params=params)
+        t, tr = _day(root, DAYS[0]), _day(root, DAYS[0], True)
+        item = t.column("item_id").to_numpy()
+        _, idx, n = np.unique(item, return_inverse=True, return_counts=True)
+        mean = lambda x: np.bincount(idx, weights=x) / n  # noqa: E731
+        keep = n >= 20
+        rel, cvr = (mean(tr.column(c).to_numpy().astype(np.float64))[keep] for c in ("p_click_unbiased", "cvr"))
+        return np.corrcoef(rel, cvr)[0, 1]
+
+    from mtrec.data.synth import world_params
+
+    tied = item_corr(world_params([], "item_quality"))
+    apart = item_corr(world_params(["rho_quality=0"], "item_quality"))
+    # per item, mean true relevance vs mean true CVR: the anti-correlated user-item affinities
+    # alone make it negative; quality tied to appeal turns it positive
+    assert apart < 0 < tied and tied > apart + 0.25, (tied, apart)
+
+
+def test_world_params_overrides():
+    from mtrec.data.synth import world_params
+
+    p = world_params(["appeal_std=0.8", "rho-quality=0.8", "positions=5", "device_exam=1,0.5"])
+    assert (p.appeal_std, p.rho_quality, p.positions, p.device_exam) == (0.8, 0.8, 5, (1.0, 0.5))
+    assert world_params([]) == WorldParams()
+    q = world_params(["quality_std=0.5"], "item_quality")  # the preset, then the overrides on top
+    assert (q.appeal_std, q.quality_std, q.rho_quality, q.click_bias, q.buy_bias) == (1.0, 0.5, 0.8, -4.1, -3.6)
+    for bad, msg in ((["nope=1"], r"--param 'nope=1': expected NAME=VALUE with NAME one of users, "),
+                     (["appeal_std"], r"--param 'appeal_std': expected NAME=VALUE"),
+                     (["positions=2.5"], r"--param 'positions=2.5': positions takes an integer"),
+                     (["appeal_std=high"], r"appeal_std takes a number"),
+                     (["rho_quality=1.5"], r"--param rho_quality=1.5: a correlation must lie in \[-1, 1\]")):
+        with pytest.raises(MtrecError, match=msg):
+            world_params(bad)

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -76,6 +77,9 @@ class WorldParams:
     buy_after_daction: float = 2.0  # added to the buy logit after a daction ...
     buy_after_oaction: float = -1.5  # ... or after an oaction: p(buy | daction) >> p(buy | oaction)
     price_effect: float = -0.6  # per std of log price, on the buy logit only
+    appeal_std: float = 0.0  # std of an item-level term on the click logit that no feature shows (0: none)
+    quality_std: float = 0.0  # std of an item-level term on the buy logit that no feature shows (0: none)
+    rho_quality: float = 0.0  # corr(quality, appeal): well-made items are also clicked more
     watch_log_mean: float = 3.4  # log seconds
     watch_scale: float = 0.5
     watch_noise: float = 0.6
@@ -92,6 +96,44 @@ class WorldParams:
     def examination(self) -> np.ndarray:
         """p(examined | position) on device 0, shape K."""
         return 1.0 / (1.0 + np.arange(self.positions)) ** self.exam_power
+
+
+# Named variants of the default world (`mtrec synth --preset NAME`); docs/synthetic-world.md.
+PRESETS: dict[str, dict[str, float]] = {
+    # items differ in an appeal (click logit) and a quality (buy logit) that no feature shows and
+    # that go together (good items are clicked and bought more); the biases are lowered so that CTR
+    # (~5%) and CVR given click (~6%) stay those of the default world. The model comparison's world.
+    "item_quality": {"appeal_std": 1.0, "quality_std": 1.2, "rho_quality": 0.8, "click_bias": -4.1, "buy_bias": -3.6},
+}
+
+
+def world_params(overrides: list[str], preset: str | None = None) -> WorldParams:
+    """`WorldParams` from a preset (or the defaults) with ``NAME=VALUE`` overrides on top (as
+    `mtrec synth --preset P --param NAME=VALUE` takes them)."""
+    fields = {f.name: f.type for f in dataclasses.fields(WorldParams)}
+    if preset is not None and preset not in PRESETS:
+        raise MtrecError(f"--preset {preset!r}: unknown; choose one of {', '.join(PRESETS)} or leave it out for the default world")
+    values: dict[str, object] = dict(PRESETS[preset]) if preset else {}
+    for kv in overrides:
+        name, sep, text = kv.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise MtrecError(f"--param {kv!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        kind = fields[name]
+        try:
+            if kind == "int":
+                values[name] = int(text)
+            elif kind == "float":
+                values[name] = float(text)
+            else:  # tuple[float, ...]
+                values[name] = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            raise MtrecError(f"--param {kv!r}: {name} takes {'an integer' if kind == 'int' else 'a number' if kind == 'float' else 'comma-separated numbers'}") from None
+    params = WorldParams(**values)
+    for name in ("rho_conversion", "rho_watch", "rho_quality"):
+        if not -1.0 <= getattr(params, name) <= 1.0:
+            raise MtrecError(f"--param {name}={getattr(params, name)}: a correlation must lie in [-1, 1]")
+    return params
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -188,6 +230,8 @@ class World:
             conv_lat=conv_lat,
             watch_lat=watch_lat,
             popularity=(p.popularity_std * r.standard_normal(n)).astype(np.float32),
+            # appeal and quality draw from their own stream, so that worlds without them are the same
+            **self._appeal_quality(start, n),
             boost=(p.policy_boost * r.standard_normal(n)).astype(np.float32),
             log_price=log_price,
             category=np.argmax(self._noisy(click_lat) @ self.proj["category"], axis=1).astype(np.int64),
@@ -211,6 +255,14 @@ class World:
         self._new_items(max(1, round(p.new_items_per_day * len(self.items))))
         self.day_index += 1
 
+    def _appeal_quality(self, start: int, n: int) -> dict[str, np.ndarray]:
+        """Unobserved item-level terms: `appeal` on the click logit, `quality` on the buy logit,
+        correlated `rho_quality`."""
+        p = self.p
+        z = np.random.default_rng([self.seed, 2, start]).standard_normal((2, n), dtype=np.float32)
+        q = p.rho_quality * z[0] + math.sqrt(1.0 - p.rho_quality**2) * z[1]
+        return {"appeal": p.appeal_std * z[0], "quality": p.quality_std * q}
+
     # ---- traffic ---------------------------------------------------------------------------------
     def traffic(self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date) -> tuple[pa.Table, pa.Table]:
         """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth)."""
@@ -227,7 +279,7 @@ class World:
         taste = us["taste"][uidx]  # n_req x d
         scale = 1.0 / math.sqrt(p.latent_dim)
         aff_click = np.einsum("rd,rcd->rc", taste, it["click_lat"][cand]) * scale  # n_req x C
-        rel_logit = p.click_bias + p.click_scale * aff_click + it["popularity"][cand]
+        rel_logit = p.click_bias + p.click_scale * aff_click + it["popularity"][cand] + it["appeal"][cand]
         # the logging policy: relevance, plus its own error, plus item promotion (business rules)
         policy = rel_logit + it["boost"][cand] + p.policy_noise * r.standard_normal(rel_logit.shape, dtype=np.float32)
         shown = np.argsort(-policy, axis=1)[:, :K]  # n_req x K, position order
@@ -247,7 +299,7 @@ class World:
         p_rel = _sigmoid(rel_logit)
         p_click = p_exam * p_rel
         p_dact = _sigmoid(p.daction_bias + p.daction_scale * aff_conv)
-        buy_logit = p.buy_bias + p.buy_scale * aff_conv + p.price_effect * price_z
+        buy_logit = p.buy_bias + p.buy_scale * aff_conv + p.price_effect * price_z + it["quality"][items]
         p_buy_d = _sigmoid(buy_logit + p.buy_after_daction)
         p_buy_o = _sigmoid(buy_logit + p.buy_after_oaction)
         cvr = p_dact * p_buy_d + (1 - p_dact) * p_buy_o
