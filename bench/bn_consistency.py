@@ -5,9 +5,12 @@ For each sampling setting, ESMM with BatchNorm in its towers is trained single-p
 DMP model and loop the Ray workers run) on days 1-3; then, as served:
   check on day 4 -> recalibrate on day 4 -> check on day 4 again,
 and the next-day metrics (day 5) before and after recalibration: calibration (sum p / sum y) and
-AUC per task. Also the cost of one check and one recalibration.
+AUC per task. Also the cost of one check and one recalibration. For a sampled model it also prints,
+per BN layer, how well the layer's input tells clicks from non-clicks (Cohen's d, mean over
+channels) and the smd that sampling should cause from it (docs/bn-consistency.md).
 
     .venv/bin/python bench/bn_consistency.py --rows-per-day 100000 --rates 1.0,0.1 --repeat 1
+    .venv/bin/python bench/bn_consistency.py --rows-per-day 100000 --rates 1.0,0.1 --preset item_quality
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtrec import bn  # noqa: E402
 from mtrec.config import load_config  # noqa: E402
+from mtrec.data.batch import BatchConverter  # noqa: E402
 from mtrec.data.synth import world_params, write_world  # noqa: E402
 from mtrec.eval.evaluate import evaluate_day  # noqa: E402
 from mtrec.serving import ServedModel  # noqa: E402
@@ -39,6 +46,43 @@ def config(logs: str, rate: float, repeat: int):
     d["train"]["batch_size"] = 512
     d["train"]["sampling"] = {"negative_rate": rate, "positive_repeat": repeat}
     return type(load_config("esmm")).model_validate(d)
+
+
+@torch.no_grad()
+def separation(model, cfg, day) -> dict[str, tuple[float, float]]:
+    """Per BN layer: (mean over channels of |mu_click - mu_noclick| / sd, share of clicks) of the
+    layer's input on `day` as served. Down-sampling negatives moves a channel's mean by
+    (share after sampling - share served) x (mu_click - mu_noclick), so the smd it can cause is
+    that shift over sd: this says how large the check's figure can get on this world."""
+    layers = bn.bn_layers(model)
+    acc = {name: [bn._Moments(m.num_features), bn._Moments(m.num_features)] for name, m in layers.items()}
+    mask = {}
+    def hook(name):
+        def add(_m, args):  # a pre-hook that returns None leaves the input as it is
+            acc[name][0].add(args[0][mask["c"]])
+            acc[name][1].add(args[0][~mask["c"]])
+        return add
+
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    model.eval()
+    conv = BatchConverter(cfg)
+    clicks = rows = 0
+    try:
+        for rb in bn.serving_batches(cfg, day, cfg.bn.batch_rows):
+            mask["c"] = torch.from_numpy(rb.column(cfg.train.sampling.label).to_numpy(zero_copy_only=False) == 1)
+            clicks += int(mask["c"].sum())
+            rows += rb.num_rows
+            model(conv(rb, with_bias=False, with_labels=False))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, (pos, neg) in acc.items():
+        (m1, v1), (m0, v0) = pos.mean_var(), neg.mean_var()
+        share = clicks / rows
+        var = share * v1 + (1 - share) * v0 + share * (1 - share) * (m1 - m0) ** 2
+        out[name] = (float(np.mean(np.abs(m1 - m0) / np.sqrt(np.maximum(var, 1e-12)))), share)
+    return out
 
 
 def main() -> None:
@@ -64,6 +108,7 @@ def main() -> None:
         checkpoint.save(res.dmp, res.optimizer, url, {"model": cfg.name})
         served = ServedModel.from_checkpoint(cfg, url)
         before = bn.check(served.model, served.cfg, DAYS[3])
+        sep = separation(served.model, served.cfg, DAYS[3]) if rate < 1.0 or args.repeat > 1 else None
         m0 = evaluate_day(served.model, served.cfg, DAYS[4])
         t1 = time.perf_counter()
         bn.recalibrate(served.model, served.cfg, DAYS[3])
@@ -73,6 +118,14 @@ def main() -> None:
         print(f"\nnegative_rate {rate}, positive_repeat {args.repeat}: trained {res.counts.good:,} rows in {train_s:.0f}s")
         print("\n".join("  " + line for line in before.table()))
         print("  " + before.summary() + f"  [check {before.seconds:.2f}s]")
+        if sep:
+            share = next(iter(sep.values()))[1]
+            trained = share * args.repeat / (share * args.repeat + (1 - share) * rate)
+            print(f"  clicks are {share:.1%} of day 4 as served and {trained:.1%} after sampling: a channel's mean moves by "
+                  f"{trained - share:.3f} x (mean over clicks - mean over non-clicks)")
+            for name, (d, _) in sep.items():
+                print(f"    {name:<38} mean |d| {d:.3f} -> expected smd mean {(trained - share) * d:.3f}, measured "
+                      f"{next(x.smd_mean for x in before.layers if x.layer == name):.3f}")
         print("  after recalibration on day 4: " + after.summary() + f"  [recalibration {recal_s:.2f}s]")
         for k in ("ctr/calibration", "ctcvr/calibration", "cvr/calibration", "ctr/auc", "cvr/auc", "ctcvr/auc"):
             print(f"  day 5 {k:<18} before {m0[k]:.4f}  after {m1[k]:.4f}")
