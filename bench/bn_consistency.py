@@ -31,6 +31,7 @@ from mtrec import bn  # noqa: E402
 from mtrec.config import load_config  # noqa: E402
 from mtrec.data.batch import BatchConverter  # noqa: E402
 from mtrec.data.synth import world_params, write_world  # noqa: E402
+from mtrec.errors import MtrecError  # noqa: E402
 from mtrec.eval.evaluate import evaluate_day  # noqa: E402
 from mtrec.serving import ServedModel  # noqa: E402
 from mtrec.train import checkpoint  # noqa: E402
@@ -59,11 +60,13 @@ def separation(model, cfg, day) -> dict[str, tuple[float, float]]:
     mask = {}
     def hook(name):
         def add(_m, args):  # a pre-hook that returns None leaves the input as it is
-            acc[name][0].add(args[0][mask["c"]])
-            acc[name][1].add(args[0][~mask["c"]])
+            for side, rows in ((0, mask["c"]), (1, ~mask["c"])):
+                if rows.any():  # a batch (the day's last, short one) may hold no click, or only clicks
+                    acc[name][side].add(args[0][rows])
         return add
 
     hooks = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    was_training = model.training
     model.eval()
     conv = BatchConverter(cfg)
     clicks = rows = 0
@@ -76,6 +79,7 @@ def separation(model, cfg, day) -> dict[str, tuple[float, float]]:
     finally:
         for h in hooks:
             h.remove()
+        model.train(was_training)
     out = {}
     for name, (pos, neg) in acc.items():
         (m1, v1), (m0, v0) = pos.mean_var(), neg.mean_var()
@@ -96,8 +100,13 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="mtrec-bn-")
     logs = os.path.join(tmp, "world")
-    write_world(logs, 5, args.rows_per_day, seed=args.seed, params=world_params(args.world, args.preset))
-    print(f"world: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids), seed {args.seed}; ESMM + BN, batch 512")
+    try:
+        params = world_params(args.world, args.preset, flag="--world")
+    except MtrecError as e:
+        sys.exit(f"bn_consistency: error: {e}")
+    write_world(logs, 5, args.rows_per_day, seed=args.seed, params=params)
+    print(f"world: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids), seed {args.seed}, "
+          f"{'preset ' + args.preset if args.preset else 'default parameters'}{''.join(' ' + kv for kv in args.world)}; ESMM + BN, batch 512")
     rows = []
     for rate in (float(x) for x in args.rates.split(",")):
         cfg = config(logs, rate, args.repeat)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -24,6 +25,7 @@ from scipy.stats import spearmanr
 
 from mtrec.config import example_path, parse_config
 from mtrec.data.synth import WorldParams, read_world, world_params, write_world
+from mtrec.errors import MtrecError
 from mtrec.eval.evaluate import evaluate_day
 from mtrec.train.local import train_days
 
@@ -70,8 +72,17 @@ METRICS = [("ctr/auc", "CTR AUC"), ("ctr/auc_unbiased", "unbiased CTR AUC"), ("c
 
 def run_seed(args, seed: int, out: str) -> dict[str, dict]:
     """Write (or reuse) the world of `seed` at `out`, train and evaluate every model on it."""
-    if not Path(out, "_world.json").exists():
-        write_world(out, args.days, args.rows, seed=seed, params=world_params(args.world, args.preset))
+    params = world_params(args.world, args.preset, flag="--world")
+    if Path(out, "_world.json").exists():  # reuse the world only if it is the one asked for
+        world = read_world(out)
+        want = {"seed": seed, "days": args.days, "rows": args.rows, "params": asdict(params)}
+        have = {"seed": world["seed"], "days": len(world["days"]), "rows": world["rows"][0],
+                "params": {k: tuple(v) if isinstance(v, list) else v for k, v in world["params"].items() if k != "examination"}}
+        if have != want:
+            diff = [k for k in want if want[k] != have[k]]
+            raise MtrecError(f"{out} holds another world ({', '.join(diff)} differ); pass another --out or delete it")
+    else:
+        write_world(out, args.days, args.rows, seed=seed, params=params)
     world = read_world(out)
     days = [dt.date.fromisoformat(d) for d in world["days"]]
     train, test = days[:-1], days[-1]
@@ -130,8 +141,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--days", type=int, default=6)
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seeds", help="comma-separated seeds (world and training), e.g. 0,1,2: every figure per seed and their mean")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seeds", help="comma-separated seeds (world and training), e.g. 0,1,2: every figure per seed and their mean")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--models", default=",".join(VARIANTS))
     ap.add_argument("--out", help="world dir, reused when it exists (with --seeds: a folder per seed under it)")
@@ -140,7 +152,10 @@ def main() -> None:
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     root = args.out or tempfile.mkdtemp(prefix="mtrec-compare-")
-    by_seed = [run_seed(args, seed, str(Path(root, f"seed{seed}")) if args.seeds else root) for seed in seeds]
+    try:
+        by_seed = [run_seed(args, seed, str(Path(root, f"seed{seed}")) if args.seeds else root) for seed in seeds]
+    except MtrecError as e:
+        sys.exit(f"compare_models: error: {e}")
     names = list(by_seed[0])
     print(f"\nmean over seeds {','.join(map(str, seeds))}:" if len(seeds) > 1 else "")
     print("| model | " + " | ".join(label for _, label in METRICS) + " |")

@@ -200,9 +200,19 @@ def test_world_params_overrides():
                      (["appeal_std"], r"--param 'appeal_std': expected NAME=VALUE"),
                      (["positions=2.5"], r"--param 'positions=2.5': positions takes an integer"),
                      (["appeal_std=high"], r"appeal_std takes a number"),
-                     (["rho_quality=1.5"], r"--param rho_quality=1.5: a correlation must lie in \[-1, 1\]")):
+                     (["rho_quality=1.5"], r"--param rho_quality=1.5: a correlation must lie in \[-1, 1\]"),
+                     (["users=-5"], r"--param users=-5: must be >= 1"),
+                     (["candidates=5"], r"--param candidates=5: must be >= positions \(10\)"),
+                     (["device_exam=1"], r"--param device_exam=1.0: needs 2 positive factors \(app, web\)"),
+                     (["appeal_std=nan"], r"--param appeal_std=nan: must be a finite number"),
+                     (["web_share=2"], r"--param web_share=2.0: a share must lie in \[0, 1\]"),
+                     (["quality_std=-1"], r"--param quality_std=-1.0: must be >= 0")):
         with pytest.raises(MtrecError, match=msg):
             world_params(bad)
+    with pytest.raises(MtrecError, match=r"^--world 'x=1': expected NAME=VALUE"):  # the benches name their own flag
+        world_params(["x=1"], flag="--world")
+    with pytest.raises(MtrecError, match=r"^WorldParams positions=0: must be >= 1"):  # write_world checks too
+        write_world("memory://never", days=1, rows_per_day=10, params=WorldParams(positions=0))
 
 
 def test_default_world_is_pinned():
