@@ -81,9 +81,9 @@ def separation(model, cfg, day) -> dict[str, tuple[float, float]]:
             h.remove()
         model.train(was_training)
     out = {}
+    share = clicks / rows
     for name, (pos, neg) in acc.items():
         (m1, v1), (m0, v0) = pos.mean_var(), neg.mean_var()
-        share = clicks / rows
         var = share * v1 + (1 - share) * v0 + share * (1 - share) * (m1 - m0) ** 2
         out[name] = (float(np.mean(np.abs(m1 - m0) / np.sqrt(np.maximum(var, 1e-12)))), share)
     return out

@@ -73,22 +73,21 @@ METRICS = [("ctr/auc", "CTR AUC"), ("ctr/auc_unbiased", "unbiased CTR AUC"), ("c
 def run_seed(args, seed: int, out: str) -> dict[str, dict]:
     """Write (or reuse) the world of `seed` at `out`, train and evaluate every model on it."""
     params = world_params(args.world, args.preset, flag="--world")
-    if Path(out, "_world.json").exists():  # reuse the world only if it is the one asked for
-        world = read_world(out)
-        want = {"seed": seed, "days": args.days, "rows": args.rows, "params": asdict(params)}
-        have = {"seed": world["seed"], "days": len(world["days"]), "rows": world["rows"][0],
-                "params": {k: tuple(v) if isinstance(v, list) else v for k, v in world["params"].items() if k != "examination"}}
-        if have != want:
-            diff = [k for k in want if want[k] != have[k]]
-            raise MtrecError(f"{out} holds another world ({', '.join(diff)} differ); pass another --out or delete it")
-    else:
+    if not Path(out, "_world.json").exists():
         write_world(out, args.days, args.rows, seed=seed, params=params)
     world = read_world(out)
+    # a reused world must be the one asked for
+    want = {"seed": seed, "days": args.days, "rows": args.rows, "params": asdict(params)}
+    have = {"seed": world["seed"], "days": len(world["days"]), "rows": world["rows"][0],
+            "params": {k: tuple(v) if isinstance(v, list) else v for k, v in world["params"].items() if k != "examination"}}
+    if have != want:
+        raise MtrecError(f"{out} holds another world ({', '.join(k for k in want if want[k] != have[k])} differ); "
+                         "pass another --out or delete it")
     days = [dt.date.fromisoformat(d) for d in world["days"]]
     train, test = days[:-1], days[-1]
     exam = np.array(world["params"]["examination"])
     default = asdict(WorldParams())
-    changed = {k: v for k, v in world["params"].items() if k in default and v != default[k] and not (isinstance(v, list) and tuple(v) == default[k])}
+    changed = {k: v for k, v in want["params"].items() if v != default[k]}
     print(f"world {out}: train {train[0]}..{train[-1]} ({len(train)} x {args.rows:,} rows), evaluate {test}; batch {args.batch_size}; "
           f"seed {world['seed']}; parameters {changed or 'default'}")
     by = {}
