@@ -72,7 +72,7 @@ def _train_cfg(args: argparse.Namespace):
 
 
 def _report(summaries, path: str | None) -> None:
-    from pipelines.train_job import write_summary
+    from mtrec.jobs.protocol import write_summary
 
     for s in summaries:
         if not s.skipped:
@@ -85,7 +85,7 @@ def _report(summaries, path: str | None) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
-    from pipelines.full_retrain import run_train
+    from mtrec.jobs.retrain import run_train
 
     cfg = _train_cfg(args)
     start, end = parse_date(args.start, "--from", cfg.job.timezone), parse_date(args.end, "--to", cfg.job.timezone)
@@ -98,19 +98,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_nightly(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
     from mtrec.lock import model_lock
-    from pipelines.nightly import run_nightly
+    from mtrec.jobs.nightly import run_nightly
 
     cfg = _train_cfg(args)
     day = parse_date(args.date, "--date", cfg.job.timezone)
     _say(f"mtrec nightly {cfg.name}: {day}{_resolved(args.date, cfg)} from {cfg.job.logs}")
     if args.promote:
-        from pipelines.nightly import require_tracking
+        from mtrec.jobs.nightly import require_tracking
 
         require_tracking(cfg)
     with model_lock(cfg, f"mtrec nightly {day}"):  # the gate below runs under the job's lock too
         pending = None
         if args.promote:
-            from pipelines.nightly import gate_pending
+            from mtrec.jobs.nightly import gate_pending
 
             pending = gate_pending(cfg, day, say=_say)
         summaries = run_nightly(cfg, day, cold_start=args.cold_start, catch_up=args.catch_up, force=args.force,
@@ -118,7 +118,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
                                 log_every=args.log_every, ray_logs=args.ray_logs)
         _report(summaries, args.summary)
         if args.promote:
-            from pipelines.nightly import gate_after
+            from mtrec.jobs.nightly import gate_after
 
             gate_after(cfg, summaries, say=_say)
             if pending is not None:
@@ -128,13 +128,13 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
-    from pipelines.nightly import run_backfill
+    from mtrec.jobs.nightly import run_backfill
 
     cfg = _train_cfg(args)
     start, end = parse_date(args.start, "--from", cfg.job.timezone), parse_date(args.end, "--to", cfg.job.timezone)
     _say(f"mtrec backfill {cfg.name}: {start} .. {end} from {cfg.job.logs}")
     if args.promote:
-        from pipelines.nightly import require_tracking
+        from mtrec.jobs.nightly import require_tracking
 
         require_tracking(cfg)
     summaries = run_backfill(cfg, start, end, cold_start=args.cold_start, force=args.force,
@@ -144,7 +144,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     _report(summaries, args.summary)
     _say(f"backfill done: {len(trained)} day(s) trained, {len(summaries) - len(trained)} already published")
     if args.promote:
-        from pipelines.nightly import gate_after
+        from mtrec.jobs.nightly import gate_after
 
         gate_after(cfg, summaries, say=_say)
     return 0
@@ -153,7 +153,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mtrec.config import load_config
     from mtrec.data.io import parse_date
-    from pipelines.predict import predict_to_parquet
+    from mtrec.jobs.predict import predict_to_parquet
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
     day = parse_date(args.date, "--date", cfg.job.timezone)
@@ -187,7 +187,7 @@ def cmd_bn_check(args: argparse.Namespace) -> int:
     from mtrec.config import load_config
     from mtrec.data.io import parse_date
     from mtrec.errors import BNCheckFailed
-    from pipelines.bn_check import run_bn_check
+    from mtrec.jobs.bn_check import run_bn_check
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
     day = parse_date(args.date, "--date", cfg.job.timezone)
@@ -215,7 +215,7 @@ def _tracking_env(cfg) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mtrec.config import load_config
     from mtrec.data.io import parse_date
-    from pipelines.evaluate import evaluate_checkpoint
+    from mtrec.jobs.evaluate import evaluate_checkpoint
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
     day = parse_date(args.date, "--date", cfg.job.timezone)
@@ -232,7 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from mtrec.jobs.demo import run_demo
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     run_demo(workdir=args.workdir, days=args.days, rows_per_day=args.rows_per_day, seed=args.seed, models=models,
@@ -241,7 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines import submit
+    from mtrec.jobs import submit
 
     if args.status:
         return submit.status(args.address, args.status, say=_say)

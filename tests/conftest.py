@@ -32,7 +32,7 @@ def ray_local():
     """One local Ray cluster for the whole session (4 logical CPUs: 2 workers + 2 read slots)."""
     import ray
 
-    from pipelines.cluster import quiet_ray
+    from mtrec.jobs.cluster import quiet_ray
 
     quiet_ray()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

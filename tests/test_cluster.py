@@ -33,7 +33,7 @@ from test_ray_train import small_config
 
 from mtrec.data.synth import write_world
 from mtrec.errors import ClusterError, ConfigError
-from pipelines import submit
+from mtrec.jobs import submit
 
 BIN = Path(sys.executable).parent
 DAY2, DAY3 = DAY1 + dt.timedelta(days=1), DAY1 + dt.timedelta(days=2)
@@ -199,7 +199,7 @@ def test_stage_uploads_the_code_and_the_config_file(tmp_path):
     argv = submit.stage(["nightly", "--config", str(cfgfile), "--date", "yesterday"], False, into)
     assert argv == ["nightly", "--config", "_submit/my.yaml", "--date", "yesterday"]
     assert (into / "_submit/my.yaml").read_bytes() == cfgfile.read_bytes()
-    assert (into / "mtrec/cli.py").exists() and (into / "pipelines/nightly.py").exists() and not list(into.rglob("__pycache__"))
+    assert (into / "mtrec/cli").is_dir() and (into / "mtrec/jobs/nightly.py").exists() and not list(into.rglob("__pycache__"))
     only_config = tmp_path / "installed"
     only_config.mkdir()
     assert submit.stage(["train", f"--config={cfgfile}", "--from", "2026-01-01", "--to", "2026-01-02"], True, only_config)[1] == "--config=_submit/my.yaml"

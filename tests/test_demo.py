@@ -68,7 +68,7 @@ def test_demo_tells_the_story_and_mlflow_holds_what_it_reports(tmp_path):
 
 
 def test_demo_replaces_only_what_it_wrote(tmp_path, capsys):
-    from pipelines.demo import MARKER, _prepare
+    from mtrec.jobs.demo import MARKER, _prepare
 
     work = tmp_path / "d"
     _prepare(work, print)

@@ -25,7 +25,7 @@ import yaml
 
 from mtrec.cli import build_parser
 from mtrec.config import parse_config
-from pipelines.submit import check_command
+from mtrec.jobs.submit import check_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -204,8 +204,8 @@ def three_days(ray_local, server, world4, tmp_path_factory):
     before registered (as `nightly --promote` does before training), then the gate on day 3's.
     `gates`: "promoted" or the GateRefused, one per version."""
     from mtrec.tracking import promote
-    from pipelines.full_retrain import run_train
-    from pipelines.nightly import gate_pending, run_nightly
+    from mtrec.jobs.retrain import run_train
+    from mtrec.jobs.nightly import gate_pending, run_nightly
 
     cfg = small(world4, str(tmp_path_factory.mktemp("work")), uri=server.uri)
     summaries, gates = [run_train(cfg, DAY1, DAY1, say=quiet)], []
@@ -270,7 +270,7 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         champion = v.version if decision == "promoted" else champion
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
     # a challenger already judged is not judged again by the next night
-    from pipelines.nightly import gate_pending
+    from mtrec.jobs.nightly import gate_pending
 
     said: list[str] = []
     assert gate_pending(cfg, DAY4, say=said.append) is None and not [s for s in said if s.startswith("gate")]
@@ -358,7 +358,7 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
 
     from mtrec import tracking
     from mtrec.train import checkpoint
-    from pipelines.nightly import run_nightly
+    from mtrec.jobs.nightly import run_nightly
 
     cfg, _, _ = three_days
     url = checkpoint.checkpoint_url(cfg, DAY4)

@@ -1,1 +1,1 @@
-"""Training: sharding plan, data stream, train loop (single process here; Ray workers in pipelines)."""
+"""Training: sharding plan, data stream, train loop (single process here; Ray workers in mtrec.jobs)."""

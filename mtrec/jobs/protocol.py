@@ -223,7 +223,7 @@ def run_job(
     ray_info: dict | None = None,
 ) -> TrainSummary:
     """Train `days` (in order) starting from checkpoint `parent` (None: a fresh model) and publish
-    the checkpoint dt=<last day>. Runs inside a Ray session (`pipelines.cluster.ray_session`).
+    the checkpoint dt=<last day>. Runs inside a Ray session (`mtrec.jobs.cluster.ray_session`).
 
     An unfinished earlier run of the same job (same days, parent, files and settings) left an
     intra-day checkpoint: the job resumes from it and trains only the rows it had not trained.

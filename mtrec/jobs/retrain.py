@@ -1,6 +1,6 @@
 """`mtrec train`: a full retrain (cold start) over a date range, on Ray.
 
-The same job as a nightly day (`pipelines.train_job.run_job`), over every day of the range,
+The same job as a nightly day (`mtrec.jobs.protocol.run_job`), over every day of the range,
 from a fresh model; it publishes the checkpoint dt=<last day>. Like every job it is idempotent:
 if that day is already published, nothing is done unless `force`.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from mtrec.config import MtrecConfig
 from mtrec.lock import model_lock
 from mtrec.train import checkpoint
-from pipelines.cluster import ray_session
-from pipelines.train_job import TrainSummary, date_range, ensure_registered, run_job
+from mtrec.jobs.cluster import ray_session
+from mtrec.jobs.protocol import TrainSummary, date_range, ensure_registered, run_job
 
 
 def run_train(

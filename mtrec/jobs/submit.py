@@ -6,7 +6,7 @@ The command after `--` is checked here first (it must parse as an `mtrec` comman
 local path it names must be absolute: the job runs in another directory, usually on another
 machine). What is sent, as the job's runtime environment:
 
-- a working dir holding the code this `mtrec` runs (the `mtrec` and `pipelines` packages, so the
+- a working dir holding the code this `mtrec` runs (the `mtrec` package, so the
   cluster runs exactly the submitter's version; `--installed` uses the cluster's own install
   instead) and the `--config` file when it is a local file (it is read on the cluster from the
   uploaded copy; URLs and the shipped examples are passed as they are);
@@ -127,13 +127,11 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
     """Fill the working dir to upload; returns the command with `--config` pointing at the
     uploaded copy when it is a local file."""
     import mtrec
-    import pipelines
 
     argv = list(argv)
     if not installed:
-        for pkg in (mtrec, pipelines):
-            src = Path(pkg.__file__).parent
-            shutil.copytree(src, into / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        src = Path(mtrec.__file__).parent
+        shutil.copytree(src, into / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     configs = _flag_values(argv, "--config") or [(-1, "esmm")]
     for i, value in configs if argv[0] != "synth" else []:
         local = value.removeprefix("file://")
@@ -187,7 +185,7 @@ def client(address: str | None):
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines.cluster import quiet_ray
+    from mtrec.jobs.cluster import quiet_ray
 
     quiet_ray()  # after Ray's import, which sets its loggers up: the SDK's INFO lines are not the job's output
     for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):

@@ -21,8 +21,8 @@ from mtrec.config import MtrecConfig
 from mtrec.errors import CheckpointError, ConfigError, MtrecError
 from mtrec.lock import model_lock
 from mtrec.train import checkpoint
-from pipelines.cluster import ray_session
-from pipelines.train_job import TrainSummary, date_range, ensure_registered, run_job
+from mtrec.jobs.cluster import ray_session
+from mtrec.jobs.protocol import TrainSummary, date_range, ensure_registered, run_job
 
 
 def _fmt_days(days: list[dt.date]) -> str:

@@ -197,7 +197,7 @@ def run_demo(
 
     import ray
 
-    from pipelines.cluster import local_cpus, quiet_ray
+    from mtrec.jobs.cluster import local_cpus, quiet_ray
 
     configs = {m: demo_config(m, root, logs, workers) for m in models}
     quiet_ray()
