@@ -68,10 +68,10 @@ def separation(model, cfg, day) -> dict[str, tuple[float, float]]:
     hooks = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     was_training = model.training
     model.eval()
-    conv = BatchConverter(cfg)
+    conv = BatchConverter(cfg.spec)
     clicks = rows = 0
     try:
-        for rb in bn.serving_batches(cfg, day, cfg.bn.batch_rows):
+        for rb in bn.serving_batches(cfg.spec, cfg.job.logs, day, cfg.bn.batch_rows):
             mask["c"] = torch.from_numpy(rb.column(cfg.train.sampling.label).to_numpy(zero_copy_only=False) == 1)
             clicks += int(mask["c"].sum())
             rows += rb.num_rows
@@ -114,16 +114,16 @@ def main() -> None:
         res = train_days(cfg, DAYS[:3])
         train_s = time.perf_counter() - t0
         url = os.path.join(tmp, f"ck-{rate}")
-        checkpoint.save(res.dmp, res.optimizer, url, {"model": cfg.name})
-        served = ServedModel.from_checkpoint(cfg, url)
-        before = bn.check(served.model, served.cfg, DAYS[3])
-        sep = separation(served.model, served.cfg, DAYS[3]) if rate < 1.0 or args.repeat > 1 else None
-        m0 = evaluate_day(served.model, served.cfg, DAYS[4])
+        checkpoint.save(res.dmp, res.optimizer, url, checkpoint.spec_manifest(cfg))
+        served = ServedModel.from_checkpoint(url)
+        before = bn.check(served.model, served.spec, logs, DAYS[3], cfg.bn)
+        sep = separation(served.model, cfg, DAYS[3]) if rate < 1.0 or args.repeat > 1 else None
+        m0 = evaluate_day(served.model, served.spec, logs, DAYS[4])
         t1 = time.perf_counter()
-        bn.recalibrate(served.model, served.cfg, DAYS[3])
+        bn.recalibrate(served.model, served.spec, logs, DAYS[3], cfg.bn.batch_rows)
         recal_s = time.perf_counter() - t1
-        after = bn.check(served.model, served.cfg, DAYS[3])
-        m1 = evaluate_day(served.model, served.cfg, DAYS[4])
+        after = bn.check(served.model, served.spec, logs, DAYS[3], cfg.bn)
+        m1 = evaluate_day(served.model, served.spec, logs, DAYS[4])
         print(f"\nnegative_rate {rate}, positive_repeat {args.repeat}: trained {res.counts.good:,} rows in {train_s:.0f}s")
         print("\n".join("  " + line for line in before.table()))
         print("  " + before.summary() + f"  [check {before.seconds:.2f}s]")

@@ -95,7 +95,7 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
         cfg = variant_config(name, out, args.batch_size, seed)
         t0 = time.perf_counter()
         res = train_days(cfg, train)
-        m = evaluate_day(res.model, cfg, test)
+        m = evaluate_day(res.model, cfg.spec, cfg.job.logs, test)
         row = {"model": name, "rows/s": res.counts.good / res.seconds, "secs": time.perf_counter() - t0, **m}
         if res.model.shallow_tower is not None:
             logits = position_logits(res.model)

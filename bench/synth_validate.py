@@ -15,7 +15,7 @@ import time
 
 from mtrec.config import load_config
 from mtrec.data.synth import write_world
-from mtrec.data.validate import validate_day
+from mtrec.jobs.protocol import validate
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     print(f"synth total: {args.days * args.rows:,} rows in {total:.2f}s")
     cfg = load_config("esmm", logs=out, workdir=tempfile.mkdtemp(prefix="mtrec-bench-work-"))
     for day in s.days:
-        r = validate_day(cfg, dt.date.fromisoformat(day))
+        r = validate(cfg, dt.date.fromisoformat(day))
         print(f"validate {day}: {r.input_rows:,} rows in {r.seconds:.2f}s = {r.input_rows / r.seconds:,.0f} rows/s, {r.bad_rows} bad")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -100,7 +100,7 @@ def ceiling(cfg, table: pa.Table, warmup: int) -> float:
     from mtrec.data.batch import BatchConverter
     from mtrec.train.local import build_sharded
 
-    conv = BatchConverter(cfg)
+    conv = BatchConverter(cfg.spec)
     batches = [conv(table.slice(i, BATCH)) for i in range(0, table.num_rows - BATCH + 1, BATCH)]
     dmp, opt = build_sharded(cfg)
     dmp.train()

@@ -9,8 +9,8 @@ The public surface is small and imported lazily (torch and Ray load only when us
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from mtrec.config import MtrecConfig, load_config
 from mtrec.errors import (
     BNCheckFailed,
     CheckpointError,
@@ -21,9 +21,25 @@ from mtrec.errors import (
     TrackingError,
 )
 
+if TYPE_CHECKING:
+    from mtrec.config import MtrecConfig, load_config
+    from mtrec.spec import ModelSpec
+
 try:
     __version__ = version("mtrec")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["BNCheckFailed", "CheckpointError", "ConfigError", "DataValidationError", "GateRefused", "MtrecConfig", "MtrecError", "TrackingError", "__version__", "load_config"]
+_LAZY = {"MtrecConfig": "mtrec.config", "load_config": "mtrec.config", "ModelSpec": "mtrec.spec"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mtrec' has no attribute {name!r}")
+
+
+__all__ = ["BNCheckFailed", "CheckpointError", "ConfigError", "DataValidationError", "GateRefused", "ModelSpec", "MtrecConfig",
+           "MtrecError", "TrackingError", "__version__", "load_config"]

@@ -26,7 +26,7 @@ way look fine.
                  spread of batch means it leaves out is small.
 
 Example:
-    >>> report = check(model, cfg, day)          # model: a MultiTaskModel (ServedModel.model)
+    >>> report = check(model, spec, logs, day, cfg.bn)   # model: a MultiTaskModel (ServedModel.model)
     >>> report.passed, report.worst
     (False, 'towers.ctr.mlp.1')
 """
@@ -44,11 +44,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from mtrec.config import BNCheckConfig, MtrecConfig
-from mtrec.data.batch import BatchConverter
+from mtrec.config import BNCheckConfig
 from mtrec.data.io import list_day_files
 from mtrec.data.validate import read_schema
 from mtrec.errors import DataValidationError
+from mtrec.eval.scoring import evaluating, score_batches
+from mtrec.spec import ModelSpec
 from mtrec.train.stream import day_batches
 
 _EPS = 1e-5  # BatchNorm1d's default eps: variances below it are noise
@@ -84,40 +85,36 @@ class _Moments:
         return mean, np.maximum(self.ss / max(self.n, 1) - mean * mean, 0.0)  # population variance, as BN normalizes
 
 
-def serving_batches(cfg: MtrecConfig, day: dt.date, batch_rows: int) -> Iterator[pa.RecordBatch]:
+def serving_batches(spec: ModelSpec, logs: str, day: dt.date, batch_rows: int) -> Iterator[pa.RecordBatch]:
     """A day's impressions as served: its good rows (the contract's row rules: no NaN feature
     reaches BN's sums), unsampled, in `batch_rows`-row batches (the last one shorter); the caller
     converts them without bias features or labels."""
-    files = list_day_files(cfg.job.logs, day)
+    files = list_day_files(logs, day)
     if not files:
-        raise DataValidationError(f"no logs for {day} under {cfg.job.logs} to compute the serving statistics on; pass a day with logs")
-    need = cfg.required_columns()
+        raise DataValidationError(f"no logs for {day} under {logs} to compute the serving statistics on; pass a day with logs")
+    need = spec.required_columns()
     for f in files:
         missing = [c for c in need if c not in read_schema(f).names]
         if missing:
-            raise DataValidationError(f"{f.url} lacks column(s) {', '.join(missing)}; the BN check reads the day under {cfg.name}'s "
+            raise DataValidationError(f"{f.url} lacks column(s) {', '.join(missing)}; the BN check reads the day under {spec.name}'s "
                                       "data contract (`mtrec validate` shows what is wrong)")
-    yield from day_batches(cfg, [day], batch_rows)
+    yield from day_batches(spec, logs, [day], batch_rows)
 
 
-@torch.no_grad()
-def reference(model: nn.Module, cfg: MtrecConfig, day: dt.date) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+def reference(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date,
+              batch_rows: int = 8192) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
     """({layer: (mean, var) of its input on the day as served}, rows): eval mode, forward hooks."""
     layers = bn_layers(model)
     moments = {name: _Moments(m.num_features) for name, m in layers.items()}
     hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: moments[name].add(args[0])) for name, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    conv = BatchConverter(cfg)
     rows = 0
     try:
-        for rb in serving_batches(cfg, day, cfg.bn.batch_rows):
-            model(conv(rb, with_bias=False, with_labels=False))
-            rows += rb.num_rows
+        with evaluating(model):
+            for rb, _ in score_batches(model, spec, serving_batches(spec, logs, day, batch_rows)):
+                rows += rb.num_rows
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return {name: m.mean_var() for name, m in moments.items()}, rows
 
 
@@ -214,48 +211,42 @@ def compare(running: dict[str, tuple[np.ndarray, np.ndarray]], ref: dict[str, tu
     return BNReport(day, rows, layers, th.model_dump())
 
 
-def check(model: nn.Module, cfg: MtrecConfig, day: dt.date) -> BNReport:
-    """The consistency check of `model` (a MultiTaskModel on CPU) against `day` as served."""
+def check(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, limits: BNCheckConfig) -> BNReport:
+    """The consistency check of `model` (a MultiTaskModel on CPU) against `day` under the logs
+    root `logs` as served, with `limits` (thresholds and batch size)."""
     t0 = time.perf_counter()
     layers = bn_layers(model)
     if not layers:
-        return BNReport(day.isoformat(), 0, [], cfg.bn.model_dump(), time.perf_counter() - t0)
+        return BNReport(day.isoformat(), 0, [], limits.model_dump(), time.perf_counter() - t0)
     running = {name: (m.running_mean.double().numpy(), m.running_var.double().numpy()) for name, m in layers.items()}
-    ref, rows = reference(model, cfg, day)
-    report = compare(running, ref, cfg.bn, day.isoformat(), rows)
+    ref, rows = reference(model, spec, logs, day, limits.batch_rows)
+    report = compare(running, ref, limits, day.isoformat(), rows)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-@torch.no_grad()
-def recalibrate(model: nn.Module, cfg: MtrecConfig, day: dt.date) -> int:
+def recalibrate(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batch_rows: int = 8192) -> int:
     """Recompute every BN layer's running statistics on `day` as served (cumulative average);
     every other parameter and buffer is left bit-identical. Returns the rows used."""
     layers = bn_layers(model)
     if not layers:
         return 0
-    was_training = model.training
-    model.eval()
-    momenta = {}
-    for name, m in layers.items():
-        momenta[name] = m.momentum
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the slice's batches
-        m.train()
-    conv = BatchConverter(cfg)
+    momenta = {name: m.momentum for name, m in layers.items()}
     rows = 0
-    try:
-        for rb in serving_batches(cfg, day, cfg.bn.batch_rows):
-            if rb.num_rows < 2:  # BN cannot take batch statistics of one row
-                continue
-            model(conv(rb, with_bias=False, with_labels=False))
-            rows += rb.num_rows
-    finally:
-        for name, m in layers.items():
-            m.momentum = momenta[name]
-        model.train(was_training)
+    with evaluating(model):
+        try:
+            for m in layers.values():
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average over the slice's batches
+                m.train()
+            batches = (rb for rb in serving_batches(spec, logs, day, batch_rows) if rb.num_rows >= 2)  # BN needs 2+ rows
+            for rb, _ in score_batches(model, spec, batches):
+                rows += rb.num_rows
+        finally:
+            for name, m in layers.items():
+                m.momentum = momenta[name]
     if rows == 0:
-        raise DataValidationError(f"no batch of 2 or more good rows on {day} under {cfg.job.logs}: the BN statistics cannot be "
+        raise DataValidationError(f"no batch of 2 or more good rows on {day} under {logs}: the BN statistics cannot be "
                                   "recomputed (they are reset); recalibrate on a day with logs")
     return rows
 

@@ -49,12 +49,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from mtrec.config import load_config
     from mtrec.data.io import parse_date
-    from mtrec.data.validate import validate_day
+    from mtrec.jobs.protocol import validate
 
     cfg = load_config(args.config, logs=args.logs, workdir=args.workdir)
     day = parse_date(args.date, "--date", cfg.job.timezone)
     _say(f"validating {cfg.job.logs} dt={day} against {cfg.name}'s contract")
-    report = validate_day(cfg, day, progress=_say)
+    report = validate(cfg, day)
     _say(report.summary())
     if args.json:
         print(report.to_json())
@@ -97,8 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
-    from mtrec.lock import model_lock
     from mtrec.jobs.nightly import run_nightly
+    from mtrec.lock import model_lock
 
     cfg = _train_cfg(args)
     day = parse_date(args.date, "--date", cfg.job.timezone)

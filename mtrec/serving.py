@@ -10,10 +10,12 @@ What serving sees differs from training in three ways, all decided here once:
   (a `log1p: true` task is mapped back with expm1).
 
 The MLflow pyfunc model (mtrec.tracking), `mtrec predict` and the promotion gate all score through
-`ServedModel`, so what is evaluated is what is served.
+`ServedModel`, so what is evaluated is what is served. A served model is self-contained: its
+artifact (and a checkpoint's manifest) carries the model spec and the score offsets of training-time
+sampling, so it loads and scores from the artifact alone.
 
 Example:
-    >>> served = ServedModel.from_checkpoint(cfg, "work/checkpoints/esmm_synth/dt=2026-01-03")
+    >>> served = ServedModel.from_checkpoint("work/checkpoints/esmm_synth/dt=2026-01-03")
     >>> served.predict(table)["ctr"].shape          # N rows of raw feature columns
     (N,)
 """
@@ -27,83 +29,86 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtrec.config import LabelKind, MtrecConfig
-from mtrec.data.batch import BatchConverter
 from mtrec.errors import MtrecError
+from mtrec.eval.scoring import score_batches
+from mtrec.spec import LabelKind, ModelSpec
 
 WEIGHTS = "weights.pt"
-CONFIG = "config.json"
+SPEC = "spec.json"  # {"spec": ModelSpec, "score_offsets": {task: log-odds}}
+LEGACY_CONFIG = "config.json"  # artifacts logged before the spec was split from the run config
 _PREFIX = "model.model."  # checkpoint key of a model tensor: DMP(MultiTaskTrain(model)) state dict
-
-
-def serving_config(cfg: MtrecConfig) -> MtrecConfig:
-    """The config of the served model: the same, without the shallow tower."""
-    if cfg.model.shallow_tower is None:
-        return cfg
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"shallow_tower": None})})
 
 
 class ServedModel:
     """A MultiTaskModel on CPU in eval mode, with the columns it reads and the outputs it returns.
 
     Args:
-        cfg (MtrecConfig): the training config (the shallow tower, if any, is dropped).
+        spec (ModelSpec): the trained model's spec (the shallow tower, if any, is dropped).
         state (dict[str, Tensor]): the model's state dict without the shallow tower.
+        score_offsets (dict[str, float] | None): per task, the log-odds training-time sampling
+            added (`MtrecConfig.score_offsets()`), taken off every score.
     """
 
-    def __init__(self, cfg: MtrecConfig, state: dict[str, torch.Tensor]):
+    def __init__(self, spec: ModelSpec, state: dict[str, torch.Tensor], score_offsets: dict[str, float] | None = None):
         from mtrec.models import build_model
 
-        self.cfg = serving_config(cfg)
-        self.model = build_model(self.cfg, "cpu")
+        self.spec = spec.serving()
+        self.score_offsets = dict(score_offsets or {})
+        self.model = build_model(self.spec, "cpu", self.score_offsets)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise MtrecError(f"the weights do not fit {cfg.name}'s model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            raise MtrecError(f"the weights do not fit {spec.name}'s model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                              "they were written under another config - export them again from the right checkpoint")
         self.model.eval()
-        self.conv = BatchConverter(self.cfg)
-        f = self.cfg.features
+        f = self.spec.features
         self.columns = list(dict.fromkeys([s.source for s in f.sparse] + [d.source for d in f.dense]))
-        self.outputs = [t.name for t in self.cfg.tasks] + [t.joint_name for t in self.cfg.tasks if t.joint_name]
-        self._expm1 = {t.name for t in self.cfg.tasks if t.log1p and self.cfg.label_kind(t) == LabelKind.REGRESSION}
+        self.outputs = self.spec.outputs()
+        self._expm1 = {t.name for t in self.spec.tasks if t.log1p and self.spec.label_kind(t) == LabelKind.REGRESSION}
 
     @classmethod
-    def from_checkpoint(cls, cfg: MtrecConfig, url: str) -> ServedModel:
-        """The model tensors of a checkpoint (any world size, any sharding), shallow tower left out."""
+    def from_checkpoint(cls, url: str) -> ServedModel:
+        """A published checkpoint's model (any world size, any sharding), built from the spec its
+        manifest carries; the shallow tower is left out."""
         from mtrec.train import checkpoint
 
-        return cls.from_state(cfg, checkpoint.read_full(url), url)
+        spec, offsets = checkpoint.trained_spec(checkpoint.read_manifest(url), url)
+        return cls.from_state(spec, checkpoint.read_full(url), offsets, url)
 
     @classmethod
-    def from_state(cls, cfg: MtrecConfig, full: dict[str, torch.Tensor], url: str = "the checkpoint") -> ServedModel:
+    def from_state(cls, spec: ModelSpec, full: dict[str, torch.Tensor], score_offsets: dict[str, float] | None = None,
+                   url: str = "the checkpoint") -> ServedModel:
         """From `checkpoint.read_full`'s tensors (model, optimizers; only the model's are kept)."""
         state = {k.removeprefix(_PREFIX): v for k, v in full.items()
                  if k.startswith(_PREFIX) and not k.startswith(f"{_PREFIX}shallow_tower.")}
         if not state:
             raise MtrecError(f"{url} holds no model tensors; it is not an mtrec checkpoint - pass a dt=YYYY-MM-DD folder")
-        return cls(cfg, state)
+        return cls(spec, state, score_offsets)
 
     @classmethod
     def load(cls, path: str | Path) -> ServedModel:
         """A model saved with `save` (the MLflow model's artifact folder)."""
-        from mtrec.config import parse_config
-
         path = Path(path)
-        cfg = parse_config(json.loads((path / CONFIG).read_text()), label=str(path / CONFIG))
-        return cls(cfg, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+        if (path / SPEC).exists():
+            saved = json.loads((path / SPEC).read_text())
+            spec, offsets = ModelSpec.from_json(saved["spec"], label=str(path / SPEC)), saved.get("score_offsets", {})
+        else:
+            from mtrec.config import parse_config
+
+            cfg = parse_config(json.loads((path / LEGACY_CONFIG).read_text()), label=str(path / LEGACY_CONFIG))
+            spec, offsets = cfg.spec, cfg.score_offsets()
+        return cls(spec, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True), offsets)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), path / WEIGHTS)
-        (path / CONFIG).write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
+        (path / SPEC).write_text(json.dumps({"spec": self.spec.model_dump(mode="json"), "score_offsets": self.score_offsets}, indent=2))
 
     def _check(self, names: list[str]) -> None:
         missing = [c for c in self.columns if c not in names]
         if missing:
             raise MtrecError(f"the input lacks feature column(s) {', '.join(missing)}; the model reads {', '.join(self.columns)}")
 
-    @torch.no_grad()
     def predict(self, batch: pa.Table | pa.RecordBatch, batch_rows: int = 8192) -> dict[str, np.ndarray]:
         """Per-output scores (N float32 each) of N rows holding at least `self.columns` (other
         columns are ignored).
@@ -115,8 +120,7 @@ class ServedModel:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
-        for rb in batch.select(self.columns).to_batches(max_chunksize=batch_rows):
-            out = self.model(self.conv(rb, with_bias=False, with_labels=False))
+        for _, out in score_batches(self.model, self.spec, batch.select(self.columns).to_batches(max_chunksize=batch_rows)):
             for k in self.outputs:
                 v = out[k].float()
                 parts[k].append((torch.expm1(v) if k in self._expm1 else v).numpy())

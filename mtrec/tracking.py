@@ -400,14 +400,14 @@ def load_served(model_uri: str) -> ServedModel:
 # what a job records
 
 
-def example_rows(cfg: MtrecConfig, day: dt.date, columns: list[str], n: int = 5):
-    """The first `n` rows of a day's logs, feature columns only (the model's input example)."""
+def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5):
+    """The first `n` rows of a day's logs under `logs`, feature columns only (the model's input example)."""
     from mtrec.data.validate import iter_file_batches
 
-    for f in list_day_files(cfg.job.logs, day):
+    for f in list_day_files(logs, day):
         for rb in iter_file_batches(f, columns=columns, batch_rows=n):
             return rb.slice(0, n).to_pandas()
-    raise MtrecError(f"no rows under {cfg.job.logs} for {day} to make the model's input example")
+    raise MtrecError(f"no rows under {logs} for {day} to make the model's input example")
 
 
 def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, manifest: dict, summary, reports: list,
@@ -426,7 +426,7 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
     tracker.log_params(run_id, params)
 
     full = checkpoint.read_full(staged)
-    served = ServedModel.from_state(cfg, full)
+    served = ServedModel.from_state(cfg.spec, full, cfg.score_offsets())
     last = dt.date.fromisoformat(summary.days[-1])
     eval_day = last + dt.timedelta(days=1)
     metrics: dict[str, float] = {}
@@ -439,22 +439,22 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
             (out / "validation" / f"dt={r.date}.json").write_text(r.to_json())
         (out / "plots").mkdir()
         if eval_day in list_days(cfg.job.logs):
-            pred = predict_day(served.model, served.cfg, eval_day)
-            metrics = report(served.cfg, pred, read_truth(cfg, eval_day))
+            pred = predict_day(served.model, served.spec, cfg.job.logs, eval_day)
+            metrics = report(served.spec, pred, read_truth(cfg.job.logs, eval_day))
             tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items()})
-            plots.calibration(served.cfg, pred, out / "plots" / "calibration.png", title=f"{cfg.name}: trained to {last}, scored on {eval_day}")
+            plots.calibration(served.spec, pred, out / "plots" / "calibration.png", title=f"{cfg.name}: trained to {last}, scored on {eval_day}")
             say(f"evaluated on {eval_day}: " + ", ".join(f"{m} {metrics[m]:.4f}" for m in cfg.gate_metrics() if m in metrics))
         else:
             say(f"no logs for {eval_day} yet: the run has no evaluation metrics (the promotion gate evaluates once they land)")
         bn_result = record_bn(tracker, run_id, served, cfg, eval_day if metrics else None, out, say)
-        curve = plots.position_bias(cfg, full, out / "plots" / "position_bias.png")
+        curve = plots.position_bias(cfg.spec, full, out / "plots" / "position_bias.png")
         if curve:
             tracker.log_metrics(run_id, {f"position_bias/{p}": v for p, v in enumerate(curve)})
         history = day_trend(tracker, cfg.gate_metrics())
         if history:
             plots.trend(history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day")
         tracker.log_artifacts(run_id, tmp)
-    example = example_rows(cfg, eval_day if metrics else last, served.columns)
+    example = example_rows(cfg.job.logs, eval_day if metrics else last, served.columns)
     model_uri = tracker.log_model(run_id, served, example)
     tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result})
     say(f"recorded run {run_id} in {tracker.uri} ({time.perf_counter() - t0:.1f}s)")
@@ -475,7 +475,7 @@ def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConf
     (out / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
     if day is None:
         return "not run"
-    report = bn.check(served.model, served.cfg.with_overrides(logs=cfg.job.logs), day)
+    report = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn)
     tracker.log_metrics(run_id, report.metrics())
     (out / "bn" / "check.json").write_text(report.to_json())
     bn.drift_plot(report, out / "plots" / "bn_drift.png")
@@ -554,13 +554,13 @@ def gate_slice(cfg: MtrecConfig, *versions: VersionInfo) -> dt.date | None:
     return days[-1] if days else None
 
 
-def _bn_check(served: ServedModel, scfg: MtrecConfig, day: dt.date, say: Callable[[str], None]):
-    """The gate's BN check of a served model on the slice (None without BN layers)."""
+def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date, say: Callable[[str], None]):
+    """The gate's BN check of a served model on the slice under `cfg`'s logs and limits (None without BN layers)."""
     from mtrec import bn
 
     if not bn.bn_layers(served.model):
         return None
-    rep = bn.check(served.model, scfg, day)
+    rep = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn)
     say(rep.summary())
     return rep
 
@@ -586,15 +586,12 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
     if champ is not None and champ.version == chal.version:
         say(f"version {chal.version} is already the champion of {cfg.name}")
         return GateDecision(True, chal.version, champ.version, None, "already champion")
-    def scoring_cfg(served: ServedModel) -> MtrecConfig:  # the slice's logs and this config's BN limits, the model's own tasks
-        return served.cfg.with_overrides(logs=cfg.job.logs).model_copy(update={"bn": cfg.bn})
-
     if champ is None:  # the first champion: nothing to compare with, but its BN statistics are checked when a day allows
         decision = GateDecision(True, chal.version, None, None, f"no champion yet: version {chal.version} becomes the first")
         first_day = day or gate_slice(cfg, chal)
         if first_day is not None:
             served = load_served(f"models:/{cfg.name}/{chal.version}")
-            rep = _bn_check(served, scoring_cfg(served), first_day, say)
+            rep = _bn_check(served, cfg, first_day, say)
             if rep is not None:
                 decision.bn, decision.slice = ("passed" if rep.passed else "failed"), first_day.isoformat()
                 decision.promoted = rep.passed
@@ -610,14 +607,14 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             raise GateRefused(f"--date {day} is not after both models' data (challenger to {seen_until(chal)}, champion to "
                               f"{seen_until(champ)}); pass a later day")
         say(f"gate: challenger v{chal.version} (trained to {chal.date}) vs champion v{champ.version} (trained to {champ.date}) on {day}")
-        truth = read_truth(cfg, day)
+        truth = read_truth(cfg.job.logs, day)
         scores, bn_report = {}, None
         for who, v in (("challenger", chal), ("champion", champ)):
             served = load_served(f"models:/{cfg.name}/{v.version}")
-            scfg = scoring_cfg(served)  # both on the same slice, whatever logs they trained on
-            scores[who] = report(scfg, predict_day(served.model, scfg, day), truth)
+            # both on the same slice (this config's logs), each with its own spec
+            scores[who] = report(served.spec, predict_day(served.model, served.spec, cfg.job.logs, day), truth)
             if who == "challenger":
-                bn_report = _bn_check(served, scfg, day, say)
+                bn_report = _bn_check(served, cfg, day, say)
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
             tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores["challenger"].items()}
                                 | ({f"gate/{k}": v for k, v in bn_report.metrics().items()} if bn_report is not None else {}))

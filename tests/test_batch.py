@@ -35,7 +35,7 @@ def test_conversion_jagged_nulls_and_strings():
         "click": pa.array([1, 0, 1], pa.int8()), "conversion": pa.array([0, 0, 1], pa.int8()),
         "watch_time": pa.array([1.5, 0, 2], pa.float32()),
     })
-    b = BatchConverter(cfg())(rb)
+    b = BatchConverter(cfg().spec)(rb)
     kjt = b.sparse.to_dict()
     assert kjt["user_id"].lengths().tolist() == [1, 0, 1]  # a null id is an empty bag
     u = kjt["user_id"].values().tolist()
@@ -44,7 +44,7 @@ def test_conversion_jagged_nulls_and_strings():
     torch.testing.assert_close(b.dense[:, 0], torch.tensor([0.0, np.log1p(9.0), -np.log1p(9.0)], dtype=torch.float32))
     assert b.bias[:, 0].tolist() == [0, 2, 1]  # clipped to num_values - 1
     assert b.labels["watch_time"].tolist() == [1.5, 0.0, 2.0]
-    assert BatchConverter(cfg())(rb, with_bias=False, with_labels=False).bias is None
+    assert BatchConverter(cfg().spec)(rb, with_bias=False, with_labels=False).bias is None
 
 
 @pytest.mark.parametrize(("sizes", "batch", "expected"), [

@@ -47,11 +47,11 @@ def test_figures_equal_hand_computed_values_on_a_tiny_layer():
 
 def test_reference_hooks_see_each_layers_input_streamed(world):
     cfg = bn_cfg(world)
-    model = build_model(cfg, "cpu")
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
     layer = bn.bn_layers(model)["towers.ctr.mlp.1"]
     seen = []
     h = layer.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().double()))
-    ref, rows = bn.reference(model, cfg.model_copy(update={"bn": cfg.bn.model_copy(update={"batch_rows": 3000})}), DAY1)
+    ref, rows = bn.reference(model, cfg.spec, cfg.job.logs, DAY1, batch_rows=3000)
     h.remove()
     x = torch.cat(seen)
     assert rows == x.shape[0] == 20_000 and len(seen) > 5  # every row, in bounded batches
@@ -61,20 +61,20 @@ def test_reference_hooks_see_each_layers_input_streamed(world):
 
 def test_a_model_without_bn_reports_no_bn_layers_and_passes(world):
     cfg = bn_cfg(world, batch_norm=False)
-    rep = bn.check(build_model(cfg, "cpu"), cfg, DAY1)
+    rep = bn.check(build_model(cfg.spec, "cpu", cfg.score_offsets()), cfg.spec, cfg.job.logs, DAY1, cfg.bn)
     assert rep.passed and rep.layers == [] and rep.summary() == f"BN check on {DAY1}: no BN layers; passed"
 
 
 def test_recalibration_changes_only_bn_buffers_and_matches_the_slice(world):
     cfg = bn_cfg(world)
     torch.manual_seed(0)
-    model = build_model(cfg, "cpu")
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
     for m in bn.bn_layers(model).values():  # statistics far from the data's
         m.running_mean.fill_(5.0)
         m.running_var.fill_(9.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not bn.check(model, cfg, DAY1).passed
-    rows = bn.recalibrate(model, cfg, DAY1)
+    assert not bn.check(model, cfg.spec, cfg.job.logs, DAY1, cfg.bn).passed
+    rows = bn.recalibrate(model, cfg.spec, cfg.job.logs, DAY1)
     assert rows == 20_000
     after = model.state_dict()
     bn_keys = {f"{n}.{b}" for n in bn.bn_layers(model) for b in ("running_mean", "running_var", "num_batches_tracked")}
@@ -84,7 +84,7 @@ def test_recalibration_changes_only_bn_buffers_and_matches_the_slice(world):
         else:
             assert torch.equal(v, after[k]), k  # bit-identical
     assert all(m.momentum == 0.1 for m in bn.bn_layers(model).values()) and model.training  # as it was
-    assert bn.check(model, cfg, DAY1).passed
+    assert bn.check(model, cfg.spec, cfg.job.logs, DAY1, cfg.bn).passed
 
 
 def test_sampling_is_deterministic_per_row_and_keeps_the_rate():
@@ -113,11 +113,11 @@ def test_scores_are_corrected_back_from_the_sampled_space(world):
 
     plain, sampled = bn_cfg(world, batch_norm=False), bn_cfg(world, batch_norm=False, negative_rate=0.1, positive_repeat=2)
     torch.manual_seed(0)
-    a = build_model(plain, "cpu")
-    b = build_model(sampled, "cpu")
+    a = build_model(plain.spec, "cpu", plain.score_offsets())
+    b = build_model(sampled.spec, "cpu", sampled.score_offsets())
     b.load_state_dict(a.state_dict())
     rb = next(iter_file_batches(list_day_files(world, DAY1)[0], batch_rows=64))
-    batch = BatchConverter(plain)(rb, with_bias=False)
+    batch = BatchConverter(plain.spec)(rb, with_bias=False)
     a.eval(), b.eval()
     with torch.no_grad():
         pa_, pb = a(batch), b(batch)
@@ -147,8 +147,8 @@ def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     cfg = type(load_config("esmm")).model_validate(d)
     dmp, opt = build_sharded(cfg)
     pos = Position()
-    stats = train_stream(dmp, opt, day_batches(cfg, [DAY1], 32, StreamCounts()), cfg, device_for_backend()[0], log_every=100, position=pos)
-    clicks = int(sum(b.column("click").to_numpy().sum() for b in day_batches(cfg, [DAY1], 4096)))
+    stats = train_stream(dmp, opt, day_batches(cfg.spec, cfg.job.logs, [DAY1], 32, StreamCounts()), cfg, device_for_backend()[0], log_every=100, position=pos)
+    clicks = int(sum(b.column("click").to_numpy().sum() for b in day_batches(cfg.spec, cfg.job.logs, [DAY1], 4096)))
     assert stats.rows == pos.rows == 20_000  # every row consumed once, sampled out or not
     assert stats.sampled_rows == pytest.approx(2 * clicks + 0.05 * (20_000 - clicks), rel=0.1)
     assert stats.batches < 20_000 // 32 and stats.steps == stats.batches and stats.pad_steps == 0  # world size 1: no pad steps
@@ -171,14 +171,14 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     d["gate"]["tolerance"] = 0.05
     cfg = type(load_config("esmm")).model_validate(d)
     torch.manual_seed(0)
-    model = build_model(cfg, "cpu")
-    bn.recalibrate(model, cfg, DAY1)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    bn.recalibrate(model, cfg.spec, cfg.job.logs, DAY1)
     tracker = Tracker(cfg, lambda _l: None)
 
     def register(state, name):
-        served = ServedModel(cfg, state)
+        served = ServedModel(cfg.spec, state)
         run = tracker.start_run("nightly", [DAY1], f"{tmp_path}/ck-{name}", None, None)
-        uri = tracker.log_model(run, served, example_rows(cfg, DAY1, served.columns))
+        uri = tracker.log_model(run, served, example_rows(cfg.job.logs, DAY1, served.columns))
         return tracker.register(run, uri, f"{tmp_path}/ck-{name}", DAY1)
 
     assert register(model.state_dict(), "a") == "1"
@@ -206,8 +206,8 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     # a challenger trained to the world's last day: no day to judge it on yet -> exit 10, not 5
     late = DAY1 + dt.timedelta(days=2)
     run = tracker.start_run("nightly", [late], f"{tmp_path}/ck-late", None, None)
-    served = ServedModel(cfg, model.state_dict())
-    assert tracker.register(run, tracker.log_model(run, served, example_rows(cfg, DAY1, served.columns)), f"{tmp_path}/ck-late", late) == "4"
+    served = ServedModel(cfg.spec, model.state_dict())
+    assert tracker.register(run, tracker.log_model(run, served, example_rows(cfg.job.logs, DAY1, served.columns)), f"{tmp_path}/ck-late", late) == "4"
     capsys.readouterr()
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 10
     assert f"no day with logs after {late}" in capsys.readouterr().err

@@ -141,6 +141,6 @@ def test_a_one_row_batch_trains_with_batchnorm(world):
     d["model"]["batch_norm"] = True
     cfg = type(small(world)).model_validate(d)
     dmp, opt = build_sharded(cfg)
-    first = next(day_batches(cfg, [DAY1], 64))
+    first = next(day_batches(cfg.spec, cfg.job.logs, [DAY1], 64))
     stats = train_stream(dmp, opt, [first, first.slice(0, 1)], cfg, torch.device("cpu"))
     assert (stats.rows, stats.batches) == (65, 2)

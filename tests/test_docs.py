@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from mtrec.config import reference_keys, reference_markdown
+from mtrec.configdoc import reference_keys, reference_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def test_configuration_reference_is_generated_from_the_model():
     text = (DOCS / "configuration.md").read_text()
-    assert text == reference_markdown(), "regenerate: python -m mtrec.config > docs/configuration.md"
+    assert text == reference_markdown(), "regenerate: python -m mtrec.configdoc > docs/configuration.md"
 
 
 def test_every_documented_key_exists_and_every_key_is_documented():

@@ -17,10 +17,10 @@ from conftest import DAY1
 from test_train_eval import small
 
 from mtrec.errors import CheckpointError, ConfigError, DataValidationError, MtrecError
+from mtrec.jobs.nightly import plan_nightly, run_backfill, run_nightly
+from mtrec.jobs.retrain import run_train
 from mtrec.train import checkpoint as ck
 from mtrec.train.local import build_sharded, train_days
-from mtrec.jobs.retrain import run_train
-from mtrec.jobs.nightly import plan_nightly, run_backfill, run_nightly
 
 DAY2, DAY3, DAY4 = (DAY1 + dt.timedelta(days=i) for i in (1, 2, 3))
 TOL = 1e-5

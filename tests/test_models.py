@@ -10,7 +10,8 @@ from conftest import DAY1
 
 from mtrec.config import example_path, parse_config
 from mtrec.data.batch import BatchConverter
-from mtrec.models import ARCHS, MultiTaskTrain, build_model
+from mtrec.models import MultiTaskTrain, build_model
+from mtrec.spec import ARCH_NAMES
 from mtrec.models.esm2 import BUY_AFTER_D, BUY_AFTER_O
 
 B = 64
@@ -45,16 +46,16 @@ def rows(world):
     return pq.read_table(f"{world}/dt={DAY1}/part-00000.parquet").slice(0, B)
 
 
-def test_every_arch_is_registered():
-    assert {a.value for a in ARCHS} == set(ARCH_MODELS)
+def test_every_arch_is_registered_and_tested():
+    assert set(ARCH_NAMES) == set(ARCH_MODELS)
 
 
 @pytest.mark.parametrize("arch", list(ARCH_MODELS))
 def test_output_contract(world, rows, arch):
     cfg = make_cfg(world, arch)
     torch.manual_seed(0)
-    model = build_model(cfg, "cpu")
-    out = model(BatchConverter(cfg)(rows))
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    out = model(BatchConverter(cfg.spec)(rows))
     binary = [t.name for t in cfg.tasks if cfg.label_kind(t).value == "binary"]
     joints = [t.joint_name for t in cfg.tasks if t.given]
     assert set(binary + joints) <= out.keys()
@@ -66,7 +67,7 @@ def test_output_contract(world, rows, arch):
             assert torch.all(out[t.joint_name] <= out[t.given] + 1e-7)  # pCTCVR <= pCTR
     if "watch_time" in out:
         assert out["watch_time"].shape == (B,)
-    loss, (losses, _, labels) = MultiTaskTrain(model, cfg)(BatchConverter(cfg)(rows))
+    loss, (losses, _, labels) = MultiTaskTrain(model, cfg.spec)(BatchConverter(cfg.spec)(rows))
     assert loss.ndim == 0 and torch.isfinite(loss) and set(losses) == {t.name for t in cfg.tasks}
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -75,7 +76,7 @@ def test_output_contract(world, rows, arch):
 
 def test_esm2_decomposition_identities(world, rows):
     cfg = make_cfg(world, "esm2")
-    out = build_model(cfg, "cpu")(BatchConverter(cfg)(rows))
+    out = build_model(cfg.spec, "cpu", cfg.score_offsets())(BatchConverter(cfg.spec)(rows))
     y1, y2, y3, y4 = out["ctr"], out["dar"], out[BUY_AFTER_D], out[BUY_AFTER_O]
     torch.testing.assert_close(out["ctavr"], y1 * y2)
     torch.testing.assert_close(out["cvr"], y2 * y3 + (1 - y2) * y4)
@@ -85,9 +86,9 @@ def test_esm2_decomposition_identities(world, rows):
 
 def test_naive_cvr_trains_cvr_on_clicked_rows_only(world, rows):
     cfg = make_cfg(world, "naive_cvr")
-    model = build_model(cfg, "cpu")
-    batch = BatchConverter(cfg)(rows)
-    _, (losses, out, labels) = MultiTaskTrain(model, cfg)(batch)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    batch = BatchConverter(cfg.spec)(rows)
+    _, (losses, out, labels) = MultiTaskTrain(model, cfg.spec)(batch)
     clicked = labels["click"] > 0
     expected = torch.nn.functional.binary_cross_entropy_with_logits(out["cvr_logit"][clicked], labels["conversion"][clicked])
     torch.testing.assert_close(losses["cvr"], expected)
@@ -97,8 +98,8 @@ def test_naive_cvr_trains_cvr_on_clicked_rows_only(world, rows):
 
 def test_esmm_loss_is_entire_space(world, rows):
     cfg = make_cfg(world, "esmm")
-    model = build_model(cfg, "cpu")
-    _, (losses, out, labels) = MultiTaskTrain(model, cfg)(BatchConverter(cfg)(rows))
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    _, (losses, out, labels) = MultiTaskTrain(model, cfg.spec)(BatchConverter(cfg.spec)(rows))
     target = labels["click"] * labels["conversion"]
     torch.testing.assert_close(losses["cvr"], torch.nn.functional.binary_cross_entropy(out["ctcvr"].clamp(1e-7, 1 - 1e-7), target))
     torch.testing.assert_close(losses["watch_time"], torch.nn.functional.mse_loss(out["watch_time"], torch.log1p(labels["watch_time"])))
@@ -107,8 +108,8 @@ def test_esmm_loss_is_entire_space(world, rows):
 def test_shallow_tower_changes_training_logits_not_serving(world, rows):
     cfg = make_cfg(world, "mmoe", shallow=True)
     torch.manual_seed(0)
-    model = build_model(cfg, "cpu").eval()
-    conv = BatchConverter(cfg)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets()).eval()
+    conv = BatchConverter(cfg.spec)
     train_out = model(conv(rows))  # bias features given (training input)
     serve_out = model(conv(rows, with_bias=False))
     assert "bias_logit" in train_out and "bias_logit" not in serve_out
@@ -128,12 +129,12 @@ def test_builds_on_meta_and_runs_under_dmp(world, rows, arch):
     from mtrec.train.sharding import plan_summary
 
     cfg = make_cfg(world, arch)
-    assert next(build_model(cfg, "meta").sparse_arch.parameters()).device.type == "meta"
+    assert next(build_model(cfg.spec, "meta", cfg.score_offsets()).sparse_arch.parameters()).device.type == "meta"
     dmp, opt = build_sharded(cfg)
     summary = plan_summary(dmp.plan)
     assert {v["sharding_type"] for v in summary.values()} == {"table_wise"}
     assert set(summary) == {f.name for f in cfg.features.sparse}
-    loss, (_, out, _) = dmp(BatchConverter(cfg)(rows))
+    loss, (_, out, _) = dmp(BatchConverter(cfg.spec)(rows))
     loss.backward()
     opt.step()
     state = dmp.fused_optimizer.state_dict()["state"]

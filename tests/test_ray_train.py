@@ -20,8 +20,8 @@ from mtrec.config import load_config
 from mtrec.data.synth import write_world
 from mtrec.errors import MtrecError
 from mtrec.jobs.evaluate import evaluate_checkpoint
-from mtrec.jobs.retrain import run_train
 from mtrec.jobs.protocol import worker_failure
+from mtrec.jobs.retrain import run_train
 
 DAY2 = DAY1 + dt.timedelta(days=1)
 ROWS = 6_001  # per day, 3 files: shares of the stream cannot be equal

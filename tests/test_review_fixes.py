@@ -40,23 +40,23 @@ def _batch(**cols):
 
 def test_null_dense_feature_is_quarantined_not_nan():
     b = _batch(price=pa.array([1.0, None, float("nan"), 2.0], pa.float32()))
-    split = RowValidator(_mini()).split(b)
+    split = RowValidator(_mini().spec).split(b)
     assert split.bad.column("reason").to_pylist() == ["bad_feature", "bad_feature"]
-    assert not np.isnan(BatchConverter(_mini())(split.good).dense.numpy()).any()
+    assert not np.isnan(BatchConverter(_mini().spec)(split.good).dense.numpy()).any()
 
 
 def test_log1p_regression_label_below_minus_one_is_out_of_range():
     cfg = _mini({"watch_time": "regression"}, [{"name": "ctr", "label": "click"}, {"name": "w", "label": "watch_time", "log1p": True}])
     b = _batch(watch_time=pa.array([0.0, -1.0, -0.5, 3.0], pa.float32()))
-    assert RowValidator(cfg).split(b).bad_index.tolist() == [1]
+    assert RowValidator(cfg.spec).split(b).bad_index.tolist() == [1]
 
 
 def test_boolean_labels_and_bias_and_uint64_ids_work():
     b = _batch(click=pa.array([True, False, True]), conversion=pa.array([True, True, False]),
                device=pa.array([True, False, False]), user_id=pa.array([2**63 + 5, 1, 2], pa.uint64()))
-    split = RowValidator(_mini()).split(b)
+    split = RowValidator(_mini().spec).split(b)
     assert split.bad.column("reason").to_pylist() == ["conversion_without_click"]
-    kjt = BatchConverter(_mini())(split.good).sparse.to_dict()["user_id"]
+    kjt = BatchConverter(_mini().spec)(split.good).sparse.to_dict()["user_id"]
     assert kjt.lengths().tolist() == [1, 1] and kjt.values().min() >= 0
 
 
@@ -67,7 +67,7 @@ def test_null_multi_hot_list_with_values_underneath():
     tags = pa.ListArray.from_arrays(pa.array([0, 2, 4, 5], pa.int32()), pa.array([1, 2, 3, 4, 5], pa.int64()),
                                     mask=pa.array([False, True, False]))
     rb = pa.record_batch({"tags": tags, "click": pa.array([0, 0, 0], pa.int8()), "conversion": pa.array([0, 0, 0], pa.int8())})
-    kjt = BatchConverter(cfg)(rb).sparse.to_dict()["tags"]
+    kjt = BatchConverter(cfg.spec)(rb).sparse.to_dict()["tags"]
     assert kjt.lengths().tolist() == [2, 0, 1] and kjt.values().numel() == 3
 
 
@@ -83,7 +83,7 @@ def test_training_stream_tolerates_schema_variation_between_files(world, tmp_pat
     pq.write_table(t2.cast(schema), day / "part-00002.parquet")
     counts = StreamCounts()
     cfg = load_config("esmm", logs=str(tmp_path))
-    rows = sum(b.num_rows for b in day_batches(cfg, [DAY1], 4096, counts))
+    rows = sum(b.num_rows for b in day_batches(cfg.spec, cfg.job.logs, [DAY1], 4096, counts))
     assert rows == counts.good == WORLD_ROWS
 
 
@@ -126,7 +126,7 @@ def test_truth_mismatch_is_an_error_not_a_silent_neighbour():
                        np.arange(4), np.arange(4))
     truth = pa.table({"row_id": pa.array([0, 1, 3, 3]), "p_click_unbiased": pa.array([0.1, 0.2, 0.3, 0.4])})
     with pytest.raises(MtrecError, match=r"1 of 4 row ids missing, 1 duplicated"):
-        report(cfg, pred, truth)
+        report(cfg.spec, pred, truth)
 
 
 def test_metrics_on_empty_input_are_nan():

@@ -122,10 +122,10 @@ def test_served_model_scores_like_the_trained_model_without_the_shallow_tower(wo
     cfg = type(load_config("esmm")).model_validate(d)
     res = train_days(cfg, [DAY1])
     url = str(tmp_path / "ck")
-    checkpoint.save(res.dmp, res.optimizer, url, {"model": cfg.name})
-    served = ServedModel.from_checkpoint(cfg, url)
-    assert served.cfg.model.shallow_tower is None and not any("shallow_tower" in k for k in served.model.state_dict())
-    want = predict_day(res.model, cfg, DAY2)  # the sharded model, as served (no bias features)
+    checkpoint.save(res.dmp, res.optimizer, url, checkpoint.spec_manifest(cfg))
+    served = ServedModel.from_checkpoint(url)
+    assert served.spec.model.shallow_tower is None and not any("shallow_tower" in k for k in served.model.state_dict())
+    want = predict_day(res.model, cfg.spec, cfg.job.logs, DAY2)  # the sharded model, as served (no bias features)
     table = pq.read_table(f"{world}/dt={DAY2}")
     got = served.predict(table)
     order = np.argsort(want.row_id)
@@ -203,9 +203,9 @@ def three_days(ray_local, server, world4, tmp_path_factory):
     """Full retrain of day 1, nightly days 2 and 3, each nightly judging the challenger the night
     before registered (as `nightly --promote` does before training), then the gate on day 3's.
     `gates`: "promoted" or the GateRefused, one per version."""
-    from mtrec.tracking import promote
-    from mtrec.jobs.retrain import run_train
     from mtrec.jobs.nightly import gate_pending, run_nightly
+    from mtrec.jobs.retrain import run_train
+    from mtrec.tracking import promote
 
     cfg = small(world4, str(tmp_path_factory.mktemp("work")), uri=server.uri)
     summaries, gates = [run_train(cfg, DAY1, DAY1, say=quiet)], []
@@ -357,8 +357,8 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
     from mlflow import MlflowClient
 
     from mtrec import tracking
-    from mtrec.train import checkpoint
     from mtrec.jobs.nightly import run_nightly
+    from mtrec.train import checkpoint
 
     cfg, _, _ = three_days
     url = checkpoint.checkpoint_url(cfg, DAY4)

@@ -40,9 +40,9 @@ def test_training_learns(trained, world):
     cfg, res = trained
     first, last = res.losses[0]["loss"], np.mean([x["loss"] for x in res.losses[-5:]])
     assert last < 0.8 * first
-    m = evaluate_day(res.model, cfg, DAY3)
+    m = evaluate_day(res.model, cfg.spec, cfg.job.logs, DAY3)
     untrained, _ = build_sharded(cfg)
-    base = evaluate_day(untrained.module.model, cfg, DAY3)
+    base = evaluate_day(untrained.module.model, cfg.spec, cfg.job.logs, DAY3)
     # next day, as served; measured: ctr 0.588 vs 0.499 untrained, ctcvr 0.621 vs 0.583
     assert m["ctr/auc"] > 0.55 and m["ctr/auc"] > base["ctr/auc"] + 0.05
     assert m["ctcvr/auc"] > base["ctcvr/auc"] + 0.02
@@ -50,7 +50,7 @@ def test_training_learns(trained, world):
 
 def test_report_keys_and_truth_metrics(trained):
     cfg, res = trained
-    m = evaluate_day(res.model, cfg, DAY3)
+    m = evaluate_day(res.model, cfg.spec, cfg.job.logs, DAY3)
     for task in ("ctr", "cvr", "ctcvr"):
         for k in ("auc", "gauc", "ne", "calibration", "log_loss", "rows"):
             assert f"{task}/{k}" in m
@@ -67,7 +67,7 @@ def test_predictions_are_served_without_bias_features(world):
         f["hash_size"] = min(f["hash_size"], 1000)
     cfg = type(cfg).model_validate(d)
     dmp, _ = build_sharded(cfg)
-    pred = predict_day(dmp.module.model, cfg, DAY1)
+    pred = predict_day(dmp.module.model, cfg.spec, cfg.job.logs, DAY1)
     assert "bias_logit" not in pred.outputs and pred.outputs["ctr"].shape == (WORLD_ROWS,)
     assert np.array_equal(np.sort(pred.row_id), np.arange(WORLD_ROWS))
 
@@ -86,5 +86,5 @@ def test_stream_leaves_bad_rows_out_and_counts_them(tmp_path, world):
     pq.write_table(t.set_column(t.schema.get_field_index("conversion"), "conversion", pa.array(conv)), path)
     cfg = load_config("esmm", logs=str(tmp_path))
     counts = StreamCounts()
-    rows = sum(b.num_rows for b in day_batches(cfg, [DAY1], 1000, counts))
+    rows = sum(b.num_rows for b in day_batches(cfg.spec, cfg.job.logs, [DAY1], 1000, counts))
     assert (counts.read, counts.bad, counts.good, rows) == (WORLD_ROWS, 11, WORLD_ROWS - 11, WORLD_ROWS - 11)

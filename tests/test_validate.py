@@ -11,8 +11,9 @@ from conftest import DAY1, WORLD_ROWS
 
 from mtrec.config import load_config
 from mtrec.data.synth import write_world
-from mtrec.data.validate import RowValidator, validate_day
+from mtrec.data.validate import RowValidator
 from mtrec.errors import DataValidationError
+from mtrec.jobs.protocol import validate
 
 
 def _set(table: pa.Table, col: str, rows: list[int], value) -> pa.Table:
@@ -73,7 +74,7 @@ def bad_world(world, tmp_path) -> tuple[str, dict[str, int], dict[int, str]]:
 
 
 def test_clean_day_has_no_bad_rows(cfg):
-    report = validate_day(cfg, DAY1)
+    report = validate(cfg, DAY1)
     assert report.input_rows == WORLD_ROWS == report.good_rows
     assert report.bad_rows == 0 and report.passed
     assert [f["rows"] for f in report.files] == [5000] * 4
@@ -86,7 +87,7 @@ def test_injected_bad_rows_counted_exactly_and_quarantined(bad_world, tmp_path):
     logs, expected, row_reason = bad_world
     before = _snapshot(Path(logs))
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
-    report = validate_day(cfg, DAY1)
+    report = validate(cfg, DAY1)
     got = {r: n for r, n in report.by_reason.items() if n}
     assert got == expected
     assert report.bad_rows == sum(expected.values()) == 42
@@ -108,7 +109,7 @@ def test_threshold_fails_the_day_after_writing_quarantine(bad_world, tmp_path):
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
     cfg = cfg.model_copy(update={"job": cfg.job.model_copy(update={"max_bad_fraction": 0.001})})
     with pytest.raises(DataValidationError, match=r"is above job.max_bad_fraction=0.10%"):
-        validate_day(cfg, DAY1)
+        validate(cfg, DAY1)
     qdir = tmp_path / "work" / "quarantine" / f"dt={DAY1}"
     assert pq.read_table(qdir).num_rows == 42
     assert json.loads((qdir / "_report.json").read_text())["passed"] is False
@@ -119,7 +120,7 @@ def test_threshold_message_names_counts_and_fix(bad_world, tmp_path):
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
     cfg = cfg.model_copy(update={"job": cfg.job.model_copy(update={"max_bad_fraction": 0.001})})
     with pytest.raises(DataValidationError) as e:
-        validate_day(cfg, DAY1)
+        validate(cfg, DAY1)
     msg = str(e.value)
     assert msg.startswith(f"day {DAY1}: 0.21% of rows quarantined (42 of 20,000: null_label 8, conversion_without_click 7")
     assert "above job.max_bad_fraction=0.10%; inspect" in msg and "fix the logs or raise the limit" in msg
@@ -128,15 +129,15 @@ def test_threshold_message_names_counts_and_fix(bad_world, tmp_path):
 def test_revalidation_replaces_quarantine(bad_world, tmp_path):
     logs, _, _ = bad_world
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
-    validate_day(cfg, DAY1)
-    report = validate_day(cfg, DAY1)
+    validate(cfg, DAY1)
+    report = validate(cfg, DAY1)
     assert pq.read_table(tmp_path / "work" / "quarantine" / f"dt={DAY1}").num_rows == report.bad_rows == 42
 
 
 def test_memory_filesystem_end_to_end():
     write_world("memory://vt-world", days=1, rows_per_day=3000, seed=1, files_per_day=2)
     cfg = load_config("esmm", logs="memory://vt-world", workdir="memory://vt-work")
-    report = validate_day(cfg, DAY1)
+    report = validate(cfg, DAY1)
     assert (report.input_rows, report.bad_rows, len(report.files)) == (3000, 0, 2)
     assert report.files[0]["size"] > 0
     import fsspec
@@ -157,7 +158,7 @@ def test_missing_column_is_a_clear_error_and_nothing_is_written(world, tmp_path)
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
     with pytest.raises(DataValidationError, match=rf"logs {DAY1} file part-00002.parquet: column `conversion` is missing "
                        r"\(required by `labels`\); add it to the export or remove it from the config"):
-        validate_day(cfg, DAY1)
+        validate(cfg, DAY1)
     assert not (tmp_path / "work").exists()
 
 
@@ -165,19 +166,19 @@ def test_wrong_type_is_a_clear_error(world, tmp_path):
     logs = _rewrite(world, tmp_path, lambda t: t.set_column(t.schema.get_field_index("click"), "click", t.column("click").cast(pa.string())))
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
     with pytest.raises(DataValidationError, match=r"column `click` has type string, expected an integer label \(int8 0/1\)"):
-        validate_day(cfg, DAY1)
+        validate(cfg, DAY1)
 
 
 def test_multi_hot_declared_on_scalar_column(world, tmp_path):
     logs = _rewrite(world, tmp_path, lambda t: t.set_column(t.schema.get_field_index("item_tags"), "item_tags", t.column("brand")))
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
     with pytest.raises(DataValidationError, match=r"`item_tags` has type int64, expected a list of integer or string ids"):
-        validate_day(cfg, DAY1)
+        validate(cfg, DAY1)
 
 
 def test_missing_day_names_the_day_and_what_exists(cfg):
     with pytest.raises(DataValidationError, match=r"no logs for 2026-03-01 under .* days present: 2026-01-01 \.\. 2026-01-03 \(3\)"):
-        validate_day(cfg, dt.date(2026, 3, 1))
+        validate(cfg, dt.date(2026, 3, 1))
 
 
 def test_corrupt_file_is_a_clear_error(world, tmp_path):
@@ -186,7 +187,7 @@ def test_corrupt_file_is_a_clear_error(world, tmp_path):
     (root / f"dt={DAY1}" / "part-00003.parquet").write_bytes(b"not parquet at all")
     cfg = load_config("esmm", logs=str(root), workdir=str(tmp_path / "work"))
     with pytest.raises(DataValidationError, match=r"part-00003.parquet: not a readable Parquet file .* re-export the file"):
-        validate_day(cfg, DAY1)
+        validate(cfg, DAY1)
 
 
 def test_split_partitions_a_batch(cfg):
@@ -201,7 +202,7 @@ def test_split_partitions_a_batch(cfg):
     small["features"] = {"sparse": [{"name": "user_id", "hash_size": 10}]}
     from mtrec.config import parse_config
 
-    good, bad, index = RowValidator(parse_config(small)).split(batch)
+    good, bad, index = RowValidator(parse_config(small).spec).split(batch)
     assert good.column("user_id").to_pylist() == [1, 4]
     assert bad.column("reason").to_pylist() == ["null_id", "conversion_without_click"]
     assert index.tolist() == [1, 2]

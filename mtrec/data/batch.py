@@ -6,7 +6,7 @@ blake2b once per distinct value in the batch. A null scalar id or a null multi-h
 bag (length 0).
 
 Example:
-    >>> conv = BatchConverter(cfg)
+    >>> conv = BatchConverter(spec)
     >>> b = conv(record_batch)
     >>> b.sparse.keys()[:2], b.dense.shape, b.labels["click"].shape     # B rows
     (['user_id', 'item_id'], torch.Size([B, 3]), torch.Size([B]))
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.config import MtrecConfig
+from mtrec.spec import ModelSpec
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -84,20 +84,20 @@ class Batch:
 
 
 class BatchConverter:
-    """Converts Arrow record batches with the config's columns into `Batch`es.
+    """Converts Arrow record batches with the spec's columns into `Batch`es.
 
     Args:
-        cfg (MtrecConfig): features (sparse/dense/bias) and labels to read.
+        spec (ModelSpec): features (sparse/dense/bias) and labels to read.
     """
 
-    def __init__(self, cfg: MtrecConfig):
-        self.cfg = cfg
-        self.keys = [f.name for f in cfg.features.sparse]
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.keys = [f.name for f in spec.features.sparse]
 
     def __call__(self, rb: pa.RecordBatch | pa.Table, with_bias: bool = True, with_labels: bool = True) -> Batch:
         n = rb.num_rows
         values, lengths = [], []
-        for f in self.cfg.features.sparse:
+        for f in self.spec.features.sparse:
             col = rb.column(f.source)
             if isinstance(col, pa.ChunkedArray):
                 col = col.combine_chunks()
@@ -120,34 +120,34 @@ class BatchConverter:
             values=torch.from_numpy(np.concatenate(values)),
             lengths=torch.from_numpy(np.concatenate(lengths)).to(torch.int32),
         )
-        dense = np.zeros((n, len(self.cfg.features.dense)), dtype=np.float32)
-        for j, f in enumerate(self.cfg.features.dense):
+        dense = np.zeros((n, len(self.spec.features.dense)), dtype=np.float32)
+        for j, f in enumerate(self.spec.features.dense):
             x = rb.column(f.source).to_numpy(zero_copy_only=False).astype(np.float32)
             dense[:, j] = np.sign(x) * np.log1p(np.abs(x)) if f.log1p else x
         bias = None
-        if with_bias and self.cfg.features.bias:
+        if with_bias and self.spec.features.bias:
             bias = np.stack(
                 [np.clip(rb.column(f.source).to_numpy(zero_copy_only=False).astype(np.int64), 0, f.num_values - 1)
-                 for f in self.cfg.features.bias], axis=1)
+                 for f in self.spec.features.bias], axis=1)
             bias = torch.from_numpy(bias)
         labels = {}
         if with_labels:
-            for col in self.cfg.labels:
+            for col in self.spec.labels:
                 labels[col] = torch.from_numpy(rb.column(col).to_numpy(zero_copy_only=False).astype(np.float32))
         return Batch(sparse, torch.from_numpy(dense), bias, labels)
 
 
-def pad_batch(cfg: MtrecConfig, rows: int = 2) -> Batch:
+def pad_batch(spec: ModelSpec, rows: int = 2) -> Batch:
     """A stand-in batch for a worker whose share of the stream has run out while others still
     train: every id is row 0 of its table, dense/bias/labels are zeros. The training loop runs it
     with the loss multiplied by 0 and BatchNorm frozen, so it changes nothing; it exists because
     sharded embeddings need every rank in every all-to-all."""
-    keys = [f.name for f in cfg.features.sparse]
-    bias = torch.zeros(rows, len(cfg.features.bias), dtype=torch.int64) if cfg.features.bias else None
+    keys = [f.name for f in spec.features.sparse]
+    bias = torch.zeros(rows, len(spec.features.bias), dtype=torch.int64) if spec.features.bias else None
     return Batch(
         KeyedJaggedTensor(keys=keys, values=torch.zeros(rows * len(keys), dtype=torch.int64),
                           lengths=torch.ones(rows * len(keys), dtype=torch.int32)),
-        torch.zeros(rows, len(cfg.features.dense)),
+        torch.zeros(rows, len(spec.features.dense)),
         bias,
-        {col: torch.zeros(rows) for col in cfg.labels},
+        {col: torch.zeros(rows) for col in spec.labels},
     )

@@ -7,7 +7,7 @@ row to ``<workdir>/quarantine/dt=D/`` with a ``reason`` column (plus ``source_fi
 The same `RowValidator.split` filters batches in the training stream.
 
 Example:
-    >>> report = validate_day(load_config("esmm"), date(2026, 1, 1))     # doctest: +SKIP
+    >>> report = validate_day(spec, "./world", date(2026, 1, 1), "./mtrec-work")     # doctest: +SKIP
     >>> report.input_rows == report.good_rows + report.bad_rows
     True
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,9 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtrec.config import ID_COLUMNS, POSITION_COLUMN, LabelKind, MtrecConfig
 from mtrec.data.io import DataFile, day_url, filesystem, join, list_day_files
 from mtrec.errors import DataValidationError
+from mtrec.spec import ID_COLUMNS, POSITION_COLUMN, LabelKind, ModelSpec
+
+log = logging.getLogger(__name__)
 
 # The contract's own label rules (docs/data-contract.md), applied when the columns are declared.
 CONTRACT_IMPLIES = (("conversion", "click"), ("daction", "click"), ("oaction", "click"))
@@ -73,7 +76,7 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
-# schema role (MtrecConfig.column_roles) -> (accepted Arrow types, what the error says is expected)
+# schema role (ModelSpec.column_roles) -> (accepted Arrow types, what the error says is expected)
 _EXPECTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "id": (_is_id, "an integer or string id (int64)"),
     "ids": (lambda t: _is_list(t) and _is_id(t.value_type), "a list of integer or string ids"),
@@ -130,15 +133,15 @@ class RowValidator:
     """Schema check and per-row rules of the data contract for one config.
 
     Args:
-        cfg (MtrecConfig): declares the label, feature and bias columns to check.
+        spec (ModelSpec): declares the label, feature and bias columns to check.
 
     Example:
-        >>> v = RowValidator(cfg)
+        >>> v = RowValidator(spec)
         >>> good, bad, _ = v.split(batch)       # bad has a `reason` column
     """
 
-    def __init__(self, cfg: MtrecConfig):
-        self.cfg = cfg
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
         self.rules: list[tuple[str, Mask]] = self._rules()
         self.reasons: list[str] = list(dict.fromkeys(r for r, _ in self.rules))
 
@@ -146,7 +149,7 @@ class RowValidator:
     def check_schema(self, schema: pa.Schema, where: str) -> None:
         """Raise DataValidationError (one line) on a missing or wrongly-typed column."""
         names = set(schema.names)
-        for col, (role, by) in self.cfg.column_roles().items():
+        for col, (role, by) in self.spec.column_roles().items():
             ok, wanted = _EXPECTED[role]
             if col not in names:
                 raise DataValidationError(
@@ -160,25 +163,25 @@ class RowValidator:
 
     # ---- row rules ------------------------------------------------------------------------------
     def _rules(self) -> list[tuple[str, Mask]]:
-        cfg = self.cfg
+        spec = self.spec
         rules: list[tuple[str, Mask]] = []
         for col in ID_COLUMNS:
             rules.append(("null_id", lambda b, c=col: _np(pc.is_null(b.column(c)))))
         rules.append(("bad_position", lambda b: _np(pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(_i64(b.column(POSITION_COLUMN)), 0)))))
-        for col in cfg.labels:
+        for col in spec.labels:
             rules.append(("null_label", lambda b, c=col: _np(pc.is_null(b.column(c), nan_is_null=True))))
-        for col, kind in cfg.labels.items():
+        for col, kind in spec.labels.items():
             if kind == LabelKind.BINARY:
                 rules.append(("label_out_of_range", lambda b, c=col: _np(pc.invert(pc.is_in(_i64(b.column(c)), pa.array([0, 1], pa.int64()))))))
             else:
                 # infinite; or <= -1 where a task trains on log1p(label)
-                floor = -1.0 if any(t.log1p and t.label == col for t in cfg.tasks) else -np.inf
+                floor = -1.0 if any(t.log1p and t.label == col for t in spec.tasks) else -np.inf
                 rules.append(("label_out_of_range", lambda b, c=col, lo=floor: _np(pc.or_kleene(
                     pc.is_inf(pc.cast(b.column(c), pa.float64())), pc.less_equal(pc.cast(b.column(c), pa.float64()), lo)))))
-        implies = [(c, p) for c, p in CONTRACT_IMPLIES if c in cfg.labels and p in cfg.labels]
-        for t in cfg.tasks:
+        implies = [(c, p) for c, p in CONTRACT_IMPLIES if c in spec.labels and p in spec.labels]
+        for t in spec.tasks:
             if t.given is not None:
-                pair = (t.label, cfg.task(t.given).label)
+                pair = (t.label, spec.task(t.given).label)
                 if pair not in implies and pair[0] != pair[1]:
                     implies.append(pair)
         for child, parent in implies:
@@ -186,13 +189,13 @@ class RowValidator:
             rules.append((f"{child}_without_{parent}", lambda b, c=child, p=parent: _np(
                 pc.and_kleene(pc.not_equal(pc.cast(b.column(c), pa.float64()), 0), pc.not_equal(_i64(b.column(p)), 1)))))
         for a, b_ in CONTRACT_EXCLUSIVE:
-            if a in cfg.labels and b_ in cfg.labels:
+            if a in spec.labels and b_ in spec.labels:
                 rules.append((f"{a}_and_{b_}", lambda b, x=a, y=b_: _np(pc.and_kleene(pc.equal(_i64(b.column(x)), 1), pc.equal(_i64(b.column(y)), 1)))))
-        for f in cfg.features.dense:
+        for f in spec.features.dense:
             # null, NaN or infinite (is_finite of a null is null, hence the explicit is_null)
             rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(
                 pc.is_null(b.column(c)), pc.invert(pc.is_finite(pc.cast(b.column(c), pa.float64())))))))
-        for f in cfg.features.bias:
+        for f in spec.features.bias:
             if f.source != POSITION_COLUMN:
                 rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(pc.is_null(b.column(c)), pc.less(_i64(b.column(c)), 0)))))
         return rules
@@ -237,17 +240,15 @@ def quarantine_url(workdir: str, day: dt.date) -> str:
     return day_url(join(workdir, "quarantine"), day)
 
 
-def validate_day(
-    cfg: MtrecConfig,
-    day: dt.date,
-    progress: Callable[[str], None] | None = None,
-) -> ValidationReport:
+def validate_day(spec: ModelSpec, logs: str, day: dt.date, workdir: str, max_bad_fraction: float = 0.01) -> ValidationReport:
     """Validate one day of logs, write its quarantine and report, and enforce the threshold.
 
     Args:
-        cfg (MtrecConfig): config; `job.logs`, `job.workdir` and `job.max_bad_fraction` are used.
+        spec (ModelSpec): the columns and label rules to check.
+        logs (str): the logs root (`<logs>/dt=YYYY-MM-DD/*.parquet`).
         day (date): the day partition to check.
-        progress (callable | None): receives one line per file.
+        workdir (str): quarantine goes to `<workdir>/quarantine/dt=D/`.
+        max_bad_fraction (float): above this quarantined fraction the day fails.
 
     Returns:
         ValidationReport: counts by reason; also written to ``<quarantine>/_report.json``.
@@ -257,18 +258,18 @@ def validate_day(
             (quarantine and report written first so the rows can be inspected).
     """
     t0 = time.perf_counter()
-    files = list_day_files(cfg.job.logs, day)
-    validator = RowValidator(cfg)
+    files = list_day_files(logs, day)
+    validator = RowValidator(spec)
     for f in files:  # all schemas first: a bad file stops the day before anything is written
         validator.check_schema(read_schema(f), f"logs {day} file {f.name}")
 
-    qurl = quarantine_url(cfg.job.workdir, day)
+    qurl = quarantine_url(workdir, day)
     qfs, qpath = filesystem(qurl)
     if qfs.exists(qpath):
         qfs.rm(qpath, recursive=True)  # re-validating a day replaces its quarantine
     report = ValidationReport(
-        date=day.isoformat(), logs=day_url(cfg.job.logs, day), quarantine=qurl,
-        by_reason={r: 0 for r in validator.reasons}, max_bad_fraction=cfg.job.max_bad_fraction,
+        date=day.isoformat(), logs=day_url(logs, day), quarantine=qurl,
+        by_reason={r: 0 for r in validator.reasons}, max_bad_fraction=max_bad_fraction,
     )
     for f in files:
         rows = bad_rows = 0
@@ -296,8 +297,7 @@ def validate_day(
         report.input_rows += rows
         report.bad_rows += bad_rows
         report.files.append({"name": f.name, "size": f.size, "rows": rows, "quarantined": bad_rows})
-        if progress:
-            progress(f"  {f.name}: {rows:,} rows, {bad_rows:,} quarantined")
+        log.info("  %s: %s rows, %s quarantined", f.name, f"{rows:,}", f"{bad_rows:,}")
     assert report.input_rows == report.good_rows + report.bad_rows  # internal invariant, not user input
     report.seconds = time.perf_counter() - t0
     qfs.makedirs(qpath, exist_ok=True)
@@ -307,7 +307,7 @@ def validate_day(
         top = ", ".join(f"{r} {n:,}" for r, n in sorted(report.by_reason.items(), key=lambda kv: -kv[1]) if n)
         raise DataValidationError(
             f"day {day}: {report.bad_fraction:.2%} of rows quarantined ({report.bad_rows:,} of {report.input_rows:,}: {top}) "
-            f"is above job.max_bad_fraction={cfg.job.max_bad_fraction:.2%}; inspect {qurl}, fix the logs or raise the limit"
+            f"is above job.max_bad_fraction={max_bad_fraction:.2%}; inspect {qurl}, fix the logs or raise the limit"
         )
     return report
 

@@ -25,12 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mtrec.config import LabelKind, MtrecConfig
-from mtrec.data.batch import BatchConverter
 from mtrec.data.io import day_url, filesystem, join
 from mtrec.data.synth import TRUTH_DIR
 from mtrec.errors import MtrecError
 from mtrec.eval.metrics import auc, binary_report
+from mtrec.eval.scoring import evaluating, score_batches
+from mtrec.spec import LabelKind, ModelSpec
 from mtrec.train.stream import StreamCounts, day_batches
 
 TRUTH_OF_LABEL = {"click": "p_click_unbiased", "conversion": "cvr"}  # synthetic world's truth columns
@@ -46,34 +46,29 @@ class Predictions:
     row_id: np.ndarray | None
 
 
-@torch.no_grad()
-def predict_day(model: torch.nn.Module, cfg: MtrecConfig, day: dt.date, batch_size: int = 8192) -> Predictions:
-    """Run `model` (a MultiTaskModel, sharded or not) in eval mode over a day's good rows."""
-    conv = BatchConverter(cfg)
-    was_training = model.training
-    model.eval()
+def predict_day(model: torch.nn.Module, spec: ModelSpec, logs: str, day: dt.date, batch_size: int = 8192) -> Predictions:
+    """Run `model` (a MultiTaskModel, sharded or not) in eval mode over the good rows of `day`
+    under the logs root `logs`, as served (no bias features)."""
     outs: dict[str, list[np.ndarray]] = {}
-    labels: dict[str, list[np.ndarray]] = {c: [] for c in cfg.labels}
+    labels: dict[str, list[np.ndarray]] = {c: [] for c in spec.labels}
     users, rows = [], []
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    for rb in day_batches(cfg, [day], batch_size, StreamCounts()):
-        out = model(conv(rb, with_bias=False).to(device))  # serving: no bias features
-        for k, v in out.items():
-            outs.setdefault(k, []).append(v.float().cpu().numpy())
-        for c in cfg.labels:
-            labels[c].append(rb.column(c).to_numpy(zero_copy_only=False).astype(np.float32))
-        users.append(rb.column("user_id").to_numpy(zero_copy_only=False))
-        if "row_id" in rb.schema.names:
-            rows.append(rb.column("row_id").to_numpy(zero_copy_only=False))
-    model.train(was_training)
+    with evaluating(model):
+        for rb, out in score_batches(model, spec, day_batches(spec, logs, [day], batch_size, StreamCounts())):
+            for k, v in out.items():
+                outs.setdefault(k, []).append(v.float().cpu().numpy())
+            for c in spec.labels:
+                labels[c].append(rb.column(c).to_numpy(zero_copy_only=False).astype(np.float32))
+            users.append(rb.column("user_id").to_numpy(zero_copy_only=False))
+            if "row_id" in rb.schema.names:
+                rows.append(rb.column("row_id").to_numpy(zero_copy_only=False))
     cat = np.concatenate
     return Predictions({k: cat(v) for k, v in outs.items()}, {k: cat(v) for k, v in labels.items()},
                        cat(users), cat(rows) if rows else None)
 
 
-def read_truth(cfg: MtrecConfig, day: dt.date) -> pa.Table | None:
-    """The synthetic world's truth table for a day, or None for real logs."""
-    url = day_url(join(cfg.job.logs, TRUTH_DIR), day)
+def read_truth(logs: str, day: dt.date) -> pa.Table | None:
+    """The synthetic world's truth table for a day (beside the logs root `logs`), or None for real logs."""
+    url = day_url(join(logs, TRUTH_DIR), day)
     fs, path = filesystem(url)
     if not fs.isdir(path):
         return None
@@ -84,7 +79,7 @@ def read_truth(cfg: MtrecConfig, day: dt.date) -> pa.Table | None:
     return pa.concat_tables(tables)
 
 
-def report(cfg: MtrecConfig, pred: Predictions, truth: pa.Table | None = None) -> dict[str, float]:
+def report(spec: ModelSpec, pred: Predictions, truth: pa.Table | None = None) -> dict[str, float]:
     """Metrics of a day's predictions (see the module docstring for the keys)."""
     out: dict[str, float] = {}
     labels, outputs = pred.labels, pred.outputs
@@ -101,9 +96,9 @@ def report(cfg: MtrecConfig, pred: Predictions, truth: pa.Table | None = None) -
                 f"{len(t_rows) - len(np.unique(t_rows)):,} duplicated); rewrite the world with `mtrec synth` into an empty --out"
             )
         aligned = {c: truth.column(c).to_numpy()[idx] for c in truth.column_names}
-    for t in cfg.tasks:
+    for t in spec.tasks:
         y = labels[t.label]
-        if cfg.label_kind(t) == LabelKind.REGRESSION:
+        if spec.label_kind(t) == LabelKind.REGRESSION:
             target = np.log1p(y) if t.log1p else y
             out[f"{t.name}/mse"] = float(np.mean((outputs[t.name] - target) ** 2))
             out[f"{t.name}/pearson"] = float(np.corrcoef(outputs[t.name], target)[0, 1])
@@ -111,9 +106,9 @@ def report(cfg: MtrecConfig, pred: Predictions, truth: pa.Table | None = None) -
         if t.given is None:
             metrics = binary_report(outputs[t.name], y, pred.user_id)
         else:
-            parent = labels[cfg.task(t.given).label] > 0
+            parent = labels[spec.task(t.given).label] > 0
             metrics = binary_report(outputs[t.name][parent], y[parent], pred.user_id[parent])
-            for k, v in binary_report(outputs[t.joint_name], y * labels[cfg.task(t.given).label], pred.user_id).items():
+            for k, v in binary_report(outputs[t.joint_name], y * labels[spec.task(t.given).label], pred.user_id).items():
                 out[f"{t.joint_name}/{k}"] = v
         out.update({f"{t.name}/{k}": v for k, v in metrics.items()})
         truth_col = TRUTH_OF_LABEL.get(t.label)
@@ -125,6 +120,6 @@ def report(cfg: MtrecConfig, pred: Predictions, truth: pa.Table | None = None) -
     return out
 
 
-def evaluate_day(model: torch.nn.Module, cfg: MtrecConfig, day: dt.date) -> dict[str, float]:
+def evaluate_day(model: torch.nn.Module, spec: ModelSpec, logs: str, day: dt.date) -> dict[str, float]:
     """predict_day + report, with the truth table when the logs are a synthetic world."""
-    return report(cfg, predict_day(model, cfg, day), read_truth(cfg, day))
+    return report(spec, predict_day(model, spec, logs, day), read_truth(logs, day))

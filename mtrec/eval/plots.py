@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtrec.config import POSITION_COLUMN, LabelKind, MtrecConfig
 from mtrec.eval.evaluate import Predictions
+from mtrec.spec import POSITION_COLUMN, LabelKind, ModelSpec
 
 
 def _pyplot():
@@ -34,19 +34,19 @@ def calibration_bins(p: np.ndarray, y: np.ndarray, bins: int = 10) -> tuple[np.n
     return mean_p, rate, n[keep]
 
 
-def calibration(cfg: MtrecConfig, pred: Predictions, path: Path, title: str = "") -> None:
+def calibration(spec: ModelSpec, pred: Predictions, path: Path, title: str = "") -> None:
     """Reliability diagram per binary output (a task `given` a parent: on the parent's positive
     rows, as the metrics are; joints: on every impression)."""
     plt = _pyplot()
     curves = []
-    for t in cfg.tasks:
-        if cfg.label_kind(t) != LabelKind.BINARY:
+    for t in spec.tasks:
+        if spec.label_kind(t) != LabelKind.BINARY:
             continue
         y = pred.labels[t.label]
         if t.given is None:
             curves.append((t.name, pred.outputs[t.name], y))
         else:
-            parent = pred.labels[cfg.task(t.given).label]
+            parent = pred.labels[spec.task(t.given).label]
             curves.append((f"{t.name} (given {t.given})", pred.outputs[t.name][parent > 0], y[parent > 0]))
             curves.append((t.joint_name, pred.outputs[t.joint_name], y * parent))
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 4), squeeze=False)
@@ -64,15 +64,15 @@ def calibration(cfg: MtrecConfig, pred: Predictions, path: Path, title: str = ""
     plt.close(fig)
 
 
-def position_bias(cfg: MtrecConfig, full: dict[str, torch.Tensor], path: Path) -> list[float] | None:
+def position_bias(spec: ModelSpec, full: dict[str, torch.Tensor], path: Path) -> list[float] | None:
     """The shallow tower's logit per position (averaged over the other bias features' values), as
     `checkpoint.read_full` tensors hold it; None when the model has no shallow tower."""
     from mtrec.models.shallow_tower import ShallowTower
 
-    st_cfg = cfg.model.shallow_tower
+    st_cfg = spec.model.shallow_tower
     if st_cfg is None:
         return None
-    bias = cfg.features.bias
+    bias = spec.features.bias
     tower = ShallowTower(bias, st_cfg)
     prefix = "model.model.shallow_tower."
     tower.load_state_dict({k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)})

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtrec import bn
-from mtrec.config import MtrecConfig, parse_config
+from mtrec.config import MtrecConfig
 from mtrec.errors import ConfigError
 from mtrec.serving import ServedModel
 from mtrec.train import checkpoint
@@ -50,8 +50,7 @@ def _source(cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | No
     manifest = checkpoint.read_manifest(url)
     if manifest.get("model") != cfg.name:
         checkpoint.check_compatible(manifest, url, cfg, allow_config_change=True)  # names the mismatch
-    trained = parse_config(manifest["config"], label=f"{url} manifest") if "config" in manifest else cfg  # as it was trained
-    return ServedModel.from_checkpoint(trained, url), {"name": cfg.name, "date": manifest["date"], "checkpoint": url, "version": ""}
+    return ServedModel.from_checkpoint(url), {"name": cfg.name, "date": manifest["date"], "checkpoint": url, "version": ""}
 
 
 def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, url: str | None = None, recalibrate: bool = False,
@@ -62,11 +61,11 @@ def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, u
         {"before": BNReport, "after": BNReport | None, "version": new version or None, "source": {...}}
     """
     served, source = _source(cfg, day, model_uri, url, recalibrate)
-    scfg = served.cfg.with_overrides(logs=cfg.job.logs).model_copy(update={"bn": cfg.bn})  # this config's limits and batch size
     what = model_uri or source["checkpoint"]
     if source["date"] and dt.date.fromisoformat(source["date"]) >= day:
         say(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
-    before = bn.check(served.model, scfg, day)
+    logs = cfg.job.logs  # the day under this config's logs, with its limits and batch size
+    before = bn.check(served.model, served.spec, logs, day, cfg.bn)
     say(f"{what} on {day}:")
     for line in before.table() if before.layers else []:
         say("  " + line)
@@ -77,8 +76,8 @@ def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, u
     if not before.layers:
         say("no BN layers: nothing to recalibrate")
         return out
-    rows = bn.recalibrate(served.model, scfg, day)
-    after = bn.check(served.model, scfg, day)
+    rows = bn.recalibrate(served.model, served.spec, logs, day, cfg.bn.batch_rows)
+    after = bn.check(served.model, served.spec, logs, day, cfg.bn)
     out["after"] = after
     say(f"recalibrated on {rows:,} rows of {day}: {after.summary()}")
     out["version"] = _record(cfg.model_copy(update={"name": source["name"]}), served, source, day, before, after, say)
@@ -102,7 +101,7 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, b
             (Path(tmp) / "bn" / "check.json").write_text(after.to_json())
             (Path(tmp) / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
             tracker.log_artifacts(run_id, tmp)
-        model_uri = tracker.log_model(run_id, served, example_rows(served.cfg.with_overrides(logs=cfg.job.logs), day, served.columns))
+        model_uri = tracker.log_model(run_id, served, example_rows(cfg.job.logs, day, served.columns))
         tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.bn_check": "passed" if after.passed else "failed"})
         version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to)
     except BaseException:

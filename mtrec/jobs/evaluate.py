@@ -20,4 +20,4 @@ def evaluate_checkpoint(cfg: MtrecConfig, day: dt.date, url: str | None = None) 
     dmp, _ = build_sharded(cfg)
     manifest = checkpoint.load(dmp, None, url, cfg, allow_config_change=True)  # scoring: learning rates do not matter
     dmp.eval()
-    return evaluate_day(dmp.module.model, cfg, day), url, manifest
+    return evaluate_day(dmp.module.model, cfg.spec, cfg.job.logs, day), url, manifest

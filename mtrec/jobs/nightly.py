@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 from mtrec.config import MtrecConfig
 from mtrec.errors import CheckpointError, ConfigError, MtrecError
-from mtrec.lock import model_lock
-from mtrec.train import checkpoint
 from mtrec.jobs.cluster import ray_session
 from mtrec.jobs.protocol import TrainSummary, date_range, ensure_registered, run_job
+from mtrec.lock import model_lock
+from mtrec.train import checkpoint
 
 
 def _fmt_days(days: list[dt.date]) -> str:

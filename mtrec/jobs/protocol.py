@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from mtrec import __version__
 from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, filesystem, join, list_day_files
-from mtrec.data.validate import validate_day
+from mtrec.data.validate import ValidationReport, validate_day
 from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
@@ -94,6 +94,11 @@ class TrainSummary:
         ]
 
 
+def validate(cfg: MtrecConfig, day: dt.date) -> ValidationReport:
+    """`validate_day` of the run spec's logs, quarantine and limit."""
+    return validate_day(cfg.spec, cfg.job.logs, day, cfg.job.workdir, cfg.job.max_bad_fraction)
+
+
 def date_range(start: dt.date, end: dt.date) -> list[dt.date]:
     if end < start:
         raise ConfigError(f"--to {end} is before --from {start}; pass a range whose end is on or after its start")
@@ -107,7 +112,7 @@ def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile], done: dict | None
 
     items = [{"index": i, "url": f.url, "name": f.name, "size": f.size} for i, f in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
-    return ds.map_batches(read_good_rows, fn_kwargs={"cfg": cfg.model_dump(mode="json"), "done": done}, batch_size=1, batch_format="pyarrow")
+    return ds.map_batches(read_good_rows, fn_kwargs={"spec": cfg.spec.model_dump(mode="json"), "done": done}, batch_size=1, batch_format="pyarrow")
 
 
 def _exact_split_config(buffer_bytes: int):
@@ -249,7 +254,7 @@ def run_job(
     files: list[DataFile] = []
     reports = []
     for day in days:
-        report = validate_day(cfg, day)
+        report = validate(cfg, day)
         reports.append(report)
         if report.input_rows == 0:
             raise DataValidationError(f"the logs of {day} hold no rows ({len(list_day_files(cfg.job.logs, day))} empty file(s) under "
@@ -276,7 +281,7 @@ def run_job(
     summary.checkpoint = checkpoint.checkpoint_url(cfg, end)
     staged = checkpoint.staging_url(cfg, end)
     run = staged.rsplit(".", 1)[-1]  # this run's id, also in its intra-day checkpoints' names
-    manifest = {"model": cfg.name, "date": end.isoformat(), "kind": kind, "days": summary.days, "parent": parent,
+    manifest = {**checkpoint.spec_manifest(cfg), "date": end.isoformat(), "kind": kind, "days": summary.days, "parent": parent,
                 "parent_date": (parent_manifest or {}).get("date"), "job_id": jid,
                 "config_fingerprint": cfg.fingerprint(), "training_fingerprint": cfg.training_fingerprint(),
                 "config": cfg.model_dump(mode="json"), "input_rows": summary.input_rows, "quarantined_rows": summary.quarantined_rows,

@@ -11,10 +11,10 @@ import datetime as dt
 from collections.abc import Callable
 
 from mtrec.config import MtrecConfig
-from mtrec.lock import model_lock
-from mtrec.train import checkpoint
 from mtrec.jobs.cluster import ray_session
 from mtrec.jobs.protocol import TrainSummary, date_range, ensure_registered, run_job
+from mtrec.lock import model_lock
+from mtrec.train import checkpoint
 
 
 def run_train(

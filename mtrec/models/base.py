@@ -10,10 +10,11 @@ Output dict (stable; keys are the config's task names):
     "<joint>"         for a task with `given`: p(given) x p(task) (ESMM's pCTCVR), B.
     "bias_logit"      the shallow tower's logit, B (training only, when bias features are given).
 
-Sampling correction: a model trained with `train.sampling` (negatives down-sampled at rate r,
-positives repeated k times) learns odds k/r times too high for the sampled label. In eval mode
-(scoring, serving) the root task of that label gets log(k/r) subtracted from its logit, i.e.
-p' = p / (p + (1 - p) k / r), before the joints are formed; training (train mode) is unchanged.
+Sampling correction: a model trained with negatives down-sampled at rate r and positives repeated k
+times learns odds k/r times too high for the sampled label. `score_offsets` (task -> log(k/r), given
+to `build_model` by whoever knows the training run's sampling) is subtracted from that task's logit
+in eval mode (scoring, serving), i.e. p' = p / (p + (1 - p) k / r), before the joints are formed;
+training (train mode) is unchanged.
 
 Subclasses implement `task_logits(x)`: one raw B-vector per task from `features(batch)` (by default
 the B x D sparse-arch output).
@@ -21,15 +22,13 @@ the B x D sparse-arch output).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from mtrec.config import LabelKind, MtrecConfig
 from mtrec.data.batch import Batch
 from mtrec.models.shallow_tower import ShallowTower
 from mtrec.models.sparse_arch import SparseArch
+from mtrec.spec import LabelKind, ModelSpec
 
 
 class MultiTaskModel(nn.Module):
@@ -39,19 +38,17 @@ class MultiTaskModel(nn.Module):
 
     entire_space = True
 
-    def __init__(self, cfg: MtrecConfig, device: torch.device):
+    def __init__(self, spec: ModelSpec, device: torch.device):
         super().__init__()
-        self.task_names = [t.name for t in cfg.tasks]
-        self.binary = {t.name: cfg.label_kind(t) == LabelKind.BINARY for t in cfg.tasks}
-        self.joints = {t.name: (t.given, t.joint_name) for t in cfg.tasks if t.given is not None}
-        self.sparse_arch = SparseArch(cfg.features, device)
-        st = cfg.model.shallow_tower
-        self.shallow_tower = ShallowTower(cfg.features.bias, st) if st is not None else None
-        roots = [t.name for t in cfg.tasks if t.given is None and self.binary[t.name]]
+        self.task_names = [t.name for t in spec.tasks]
+        self.binary = {t.name: spec.label_kind(t) == LabelKind.BINARY for t in spec.tasks}
+        self.joints = {t.name: (t.given, t.joint_name) for t in spec.tasks if t.given is not None}
+        self.sparse_arch = SparseArch(spec.features, device)
+        st = spec.model.shallow_tower
+        self.shallow_tower = ShallowTower(spec.features.bias, st) if st is not None else None
+        roots = [t.name for t in spec.tasks if t.given is None and self.binary[t.name]]
         self.bias_tasks = (st.apply_to or roots[:1]) if st is not None else []
-        sampling = cfg.train.sampling
-        self.score_offsets = {t.name: math.log(sampling.odds_factor) for t in cfg.tasks
-                              if t.given is None and t.label == sampling.label and sampling.odds_factor != 1}
+        self.score_offsets: dict[str, float] = {}  # task -> log-odds added by training-time sampling (`build_model`)
 
     def features(self, batch: Batch) -> torch.Tensor:
         return self.sparse_arch(batch.sparse, batch.dense)  # B x D

@@ -16,20 +16,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.config import Esm2Model, MtrecConfig
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.layers import Tower
+from mtrec.spec import Esm2Model, ModelSpec
 
 BUY_AFTER_D, BUY_AFTER_O = "buy_after_daction", "buy_after_oaction"
 
 
 class ESM2(MultiTaskModel):
-    def __init__(self, cfg: MtrecConfig, device: torch.device):
-        super().__init__(cfg, device)
-        m: Esm2Model = cfg.model
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        super().__init__(spec, device)
+        m: Esm2Model = spec.model
         self.daction_task = m.daction_task
-        dar = cfg.task(m.daction_task)  # the config checked: binary, given the click task, one purchase task
-        others = [t for t in cfg.tasks if t.given == dar.given and t.name != dar.name and self.binary[t.name]]
+        dar = spec.task(m.daction_task)  # the config checked: binary, given the click task, one purchase task
+        others = [t for t in spec.tasks if t.given == dar.given and t.name != dar.name and self.binary[t.name]]
         self.ctr_task, self.buy_task = dar.given, others[0].name
         heads = [n for n in self.task_names if n != self.buy_task] + [BUY_AFTER_D, BUY_AFTER_O]
         self.towers = nn.ModuleDict({n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in heads})

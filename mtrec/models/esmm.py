@@ -10,17 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.config import MtrecConfig
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.layers import Tower
+from mtrec.spec import ModelSpec
 
 
 class ESMM(MultiTaskModel):
     """One tower per task straight on the shared embeddings (ESMM shares nothing else)."""
 
-    def __init__(self, cfg: MtrecConfig, device: torch.device):
-        super().__init__(cfg, device)
-        m = cfg.model
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        super().__init__(spec, device)
+        m = spec.model
         self.towers = nn.ModuleDict({n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

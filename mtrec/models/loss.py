@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtrec.config import LabelKind, MtrecConfig
 from mtrec.data.batch import Batch
 from mtrec.models.base import MultiTaskModel
+from mtrec.spec import LabelKind, ModelSpec
 
 _EPS = 1e-7
 
@@ -30,16 +30,16 @@ class MultiTaskTrain(nn.Module):
         name -> detached scalar; outputs is the model's dict; labels the batch's.
 
     Example:
-        >>> loss, (losses, out, labels) = MultiTaskTrain(model, cfg)(batch)
+        >>> loss, (losses, out, labels) = MultiTaskTrain(model, spec)(batch)
     """
 
-    def __init__(self, model: MultiTaskModel, cfg: MtrecConfig):
+    def __init__(self, model: MultiTaskModel, spec: ModelSpec):
         super().__init__()
         self.model = model
         self.specs = [
-            (t.name, t.label, cfg.label_kind(t) == LabelKind.BINARY, t.log1p, t.weight,
-             None if t.given is None else (cfg.task(t.given).label, t.joint_name))
-            for t in cfg.tasks
+            (t.name, t.label, spec.label_kind(t) == LabelKind.BINARY, t.log1p, t.weight,
+             None if t.given is None else (spec.task(t.given).label, t.joint_name))
+            for t in spec.tasks
         ]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.config import MmoeModel, MtrecConfig
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.layers import MLP, Gate, Tower
+from mtrec.spec import MmoeModel, ModelSpec
 
 
 class MMoE(MultiTaskModel):
-    def __init__(self, cfg: MtrecConfig, device: torch.device):
-        super().__init__(cfg, device)
-        m: MmoeModel = cfg.model
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        super().__init__(spec, device)
+        m: MmoeModel = spec.model
         d = self.sparse_arch.out_dim
         self.experts = nn.ModuleList(MLP(d, m.expert, m.batch_norm, m.dropout) for _ in range(m.num_experts))
         h = self.experts[0].out_dim

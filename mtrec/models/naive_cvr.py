@@ -11,21 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.config import MtrecConfig
 from mtrec.data.batch import Batch
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.layers import Tower
 from mtrec.models.sparse_arch import SparseArch
+from mtrec.spec import ModelSpec
 
 
 class NaiveCVR(MultiTaskModel):
     entire_space = False  # the loss trains `given` tasks on the parent's positive rows only
 
-    def __init__(self, cfg: MtrecConfig, device: torch.device):
-        super().__init__(cfg, device)
-        m = cfg.model
-        self.conditional = [t.name for t in cfg.tasks if t.given is not None]
-        self.cvr_sparse_arch = SparseArch(cfg.features, device)  # not shared with the CTR side
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        super().__init__(spec, device)
+        m = spec.model
+        self.conditional = [t.name for t in spec.tasks if t.given is not None]
+        self.cvr_sparse_arch = SparseArch(spec.features, device)  # not shared with the CTR side
         self.towers = nn.ModuleDict({
             n: Tower((self.cvr_sparse_arch if n in self.conditional else self.sparse_arch).out_dim, m.tower, m.batch_norm, m.dropout)
             for n in self.task_names

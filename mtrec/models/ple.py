@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.config import MtrecConfig, PleModel
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.layers import MLP, Gate, Tower
+from mtrec.spec import ModelSpec, PleModel
 
 
 class ExtractionLevel(nn.Module):
@@ -39,9 +39,9 @@ class ExtractionLevel(nn.Module):
 
 
 class PLE(MultiTaskModel):
-    def __init__(self, cfg: MtrecConfig, device: torch.device):
-        super().__init__(cfg, device)
-        m: PleModel = cfg.model
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        super().__init__(spec, device)
+        m: PleModel = spec.model
         levels, d = [], self.sparse_arch.out_dim
         for i in range(m.levels):
             levels.append(ExtractionLevel(d, self.task_names, m, last=i == m.levels - 1))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.config import BiasFeature, ShallowTowerConfig
 from mtrec.models.layers import Tower
+from mtrec.spec import BiasFeature, ShallowTowerConfig
 
 
 class ShallowTower(nn.Module):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.config import MtrecConfig, SharedBottomModel
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.layers import MLP, Tower
+from mtrec.spec import ModelSpec, SharedBottomModel
 
 
 class SharedBottom(MultiTaskModel):
-    def __init__(self, cfg: MtrecConfig, device: torch.device):
-        super().__init__(cfg, device)
-        m: SharedBottomModel = cfg.model
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        super().__init__(spec, device)
+        m: SharedBottomModel = spec.model
         self.bottom = MLP(self.sparse_arch.out_dim, m.bottom, m.batch_norm, m.dropout)
         self.towers = nn.ModuleDict({n: Tower(self.bottom.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
 

@@ -8,7 +8,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.config import FeaturesConfig, Pooling
+from mtrec.spec import FeaturesConfig, Pooling
 
 
 class SparseArch(nn.Module):

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from mtrec.config import MtrecConfig
 from mtrec.data.io import filesystem, join
 from mtrec.errors import CheckpointError
+from mtrec.spec import ModelSpec
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
@@ -296,6 +297,28 @@ def read_manifest(url: str) -> dict:
             return json.load(fh)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{url}/{MANIFEST} is unreadable ({e}); the checkpoint is damaged - rerun the job that wrote it") from None
+
+
+def spec_manifest(cfg: MtrecConfig) -> dict[str, Any]:
+    """The manifest entries that make a checkpoint self-contained: the model's name, its spec and
+    the score offsets of training-time sampling (`trained_spec` reads them back)."""
+    return {"model": cfg.name, "spec": cfg.spec.model_dump(mode="json"), "score_offsets": cfg.score_offsets()}
+
+
+def trained_spec(manifest: dict, url: str) -> tuple[ModelSpec, dict[str, float]]:
+    """(model spec, score offsets) the checkpoint was trained under, from its manifest alone.
+
+    Raises:
+        CheckpointError: the manifest carries neither a spec nor a config.
+    """
+    if "spec" in manifest:
+        return ModelSpec.from_json(manifest["spec"], label=f"{url} manifest"), manifest.get("score_offsets", {})
+    if "config" in manifest:  # written before the manifest carried the spec
+        from mtrec.config import parse_config
+
+        cfg = parse_config(manifest["config"], label=f"{url} manifest")
+        return cfg.spec, cfg.score_offsets()
+    raise CheckpointError(f"{url}/{MANIFEST} carries no model spec; it was not written by an mtrec job - pass a published mtrec checkpoint")
 
 
 def check_compatible(manifest: dict, url: str, cfg: MtrecConfig, allow_config_change: bool = False) -> None:

@@ -36,7 +36,7 @@ def build_sharded(cfg: MtrecConfig) -> tuple[torch.nn.Module, torch.optim.Optimi
     init_single_process()
     device, _ = device_for_backend()
     torch.manual_seed(cfg.train.seed)
-    dmp, _ = shard(MultiTaskTrain(build_model(cfg, "meta"), cfg), cfg, device)
+    dmp, _ = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
     return dmp, dense_optimizer(dmp, cfg)
 
 
@@ -57,7 +57,7 @@ def train_days(
     device, _ = device_for_backend()
     counts = StreamCounts()
     t0 = time.perf_counter()
-    stats = train_stream(dmp, optimizer, day_batches(cfg, days, cfg.train.batch_size, counts), cfg, device,
+    stats = train_stream(dmp, optimizer, day_batches(cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts), cfg, device,
                          log_every=log_every, on_progress=(lambda p: progress(p.line())) if progress else None,
                          rng_key=days[-1].toordinal())
     return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses, optimizer)

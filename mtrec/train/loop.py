@@ -128,8 +128,8 @@ def train_stream(
     world = dist.get_world_size(pg) if dist.is_initialized() else 1
     rank = dist.get_rank(pg) if dist.is_initialized() else 0
     stats = WorkerStats(rank=rank, world_size=world)
-    conv = BatchConverter(cfg)
-    pad = pad_batch(cfg).to(device)
+    conv = BatchConverter(cfg.spec)
+    pad = pad_batch(cfg.spec).to(device)
     bns = _batchnorms(dmp)
     dense_params = [p for g in optimizer.param_groups for p in g["params"]]
     it = iter(batches)

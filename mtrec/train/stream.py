@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, list_day_files
 from mtrec.data.validate import RowValidator, iter_file_batches
+from mtrec.spec import ModelSpec
 from mtrec.train.position import FILE_COL, ROW_COL, Position, skip_trained
 
 
@@ -38,7 +38,7 @@ def _canonical_type(t: pa.DataType, role: str) -> pa.DataType:
 
 
 def canonical(batch: pa.RecordBatch, roles: dict[str, tuple[str, str]]) -> pa.RecordBatch:
-    """Only the columns training reads (`MtrecConfig.column_roles`, plus row_id), in a fixed
+    """Only the columns training reads (`ModelSpec.column_roles`, plus row_id), in a fixed
     order, with fixed types, so batches from files that differ in column order, extra columns,
     integer widths or nullability can be concatenated. Validation has already accepted each
     file's types."""
@@ -111,23 +111,24 @@ def good_file_batches(f: DataFile, validator: RowValidator, roles: dict[str, tup
         yield out
 
 
-def day_batches(cfg: MtrecConfig, days: Iterable[dt.date], batch_size: int, counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
-    """Good rows of `days`, in file order, as `batch_size`-row batches, with positions (file index
-    within these days' files); `counts` is filled as it goes."""
-    validator = RowValidator(cfg)
-    roles = cfg.column_roles()  # once per stream, not per batch
-    files = [f for day in days for f in list_day_files(cfg.job.logs, day)]
+def day_batches(spec: ModelSpec, logs: str, days: Iterable[dt.date], batch_size: int,
+                counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
+    """Good rows of `days` under the logs root `logs`, in file order, as `batch_size`-row batches,
+    with positions (file index within these days' files); `counts` is filled as it goes."""
+    validator = RowValidator(spec)
+    roles = spec.column_roles()  # once per stream, not per batch
+    files = [f for day in days for f in list_day_files(logs, day)]
     good = (b for i, f in enumerate(files) for b in good_file_batches(f, validator, roles, counts, file_index=i))
     return rebatch(good, batch_size)
 
 
-def read_good_rows(files: pa.Table, cfg: dict, done: dict | None = None) -> Iterator[pa.Table]:
+def read_good_rows(files: pa.Table, spec: dict, done: dict | None = None) -> Iterator[pa.Table]:
     """Ray Data UDF (no Ray import needed): the files of this block (index, url, name, size) ->
     their good rows, canonical, with positions, one Arrow table per read batch. Rows inside
     `done` (a resumed job's trained rows, `Position.to_json()`) are not emitted. Lives here, away
-    from torch, so the Ray Data read workers import only pyarrow and the config."""
-    config = MtrecConfig.model_validate(cfg)
-    validator, roles = RowValidator(config), config.column_roles()
+    from torch, so the Ray Data read workers import only pyarrow and the model spec (`spec`, dumped)."""
+    model_spec = ModelSpec.model_validate(spec)
+    validator, roles = RowValidator(model_spec), model_spec.column_roles()
     trained = Position.from_json(done)
     for row in files.to_pylist():
         f = DataFile(row["url"], row["name"], row["size"])

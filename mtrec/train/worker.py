@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     mark("worker_started")
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
-    dmp, plan = shard(MultiTaskTrain(build_model(cfg, "meta"), cfg), cfg, device)
+    dmp, plan = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
     optimizer = dense_optimizer(dmp, cfg)
 
     done, start_step = Position(), 0

@@ -1,0 +1,345 @@
+"""The model spec: everything that shapes a model's weights and what it reads and returns.
+
+A `ModelSpec` is the model's name, its labels, its features, its tasks and its architecture. It is
+saved inside every checkpoint manifest and every served artifact, and it is all that models,
+batch conversion, the data contract's row rules and the served model read: paths, training,
+tracking and gate settings are the run spec (`mtrec.config.MtrecConfig`), which never reaches
+them. An architecture is declared in one place: its config class below, listed in
+`ARCH_CONFIGS`, names its model class and carries its own rules (`check`).
+
+Example:
+    >>> spec = load_config("esmm").spec
+    >>> spec.task("cvr").given, spec.outputs()
+    ('ctr', ['ctr', 'cvr', 'ctr_cvr'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The data contract's required columns (docs/data-contract.md). Labels and features add more.
+ID_COLUMNS = ("user_id", "item_id")
+POSITION_COLUMN = "position"
+REQUIRED_LABELS = ("click", "conversion")
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class Pooling(StrEnum):
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class LabelKind(StrEnum):
+    BINARY = "binary"
+    REGRESSION = "regression"
+
+# --------------------------------------------------------------------------------------------------
+# features and labels
+
+
+class SparseFeature(Strict):
+    name: str = Field(description="Feature name (also the embedding table name).")
+    column: str | None = Field(None, description="Log column holding the id(s); defaults to `name`.")
+    hash_size: int = Field(gt=0, description="Rows of the embedding table; ids are hashed into it.")
+    dim: int = Field(16, gt=0, description="Embedding dimension.")
+    multi_hot: bool = Field(False, description="The column is a list of ids (e.g. item tags).")
+    pooling: Pooling = Field(Pooling.SUM, description="How a multi-hot bag is pooled: sum or mean.")
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class DenseFeature(Strict):
+    name: str = Field(description="Feature name.")
+    column: str | None = Field(None, description="Log column (float); defaults to `name`.")
+    log1p: bool = Field(False, description="Apply sign(x)*log1p(|x|) first (heavy-tailed counts, prices).")
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class BiasFeature(Strict):
+    name: str = Field(description="Bias feature name (position, device, ...): shallow tower only.")
+    column: str | None = Field(None, description="Log column (integer); defaults to `name`.")
+    num_values: int = Field(gt=0, description="Values 0..num_values-1 get their own logit; larger ones share the last.")
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class FeaturesConfig(Strict):
+    sparse: list[SparseFeature] = Field(min_length=1, description="Categorical id features (embedding tables).")
+    dense: list[DenseFeature] = Field(default_factory=list, description="Float features, concatenated to the embeddings.")
+    bias: list[BiasFeature] = Field(default_factory=list, description="Features seen only by the shallow tower in training (absent at serving).")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeaturesConfig:
+        seen: set[str] = set()
+        for f in [*self.sparse, *self.dense, *self.bias]:
+            if f.name in seen:
+                raise ValueError(f"feature name `{f.name}` is declared twice; give each feature a unique name")
+            seen.add(f.name)
+        return self
+
+
+class TaskConfig(Strict):
+    name: str = Field(description="Task name (ctr, cvr, ...): keys of the model's outputs and metrics.")
+    label: str = Field(description="Label column; must be declared under `labels`.")
+    given: str | None = Field(None, description="Name of the task this one is conditioned on (cvr is `given: ctr`).")
+    weight: float = Field(1.0, ge=0, description="Weight of this task's loss.")
+    joint: str | None = Field(None, description="Name of the entire-space prediction p(given) x p(this), e.g. ctcvr; default `<given>_<name>`. Only with `given`.")
+    log1p: bool = Field(False, description="Regression only: the model predicts log1p(label) (heavy-tailed targets such as watch time).")
+
+    @property
+    def joint_name(self) -> str | None:
+        return None if self.given is None else (self.joint or f"{self.given}_{self.name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+class ShallowTowerConfig(Strict):
+    hidden: list[int] = Field(default_factory=lambda: [16], description="Hidden layer sizes over the bias features.")
+    dim: int = Field(8, gt=0, description="Embedding dimension of each bias feature value.")
+    feature_dropout: float = Field(0.1, ge=0, lt=1, description="Probability a row's bias features are dropped in training (YouTube paper), so the main towers cannot lean on them.")
+    apply_to: list[str] | None = Field(None, description="Tasks whose logit gets the bias logit; default: the root (click) task only.")
+
+
+class ArchConfig(Strict):
+    """What every architecture shares. A subclass sets `arch` (its YAML name) and `model_class`
+    (``module:Class`` of its nn.Module, imported only when a model is built) and may add rules of
+    its own in `check`."""
+
+    model_class: ClassVar[str]
+    tower: list[int] = Field(default_factory=lambda: [256, 128, 64], description="Hidden sizes of each task tower.")
+    batch_norm: bool = Field(False, description="BatchNorm1d after each hidden layer of towers/experts (see docs/bn-consistency.md).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
+    shallow_tower: ShallowTowerConfig | None = Field(None, description="Position-bias shallow tower (training only); omit for none.")
+
+
+
+    def check(self, spec: _SpecFields) -> None:
+        """Rules that tie this architecture to the tasks and features; raise ValueError."""
+        st = self.shallow_tower
+        if st is None:
+            return
+        if not spec.features.bias:
+            raise ValueError("`model.shallow_tower` is set but `features.bias` is empty; declare bias features (e.g. position) or drop the shallow tower")
+        names = [t.name for t in spec.tasks]
+        for name in st.apply_to or []:
+            if name not in names:
+                raise ValueError(f"`model.shallow_tower.apply_to` names unknown task `{name}`; use one of {', '.join(names)}")
+
+
+class SharedBottomModel(ArchConfig):
+    arch: Literal["shared_bottom"] = Field(description="Model architecture.")
+    model_class: ClassVar[str] = "mtrec.models.shared_bottom:SharedBottom"
+    bottom: list[int] = Field(default_factory=lambda: [256, 128], description="Hidden sizes of the shared bottom MLP.")
+
+
+class EsmmModel(ArchConfig):
+    arch: Literal["esmm"] = Field(description="Model architecture.")
+    model_class: ClassVar[str] = "mtrec.models.esmm:ESMM"
+
+
+class Esm2Model(ArchConfig):
+    arch: Literal["esm2"] = Field(description="Model architecture.")
+    model_class: ClassVar[str] = "mtrec.models.esm2:ESM2"
+    daction_task: str = Field("dar", description="Task whose label is the deterministic action (add-to-cart / wishlist).")
+
+    def check(self, spec: _SpecFields) -> None:
+        super().check(spec)
+        names = [t.name for t in spec.tasks]
+        dt_name = self.daction_task
+        if dt_name not in names:
+            raise ValueError(f"`model.daction_task` is `{dt_name}` but no task has that name; use one of {', '.join(names)}")
+        dar = spec.task(dt_name)
+        if dar.given is None or spec.labels[dar.label] != LabelKind.BINARY:
+            raise ValueError(f"`model.daction_task` `{dt_name}` must be a binary task `given` the click task (see mtrec/configs/esm2.yaml)")
+        buy = [t.name for t in spec.tasks if t.given == dar.given and t.name != dt_name and spec.labels[t.label] == LabelKind.BINARY]
+        if len(buy) != 1:
+            raise ValueError(f"esm2 needs exactly one purchase task given `{dar.given}` besides `{dt_name}`, found {buy or 'none'}; "
+                             "see mtrec/configs/esm2.yaml")
+        st = self.shallow_tower
+        if st is not None and buy[0] in (st.apply_to or []):
+            raise ValueError(f"`model.shallow_tower.apply_to` names `{buy[0]}`, whose ESM2 probability is composed (no logit of its "
+                             f"own); apply it to `{dar.given}`")
+
+
+class NaiveCvrModel(ArchConfig):
+    arch: Literal["naive_cvr"] = Field(description="Model architecture.")
+    model_class: ClassVar[str] = "mtrec.models.naive_cvr:NaiveCVR"
+
+
+class MmoeModel(ArchConfig):
+    arch: Literal["mmoe"] = Field(description="Model architecture.")
+    model_class: ClassVar[str] = "mtrec.models.mmoe:MMoE"
+    num_experts: int = Field(4, gt=0, description="Number of shared experts.")
+    expert: list[int] = Field(default_factory=lambda: [256, 128], description="Hidden sizes of each expert MLP.")
+
+
+class PleModel(ArchConfig):
+    arch: Literal["ple"] = Field(description="Model architecture.")
+    model_class: ClassVar[str] = "mtrec.models.ple:PLE"
+    levels: int = Field(2, ge=1, description="Extraction levels.")
+    shared_experts: int = Field(2, gt=0, description="Shared experts per level.")
+    task_experts: int = Field(1, gt=0, description="Task-specific experts per task per level.")
+    expert: list[int] = Field(default_factory=lambda: [128], description="Hidden sizes of each expert MLP.")
+
+
+# The architectures, in the order the docs list them: a new one is a config class above and an entry here.
+ARCH_CONFIGS: tuple[type[ArchConfig], ...] = (SharedBottomModel, EsmmModel, Esm2Model, MmoeModel, PleModel, NaiveCvrModel)
+
+
+def arch_name(cls: type[ArchConfig]) -> str:
+    return cls.model_fields["arch"].annotation.__args__[0]
+
+
+ARCH_NAMES: tuple[str, ...] = tuple(arch_name(c) for c in ARCH_CONFIGS)
+ModelConfig = Annotated[Union[ARCH_CONFIGS], Field(discriminator="arch")]  # noqa: UP007
+
+
+# --------------------------------------------------------------------------------------------------
+# the spec
+
+
+class _SpecFields(Strict):
+    """The model spec's keys and rules, shared by `ModelSpec` and the run spec's YAML (whose top
+    level holds them beside `train`, `job`, ...)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name: experiment, registered model and checkpoint folder.")
+    labels: dict[str, LabelKind] = Field(description="Label columns in the logs and their kind (binary or regression); must include click and conversion.")
+    features: FeaturesConfig = Field(description="Feature columns.")
+    tasks: list[TaskConfig] = Field(min_length=1, description="Tasks the model predicts.")
+    model: ModelConfig = Field(description="Model architecture and sizes; `arch` selects the other keys.")
+
+    @field_validator("labels")
+    @classmethod
+    def _required_labels(cls, labels: dict[str, LabelKind]) -> dict[str, LabelKind]:
+        for col in REQUIRED_LABELS:
+            if labels.get(col) != LabelKind.BINARY:
+                raise ValueError(f"the data contract requires binary label `{col}`; add `{col}: binary` under `labels`")
+        return labels
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> _SpecFields:
+        names = [t.name for t in self.tasks]
+        for t in self.tasks:
+            if names.count(t.name) > 1:
+                raise ValueError(f"task name `{t.name}` is used twice; give each task a unique name")
+            if t.label not in self.labels:
+                declared = ", ".join(self.labels)
+                raise ValueError(
+                    f"task `{t.name}`: label `{t.label}` is not declared under `labels` (declared: {declared}); "
+                    f"add `{t.label}: binary` (or regression) under `labels` or use a declared label"
+                )
+            if t.joint is not None and t.given is None:
+                raise ValueError(f"task `{t.name}`: `joint: {t.joint}` needs `given` (the joint is p(given) x p({t.name}))")
+            if t.log1p and self.labels[t.label] != LabelKind.REGRESSION:
+                raise ValueError(f"task `{t.name}`: `log1p: true` is for regression labels, `{t.label}` is binary")
+            if t.given is not None:
+                if t.given not in names:
+                    raise ValueError(f"task `{t.name}`: `given: {t.given}` names no task; use one of {', '.join(names)}")
+                parent = self.task(t.given)
+                if self.labels[parent.label] != LabelKind.BINARY:
+                    raise ValueError(f"task `{t.name}`: `given: {t.given}` must name a binary task, `{t.given}` is regression")
+                if parent.given is not None:
+                    raise ValueError(f"task `{t.name}`: chains are one level deep (`{t.given}` is itself given `{parent.given}`)")
+        outputs = self.outputs()
+        if len(set(outputs)) != len(outputs):
+            raise ValueError(f"task and joint names must be distinct, got {', '.join(outputs)}; rename a `joint`")
+        self.model.check(self)
+        return self
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def label_kind(self, task: TaskConfig) -> LabelKind:
+        return self.labels[task.label]
+
+    def outputs(self) -> list[str]:
+        """The model's output names: every task, then every joint (ESMM's ctr_cvr)."""
+        return [t.name for t in self.tasks] + [t.joint_name for t in self.tasks if t.joint_name]
+
+    def column_roles(self) -> dict[str, tuple[str, str]]:
+        """Every column a day's logs must have, in order, as column -> (role, what requires it).
+
+        Roles: ``id``, ``ids`` (multi-hot), ``position``, ``label`` (binary), ``regression``,
+        ``dense``, ``bias``. Labels take precedence over a feature reading the same column; the
+        schema check and the training stream's cast both read this one map.
+        """
+        roles = {c: ("id", "the data contract") for c in ID_COLUMNS}
+        roles[POSITION_COLUMN] = ("position", "the data contract")
+        for col, kind in self.labels.items():
+            roles[col] = ("label" if kind == LabelKind.BINARY else "regression", "`labels`")
+        for f in self.features.sparse:
+            role, by = ("ids", f"`features.sparse` ({f.name}, multi_hot: true)") if f.multi_hot else ("id", f"`features.sparse` ({f.name})")
+            roles.setdefault(f.source, (role, by))
+        for f in self.features.dense:
+            roles.setdefault(f.source, ("dense", f"`features.dense` ({f.name})"))
+        for f in self.features.bias:
+            roles.setdefault(f.source, ("bias", f"`features.bias` ({f.name})"))
+        return roles
+
+    def required_columns(self) -> list[str]:
+        """Every column a day's logs must have for this spec (contract + labels + features)."""
+        return list(self.column_roles())
+
+    def default_gate_metrics(self) -> list[str]:
+        """AUC of every binary task and joint, MSE of every regression task."""
+        out = []
+        for t in self.tasks:
+            if self.label_kind(t) == LabelKind.REGRESSION:
+                out.append(f"{t.name}/mse")
+            else:
+                out += [f"{t.name}/auc"] + ([f"{t.joint_name}/auc"] if t.joint_name else [])
+        return out
+
+
+SPEC_KEYS = frozenset(_SpecFields.model_fields)
+
+
+class ModelSpec(_SpecFields):
+    """What shapes the weights: name, labels, features, tasks, architecture. Self-contained: a
+    checkpoint or a served artifact carries it, and nothing else is needed to rebuild the model."""
+
+    def serving(self) -> ModelSpec:
+        """The spec of the served model: the same, without the shallow tower (training only)."""
+        if self.model.shallow_tower is None:
+            return self
+        return self.model_copy(update={"model": self.model.model_copy(update={"shallow_tower": None})})
+
+    def shape_hash(self, extra: Any = None) -> str:
+        """Hash of the spec (and `extra`, e.g. the optimizer kinds): equal for equal weights' shapes."""
+        shape = self.model_dump(mode="json")
+        if extra is not None:
+            shape["optimizers"] = extra
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], label: str = "model spec") -> ModelSpec:
+        """A spec saved with `model_dump(mode="json")`; a full run-spec dump (older artifacts) works too.
+
+        Raises:
+            ConfigError: one line naming the key and the fix.
+        """
+        from mtrec.configdoc import validate
+
+        return validate(cls, {k: v for k, v in data.items() if k in SPEC_KEYS}, label)
