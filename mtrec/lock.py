@@ -21,6 +21,10 @@ Where the lock lives: `<workdir>/locks/<model name>.lock`, beside the checkpoint
   could both pass; a scheduler that never starts two at once (Kubernetes `concurrencyPolicy:
   Forbid`, a systemd timer) is the first line, the lock the second.
 
+A job whose lease was taken over (it missed its renewals for `LEASE_TTL_S`, e.g. the store was
+unreachable or the process was paused) must not publish over the new holder's work: the job
+calls `ensure_held` right before publishing and fails there with exit code 8.
+
 The lock is re-entrant within a process (backfill runs nightly days under one lock).
 """
 
@@ -34,7 +38,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from mtrec.config import MtrecConfig
@@ -43,6 +47,7 @@ from mtrec.errors import LockHeld
 
 LEASE_TTL_S = 300.0
 _held: dict[tuple[str, int], int] = {}  # (lock URL, thread) -> depth, for re-entry by the thread that holds it
+_ensure: dict[str, Callable[[], None]] = {}  # lock URL -> raises LockHeld if this process's lease on it was taken over
 _guard = threading.Lock()
 log = logging.getLogger(__name__)
 
@@ -98,14 +103,30 @@ def model_lock(cfg: MtrecConfig, job: str) -> Iterator[str]:
     fs, path = filesystem(url)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     hold = _flock(cfg, path, job) if local else _lease(cfg, fs, path, url, job)
-    with hold:
+    with hold as ensure:
         with _guard:
             _held[key] = 1
+            if ensure is not None:  # a lease (a flock cannot be lost)
+                _ensure[url] = ensure
         try:
             yield url
         finally:
             with _guard:
                 del _held[key]
+                _ensure.pop(url, None)
+
+
+def ensure_held(cfg: MtrecConfig) -> None:
+    """Check, right before publishing, that this process still holds the lock of `cfg.name`.
+    Only a lease can be lost; a flock, or no lock held at all, passes.
+
+    Raises:
+        LockHeld: another job took the lease over; it is named.
+    """
+    with _guard:
+        ensure = _ensure.get(lock_url(cfg))
+    if ensure is not None:
+        ensure()
 
 
 @contextmanager
@@ -154,7 +175,7 @@ def _write_lease(fs, path: str, lease: dict) -> None:
 
 
 @contextmanager
-def _lease(cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | None = None) -> Iterator[None]:
+def _lease(cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | None = None) -> Iterator[Callable[[], None]]:
     ttl = LEASE_TTL_S if ttl is None else ttl
     current = _read_lease(fs, path)
     if current and current.get("expires", 0) > time.time():
@@ -167,25 +188,39 @@ def _lease(cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | Non
     won = _read_lease(fs, path)
     if not won or won.get("token") != token:
         raise _refused(cfg, url, (won or {}).get("holder"))
-    stop, lost = threading.Event(), threading.Event()
+    stop = threading.Event()
+    taker: list[dict | None] = []  # the holder that took the lease over, once lost (the renewer and ensure() both look)
+
+    def taken_over(current: dict | None) -> bool:
+        with _guard:
+            if current is not None and current.get("token") != token and not taker:
+                taker.append(current.get("holder"))
+            return bool(taker)
 
     def renew() -> None:
         while not stop.wait(ttl / 3):
             try:
-                current = _read_lease(fs, path)
-                if current is not None and current.get("token") != token:  # taken over (we missed renewals): never overwrite
-                    lost.set()
-                    log.warning("lost the lease %s to %s; not renewing it", url, describe((current or {}).get("holder")))
+                if taken_over(_read_lease(fs, path)):  # we missed renewals: never overwrite the new holder's lease
+                    log.warning("lost the lease %s to %s; not renewing it", url, describe(taker[0]))
                     return
                 lease["expires"] = time.time() + ttl
                 _write_lease(fs, path, lease)
             except Exception as e:  # noqa: BLE001 - a missed renewal is retried; the lease lasts ttl
                 log.warning("renewing the lease %s failed (%s); retrying", url, e)
 
+    def ensure() -> None:
+        try:  # read it now too: the renewer looks only every ttl/3
+            current = _read_lease(fs, path)
+        except Exception:  # noqa: BLE001 - unreadable now: what the renewer saw decides
+            current = None
+        if taken_over(current):
+            raise LockHeld(f"{cfg.name}: {describe(taker[0])} took over this job's lease {url}, so this job published nothing; "
+                           "that job owns the model now: let it finish, then rerun this one if its day is still unpublished")
+
     beat = threading.Thread(target=renew, name=f"mtrec-lease-{cfg.name}", daemon=True)
     beat.start()
     try:
-        yield
+        yield ensure
     finally:
         stop.set()
         beat.join(timeout=max(ttl, 30.0))

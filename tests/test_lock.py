@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -31,6 +34,7 @@ def test_a_second_holder_is_refused_naming_the_first_and_the_lock_frees_on_exit(
             pass
         with lock.model_lock(cfg, "nested"):  # re-entrant in the same process (backfill -> nightly days)
             pass
+        lock.ensure_held(cfg)  # a flock cannot be lost
     assert Path(url).read_text() == ""  # released: the holder's description is gone
     with lock.model_lock(cfg, "again"):
         pass
@@ -109,6 +113,113 @@ def test_lease_gives_way_to_a_concurrent_writer_and_never_overwrites_a_takeover(
         real_sleep(0.5)  # > ttl/3: the renewer has looked
         assert json.loads(fs.cat(path))["token"] == "other"
     assert json.loads(fs.cat(path))["token"] == "other"  # and the release does not delete it
+
+
+def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_names_the_new_holder(monkeypatch, caplog):
+    """The job's renewals fail while it trains (the store refuses its writes), its lease expires
+    and another job takes it over: the job fails with exit code 8 before publishing, naming that
+    job. The same protocol code with the lease kept publishes. Ray Train and the workers are
+    faked: no cluster is started."""
+    import ray
+
+    from mtrec.data.io import filesystem
+    from mtrec.jobs import protocol
+    from mtrec.train import checkpoint
+    from mtrec.train.position import Position
+
+    cfg = load_config("esmm", logs="memory://lease-lost/logs", workdir="memory://lease-lost/work")
+    url = lock.lock_url(cfg)
+    fs, path = filesystem(url)
+    monkeypatch.setattr(lock, "LEASE_TTL_S", 0.6)
+    others = ExitStack()  # the other job's lease, released at the end
+    mid_training: list = []  # what happens while the (fake) workers train
+    unreachable = False
+    write_lease = lock._write_lease
+
+    def flaky_write(fs_, path_, lease):  # only this job's renewals fail, the other job's writes land
+        if unreachable and lease["holder"]["job"] == "mtrec nightly 2026-01-03":
+            raise OSError("store unreachable")
+        write_lease(fs_, path_, lease)
+
+    def wait_for(condition, what):
+        deadline = time.time() + 10
+        while not condition():
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    def take_over() -> None:  # mid-training: this job's lease expires and another job takes it
+        nonlocal unreachable
+        unreachable = True
+        wait_for(lambda: json.loads(fs.cat(path))["expires"] < time.time(), "the lease to expire")
+        others.enter_context(lock._lease(cfg, fs, path, url, "mtrec backfill 2026-01-01 .. 2026-01-03"))
+        wait_for(lambda: "lost the lease" in caplog.text, "the renewer to notice")
+
+    class Trainer:  # Ray Train: fit() is the training
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            for event in mid_training:
+                event()
+
+    class Collector:  # the driver's view of the workers: rank 0 reported a result
+        drain = SimpleNamespace(remote=lambda: [])
+        snapshot = SimpleNamespace(remote=lambda: {"attempts": 1, "starts": [], "workers": {}, "marks": {}, "history": [],
+                                                   "result": {"workers": [], "plan": {}, "rows_trained": 0}})
+
+        @classmethod
+        def remote(cls):
+            return cls()
+
+    published = []
+    publish = checkpoint.publish
+
+    def recorded_publish(staged: str, final: str) -> None:
+        published.append(final)
+        publish(staged, final)
+
+    monkeypatch.setattr(lock, "_write_lease", flaky_write)
+    monkeypatch.setattr(protocol, "_trainer_class", lambda: Trainer)
+    monkeypatch.setattr(protocol, "good_rows_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(protocol, "_exact_split_config", lambda *a: None)
+    monkeypatch.setattr("mtrec.train.worker.RunCollector", Collector)
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setattr(checkpoint, "publish", recorded_publish)
+
+    def train_and_publish(day: dt.date) -> str:
+        summary = protocol.TrainSummary(model=cfg.name, days=[day.isoformat()], world_size=1,
+                                        checkpoint=checkpoint.checkpoint_url(cfg, day))
+        staged = checkpoint.staging_url(cfg, day)
+        fs.pipe(filesystem(staged)[1] + "/model.pt", b"weights")  # what the workers stage
+        try:
+            protocol._train_and_publish(cfg, [day], "nightly", None, lambda line: None, 50, False, summary, {}, [], Position(),
+                                        "job", staged, staged.rsplit(".", 1)[-1], [], None, None, time.perf_counter(), time.time())
+        finally:
+            assert not fs.exists(filesystem(staged)[1])  # published or discarded, never left behind
+        return summary.checkpoint
+
+    lost = (r"^esmm_synth: `mtrec backfill 2026-01-01 \.\. 2026-01-03` \(pid \d+ on .*, started .* UTC\) took over this job's "
+            r"lease memory://lease-lost/work/locks/esmm_synth\.lock, so this job published nothing; that job owns the model now: "
+            r"let it finish, then rerun this one if its day is still unpublished$")
+    lock.ensure_held(cfg)  # no lock held: nothing to check
+    with caplog.at_level(logging.WARNING, logger="mtrec.lock"), lock.model_lock(cfg, "mtrec nightly 2026-01-03"):
+        try:
+            lock.ensure_held(cfg)  # still its own
+            day2 = train_and_publish(dt.date(2026, 1, 2))  # the lease kept: published
+            assert published == [day2] and fs.exists(filesystem(day2)[1] + "/_SUCCESS")
+            mid_training.append(take_over)
+            with pytest.raises(LockHeld, match=lost):
+                train_and_publish(dt.date(2026, 1, 3))
+            assert published == [day2]  # publish was never reached
+            assert not fs.exists(filesystem(checkpoint.checkpoint_url(cfg, dt.date(2026, 1, 3)))[1])
+            with pytest.raises(LockHeld, match=lost):
+                lock.ensure_held(cfg)
+            assert "renewing the lease" in caplog.text and "not renewing it" in caplog.text
+            assert json.loads(fs.cat(path))["holder"]["job"] == "mtrec backfill 2026-01-01 .. 2026-01-03"  # never overwritten
+        finally:
+            others.close()
+    lock.ensure_held(cfg)  # released: nothing to check
+    assert checkpoint.published_days(cfg) == [dt.date(2026, 1, 2)]
 
 
 def test_train_nightly_and_backfill_take_the_lock_before_anything_else(cfg, capsys):

@@ -386,6 +386,13 @@ def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent:
             err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {run_id} failed: {_first_line(e)}")
             raise err.reworded(f"{err}; the day was trained but nothing was published{resume}") from None
         marks["recorded"] = time.time() - t_epoch
+    from mtrec.lock import ensure_held
+
+    try:  # a job whose lease another job took over publishes nothing: that job owns the model now
+        ensure_held(cfg)
+    except MtrecError:
+        checkpoint.discard(staged)
+        raise
     checkpoint.publish(staged, summary.checkpoint)
     summary.mlflow["published"] = True
     checkpoint.prune_partials(cfg, end)
