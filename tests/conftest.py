@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import pytest
 
@@ -25,6 +26,13 @@ def world(tmp_path_factory) -> str:
 def cfg(world, tmp_path):
     """The ESMM example config pointed at the session world and a fresh workdir."""
     return load_config("esmm", logs=world, workdir=str(tmp_path / "work"))
+
+
+@pytest.fixture
+def progress(caplog):
+    """The progress lines mtrec's jobs log, so far: call it after the job ran."""
+    caplog.set_level(logging.INFO, logger="mtrec")
+    return lambda: [r.getMessage() for r in caplog.records if r.name.startswith("mtrec")]
 
 
 @pytest.fixture(scope="session")

@@ -137,7 +137,7 @@ def test_scores_are_corrected_back_from_the_sampled_space(world):
 
 def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     from mtrec.train.local import build_sharded
-    from mtrec.train.loop import train_stream
+    from mtrec.train.loop import LoopOptions, train_stream
     from mtrec.train.position import Position
     from mtrec.train.sharding import device_for_backend
     from mtrec.train.stream import StreamCounts, day_batches
@@ -147,7 +147,8 @@ def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     cfg = type(load_config("esmm")).model_validate(d)
     dmp, opt = build_sharded(cfg)
     pos = Position()
-    stats = train_stream(dmp, opt, day_batches(cfg.spec, cfg.job.logs, [DAY1], 32, StreamCounts()), cfg, device_for_backend()[0], log_every=100, position=pos)
+    stats = train_stream(dmp, opt, day_batches(cfg.spec, cfg.job.logs, [DAY1], 32, StreamCounts()), cfg, device_for_backend()[0],
+                         LoopOptions(log_every=100, position=pos))
     clicks = int(sum(b.column("click").to_numpy().sum() for b in day_batches(cfg.spec, cfg.job.logs, [DAY1], 4096)))
     assert stats.rows == pos.rows == 20_000  # every row consumed once, sampled out or not
     assert stats.sampled_rows == pytest.approx(2 * clicks + 0.05 * (20_000 - clicks), rel=0.1)

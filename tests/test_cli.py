@@ -19,12 +19,12 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_synth_then_validate_reports_zero_bad_rows(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example config's defaults: ./world and ./mtrec-work
-    code, out, _ = run(capsys, "synth", "--days", "3", "--rows-per-day", "100000", "--out", "./world")
-    assert code == 0 and "done: 300,000 rows" in out
+    code, out, err = run(capsys, "synth", "--days", "3", "--rows-per-day", "100000", "--out", "./world")
+    assert code == 0 and "done: 300,000 rows" in err and out == ""  # progress on stderr
     assert sorted(p.name for p in Path("world").glob("dt=*")) == ["dt=2026-01-01", "dt=2026-01-02", "dt=2026-01-03"]
-    code, out, _ = run(capsys, "validate", "--config", "esmm", "--date", "2026-01-01")
+    code, out, err = run(capsys, "validate", "--config", "esmm", "--date", "2026-01-01")
     assert code == 0
-    assert "day 2026-01-01: 100,000 rows in 4 files, 100,000 good, 0 quarantined" in out
+    assert "day 2026-01-01: 100,000 rows in 4 files, 100,000 good, 0 quarantined" in err
     assert Path("mtrec-work/quarantine/dt=2026-01-01/_report.json").exists()
 
 
@@ -38,10 +38,11 @@ def test_validate_fails_above_threshold_with_one_line(world, tmp_path, capsys):
 
     pq.write_table(t.set_column(t.schema.get_field_index("conversion"), "conversion", pa.array(conv)), logs / "part-00000.parquet")
     code, out, err = run(capsys, "validate", "--logs", str(tmp_path / "logs"), "--workdir", str(tmp_path / "w"), "--date", "2026-01-01")
-    assert code == 3
-    assert err.count("\n") == 1 and err.startswith("mtrec: error: day 2026-01-01: ")
-    assert "conversion_without_click" in err and "above job.max_bad_fraction=1.00%" in err
-    assert "quarantined" in out  # the per-file progress was printed before failing
+    last = err.splitlines()[-1]
+    assert code == 3 and out == ""
+    assert last.startswith("mtrec: error: day 2026-01-01: ") and "mtrec: error" not in err.removesuffix(last + "\n")
+    assert "conversion_without_click" in last and "above job.max_bad_fraction=1.00%" in last
+    assert "quarantined" in err.splitlines()[-2]  # the per-file progress was logged before failing
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_validate_fails_above_threshold_with_one_line(world, tmp_path, capsys):
     [
         (["validate", "--date", "2026-13-01"], 2, "`--date` must be a date YYYY-MM-DD, `today` or `yesterday`, got '2026-13-01'"),
         (["validate", "--config", "missing.yaml", "--date", "2026-01-01"], 2, "config file `missing.yaml` not found"),
-        (["validate", "--logs", "/nonexistent/logs", "--date", "2026-01-01"], 3, "no logs for 2026-01-01 under /nonexistent/logs"),
+        (["validate", "--logs", "/nonexistent/logs", "--date", "2026-01-01"], 3, "the logs root /nonexistent/logs does not exist"),
         (["synth", "--out", "memory://x", "--days", "0"], 2, "`--days` must be >= 1, got 0"),
         (["synth", "--out", "memory://x", "--param", "apeal_std=1"], 2, "--param 'apeal_std=1': expected NAME=VALUE with NAME one of"),
         (["synth", "--out", "memory://x", "--preset", "nope"], 2, "--preset 'nope': unknown; choose one of item_quality"),
@@ -87,3 +88,46 @@ def test_promote_without_tracking_is_refused_before_training(tmp_path, capsys):
         code, _, err = run(capsys, *argv, "--config", str(tmp_path / "c.yaml"), "--promote")
         assert code == 2 and "--promote needs MLflow tracking (`tracking.enabled: true`)" in err
     assert not (tmp_path / "work").exists()  # nothing trained, not even the lock taken
+
+
+def test_validate_json_is_json_alone_on_stdout(world, tmp_path):
+    """`mtrec validate --json | python -m json.tool` works: progress goes to stderr."""
+    exe = Path(sys.executable).with_name("mtrec")
+    res = subprocess.run(f"{exe} validate --logs {world} --workdir {tmp_path / 'w'} --date 2026-01-01 --json | {sys.executable} -m json.tool",
+                         shell=True, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert '"good_rows": 20000' in res.stdout and "dt=2026-01-01/part-00000.parquet: 5,000 rows, 0 quarantined" in res.stderr
+
+
+def _day_without(world: str, root: Path, column: str | None = None, empty: bool = False) -> str:
+    """A logs root holding dt=2026-01-01 of `world`, a column dropped or every row removed."""
+    day = root / "dt=2026-01-01"
+    day.mkdir(parents=True)
+    for f in sorted((Path(world) / "dt=2026-01-01").glob("*.parquet")):
+        t = pq.read_table(f)
+        t = t.drop_columns([column]) if column else t
+        pq.write_table(t.slice(0, 0) if empty else t, day / f.name)
+    return str(root)
+
+
+@pytest.mark.parametrize(("case", "text"), [
+    ("missing", "no logs for 2026-01-09 under"),
+    ("empty", "the logs of 2026-01-01 hold no rows (4 empty file(s)"),
+    ("no column", "column `conversion` is missing (required by `labels`)"),
+])
+def test_nightly_on_a_bad_day_fails_fast_with_one_line(world, tmp_path, case, text):
+    """Before Ray starts: a missing, empty or column-less day is one line on stderr, nothing else,
+    in under 5 s from the command line (the process's imports included)."""
+    import time
+
+    logs = {"missing": lambda: world, "empty": lambda: _day_without(world, tmp_path / "logs", empty=True),
+            "no column": lambda: _day_without(world, tmp_path / "logs", column="conversion")}[case]()
+    day = "2026-01-09" if case == "missing" else "2026-01-01"
+    exe = Path(sys.executable).with_name("mtrec")
+    t0 = time.perf_counter()
+    res = subprocess.run([str(exe), "nightly", "--logs", logs, "--workdir", str(tmp_path / "w"), "--date", day, "--cold-start"],
+                         capture_output=True, text=True, check=False, timeout=60)
+    seconds = time.perf_counter() - t0
+    assert res.returncode == 3 and res.stdout == "" and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("mtrec: error: ") and text in res.stderr
+    assert seconds < 5, f"{seconds:.1f}s"

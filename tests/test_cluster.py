@@ -31,9 +31,9 @@ import yaml
 from conftest import DAY1
 from test_ray_train import small_config
 
+from mtrec.cli import remote as submit
 from mtrec.data.synth import write_world
 from mtrec.errors import ClusterError, ConfigError
-from mtrec.jobs import submit
 
 BIN = Path(sys.executable).parent
 DAY2, DAY3 = DAY1 + dt.timedelta(days=1), DAY1 + dt.timedelta(days=2)

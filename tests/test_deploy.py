@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from mtrec.cli import build_parser
+from mtrec.cli.remote import check_command
 from mtrec.config import parse_config
-from mtrec.jobs.submit import check_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -66,10 +66,10 @@ def _mtrec_command(argv: list[str], where: str):
 
 
 def _check_submit(argv: list[str], where: str) -> list[str]:
-    from mtrec.cli import cmd_submit
+    from mtrec.cli import submit
 
     args = _mtrec_command(argv, where)
-    assert args.func is cmd_submit, where
+    assert args.run is submit.run, where
     inner = args.job_argv[1:] if args.job_argv[:1] == ["--"] else args.job_argv
     check_command(inner)  # the command after `--` parses (flags in full) and names no relative path
     return inner
@@ -154,10 +154,10 @@ def test_rayjob_runs_a_full_retrain_that_mtrec_accepts():
     prefix = ["python", "-m", "mtrec.cli"]
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == prefix
-    from mtrec.cli import cmd_train
+    from mtrec.cli import train
 
     args = _mtrec_command(argv[3:], "rayjob")
-    assert args.func is cmd_train
+    assert args.run is train.run
     assert "env_vars" in yaml.safe_load(spec["runtimeEnvYAML"])
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
@@ -189,10 +189,10 @@ def test_systemd_service_and_timer():
     assert service["Service"]["Type"] == "oneshot"  # systemd never runs two at once
     exec_start = shlex.split(service["Service"]["ExecStart"])
     assert exec_start[0].endswith("/.venv/bin/mtrec")
-    from mtrec.cli import cmd_nightly
+    from mtrec.cli import nightly
 
     args = _mtrec_command(exec_start[1:], "systemd")
-    assert args.func is cmd_nightly and args.date == "yesterday" and Path(args.config).is_absolute()
+    assert args.run is nightly.run and args.date == "yesterday" and Path(args.config).is_absolute()
     assert timer["Timer"]["Unit"] == "mtrec-nightly.service" and timer["Timer"]["Persistent"] == "true"
     assert timer["Install"]["WantedBy"] == "timers.target" and service["Install"]["WantedBy"]
     if shutil.which("systemd-analyze"):

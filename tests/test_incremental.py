@@ -18,6 +18,7 @@ from test_train_eval import small
 
 from mtrec.errors import CheckpointError, ConfigError, DataValidationError, MtrecError
 from mtrec.jobs.nightly import plan_nightly, run_backfill, run_nightly
+from mtrec.jobs.plan import RunOptions
 from mtrec.jobs.retrain import run_train
 from mtrec.train import checkpoint as ck
 from mtrec.train.local import build_sharded, train_days
@@ -35,10 +36,6 @@ def inc_cfg(world, workdir, **train):
     d["train"].update({"checkpoint_every_batches": 20, **train})
     d["tracking"]["enabled"] = False  # MLflow is tested in test_tracking.py; these jobs test training
     return type(cfg).model_validate(d)
-
-
-def quiet(_line: str) -> None:
-    pass
 
 
 def tree_digest(root) -> dict[str, str]:
@@ -65,7 +62,7 @@ def assert_same(a: dict, b: dict, what: str) -> None:
 def chain(world, tmp_path_factory):
     """Days 1 and 2 as two nightly jobs (1 worker): backfill with a cold start."""
     cfg = inc_cfg(world, tmp_path_factory.mktemp("chain"))
-    summaries = run_backfill(cfg, DAY1, DAY2, cold_start=True, say=quiet)
+    summaries = run_backfill(cfg, DAY1, DAY2, RunOptions(cold_start=True))
     return cfg, summaries
 
 
@@ -90,26 +87,25 @@ def test_warm_started_day_matches_one_uninterrupted_process(chain, continuous):
     assert not any((root / "_partial").rglob("*")) and not any((root / "_staging").rglob("*"))  # cleaned after publishing
 
 
-def test_published_day_is_a_noop_and_gaps_are_refused(chain, tmp_path):
+def test_published_day_is_a_noop_and_gaps_are_refused(chain, tmp_path, progress):
     cfg, _ = chain
     before = tree_digest(ck.checkpoint_root(cfg))
-    lines: list[str] = []
-    (s,) = run_nightly(cfg, DAY2, say=lines.append)
-    assert s.skipped and "already published; nothing to do" in lines[0]
+    (s,) = run_nightly(cfg, DAY2)
+    assert s.skipped and "already published; nothing to do" in progress()[0]
     assert tree_digest(ck.checkpoint_root(cfg)) == before  # not one byte (or mtime) changed
 
     gap = inc_cfg(cfg.job.logs, tmp_path)
     shutil.copytree(ck.checkpoint_url(cfg, DAY1), ck.checkpoint_url(gap, DAY1))
     with pytest.raises(CheckpointError, match=r"missing day\(s\) 2026-01-02: .* newest before 2026-01-03 is dt=2026-01-01.*--catch-up"):
-        run_nightly(gap, DAY3, say=quiet)
+        run_nightly(gap, DAY3)
     assert plan_nightly(gap, DAY3, catch_up=True) == ([DAY2, DAY3], ck.checkpoint_url(gap, DAY1))
     with pytest.raises(CheckpointError, match="no published checkpoint of esmm_synth before 2026-01-01.*--cold-start"):
-        run_nightly(inc_cfg(cfg.job.logs, tmp_path / "empty"), DAY1, say=quiet)
+        run_nightly(inc_cfg(cfg.job.logs, tmp_path / "empty"), DAY1)
     with pytest.raises(ConfigError, match="--cold-start and --catch-up contradict"):
-        run_nightly(gap, DAY3, cold_start=True, catch_up=True, say=quiet)
+        run_nightly(gap, DAY3, RunOptions(cold_start=True, catch_up=True))
     faster = gap.with_train(batch_size=512)
     with pytest.raises(CheckpointError, match=r"other training settings \(train.batch_size: 256 -> 512\); pass --allow-config-change"):
-        run_nightly(faster, DAY2, say=quiet)
+        run_nightly(faster, DAY2)
     assert plan_nightly(faster, DAY2) == ([DAY2], ck.checkpoint_url(gap, DAY1))
 
 
@@ -121,10 +117,10 @@ def test_killed_job_resumes_and_killed_worker_restarts_to_the_same_model(chain, 
     published = tree_digest(ck.checkpoint_url(cfg, DAY2))
     monkeypatch.setenv("MTREC_KILL_WORKER", "0:30")  # after 30 batches: the step-20 checkpoint exists
     with pytest.raises(MtrecError, match=r"worker 0 .*died.*nothing was published.*resumes from .*step-00000020\.\S+ \(step 20\)"):
-        run_nightly(cfg.with_train(max_failures=0), DAY2, force=True, say=quiet)
+        run_nightly(cfg.with_train(max_failures=0), DAY2, RunOptions(force=True))
     assert tree_digest(ck.checkpoint_url(cfg, DAY2)) == published  # --force keeps the old one until the new one is complete
     monkeypatch.setenv("MTREC_KILL_WORKER", "0:25")  # resumed at step 20: dies at step 45, restarts from step 40
-    (s,) = run_nightly(cfg.with_train(max_failures=1), DAY2, force=True, say=quiet)
+    (s,) = run_nightly(cfg.with_train(max_failures=1), DAY2, RunOptions(force=True))
     assert (s.resumed["step"], s.resumed["rows"], s.restarts) == (20, 20 * 256, 1)
     assert "/_partial/dt=2026-01-02/step-00000020." in s.resumed["checkpoint"]
     man = ck.read_manifest(ck.checkpoint_url(cfg, DAY2))
@@ -136,7 +132,7 @@ def test_two_worker_checkpoint_warm_starts_one_worker(world, tmp_path):
     """Day 1 on 2 workers (column_wise), day 2 on 1 worker (table_wise): DCP reshards exactly, and
     day 2 equals a process that takes the day-1 state and trains day 2 without a checkpoint."""
     cfg = inc_cfg(world, tmp_path / "work", num_workers=2, cpus_per_worker=1, sharding_types=["column_wise"])
-    run_train(cfg, DAY1, DAY1, say=quiet)
+    run_train(cfg, DAY1, DAY1)
     day1 = ck.checkpoint_url(cfg, DAY1)
     assert ck.read_manifest(day1)["world_size"] == 2
     one = cfg.with_train(num_workers=1, sharding_types=["table_wise"])
@@ -148,25 +144,24 @@ def test_two_worker_checkpoint_warm_starts_one_worker(world, tmp_path):
     assert ck.max_abs_diff(ck.read_full(day1), ck.read_full(saved_again))[0] == 0.0  # 2 ranks -> 1 rank: lossless
     reference = in_memory_state(one, train_days(one, [DAY2], dmp=dmp, optimizer=opt), tmp_path)
 
-    (s,) = run_nightly(one, DAY2, say=quiet)
+    (s,) = run_nightly(one, DAY2)
     assert s.world_size == 1 and {t["sharding_type"] for t in s.plan.values()} == {"table_wise"}
     assert_same(ck.read_full(ck.checkpoint_url(one, DAY2)), reference, "2-worker day 1 -> 1-worker day 2")
 
 
-def test_backfill_skips_published_days_and_stops_at_the_failing_day(chain):
+def test_backfill_skips_published_days_and_stops_at_the_failing_day(chain, progress):
     cfg, _ = chain
-    lines: list[str] = []
     # the rerun of a `--cold-start` backfill continues from the last published day, it does not start over
     with pytest.raises(DataValidationError, match=r"^day 2026-01-04 failed \(published before it: 2026-01-03\): no logs for 2026-01-04"):
-        run_backfill(cfg, DAY1, DAY4, cold_start=True, say=lines.append)
-    assert "already published, skipped: 2026-01-01, 2026-01-02" in lines
+        run_backfill(cfg, DAY1, DAY4, RunOptions(cold_start=True))
+    assert "already published, skipped: 2026-01-01, 2026-01-02" in progress()
     assert ck.published_days(cfg) == [DAY1, DAY2, DAY3]
     assert ck.read_manifest(ck.checkpoint_url(cfg, DAY3))["parent"] == ck.checkpoint_url(cfg, DAY2)
     assert json.loads(Path(ck.checkpoint_url(cfg, DAY3), "manifest.json").read_text())["kind"] == "nightly"
 
 
 @pytest.mark.integration
-def test_a_killed_nightly_process_leaves_nothing_published_and_the_next_run_resumes(chain, tmp_path):
+def test_a_killed_nightly_process_leaves_nothing_published_and_the_next_run_resumes(chain, tmp_path, progress):
     """The whole `mtrec nightly` process tree (driver, its local Ray cluster, the workers) is
     SIGKILLed mid-day: no `_SUCCESS`, and the next run resumes from the intra-day checkpoint and
     publishes every row once. (The run changes the batch size: --allow-config-change end to end.)"""
@@ -197,13 +192,12 @@ def test_a_killed_nightly_process_leaves_nothing_published_and_the_next_run_resu
         proc.wait()
     assert ck.published_days(here) == [DAY1]
     with pytest.raises(CheckpointError, match="allow-config-change"):  # the flag is needed again: nothing was published
-        run_nightly(here, DAY2, say=quiet)
-    lines: list[str] = []
-    (s,) = run_nightly(here, DAY2, allow_config_change=True, say=lines.append)
+        run_nightly(here, DAY2)
+    (s,) = run_nightly(here, DAY2, RunOptions(allow_config_change=True))
     # the workers resume from the newest intra-day checkpoint: a straggling worker of the killed
     # process may have written one after the driver died (in its own folder: step-N.<run>)
     assert s.resumed and s.resumed["step"] >= 20 and s.resumed["rows"] == s.resumed["step"] * 64
-    assert any(ln.startswith("resuming from intra-day checkpoint") for ln in lines)
+    assert any(ln.startswith("resuming from intra-day checkpoint") for ln in progress())
     man = ck.read_manifest(ck.checkpoint_url(here, DAY2))
     assert man["rows_trained"] == 20_000 and man["resumed_at_step"] == s.resumed["step"] and s.restarts == 0
     assert not partial.exists()  # the day's intra-day checkpoints go once it is published
@@ -221,5 +215,5 @@ def test_an_empty_day_is_refused_not_published(chain, tmp_path):
     here = inc_cfg(str(logs), tmp_path / "work")
     shutil.copytree(ck.checkpoint_url(cfg, DAY1), ck.checkpoint_url(here, DAY1))
     with pytest.raises(DataValidationError, match=r"^day 2026-01-02 failed: the logs of 2026-01-02 hold no rows .*re-export the day"):
-        run_nightly(here, DAY2, say=quiet)
+        run_nightly(here, DAY2)
     assert ck.published_days(here) == [DAY1]

@@ -124,6 +124,7 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
 
     from mtrec.data.io import filesystem
     from mtrec.jobs import protocol
+    from mtrec.jobs.plan import JobPlan, RunOptions
     from mtrec.train import checkpoint
     from mtrec.train.position import Position
 
@@ -187,16 +188,17 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
     monkeypatch.setattr(checkpoint, "publish", recorded_publish)
 
     def train_and_publish(day: dt.date) -> str:
-        summary = protocol.TrainSummary(model=cfg.name, days=[day.isoformat()], world_size=1,
-                                        checkpoint=checkpoint.checkpoint_url(cfg, day))
         staged = checkpoint.staging_url(cfg, day)
+        plan = JobPlan(kind="nightly", days=[day], parent=None, files=[], reports=[], job_id="job", done=Position(), staged=staged,
+                       checkpoint=checkpoint.checkpoint_url(cfg, day), manifest={"input_rows": 0, "quarantined_rows": 0})
         fs.pipe(filesystem(staged)[1] + "/model.pt", b"weights")  # what the workers stage
+        job = protocol._Job(cfg, plan, RunOptions(), {})  # tracking's own steps are not what this test is about
         try:
-            protocol._train_and_publish(cfg, [day], "nightly", None, lambda line: None, 50, False, summary, {}, [], Position(),
-                                        "job", staged, staged.rsplit(".", 1)[-1], [], None, None, time.perf_counter(), time.time())
+            job.train()
+            job.publish()
         finally:
             assert not fs.exists(filesystem(staged)[1])  # published or discarded, never left behind
-        return summary.checkpoint
+        return plan.checkpoint
 
     lost = (r"^esmm_synth: `mtrec backfill 2026-01-01 \.\. 2026-01-03` \(pid \d+ on .*, started .* UTC\) took over this job's "
             r"lease memory://lease-lost/work/locks/esmm_synth\.lock, so this job published nothing; that job owns the model now: "
@@ -264,11 +266,11 @@ def test_unknown_timezone_is_a_config_error(tmp_path):
             load_config(str(tmp_path / "c.yaml"))
 
 
-def test_nightly_prints_the_resolved_day(cfg, capsys):
-    """`mtrec nightly --date yesterday` on a world without that day: the resolved date and the
-    timezone are printed before the (expected) refusal."""
+def test_nightly_names_the_resolved_day(cfg, capsys):
+    """`mtrec nightly --date yesterday` on a world without that day: the (expected) refusal is one
+    line on stderr naming the resolved date and the timezone; nothing on stdout."""
     yesterday = parse_date("yesterday", "--date", cfg.job.timezone)
     code = main(["nightly", "--config", "esmm", "--logs", cfg.job.logs, "--workdir", cfg.job.workdir, "--date", "yesterday"])
     out, err = capsys.readouterr()
-    assert f"mtrec nightly esmm_synth: {yesterday} (yesterday in UTC)" in out
-    assert code == 4 and "no published checkpoint of esmm_synth before" in err
+    assert code == 4 and out == "" and err.count("\n") == 1
+    assert "no published checkpoint of esmm_synth before" in err and f"(--date yesterday is {yesterday} in UTC)" in err

@@ -20,6 +20,7 @@ from mtrec.config import load_config
 from mtrec.data.synth import write_world
 from mtrec.errors import MtrecError
 from mtrec.jobs.evaluate import evaluate_checkpoint
+from mtrec.jobs.plan import RunOptions
 from mtrec.jobs.protocol import worker_failure
 from mtrec.jobs.retrain import run_train
 
@@ -50,10 +51,9 @@ def small_world(tmp_path_factory) -> tuple[str, int]:
     return str(root), 7
 
 
-def test_two_workers_train_every_good_row_exactly_once(ray_local, small_world, tmp_path):
+def test_two_workers_train_every_good_row_exactly_once(ray_local, small_world, tmp_path, progress):
     logs, bad = small_world
-    lines: list[str] = []
-    s = run_train(small_config(logs, str(tmp_path / "work")), DAY1, DAY2, say=lines.append, log_every=5)
+    s = run_train(small_config(logs, str(tmp_path / "work")), DAY1, DAY2, RunOptions(log_every=5))
     assert s.input_rows == 2 * ROWS and s.quarantined_rows == bad
     assert s.rows == s.expected_rows == 2 * ROWS - bad  # summed per worker, checked by the job too
     rows = [w["rows"] for w in s.workers]
@@ -69,7 +69,7 @@ def test_two_workers_train_every_good_row_exactly_once(ray_local, small_world, t
     # the loss fell (mean batch loss of the first progress window vs the last)
     assert s.progress[-1]["loss"] < 0.7 * s.progress[0]["loss"]
     assert s.progress[-1]["rows"] == rows
-    assert any(line.startswith("  step ") and "rows/s" in line for line in lines)
+    assert any(line.startswith("  step ") and "rows/s" in line for line in progress())
     assert s.ray["mode"] == "existing"
     # published only after the row check: manifest written by rank 0, shards by both ranks
     m = json.loads(Path(s.checkpoint, "manifest.json").read_text())
@@ -87,7 +87,7 @@ def test_world_size_1_and_2_reach_the_same_quality(ray_local, world, tmp_path):
     metrics = {}
     for workers in (1, 2):
         cfg = small_config(world, str(tmp_path / f"w{workers}"), workers=workers).with_train(batch_size=512 // workers)
-        run_train(cfg, DAY1, DAY2, say=lambda _: None)
+        run_train(cfg, DAY1, DAY2)
         metrics[workers], url, manifest = evaluate_checkpoint(cfg, day3)
         assert manifest["world_size"] == workers and url.endswith(f"dt={DAY2}")
     for key in ("ctr/auc", "ctcvr/auc"):
@@ -99,7 +99,7 @@ def test_a_killed_worker_fails_the_job_naming_it(ray_local, small_world, tmp_pat
     logs, _ = small_world
     monkeypatch.setenv("MTREC_KILL_WORKER", "1:3")
     with pytest.raises(MtrecError, match=r"^training failed: worker 1 \(node \S+, pid \d+\) died: .*nothing was published"):
-        run_train(small_config(logs, str(tmp_path / "work")).with_train(max_failures=0), DAY1, DAY1, say=lambda _: None)
+        run_train(small_config(logs, str(tmp_path / "work")).with_train(max_failures=0), DAY1, DAY1)
 
 
 def test_worker_failure_message():
@@ -114,4 +114,4 @@ def test_worker_failure_message():
 
 def test_date_range_is_checked(cfg):
     with pytest.raises(MtrecError, match="--to 2026-01-01 is before --from 2026-01-02"):
-        run_train(cfg, DAY2, DAY1, say=lambda _: None)
+        run_train(cfg, DAY2, DAY1)

@@ -73,6 +73,9 @@ def list_day_files(root: str, day: dt.date) -> list[DataFile]:
     """
     fs, path = filesystem(day_url(root, day))
     if not fs.isdir(path):
+        root_fs, root_path = filesystem(root)
+        if not root_fs.isdir(root_path):
+            raise DataValidationError(f"the logs root {root} does not exist; check --logs (job.logs) for a typo or a missing mount")
         have = list_days(root)
         near = f"; days present: {have[0]} .. {have[-1]} ({len(have)})" if have else "; the logs root holds no dt=YYYY-MM-DD folder"
         raise DataValidationError(

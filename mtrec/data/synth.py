@@ -30,9 +30,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -42,6 +42,8 @@ import pyarrow.parquet as pq
 
 from mtrec.data.io import day_url, filesystem, join
 from mtrec.errors import MtrecError
+
+log = logging.getLogger(__name__)
 
 TRUTH_DIR = "_truth"
 WORLD_FILE = "_world.json"
@@ -413,7 +415,6 @@ def write_world(
     start: dt.date = dt.date(2026, 1, 1),
     files_per_day: int = 4,
     params: WorldParams | None = None,
-    progress: Callable[[str], None] | None = None,
 ) -> WorldSummary:
     """Write `days` day partitions of logs (+ truth) under `out` (any fsspec URL).
 
@@ -468,8 +469,7 @@ def write_world(
         summary.days.append(day.isoformat())
         summary.rows.append(rows_per_day)
         summary.seconds.append(round(time.perf_counter() - t_day, 3))
-        if progress:
-            progress(f"  {day}: {rows_per_day:,} rows in {files_per_day} files ({summary.seconds[-1]:.1f}s)")
+        log.info(f"  {day}: {rows_per_day:,} rows in {files_per_day} files ({summary.seconds[-1]:.1f}s)")
     with fs.open(f"{filesystem(out)[1]}/{WORLD_FILE}", "w") as fh:
         fh.write(json.dumps(asdict(summary), indent=2))
     return summary

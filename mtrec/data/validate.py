@@ -228,10 +228,39 @@ def iter_file_batches(f: DataFile, columns: list[str] | None = None, batch_rows:
 
 
 def read_schema(f: DataFile) -> pa.Schema:
+    return _read_footer(f).schema.to_arrow_schema()
+
+
+def check_day(spec: ModelSpec, logs: str, day: dt.date) -> list[DataFile]:
+    """The cheap checks of a day to train, from the files' footers alone (no row is read): the
+    day's folder exists and holds Parquet files, they hold rows, and every file has the spec's
+    columns with accepted types. Jobs run it before starting Ray, so a missing, empty or
+    column-less day fails in a second with one line.
+
+    Returns:
+        The day's files.
+
+    Raises:
+        DataValidationError: one line naming the day or file and the fix.
+    """
+    files = list_day_files(logs, day)
+    validator = RowValidator(spec)
+    rows = 0
+    for f in files:
+        meta = _read_footer(f)
+        validator.check_schema(meta.schema.to_arrow_schema(), f"logs {day} file {f.name}")
+        rows += meta.num_rows
+    if rows == 0:
+        raise DataValidationError(f"the logs of {day} hold no rows ({len(files)} empty file(s) under {logs}); the export is empty or "
+                                  "truncated - re-export the day, nothing was trained")
+    return files
+
+
+def _read_footer(f: DataFile) -> pq.FileMetaData:
     fs, path = filesystem(f.url)
     try:
         with fs.open(path, "rb") as fh:
-            return pq.ParquetFile(fh).schema_arrow
+            return pq.ParquetFile(fh).metadata
     except (pa.ArrowInvalid, OSError) as e:
         raise DataValidationError(f"{f.url}: not a readable Parquet file ({e}); re-export the file or remove it from the day") from None
 
@@ -297,7 +326,7 @@ def validate_day(spec: ModelSpec, logs: str, day: dt.date, workdir: str, max_bad
         report.input_rows += rows
         report.bad_rows += bad_rows
         report.files.append({"name": f.name, "size": f.size, "rows": rows, "quarantined": bad_rows})
-        log.info("  %s: %s rows, %s quarantined", f.name, f"{rows:,}", f"{bad_rows:,}")
+        log.info(f"  {day_url(logs, day)}/{f.name}: {rows:,} rows, {bad_rows:,} quarantined")
     assert report.input_rows == report.good_rows + report.bad_rows  # internal invariant, not user input
     report.seconds = time.perf_counter() - t0
     qfs.makedirs(qpath, exist_ok=True)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mtrec.config import MtrecConfig
 from mtrec.errors import ConfigError
+from mtrec.log import library_level, quiet_libraries
+
+log = logging.getLogger(__name__)
 
 READ_CPUS = 2  # logical CPUs a local cluster keeps for Ray Data read tasks beyond the workers
 
@@ -27,17 +29,17 @@ def local_cpus(cfg: MtrecConfig) -> int:
 
 
 def quiet_ray() -> None:
-    """Ray Train/Data log a lot at INFO; the job prints its own progress."""
+    """Ray Train/Data log a lot, and warn about things a job cannot act on (e.g. that token
+    authentication is on): the job prints its own progress, Ray's lines only with --verbose.
+    Call it again after `import ray`, which sets Ray's loggers up."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="ray")
+    quiet_libraries()
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray._private"):
+        logging.getLogger(name).setLevel(library_level())
 
 
 @contextmanager
-def ray_session(cfg: MtrecConfig, address: str | None = None, say: Callable[[str], None] = print,
-                ray_logs: bool = False) -> Iterator[dict]:
+def ray_session(cfg: MtrecConfig, address: str | None = None, ray_logs: bool = False) -> Iterator[dict]:
     """Ray for one job: reuse an initialized session, join `address` (or RAY_ADDRESS), or start
     a local cluster that is shut down afterwards. Worker and Ray-internal output stays in the Ray
     session's log files unless `ray_logs` (the job prints its own progress; a failure is
@@ -49,19 +51,22 @@ def ray_session(cfg: MtrecConfig, address: str | None = None, say: Callable[[str
     quiet_ray()
     import ray
 
+    quiet_ray()
+
     address = address or os.environ.get("RAY_ADDRESS")
     owned = False
     if ray.is_initialized():
         mode = "existing"
     elif address:
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=ray_logs)
+            ray.init(address=address, logging_level=library_level(), log_to_driver=ray_logs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]}); "
                               "check `ray status` there, or drop --address/RAY_ADDRESS to start a local cluster") from None
         mode, owned = "joined", True
     else:
-        ray.init(address="local", num_cpus=local_cpus(cfg), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=ray_logs)
+        ray.init(address="local", num_cpus=local_cpus(cfg), include_dashboard=False, logging_level=library_level(),
+                 log_to_driver=ray_logs)
         mode, owned = "local", True
     try:
         res = ray.cluster_resources()
@@ -71,7 +76,7 @@ def ray_session(cfg: MtrecConfig, address: str | None = None, say: Callable[[str
         if need > info["cpus"]:
             raise ConfigError(f"`train.num_workers` x `train.cpus_per_worker` = {need:g} CPUs but the Ray cluster has {info['cpus']:g}; "
                               "pass fewer --workers or a smaller --cpus-per-worker, or add nodes")
-        say(f"ray: {mode} cluster {info['address']}, {info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs")
+        log.info(f"ray: {mode} cluster {info['address']}, {info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs")
         yield info
     finally:
         if owned:

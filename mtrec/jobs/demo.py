@@ -9,8 +9,8 @@
     4. a summary table, and the next commands to try
 
 Everything is embedded: one local Ray cluster for the whole demo, the MLflow store in
-`<workdir>/mlflow.db`, files under the workdir. Each step runs `mtrec.cli.main([...])` in this
-process, the same code path as the command line; its output (and Ray's, MLflow's, torch's) goes to
+`<workdir>/mlflow.db`, files under the workdir. Each step calls the job the command line calls (`run_train`,
+`promote`, `run_nightly`) in this process; its output (and Ray's, MLflow's, torch's) goes to
 `<workdir>/logs/<step>.log` while the console shows one progress line per step.
 """
 
@@ -25,14 +25,17 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
 
 from mtrec.config import example_path, load_config
 from mtrec.errors import ConfigError, MtrecError
+from mtrec.log import redirected
+
+log = logging.getLogger(__name__)
 
 MODELS = ("esmm", "mmoe")
 MARKER = ".mtrec-demo"
@@ -96,6 +99,7 @@ class _Step:
         self.redirects = contextlib.ExitStack()
         self.redirects.enter_context(contextlib.redirect_stdout(self.text))
         self.redirects.enter_context(contextlib.redirect_stderr(self.text))
+        self.redirects.enter_context(redirected(self.text))  # the jobs' progress lines
         if self.tty:
             self.thread = threading.Thread(target=self._show, daemon=True)
             self.thread.start()
@@ -120,7 +124,7 @@ class _Step:
         self.console.flush()
 
 
-def _prepare(workdir: Path, say: Callable[[str], None]) -> None:
+def _prepare(workdir: Path) -> None:
     """An empty workdir, or an earlier demo's: its entries are replaced. A folder the demo did not
     write, or one holding anything else besides, is refused and left as it is."""
     if workdir.exists() and not workdir.is_dir():
@@ -132,7 +136,7 @@ def _prepare(workdir: Path, say: Callable[[str], None]) -> None:
         if other:
             raise ConfigError(f"{workdir} holds an earlier demo and also {', '.join(other[:5])}, which the demo did not write; "
                               "move them, or pass another --workdir")
-        say(f"replacing the earlier demo in {workdir}")
+        print(f"replacing the earlier demo in {workdir}", flush=True)
         for p in workdir.iterdir():
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -163,15 +167,17 @@ def run_demo(
     seed: int = 0,
     models: tuple[str, ...] = MODELS,
     workers: int = 2,
-    say: Callable[[str], None] = print,
 ) -> dict:
-    """Run the demo and print its summary.
+    """Run the demo and print its summary (on stdout: it is what the command is for).
 
     Returns:
         dict: {"workdir", "tracking_uri", "rows": [DemoRow as dict], "seconds": {step: s}, "models": {name: registered name}}.
     """
-    from mtrec.cli import main
     from mtrec.data.synth import write_world
+    from mtrec.jobs.nightly import run_nightly
+    from mtrec.jobs.plan import RunOptions
+    from mtrec.jobs.retrain import run_train
+    from mtrec.tracking import promote
 
     if days < TRAIN_DAYS + 2:
         raise ConfigError(f"--days {days}: the demo needs at least {TRAIN_DAYS + 2} (a {TRAIN_DAYS}-day retrain, a nightly, and a day to judge it)")
@@ -179,32 +185,33 @@ def run_demo(
     if unknown:
         raise ConfigError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     root = Path(workdir).expanduser().resolve()
-    _prepare(root, say)
+    _prepare(root)
     logs, logdir = str(root / "world"), root / "logs"
     logdir.mkdir()
     sys.stdout.flush()
     console = os.fdopen(os.dup(1), "w", buffering=1)  # the terminal, while the steps' fds 1/2 go to their logs
-    say(f"mtrec demo: everything goes under {root} (step logs in {logdir})")
+    print(f"mtrec demo: everything goes under {root} (step logs in {logdir})", flush=True)
     seconds: dict[str, float] = {}
 
     def step(name: str, title: str) -> _Step:
         return _Step(console, logdir / f"{name}.log", title)
 
     with step("synth", f"synthetic world: {days} days x {rows_per_day:,} rows") as s:
-        summary = write_world(logs, days, rows_per_day, seed=seed, progress=print)
+        summary = write_world(logs, days, rows_per_day, seed=seed)
     seconds["synth"] = s.seconds
     day_list = [dt.date.fromisoformat(d) for d in summary.days]
 
     import ray
 
     from mtrec.jobs.cluster import local_cpus, quiet_ray
+    from mtrec.log import library_level
 
     configs = {m: demo_config(m, root, logs, workers) for m in models}
     quiet_ray()
     cfg0 = load_config(str(next(iter(configs.values()))))
     with step("ray", "starting a local Ray cluster") as s:
         ray.init(address="local", num_cpus=local_cpus(cfg0), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=library_level())
     seconds["ray"] = s.seconds
     rows: list[DemoRow] = []
     names = {}
@@ -215,18 +222,18 @@ def run_demo(
             first, last_train = day_list[0], day_list[TRAIN_DAYS - 1]
             out = logdir / f"{m}-train.json"
             with step(f"{m}-train", f"{m}: full retrain {first} .. {last_train} ({workers} workers)") as s:
-                code = main(["train", "--config", str(path), "--from", str(first), "--to", str(last_train), "--summary", str(out)])
+                code = _attempt(partial(run_train, cfg, first, last_train, RunOptions(summary=str(out))))
             _check(code, {0}, s)
             seconds[f"{m}-train"] = s.seconds
             with step(f"{m}-promote", f"{m}: version 1 -> champion") as s:
-                code = main(["promote", "--config", str(path)])
+                code = _attempt(partial(promote, cfg))
             _check(code, {0}, s)
             seconds[f"{m}-promote"] = s.seconds
             rows.append(_row(m, "full_retrain", out))
             for d in day_list[TRAIN_DAYS:days - 1]:
                 out = logdir / f"{m}-nightly-{d}.json"
                 with step(f"{m}-nightly-{d}", f"{m}: nightly {d} (warm start, BN check, gate)") as s:
-                    code = main(["nightly", "--config", str(path), "--date", str(d), "--promote", "--summary", str(out)])
+                    code = _attempt(partial(run_nightly, cfg, d, RunOptions(promote=True, summary=str(out))))
                 _check(code, OK_CODES, s)
                 seconds[f"{m}-nightly-{d}"] = s.seconds
                 rows.append(_row(m, "nightly", out))
@@ -236,20 +243,29 @@ def run_demo(
         console.close()
     uri = f"sqlite:///{root}/mlflow.db"
     _gates(rows, names, uri)
-    for line in summary_lines(rows, uri):
-        say(line)
     total = sum(seconds.values())
-    say(f"\ndemo took {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
-    say("\nnext:")
-    say(f"  .venv/bin/mlflow ui --backend-store-uri {uri}      # runs, metrics, plots, versions, aliases")
+    lines = [*summary_lines(rows, uri), f"\ndemo took {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
+             "\nnext:", f"  .venv/bin/mlflow ui --backend-store-uri {uri}      # runs, metrics, plots, versions, aliases"]
     if models:
         m = models[0]
-        say(f"  .venv/bin/mtrec predict --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion --out {root}/scores.parquet")
-        say(f"  .venv/bin/mtrec nightly --config {configs[m]} --date {day_list[-1]} --promote   # train the last day yourself")
-        say(f"  .venv/bin/mtrec bn-check --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion")
+        lines += [f"  .venv/bin/mtrec predict --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion "
+                  f"--out {root}/scores.parquet",
+                  f"  .venv/bin/mtrec nightly --config {configs[m]} --date {day_list[-1]} --promote   # train the last day yourself",
+                  f"  .venv/bin/mtrec bn-check --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion"]
+    print("\n".join(lines), flush=True)
     result = {"workdir": str(root), "tracking_uri": uri, "rows": [r.__dict__ for r in rows], "seconds": seconds, "models": names}
     (root / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _attempt(job) -> int:
+    """Run one step's job: 0, or the exit code of the MtrecError it raised (its line goes to the step's log)."""
+    try:
+        job()
+    except MtrecError as e:
+        log.error(f"mtrec: error: {e}")
+        return e.exit_code
+    return 0
 
 
 def _check(code: int, ok: set[int], s: _Step) -> None:

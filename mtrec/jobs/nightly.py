@@ -8,21 +8,29 @@
     backfill D1..D2: nightly for each day in order (published days skipped), one Ray session,
                 stopping at the first failure with the day named.
 
-The parent checkpoint is never chosen silently: it is the newest published day before D, and a
-damaged or incompatible one fails the job rather than falling back to an older one or a cold start.
+Each job holds the model's lock from start to end (taken once, here) and, with `promote`, runs
+the promotion gate under it: the challenger an earlier night registered is judged before training,
+the new version after. The cheap checks (the days' files, rows and columns, the parent) run before
+Ray starts. The parent checkpoint is never chosen silently: it is the newest published day before
+D, and a damaged or incompatible one fails the job rather than falling back to an older one or a
+cold start.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import logging
+from dataclasses import replace
 
 from mtrec.config import MtrecConfig
 from mtrec.errors import CheckpointError, ConfigError, MtrecError
 from mtrec.jobs.cluster import ray_session
-from mtrec.jobs.protocol import TrainSummary, date_range, ensure_registered, run_job
+from mtrec.jobs.plan import RunOptions, TrainSummary, report
+from mtrec.jobs.protocol import already_published, date_range, plan_job, preflight, run_job
 from mtrec.lock import model_lock
 from mtrec.train import checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _fmt_days(days: list[dt.date]) -> str:
@@ -61,48 +69,45 @@ def plan_nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool = False, catch
     return [*missing, day], checkpoint.checkpoint_url(cfg, parent)
 
 
-def run_nightly(
-    cfg: MtrecConfig,
-    day: dt.date,
-    cold_start: bool = False,
-    catch_up: bool = False,
-    force: bool = False,
-    allow_config_change: bool = False,
-    address: str | None = None,
-    say: Callable[[str], None] = print,
-    log_every: int = 50,
-    ray_logs: bool = False,
-) -> list[TrainSummary]:
-    """The nightly job for `day` (and, with `catch_up`, the missing days before it, in order),
-    holding the model's lock (`mtrec.lock`) throughout.
+def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) -> list[TrainSummary]:
+    """The nightly job for `day` (and, with `opts.catch_up`, the missing days before it, in
+    order), holding the model's lock throughout; with `opts.promote`, the promotion gate too.
 
     Returns:
         One TrainSummary per day trained; one with `skipped=True` when `day` was already published.
 
     Raises:
         LockHeld: another job is training this model.
+        DataValidationError, CheckpointError: before Ray starts, for a missing, empty or
+            column-less day, a gap, or a parent that does not fit.
+        GateRefused: with `promote`, the gate refused a version (the days stay published).
     """
+    opts = opts or RunOptions()
+    if opts.promote:
+        require_tracking(cfg)
     with model_lock(cfg, f"mtrec nightly {day}"):
-        return _nightly(cfg, day, cold_start, catch_up, force, allow_config_change, address, say, log_every, ray_logs)
-
-
-def _nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool, catch_up: bool, force: bool, allow_config_change: bool,
-             address: str | None, say: Callable[[str], None], log_every: int, ray_logs: bool) -> list[TrainSummary]:
-    days, parent = plan_nightly(cfg, day, cold_start, catch_up, force)
-    if not days:
-        say(f"{parent} is already published; nothing to do (--force retrains it and replaces it)")
-        version = ensure_registered(cfg, parent or "", say)
-        return [TrainSummary(model=cfg.name, days=[day.isoformat()], world_size=cfg.train.num_workers, kind="nightly",
-                             skipped=True, checkpoint=parent or "", mlflow={"version": version} if version else {})]
-    if parent:  # fail before starting Ray: wrong model, shape or (without the flag) settings
-        checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
-    earlier = [d for d in checkpoint.published_days(cfg) if d < day]
-    if cold_start and earlier:
-        say(f"cold start requested: not warm-starting from dt={earlier[-1]}")
-    if len(days) > 1:
-        say(f"catching up {len(days) - 1} missing day(s) before {day}: {_fmt_days(days[:-1])}")
-    with ray_session(cfg, address, say, ray_logs) as info:
-        return _chain(cfg, days, parent, say, log_every, allow_config_change, info)
+        days, parent = plan_nightly(cfg, day, opts.cold_start, opts.catch_up, opts.force)
+        if days:
+            preflight(cfg, days, parent, opts.allow_config_change)
+        pending = gate_pending(cfg, day) if opts.promote else None
+        if not days:
+            log.info(f"{parent} is already published; nothing to do (--force retrains it and replaces it)")
+            summaries = [already_published(cfg, [day], "nightly")]
+        else:
+            log.info(f"mtrec nightly {cfg.name}: {day} from {cfg.job.logs}")
+            earlier = [d for d in checkpoint.published_days(cfg) if d < day]
+            if opts.cold_start and earlier:
+                log.info(f"cold start requested: not warm-starting from dt={earlier[-1]}")
+            if len(days) > 1:
+                log.info(f"catching up {len(days) - 1} missing day(s) before {day}: {_fmt_days(days[:-1])}")
+            with ray_session(cfg, opts.address, opts.ray_logs) as info:
+                summaries = _chain(cfg, days, parent, opts, info)
+        report(summaries, opts.summary)
+        if opts.promote:
+            gate_after(cfg, summaries)
+            if pending is not None:
+                raise pending.reworded(f"{day} was trained and published, but before that {pending}")
+    return summaries
 
 
 def require_tracking(cfg: MtrecConfig) -> None:
@@ -115,7 +120,7 @@ def require_tracking(cfg: MtrecConfig) -> None:
         raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
 
 
-def gate_pending(cfg: MtrecConfig, day: dt.date, say: Callable[[str], None] = print) -> MtrecError | None:
+def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
     """`--promote`, before training `day`: the challenger an earlier night registered and no gate
     has judged yet is judged now, on the newest day with logs neither it nor the champion trained
     on (on a schedule: `day` itself). A nightly for yesterday can never judge its own version (no
@@ -128,22 +133,22 @@ def gate_pending(cfg: MtrecConfig, day: dt.date, say: Callable[[str], None] = pr
     from mtrec.errors import GateDeferred, GateRefused
     from mtrec.tracking import CHALLENGER, CHAMPION, Tracker, promote
 
-    tracker = Tracker(cfg, say)
+    tracker = Tracker(cfg, log.info)
     chal, champ = tracker.alias(CHALLENGER), tracker.alias(CHAMPION)
     if chal is None or "mtrec.gate.decision" in chal.tags or (champ is not None and champ.version == chal.version):
         return None
-    say(f"gate: judging challenger v{chal.version} (trained to {chal.date}, not judged yet) before training {day}")
+    log.info(f"gate: judging challenger v{chal.version} (trained to {chal.date}, not judged yet) before training {day}")
     try:
-        promote(cfg, version=chal.version, say=say)
+        promote(cfg, version=chal.version, say=log.info)
     except GateDeferred as e:
-        say(f"gate deferred: {e}")
+        log.info(f"gate deferred: {e}")
     except GateRefused as e:
-        say(f"gate: {e}")
+        log.info(f"gate: {e}")
         return e
     return None
 
 
-def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary], say: Callable[[str], None] = print) -> None:
+def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary]) -> None:
     """`--promote`: the promotion gate on the version the job registered, when a day after it
     already has logs (a backfill, a late rerun); otherwise it is deferred to `mtrec promote`.
 
@@ -160,77 +165,74 @@ def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary], say: Callable[[s
         raise ConfigError(f"{last.checkpoint} has no registered version (it was trained without tracking); retrain it with --force "
                           "to record and register it, or run `mtrec promote --version V` on a registered one")
     try:
-        promote(cfg, version=version, say=say)
+        promote(cfg, version=version, say=log.info)
     except GateDeferred as e:
-        say(f"gate deferred: {e}")
+        log.info(f"gate deferred: {e}")
     except MtrecError as e:
         raise e.reworded(f"{last.days[-1]} was trained and published (v{version}), but {e}") from None
 
 
-def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, say: Callable[[str], None], log_every: int,
-           allow_config_change: bool, info: dict) -> list[TrainSummary]:
+def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, opts: RunOptions, info: dict) -> list[TrainSummary]:
     """Nightly jobs for `days` in order, each from the previous one's checkpoint; the first failure
     stops the chain with its day named."""
     out = []
     for d in days:
-        say(f"nightly {cfg.name} {d}: " + (f"warm start from {parent}" if parent else "cold start"))
+        log.info(f"nightly {cfg.name} {d}: " + (f"warm start from {parent}" if parent else "cold start"))
         try:
-            s = run_job(cfg, [d], "nightly", parent, say=say, log_every=log_every, allow_config_change=allow_config_change, ray_info=info)
+            s = run_job(cfg, plan_job(cfg, [d], "nightly", parent, opts.allow_config_change), opts, info)
         except MtrecError as e:
             done = f" (published before it: {_fmt_days([dt.date.fromisoformat(x.days[-1]) for x in out])})" if out else ""
             raise e.reworded(f"day {d} failed{done}: {e}") from None
         out.append(s)
         parent = s.checkpoint
-        allow_config_change = False  # only the first warm start crosses the settings change
+        opts = replace(opts, allow_config_change=False)  # only the first warm start crosses the settings change
     return out
 
 
-def run_backfill(
-    cfg: MtrecConfig,
-    start: dt.date,
-    end: dt.date,
-    cold_start: bool = False,
-    force: bool = False,
-    allow_config_change: bool = False,
-    address: str | None = None,
-    say: Callable[[str], None] = print,
-    log_every: int = 50,
-    ray_logs: bool = False,
-) -> list[TrainSummary]:
+def run_backfill(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOptions | None = None) -> list[TrainSummary]:
     """Nightly for every day of `start`..`end` in order; published days are skipped (unless
-    `force`), the first day warm-starts from the newest published day before it, which must be
-    the day before (or `cold_start`: the range's first day starts from a fresh model; a rerun
-    after a failure, whose first day to train is later, warm-starts as usual).
+    `opts.force`), the first day warm-starts from the newest published day before it, which must
+    be the day before (or `opts.cold_start`: the range's first day starts from a fresh model; a
+    rerun after a failure, whose first day to train is later, warm-starts as usual). With
+    `opts.promote`, the gate then judges the last day's version.
 
     Returns:
         One TrainSummary per day of the range (`skipped=True` for days already published).
 
     Raises:
         LockHeld: another job is training this model (the lock is held for the whole range).
+        GateRefused: with `promote`, the gate refused the last version (the days stay published).
     """
-    with model_lock(cfg, f"mtrec backfill {start} .. {end}"):
-        return _backfill(cfg, start, end, cold_start, force, allow_config_change, address, say, log_every, ray_logs)
-
-
-def _backfill(cfg: MtrecConfig, start: dt.date, end: dt.date, cold_start: bool, force: bool, allow_config_change: bool,
-              address: str | None, say: Callable[[str], None], log_every: int, ray_logs: bool) -> list[TrainSummary]:
+    opts = opts or RunOptions()
+    if opts.promote:
+        require_tracking(cfg)
     days = date_range(start, end)
-    published = set(checkpoint.published_days(cfg))
-    todo = days if force else [d for d in days if d not in published]
-    skipped = [d for d in days if d not in todo]
-    if skipped:
-        say(f"already published, skipped: {_fmt_days(skipped)}")
-    out = {d: TrainSummary(model=cfg.name, days=[d.isoformat()], world_size=cfg.train.num_workers, kind="nightly", skipped=True,
-                           checkpoint=checkpoint.checkpoint_url(cfg, d)) for d in skipped}
-    for s in out.values():
-        version = ensure_registered(cfg, s.checkpoint, say)
-        s.mlflow = {"version": version} if version else {}
-    if not todo:
-        say(f"nothing to do: {start} .. {end} are all published")
-        return [out[d] for d in days]
-    # each day must warm-start from the day before: a skipped day in the middle is published, so
-    # plan the first day to train; every later one follows from the chain or a published day
-    with ray_session(cfg, address, say, ray_logs) as info:
+    with model_lock(cfg, f"mtrec backfill {start} .. {end}"):
+        published = set(checkpoint.published_days(cfg))
+        todo = days if opts.force else [d for d in days if d not in published]
+        skipped = [d for d in days if d not in todo]
+        if skipped:
+            log.info(f"already published, skipped: {_fmt_days(skipped)}")
+        out = {d: already_published(cfg, [d], "nightly") for d in skipped}
+        if todo:
+            preflight(cfg, todo)
+            log.info(f"mtrec backfill {cfg.name}: {start} .. {end} from {cfg.job.logs}")
+            _backfill(cfg, days, todo, opts, out)
+        else:
+            log.info(f"nothing to do: {start} .. {end} are all published")
+        summaries = [out[d] for d in days]
+        report(summaries, opts.summary)
+        log.info(f"backfill done: {len(todo)} day(s) trained, {len(skipped)} already published")
+        if opts.promote:
+            gate_after(cfg, summaries)
+    return summaries
+
+
+def _backfill(cfg: MtrecConfig, days: list[dt.date], todo: list[dt.date], opts: RunOptions, out: dict) -> None:
+    """Train the `todo` days of the range `days` into `out` (day -> summary), in runs of
+    consecutive days. Each run's first day warm-starts from the day before it: a skipped day in
+    the middle is published, so plan the first day to train; every later one follows the chain."""
+    with ray_session(cfg, opts.address, opts.ray_logs) as info:
         i = 0
         while i < len(todo):
             run = [todo[i]]
@@ -238,11 +240,9 @@ def _backfill(cfg: MtrecConfig, start: dt.date, end: dt.date, cold_start: bool, 
                 run.append(todo[i + len(run)])
             # --cold-start is for the range's first day only: a rerun after a failure continues
             # from the last published day instead of starting over
-            _, parent = plan_nightly(cfg, run[0], cold_start and run[0] == days[0], catch_up=False, force=True,
+            _, parent = plan_nightly(cfg, run[0], opts.cold_start and run[0] == days[0], catch_up=False, force=True,
                                      gap_hint="or start the backfill earlier")
-            if parent:
-                checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
-            for s in _chain(cfg, run, parent, say, log_every, allow_config_change, info):
+            preflight(cfg, [], parent, opts.allow_config_change)
+            for s in _chain(cfg, run, parent, opts, info):
                 out[dt.date.fromisoformat(s.days[-1])] = s
             i += len(run)
-    return [out[d] for d in days]

@@ -10,9 +10,9 @@ beside its destination and moved into place at the end.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 import uuid
-from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +22,10 @@ from mtrec.data.io import filesystem, list_day_files
 from mtrec.data.validate import iter_file_batches, read_schema
 from mtrec.errors import DataValidationError
 
+log = logging.getLogger(__name__)
 
-def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, say: Callable[[str], None] = print) -> dict:
+
+def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str) -> dict:
     """Score every row of `day` under `logs` with `model_uri` into the Parquet file `out`.
 
     Returns:
@@ -67,7 +69,7 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, say: C
                     writer.write_table(pa.Table.from_arrays(ids + [pa.array(scores[k]) for k in served.outputs], schema=schema))
                     ordinal += n
                     rows += n
-                say(f"  scored {f.name}: {ordinal:,} rows")
+                log.info(f"  scored {f.name}: {ordinal:,} rows")
         if fs.exists(path):
             fs.rm(path)
         fs.mv(tmp, path)

@@ -1,6 +1,7 @@
-"""One training job on Ray: the machinery `mtrec train`, `mtrec nightly` and `mtrec backfill` share.
+"""One training job on Ray: the run protocol `mtrec train`, `mtrec nightly` and `mtrec backfill` share.
 
-    validate every day (quarantine, threshold) -> the good-row count the job must train
+    preflight (before Ray starts): each day's files, rows and columns from their footers; the parent
+    -> plan: validate every day (quarantine, threshold) -> the good-row count the job must train
     -> Ray Data: one read task per Parquet file (any fsspec URL), the contract's row rules, the
        training columns plus each row's position; a stream in file order, split across the
        workers without dropping rows
@@ -9,7 +10,8 @@
        intra-day checkpoint; an intra-day checkpoint every `train.checkpoint_every_batches`
        steps; a failed worker group restarts from it (`train.max_failures`)
     -> the rows trained (positions merged over ranks and restarts) checked against the
-       validated count: every row once; the checkpoint is staged, then published atomically
+       validated count: every row once; the checkpoint is staged
+    -> record (MLflow run, next-day evaluation, the served model) -> publish (atomic) -> register
 
 The pipeline never materializes the data: memory is bounded by Ray Data's backpressure and the
 workers' prefetch, whatever the size of the range.
@@ -20,78 +22,22 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 from mtrec import __version__
 from mtrec.config import MtrecConfig
-from mtrec.data.io import DataFile, filesystem, join, list_day_files
-from mtrec.data.validate import ValidationReport, validate_day
-from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError
+from mtrec.data.io import DataFile, join, list_day_files
+from mtrec.data.validate import ValidationReport, check_day, validate_day
+from mtrec.errors import ConfigError, MtrecError, TrackingError
+from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
 from mtrec.train.stream import read_good_rows
 
-
-@dataclass
-class TrainSummary:
-    """What a training job did. `rows == expected_rows` is checked before the job succeeds."""
-
-    model: str
-    days: list[str]
-    world_size: int
-    kind: str = "full_retrain"  # full_retrain | nightly
-    parent: str | None = None  # the checkpoint it warm-started from (None: cold start)
-    resumed: dict | None = None  # {"checkpoint", "step", "rows"} when it resumed an intra-day checkpoint
-    restarts: int = 0  # worker-group restarts within the job (each resumed from an intra-day checkpoint)
-    skipped: bool = False  # the day was already published: nothing done
-    phases: dict = field(default_factory=dict)  # milestone -> seconds since the job started (where the wall time goes)
-    input_rows: int = 0
-    quarantined_rows: int = 0
-    expected_rows: int = 0  # good rows the validation counted
-    rows: int = 0  # rows the workers trained, summed
-    rows_per_s: float = 0.0  # streaming rate: rows / slowest worker's first-to-last-batch time
-    wall_s: float = 0.0
-    workers: list[dict] = field(default_factory=list)  # per rank: WorkerStats + node/pid/threads
-    plan: dict = field(default_factory=dict)  # table -> {sharding_type, ranks}
-    progress: list[dict] = field(default_factory=list)  # rank 0's progress records
-    ray: dict = field(default_factory=dict)
-    checkpoint: str = ""  # the published checkpoint (dt=<last day>)
-    mlflow: dict = field(default_factory=dict)  # {"uri", "run_id", "version", "model_uri", "eval_day", "metrics"} (tracking on)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
-
-    def lines(self) -> list[str]:
-        per = ", ".join(f"worker {w['rank']}: {w['rows']:,} rows at {w['rows_per_s']:,.0f}/s "
-                        f"({w['wait_s']:.1f}s waiting for data, {w['convert_s']:.1f}s converting)" for w in self.workers)
-        tables: dict[int, int] = {}
-        for t in self.plan.values():
-            for r in t["ranks"]:
-                tables[r] = tables.get(r, 0) + 1
-        loss = [p["loss"] for p in self.progress]
-        start = (f"warm start from {self.parent}" if self.parent else "cold start") + (
-            f", resumed at step {self.resumed['step']} ({self.resumed['rows']:,} rows already trained)" if self.resumed else "") + (
-            f", {self.restarts} worker restart(s)" if self.restarts else "")
-        return [
-            f"trained {self.rows:,} rows of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
-            f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, {self.wall_s:.1f}s wall",
-            f"  {self.kind}: {start}",
-            *([f"  sampling: {sum(w.get('sampled_rows', 0) for w in self.workers):,} rows trained after sampling "
-               f"(negative_rate / positive_repeat in train.sampling)"]
-              if any(w.get("sampled_rows", w["rows"]) != w["rows"] for w in self.workers) else []),
-            f"  {per}",
-            f"  embedding shards per worker: {', '.join(f'worker {r}: {n} tables' for r, n in sorted(tables.items()))}",
-            f"  loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "  loss: no batches",
-            f"  checkpoint: {self.checkpoint}",
-            *([f"  mlflow: run {self.mlflow['run_id']}, version {self.mlflow.get('version')} (alias challenger) in {self.mlflow['uri']}"
-               + (f"; on {self.mlflow['eval_day']}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.mlflow["metrics"].items() if k in self.mlflow["gate"])
-                  if self.mlflow.get("eval_day") else "; no next-day logs to evaluate on yet")] if self.mlflow.get("run_id") else []),
-            "  timeline (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()),
-        ]
+log = logging.getLogger(__name__)
 
 
 def validate(cfg: MtrecConfig, day: dt.date) -> ValidationReport:
@@ -217,211 +163,266 @@ def job_id(cfg: MtrecConfig, kind: str, days: list[dt.date], parent: str | None,
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_job(
-    cfg: MtrecConfig,
-    days: list[dt.date],
-    kind: str,
-    parent: str | None,
-    say: Callable[[str], None] = print,
-    log_every: int = 50,
-    allow_config_change: bool = False,
-    ray_info: dict | None = None,
-) -> TrainSummary:
-    """Train `days` (in order) starting from checkpoint `parent` (None: a fresh model) and publish
-    the checkpoint dt=<last day>. Runs inside a Ray session (`mtrec.jobs.cluster.ray_session`).
-
-    An unfinished earlier run of the same job (same days, parent, files and settings) left an
-    intra-day checkpoint: the job resumes from it and trains only the rows it had not trained.
+def preflight(cfg: MtrecConfig, days: list[dt.date], parent: str | None = None, allow_config_change: bool = False) -> None:
+    """The cheap checks of a training job, before Ray starts: each day has files with rows and
+    the config's columns (footers only), and the parent checkpoint is published and fits.
 
     Raises:
-        DataValidationError: a day fails the contract (before any training).
-        CheckpointError: the parent is unpublished, of another model or shape, or (without
-            `allow_config_change`) trained under other training settings.
-        MtrecError: a worker failed (named) more than `train.max_failures` times, or the rows
-            trained differ from the rows validated; nothing is published then.
-        TrackingError: MLflow unreachable (tracking on): before training, nothing done; while
-            recording, nothing published; while registering, the checkpoint is published and
-            the rerun of the same command registers it.
+        DataValidationError: a day is missing, empty or lacks a column (one line naming it).
+        CheckpointError: the parent is unpublished, of another model or shape, or trained under
+            other training settings (without `allow_config_change`).
     """
-    t_job, t_epoch = time.perf_counter(), time.time()
-    end = days[-1]
-    summary = TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers,
-                           kind=kind, parent=parent, ray=ray_info or {})
+    for day in days:
+        check_day(cfg.spec, cfg.job.logs, day)
+    if parent:
+        checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
+
+
+def plan_job(cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | None, allow_config_change: bool = False) -> JobPlan:
+    """Validate `days` (quarantine, threshold), check the parent, and find what an unfinished
+    earlier run of the same job already trained (its newest intra-day checkpoint).
+
+    Raises:
+        DataValidationError: a day fails the contract (nothing trained).
+        CheckpointError: the parent is unpublished or does not fit (see `preflight`).
+    """
     parent_manifest = None
     if parent:
         parent_manifest = checkpoint.read_manifest(parent)
         checkpoint.check_compatible(parent_manifest, parent, cfg, allow_config_change)
     files: list[DataFile] = []
-    reports = []
+    reports: list[ValidationReport] = []
     for day in days:
         report = validate(cfg, day)
         reports.append(report)
-        if report.input_rows == 0:
-            raise DataValidationError(f"the logs of {day} hold no rows ({len(list_day_files(cfg.job.logs, day))} empty file(s) under "
-                                      f"{cfg.job.logs}); the export is empty or truncated - re-export the day, nothing was trained")
-        summary.input_rows += report.input_rows
-        summary.quarantined_rows += report.bad_rows
-        summary.expected_rows += report.good_rows
         files += list_day_files(cfg.job.logs, day)
-        say(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
-
+        log.info(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
+    end = days[-1]
     jid = job_id(cfg, kind, days, parent, parent_manifest, files)
     done = Position()
     partial = checkpoint.latest_partial(cfg, end)
     if partial and partial[1].get("job_id") == jid:
         done = Position.from_json(partial[1]["position"])  # read less; the workers skip by the newest one
-        say(f"resuming from intra-day checkpoint {partial[0]}: step {partial[1]['step']}, "
-            f"{done.rows:,} of {summary.expected_rows:,} rows already trained")
+        log.info(f"resuming from intra-day checkpoint {partial[0]}: step {partial[1]['step']}, "
+                 f"{done.rows:,} of {sum(r.good_rows for r in reports):,} rows already trained")
     elif partial:
-        say(f"discarding intra-day checkpoints of another job (other data, parent or settings) under {checkpoint.partial_root(cfg, end)}")
+        log.info(f"discarding intra-day checkpoints of another job (other data, parent or settings) under {checkpoint.partial_root(cfg, end)}")
         checkpoint.prune_partials(cfg, end)
     for line in checkpoint.recover_staging(cfg, end):  # a driver that died between staging and publishing
-        say(line)
-
-    summary.checkpoint = checkpoint.checkpoint_url(cfg, end)
-    staged = checkpoint.staging_url(cfg, end)
-    run = staged.rsplit(".", 1)[-1]  # this run's id, also in its intra-day checkpoints' names
-    manifest = {**checkpoint.spec_manifest(cfg), "date": end.isoformat(), "kind": kind, "days": summary.days, "parent": parent,
-                "parent_date": (parent_manifest or {}).get("date"), "job_id": jid,
-                "config_fingerprint": cfg.fingerprint(), "training_fingerprint": cfg.training_fingerprint(),
-                "config": cfg.model_dump(mode="json"), "input_rows": summary.input_rows, "quarantined_rows": summary.quarantined_rows,
-                "files": [{"url": f.url, "size": f.size} for f in files], "mtrec_version": __version__}
-    tracker, run_id = None, None
-    if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
-        from mtrec.tracking import Tracker
-
-        tracker = Tracker(cfg, say)
-        run_id = tracker.start_run(kind, days, summary.checkpoint, parent, parent_manifest)
-        manifest.update(mlflow_run_id=run_id, tracking_uri=tracker.uri)
-        summary.mlflow = {"uri": tracker.uri, "run_id": run_id}
-        say(f"mlflow: run {run_id} in experiment {cfg.name} at {tracker.uri}")
-    try:
-        return _train_and_publish(cfg, days, kind, parent, say, log_every, allow_config_change, summary, manifest, files, done, jid,
-                                  staged, run, reports, tracker, run_id, t_job, t_epoch)
-    except BaseException:
-        if tracker is not None and not summary.mlflow.get("published"):  # a published day's run is complete: only its registration may lag
-            tracker.fail_run(run_id)
-        raise
+        log.info(line)
+    manifest = {**checkpoint.spec_manifest(cfg), "date": end.isoformat(), "kind": kind, "days": [d.isoformat() for d in days],
+                "parent": parent, "parent_date": (parent_manifest or {}).get("date"), "parent_run_id": (parent_manifest or {}).get("mlflow_run_id"),
+                "job_id": jid, "config_fingerprint": cfg.fingerprint(), "training_fingerprint": cfg.training_fingerprint(),
+                "config": cfg.model_dump(mode="json"), "input_rows": sum(r.input_rows for r in reports),
+                "quarantined_rows": sum(r.bad_rows for r in reports), "files": [{"url": f.url, "size": f.size} for f in files],
+                "mtrec_version": __version__}
+    return JobPlan(kind=kind, days=days, parent=parent, files=files, reports=reports, job_id=jid, done=done,
+                   staged=checkpoint.staging_url(cfg, end), checkpoint=checkpoint.checkpoint_url(cfg, end), manifest=manifest)
 
 
-def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | None, say: Callable[[str], None], log_every: int,
-                       allow_config_change: bool, summary: TrainSummary, manifest: dict, files: list[DataFile], done: Position,
-                       jid: str, staged: str, run: str, reports: list, tracker, run_id: str | None, t_job: float,
-                       t_epoch: float) -> TrainSummary:
-    """run_job after the checks: train on Ray, record (MLflow), publish, register."""
-    import ray
+def run_job(cfg: MtrecConfig, plan: JobPlan, opts: RunOptions, ray_info: dict | None = None) -> TrainSummary:
+    """Train a planned job on Ray, record it (MLflow), publish its checkpoint, register it.
+    Runs inside a Ray session (`mtrec.jobs.cluster.ray_session`). The order keeps the registry
+    and the checkpoints consistent: record before publishing (no published checkpoint without its
+    run), register after (no version pointing at a missing checkpoint).
+
+    Raises:
+        MtrecError: a worker failed (named) more than `train.max_failures` times, or the rows
+            trained differ from the rows validated; nothing is published then.
+        LockHeld: another job took this job's lease over; nothing is published.
+        TrackingError: MLflow unreachable (tracking on): before training, nothing done; while
+            recording, nothing published; while registering, the checkpoint is published and
+            the rerun of the same command registers it.
+    """
+    return _Job(cfg, plan, opts, ray_info or {}).run()
+
+
+class _Job:
+    """One run of a planned job: its summary, its MLflow run and where the wall time goes."""
+
+    def __init__(self, cfg: MtrecConfig, plan: JobPlan, opts: RunOptions, ray_info: dict):
+        self.cfg, self.plan, self.opts = cfg, plan, opts
+        self.t_job, self.t_epoch = time.perf_counter(), time.time()
+        self.summary = TrainSummary(model=cfg.name, days=[d.isoformat() for d in plan.days], world_size=cfg.train.num_workers,
+                                    kind=plan.kind, parent=plan.parent, ray=ray_info, checkpoint=plan.checkpoint,
+                                    input_rows=plan.manifest["input_rows"], quarantined_rows=plan.manifest["quarantined_rows"],
+                                    expected_rows=plan.expected_rows)
+        self.manifest = dict(plan.manifest)
+        self.tracker, self.run_id = None, None
+        self.published = False
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        self.marks[name] = (time.time() if at is None else at) - self.t_epoch
+
+    def run(self) -> TrainSummary:
+        cfg = self.cfg
+        if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
+            from mtrec.tracking import Tracker
+
+            self.tracker = Tracker(cfg, log.info)
+            self.run_id = self.tracker.start_run(self.plan.kind, self.plan.days, self.plan.checkpoint, self.plan.parent,
+                                                 {"mlflow_run_id": self.manifest.get("parent_run_id")})
+            self.manifest.update(mlflow_run_id=self.run_id, tracking_uri=self.tracker.uri)
+            self.summary.mlflow = {"uri": self.tracker.uri, "run_id": self.run_id}
+            log.info(f"mlflow: run {self.run_id} in experiment {cfg.name} at {self.tracker.uri}")
+        try:
+            snap = self.train()
+            self.record()
+            self.publish()
+            self.register()
+        except BaseException:
+            if self.tracker is not None and not self.published:  # a published day's run is complete: only its registration may lag
+                self.tracker.fail_run(self.run_id)
+            raise
+        s = self.summary
+        s.phases = {k: round(v, 2) for k, v in sorted(self.marks.items(), key=lambda kv: kv[1])}
+        s.progress = [{k: v for k, v in p.items() if k != "line"} for p in snap["history"]]
+        s.rows = snap["result"]["rows_trained"]  # == expected_rows: the workers checked it before staging
+        slowest = max((w["seconds"] for w in s.workers), default=0.0)
+        s.rows_per_s = sum(w["rows"] for w in s.workers) / slowest if slowest > 0 else 0.0
+        s.wall_s = time.perf_counter() - self.t_job
+        return s
+
+    def _fail(self, err: MtrecError, what: str = "") -> MtrecError:
+        """The staged checkpoint discarded; the error says where the next run resumes."""
+        checkpoint.discard(self.plan.staged)
+        left = checkpoint.latest_partial(self.cfg, self.plan.end)
+        resume = f"; the next run of this job resumes from {left[0]} (step {left[1]['step']})" if left else ""
+        return err.reworded(f"{err}{what}{resume}")
+
+    def train(self) -> dict:
+        """Ray Train over the day's stream; returns the collector's snapshot (the workers' result)."""
+        import ray
+
+        from mtrec.train.worker import RunCollector
+
+        cfg, plan, summary = self.cfg, self.plan, self.summary
+        collector = RunCollector.remote()
+        trainer = _trainer(cfg, plan, self.manifest, self.opts, collector, use_gpu=summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0)
+        log.info(f"training {cfg.name} on {summary.expected_rows - plan.done.rows:,} rows with {cfg.train.num_workers} worker(s), "
+                 f"batch {cfg.train.batch_size}")
+        outcome: dict = {}
+        self.mark("validated")
+        thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
+        thread.start()
+        self.tracking_error: MtrecError | None = None
+
+        def drain() -> None:
+            recs = ray.get(collector.drain.remote())
+            for rec in recs:
+                log.info(rec["line"])
+            if recs and self.tracker is not None and self.tracking_error is None:
+                try:
+                    self.tracker.log_progress(self.run_id, recs)
+                except MtrecError as e:  # training goes on (its intra-day checkpoints are kept); nothing is published
+                    self.tracking_error = e
+                    log.info(f"{e}; training goes on, but the job will fail before publishing")
+
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            drain()
+        drain()
+        snap = ray.get(collector.snapshot.remote())
+        summary.restarts = max(snap["attempts"] - 1, 0)
+        summary.resumed = snap["starts"][0] if snap["starts"] and (not summary.restarts or plan.done.rows) else None
+        if "error" in outcome or snap["result"] is None:
+            err = worker_failure(outcome["error"], snap["workers"]) if "error" in outcome else \
+                MtrecError("training ended without a result from worker 0; see the Ray logs")
+            raise self._fail(err) from None
+        summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in snap["result"]["workers"]]
+        summary.plan = snap["result"]["plan"]
+        for k, v in snap["marks"].items():
+            self.mark(k, v)
+        self.mark("fit_returned")
+        return snap
+
+    def record(self) -> None:
+        """The run's params, next-day evaluation, artifacts and served model (tracking on)."""
+        if self.tracker is None:
+            return
+        from mtrec.tracking import record_job
+
+        try:
+            if self.tracking_error is not None:
+                raise self.tracking_error
+            self.summary.mlflow.update(record_job(self.tracker, self.run_id, self.cfg, self.plan.staged, self.manifest, self.summary,
+                                                  self.plan.reports, log.info))
+        except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
+            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {self.run_id} failed: {_first_line(e)}")
+            raise self._fail(err, "; the day was trained but nothing was published") from None
+        self.mark("recorded")
+
+    def publish(self) -> None:
+        """`_staging` -> dt=D with `_SUCCESS` last, unless another job took the lease over."""
+        from mtrec.lock import ensure_held
+
+        try:  # a job whose lease another job took over publishes nothing: that job owns the model now
+            ensure_held(self.cfg)
+        except MtrecError:
+            checkpoint.discard(self.plan.staged)
+            raise
+        checkpoint.publish(self.plan.staged, self.plan.checkpoint)
+        self.published = True
+        checkpoint.prune_partials(self.cfg, self.plan.end)
+        log.info(f"published {self.plan.checkpoint}")
+        self.mark("published")
+
+    def register(self) -> None:
+        """A model version for the published day, alias `challenger` (tracking on)."""
+        if self.tracker is None:
+            return
+        url, run_id = self.plan.checkpoint, self.run_id
+        try:
+            self.summary.mlflow["version"] = self.tracker.register(run_id, self.summary.mlflow["model_uri"], url, self.plan.end)
+        except MtrecError as e:
+            raise e.reworded(f"{e}; {url} is published and run {run_id} recorded, but its registration did not "
+                             "complete: rerun the same command once MLflow is back, it completes it without retraining") from None
+        log.info(f"registered version {self.summary.mlflow['version']} of {self.cfg.name} (alias challenger)")
+        self.mark("registered")
+
+
+def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, collector, use_gpu: bool):
+    """The Ray TorchTrainer of a planned job: its workers, their data and the job they run."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from mtrec.train.worker import RunCollector, train_loop_per_worker
+    from mtrec.train.worker import WorkerJob, train_loop_per_worker
 
-    end = days[-1]
-    use_gpu = summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0
-    collector = RunCollector.remote()
-    trainer = _trainer_class()(
+    job = WorkerJob(cfg=cfg.model_dump(mode="json"), id=plan.job_id, run=plan.run, day=plan.end.isoformat(), parent=plan.parent,
+                    staging=plan.staged, expected_rows=plan.expected_rows, allow_config_change=opts.allow_config_change,
+                    manifest=manifest, collector=collector, log_every=opts.log_every, kill=os.environ.get("MTREC_KILL_WORKER"))
+    return _trainer_class()(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "collector": collector, "log_every": log_every,
-                           "kill": os.environ.get("MTREC_KILL_WORKER"),
-                           "job": {"id": jid, "run": run, "day": end.isoformat(), "parent": parent, "staging": staged,
-                                   "expected_rows": summary.expected_rows, "allow_config_change": allow_config_change,
-                                   "manifest": manifest}},
+        train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                      placement_strategy=cfg.train.placement.value.upper()),
-        datasets={"train": good_rows_dataset(cfg, files, done.to_json() if done.intervals else None)},
+        datasets={"train": good_rows_dataset(cfg, plan.files, plan.done.to_json() if plan.done.intervals else None)},
         dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
-        run_config=RunConfig(name=f"{cfg.name}-{kind}-{days[0]}-{end}-{int(time.time())}", storage_path=_storage(cfg),
+        run_config=RunConfig(name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}", storage_path=_storage(cfg),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
-    say(f"training {cfg.name} on {summary.expected_rows - done.rows:,} rows with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}")
-    outcome: dict = {}
-    t_start = time.time()
-    thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
-    thread.start()
-    tracking_error: list[MtrecError] = []
 
-    def drain() -> None:
-        recs = ray.get(collector.drain.remote())
-        for rec in recs:
-            say(rec["line"])
-        if recs and tracker is not None and not tracking_error:
-            try:
-                tracker.log_progress(run_id, recs)
-            except MtrecError as e:  # training goes on (its intra-day checkpoints are kept); nothing is published
-                tracking_error.append(e)
-                say(f"{e}; training goes on, but the job will fail before publishing")
 
-    while thread.is_alive():
-        thread.join(timeout=1.0)
-        drain()
-    drain()
-    snap = ray.get(collector.snapshot.remote())
-    summary.restarts = max(snap["attempts"] - 1, 0)
-    summary.resumed = snap["starts"][0] if snap["starts"] and (not summary.restarts or done.rows) else None
-    if "error" in outcome or snap["result"] is None:
-        checkpoint.discard(staged)
-        left = checkpoint.latest_partial(cfg, end)
-        err = worker_failure(outcome["error"], snap["workers"]) if "error" in outcome else \
-            MtrecError("training ended without a result from worker 0; see the Ray logs")
-        if left:
-            raise err.reworded(f"{err}; the next run of this job resumes from {left[0]} (step {left[1]['step']})") from None
-        raise err from None
-    result = snap["result"]
-    t_fit = time.time()
-    summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in result["workers"]]
-    summary.plan = result["plan"]
-    marks = {"validated": t_start - t_epoch, **{k: v - t_epoch for k, v in snap["marks"].items()}, "fit_returned": t_fit - t_epoch}
-    if tracker is not None:  # record before publishing: no published checkpoint without its run
-        from mtrec.tracking import record_job
-
-        try:
-            if tracking_error:
-                raise tracking_error[0]
-            summary.mlflow.update(record_job(tracker, run_id, cfg, staged, manifest, summary, reports, say))
-        except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
-            checkpoint.discard(staged)
-            left = checkpoint.latest_partial(cfg, end)
-            resume = f"; the next run resumes from {left[0]} (step {left[1]['step']})" if left else ""
-            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {run_id} failed: {_first_line(e)}")
-            raise err.reworded(f"{err}; the day was trained but nothing was published{resume}") from None
-        marks["recorded"] = time.time() - t_epoch
-    from mtrec.lock import ensure_held
-
-    try:  # a job whose lease another job took over publishes nothing: that job owns the model now
-        ensure_held(cfg)
-    except MtrecError:
-        checkpoint.discard(staged)
-        raise
-    checkpoint.publish(staged, summary.checkpoint)
-    summary.mlflow["published"] = True
-    checkpoint.prune_partials(cfg, end)
-    say(f"published {summary.checkpoint}")
-    marks["published"] = time.time() - t_epoch
-    if tracker is not None:  # after publishing: no version points at a missing checkpoint
-        try:
-            summary.mlflow["version"] = tracker.register(run_id, summary.mlflow["model_uri"], summary.checkpoint, end)
-        except MtrecError as e:
-            raise e.reworded(f"{e}; {summary.checkpoint} is published and run {run_id} recorded, but its registration did not "
-                             "complete: rerun the same command once MLflow is back, it completes it without retraining") from None
-        say(f"registered version {summary.mlflow['version']} of {cfg.name} (alias challenger)")
-        marks["registered"] = time.time() - t_epoch
-    summary.phases = {k: round(v, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
-    summary.progress = [{k: v for k, v in p.items() if k != "line"} for p in snap["history"]]
-    summary.rows = result["rows_trained"]
-    slowest = max((w["seconds"] for w in summary.workers), default=0.0)
-    summary.rows_per_s = sum(w["rows"] for w in summary.workers) / slowest if slowest > 0 else 0.0
-    summary.wall_s = time.perf_counter() - t_job
-    return summary  # rows == expected_rows: the workers checked it before staging
-
-def ensure_registered(cfg: MtrecConfig, url: str, say: Callable[[str], None] = print) -> str | None:
+def ensure_registered(cfg: MtrecConfig, url: str) -> str | None:
     """For a day already published (a rerun is a no-op): its model version, registering it now if
     MLflow was down when the job that published it tried (tracking on; None otherwise)."""
     if not cfg.tracking.enabled:
         return None
     from mtrec.tracking import Tracker
 
-    return Tracker(cfg, say).ensure_registered(url, checkpoint.read_manifest(url))
+    return Tracker(cfg, log.info).ensure_registered(url, checkpoint.read_manifest(url))
+
+
+def already_published(cfg: MtrecConfig, days: list[dt.date], kind: str) -> TrainSummary:
+    """The summary of a job whose last day is published already: nothing trained, its version
+    registered now if an earlier run's registration did not complete."""
+    url = checkpoint.checkpoint_url(cfg, days[-1])
+    version = ensure_registered(cfg, url)
+    return TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers, kind=kind,
+                        skipped=True, checkpoint=url, mlflow={"version": version} if version else {})
 
 
 def _fit(trainer, outcome: dict) -> None:
@@ -429,13 +430,3 @@ def _fit(trainer, outcome: dict) -> None:
         outcome["result"] = trainer.fit()
     except Exception as e:  # handed to the main thread, which names the worker
         outcome["error"] = e
-
-
-def write_summary(summary: TrainSummary | list[TrainSummary], url: str) -> None:
-    """The job summary as JSON (a list for a multi-day nightly/backfill)."""
-    fs, path = filesystem(url)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as fh:
-        fh.write(summary.to_json() if isinstance(summary, TrainSummary) else json.dumps([asdict(s) for s in summary], indent=2, default=str))

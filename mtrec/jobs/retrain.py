@@ -8,45 +8,38 @@ if that day is already published, nothing is done unless `force`.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import logging
 
 from mtrec.config import MtrecConfig
 from mtrec.jobs.cluster import ray_session
-from mtrec.jobs.protocol import TrainSummary, date_range, ensure_registered, run_job
+from mtrec.jobs.plan import RunOptions, TrainSummary, report
+from mtrec.jobs.protocol import already_published, date_range, plan_job, preflight, run_job
 from mtrec.lock import model_lock
 from mtrec.train import checkpoint
 
+log = logging.getLogger(__name__)
 
-def run_train(
-    cfg: MtrecConfig,
-    start: dt.date,
-    end: dt.date,
-    address: str | None = None,
-    say: Callable[[str], None] = print,
-    log_every: int = 50,
-    ray_logs: bool = False,
-    force: bool = False,
-) -> TrainSummary:
-    """Full retrain of `cfg` over days `start`..`end` (inclusive) on Ray.
+
+def run_train(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOptions | None = None) -> TrainSummary:
+    """Full retrain of `cfg` over days `start`..`end` (inclusive) on Ray, holding the model's lock.
 
     Raises:
-        DataValidationError: a day fails the contract (before any training).
+        DataValidationError: a day is missing, empty or fails the contract (before any training;
+            the cheap checks before Ray starts).
         MtrecError: a worker failed (named), or the rows trained differ from the rows validated
             (checked on every worker before the checkpoint is staged).
         LockHeld: another job is training this model (`mtrec.lock`).
     """
-    with model_lock(cfg, f"mtrec train {start} .. {end}"):
-        return _train(cfg, start, end, address, say, log_every, ray_logs, force)
-
-
-def _train(cfg: MtrecConfig, start: dt.date, end: dt.date, address: str | None, say: Callable[[str], None], log_every: int,
-           ray_logs: bool, force: bool) -> TrainSummary:
+    opts = opts or RunOptions()
     days = date_range(start, end)
-    url = checkpoint.checkpoint_url(cfg, end)
-    if not force and end in checkpoint.published_days(cfg):
-        say(f"{url} is already published; nothing to do (--force retrains it and replaces it)")
-        version = ensure_registered(cfg, url, say)
-        return TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers, skipped=True, checkpoint=url,
-                            mlflow={"version": version} if version else {})
-    with ray_session(cfg, address, say, ray_logs) as info:
-        return run_job(cfg, days, "full_retrain", None, say=say, log_every=log_every, ray_info=info)
+    with model_lock(cfg, f"mtrec train {start} .. {end}"):
+        if not opts.force and end in checkpoint.published_days(cfg):
+            log.info(f"{checkpoint.checkpoint_url(cfg, end)} is already published; nothing to do (--force retrains it and replaces it)")
+            summary = already_published(cfg, days, "full_retrain")
+        else:
+            preflight(cfg, days)
+            log.info(f"mtrec train {cfg.name}: full retrain over {start} .. {end} from {cfg.job.logs}")
+            with ray_session(cfg, opts.address, opts.ray_logs) as info:
+                summary = run_job(cfg, plan_job(cfg, days, "full_retrain", None), opts, info)
+        report([summary], opts.summary)
+        return summary

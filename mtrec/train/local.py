@@ -4,18 +4,20 @@ process (world size 1). Used by the model comparison (bench/compare_models.py) a
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from mtrec.config import MtrecConfig
 from mtrec.models import MultiTaskTrain, build_model
-from mtrec.train.loop import train_stream
+from mtrec.train.loop import LoopOptions, train_stream
 from mtrec.train.sharding import dense_optimizer, device_for_backend, init_single_process, shard
 from mtrec.train.stream import StreamCounts, day_batches
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
@@ -44,7 +46,6 @@ def train_days(
     cfg: MtrecConfig,
     days: Iterable[dt.date],
     log_every: int = 50,
-    progress: Callable[[str], None] | None = None,
     dmp: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
@@ -57,7 +58,6 @@ def train_days(
     device, _ = device_for_backend()
     counts = StreamCounts()
     t0 = time.perf_counter()
-    stats = train_stream(dmp, optimizer, day_batches(cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts), cfg, device,
-                         log_every=log_every, on_progress=(lambda p: progress(p.line())) if progress else None,
-                         rng_key=days[-1].toordinal())
+    opts = LoopOptions(log_every=log_every, on_progress=lambda p: log.info(p.line()), rng_key=days[-1].toordinal())
+    stats = train_stream(dmp, optimizer, day_batches(cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts), cfg, device, opts)
     return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses, optimizer)

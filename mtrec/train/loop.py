@@ -91,40 +91,60 @@ def _frozen(bns: list[nn.Module], frozen: bool = True) -> Iterator[None]:
             m.train()
 
 
-def train_stream(
-    dmp: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[pa.RecordBatch],
-    cfg: MtrecConfig,
-    device: torch.device,
-    log_every: int = 50,
-    on_progress: Callable[[Progress], None] | None = None,
-    pg: dist.ProcessGroup | None = None,
-    position: Position | None = None,
-    start_step: int = 0,
-    rng_key: int = 0,
-    on_step: Callable[[int], None] | None = None,
-) -> WorkerStats:
+@dataclass
+class LoopOptions:
+    """How `train_stream` runs beyond its inputs: progress, positions, resume and hooks."""
+
+    log_every: int = 50  # lockstep steps between progress records (each costs one small all-gather)
+    on_progress: Callable[[Progress], None] | None = None  # receives each progress record, on every rank
+    pg: dist.ProcessGroup | None = None  # process group (default: the world)
+    position: Position | None = None  # receives the (file, row) positions of every row this rank trains
+    start_step: int = 0  # steps already taken by the job (a resumed job continues its step count)
+    rng_key: int = 0  # the job's key in the per-step seed (the nightly job uses the day's ordinal)
+    # called on every rank after each step with the job's step count (intra-day checkpoints; a
+    # collective is allowed there, every rank calls it at the same step)
+    on_step: Callable[[int], None] | None = None
+
+
+@dataclass
+class _Window:
+    """This rank's loss sums since the last progress record."""
+
+    tasks: list[str]
+    loss: float = 0.0
+    batches: int = 0
+    per_task: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def add(self, loss: float, task_losses: dict) -> None:
+        self.loss += loss
+        self.batches += 1
+        for i, name in enumerate(self.tasks):
+            self.per_task[i] += float(task_losses[name])
+
+    def reset(self) -> None:
+        self.loss, self.batches, self.per_task = 0.0, 0, [0.0] * len(self.tasks)
+
+
+def train_stream(dmp: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[pa.RecordBatch], cfg: MtrecConfig,
+                 device: torch.device, opts: LoopOptions | None = None) -> WorkerStats:
     """Train on this rank's share of the stream until every rank's share is done.
 
     Args:
         dmp: DistributedModelParallel(MultiTaskTrain(model)); returns (loss, (losses, out, labels)).
         optimizer: the dense optimizer (the tables' fused optimizer steps inside backward).
         batches: this rank's Arrow record batches (canonical columns, see mtrec.train.stream).
-        cfg: the config (for the converter and the pad batch).
+        cfg: the run spec (the model spec for the converter and the pad batch, `train.sampling`, `train.seed`).
         device: where batches go.
-        log_every: lockstep steps between progress records (each costs one small all-gather).
-        on_progress: receives each progress record, on every rank.
-        pg: process group (default: the world).
-        position: receives the (file, row) positions of every row this rank trains.
-        start_step: steps already taken by the job (a resumed job continues its step count).
-        rng_key: the job's key in the per-step seed (the nightly job uses the day's ordinal).
-        on_step: called on every rank after each step with the job's step count (intra-day
-            checkpoints; a collective is allowed there, every rank calls it at the same step).
+        opts: progress, positions, resume and hooks (LoopOptions).
 
     Returns:
         WorkerStats of this rank.
     """
+    opts = opts or LoopOptions()
+    pg, position, start_step = opts.pg, opts.position, opts.start_step
     world = dist.get_world_size(pg) if dist.is_initialized() else 1
     rank = dist.get_rank(pg) if dist.is_initialized() else 0
     stats = WorkerStats(rank=rank, world_size=world)
@@ -136,8 +156,7 @@ def train_stream(
     dmp.train()
     t_start = time.perf_counter()
     t0: float | None = None
-    tasks = [t.name for t in cfg.tasks]
-    window = [0.0, 0, [0.0] * len(tasks)]  # loss sum, batches and per-task loss sums of this rank since the last record
+    window = _Window([t.name for t in cfg.tasks])
     while True:
         tw = time.perf_counter()
         rb = next(it, None)
@@ -165,7 +184,7 @@ def train_stream(
         if alive == 0:
             break
         optimizer.zero_grad()
-        torch.manual_seed(step_seed(cfg.train.seed, rng_key, start_step + stats.steps, rank))
+        torch.manual_seed(step_seed(cfg.train.seed, opts.rng_key, start_step + stats.steps, rank))
         if fed is not None:
             tc = time.perf_counter()
             batch = conv(fed).to(device)
@@ -173,10 +192,7 @@ def train_stream(
             with _frozen(bns, fed.num_rows < 2):  # BatchNorm cannot take batch statistics of one row
                 loss, (task_losses, _, _) = dmp(batch)
                 loss.backward()
-            window[0] += float(loss.item())
-            window[1] += 1
-            for i, name in enumerate(tasks):
-                window[2][i] += float(task_losses[name])
+            window.add(float(loss.item()), task_losses)
             stats.batches += 1
         else:  # this rank's stream has ended (or sampling left nothing): the collectives still need it
             with _frozen(bns):  # the pad rows must not move the running statistics
@@ -190,12 +206,12 @@ def train_stream(
         if active:  # nobody trained (every rank's batch sampled away): Adam's momentum must not move
             optimizer.step()
         stats.steps += 1
-        if stats.steps % log_every == 0:
-            _progress(stats, window, t0, world, device, pg, on_progress, start_step, tasks)
-        if on_step is not None:
-            on_step(start_step + stats.steps)
-    if stats.steps % log_every:  # the last partial window (every rank ends at the same step)
-        _progress(stats, window, t0, world, device, pg, on_progress, start_step, tasks)
+        if stats.steps % opts.log_every == 0:
+            _progress(stats, window, t0, world, device, opts)
+        if opts.on_step is not None:
+            opts.on_step(start_step + stats.steps)
+    if stats.steps % opts.log_every:  # the last partial window (every rank ends at the same step)
+        _progress(stats, window, t0, world, device, opts)
     stats.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
     return stats
 
@@ -209,31 +225,28 @@ def step_seed(seed: int, key: int, step: int, rank: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def _progress(stats: WorkerStats, window: list, t0: float | None, world: int, device: torch.device,
-              pg: dist.ProcessGroup | None, on_progress: Callable[[Progress], None] | None, start_step: int = 0,
-              tasks: list[str] | None = None) -> None:
+def _progress(stats: WorkerStats, window: _Window, t0: float | None, world: int, device: torch.device, opts: LoopOptions) -> None:
     """Gather (rows, window loss, elapsed, per-task window losses) from every rank; record this
     rank's window mean loss."""
-    tasks = tasks or []
-    mine = torch.tensor([stats.rows, window[0], window[1], time.perf_counter() - (t0 or time.perf_counter()), *window[2]],
+    mine = torch.tensor([stats.rows, window.loss, window.batches, time.perf_counter() - (t0 or time.perf_counter()), *window.per_task],
                         dtype=torch.float64, device=device)
     if world > 1:
         parts = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(parts, mine, group=pg)
+        dist.all_gather(parts, mine, group=opts.pg)
     else:
         parts = [mine]
     rows = [int(p[0].item()) for p in parts]
     n_loss = sum(p[2].item() for p in parts)
     mean_loss = sum(p[1].item() for p in parts) / max(n_loss, 1)
     elapsed = max(p[3].item() for p in parts)
-    task_losses = {t: sum(p[4 + i].item() for p in parts) / max(n_loss, 1) for i, t in enumerate(tasks)}
-    rec = Progress(step=start_step + stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss,
+    task_losses = {t: sum(p[4 + i].item() for p in parts) / max(n_loss, 1) for i, t in enumerate(window.tasks)}
+    rec = Progress(step=opts.start_step + stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss,
                    task_losses=task_losses)
-    if window[1]:
-        stats.losses.append({"step": stats.steps, "rows": stats.rows, "loss": window[0] / window[1]})
-    window[0], window[1], window[2] = 0.0, 0, [0.0] * len(tasks)
-    if on_progress is not None:
-        on_progress(rec)
+    if window.batches:
+        stats.losses.append({"step": stats.steps, "rows": stats.rows, "loss": window.loss / window.batches})
+    window.reset()
+    if opts.on_progress is not None:
+        opts.on_progress(rec)
 
 
 def gather_stats(stats: WorkerStats, pg: dist.ProcessGroup | None = None) -> list[dict]:

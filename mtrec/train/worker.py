@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import ray
 import ray.train
@@ -24,7 +26,7 @@ from mtrec.config import MtrecConfig
 from mtrec.errors import MtrecError
 from mtrec.models import MultiTaskTrain, build_model
 from mtrec.train import checkpoint
-from mtrec.train.loop import Progress, gather_stats, train_stream
+from mtrec.train.loop import LoopOptions, Progress, gather_stats, train_stream
 from mtrec.train.position import Position, skip_trained
 from mtrec.train.sharding import dense_optimizer, device_for_backend, plan_summary, shard
 from mtrec.train.stream import rebatch
@@ -112,19 +114,36 @@ def day_ordinal(day: str) -> int:
     return dt.date.fromisoformat(day).toordinal()
 
 
+@dataclass(frozen=True)
+class WorkerJob:
+    """What each Ray Train worker is given: one picklable object (`train_loop_per_worker`)."""
+
+    cfg: dict[str, Any]  # the run spec, dumped (workers rebuild it)
+    id: str  # JobPlan.job_id
+    run: str  # JobPlan.run
+    day: str  # the last day, ISO
+    parent: str | None
+    staging: str
+    expected_rows: int
+    allow_config_change: bool
+    manifest: dict[str, Any]
+    collector: Any = None  # the RunCollector actor the workers report to
+    log_every: int = 50
+    kill: str | None = None  # fault drill: MTREC_KILL_WORKER
+
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry (also after a worker-group restart). `config`: {"cfg": MtrecConfig as JSON
-    dict, "collector": RunCollector, "log_every": int, "kill": fault drill, "job": {"id", "run", "day",
-    "parent", "staging", "expected_rows", "allow_config_change", "manifest"}}. The dataset shard
-    "train" yields canonical Arrow batches with positions.
+    """Ray Train entry (also after a worker-group restart). `config`: {"job": WorkerJob}
+    (mtrec.jobs.plan). The dataset shard "train" yields canonical Arrow batches with positions.
 
     Starts from the job's newest intra-day checkpoint if there is one, else the parent, else a
     fresh model; saves an intra-day checkpoint every `train.checkpoint_every_batches` steps;
     stages the final checkpoint only when every good row was trained exactly once."""
-    cfg = MtrecConfig.model_validate(config["cfg"])
     job = config["job"]
-    day = dt.date.fromisoformat(job["day"])
-    collector = config["collector"]
+    cfg = MtrecConfig.model_validate(job.cfg)
+    day = dt.date.fromisoformat(job.day)
+    collector = job.collector
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = torch_threads(cfg.train.torch_threads, ctx.get_local_world_size())
@@ -146,13 +165,13 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         dist.broadcast_object_list(choice, src=0)
     partial = choice[0]
-    if partial and partial[1].get("job_id") == job["id"]:
+    if partial and partial[1].get("job_id") == job.id:
         checkpoint.load(dmp, optimizer, partial[0], cfg)
         done, start_step = Position.from_json(partial[1]["position"]), int(partial[1]["step"])
         if rank == 0:
             ray.get(collector.started.remote({"checkpoint": partial[0], "step": start_step, "rows": done.rows}))
-    elif job["parent"]:
-        checkpoint.load(dmp, optimizer, job["parent"], cfg, allow_config_change=job["allow_config_change"])
+    elif job.parent:
+        checkpoint.load(dmp, optimizer, job.parent, cfg, allow_config_change=job.allow_config_change)
     setup_s = time.perf_counter() - t0
     mark("model_ready")
 
@@ -161,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
     # a restarted worker group streams the data from the start again: rows already trained are
     # dropped here; then exact-size batches (rebatch merges a small last one: BatchNorm never sees 1 row)
     batches = rebatch(skip_trained((rb for t in tables for rb in t.combine_chunks().to_batches()), done), cfg.train.batch_size)
-    batches = _kill_switch(batches, rank, config.get("kill"), collector)
+    batches = _kill_switch(batches, rank, job.kill, collector)
 
     mine = Position()  # rows this rank trains in this attempt
     every = cfg.train.checkpoint_every_batches
@@ -176,23 +195,23 @@ def train_loop_per_worker(config: dict) -> None:
         if step % every:
             return
         trained = trained_so_far()
-        url = checkpoint.partial_url(cfg, day, step, job["run"])
-        checkpoint.save(dmp, optimizer, url, {**job["manifest"], "job_id": job["id"], "step": step,
+        url = checkpoint.partial_url(cfg, day, step, job.run)
+        checkpoint.save(dmp, optimizer, url, {**job.manifest, "job_id": job.id, "step": step,
                                               "position": trained.to_json(), "rows_trained": trained.rows, "world_size": world})
         if rank == 0:
-            checkpoint.prune_partials(cfg, day, keep=url, run=job["run"])
+            checkpoint.prune_partials(cfg, day, keep=url, run=job.run)
 
     def on_progress(p: Progress) -> None:
         if rank == 0:
             collector.progress.remote({"step": p.step, "rows": p.rows, "rows_per_s": p.rows_per_s, "loss": p.loss, "task_losses": p.task_losses,
                                       "line": p.line()})
 
-    stats = train_stream(dmp, optimizer, batches, cfg, device, log_every=config.get("log_every", 50), on_progress=on_progress,
-                         position=mine, start_step=start_step, rng_key=day_ordinal(job["day"]), on_step=on_step)
+    stats = train_stream(dmp, optimizer, batches, cfg, device, LoopOptions(log_every=job.log_every, on_progress=on_progress, position=mine,
+                                                                           start_step=start_step, rng_key=day_ordinal(job.day), on_step=on_step))
     mark("trained")
     everyone = gather_stats(stats)
     trained = trained_so_far()
-    if trained.rows != job["expected_rows"]:  # every rank sees the same sums: all stop before staging
+    if trained.rows != job.expected_rows:  # every rank sees the same sums: all stop before staging
         per = ", ".join(f"{w['rows']:,}" for w in everyone)
         raise MtrecError(f"workers trained {trained.rows:,} rows ({per} per worker in this attempt, {done.rows:,} before it) but "
                          f"validation counted {job['expected_rows']:,} good rows; nothing was published - rerun the job")
@@ -200,11 +219,11 @@ def train_loop_per_worker(config: dict) -> None:
     plan_dict = plan_summary(plan)
     last = [w["losses"][-1]["loss"] for w in everyone if w["losses"]]
     metrics = {"train_loss_last_window": sum(last) / len(last)} if last else {}  # next-day metrics: `mtrec evaluate`
-    manifest = {**job["manifest"], "world_size": world, "plan": plan_dict, "rows_trained": trained.rows, "steps": start_step + stats.steps,
+    manifest = {**job.manifest, "world_size": world, "plan": plan_dict, "rows_trained": trained.rows, "steps": start_step + stats.steps,
                 "metrics": metrics,
                 "rows_per_worker": [w["rows"] for w in everyone], "resumed_at_step": start_step or None,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    checkpoint.save(dmp, optimizer, job["staging"], manifest, marker=False)
+    checkpoint.save(dmp, optimizer, job.staging, manifest, marker=False)
     mark("staged")
     if rank == 0:
         ray.get(collector.finish.remote({"workers": everyone, "plan": plan_dict, "setup_s": setup_s, "rows_trained": trained.rows,

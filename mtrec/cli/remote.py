@@ -1,4 +1,4 @@
-"""`mtrec submit`: run any mtrec job on a Ray cluster through the Ray Job Submission API.
+"""`mtrec submit`'s client: run any mtrec job on a Ray cluster through the Ray Job Submission API.
 
     mtrec submit --address http://HEAD:8265 -- nightly --config my.yaml --date yesterday --promote
 
@@ -38,13 +38,15 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from mtrec.config import EXAMPLES, JobConfig, example_path
 from mtrec.errors import ClusterError, ConfigError
+
+log = logging.getLogger(__name__)
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 PATH_FLAGS = ("--logs", "--workdir", "--out", "--summary", "--checkpoint")
@@ -83,9 +85,7 @@ def check_command(argv: Sequence[str]) -> argparse.Namespace:
     if argv[0] not in SUBMITTABLE:
         raise ConfigError(f"`{argv[0]}` cannot be submitted; submit one of: {', '.join(SUBMITTABLE)} "
                           "(the command after `--` is an mtrec sub-command without the word `mtrec`)")
-    parser = build_parser()
-    for sub in parser._subparsers._group_actions[0].choices.values():  # noqa: SLF001 - argparse keeps subparsers there
-        sub.allow_abbrev = False  # flags in full: the checks and the --config rewrite below look for exact names
+    parser = build_parser(abbrev=False)  # flags in full: the checks and the --config rewrite below look for exact names
     try:
         args = parser.parse_args(argv)
     except SystemExit:
@@ -188,8 +188,6 @@ def client(address: str | None):
     from mtrec.jobs.cluster import quiet_ray
 
     quiet_ray()  # after Ray's import, which sets its loggers up: the SDK's INFO lines are not the job's output
-    for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
@@ -203,7 +201,7 @@ def client(address: str | None):
 
 
 def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: Sequence[str] = (), installed: bool = False,
-           entrypoint_cpus: float = 0.0, say: Callable[[str], None] = print) -> int:
+           entrypoint_cpus: float = 0.0) -> int:
     """Submit `mtrec <argv>` as a Ray job; with `wait`, stream its output and return its exit code.
 
     Raises:
@@ -227,15 +225,15 @@ def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: 
         except Exception as e:  # noqa: BLE001
             raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({_first_line(e)})") from None
     code = "uploaded" if not installed else "the cluster's installed mtrec"
-    say(f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})")
+    log.info(f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})")
     if not wait:
-        say(f"follow it: mtrec submit --address {c.get_address()} --attach {sid}   stop it: ... --stop {sid}")
+        log.info(f"follow it: mtrec submit --address {c.get_address()} --attach {sid}   stop it: ... --stop {sid}")
         print(sid, flush=True)
         return 0
-    return attach(c, sid, say)
+    return attach(c, sid)
 
 
-def attach(c, sid: str, say: Callable[[str], None] = print) -> int:
+def attach(c, sid: str) -> int:
     """Stream a job's output until it ends; its exit code (see module doc). SIGTERM (Kubernetes
     deleting the pod, a deadline, systemd stopping the unit) stops the job too, so a retried
     submission never meets its own orphan; Ctrl-C only stops waiting."""
@@ -255,31 +253,31 @@ def attach(c, sid: str, say: Callable[[str], None] = print) -> int:
         except _Terminated:
             raise
         except Exception as e:  # noqa: BLE001 - the log stream broke; the status below still decides
-            say(f"(log stream interrupted: {type(e).__name__}; waiting for the job's status)")
+            log.info(f"(log stream interrupted: {type(e).__name__}; waiting for the job's status)")
         while (info := _job_info(c, sid, retries=30)).status not in TERMINAL:
             time.sleep(2.0)
     except KeyboardInterrupt:
-        say(f"\nstopped waiting; job {sid} keeps running on the cluster. Stop it: mtrec submit --address {c.get_address()} --stop {sid}")
+        log.info(f"stopped waiting; job {sid} keeps running on the cluster. Stop it: mtrec submit --address {c.get_address()} --stop {sid}")
         return 130
     except _Terminated:
         with contextlib.suppress(Exception):
             c.stop_job(sid)
-        say(f"terminated: stop requested for job {sid}")
+        log.info(f"terminated: stop requested for job {sid}")
         return 143
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     status = str(info.status)
     if status == "SUCCEEDED":
-        say(f"job {sid} SUCCEEDED")
+        log.info(f"job {sid} SUCCEEDED")
         return 0
     code = info.driver_exit_code
     if status == "FAILED" and code:
         code = int(code) if code > 0 else 128 - int(code)  # killed by a signal: 128 + its number, as a shell reports it
-        say(f"job {sid} FAILED: mtrec exited {code}")
+        log.info(f"job {sid} FAILED: mtrec exited {code}")
         return code
     last = next(iter((info.message or "").strip().splitlines()[-1:]), "")
-    say(f"job {sid} {status}: {last}")
+    log.info(f"job {sid} {status}: {last}")
     return ClusterError.exit_code
 
 
@@ -305,22 +303,22 @@ def _job_info(c, sid: str, retries: int = 0):
     raise AssertionError("unreachable")
 
 
-def status(address: str | None, sid: str, say: Callable[[str], None] = print) -> int:
+def status(address: str | None, sid: str) -> int:
     c = client(address)
     info = _job_info(c, sid)
     took = ""
     if info.start_time:
         end = info.end_time or time.time() * 1000
         took = f", {(end - info.start_time) / 1000:.0f}s"
-    say(f"{sid}: {info.status}{took}; exit code {info.driver_exit_code}; {(info.message or '').strip()}")
+    print(f"{sid}: {info.status}{took}; exit code {info.driver_exit_code}; {(info.message or '').strip()}")
     return 0
 
 
-def stop(address: str | None, sid: str, say: Callable[[str], None] = print) -> int:
+def stop(address: str | None, sid: str) -> int:
     c = client(address)
     try:
         stopped = c.stop_job(sid)
     except Exception as e:  # noqa: BLE001
         raise ClusterError(f"cannot stop {sid} at {c.get_address()} ({_first_line(e)})") from None
-    say(f"{sid}: {'stop requested' if stopped else 'not running (already ended)'}")
+    print(f"{sid}: {'stop requested' if stopped else 'not running (already ended)'}")
     return 0

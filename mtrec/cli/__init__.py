@@ -1,0 +1,65 @@
+"""The `mtrec` command: one module per sub-command, each parsing its flags and calling a job.
+
+Every sub-command exits non-zero with one line ``mtrec: error: <reason and fix>`` on bad input.
+Progress goes to stderr through `logging` (the "mtrec" logger); stdout carries only what a
+command is asked to print (`--json`), so it pipes into `jq` or `python -m json.tool`. Ray's and
+MLflow's own log lines and warnings stay out of the way unless `--verbose`. Heavy imports happen
+inside the sub-commands, so `mtrec --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mtrec.cli import (
+    backfill,
+    bn_check,
+    demo,
+    evaluate,
+    nightly,
+    predict,
+    promote,
+    submit,
+    synth,
+    train,
+    validate,
+)
+from mtrec.errors import MtrecError
+from mtrec.log import configure, reset
+
+COMMANDS = (synth, validate, train, nightly, backfill, evaluate, predict, promote, bn_check, submit, demo)
+
+
+def build_parser(abbrev: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; `abbrev=False` requires every flag written in full (`mtrec submit`
+    checks a command it sends with it)."""
+    parser = argparse.ArgumentParser(prog="mtrec", description="Nightly multi-task recommendation training (see README.md).",
+                                     allow_abbrev=abbrev)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS:
+        command.add(sub, abbrev)
+    for p in sub.choices.values():
+        p.add_argument("--verbose", "-v", action="store_true", help="also show Ray's and MLflow's own log lines and warnings")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure(sys.stderr, args.verbose)
+    try:
+        return args.run(args)
+    except MtrecError as e:
+        print(f"mtrec: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mtrec: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        reset()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""`mtrec bn-check`: a model's BatchNorm statistics against a day as served; --recalibrate fixes them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mtrec.cli.common import add_common, day, load, print_json, tracking_env
+
+
+def add(sub, abbrev: bool = True) -> None:
+    p = sub.add_parser("bn-check", help="BatchNorm statistics of a model vs a day as served; --recalibrate fixes them",
+                       allow_abbrev=abbrev)
+    add_common(p)
+    p.add_argument("--model", help="MLflow model URI, e.g. models:/esmm_synth@challenger (default: the newest checkpoint before --date)")
+    p.add_argument("--checkpoint", help="checkpoint URL instead of --model")
+    p.add_argument("--recalibrate", action="store_true", help="recompute the BN statistics on --date and register the result as a new version")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtrec.errors import BNCheckFailed
+    from mtrec.jobs.bn_check import run_bn_check
+
+    cfg = load(args)
+    d = day(args, cfg)
+    if args.model:
+        tracking_env(cfg)
+    out = run_bn_check(cfg, d, model_uri=args.model, url=args.checkpoint, recalibrate=args.recalibrate)
+    final = out["after"] or out["before"]
+    if args.json:
+        print_json({"before": json.loads(out["before"].to_json()), "after": json.loads(out["after"].to_json()) if out["after"] else None,
+                    "version": out["version"]})
+    if not final.passed:
+        raise BNCheckFailed(final.summary())
+    return 0

@@ -1,0 +1,24 @@
+"""`mtrec train`: a full retrain (cold start) over a date range on Ray."""
+
+from __future__ import annotations
+
+import argparse
+
+from mtrec.cli.common import add_common, add_train_flags, day, run_options, train_cfg
+
+
+def add(sub, abbrev: bool = True) -> None:
+    p = sub.add_parser("train", help="full retrain over a date range on Ray (cold start)", allow_abbrev=abbrev)
+    add_common(p, date=False)
+    p.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, help="last day (inclusive), YYYY-MM-DD")
+    add_train_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtrec.jobs.retrain import run_train
+
+    cfg = train_cfg(args)
+    run_train(cfg, day(args, cfg, "--from", args.start), day(args, cfg, "--to", args.end), run_options(args))
+    return 0
