@@ -54,7 +54,7 @@ from mlflow.models import Model
 
 from mtrec import __version__
 from mtrec.config import GATE_METRICS, MtrecConfig
-from mtrec.data.io import list_day_files, list_days
+from mtrec.data.io import is_local, list_day_files, list_days, local_path
 from mtrec.errors import ConfigError, GateDeferred, GateRefused, MtrecError, TrackingError
 from mtrec.serving import ServedModel
 
@@ -70,10 +70,10 @@ def tracking_uri(cfg: MtrecConfig) -> str:
     if uri:
         return uri
     workdir = cfg.job.workdir
-    if "://" in workdir and not workdir.startswith("file://"):
+    if not is_local(workdir):
         raise ConfigError(f"the embedded MLflow store is a sqlite file in the workdir, and {workdir} is not a local path; "
                           "set `tracking.uri` (or MLFLOW_TRACKING_URI) to an MLflow server, or `tracking.enabled: false`")
-    path = Path(workdir.removeprefix("file://")).resolve()
+    path = Path(local_path(workdir)).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}/mlflow.db"
 

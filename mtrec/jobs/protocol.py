@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from mtrec import __version__
 from mtrec.config import MtrecConfig
-from mtrec.data.io import DataFile, filesystem, join, list_day_files
+from mtrec.data.io import DataFile, filesystem, is_local, join, list_day_files, local_path
 from mtrec.data.validate import validate_day
 from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError
 from mtrec.train import checkpoint
@@ -138,9 +138,9 @@ def _exact_split_config(buffer_bytes: int):
 
 def _storage(cfg: MtrecConfig) -> str:
     url = join(cfg.job.workdir, "ray")
-    if "://" in url and not url.startswith("file://"):
+    if not is_local(url):
         return url
-    path = os.path.abspath(url.removeprefix("file://"))
+    path = os.path.abspath(local_path(url))
     os.makedirs(path, exist_ok=True)
     return path
 

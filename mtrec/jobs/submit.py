@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from mtrec.config import EXAMPLES, JobConfig, example_path
+from mtrec.data.io import is_local, local_path
 from mtrec.errors import ClusterError, ConfigError
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -51,10 +52,6 @@ PATH_FLAGS = ("--logs", "--workdir", "--out", "--summary", "--checkpoint")
 SUBMITTABLE = ("train", "nightly", "backfill", "evaluate", "predict", "promote", "bn-check", "validate", "synth")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STAGE_DIR = "_submit"
-
-
-def _is_local(value: str) -> bool:
-    return "://" not in value or value.startswith("file://")
 
 
 def _flag_values(argv: Sequence[str], flag: str) -> list[tuple[int, str]]:
@@ -93,14 +90,14 @@ def check_command(argv: Sequence[str]) -> argparse.Namespace:
                           "write every flag in full); fix it and submit again") from None
     for flag in PATH_FLAGS:
         for _, value in _flag_values(argv, flag):
-            if _is_local(value) and not Path(value.removeprefix("file://")).is_absolute():
+            if is_local(value) and not Path(local_path(value)).is_absolute():
                 raise ConfigError(f"{flag} {value} is a relative path: the job runs in another directory, usually on another machine; "
                                   "pass an absolute path on storage every node sees (a shared file system) or a URL such as s3://...")
     return args
 
 
 def _raw_config(source: str) -> dict:
-    path = example_path(source) if source in EXAMPLES else Path(source.removeprefix("file://"))
+    path = example_path(source) if source in EXAMPLES else Path(local_path(source))
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -111,14 +108,14 @@ def _raw_config(source: str) -> dict:
 def _check_config_paths(argv: Sequence[str], config: str) -> None:
     """A config whose job.logs / job.workdir (or their defaults) are relative local paths would
     resolve inside the job's working dir on the cluster: refuse unless the command overrides them."""
-    if not _is_local(config):  # file:// counts as local
+    if not is_local(config):  # file:// counts as local
         return  # read on the cluster; checked there
     job = _raw_config(config).get("job") or {}
     for key, flag in (("logs", "--logs"), ("workdir", "--workdir")):
         if _flag_values(argv, flag):
             continue
         value = job.get(key, JobConfig.model_fields[key].default)
-        if isinstance(value, str) and _is_local(value) and not Path(value.removeprefix("file://")).expanduser().is_absolute():
+        if isinstance(value, str) and is_local(value) and not Path(local_path(value)).expanduser().is_absolute():
             raise ConfigError(f"the config's job.{key} is the relative path {value!r}; on the cluster it would resolve inside the "
                               f"job's working dir: set an absolute path or URL in the config, or pass {flag}")
 
@@ -134,11 +131,11 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
         shutil.copytree(src, into / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     configs = _flag_values(argv, "--config") or [(-1, "esmm")]
     for i, value in configs if argv[0] != "synth" else []:
-        local = value.removeprefix("file://")
-        if _is_local(value) and value not in EXAMPLES and not Path(local).is_file():
+        local = local_path(value)
+        if is_local(value) and value not in EXAMPLES and not Path(local).is_file():
             raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(EXAMPLES)}")
         _check_config_paths(argv, value)
-        if i >= 0 and _is_local(value) and Path(local).is_file():
+        if i >= 0 and is_local(value) and Path(local).is_file():
             (into / STAGE_DIR).mkdir(exist_ok=True)
             shutil.copyfile(local, into / STAGE_DIR / Path(local).name)
             rel = f"{STAGE_DIR}/{Path(local).name}"

@@ -48,7 +48,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtrec.config import MtrecConfig
-from mtrec.data.io import filesystem, join
+from mtrec.data.io import filesystem, is_local_fs, join
 from mtrec.errors import CheckpointError
 
 SUCCESS = "_SUCCESS"
@@ -127,10 +127,6 @@ def _touch(fs, path: str) -> None:
         fh.write("")
 
 
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
 def staging_url(cfg: MtrecConfig, day: dt.date) -> str:
     """A fresh folder for a job's final checkpoint before it is published."""
     return join(checkpoint_root(cfg), STAGING, f"dt={day.isoformat()}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
@@ -150,7 +146,7 @@ def publish(staged: str, url: str) -> None:
     fs, src = filesystem(staged)
     _, dst = filesystem(url)
     try:
-        if _is_local(fs):
+        if is_local_fs(fs):
             _touch(fs, f"{src}/{SUCCESS}")
             old = None
             if os.path.exists(dst):
