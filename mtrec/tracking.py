@@ -55,7 +55,7 @@ from mlflow.models import Model
 from mtrec import __version__
 from mtrec.config import GATE_METRICS, MtrecConfig
 from mtrec.data.io import is_local, list_day_files, list_days, local_path
-from mtrec.errors import ConfigError, GateDeferred, GateRefused, MtrecError, TrackingError
+from mtrec.errors import ConfigError, GateDeferred, GateRefused, MtrecError, TrackingError, first_line
 from mtrec.serving import ServedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -116,12 +116,6 @@ def _absent(e: BaseException) -> bool:
         return False
     return e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
         e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e))
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text[:240] + (" ..." if len(text) > 240 else "")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -190,10 +184,10 @@ class Tracker:
                 if absent_ok and _absent(e):
                     return None
                 if not _transient(e):
-                    raise TrackingError(f"MLflow at {self.uri} refused {what}: {_first_line(e)}") from None
+                    raise TrackingError(f"MLflow at {self.uri} refused {what}: {first_line(e, limit=240)}") from None
                 if attempt == tries:
                     raise TrackingError(f"MLflow at {self.uri} is unreachable: {what} failed {tries} time(s) over "
-                                        f"{time.monotonic() - t0:.0f}s ({_first_line(e)}); check that the tracking server is up "
+                                        f"{time.monotonic() - t0:.0f}s ({first_line(e, limit=240)}); check that the tracking server is up "
                                         "and that tracking.uri / MLFLOW_TRACKING_URI point at it") from None
                 time.sleep(wait)
                 wait *= 2
@@ -388,7 +382,7 @@ def load_served(model_uri: str) -> ServedModel:
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow, network, a model logged by another version: one line
-        raise TrackingError(f"cannot load {model_uri}: {_first_line(e)}; check the name, version or alias "
+        raise TrackingError(f"cannot load {model_uri}: {first_line(e, limit=240)}; check the name, version or alias "
                             f"and the tracking URI ({mlflow.get_tracking_uri()})") from None
     inner = model.unwrap_python_model()
     if not isinstance(inner, MtrecPyfunc):

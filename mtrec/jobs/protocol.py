@@ -30,7 +30,7 @@ from mtrec import __version__
 from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, filesystem, is_local, join, list_day_files, local_path
 from mtrec.data.validate import validate_day
-from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError
+from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError, first_line
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
 from mtrec.train.stream import read_good_rows
@@ -155,7 +155,7 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
             return cause
     if not failures:
         cause = _root(getattr(err, "controller_failure", err))
-        return MtrecError(f"training failed in Ray Train's controller: {_first_line(cause)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
+        return MtrecError(f"training failed in Ray Train's controller: {first_line(cause, typed=True)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
     def died(exc: BaseException) -> bool:  # the process is gone (killed, OOM, node lost), not a Python error
         return any(k in type(_root(exc)).__name__ for k in ("HealthCheck", "ActorDied", "WorkerCrashed", "NodeDied"))
 
@@ -163,7 +163,7 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
     for rank, exc in sorted(failures.items(), key=lambda kv: (not died(kv[1]), kv[0])):
         w = workers.get(rank, {})
         where = f"worker {rank}" + (f" (node {w['node']}, pid {w['pid']})" if w else "")
-        parts.append(f"{where}{' died' if died(exc) else ''}: {_first_line(_root(exc))}")
+        parts.append(f"{where}{' died' if died(exc) else ''}: {first_line(_root(exc), typed=True)}")
     return MtrecError("training failed: " + "; then ".join(parts) + "; nothing was published, rerun the job (see the Ray logs for the traceback)")
 
 
@@ -176,12 +176,6 @@ def _root(exc: BaseException) -> BaseException:
             break
         exc = inner
     return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(exc).__name__}: {line[:200] + ' ...' if len(line) > 200 else line}".strip()
 
 
 def _trainer_class():
@@ -378,7 +372,7 @@ def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent:
             checkpoint.discard(staged)
             left = checkpoint.latest_partial(cfg, end)
             resume = f"; the next run resumes from {left[0]} (step {left[1]['step']})" if left else ""
-            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {run_id} failed: {_first_line(e)}")
+            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {run_id} failed: {first_line(e, typed=True)}")
             raise err.reworded(f"{err}; the day was trained but nothing was published{resume}") from None
         marks["recorded"] = time.time() - t_epoch
     checkpoint.publish(staged, summary.checkpoint)

@@ -45,7 +45,7 @@ import yaml
 
 from mtrec.config import EXAMPLES, JobConfig, example_path
 from mtrec.data.io import is_local, local_path
-from mtrec.errors import ClusterError, ConfigError
+from mtrec.errors import ClusterError, ConfigError, first_line
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 PATH_FLAGS = ("--logs", "--workdir", "--out", "--summary", "--checkpoint")
@@ -163,11 +163,6 @@ def submission_id(argv: Sequence[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts))
 
 
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (Ray's and requests' messages run to many)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 def client(address: str | None):
     """A JobSubmissionClient for `address` (or RAY_ADDRESS when it is an http(s) URL)."""
     address = address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http") else None)
@@ -190,7 +185,7 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
-        first = _first_line(e)
+        first = first_line(e)
         if re.search(r"authenticat|unauthori[sz]ed|401|403", str(e), re.I):
             raise ClusterError(f"the Ray job server at {address} refused the request ({first}): it needs the cluster's token; set "
                                "RAY_AUTH_TOKEN to it (the head keeps it in ~/.ray/auth_token, or it is the RAY_AUTH_TOKEN the cluster "
@@ -222,7 +217,7 @@ def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: 
                          entrypoint_num_cpus=entrypoint_cpus,
                          metadata={"mtrec_command": shlex.join(argv), "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}"})
         except Exception as e:  # noqa: BLE001
-            raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({_first_line(e)})") from None
+            raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({first_line(e)})") from None
     code = "uploaded" if not installed else "the cluster's installed mtrec"
     say(f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})")
     if not wait:
@@ -296,7 +291,7 @@ def _job_info(c, sid: str, retries: int = 0):
         except Exception as e:  # noqa: BLE001
             text = str(e)
             if "does not exist" in text or "404" in text or attempt == retries:
-                raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({_first_line(e)}); list jobs with "
+                raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({first_line(e)}); list jobs with "
                                    f"`ray job list --address {c.get_address()}`") from None
             time.sleep(2.0)
     raise AssertionError("unreachable")
@@ -318,6 +313,6 @@ def stop(address: str | None, sid: str, say: Callable[[str], None] = print) -> i
     try:
         stopped = c.stop_job(sid)
     except Exception as e:  # noqa: BLE001
-        raise ClusterError(f"cannot stop {sid} at {c.get_address()} ({_first_line(e)})") from None
+        raise ClusterError(f"cannot stop {sid} at {c.get_address()} ({first_line(e)})") from None
     say(f"{sid}: {'stop requested' if stopped else 'not running (already ended)'}")
     return 0
