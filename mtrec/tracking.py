@@ -56,6 +56,7 @@ from mtrec import __version__
 from mtrec.config import GATE_METRICS, MtrecConfig
 from mtrec.data.io import is_local, list_day_files, list_days, local_path
 from mtrec.errors import ConfigError, GateDeferred, GateRefused, MtrecError, TrackingError, first_line
+from mtrec.retry import retry
 from mtrec.serving import ServedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -174,24 +175,19 @@ class Tracker:
             TrackingError: MLflow unreachable after the retries, or a call it refused.
         """
         tries = self.cfg.tracking.retries + 1
-        wait, t0 = self.cfg.tracking.backoff_s, time.monotonic()
-        for attempt in range(1, tries + 1):
-            try:
-                return fn(*args, **kwargs)
-            except MtrecError:
-                raise
-            except Exception as e:  # noqa: BLE001 - MLflow, requests, sqlalchemy: classified below
-                if absent_ok and _absent(e):
-                    return None
-                if not _transient(e):
-                    raise TrackingError(f"MLflow at {self.uri} refused {what}: {first_line(e, limit=240)}") from None
-                if attempt == tries:
-                    raise TrackingError(f"MLflow at {self.uri} is unreachable: {what} failed {tries} time(s) over "
-                                        f"{time.monotonic() - t0:.0f}s ({first_line(e, limit=240)}); check that the tracking server is up "
-                                        "and that tracking.uri / MLFLOW_TRACKING_URI point at it") from None
-                time.sleep(wait)
-                wait *= 2
-        raise AssertionError("unreachable")
+        t0 = time.monotonic()
+        try:
+            return retry(lambda: fn(*args, **kwargs), tries, self.cfg.tracking.backoff_s, _transient)
+        except MtrecError:
+            raise
+        except Exception as e:  # noqa: BLE001 - MLflow, requests, sqlalchemy: classified below
+            if absent_ok and _absent(e):
+                return None
+            if not _transient(e):
+                raise TrackingError(f"MLflow at {self.uri} refused {what}: {first_line(e, limit=240)}") from None
+            raise TrackingError(f"MLflow at {self.uri} is unreachable: {what} failed {tries} time(s) over "
+                                f"{time.monotonic() - t0:.0f}s ({first_line(e, limit=240)}); check that the tracking server is up "
+                                "and that tracking.uri / MLFLOW_TRACKING_URI point at it") from None
 
     def experiment_id(self) -> str:
         if self._experiment is None:

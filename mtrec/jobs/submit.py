@@ -46,6 +46,7 @@ import yaml
 from mtrec.config import EXAMPLES, JobConfig, example_path
 from mtrec.data.io import is_local, local_path
 from mtrec.errors import ClusterError, ConfigError, first_line
+from mtrec.retry import retry
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 PATH_FLAGS = ("--logs", "--workdir", "--out", "--summary", "--checkpoint")
@@ -285,16 +286,14 @@ def _job_info(c, sid: str, retries: int = 0):
     Raises:
         ClusterError: no such job, or the job server stays unreachable.
     """
-    for attempt in range(retries + 1):
-        try:
-            return c.get_job_info(sid)
-        except Exception as e:  # noqa: BLE001
-            text = str(e)
-            if "does not exist" in text or "404" in text or attempt == retries:
-                raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({first_line(e)}); list jobs with "
-                                   f"`ray job list --address {c.get_address()}`") from None
-            time.sleep(2.0)
-    raise AssertionError("unreachable")
+    def transient(e: Exception) -> bool:
+        return "does not exist" not in str(e) and "404" not in str(e)
+
+    try:
+        return retry(lambda: c.get_job_info(sid), retries + 1, 2.0, transient, factor=1.0)
+    except Exception as e:  # noqa: BLE001
+        raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({first_line(e)}); list jobs with "
+                           f"`ray job list --address {c.get_address()}`") from None
 
 
 def status(address: str | None, sid: str, say: Callable[[str], None] = print) -> int:
