@@ -17,6 +17,7 @@ workers' prefetch, whatever the size of the range.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -123,7 +124,7 @@ def _exact_split_config(buffer_bytes: int):
             out = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                opts = self._resolve_execution_options(name)
+                opts = copy.deepcopy(self.default_ingest_options())  # the current DataContext's options, a copy: changed below
                 opts.preserve_order = True  # file order: reproducible runs
                 r = opts.resource_limits
                 opts.resource_limits = ExecutionResources(cpu=r.cpu, gpu=r.gpu, memory=r.memory,
