@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import TensorStorageMetadata
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -249,22 +250,11 @@ def read_full(url: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole (shards joined), keyed `model.<name>`,
     `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. For comparing
     checkpoints written at different world sizes (tests, `bench/incremental.py`)."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
+    meta = FsspecReader(url).read_metadata().state_dict_metadata  # DCP's flattened names: model.<name>, ...
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _load_state_dict(state, storage_reader=FsspecReader(url), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif torch.is_tensor(v):
-                out[f"{prefix}{k}"] = v
-    walk(state, "")
+        dcp.load(out, storage_reader=FsspecReader(url), no_dist=True)
     return out
 
 
