@@ -32,6 +32,7 @@ from mtrec.config import MtrecConfig
 from mtrec.data.io import DataFile, filesystem, is_local, join, list_day_files, local_path
 from mtrec.data.validate import validate_day
 from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError, first_line
+from mtrec.shims import trainer_class
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
 from mtrec.train.stream import read_good_rows
@@ -179,23 +180,6 @@ def _root(exc: BaseException) -> BaseException:
     return exc
 
 
-def _trainer_class():
-    """TorchTrainer whose placement-group cleaner gives up quickly. Ray Train 2.x starts a detached
-    cleaner actor per run and, at the end, waits for its monitor thread, which may sit in a 10 s
-    state-API call (or fail to reach the state API when the local cluster runs without a
-    dashboard): 12 s added to every job. With 1 s/2 s timeouts the run ends in about 3 s; the
-    cleaner still removes the placement group if the controller dies."""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [PlacementGroupCleanerCallback(check_interval_s=0.5, get_actor_timeout_s=1.0, stop_timeout=2.0)
-                    if isinstance(cb, PlacementGroupCleanerCallback) else cb for cb in super()._create_default_callbacks()]
-
-    return Trainer
-
-
 def job_id(cfg: MtrecConfig, kind: str, days: list[dt.date], parent: str | None, parent_manifest: dict | None,
            files: list[DataFile]) -> str:
     """What makes two runs the same job (so one may resume the other's intra-day checkpoint): the
@@ -308,7 +292,7 @@ def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent:
     end = days[-1]
     use_gpu = summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0
     collector = RunCollector.remote()
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "collector": collector, "log_every": log_every,
                            "kill": os.environ.get("MTREC_KILL_WORKER"),

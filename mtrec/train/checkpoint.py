@@ -45,12 +45,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import TensorStorageMetadata
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import filesystem, is_local_fs, join
 from mtrec.errors import CheckpointError
+from mtrec.shims import dcp_reader, dcp_writer
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
@@ -111,7 +111,7 @@ def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: d
     state = state_to_save(dmp, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchRec's ShardedTensor, deprecated in favour of DTensor
-        dcp.save(state, storage_writer=FsspecWriter(url), process_group=pg)
+        dcp.save(state, storage_writer=dcp_writer(url), process_group=pg)
     if dist.is_initialized():
         dist.barrier(group=pg)
     if rank == 0:
@@ -250,11 +250,11 @@ def read_full(url: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole (shards joined), keyed `model.<name>`,
     `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. For comparing
     checkpoints written at different world sizes (tests, `bench/incremental.py`)."""
-    meta = FsspecReader(url).read_metadata().state_dict_metadata  # DCP's flattened names: model.<name>, ...
+    meta = dcp_reader(url).read_metadata().state_dict_metadata  # DCP's flattened names: model.<name>, ...
     out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(out, storage_reader=FsspecReader(url), no_dist=True)
+        dcp.load(out, storage_reader=dcp_reader(url), no_dist=True)
     return out
 
 
@@ -315,14 +315,14 @@ def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg:
     state = state_to_save(dmp, optimizer) if optimizer is not None else {"model": dmp.state_dict()}
     try:
         if optimizer is not None:  # a fresh optimizer has no state yet: shape it from the checkpoint
-            meta = FsspecReader(url).read_metadata().state_dict_metadata
+            meta = dcp_reader(url).read_metadata().state_dict_metadata
             state["dense_optimizer"] = {
                 k.removeprefix("dense_optimizer."): torch.empty(m.size, dtype=m.properties.dtype)
                 for k, m in meta.items() if k.startswith("dense_optimizer.")
             }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            dcp.load(state, storage_reader=FsspecReader(url), process_group=pg)
+            dcp.load(state, storage_reader=dcp_reader(url), process_group=pg)
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0])  # the root, not DCP's wrapper
