@@ -6,6 +6,20 @@ The classes hold only a message string, so they pickle and survive Ray workers.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 200, typed: bool = False) -> str:
+    """An exception as one short line for a message of ours (Ray's, MLflow's and requests'
+    messages run to many lines): the first non-blank line of its message, cut at `limit`
+    characters with " ..." after a cut, or its class name when the message is empty. `typed`
+    puts the class name in front: "RuntimeError: CUDA out of memory"."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[:limit] + " ..."
+    if typed and text:
+        return f"{type(exc).__name__}: {text}"
+    return text or type(exc).__name__
+
+
 class MtrecError(Exception):
     """Base class: the CLI prints ``mtrec: error: <message>`` and exits non-zero."""
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from mtrec.config import MtrecConfig
-from mtrec.data.io import filesystem, join
+from mtrec.data.io import filesystem, is_local_fs, join
 from mtrec.errors import LockHeld
 
 LEASE_TTL_S = 300.0
@@ -101,8 +101,7 @@ def model_lock(cfg: MtrecConfig, job: str) -> Iterator[str]:
                 _held[key] -= 1
         return
     fs, path = filesystem(url)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    hold = _flock(cfg, path, job) if local else _lease(cfg, fs, path, url, job)
+    hold = _flock(cfg, path, job) if is_local_fs(fs) else _lease(cfg, fs, path, url, job)
     with hold as ensure:
         with _guard:
             _held[key] = 1

@@ -54,8 +54,9 @@ from mlflow.models import Model
 
 from mtrec import __version__
 from mtrec.config import GATE_METRICS, MtrecConfig
-from mtrec.data.io import list_day_files, list_days
-from mtrec.errors import ConfigError, GateDeferred, GateRefused, MtrecError, TrackingError
+from mtrec.data.io import is_local, list_day_files, list_days, local_path
+from mtrec.errors import ConfigError, GateDeferred, GateRefused, MtrecError, TrackingError, first_line
+from mtrec.retry import retry
 from mtrec.serving import ServedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -70,10 +71,10 @@ def tracking_uri(cfg: MtrecConfig) -> str:
     if uri:
         return uri
     workdir = cfg.job.workdir
-    if "://" in workdir and not workdir.startswith("file://"):
+    if not is_local(workdir):
         raise ConfigError(f"the embedded MLflow store is a sqlite file in the workdir, and {workdir} is not a local path; "
                           "set `tracking.uri` (or MLFLOW_TRACKING_URI) to an MLflow server, or `tracking.enabled: false`")
-    path = Path(workdir.removeprefix("file://")).resolve()
+    path = Path(local_path(workdir)).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}/mlflow.db"
 
@@ -116,12 +117,6 @@ def _absent(e: BaseException) -> bool:
         return False
     return e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
         e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e))
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text[:240] + (" ..." if len(text) > 240 else "")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -180,24 +175,19 @@ class Tracker:
             TrackingError: MLflow unreachable after the retries, or a call it refused.
         """
         tries = self.cfg.tracking.retries + 1
-        wait, t0 = self.cfg.tracking.backoff_s, time.monotonic()
-        for attempt in range(1, tries + 1):
-            try:
-                return fn(*args, **kwargs)
-            except MtrecError:
-                raise
-            except Exception as e:  # noqa: BLE001 - MLflow, requests, sqlalchemy: classified below
-                if absent_ok and _absent(e):
-                    return None
-                if not _transient(e):
-                    raise TrackingError(f"MLflow at {self.uri} refused {what}: {_first_line(e)}") from None
-                if attempt == tries:
-                    raise TrackingError(f"MLflow at {self.uri} is unreachable: {what} failed {tries} time(s) over "
-                                        f"{time.monotonic() - t0:.0f}s ({_first_line(e)}); check that the tracking server is up "
-                                        "and that tracking.uri / MLFLOW_TRACKING_URI point at it") from None
-                time.sleep(wait)
-                wait *= 2
-        raise AssertionError("unreachable")
+        t0 = time.monotonic()
+        try:
+            return retry(lambda: fn(*args, **kwargs), tries, self.cfg.tracking.backoff_s, _transient)
+        except MtrecError:
+            raise
+        except Exception as e:  # noqa: BLE001 - MLflow, requests, sqlalchemy: classified below
+            if absent_ok and _absent(e):
+                return None
+            if not _transient(e):
+                raise TrackingError(f"MLflow at {self.uri} refused {what}: {first_line(e, limit=240)}") from None
+            raise TrackingError(f"MLflow at {self.uri} is unreachable: {what} failed {tries} time(s) over "
+                                f"{time.monotonic() - t0:.0f}s ({first_line(e, limit=240)}); check that the tracking server is up "
+                                "and that tracking.uri / MLFLOW_TRACKING_URI point at it") from None
 
     def experiment_id(self) -> str:
         if self._experiment is None:
@@ -388,7 +378,7 @@ def load_served(model_uri: str) -> ServedModel:
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow, network, a model logged by another version: one line
-        raise TrackingError(f"cannot load {model_uri}: {_first_line(e)}; check the name, version or alias "
+        raise TrackingError(f"cannot load {model_uri}: {first_line(e, limit=240)}; check the name, version or alias "
                             f"and the tracking URI ({mlflow.get_tracking_uri()})") from None
     inner = model.unwrap_python_model()
     if not isinstance(inner, MtrecPyfunc):

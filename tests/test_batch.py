@@ -5,6 +5,7 @@ import torch
 
 from mtrec.config import parse_config
 from mtrec.data.batch import BatchConverter, hash_ids
+from mtrec.data.hashing import splitmix64
 from mtrec.train.stream import rebatch
 
 
@@ -24,6 +25,31 @@ def test_hash_is_deterministic_in_range_and_spreads():
     np.testing.assert_array_equal(h, hash_ids(ids, 1000))
     counts = np.bincount(h, minlength=1000)
     assert counts.std() / counts.mean() < 0.15  # sequential ids do not pile up
+
+
+def test_hashes_keep_their_values():
+    """Embedding rows of every checkpoint, the synthetic world and which negatives sampling keeps
+    depend on these exact values: a change here orphans every trained model."""
+    from mtrec.train.loop import step_seed
+    from mtrec.train.sampling import uniform
+
+    ids = np.array([0, 1, -1, 42, 2**63 - 1, -2**63, 123456789012345], dtype=np.int64)
+    assert hash_ids(ids, 97).tolist() == [49, 27, 52, 42, 48, 69, 68]
+    assert hash_ids(ids, 2**62).tolist() == [2459150361376443823, 1227844342346046657, 2655278211686280224, 4456085495900499605,
+                                            3055647633038352039, 585116803935106011, 1755862119724506363]
+    assert uniform(7, np.array([0, 0, 3, 11]), np.array([0, 1, 2, 99999])).tolist() == [
+        0.7215081806049702, 0.23928447285727472, 0.484371800028246, 0.25518527571147365]
+    assert uniform(0, np.array([0]), np.array([0])).tolist() == [0.6524484863740322]
+    assert uniform(-1, np.array([5]), np.array([6])).tolist() == uniform(2**64 - 1, np.array([5]), np.array([6])).tolist() == [0.1278663416103517]
+    # the reference generator's first three outputs from seed 0 (its state after k steps: k * gamma)
+    gamma = np.uint64(0x9E3779B97F4A7C15)
+    assert [hex(int(v)) for v in splitmix64(np.arange(3, dtype=np.uint64) * gamma)] == [
+        "0xe220a8397b1dcdaf", "0x6e789e6aa1b965f4", "0x6c45d188009454f"]
+    with pytest.raises(TypeError, match="uint64"):
+        splitmix64(ids)  # int64 + uint64 would be float64
+    # dropout's seed per step: a multiply-xorshift of its own (not splitmix64)
+    assert [step_seed(0, 0, 0, 0), step_seed(7, 3, 1000, 1), step_seed(-1, 2**70, 5, 0)] == [
+        1802945080459786841, 4918737022446938112, 211293458196907736]
 
 
 def test_conversion_jagged_nulls_and_strings():

@@ -180,7 +180,7 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
         publish(staged, final)
 
     monkeypatch.setattr(lock, "_write_lease", flaky_write)
-    monkeypatch.setattr(protocol, "_trainer_class", lambda: Trainer)
+    monkeypatch.setattr(protocol, "trainer_class", lambda: Trainer)
     monkeypatch.setattr(protocol, "good_rows_dataset", lambda *a, **k: None)
     monkeypatch.setattr(protocol, "_exact_split_config", lambda *a: None)
     monkeypatch.setattr("mtrec.train.worker.RunCollector", Collector)

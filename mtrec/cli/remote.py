@@ -44,7 +44,9 @@ from pathlib import Path
 import yaml
 
 from mtrec.config import EXAMPLES, JobConfig, example_path
-from mtrec.errors import ClusterError, ConfigError
+from mtrec.data.io import is_local, local_path
+from mtrec.errors import ClusterError, ConfigError, first_line
+from mtrec.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,6 @@ PATH_FLAGS = ("--logs", "--workdir", "--out", "--summary", "--checkpoint")
 SUBMITTABLE = ("train", "nightly", "backfill", "evaluate", "predict", "promote", "bn-check", "validate", "synth")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STAGE_DIR = "_submit"
-
-
-def _is_local(value: str) -> bool:
-    return "://" not in value or value.startswith("file://")
 
 
 def _flag_values(argv: Sequence[str], flag: str) -> list[tuple[int, str]]:
@@ -93,14 +91,14 @@ def check_command(argv: Sequence[str]) -> argparse.Namespace:
                           "write every flag in full); fix it and submit again") from None
     for flag in PATH_FLAGS:
         for _, value in _flag_values(argv, flag):
-            if _is_local(value) and not Path(value.removeprefix("file://")).is_absolute():
+            if is_local(value) and not Path(local_path(value)).is_absolute():
                 raise ConfigError(f"{flag} {value} is a relative path: the job runs in another directory, usually on another machine; "
                                   "pass an absolute path on storage every node sees (a shared file system) or a URL such as s3://...")
     return args
 
 
 def _raw_config(source: str) -> dict:
-    path = example_path(source) if source in EXAMPLES else Path(source.removeprefix("file://"))
+    path = example_path(source) if source in EXAMPLES else Path(local_path(source))
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -111,14 +109,14 @@ def _raw_config(source: str) -> dict:
 def _check_config_paths(argv: Sequence[str], config: str) -> None:
     """A config whose job.logs / job.workdir (or their defaults) are relative local paths would
     resolve inside the job's working dir on the cluster: refuse unless the command overrides them."""
-    if not _is_local(config):  # file:// counts as local
+    if not is_local(config):  # file:// counts as local
         return  # read on the cluster; checked there
     job = _raw_config(config).get("job") or {}
     for key, flag in (("logs", "--logs"), ("workdir", "--workdir")):
         if _flag_values(argv, flag):
             continue
         value = job.get(key, JobConfig.model_fields[key].default)
-        if isinstance(value, str) and _is_local(value) and not Path(value.removeprefix("file://")).expanduser().is_absolute():
+        if isinstance(value, str) and is_local(value) and not Path(local_path(value)).expanduser().is_absolute():
             raise ConfigError(f"the config's job.{key} is the relative path {value!r}; on the cluster it would resolve inside the "
                               f"job's working dir: set an absolute path or URL in the config, or pass {flag}")
 
@@ -134,11 +132,11 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
         shutil.copytree(src, into / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     configs = _flag_values(argv, "--config") or [(-1, "esmm")]
     for i, value in configs if argv[0] != "synth" else []:
-        local = value.removeprefix("file://")
-        if _is_local(value) and value not in EXAMPLES and not Path(local).is_file():
+        local = local_path(value)
+        if is_local(value) and value not in EXAMPLES and not Path(local).is_file():
             raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(EXAMPLES)}")
         _check_config_paths(argv, value)
-        if i >= 0 and _is_local(value) and Path(local).is_file():
+        if i >= 0 and is_local(value) and Path(local).is_file():
             (into / STAGE_DIR).mkdir(exist_ok=True)
             shutil.copyfile(local, into / STAGE_DIR / Path(local).name)
             rel = f"{STAGE_DIR}/{Path(local).name}"
@@ -166,11 +164,6 @@ def submission_id(argv: Sequence[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts))
 
 
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (Ray's and requests' messages run to many)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 def client(address: str | None):
     """A JobSubmissionClient for `address` (or RAY_ADDRESS when it is an http(s) URL)."""
     address = address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http") else None)
@@ -191,7 +184,7 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
-        first = _first_line(e)
+        first = first_line(e)
         if re.search(r"authenticat|unauthori[sz]ed|401|403", str(e), re.I):
             raise ClusterError(f"the Ray job server at {address} refused the request ({first}): it needs the cluster's token; set "
                                "RAY_AUTH_TOKEN to it (the head keeps it in ~/.ray/auth_token, or it is the RAY_AUTH_TOKEN the cluster "
@@ -223,7 +216,7 @@ def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: 
                          entrypoint_num_cpus=entrypoint_cpus,
                          metadata={"mtrec_command": shlex.join(argv), "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}"})
         except Exception as e:  # noqa: BLE001
-            raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({_first_line(e)})") from None
+            raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({first_line(e)})") from None
     code = "uploaded" if not installed else "the cluster's installed mtrec"
     log.info(f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})")
     if not wait:
@@ -291,16 +284,14 @@ def _job_info(c, sid: str, retries: int = 0):
     Raises:
         ClusterError: no such job, or the job server stays unreachable.
     """
-    for attempt in range(retries + 1):
-        try:
-            return c.get_job_info(sid)
-        except Exception as e:  # noqa: BLE001
-            text = str(e)
-            if "does not exist" in text or "404" in text or attempt == retries:
-                raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({_first_line(e)}); list jobs with "
-                                   f"`ray job list --address {c.get_address()}`") from None
-            time.sleep(2.0)
-    raise AssertionError("unreachable")
+    def transient(e: Exception) -> bool:
+        return "does not exist" not in str(e) and "404" not in str(e)
+
+    try:
+        return retry(lambda: c.get_job_info(sid), retries + 1, 2.0, transient, factor=1.0)
+    except Exception as e:  # noqa: BLE001
+        raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({first_line(e)}); list jobs with "
+                           f"`ray job list --address {c.get_address()}`") from None
 
 
 def status(address: str | None, sid: str) -> int:
@@ -319,6 +310,6 @@ def stop(address: str | None, sid: str) -> int:
     try:
         stopped = c.stop_job(sid)
     except Exception as e:  # noqa: BLE001
-        raise ClusterError(f"cannot stop {sid} at {c.get_address()} ({_first_line(e)})") from None
+        raise ClusterError(f"cannot stop {sid} at {c.get_address()} ({first_line(e)})") from None
     print(f"{sid}: {'stop requested' if stopped else 'not running (already ended)'}")
     return 0

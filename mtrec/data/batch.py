@@ -23,20 +23,13 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mtrec.data.hashing import splitmix64
 from mtrec.spec import ModelSpec
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def hash_ids(ids: np.ndarray, size: int) -> np.ndarray:
     """splitmix64(id) mod size, as int64 (vectorized). Shape unchanged."""
-    with np.errstate(over="ignore"):
-        z = ids.astype(np.int64).view(np.uint64) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
+    z = splitmix64(ids.astype(np.int64).view(np.uint64))
     return (z % np.uint64(size)).astype(np.int64)
 
 

@@ -53,6 +53,21 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def is_local(url: str) -> bool:
+    """True for a path on this machine's file system: no scheme, or `file://`."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The path of a local URL (`file://` stripped)."""
+    return url.removeprefix("file://")
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for fsspec's local file system, whose paths the os module can rename and lock."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def day_url(root: str, day: dt.date) -> str:
     return join(root, f"dt={day.isoformat()}")
 

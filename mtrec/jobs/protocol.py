@@ -19,6 +19,7 @@ workers' prefetch, whatever the size of the range.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -29,10 +30,11 @@ import time
 
 from mtrec import __version__
 from mtrec.config import MtrecConfig
-from mtrec.data.io import DataFile, join, list_day_files
+from mtrec.data.io import DataFile, is_local, join, list_day_files, local_path
 from mtrec.data.validate import ValidationReport, check_day, validate_day
-from mtrec.errors import ConfigError, MtrecError, TrackingError
+from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
 from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
+from mtrec.shims import trainer_class
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
 from mtrec.train.stream import read_good_rows
@@ -74,7 +76,7 @@ def _exact_split_config(buffer_bytes: int):
             out = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                opts = self._resolve_execution_options(name)
+                opts = copy.deepcopy(self.default_ingest_options())  # the current DataContext's options, a copy: changed below
                 opts.preserve_order = True  # file order: reproducible runs
                 r = opts.resource_limits
                 opts.resource_limits = ExecutionResources(cpu=r.cpu, gpu=r.gpu, memory=r.memory,
@@ -89,9 +91,9 @@ def _exact_split_config(buffer_bytes: int):
 
 def _storage(cfg: MtrecConfig) -> str:
     url = join(cfg.job.workdir, "ray")
-    if "://" in url and not url.startswith("file://"):
+    if not is_local(url):
         return url
-    path = os.path.abspath(url.removeprefix("file://"))
+    path = os.path.abspath(local_path(url))
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -106,7 +108,7 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
             return cause
     if not failures:
         cause = _root(getattr(err, "controller_failure", err))
-        return MtrecError(f"training failed in Ray Train's controller: {_first_line(cause)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
+        return MtrecError(f"training failed in Ray Train's controller: {first_line(cause, typed=True)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
     def died(exc: BaseException) -> bool:  # the process is gone (killed, OOM, node lost), not a Python error
         return any(k in type(_root(exc)).__name__ for k in ("HealthCheck", "ActorDied", "WorkerCrashed", "NodeDied"))
 
@@ -114,7 +116,7 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
     for rank, exc in sorted(failures.items(), key=lambda kv: (not died(kv[1]), kv[0])):
         w = workers.get(rank, {})
         where = f"worker {rank}" + (f" (node {w['node']}, pid {w['pid']})" if w else "")
-        parts.append(f"{where}{' died' if died(exc) else ''}: {_first_line(_root(exc))}")
+        parts.append(f"{where}{' died' if died(exc) else ''}: {first_line(_root(exc), typed=True)}")
     return MtrecError("training failed: " + "; then ".join(parts) + "; nothing was published, rerun the job (see the Ray logs for the traceback)")
 
 
@@ -127,29 +129,6 @@ def _root(exc: BaseException) -> BaseException:
             break
         exc = inner
     return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(exc).__name__}: {line[:200] + ' ...' if len(line) > 200 else line}".strip()
-
-
-def _trainer_class():
-    """TorchTrainer whose placement-group cleaner gives up quickly. Ray Train 2.x starts a detached
-    cleaner actor per run and, at the end, waits for its monitor thread, which may sit in a 10 s
-    state-API call (or fail to reach the state API when the local cluster runs without a
-    dashboard): 12 s added to every job. With 1 s/2 s timeouts the run ends in about 3 s; the
-    cleaner still removes the placement group if the controller dies."""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [PlacementGroupCleanerCallback(check_interval_s=0.5, get_actor_timeout_s=1.0, stop_timeout=2.0)
-                    if isinstance(cb, PlacementGroupCleanerCallback) else cb for cb in super()._create_default_callbacks()]
-
-    return Trainer
 
 
 def job_id(cfg: MtrecConfig, kind: str, days: list[dt.date], parent: str | None, parent_manifest: dict | None,
@@ -349,7 +328,7 @@ class _Job:
             self.summary.mlflow.update(record_job(self.tracker, self.run_id, self.cfg, self.plan.staged, self.manifest, self.summary,
                                                   self.plan.reports, log.info))
         except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
-            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {self.run_id} failed: {_first_line(e)}")
+            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {self.run_id} failed: {first_line(e, typed=True)}")
             raise self._fail(err, "; the day was trained but nothing was published") from None
         self.mark("recorded")
 
@@ -392,7 +371,7 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
     job = WorkerJob(cfg=cfg.model_dump(mode="json"), id=plan.job_id, run=plan.run, day=plan.end.isoformat(), parent=plan.parent,
                     staging=plan.staged, expected_rows=plan.expected_rows, allow_config_change=opts.allow_config_change,
                     manifest=manifest, collector=collector, log_every=opts.log_every, kill=os.environ.get("MTREC_KILL_WORKER"))
-    return _trainer_class()(
+    return trainer_class()(
         train_loop_per_worker,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

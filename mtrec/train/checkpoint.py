@@ -44,12 +44,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint import TensorStorageMetadata
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtrec.config import MtrecConfig
-from mtrec.data.io import filesystem, join
+from mtrec.data.io import filesystem, is_local_fs, join
 from mtrec.errors import CheckpointError
+from mtrec.shims import dcp_reader, dcp_writer
 from mtrec.spec import ModelSpec
 
 SUCCESS = "_SUCCESS"
@@ -111,7 +112,7 @@ def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: d
     state = state_to_save(dmp, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchRec's ShardedTensor, deprecated in favour of DTensor
-        dcp.save(state, storage_writer=FsspecWriter(url), process_group=pg)
+        dcp.save(state, storage_writer=dcp_writer(url), process_group=pg)
     if dist.is_initialized():
         dist.barrier(group=pg)
     if rank == 0:
@@ -126,10 +127,6 @@ def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: d
 def _touch(fs, path: str) -> None:
     with fs.open(path, "w") as fh:
         fh.write("")
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def staging_url(cfg: MtrecConfig, day: dt.date) -> str:
@@ -151,7 +148,7 @@ def publish(staged: str, url: str) -> None:
     fs, src = filesystem(staged)
     _, dst = filesystem(url)
     try:
-        if _is_local(fs):
+        if is_local_fs(fs):
             _touch(fs, f"{src}/{SUCCESS}")
             old = None
             if os.path.exists(dst):
@@ -254,22 +251,11 @@ def read_full(url: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole (shards joined), keyed `model.<name>`,
     `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. For comparing
     checkpoints written at different world sizes (tests, `bench/incremental.py`)."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
+    meta = dcp_reader(url).read_metadata().state_dict_metadata  # DCP's flattened names: model.<name>, ...
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _load_state_dict(state, storage_reader=FsspecReader(url), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif torch.is_tensor(v):
-                out[f"{prefix}{k}"] = v
-    walk(state, "")
+        dcp.load(out, storage_reader=dcp_reader(url), no_dist=True)
     return out
 
 
@@ -352,14 +338,14 @@ def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg:
     state = state_to_save(dmp, optimizer) if optimizer is not None else {"model": dmp.state_dict()}
     try:
         if optimizer is not None:  # a fresh optimizer has no state yet: shape it from the checkpoint
-            meta = FsspecReader(url).read_metadata().state_dict_metadata
+            meta = dcp_reader(url).read_metadata().state_dict_metadata
             state["dense_optimizer"] = {
                 k.removeprefix("dense_optimizer."): torch.empty(m.size, dtype=m.properties.dtype)
                 for k, m in meta.items() if k.startswith("dense_optimizer.")
             }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            dcp.load(state, storage_reader=FsspecReader(url), process_group=pg)
+            dcp.load(state, storage_reader=dcp_reader(url), process_group=pg)
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0])  # the root, not DCP's wrapper

@@ -217,7 +217,9 @@ def train_stream(dmp: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
 
 
 def step_seed(seed: int, key: int, step: int, rank: int) -> int:
-    """A 63-bit seed from (seed, key, step, rank): reproducible, different for every step."""
+    """A 63-bit seed from (seed, key, step, rank): reproducible, different for every step. A
+    multiply-xorshift of its own, not splitmix64 (mtrec.data.hashing): every trained model's
+    dropout masks come from these exact values."""
     x = 0x9E3779B97F4A7C15
     for v in (seed, key, step, rank):
         x = ((x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF

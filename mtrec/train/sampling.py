@@ -22,27 +22,16 @@ import numpy as np
 import pyarrow as pa
 
 from mtrec.config import SamplingConfig
+from mtrec.data.hashing import splitmix64
 from mtrec.train.position import FILE_COL, ROW_COL
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 
 
 def uniform(seed: int, files: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A number in [0, 1) per (seed, file, row): splitmix64 of the three, reproducible anywhere."""
     z = np.full(len(rows), np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
     for v in (files.astype(np.int64).view(np.uint64), rows.astype(np.int64).view(np.uint64)):
-        z = _mix(z ^ v)
+        z = splitmix64(z ^ v)
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer (vectorized)."""
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
 
 
 def sample(rb: pa.RecordBatch, cfg: SamplingConfig, seed: int) -> pa.RecordBatch:
