@@ -38,20 +38,19 @@ import re
 import time
 import uuid
 import warnings
-from typing import Any
-
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint import TensorStorageMetadata
-from torch.distributed.checkpoint.api import CheckpointException
+from typing import TYPE_CHECKING, Any
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import filesystem, is_local_fs, join
 from mtrec.errors import CheckpointError
 from mtrec.shims import dcp_reader, dcp_writer
 from mtrec.spec import ModelSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: the paths, manifests and
+    # publishing below run without it (a job's checks before Ray start in a second)
+    import torch
+    import torch.distributed as dist
+    from torch import nn
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
@@ -68,6 +67,8 @@ def checkpoint_url(cfg: MtrecConfig, day) -> str:
 
 
 def _dense_state(dmp: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    import torch
+
     names = {id(p): n for n, p in dmp.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     for group in optimizer.param_groups:
@@ -78,6 +79,7 @@ def _dense_state(dmp: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 
 
 def _load_dense_state(dmp: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+
     names = {id(p): n for n, p in dmp.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -101,6 +103,9 @@ def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: d
     """Every rank calls this. Shards first (any half-written folder is cleared by rank 0 first),
     then, after all ranks are done, rank 0 writes the manifest and (`marker`) `_SUCCESS`. A
     published day is never written here directly: see `stage` and `publish`."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
     rank = dist.get_rank(pg) if dist.is_initialized() else 0
     fs, path = filesystem(url)
     if rank == 0:
@@ -251,6 +256,10 @@ def read_full(url: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole (shards joined), keyed `model.<name>`,
     `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. For comparing
     checkpoints written at different world sizes (tests, `bench/incremental.py`)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import TensorStorageMetadata
+
     meta = dcp_reader(url).read_metadata().state_dict_metadata  # DCP's flattened names: model.<name>, ...
     out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
     with warnings.catch_warnings():
@@ -333,6 +342,10 @@ def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg:
         CheckpointError: not published, another model, another model shape, other training
             settings (unless `allow_config_change`), or damaged shards.
     """
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     manifest = read_manifest(url)
     check_compatible(manifest, url, cfg, allow_config_change)
     state = state_to_save(dmp, optimizer) if optimizer is not None else {"model": dmp.state_dict()}
