@@ -11,8 +11,8 @@ from conftest import DAY1
 from mtrec.config import example_path, parse_config
 from mtrec.data.batch import BatchConverter
 from mtrec.models import MultiTaskTrain, build_model
-from mtrec.spec import ARCH_NAMES
 from mtrec.models.esm2 import BUY_AFTER_D, BUY_AFTER_O
+from mtrec.spec import ARCH_NAMES
 
 B = 64
 SMALL = {"tower": [16], "batch_norm": True}
