@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import json
 import os
 import shutil
 import signal
@@ -136,6 +137,70 @@ def test_served_model_scores_like_the_trained_model_without_the_shallow_tower(wo
     assert all(np.array_equal(again[k], got[k]) for k in got)
     with pytest.raises(Exception, match="lacks feature column.*brand"):
         served.predict(table.drop(["brand"]))
+
+
+# what a scoring process must not import: the rest of mtrec.tracking, the run config, evaluation, plots
+NOT_FOR_SCORING = ("mtrec.tracking.client", "mtrec.tracking.gate", "mtrec.tracking.record", "mtrec.config", "mtrec.data.io",
+                   "mtrec.eval.evaluate", "mtrec.eval.plots", "mtrec.bn", "mtrec.train.checkpoint", "matplotlib", "ray")
+
+
+def _python(code: str, *args: str, **env: str) -> str:
+    """`code` in a fresh interpreter that imports this tree's mtrec; its stdout."""
+    import mtrec
+
+    root = str(Path(mtrec.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "PYTHONPATH": path, **env},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_the_pyfunc_imports_only_what_scoring_needs():
+    code = f"import sys; import mtrec.tracking.pyfunc; print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
+    assert _python(code).strip() == "[]"
+    code = f"import sys; from mtrec.tracking import load_served; print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
+    assert _python(code).strip() == "[]"
+
+
+def test_every_name_of_the_package_resolves():
+    import mtrec.tracking
+
+    assert all(getattr(mtrec.tracking, name) is not None for name in mtrec.tracking.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        mtrec.tracking.nothing  # noqa: B018
+
+
+def test_load_served_loads_a_logged_model_with_scoring_code_only(world, tmp_path, monkeypatch):
+    """A model logged now, and one whose logged code imports `MtrecPyfunc` from `mtrec.tracking`
+    (as the code of models already in registries does), load as the same ServedModel in a process
+    that imports nothing the scoring does not need."""
+    from mtrec.models import build_model
+    from mtrec.serving import ServedModel
+    from mtrec.tracking import client, example_rows
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = small(world, str(tmp_path / "work"))
+    served = ServedModel(cfg.spec, build_model(cfg.spec, "cpu").state_dict())
+    example = example_rows(cfg.job.logs, DAY1, served.columns)
+    tracker = Tracker(cfg, quiet)
+    run_id = tracker.start_run("nightly", [DAY1], str(tmp_path / "ck"), None, None)
+    uris = [tracker.log_model(run_id, served, example)]
+    package_code = tmp_path / "mlflow_model.py"
+    package_code.write_text("from mlflow.models import set_model\n\nfrom mtrec.tracking import MtrecPyfunc\n\nset_model(MtrecPyfunc())\n")
+    monkeypatch.setattr(client, "MODEL_CODE", str(package_code))
+    uris.append(tracker.log_model(run_id, served, example))
+    example.to_parquet(tmp_path / "example.parquet")
+    code = ("import json, sys; import pandas as pd; from mtrec.tracking.pyfunc import load_served\n"
+            "df = pd.read_parquet(sys.argv[1])\n"
+            "scores = [load_served(u).predict_pandas(df).to_dict('list') for u in sys.argv[2:]]\n"
+            f"print(json.dumps({{'scores': scores, 'imported': [m for m in {NOT_FOR_SCORING!r} if m in sys.modules]}}))")
+    out = json.loads(_python(code, str(tmp_path / "example.parquet"), *uris, MLFLOW_TRACKING_URI=tracker.uri).splitlines()[-1])
+    want = served.predict_pandas(example)
+    assert out["imported"] == []
+    for got in out["scores"]:
+        for k in want.columns:
+            assert np.abs(np.array(got[k]) - want[k].to_numpy()).max() < 1e-6
 
 
 # ---- integration: a real `mlflow server` ----------------------------------------------------------
@@ -354,9 +419,9 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
 
 
 def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch):
+    import mlflow
     from mlflow import MlflowClient
 
-    from mtrec import tracking
     from mtrec.jobs.nightly import run_nightly
     from mtrec.train import checkpoint
 
@@ -388,7 +453,7 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
         raise TrackingError("MLflow at x is unreachable")
 
     # 1. MLflow fails after the publish: the day is published, its registration incomplete
-    monkeypatch.setattr(tracking.mlflow, "register_model", down)
+    monkeypatch.setattr(mlflow, "register_model", down)
     with pytest.raises(TrackingError, match="is published and run .* recorded, but its registration did not complete"):
         run_nightly(cfg, DAY4, say=quiet)
     monkeypatch.undo()
