@@ -174,7 +174,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.name and args.name != cfg.name:
         cfg = cfg.model_copy(update={"name": args.name})
     day = parse_date(args.date, "--date", cfg.job.timezone) if args.date else None
-    decision = promote(cfg, version=args.version, day=day, say=_say)
+    decision = promote(cfg, version=args.version, day=day)
     if args.json:
         import json
         from dataclasses import asdict
@@ -209,7 +209,7 @@ def _tracking_env(cfg) -> None:
     """`models:/` URIs resolve against the config's tracking store (embedded sqlite by default)."""
     from mtrec.tracking import Tracker
 
-    Tracker(cfg, _say)  # sets MLflow's tracking and registry URIs for this process
+    Tracker(cfg)  # sets MLflow's tracking and registry URIs for this process
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -94,7 +95,7 @@ def test_tracking_uri_defaults_to_sqlite_in_the_workdir(tmp_path, monkeypatch):
 def test_unreachable_server_fails_after_retries_naming_the_uri(tmp_path):
     port = _free_port()
     cfg = small("./logs", str(tmp_path), uri=f"http://127.0.0.1:{port}")
-    tracker = Tracker(cfg, quiet)
+    tracker = Tracker(cfg)
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match=rf"MLflow at http://127.0.0.1:{port} is unreachable: reading the experiment failed 2 time"):
         tracker.experiment_id()
@@ -183,7 +184,7 @@ def test_load_served_loads_a_logged_model_with_scoring_code_only(world, tmp_path
     cfg = small(world, str(tmp_path / "work"))
     served = ServedModel(cfg.spec, build_model(cfg.spec, "cpu").state_dict())
     example = example_rows(cfg.job.logs, DAY1, served.columns)
-    tracker = Tracker(cfg, quiet)
+    tracker = Tracker(cfg)
     run_id = tracker.start_run("nightly", [DAY1], str(tmp_path / "ck"), None, None)
     uris = [tracker.log_model(run_id, served, example)]
     package_code = tmp_path / "mlflow_model.py"
@@ -278,14 +279,14 @@ def three_days(ray_local, server, world4, tmp_path_factory):
         gates.append(gate_pending(cfg, day, say=quiet) or "promoted")
         summaries += run_nightly(cfg, day, say=quiet)
     try:
-        assert promote(cfg, say=quiet).promoted
+        assert promote(cfg).promoted
         gates.append("promoted")
     except GateRefused as e:
         gates.append(e)
     return cfg, summaries, gates
 
 
-def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server):
+def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server, caplog):
     from mlflow import MlflowClient
 
     cfg, summaries, gates = three_days
@@ -338,7 +339,10 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     from mtrec.jobs.nightly import gate_pending
 
     said: list[str] = []
+    caplog.set_level(logging.INFO, logger="mtrec")
+    caplog.clear()
     assert gate_pending(cfg, DAY4, say=said.append) is None and not [s for s in said if s.startswith("gate")]
+    assert not [r for r in caplog.records if r.getMessage().startswith("gate")]
 
 
 def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch, capsys):

@@ -89,7 +89,7 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, b
     """The recalibrated model as a run and a model version (the same checkpoint: only BN buffers differ)."""
     from mtrec.tracking import Tracker, example_rows
 
-    tracker = Tracker(cfg, say)
+    tracker = Tracker(cfg)
     trained_to = dt.date.fromisoformat(source["date"])
     run_id = tracker.start_run("bn_recalibration", [trained_to], source["checkpoint"], None, None)
     try:

@@ -290,7 +290,7 @@ def run_job(
     if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
         from mtrec.tracking import Tracker
 
-        tracker = Tracker(cfg, say)
+        tracker = Tracker(cfg)
         run_id = tracker.start_run(kind, days, summary.checkpoint, parent, parent_manifest)
         manifest.update(mlflow_run_id=run_id, tracking_uri=tracker.uri)
         summary.mlflow = {"uri": tracker.uri, "run_id": run_id}
@@ -378,7 +378,7 @@ def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent:
         try:
             if tracking_error:
                 raise tracking_error[0]
-            summary.mlflow.update(record_job(tracker, run_id, cfg, staged, manifest, summary, reports, say))
+            summary.mlflow.update(record_job(tracker, run_id, cfg, staged, manifest, summary, reports))
         except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
             checkpoint.discard(staged)
             left = checkpoint.latest_partial(cfg, end)
@@ -421,7 +421,7 @@ def ensure_registered(cfg: MtrecConfig, url: str, say: Callable[[str], None] = p
         return None
     from mtrec.tracking import Tracker
 
-    return Tracker(cfg, say).ensure_registered(url, checkpoint.read_manifest(url))
+    return Tracker(cfg).ensure_registered(url, checkpoint.read_manifest(url))
 
 
 def _fit(trainer, outcome: dict) -> None:

@@ -40,6 +40,8 @@ from mtrec.errors import ConfigError, MtrecError, TrackingError
 from mtrec.serving import ServedModel
 from mtrec.tracking.pyfunc import MODEL_CODE, first_line
 
+log = logging.getLogger(__name__)
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT = "model"
 _RETRY_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
@@ -131,11 +133,10 @@ class Tracker:
 
     Args:
         cfg (MtrecConfig): model name (experiment and registered model), tracking settings.
-        say: progress lines.
     """
 
-    def __init__(self, cfg: MtrecConfig, say: Callable[[str], None] = print):
-        self.cfg, self.say = cfg, say
+    def __init__(self, cfg: MtrecConfig):
+        self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.name = cfg.name
         # mtrec retries (below) with its own backoff; MLflow's HTTP layer would otherwise retry 7
@@ -199,7 +200,7 @@ class Tracker:
                           f"attributes.status = 'RUNNING' and tags.`mtrec.date` = '{days[-1]}' and tags.`mtrec.kind` = '{kind}'")
         for r in stale:  # a job killed (or cut off from MLflow) before it could mark its run FAILED
             self.call("closing a stale run", self.client.set_terminated, r.info.run_id, "FAILED")
-            self.say(f"mlflow: marked run {r.info.run_id} of an earlier, unfinished {kind} job for {days[-1]} FAILED")
+            log.info("mlflow: marked run %s of an earlier, unfinished %s job for %s FAILED", r.info.run_id, kind, days[-1])
         run = self.call("starting the run", self.client.create_run, self.experiment_id(), tags=tags)
         return run.info.run_id
 
@@ -291,20 +292,20 @@ class Tracker:
         if not run_id:
             return None
         if manifest.get("tracking_uri") not in (None, self.uri):
-            self.say(f"mlflow: {checkpoint_url} was recorded in {manifest['tracking_uri']}, not {self.uri}; not checking its version")
+            log.info("mlflow: %s was recorded in %s, not %s; not checking its version", checkpoint_url, manifest["tracking_uri"], self.uri)
             return None
         mv = self.version_of_run(run_id)
         run = self.call("reading the run", self.client.get_run, run_id, absent_ok=True)
         if mv is not None and run is not None and run.info.status == "FINISHED":
             return str(mv.version)
         if run is None:
-            self.say(f"mlflow: run {run_id} of {checkpoint_url} is not in {self.uri} (deleted?); not registering it")
+            log.info("mlflow: run %s of %s is not in %s (deleted?); not registering it", run_id, checkpoint_url, self.uri)
             return str(mv.version) if mv is not None else None
         model_uri = run.data.tags.get("mtrec.model_uri")
         if not model_uri:
             raise TrackingError(f"run {run_id} of {checkpoint_url} has no logged model; retrain the day with --force")
         version = self.register(run_id, model_uri, checkpoint_url, dt.date.fromisoformat(manifest["date"]))
-        self.say(f"mlflow: completed the registration of {checkpoint_url}: version {version} of {self.name}")
+        log.info("mlflow: completed the registration of %s: version %s of %s", checkpoint_url, version, self.name)
         return version
 
     def alias(self, alias: str) -> VersionInfo | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,8 @@ from mtrec.errors import GateDeferred, GateRefused
 from mtrec.serving import ServedModel
 from mtrec.tracking.client import CHALLENGER, CHAMPION, Tracker, VersionInfo
 from mtrec.tracking.pyfunc import load_served
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,19 +75,18 @@ def gate_slice(cfg: MtrecConfig, *versions: VersionInfo) -> dt.date | None:
     return days[-1] if days else None
 
 
-def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date, say: Callable[[str], None]):
+def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date):
     """The gate's BN check of a served model on the slice under `cfg`'s logs and limits (None without BN layers)."""
     from mtrec import bn
 
     if not bn.bn_layers(served.model):
         return None
     rep = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn)
-    say(rep.summary())
+    log.info("%s", rep.summary())
     return rep
 
 
-def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = None,
-            say: Callable[[str], None] = print) -> GateDecision:
+def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = None) -> GateDecision:
     """The promotion gate: evaluate the challenger (`version`, default alias `challenger`) and the
     champion on the same unseen day with the served models, and move `champion` only if no gate
     metric is worse than the champion's by more than `gate.tolerance`. The decision and its
@@ -97,20 +98,20 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
     """
     from mtrec.eval.evaluate import predict_day, read_truth, report
 
-    tracker = Tracker(cfg, say)
+    tracker = Tracker(cfg)
     chal = tracker.version(version) if version else tracker.alias(CHALLENGER)
     if chal is None:
         raise GateRefused(f"{cfg.name} has no `challenger` version in {tracker.uri}; run a training job first or pass --version")
     champ = tracker.alias(CHAMPION)
     if champ is not None and champ.version == chal.version:
-        say(f"version {chal.version} is already the champion of {cfg.name}")
+        log.info("version %s is already the champion of %s", chal.version, cfg.name)
         return GateDecision(True, chal.version, champ.version, None, "already champion")
     if champ is None:  # the first champion: nothing to compare with, but its BN statistics are checked when a day allows
         decision = GateDecision(True, chal.version, None, None, f"no champion yet: version {chal.version} becomes the first")
         first_day = day or gate_slice(cfg, chal)
         if first_day is not None:
             served = load_served(f"models:/{cfg.name}/{chal.version}")
-            rep = _bn_check(served, cfg, first_day, say)
+            rep = _bn_check(served, cfg, first_day)
             if rep is not None:
                 decision.bn, decision.slice = ("passed" if rep.passed else "failed"), first_day.isoformat()
                 decision.promoted = rep.passed
@@ -125,7 +126,8 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         if day <= seen:
             raise GateRefused(f"--date {day} is not after both models' data (challenger to {seen_until(chal)}, champion to "
                               f"{seen_until(champ)}); pass a later day")
-        say(f"gate: challenger v{chal.version} (trained to {chal.date}) vs champion v{champ.version} (trained to {champ.date}) on {day}")
+        log.info("gate: challenger v%s (trained to %s) vs champion v%s (trained to %s) on %s", chal.version, chal.date, champ.version,
+                 champ.date, day)
         truth = read_truth(cfg.job.logs, day)
         scores, bn_report = {}, None
         for who, v in (("challenger", chal), ("champion", champ)):
@@ -133,7 +135,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             # both on the same slice (this config's logs), each with its own spec
             scores[who] = report(served.spec, predict_day(served.model, served.spec, cfg.job.logs, day), truth)
             if who == "challenger":
-                bn_report = _bn_check(served, cfg, day, say)
+                bn_report = _bn_check(served, cfg, day)
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
             tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores["challenger"].items()}
                                 | ({f"gate/{k}": v for k, v in bn_report.metrics().items()} if bn_report is not None else {}))
@@ -154,7 +156,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         stays = f"`champion` stays v{champ.version}" if champ is not None else "there is still no champion"
         raise GateRefused(f"challenger v{chal.version} of {cfg.name} refused: {decision.reason}; {stays}")
     tracker.call("moving the champion alias", tracker.client.set_registered_model_alias, cfg.name, CHAMPION, chal.version)
-    say(f"promoted v{chal.version} of {cfg.name} to champion: {decision.reason}")
+    log.info("promoted v%s of %s to champion: %s", chal.version, cfg.name, decision.reason)
     return decision
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from mtrec.config import MtrecConfig
@@ -23,6 +23,8 @@ from mtrec.data.io import list_day_files, list_days
 from mtrec.errors import MtrecError
 from mtrec.serving import ServedModel
 from mtrec.tracking.client import Tracker, flatten
+
+log = logging.getLogger(__name__)
 
 
 def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5):
@@ -35,8 +37,7 @@ def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5):
     raise MtrecError(f"no rows under {logs} for {day} to make the model's input example")
 
 
-def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, manifest: dict, summary, reports: list,
-               say: Callable[[str], None] = print) -> dict:
+def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, manifest: dict, summary, reports: list) -> dict:
     """Everything a run holds about a trained (staged, not yet published) checkpoint: params,
     evaluation on the day after the last trained day (when its logs exist), artifacts, plots, the
     served model. Returns {"model_uri", "eval_day", "metrics"}."""
@@ -68,10 +69,10 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
             metrics = report(served.spec, pred, read_truth(cfg.job.logs, eval_day))
             tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items()})
             plots.calibration(served.spec, pred, out / "plots" / "calibration.png", title=f"{cfg.name}: trained to {last}, scored on {eval_day}")
-            say(f"evaluated on {eval_day}: " + ", ".join(f"{m} {metrics[m]:.4f}" for m in cfg.gate_metrics() if m in metrics))
+            log.info("evaluated on %s: %s", eval_day, ", ".join(f"{m} {metrics[m]:.4f}" for m in cfg.gate_metrics() if m in metrics))
         else:
-            say(f"no logs for {eval_day} yet: the run has no evaluation metrics (the promotion gate evaluates once they land)")
-        bn_result = record_bn(tracker, run_id, served, cfg, eval_day if metrics else None, out, say)
+            log.info("no logs for %s yet: the run has no evaluation metrics (the promotion gate evaluates once they land)", eval_day)
+        bn_result = record_bn(tracker, run_id, served, cfg, eval_day if metrics else None, out)
         curve = plots.position_bias(cfg.spec, full, out / "plots" / "position_bias.png")
         if curve:
             tracker.log_metrics(run_id, {f"position_bias/{p}": v for p, v in enumerate(curve)})
@@ -82,13 +83,12 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
     example = example_rows(cfg.job.logs, eval_day if metrics else last, served.columns)
     model_uri = tracker.log_model(run_id, served, example)
     tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result})
-    say(f"recorded run {run_id} in {tracker.uri} ({time.perf_counter() - t0:.1f}s)")
+    log.info("recorded run %s in %s (%.1fs)", run_id, tracker.uri, time.perf_counter() - t0)
     return {"model_uri": model_uri, "eval_day": eval_day.isoformat() if metrics else None, "metrics": metrics, "gate": cfg.gate_metrics(),
             "bn": bn_result}
 
 
-def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConfig, day: dt.date | None, out: Path,
-              say: Callable[[str], None] = print) -> str:
+def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConfig, day: dt.date | None, out: Path) -> str:
     """A model with BatchNorm: its running statistics as an artifact and, when `day` has logs, the
     consistency check against it (metrics `bn/...`, `bn/check.json`, `plots/bn_drift.png`).
     Returns "passed", "failed", "not run" (no day) or "no BN layers"."""
@@ -104,7 +104,7 @@ def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConf
     tracker.log_metrics(run_id, report.metrics())
     (out / "bn" / "check.json").write_text(report.to_json())
     bn.drift_plot(report, out / "plots" / "bn_drift.png")
-    say(f"{report.summary()} ({report.seconds:.1f}s)")
+    log.info("%s (%.1fs)", report.summary(), report.seconds)
     return "passed" if report.passed else "failed"
 
 
