@@ -140,6 +140,24 @@ def test_served_model_scores_like_the_trained_model_without_the_shallow_tower(wo
         served.predict(table.drop(["brand"]))
 
 
+def test_a_job_run_is_marked_failed_when_its_block_raises_unless_kept_open(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(small("./logs", str(tmp_path)))
+    runs = {}
+    for day, keep_open in ((DAY1, None), (DAY2, lambda: True)):
+        with pytest.raises(RuntimeError, match="boom"), tracker.job_run("nightly", [day], f"{tmp_path}/ck", keep_open=keep_open) as run_id:
+            runs[day] = run_id
+            raise RuntimeError("boom")
+    with tracker.job_run("bn_recalibration", [DAY3], f"{tmp_path}/ck") as run_id:
+        runs[DAY3] = run_id
+    client = MlflowClient(tracker.uri, tracker.uri)
+    assert [client.get_run(runs[d]).info.status for d in (DAY1, DAY2, DAY3)] == ["FAILED", "RUNNING", "RUNNING"]
+    tags = client.get_run(runs[DAY3]).data.tags
+    assert tags["mtrec.kind"] == "bn_recalibration" and tags["mtrec.date"] == str(DAY3) and tags["mtrec.checkpoint"] == f"{tmp_path}/ck"
+
+
 # what a scoring process must not import: the rest of mtrec.tracking, the run config, evaluation, plots
 NOT_FOR_SCORING = ("mtrec.tracking.client", "mtrec.tracking.gate", "mtrec.tracking.record", "mtrec.config", "mtrec.data.io",
                    "mtrec.eval.evaluate", "mtrec.eval.plots", "mtrec.bn", "mtrec.train.checkpoint", "matplotlib", "ray")

@@ -91,8 +91,7 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, b
 
     tracker = Tracker(cfg)
     trained_to = dt.date.fromisoformat(source["date"])
-    run_id = tracker.start_run("bn_recalibration", [trained_to], source["checkpoint"], None, None)
-    try:
+    with tracker.job_run("bn_recalibration", [trained_to], source["checkpoint"]) as run_id:
         tracker.set_tags(run_id, {"mtrec.bn_recalibrated_on": day.isoformat(), "mtrec.source_version": source["version"]})
         tracker.log_metrics(run_id, {**{f"before/{k}": v for k, v in before.metrics().items()}, **after.metrics()})
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,13 +100,10 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, b
             (Path(tmp) / "bn" / "check.json").write_text(after.to_json())
             (Path(tmp) / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
             tracker.log_artifacts(run_id, tmp)
-        model_uri = tracker.log_model(run_id, served, example_rows(cfg.job.logs, day, served.columns))
-        tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.bn_check": "passed" if after.passed else "failed"})
+        model_uri = tracker.log_served(run_id, served, example_rows(cfg.job.logs, day, served.columns),
+                                       {"mtrec.bn_check": "passed" if after.passed else "failed"})
         version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to)
-    except BaseException:
-        tracker.fail_run(run_id)
-        raise
-    tracker.call("tagging the version", tracker.client.set_model_version_tag, cfg.name, version, "mtrec.bn_recalibrated_on", day.isoformat())
+    tracker.tag_version(version, {"mtrec.bn_recalibrated_on": day.isoformat()})
     chal = tracker.alias("challenger")
     alias = " (alias challenger)" if chal is not None and chal.version == version else " (the challenger alias stays on a newer day's version)"
     say(f"registered the recalibrated model as version {version} of {cfg.name}{alias}; `mtrec promote --version {version}` judges it "

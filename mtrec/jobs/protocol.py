@@ -17,6 +17,7 @@ workers' prefetch, whatever the size of the range.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -287,21 +288,19 @@ def run_job(
                 "config": cfg.model_dump(mode="json"), "input_rows": summary.input_rows, "quarantined_rows": summary.quarantined_rows,
                 "files": [{"url": f.url, "size": f.size} for f in files], "mtrec_version": __version__}
     tracker, run_id = None, None
-    if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
-        from mtrec.tracking import Tracker
+    with contextlib.ExitStack() as tracked:
+        if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
+            from mtrec.tracking import Tracker
 
-        tracker = Tracker(cfg)
-        run_id = tracker.start_run(kind, days, summary.checkpoint, parent, parent_manifest)
-        manifest.update(mlflow_run_id=run_id, tracking_uri=tracker.uri)
-        summary.mlflow = {"uri": tracker.uri, "run_id": run_id}
-        say(f"mlflow: run {run_id} in experiment {cfg.name} at {tracker.uri}")
-    try:
+            tracker = Tracker(cfg)
+            # a published day's run is complete (only its registration may lag): a failure after the publish leaves it RUNNING
+            run_id = tracked.enter_context(tracker.job_run(kind, days, summary.checkpoint, parent, parent_manifest,
+                                                           keep_open=lambda: summary.mlflow.get("published", False)))
+            manifest.update(mlflow_run_id=run_id, tracking_uri=tracker.uri)
+            summary.mlflow = {"uri": tracker.uri, "run_id": run_id}
+            say(f"mlflow: run {run_id} in experiment {cfg.name} at {tracker.uri}")
         return _train_and_publish(cfg, days, kind, parent, say, log_every, allow_config_change, summary, manifest, files, done, jid,
                                   staged, run, reports, tracker, run_id, t_job, t_epoch)
-    except BaseException:
-        if tracker is not None and not summary.mlflow.get("published"):  # a published day's run is complete: only its registration may lag
-            tracker.fail_run(run_id)
-        raise
 
 
 def _train_and_publish(cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | None, say: Callable[[str], None], log_every: int,

@@ -20,8 +20,8 @@ checkpoint is published without its run:
 
 The modules:
 
-    client   `Tracker`: the tracking URI, the retrying calls, the experiment, a job's run, the
-             served model (`log_model`), the registry
+    client   `Tracker`: the tracking URI, the retrying calls, the experiment, a job's run
+             (`job_run`), the served model (`log_served`), the registry (`register`)
     record   what a training job records: `record_job`, `record_bn`, `day_trend`, `example_rows`
     gate     the promotion gate: `promote`, `compare`, `gate_slice`, `GateDecision`
     pyfunc   the served model's MLflow face: `MtrecPyfunc`, `load_served`; imports only what

@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -189,6 +189,22 @@ class Tracker:
         return self._experiment
 
     # ---- one run per job --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def job_run(self, kind: str, days: list[dt.date], checkpoint_url: str, parent: str | None = None,
+                parent_manifest: dict | None = None, keep_open: Callable[[], bool] | None = None) -> Iterator[str]:
+        """The job's run for the block: opened with its tags (`start_run`: MLflow down fails the
+        job here, before its work), its id yielded, marked FAILED when the block raises, unless
+        `keep_open()` then says the run is complete (a training job's published checkpoint: only
+        its registration may lag, and the rerun of the job completes it, `ensure_registered`).
+        `register` ends the run FINISHED."""
+        run_id = self.start_run(kind, days, checkpoint_url, parent, parent_manifest)
+        try:
+            yield run_id
+        except BaseException:
+            if keep_open is None or not keep_open():
+                self.fail_run(run_id)
+            raise
+
     def start_run(self, kind: str, days: list[dt.date], checkpoint_url: str, parent: str | None,
                   parent_manifest: dict | None) -> str:
         """Open the job's run (status RUNNING) with its tags; returns the run id."""
@@ -258,6 +274,14 @@ class Tracker:
 
             return self.call("logging the model", log)
 
+    def log_served(self, run_id: str, served: ServedModel, example, tags: dict[str, str] | None = None) -> str:
+        """The served model logged under the run, and the run tagged with its URI
+        (`mtrec.model_uri`, from which `ensure_registered` completes a lost registration) and
+        `tags`; returns the model URI."""
+        model_uri = self.log_model(run_id, served, example)
+        self.set_tags(run_id, {"mtrec.model_uri": model_uri, **(tags or {})})
+        return model_uri
+
     # ---- registry ----------------------------------------------------------------------------------
     def register(self, run_id: str, model_uri: str, checkpoint_url: str, day: dt.date) -> str:
         """The version of the registered model for the published checkpoint of run `run_id`;
@@ -307,6 +331,10 @@ class Tracker:
         version = self.register(run_id, model_uri, checkpoint_url, dt.date.fromisoformat(manifest["date"]))
         log.info("mlflow: completed the registration of %s: version %s of %s", checkpoint_url, version, self.name)
         return version
+
+    def tag_version(self, version: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.call("tagging the version", self.client.set_model_version_tag, self.name, version, k, v)
 
     def alias(self, alias: str) -> VersionInfo | None:
         mv = self.call(f"reading alias {alias}", self.client.get_model_version_by_alias, self.name, alias, absent_ok=True)

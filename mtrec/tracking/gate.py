@@ -150,8 +150,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
                   + ("; BN check passed" if bn_report is not None else "") if ok else "; ".join(reasons))
         decision = GateDecision(ok, chal.version, champ.version, day.isoformat(), reason, figures,
                                 bn="no BN layers" if bn_report is None else ("passed" if bn_report.passed else "failed"))
-    for k, v in decision.tags().items():
-        tracker.call("tagging the version", tracker.client.set_model_version_tag, cfg.name, chal.version, k, v)
+    tracker.tag_version(chal.version, decision.tags())
     if not decision.promoted:
         stays = f"`champion` stays v{champ.version}" if champ is not None else "there is still no champion"
         raise GateRefused(f"challenger v{chal.version} of {cfg.name} refused: {decision.reason}; {stays}")

@@ -6,7 +6,7 @@ after its data, plots, the BN statistics check, artifacts and the served model.
                `bn/...` (models with BatchNorm), `position_bias/<p>`
     artifacts  config.json, manifest.json, validation/dt=D.json, plots/ (calibration, position
                bias, metric trend, BN drift), bn/ (running statistics, the check)
-    model      the served model (pyfunc, `Tracker.log_model`), its URI as tag `mtrec.model_uri`
+    model      the served model (pyfunc, `Tracker.log_served`), its URI as tag `mtrec.model_uri`
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
             plots.trend(history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day")
         tracker.log_artifacts(run_id, tmp)
     example = example_rows(cfg.job.logs, eval_day if metrics else last, served.columns)
-    model_uri = tracker.log_model(run_id, served, example)
-    tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result})
+    model_uri = tracker.log_served(run_id, served, example,
+                                   {"mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result})
     log.info("recorded run %s in %s (%.1fs)", run_id, tracker.uri, time.perf_counter() - t0)
     return {"model_uri": model_uri, "eval_day": eval_day.isoformat() if metrics else None, "metrics": metrics, "gate": cfg.gate_metrics(),
             "bn": bn_result}
