@@ -1,4 +1,4 @@
-"""Incremental vs full retrain on a 7-day synthetic world with drift: quality and cost (issue 4).
+"""Incremental vs full retrain on a 7-day synthetic world with drift: quality and cost.
 
     .venv/bin/python bench/incremental.py                        # 500,000 rows/day, ~15 min on 2 cores
     .venv/bin/python bench/incremental.py --rows-per-day 100000  # quicker; the cost ratio gets worse (fixed cost)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/throughput.py                       # everything, 1M rows
     .venv/bin/python bench/throughput.py --only ceiling        # in-memory parts only
 
-The workload (issue 9): ESMM, 20 sparse features of vocabulary 100,000 and dim 16, towers
+The workload: ESMM, 20 sparse features of vocabulary 100,000 and dim 16, towers
 256-128-64 (CTR and CVR), batch 2048, ids uniform over the vocabulary unless `--zipf A`.
 
 1. ceiling    rows/s of the training step (DMP, world size 1, fused row-wise Adagrad, Adam for
@@ -43,7 +43,7 @@ DAY = "2026-01-01"
 
 
 def bench_config(logs: str, workdir: str, workers: int = 1, torch_threads: int = 0) -> dict:
-    """The issue's ESMM workload as an mtrec config (f00 is user_id, f01 item_id)."""
+    """The ESMM workload above as an mtrec config (f00 is user_id, f01 item_id)."""
     names = ["user_id", "item_id"] + [f"f{i:02d}" for i in range(2, N_SPARSE)]
     return {
         "name": "esmm_bench",

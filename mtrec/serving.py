@@ -9,7 +9,7 @@ What serving sees differs from training in three ways, all decided here once:
 * outputs in label space: binary tasks and joints as probabilities, regression tasks as values
   (a `log1p: true` task is mapped back with expm1).
 
-The MLflow pyfunc model (mtrec.tracking), `mtrec predict` and the promotion gate all score through
+The MLflow pyfunc model (mtrec.tracking.pyfunc), `mtrec predict` and the promotion gate all score through
 `ServedModel`, so what is evaluated is what is served. A served model is self-contained: its
 artifact (and a checkpoint's manifest) carries the model spec and the score offsets of training-time
 sampling, so it loads and scores from the artifact alone.

@@ -4,6 +4,7 @@ recalibration touching only BN buffers; training-time sampling and its score cor
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     assert stats.batches < 20_000 // 32 and stats.steps == stats.batches and stats.pad_steps == 0  # world size 1: no pad steps
 
 
-def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch, capsys):
+def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch, capsys, caplog):
     """Embedded MLflow (sqlite), models logged directly: champion A has statistics of the data;
     challenger B is A with its running means shifted by 5. The gate refuses B naming the BN
     check; `mtrec bn-check --recalibrate` registers B' whose statistics pass, and the gate
@@ -174,7 +175,7 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     torch.manual_seed(0)
     model = build_model(cfg.spec, "cpu", cfg.score_offsets())
     bn.recalibrate(model, cfg.spec, cfg.job.logs, DAY1)
-    tracker = Tracker(cfg, lambda _l: None)
+    tracker = Tracker(cfg)
 
     def register(state, name):
         served = ServedModel(cfg.spec, state)
@@ -183,7 +184,9 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
         return tracker.register(run, uri, f"{tmp_path}/ck-{name}", DAY1)
 
     assert register(model.state_dict(), "a") == "1"
+    caplog.set_level(logging.INFO, logger="mtrec")
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0  # no champion yet: v1
+    assert f"promoted v1 of {cfg.name} to champion: no champion yet: version 1 becomes the first" in caplog.text
     broken = {k: (v + 5.0 if k.endswith("running_mean") else v) for k, v in model.state_dict().items()}
     assert register(broken, "b") == "2"
     capsys.readouterr()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import json
+import logging
 import os
 import shutil
 import signal
@@ -93,7 +95,7 @@ def test_tracking_uri_defaults_to_sqlite_in_the_workdir(tmp_path, monkeypatch):
 def test_unreachable_server_fails_after_retries_naming_the_uri(tmp_path):
     port = _free_port()
     cfg = small("./logs", str(tmp_path), uri=f"http://127.0.0.1:{port}")
-    tracker = Tracker(cfg, quiet)
+    tracker = Tracker(cfg)
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match=rf"MLflow at http://127.0.0.1:{port} is unreachable: reading the experiment failed 2 time"):
         tracker.experiment_id()
@@ -136,6 +138,88 @@ def test_served_model_scores_like_the_trained_model_without_the_shallow_tower(wo
     assert all(np.array_equal(again[k], got[k]) for k in got)
     with pytest.raises(Exception, match="lacks feature column.*brand"):
         served.predict(table.drop(["brand"]))
+
+
+def test_a_job_run_is_marked_failed_when_its_block_raises_unless_kept_open(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(small("./logs", str(tmp_path)))
+    runs = {}
+    for day, keep_open in ((DAY1, None), (DAY2, lambda: True)):
+        with pytest.raises(RuntimeError, match="boom"), tracker.job_run("nightly", [day], f"{tmp_path}/ck", keep_open=keep_open) as run_id:
+            runs[day] = run_id
+            raise RuntimeError("boom")
+    with tracker.job_run("bn_recalibration", [DAY3], f"{tmp_path}/ck") as run_id:
+        runs[DAY3] = run_id
+    client = MlflowClient(tracker.uri, tracker.uri)
+    assert [client.get_run(runs[d]).info.status for d in (DAY1, DAY2, DAY3)] == ["FAILED", "RUNNING", "RUNNING"]
+    tags = client.get_run(runs[DAY3]).data.tags
+    assert tags["mtrec.kind"] == "bn_recalibration" and tags["mtrec.date"] == str(DAY3) and tags["mtrec.checkpoint"] == f"{tmp_path}/ck"
+
+
+# what a scoring process must not import: the rest of mtrec.tracking, the run config, evaluation, plots
+NOT_FOR_SCORING = ("mtrec.tracking.client", "mtrec.tracking.gate", "mtrec.tracking.record", "mtrec.config", "mtrec.data.io",
+                   "mtrec.eval.evaluate", "mtrec.eval.plots", "mtrec.bn", "mtrec.train.checkpoint", "matplotlib", "ray")
+
+
+def _python(code: str, *args: str, **env: str) -> str:
+    """`code` in a fresh interpreter that imports this tree's mtrec; its stdout."""
+    import mtrec
+
+    root = str(Path(mtrec.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "PYTHONPATH": path, **env},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_the_pyfunc_imports_only_what_scoring_needs():
+    code = f"import sys; import mtrec.tracking.pyfunc; print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
+    assert _python(code).strip() == "[]"
+    code = f"import sys; from mtrec.tracking import load_served; print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
+    assert _python(code).strip() == "[]"
+
+
+def test_every_name_of_the_package_resolves():
+    import mtrec.tracking
+
+    assert all(getattr(mtrec.tracking, name) is not None for name in mtrec.tracking.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        mtrec.tracking.nothing  # noqa: B018
+
+
+def test_load_served_loads_a_logged_model_with_scoring_code_only(world, tmp_path, monkeypatch):
+    """A model logged now, and one whose logged code imports `MtrecPyfunc` from `mtrec.tracking`
+    (as the code of models already in registries does), load as the same ServedModel in a process
+    that imports nothing the scoring does not need."""
+    from mtrec.models import build_model
+    from mtrec.serving import ServedModel
+    from mtrec.tracking import client, example_rows
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = small(world, str(tmp_path / "work"))
+    served = ServedModel(cfg.spec, build_model(cfg.spec, "cpu").state_dict())
+    example = example_rows(cfg.job.logs, DAY1, served.columns)
+    tracker = Tracker(cfg)
+    run_id = tracker.start_run("nightly", [DAY1], str(tmp_path / "ck"), None, None)
+    uris = [tracker.log_model(run_id, served, example)]
+    package_code = tmp_path / "mlflow_model.py"
+    package_code.write_text("from mlflow.models import set_model\n\nfrom mtrec.tracking import MtrecPyfunc\n\nset_model(MtrecPyfunc())\n")
+    monkeypatch.setattr(client, "MODEL_CODE", str(package_code))
+    uris.append(tracker.log_model(run_id, served, example))
+    example.to_parquet(tmp_path / "example.parquet")
+    code = ("import json, sys; import pandas as pd; from mtrec.tracking.pyfunc import load_served\n"
+            "df = pd.read_parquet(sys.argv[1])\n"
+            "scores = [load_served(u).predict_pandas(df).to_dict('list') for u in sys.argv[2:]]\n"
+            f"print(json.dumps({{'scores': scores, 'imported': [m for m in {NOT_FOR_SCORING!r} if m in sys.modules]}}))")
+    out = json.loads(_python(code, str(tmp_path / "example.parquet"), *uris, MLFLOW_TRACKING_URI=tracker.uri).splitlines()[-1])
+    want = served.predict_pandas(example)
+    assert out["imported"] == []
+    for got in out["scores"]:
+        for k in want.columns:
+            assert np.abs(np.array(got[k]) - want[k].to_numpy()).max() < 1e-6
 
 
 # ---- integration: a real `mlflow server` ----------------------------------------------------------
@@ -213,14 +297,14 @@ def three_days(ray_local, server, world4, tmp_path_factory):
         gates.append(gate_pending(cfg, day, say=quiet) or "promoted")
         summaries += run_nightly(cfg, day, say=quiet)
     try:
-        assert promote(cfg, say=quiet).promoted
+        assert promote(cfg).promoted
         gates.append("promoted")
     except GateRefused as e:
         gates.append(e)
     return cfg, summaries, gates
 
 
-def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server):
+def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server, caplog):
     from mlflow import MlflowClient
 
     cfg, summaries, gates = three_days
@@ -273,7 +357,10 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     from mtrec.jobs.nightly import gate_pending
 
     said: list[str] = []
+    caplog.set_level(logging.INFO, logger="mtrec")
+    caplog.clear()
     assert gate_pending(cfg, DAY4, say=said.append) is None and not [s for s in said if s.startswith("gate")]
+    assert not [r for r in caplog.records if r.getMessage().startswith("gate")]
 
 
 def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch, capsys):
@@ -354,9 +441,9 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
 
 
 def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch):
+    import mlflow
     from mlflow import MlflowClient
 
-    from mtrec import tracking
     from mtrec.jobs.nightly import run_nightly
     from mtrec.train import checkpoint
 
@@ -388,7 +475,7 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
         raise TrackingError("MLflow at x is unreachable")
 
     # 1. MLflow fails after the publish: the day is published, its registration incomplete
-    monkeypatch.setattr(tracking.mlflow, "register_model", down)
+    monkeypatch.setattr(mlflow, "register_model", down)
     with pytest.raises(TrackingError, match="is published and run .* recorded, but its registration did not complete"):
         run_nightly(cfg, DAY4, say=quiet)
     monkeypatch.undo()

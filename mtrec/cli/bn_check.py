@@ -28,10 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         tracking_env(cfg)
     out = run_bn_check(cfg, d, model_uri=args.model, url=args.checkpoint, recalibrate=args.recalibrate)
-    final = out["after"] or out["before"]
     if args.json:
-        print_json({"before": json.loads(out["before"].to_json()), "after": json.loads(out["after"].to_json()) if out["after"] else None,
-                    "version": out["version"]})
-    if not final.passed:
-        raise BNCheckFailed(final.summary())
+        print_json({"before": json.loads(out.before.to_json()), "after": json.loads(out.after.to_json()) if out.after else None,
+                    "version": out.version})
+    if not out.final.passed:
+        raise BNCheckFailed(out.final.summary())
     return 0

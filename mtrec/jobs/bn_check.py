@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtrec import bn
@@ -24,6 +25,7 @@ from mtrec.errors import ConfigError
 from mtrec.serving import ServedModel
 from mtrec.train import checkpoint
 
+log = logging.getLogger(__name__)
 
 def _source(cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | None, recalibrate: bool) -> tuple[ServedModel, dict]:
     """The model and what it is: {"name", "date", "checkpoint", "version"} (version "" for a
@@ -53,46 +55,55 @@ def _source(cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | No
     return ServedModel.from_checkpoint(url), {"name": cfg.name, "date": manifest["date"], "checkpoint": url, "version": ""}
 
 
-def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, url: str | None = None, recalibrate: bool = False,
-                 say: Callable[[str], None] = print) -> dict:
-    """Check (and with `recalibrate`, fix) a model's BN statistics on `day`.
+@dataclass
+class BNCheckResult:
+    """What `run_bn_check` found (and, with `recalibrate`, did)."""
 
-    Returns:
-        {"before": BNReport, "after": BNReport | None, "version": new version or None, "source": {...}}
-    """
+    before: bn.BNReport  # the model's statistics as they were
+    after: bn.BNReport | None = None  # after recalibration
+    version: str | None = None  # the recalibrated model's new version
+    source: dict = field(default_factory=dict)  # {"name", "date", "checkpoint", "version"} of the model checked
+
+    @property
+    def final(self) -> bn.BNReport:
+        return self.after or self.before
+
+
+def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, url: str | None = None,
+                 recalibrate: bool = False) -> BNCheckResult:
+    """Check (and with `recalibrate`, fix) a model's BN statistics on `day`."""
     served, source = _source(cfg, day, model_uri, url, recalibrate)
     what = model_uri or source["checkpoint"]
     if source["date"] and dt.date.fromisoformat(source["date"]) >= day:
-        say(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
+        log.info(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
     logs = cfg.job.logs  # the day under this config's logs, with its limits and batch size
     before = bn.check(served.model, served.spec, logs, day, cfg.bn)
-    say(f"{what} on {day}:")
+    log.info(f"{what} on {day}:")
     for line in before.table() if before.layers else []:
-        say("  " + line)
-    say(before.summary() + f" ({before.seconds:.1f}s)")
-    out = {"before": before, "after": None, "version": None, "source": source}
+        log.info("  " + line)
+    log.info(before.summary() + f" ({before.seconds:.1f}s)")
+    out = BNCheckResult(before, source=source)
     if not recalibrate:
         return out
     if not before.layers:
-        say("no BN layers: nothing to recalibrate")
+        log.info("no BN layers: nothing to recalibrate")
         return out
     rows = bn.recalibrate(served.model, served.spec, logs, day, cfg.bn.batch_rows)
     after = bn.check(served.model, served.spec, logs, day, cfg.bn)
-    out["after"] = after
-    say(f"recalibrated on {rows:,} rows of {day}: {after.summary()}")
-    out["version"] = _record(cfg.model_copy(update={"name": source["name"]}), served, source, day, before, after, say)
+    out.after = after
+    log.info(f"recalibrated on {rows:,} rows of {day}: {after.summary()}")
+    out.version = _record(cfg.model_copy(update={"name": source["name"]}), served, source, day, out)
     return out
 
 
-def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, before: bn.BNReport, after: bn.BNReport,
-            say: Callable[[str], None]) -> str:
+def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, result: BNCheckResult) -> str:
     """The recalibrated model as a run and a model version (the same checkpoint: only BN buffers differ)."""
     from mtrec.tracking import Tracker, example_rows
 
-    tracker = Tracker(cfg, say)
+    before, after = result.before, result.final
+    tracker = Tracker(cfg)
     trained_to = dt.date.fromisoformat(source["date"])
-    run_id = tracker.start_run("bn_recalibration", [trained_to], source["checkpoint"], None, None)
-    try:
+    with tracker.job_run("bn_recalibration", [trained_to], source["checkpoint"]) as run_id:
         tracker.set_tags(run_id, {"mtrec.bn_recalibrated_on": day.isoformat(), "mtrec.source_version": source["version"]})
         tracker.log_metrics(run_id, {**{f"before/{k}": v for k, v in before.metrics().items()}, **after.metrics()})
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,15 +112,12 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, b
             (Path(tmp) / "bn" / "check.json").write_text(after.to_json())
             (Path(tmp) / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
             tracker.log_artifacts(run_id, tmp)
-        model_uri = tracker.log_model(run_id, served, example_rows(cfg.job.logs, day, served.columns))
-        tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.bn_check": "passed" if after.passed else "failed"})
+        model_uri = tracker.log_served(run_id, served, example_rows(cfg.job.logs, day, served.columns),
+                                       {"mtrec.bn_check": "passed" if after.passed else "failed"})
         version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to)
-    except BaseException:
-        tracker.fail_run(run_id)
-        raise
-    tracker.call("tagging the version", tracker.client.set_model_version_tag, cfg.name, version, "mtrec.bn_recalibrated_on", day.isoformat())
+    tracker.tag_version(version, {"mtrec.bn_recalibrated_on": day.isoformat()})
     chal = tracker.alias("challenger")
     alias = " (alias challenger)" if chal is not None and chal.version == version else " (the challenger alias stays on a newer day's version)"
-    say(f"registered the recalibrated model as version {version} of {cfg.name}{alias}; `mtrec promote --version {version}` judges it "
+    log.info(f"registered the recalibrated model as version {version} of {cfg.name}{alias}; `mtrec promote --version {version}` judges it "
         f"on a day after {day}")
     return version

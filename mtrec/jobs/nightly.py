@@ -133,13 +133,13 @@ def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
     from mtrec.errors import GateDeferred, GateRefused
     from mtrec.tracking import CHALLENGER, CHAMPION, Tracker, promote
 
-    tracker = Tracker(cfg, log.info)
+    tracker = Tracker(cfg)
     chal, champ = tracker.alias(CHALLENGER), tracker.alias(CHAMPION)
     if chal is None or "mtrec.gate.decision" in chal.tags or (champ is not None and champ.version == chal.version):
         return None
     log.info(f"gate: judging challenger v{chal.version} (trained to {chal.date}, not judged yet) before training {day}")
     try:
-        promote(cfg, version=chal.version, say=log.info)
+        promote(cfg, version=chal.version)
     except GateDeferred as e:
         log.info(f"gate deferred: {e}")
     except GateRefused as e:
@@ -165,7 +165,7 @@ def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary]) -> None:
         raise ConfigError(f"{last.checkpoint} has no registered version (it was trained without tracking); retrain it with --force "
                           "to record and register it, or run `mtrec promote --version V` on a registered one")
     try:
-        promote(cfg, version=version, say=log.info)
+        promote(cfg, version=version)
     except GateDeferred as e:
         log.info(f"gate deferred: {e}")
     except MtrecError as e:

@@ -19,6 +19,7 @@ workers' prefetch, whatever the size of the range.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import hashlib
@@ -235,25 +236,23 @@ class _Job:
         self.marks[name] = (time.time() if at is None else at) - self.t_epoch
 
     def run(self) -> TrainSummary:
-        cfg = self.cfg
-        if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
-            from mtrec.tracking import Tracker
+        cfg, plan = self.cfg, self.plan
+        with contextlib.ExitStack() as tracked:
+            if cfg.tracking.enabled:  # before training: MLflow down fails the job now, not after the day is trained
+                from mtrec.tracking import Tracker
 
-            self.tracker = Tracker(cfg, log.info)
-            self.run_id = self.tracker.start_run(self.plan.kind, self.plan.days, self.plan.checkpoint, self.plan.parent,
-                                                 {"mlflow_run_id": self.manifest.get("parent_run_id")})
-            self.manifest.update(mlflow_run_id=self.run_id, tracking_uri=self.tracker.uri)
-            self.summary.mlflow = {"uri": self.tracker.uri, "run_id": self.run_id}
-            log.info(f"mlflow: run {self.run_id} in experiment {cfg.name} at {self.tracker.uri}")
-        try:
+                self.tracker = Tracker(cfg)
+                # a published day's run is complete (only its registration may lag): a failure after the publish leaves it RUNNING
+                self.run_id = tracked.enter_context(self.tracker.job_run(
+                    plan.kind, plan.days, plan.checkpoint, plan.parent, {"mlflow_run_id": self.manifest.get("parent_run_id")},
+                    keep_open=lambda: self.published))
+                self.manifest.update(mlflow_run_id=self.run_id, tracking_uri=self.tracker.uri)
+                self.summary.mlflow = {"uri": self.tracker.uri, "run_id": self.run_id}
+                log.info(f"mlflow: run {self.run_id} in experiment {cfg.name} at {self.tracker.uri}")
             snap = self.train()
             self.record()
             self.publish()
             self.register()
-        except BaseException:
-            if self.tracker is not None and not self.published:  # a published day's run is complete: only its registration may lag
-                self.tracker.fail_run(self.run_id)
-            raise
         s = self.summary
         s.phases = {k: round(v, 2) for k, v in sorted(self.marks.items(), key=lambda kv: kv[1])}
         s.progress = [{k: v for k, v in p.items() if k != "line"} for p in snap["history"]]
@@ -326,7 +325,7 @@ class _Job:
             if self.tracking_error is not None:
                 raise self.tracking_error
             self.summary.mlflow.update(record_job(self.tracker, self.run_id, self.cfg, self.plan.staged, self.manifest, self.summary,
-                                                  self.plan.reports, log.info))
+                                                  self.plan.reports))
         except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
             err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {self.run_id} failed: {first_line(e, typed=True)}")
             raise self._fail(err, "; the day was trained but nothing was published") from None
@@ -392,7 +391,7 @@ def ensure_registered(cfg: MtrecConfig, url: str) -> str | None:
         return None
     from mtrec.tracking import Tracker
 
-    return Tracker(cfg, log.info).ensure_registered(url, checkpoint.read_manifest(url))
+    return Tracker(cfg).ensure_registered(url, checkpoint.read_manifest(url))
 
 
 def already_published(cfg: MtrecConfig, days: list[dt.date], kind: str) -> TrainSummary:

@@ -1,6 +1,6 @@
 """Checkpoints: torch.distributed.checkpoint (DCP) through fsspec, a JSON manifest, `_SUCCESS` last.
 
-Layout (../shared/DESIGN.md):
+Layout:
 
     <workdir>/checkpoints/<model>/
         dt=YYYY-MM-DD/               a published checkpoint

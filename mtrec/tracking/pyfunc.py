@@ -1,0 +1,48 @@
+"""The served model's MLflow face: the pyfunc class MLflow loads, and `load_served`.
+
+Loading a model needs only what scoring needs: MLflow's pyfunc and `mtrec.serving` (this module
+imports nothing else of mtrec but its errors), so a process that serves or batch-scores a
+registered model does not import the run config, the evaluation, plots or the promotion gate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+
+from mtrec.errors import TrackingError, first_line
+from mtrec.serving import ServedModel
+
+# the code MLflow runs to rebuild the model at load time ("models from code": no pickle); MLflow
+# keeps a copy of it in the logged model
+MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
+
+
+class MtrecPyfunc(mlflow.pyfunc.PythonModel):
+    """The MLflow face of `ServedModel`: a pandas DataFrame of raw feature columns in, one column
+    per task (probability; regression value) out (MLflow's schema check takes DataFrames; for
+    Arrow batches use `load_served(uri).predict(table)`, the same model). Needs mtrec installed
+    where it is loaded."""
+
+    def load_context(self, context) -> None:
+        self.served = ServedModel.load(context.artifacts["served"])
+
+    def predict(self, context, model_input, params=None):
+        return self.served.predict_pandas(model_input)
+
+
+def load_served(model_uri: str) -> ServedModel:
+    """The ServedModel inside a logged/registered model (`models:/<name>@champion`, `runs:/...`)."""
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as e:  # noqa: BLE001 - MLflow, network, a model logged by another version: one line
+        raise TrackingError(f"cannot load {model_uri}: {first_line(e, limit=240)}; check the name, version or alias "
+                            f"and the tracking URI ({mlflow.get_tracking_uri()})") from None
+    inner = model.unwrap_python_model()
+    if not isinstance(inner, MtrecPyfunc):
+        raise TrackingError(f"{model_uri} is not an mtrec model ({type(inner).__name__}); point --model at one mtrec logged")
+    return inner.served
+
+
+__all__ = ["MODEL_CODE", "MtrecPyfunc", "load_served"]
