@@ -35,7 +35,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check mtrec tests bench
+	$(BIN)/ruff check mtrec pipelines tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,7 +4,6 @@ recalibration touching only BN buffers; training-time sampling and its score cor
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import math
 
 import numpy as np
@@ -184,9 +183,9 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
         return tracker.register(run, uri, f"{tmp_path}/ck-{name}", DAY1)
 
     assert register(model.state_dict(), "a") == "1"
-    caplog.set_level(logging.INFO, logger="mtrec")
+    capsys.readouterr()
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0  # no champion yet: v1
-    assert f"promoted v1 of {cfg.name} to champion: no champion yet: version 1 becomes the first" in caplog.text
+    assert f"promoted v1 of {cfg.name} to champion: no champion yet: version 1 becomes the first" in capsys.readouterr().err
     broken = {k: (v + 5.0 if k.endswith("running_mean") else v) for k, v in model.state_dict().items()}
     assert register(broken, "b") == "2"
     capsys.readouterr()

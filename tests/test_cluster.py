@@ -160,9 +160,10 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
     codes = sorted(r.returncode for r in results)
     assert codes == [0, 8], [r.stdout[-2000:] + r.stderr[-2000:] for r in results]
     winner, loser = (ids[0], ids[1]) if results[0].returncode == 0 else (ids[1], ids[0])
-    refused = next(r for r in results if r.returncode == 8).stdout
-    assert f"esmm_synth is being trained by `mtrec nightly {DAY3}`" in refused and f"Ray job {winner}" in refused
-    assert f"job {loser} FAILED: mtrec exited 8" in refused
+    refused = next(r for r in results if r.returncode == 8)
+    # the job's own output (its one error line) streamed on stdout, submit's status line on stderr
+    assert f"esmm_synth is being trained by `mtrec nightly {DAY3}`" in refused.stdout and f"Ray job {winner}" in refused.stdout
+    assert f"job {loser} FAILED: mtrec exited 8" in refused.stderr
     manifest = json.loads((ckpt.parent / f"dt={DAY3}" / "manifest.json").read_text())
     assert manifest["parent"] == str(ckpt) and manifest["days"] == [str(DAY3)]
     status = _mtrec(env, "submit", "--address", url, "--status", winner, timeout=60)
@@ -192,7 +193,7 @@ def test_submit_checks_the_command_before_sending_anything(tmp_path, monkeypatch
 
 def test_stage_uploads_the_code_and_the_config_file(tmp_path):
     cfgfile = tmp_path / "my.yaml"
-    cfgfile.write_text(yaml.safe_dump({**yaml.safe_load(Path(submit.__file__).parents[1].joinpath("mtrec/configs/esmm.yaml").read_text()),
+    cfgfile.write_text(yaml.safe_dump({**yaml.safe_load(Path(submit.__file__).parents[1].joinpath("configs/esmm.yaml").read_text()),
                                        "job": {"logs": "/data/logs", "workdir": "s3://bucket/work"}}))
     into = tmp_path / "stage"
     into.mkdir()
@@ -246,25 +247,23 @@ def _info(status, code=None, message=""):
     return SimpleNamespace(status=status, driver_exit_code=code, message=message, start_time=None, end_time=None)
 
 
-def test_attach_exits_with_the_jobs_own_code(capsys):
-    said: list[str] = []
-    assert submit.attach(_FakeJobs(_info("RUNNING"), _info("SUCCEEDED", 0)), "j1", said.append) == 0
-    assert "mtrec nightly esmm_synth: 2026-01-03" in capsys.readouterr().out and said[-1] == "job j1 SUCCEEDED"
-    assert submit.attach(_FakeJobs(_info("FAILED", 8)), "j2", said.append) == 8  # the lock: as the command itself exits
-    assert said[-1] == "job j2 FAILED: mtrec exited 8"
-    assert submit.attach(_FakeJobs(_info("FAILED", -9)), "j3", said.append) == 137  # OOM-killed driver: 128 + SIGKILL
-    assert submit.attach(_FakeJobs(_info("STOPPED", None, "Job was intentionally stopped.")), "j4", said.append) == 9
-    assert said[-1] == "job j4 STOPPED: Job was intentionally stopped."
+def test_attach_exits_with_the_jobs_own_code(capsys, progress):
+    assert submit.attach(_FakeJobs(_info("RUNNING"), _info("SUCCEEDED", 0)), "j1") == 0
+    assert "mtrec nightly esmm_synth: 2026-01-03" in capsys.readouterr().out and progress()[-1] == "job j1 SUCCEEDED"
+    assert submit.attach(_FakeJobs(_info("FAILED", 8)), "j2") == 8  # the lock: as the command itself exits
+    assert progress()[-1] == "job j2 FAILED: mtrec exited 8"
+    assert submit.attach(_FakeJobs(_info("FAILED", -9)), "j3") == 137  # OOM-killed driver: 128 + SIGKILL
+    assert submit.attach(_FakeJobs(_info("STOPPED", None, "Job was intentionally stopped.")), "j4") == 9
+    assert progress()[-1] == "job j4 STOPPED: Job was intentionally stopped."
     with pytest.raises(ClusterError, match=r"cannot read job nope at http://head:8265 \(Request failed with status code 404"):
-        submit.attach(_FakeJobs(RuntimeError("Request failed with status code 404: Job nope does not exist.")), "nope", said.append)
+        submit.attach(_FakeJobs(RuntimeError("Request failed with status code 404: Job nope does not exist.")), "nope")
 
 
-def test_sigterm_while_attached_stops_the_job():
+def test_sigterm_while_attached_stops_the_job(progress):
     """Kubernetes deleting the CronJob's pod (or its deadline) must not leave the job running: a
     retried pod would meet its orphan's lock."""
     before = signal.getsignal(signal.SIGTERM)
     jobs = _FakeJobs(_info("RUNNING"), on_tail=lambda: os.kill(os.getpid(), signal.SIGTERM))
-    said: list[str] = []
-    assert submit.attach(jobs, "j5", said.append) == 143
-    assert jobs.stopped == ["j5"] and said[-1] == "terminated: stop requested for job j5"
+    assert submit.attach(jobs, "j5") == 143
+    assert jobs.stopped == ["j5"] and progress()[-1] == "terminated: stop requested for job j5"
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back

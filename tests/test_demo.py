@@ -71,11 +71,11 @@ def test_demo_replaces_only_what_it_wrote(tmp_path, capsys):
     from mtrec.jobs.demo import MARKER, _prepare
 
     work = tmp_path / "d"
-    _prepare(work, print)
+    _prepare(work)
     for name in ("world", "logs"):
         (work / name).mkdir()
     (work / "scores.parquet").write_text("x")  # what the printed `mtrec predict` writes
-    _prepare(work, print)
+    _prepare(work)
     assert sorted(p.name for p in work.iterdir()) == [MARKER]
     (work / "notes.txt").write_text("mine")
     assert main(["demo", "--workdir", str(work), "--models", "mmoe"]) == 2

@@ -47,10 +47,6 @@ def small(logs: str, workdir: str, uri: str | None = None, **tracking):
     return type(load_config("esmm")).model_validate(d)
 
 
-def quiet(_line: str) -> None:
-    pass
-
-
 # ---- unit ------------------------------------------------------------------------------------------
 
 
@@ -292,10 +288,10 @@ def three_days(ray_local, server, world4, tmp_path_factory):
     from mtrec.tracking import promote
 
     cfg = small(world4, str(tmp_path_factory.mktemp("work")), uri=server.uri)
-    summaries, gates = [run_train(cfg, DAY1, DAY1, say=quiet)], []
+    summaries, gates = [run_train(cfg, DAY1, DAY1)], []
     for day in (DAY2, DAY3):
-        gates.append(gate_pending(cfg, day, say=quiet) or "promoted")
-        summaries += run_nightly(cfg, day, say=quiet)
+        gates.append(gate_pending(cfg, day) or "promoted")
+        summaries += run_nightly(cfg, day)
     try:
         assert promote(cfg).promoted
         gates.append("promoted")
@@ -356,10 +352,9 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     # a challenger already judged is not judged again by the next night
     from mtrec.jobs.nightly import gate_pending
 
-    said: list[str] = []
     caplog.set_level(logging.INFO, logger="mtrec")
     caplog.clear()
-    assert gate_pending(cfg, DAY4, say=said.append) is None and not [s for s in said if s.startswith("gate")]
+    assert gate_pending(cfg, DAY4) is None
     assert not [r for r in caplog.records if r.getMessage().startswith("gate")]
 
 
@@ -440,7 +435,7 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
 
 
-def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch):
+def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch, caplog):
     import mlflow
     from mlflow import MlflowClient
 
@@ -450,14 +445,19 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
     cfg, _, _ = three_days
     url = checkpoint.checkpoint_url(cfg, DAY4)
 
-    def say(line: str) -> None:
-        if line.startswith("training "):  # the run is open, the workers are starting: the server dies
-            server.stop()
+    class ServerDies(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("training "):  # the run is open, the workers are starting: the server dies
+                server.stop()
 
+    hook = ServerDies()
+    logging.getLogger("mtrec").addHandler(hook)
+    caplog.set_level(logging.INFO, logger="mtrec")
     try:
         with pytest.raises(TrackingError) as err:
-            run_nightly(cfg, DAY4, say=say)
+            run_nightly(cfg, DAY4)
     finally:
+        logging.getLogger("mtrec").removeHandler(hook)
         server.stop()
         server.start()
     msg = str(err.value)
@@ -477,7 +477,7 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
     # 1. MLflow fails after the publish: the day is published, its registration incomplete
     monkeypatch.setattr(mlflow, "register_model", down)
     with pytest.raises(TrackingError, match="is published and run .* recorded, but its registration did not complete"):
-        run_nightly(cfg, DAY4, say=quiet)
+        run_nightly(cfg, DAY4)
     monkeypatch.undo()
     assert client.get_run(stale).info.status == "FAILED"  # closed by the next run of the same job
     assert DAY4 in checkpoint.published_days(cfg)
@@ -488,12 +488,12 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
     # 2. the rerun registers the version, then MLflow fails before the alias: still incomplete
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
     with pytest.raises(TrackingError):
-        run_nightly(cfg, DAY4, say=quiet)
+        run_nightly(cfg, DAY4)
     monkeypatch.undo()
     (v,) = client.search_model_versions(by_run)
     assert client.get_model_version_by_alias(cfg.name, "challenger").version != v.version
     # 3. the next rerun completes it: no second version, alias moved, run FINISHED; nothing trained
-    again = run_nightly(cfg, DAY4, say=quiet)
+    again = run_nightly(cfg, DAY4)
     assert again[0].skipped and again[0].mlflow["version"] == v.version
     assert [x.version for x in client.search_model_versions(by_run)] == [v.version]
     assert v.tags["mtrec.date"] == str(DAY4) and v.tags["mtrec.checkpoint"] == url
