@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-NOISY = ("ray", "mlflow", "alembic", "urllib3", "filelock", "torch.distributed", "torchrec", "fbgemm_gpu", "py4j", "git")
+NOISY = ("ray", "mlflow", "alembic", "urllib3", "filelock", "torch.distributed", "torch.fx", "torchrec", "fbgemm_gpu", "py4j", "git")
+# warnings raised on behalf of a library but attributed to the caller's module
+NOISY_WARNINGS = (r"Hint: Inferred schema contains integer column",)
 _state = {"verbose": False}
 
 
@@ -66,6 +68,8 @@ def quiet_libraries() -> None:
     if not _state["verbose"]:
         for module in ("ray", "mlflow", "torchrec", "fbgemm_gpu", "torch", "pydantic"):
             warnings.filterwarnings("ignore", module=module)
+        for message in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=f".*{message}")
 
 
 @contextmanager

@@ -244,7 +244,7 @@ class _Job:
                 self.tracker = Tracker(cfg)
                 # a published day's run is complete (only its registration may lag): a failure after the publish leaves it RUNNING
                 self.run_id = tracked.enter_context(self.tracker.job_run(
-                    plan.kind, plan.days, plan.checkpoint, plan.parent, {"mlflow_run_id": self.manifest.get("parent_run_id")},
+                    plan.kind, plan.days, plan.checkpoint, plan.parent, self.manifest.get("parent_run_id"),
                     keep_open=lambda: self.published))
                 self.manifest.update(mlflow_run_id=self.run_id, tracking_uri=self.tracker.uri)
                 self.summary.mlflow = {"uri": self.tracker.uri, "run_id": self.run_id}

@@ -38,6 +38,7 @@ from mtrec import __version__
 from mtrec.config import MtrecConfig
 from mtrec.data.io import is_local, local_path
 from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
+from mtrec.log import quiet_libraries, verbose
 from mtrec.retry import retry
 from mtrec.serving import ServedModel
 from mtrec.tracking.pyfunc import MODEL_CODE
@@ -73,10 +74,12 @@ def _artifact_root(cfg: MtrecConfig, uri: str) -> str | None:
 
 
 def quiet_mlflow() -> None:
-    """MLflow's INFO lines and progress bars would drown the job's own progress."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """MLflow's own lines (its INFO logs, progress bars, "Successfully registered model ...")
+    would drown the job's progress: kept out unless --verbose (`mtrec.log`)."""
+    from mlflow.utils.logging_utils import disable_logging, enable_logging
+
+    quiet_libraries()
+    (enable_logging if verbose() else disable_logging)()
 
 
 def _transient(e: BaseException) -> bool:
@@ -188,13 +191,13 @@ class Tracker:
     # ---- one run per job --------------------------------------------------------------------------
     @contextlib.contextmanager
     def job_run(self, kind: str, days: list[dt.date], checkpoint_url: str, parent: str | None = None,
-                parent_manifest: dict | None = None, keep_open: Callable[[], bool] | None = None) -> Iterator[str]:
+                parent_run_id: str | None = None, keep_open: Callable[[], bool] | None = None) -> Iterator[str]:
         """The job's run for the block: opened with its tags (`start_run`: MLflow down fails the
         job here, before its work), its id yielded, marked FAILED when the block raises, unless
         `keep_open()` then says the run is complete (a training job's published checkpoint: only
         its registration may lag, and the rerun of the job completes it, `ensure_registered`).
         `register` ends the run FINISHED."""
-        run_id = self.start_run(kind, days, checkpoint_url, parent, parent_manifest)
+        run_id = self.start_run(kind, days, checkpoint_url, parent, parent_run_id)
         try:
             yield run_id
         except BaseException:
@@ -203,11 +206,11 @@ class Tracker:
             raise
 
     def start_run(self, kind: str, days: list[dt.date], checkpoint_url: str, parent: str | None,
-                  parent_manifest: dict | None) -> str:
-        """Open the job's run (status RUNNING) with its tags; returns the run id."""
+                  parent_run_id: str | None) -> str:
+        """Open the job's run (status RUNNING) with its tags (the parent checkpoint and its run); returns the run id."""
         tags = {"mtrec.date": days[-1].isoformat(), "mtrec.first_day": days[0].isoformat(), "mtrec.kind": kind,
                 "mtrec.checkpoint": checkpoint_url, "mtrec.parent_checkpoint": parent or "",
-                "mtrec.parent_run_id": (parent_manifest or {}).get("mlflow_run_id", ""), "mtrec.version": __version__,
+                "mtrec.parent_run_id": parent_run_id or "", "mtrec.version": __version__,
                 "mtrec.git": _git_commit(), "mlflow.runName": f"{kind} {days[0]}" + (f"..{days[-1]}" if len(days) > 1 else "")}
         stale = self.call("searching unfinished runs", self.client.search_runs, [self.experiment_id()],
                           f"attributes.status = 'RUNNING' and tags.`mtrec.date` = '{days[-1]}' and tags.`mtrec.kind` = '{kind}'")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 from mtrec.errors import TrackingError, first_line
 from mtrec.serving import ServedModel
@@ -28,7 +29,8 @@ class MtrecPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.served = ServedModel.load(context.artifacts["served"])
 
-    def predict(self, context, model_input, params=None):
+    # a DataFrame hint: MLflow validates against the logged signature (no type-hint inference)
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return self.served.predict_pandas(model_input)
 
 
