@@ -11,10 +11,10 @@ import datetime as dt
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from mtrec.data.io import DataFile, filesystem
 from mtrec.data.validate import ValidationReport
+from mtrec.train.checkpoint import Manifest
 from mtrec.train.position import Position
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class JobPlan:
     done: Position  # rows an earlier run of this job already trained (its newest intra-day checkpoint)
     staged: str  # where the checkpoint is staged before publishing
     checkpoint: str  # where it is published (dt=<last day>)
-    manifest: dict[str, Any] = field(default_factory=dict)  # the manifest's entries known before training
+    manifest: Manifest = field(default_factory=Manifest)  # the entries known before training
 
     @property
     def end(self) -> dt.date:

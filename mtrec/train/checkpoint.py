@@ -38,7 +38,7 @@ import re
 import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import filesystem, is_local_fs, join
@@ -51,6 +51,40 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written: the pa
     import torch
     import torch.distributed as dist
     from torch import nn
+
+class Manifest(TypedDict, total=False):
+    """`manifest.json`: what a checkpoint holds and how it was made (JSON, so a dict)."""
+
+    model: str  # the model's name
+    spec: dict  # the ModelSpec, dumped: the checkpoint rebuilds its model from it alone
+    score_offsets: dict[str, float]  # task -> log-odds training-time sampling added
+    date: str  # the last day trained (dt=<date>)
+    kind: str  # full_retrain | nightly
+    days: list[str]  # the days this job trained
+    parent: str | None  # the checkpoint it warm-started from
+    parent_date: str | None
+    parent_run_id: str | None  # the parent's MLflow run
+    job_id: str  # same data, parent and settings -> same id (resume)
+    config_fingerprint: str  # the model's shape and optimizer kinds
+    training_fingerprint: str  # learning rates, batch size, seed
+    config: dict  # the run spec it was trained under, for the record
+    input_rows: int
+    quarantined_rows: int
+    files: list[dict]  # [{"url", "size"}] of the data trained
+    mtrec_version: str
+    mlflow_run_id: str  # tracking on
+    tracking_uri: str
+    world_size: int
+    plan: dict  # table -> {sharding_type, ranks}
+    rows_trained: int
+    steps: int
+    metrics: dict[str, float]  # train_loss_last_window
+    rows_per_worker: list[int]
+    resumed_at_step: int | None
+    created_at: str
+    step: int  # intra-day checkpoints: the step and the rows trained so far
+    position: dict
+
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
@@ -98,7 +132,7 @@ def state_to_save(dmp: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     }
 
 
-def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: dict, pg: dist.ProcessGroup | None = None,
+def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: Manifest, pg: dist.ProcessGroup | None = None,
          marker: bool = True) -> None:
     """Every rank calls this. Shards first (any half-written folder is cleared by rank 0 first),
     then, after all ranks are done, rank 0 writes the manifest and (`marker`) `_SUCCESS`. A
@@ -219,7 +253,7 @@ def partial_url(cfg: MtrecConfig, day: dt.date, step: int, run: str) -> str:
     return join(partial_root(cfg, day), f"step-{step:08d}.{run}")
 
 
-def latest_partial(cfg: MtrecConfig, day: dt.date) -> tuple[str, dict] | None:
+def latest_partial(cfg: MtrecConfig, day: dt.date) -> tuple[str, Manifest] | None:
     """The complete intra-day checkpoint of day `day` with the most steps (URL, manifest), or None."""
     fs, root = filesystem(partial_root(cfg, day))
     if not fs.exists(root):
@@ -282,7 +316,7 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tupl
     return worst, where
 
 
-def read_manifest(url: str) -> dict:
+def read_manifest(url: str) -> Manifest:
     """The manifest of a published checkpoint (CheckpointError when it is not published)."""
     fs, path = filesystem(url)
     if not fs.exists(f"{path}/{SUCCESS}"):
@@ -294,13 +328,13 @@ def read_manifest(url: str) -> dict:
         raise CheckpointError(f"{url}/{MANIFEST} is unreadable ({e}); the checkpoint is damaged - rerun the job that wrote it") from None
 
 
-def spec_manifest(cfg: MtrecConfig) -> dict[str, Any]:
+def spec_manifest(cfg: MtrecConfig) -> Manifest:
     """The manifest entries that make a checkpoint self-contained: the model's name, its spec and
     the score offsets of training-time sampling (`trained_spec` reads them back)."""
     return {"model": cfg.name, "spec": cfg.spec.model_dump(mode="json"), "score_offsets": cfg.score_offsets()}
 
 
-def trained_spec(manifest: dict, url: str) -> tuple[ModelSpec, dict[str, float]]:
+def trained_spec(manifest: Manifest, url: str) -> tuple[ModelSpec, dict[str, float]]:
     """(model spec, score offsets) the checkpoint was trained under, from its manifest alone.
 
     Raises:
@@ -316,7 +350,7 @@ def trained_spec(manifest: dict, url: str) -> tuple[ModelSpec, dict[str, float]]
     raise CheckpointError(f"{url}/{MANIFEST} carries no model spec; it was not written by an mtrec job - pass a published mtrec checkpoint")
 
 
-def check_compatible(manifest: dict, url: str, cfg: MtrecConfig, allow_config_change: bool = False) -> None:
+def check_compatible(manifest: Manifest, url: str, cfg: MtrecConfig, allow_config_change: bool = False) -> None:
     """Refuse a checkpoint of another model or model shape (always), or trained under other
     training settings (unless `allow_config_change`), with one line naming what differs."""
     if manifest.get("model") != cfg.name:

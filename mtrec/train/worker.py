@@ -126,7 +126,7 @@ class WorkerJob:
     staging: str
     expected_rows: int
     allow_config_change: bool
-    manifest: dict[str, Any]
+    manifest: checkpoint.Manifest
     collector: Any = None  # the RunCollector actor the workers report to
     log_every: int = 50
     kill: str | None = None  # fault drill: MTREC_KILL_WORKER
