@@ -43,11 +43,23 @@ class LabelKind(StrEnum):
     BINARY = "binary"
     REGRESSION = "regression"
 
+
 # --------------------------------------------------------------------------------------------------
 # features and labels
 
 
-class SparseFeature(Strict):
+class _FromColumn(Strict):
+    """A feature read from the log column `column`, or the one named like the feature."""
+
+    name: str
+    column: str | None = None
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+class SparseFeature(_FromColumn):
     name: str = Field(description="Feature name (also the embedding table name).")
     column: str | None = Field(None, description="Log column holding the id(s); defaults to `name`.")
     hash_size: int = Field(gt=0, description="Rows of the embedding table; ids are hashed into it.")
@@ -55,29 +67,17 @@ class SparseFeature(Strict):
     multi_hot: bool = Field(False, description="The column is a list of ids (e.g. item tags).")
     pooling: Pooling = Field(Pooling.SUM, description="How a multi-hot bag is pooled: sum or mean.")
 
-    @property
-    def source(self) -> str:
-        return self.column or self.name
 
-
-class DenseFeature(Strict):
+class DenseFeature(_FromColumn):
     name: str = Field(description="Feature name.")
     column: str | None = Field(None, description="Log column (float); defaults to `name`.")
     log1p: bool = Field(False, description="Apply sign(x)*log1p(|x|) first (heavy-tailed counts, prices).")
 
-    @property
-    def source(self) -> str:
-        return self.column or self.name
 
-
-class BiasFeature(Strict):
+class BiasFeature(_FromColumn):
     name: str = Field(description="Bias feature name (position, device, ...): shallow tower only.")
     column: str | None = Field(None, description="Log column (integer); defaults to `name`.")
     num_values: int = Field(gt=0, description="Values 0..num_values-1 get their own logit; larger ones share the last.")
-
-    @property
-    def source(self) -> str:
-        return self.column or self.name
 
 
 class FeaturesConfig(Strict):
