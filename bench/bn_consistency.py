@@ -58,11 +58,13 @@ def separation(model, cfg, day) -> dict[str, tuple[float, float]]:
     layers = bn.bn_layers(model)
     acc = {name: [bn._Moments(m.num_features), bn._Moments(m.num_features)] for name, m in layers.items()}
     mask = {}
+
     def hook(name):
         def add(_m, args):  # a pre-hook that returns None leaves the input as it is
             for side, rows in ((0, mask["c"]), (1, ~mask["c"])):
                 if rows.any():  # a batch (the day's last, short one) may hold no click, or only clicks
                     acc[name][side].add(args[0][rows])
+
         return add
 
     hooks = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
@@ -96,7 +98,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="positive_repeat")
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--preset", help="a named world variant (mtrec.data.synth.PRESETS), e.g. item_quality")
-    ap.add_argument("--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)")
+    ap.add_argument(
+        "--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)"
+    )
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="mtrec-bn-")
     logs = os.path.join(tmp, "world")
@@ -105,8 +109,10 @@ def main() -> None:
     except MtrecError as e:
         sys.exit(f"bn_consistency: error: {e}")
     write_world(logs, 5, args.rows_per_day, seed=args.seed, params=params)
-    print(f"world: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids), seed {args.seed}, "
-          f"{'preset ' + args.preset if args.preset else 'default parameters'}{''.join(' ' + kv for kv in args.world)}; ESMM + BN, batch 512")
+    print(
+        f"world: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids), seed {args.seed}, "
+        f"{'preset ' + args.preset if args.preset else 'default parameters'}{''.join(' ' + kv for kv in args.world)}; ESMM + BN, batch 512"
+    )
     rows = []
     for rate in (float(x) for x in args.rates.split(",")):
         cfg = config(logs, rate, args.repeat)
@@ -124,28 +130,49 @@ def main() -> None:
         recal_s = time.perf_counter() - t1
         after = bn.check(served.model, served.spec, logs, DAYS[3], cfg.bn)
         m1 = evaluate_day(served.model, served.spec, logs, DAYS[4])
-        print(f"\nnegative_rate {rate}, positive_repeat {args.repeat}: trained {res.counts.good:,} rows in {train_s:.0f}s")
+        print(
+            f"\nnegative_rate {rate}, positive_repeat {args.repeat}: trained {res.counts.good:,} rows in {train_s:.0f}s"
+        )
         print("\n".join("  " + line for line in before.table()))
         print("  " + before.summary() + f"  [check {before.seconds:.2f}s]")
         if sep:
             share = next(iter(sep.values()))[1]
             trained = share * args.repeat / (share * args.repeat + (1 - share) * rate)
-            print(f"  clicks are {share:.1%} of day 4 as served and {trained:.1%} after sampling: a channel's mean moves by "
-                  f"{trained - share:.3f} x (mean over clicks - mean over non-clicks)")
+            print(
+                f"  clicks are {share:.1%} of day 4 as served and {trained:.1%} after sampling: a channel's mean moves by "
+                f"{trained - share:.3f} x (mean over clicks - mean over non-clicks)"
+            )
             for name, (d, _) in sep.items():
-                print(f"    {name:<38} mean |d| {d:.3f} -> expected smd mean {(trained - share) * d:.3f}, measured "
-                      f"{next(x.smd_mean for x in before.layers if x.layer == name):.3f}")
+                print(
+                    f"    {name:<38} mean |d| {d:.3f} -> expected smd mean {(trained - share) * d:.3f}, measured "
+                    f"{next(x.smd_mean for x in before.layers if x.layer == name):.3f}"
+                )
         print("  after recalibration on day 4: " + after.summary() + f"  [recalibration {recal_s:.2f}s]")
         for k in ("ctr/calibration", "ctcvr/calibration", "cvr/calibration", "ctr/auc", "cvr/auc", "ctcvr/auc"):
             print(f"  day 5 {k:<18} before {m0[k]:.4f}  after {m1[k]:.4f}")
         w = before.worst
-        rows.append((rate, w.layer, w.smd_mean, w.kl_mean, before.passed, after.passed, m0["ctr/calibration"], m1["ctr/calibration"],
-                     before.seconds))
-    print("\n| negative_rate | worst layer | smd mean | kl mean | check | after recal. | day-5 ctr calibration before -> after | check s |")
+        rows.append(
+            (
+                rate,
+                w.layer,
+                w.smd_mean,
+                w.kl_mean,
+                before.passed,
+                after.passed,
+                m0["ctr/calibration"],
+                m1["ctr/calibration"],
+                before.seconds,
+            )
+        )
+    print(
+        "\n| negative_rate | worst layer | smd mean | kl mean | check | after recal. | day-5 ctr calibration before -> after | check s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.4f} | {'pass' if r[4] else 'FAIL'} | {'pass' if r[5] else 'FAIL'} | "
-              f"{r[6]:.3f} -> {r[7]:.3f} | {r[8]:.2f} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.4f} | {'pass' if r[4] else 'FAIL'} | {'pass' if r[5] else 'FAIL'} | "
+            f"{r[6]:.3f} -> {r[7]:.3f} | {r[8]:.2f} |"
+        )
 
 
 if __name__ == "__main__":

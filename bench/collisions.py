@@ -35,12 +35,19 @@ def measured(n: int, m: int, seed: int = 0) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="esmm")
-    ap.add_argument("--ids", nargs="*", default=[], help="feature=distinct_ids (default: the synthetic world's users and items by day 7)")
+    ap.add_argument(
+        "--ids",
+        nargs="*",
+        default=[],
+        help="feature=distinct_ids (default: the synthetic world's users and items by day 7)",
+    )
     args = ap.parse_args()
     cfg = load_config(args.config)
     sizes = {f.name: f.hash_size for f in cfg.features.sparse}
     want = list(WORLD_IDS.items()) if not args.ids else [(k, int(v)) for k, v in (a.split("=") for a in args.ids)]
-    print(f"{'feature':<10} {'hash_size':>10} {'distinct ids':>13} {'expected shared':>16} {'measured shared':>16} {'rows used':>10}")
+    print(
+        f"{'feature':<10} {'hash_size':>10} {'distinct ids':>13} {'expected shared':>16} {'measured shared':>16} {'rows used':>10}"
+    )
     for name, n in want:
         m = sizes[name]
         expected = 1 - math.exp((n - 1) * math.log1p(-1 / m))

@@ -30,10 +30,16 @@ from mtrec.eval.evaluate import evaluate_day
 from mtrec.train.local import train_days
 
 CVR2 = [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"}]
-ESM2_TASKS = [{"name": "ctr", "label": "click"}, {"name": "dar", "label": "daction", "given": "ctr", "joint": "ctavr"},
-              {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"}]
-THREE = [{"name": "ctr", "label": "click"}, {"name": "watch_time", "label": "watch_time", "log1p": True, "weight": 0.5},
-         {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"}]
+ESM2_TASKS = [
+    {"name": "ctr", "label": "click"},
+    {"name": "dar", "label": "daction", "given": "ctr", "joint": "ctavr"},
+    {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"},
+]
+THREE = [
+    {"name": "ctr", "label": "click"},
+    {"name": "watch_time", "label": "watch_time", "log1p": True, "weight": 0.5},
+    {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"},
+]
 SHALLOW = {"hidden": [16], "feature_dropout": 0.1}
 VARIANTS = {  # name: (tasks, model)
     "naive_cvr": (CVR2, {"arch": "naive_cvr"}),
@@ -42,9 +48,20 @@ VARIANTS = {  # name: (tasks, model)
     "esmm+shallow": (CVR2, {"arch": "esmm", "shallow_tower": SHALLOW}),
     "shared_bottom": (THREE, {"arch": "shared_bottom", "bottom": [256, 128], "tower": [64]}),
     "mmoe": (THREE, {"arch": "mmoe", "num_experts": 4, "expert": [256, 128], "tower": [64]}),
-    "mmoe+shallow": (THREE, {"arch": "mmoe", "num_experts": 4, "expert": [256, 128], "tower": [64],
-                             "shallow_tower": {**SHALLOW, "apply_to": ["ctr"]}}),  # the shipped mmoe example's model
-    "ple": (THREE, {"arch": "ple", "levels": 2, "shared_experts": 2, "task_experts": 1, "expert": [128], "tower": [64]}),
+    "mmoe+shallow": (
+        THREE,
+        {
+            "arch": "mmoe",
+            "num_experts": 4,
+            "expert": [256, 128],
+            "tower": [64],
+            "shallow_tower": {**SHALLOW, "apply_to": ["ctr"]},
+        },
+    ),  # the shipped mmoe example's model
+    "ple": (
+        THREE,
+        {"arch": "ple", "levels": 2, "shared_experts": 2, "task_experts": 1, "expert": [128], "tower": [64]},
+    ),
 }
 
 
@@ -66,8 +83,14 @@ def position_logits(model) -> np.ndarray:
         return st(torch.stack([pos, torch.zeros_like(pos)], dim=1)).numpy()
 
 
-METRICS = [("ctr/auc", "CTR AUC"), ("ctr/auc_unbiased", "unbiased CTR AUC"), ("cvr/auc", "CVR AUC (clicked rows)"),
-           ("cvr/auc_entire_space", "**entire-space CVR AUC**"), ("ctcvr/auc", "CTCVR AUC"), ("watch_time/pearson", "watch-time pearson")]
+METRICS = [
+    ("ctr/auc", "CTR AUC"),
+    ("ctr/auc_unbiased", "unbiased CTR AUC"),
+    ("cvr/auc", "CVR AUC (clicked rows)"),
+    ("cvr/auc_entire_space", "**entire-space CVR AUC**"),
+    ("ctcvr/auc", "CTCVR AUC"),
+    ("watch_time/pearson", "watch-time pearson"),
+]
 
 
 def run_seed(args, seed: int, out: str) -> dict[str, dict]:
@@ -78,18 +101,26 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
     world = read_world(out)
     # a reused world must be the one asked for
     want = {"seed": seed, "days": args.days, "rows": args.rows, "params": asdict(params)}
-    have = {"seed": world["seed"], "days": len(world["days"]), "rows": world["rows"][0],
-            "params": {k: tuple(v) if isinstance(v, list) else v for k, v in world["params"].items() if k != "examination"}}
+    have = {
+        "seed": world["seed"],
+        "days": len(world["days"]),
+        "rows": world["rows"][0],
+        "params": {k: tuple(v) if isinstance(v, list) else v for k, v in world["params"].items() if k != "examination"},
+    }
     if have != want:
-        raise MtrecError(f"{out} holds another world ({', '.join(k for k in want if want[k] != have[k])} differ); "
-                         "pass another --out or delete it")
+        raise MtrecError(
+            f"{out} holds another world ({', '.join(k for k in want if want[k] != have[k])} differ); "
+            "pass another --out or delete it"
+        )
     days = [dt.date.fromisoformat(d) for d in world["days"]]
     train, test = days[:-1], days[-1]
     exam = np.array(world["params"]["examination"])
     default = asdict(WorldParams())
     changed = {k: v for k, v in want["params"].items() if v != default[k]}
-    print(f"world {out}: train {train[0]}..{train[-1]} ({len(train)} x {args.rows:,} rows), evaluate {test}; batch {args.batch_size}; "
-          f"seed {world['seed']}; parameters {changed or 'default'}")
+    print(
+        f"world {out}: train {train[0]}..{train[-1]} ({len(train)} x {args.rows:,} rows), evaluate {test}; batch {args.batch_size}; "
+        f"seed {world['seed']}; parameters {changed or 'default'}"
+    )
     by = {}
     for name in args.models.split(","):
         cfg = variant_config(name, out, args.batch_size, seed)
@@ -102,18 +133,24 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
             row["pos_spearman"] = spearmanr(logits, exam).statistic
             row["pos_logits"] = [round(float(x), 2) for x in logits - logits[0]]
         by[name] = row
-        print(f"{name:<14} ctr auc {m['ctr/auc']:.4f} unbiased {m['ctr/auc_unbiased']:.4f} | cvr auc(clicked) {m['cvr/auc']:.4f} "
-              f"entire-space {m['cvr/auc_entire_space']:.4f} | ctcvr auc {m['ctcvr/auc']:.4f}"
-              + (f" | watch pearson {m['watch_time/pearson']:.4f}" if "watch_time/pearson" in m else "")
-              + (f" | pos spearman {row['pos_spearman']:.3f} {row['pos_logits']}" if "pos_spearman" in row else "")
-              + f" | {row['rows/s']:,.0f} rows/s", flush=True)
+        print(
+            f"{name:<14} ctr auc {m['ctr/auc']:.4f} unbiased {m['ctr/auc_unbiased']:.4f} | cvr auc(clicked) {m['cvr/auc']:.4f} "
+            f"entire-space {m['cvr/auc_entire_space']:.4f} | ctcvr auc {m['ctcvr/auc']:.4f}"
+            + (f" | watch pearson {m['watch_time/pearson']:.4f}" if "watch_time/pearson" in m else "")
+            + (f" | pos spearman {row['pos_spearman']:.3f} {row['pos_logits']}" if "pos_spearman" in row else "")
+            + f" | {row['rows/s']:,.0f} rows/s",
+            flush=True,
+        )
     r0 = next(iter(by.values()))
-    print(f"oracle ceilings: ctr unbiased {r0['ctr/auc_unbiased_oracle']:.4f}, cvr entire-space {r0['cvr/auc_entire_space_oracle']:.4f}")
+    print(
+        f"oracle ceilings: ctr unbiased {r0['ctr/auc_unbiased_oracle']:.4f}, cvr entire-space {r0['cvr/auc_entire_space_oracle']:.4f}"
+    )
     return by
 
 
 def claims(by_seed: list[dict[str, dict]]) -> list[str]:
     """Issue 3's comparisons, per seed and as the mean over seeds."""
+
     def line(label, target, f, needs):
         if not all(set(needs) <= by.keys() for by in by_seed):
             return None
@@ -124,15 +161,37 @@ def claims(by_seed: list[dict[str, dict]]) -> list[str]:
     es = "cvr/auc_entire_space"
     avg = lambda r: np.mean([r["ctr/auc"], r["cvr/auc"], r["ctcvr/auc"]])  # noqa: E731
     out = [
-        line("esmm - naive_cvr entire-space CVR AUC", ">= +0.01", lambda b: b["esmm"][es] - b["naive_cvr"][es], ["esmm", "naive_cvr"]),
-        line("esm2 - esmm entire-space CVR AUC", ">= -0.002", lambda b: b["esm2"][es] - b["esmm"][es], ["esmm", "esm2"]),
-        line("shallow - plain unbiased CTR AUC", "> 0", lambda b: b["esmm+shallow"]["ctr/auc_unbiased"] - b["esmm"]["ctr/auc_unbiased"],
-             ["esmm", "esmm+shallow"]),
-        line("esmm+shallow position-logit Spearman", ">= 0.9", lambda b: b["esmm+shallow"]["pos_spearman"], ["esmm+shallow"]),
+        line(
+            "esmm - naive_cvr entire-space CVR AUC",
+            ">= +0.01",
+            lambda b: b["esmm"][es] - b["naive_cvr"][es],
+            ["esmm", "naive_cvr"],
+        ),
+        line(
+            "esm2 - esmm entire-space CVR AUC", ">= -0.002", lambda b: b["esm2"][es] - b["esmm"][es], ["esmm", "esm2"]
+        ),
+        line(
+            "shallow - plain unbiased CTR AUC",
+            "> 0",
+            lambda b: b["esmm+shallow"]["ctr/auc_unbiased"] - b["esmm"]["ctr/auc_unbiased"],
+            ["esmm", "esmm+shallow"],
+        ),
+        line(
+            "esmm+shallow position-logit Spearman",
+            ">= 0.9",
+            lambda b: b["esmm+shallow"]["pos_spearman"],
+            ["esmm+shallow"],
+        ),
     ]
     for name in ("mmoe", "ple"):
-        out.append(line(f"{name} - shared_bottom mean AUC (ctr, cvr, ctcvr)", "> 0", lambda b, n=name: avg(b[n]) - avg(b["shared_bottom"]),
-                        [name, "shared_bottom"]))
+        out.append(
+            line(
+                f"{name} - shared_bottom mean AUC (ctr, cvr, ctcvr)",
+                "> 0",
+                lambda b, n=name: avg(b[n]) - avg(b["shared_bottom"]),
+                [name, "shared_bottom"],
+            )
+        )
     return [x for x in out if x]
 
 
@@ -142,12 +201,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--seeds", help="comma-separated seeds (world and training), e.g. 0,1,2: every figure per seed and their mean")
+    g.add_argument(
+        "--seeds", help="comma-separated seeds (world and training), e.g. 0,1,2: every figure per seed and their mean"
+    )
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--models", default=",".join(VARIANTS))
     ap.add_argument("--out", help="world dir, reused when it exists (with --seeds: a folder per seed under it)")
     ap.add_argument("--preset", help="a named world variant (mtrec.data.synth.PRESETS), e.g. item_quality")
-    ap.add_argument("--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)")
+    ap.add_argument(
+        "--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)"
+    )
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     root = args.out or tempfile.mkdtemp(prefix="mtrec-compare-")
@@ -162,7 +225,9 @@ def main() -> None:
     for name in names:
         cells = [f"{np.mean([by[name][k] for by in by_seed]):.4f}" if k in by_seed[0][name] else "" for k, _ in METRICS]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    oracle = [np.mean([by[names[0]][k] for by in by_seed]) for k in ("ctr/auc_unbiased_oracle", "cvr/auc_entire_space_oracle")]
+    oracle = [
+        np.mean([by[names[0]][k] for by in by_seed]) for k in ("ctr/auc_unbiased_oracle", "cvr/auc_entire_space_oracle")
+    ]
     print(f"| oracle (truth) | | {oracle[0]:.4f} | | {oracle[1]:.4f} | | |")
     for text in claims(by_seed):
         print(text)

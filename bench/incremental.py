@@ -58,13 +58,30 @@ def main() -> None:
     print(f"world: 8 days x {args.rows_per_day:,} rows, seed {args.seed}, under {base}", flush=True)
 
     if not (logs / f"dt={d8}").exists():
-        w = run(["synth", "--out", str(logs), "--days", "8", "--rows-per-day", str(args.rows_per_day), "--seed", str(args.seed)], base / "synth.log")
+        w = run(
+            [
+                "synth",
+                "--out",
+                str(logs),
+                "--days",
+                "8",
+                "--rows-per-day",
+                str(args.rows_per_day),
+                "--seed",
+                str(args.seed),
+            ],
+            base / "synth.log",
+        )
         print(f"  synth: {w:.0f}s", flush=True)
 
-    full_s = run(["train", *common, "--workdir", str(full_wd), "--from", str(d1), "--to", str(d7), "--force"], base / "full.log")
+    full_s = run(
+        ["train", *common, "--workdir", str(full_wd), "--from", str(d1), "--to", str(d7), "--force"], base / "full.log"
+    )
     print(f"full retrain days 1-7:   {full_s:7.1f}s wall", flush=True)
-    backfill_s = run(["backfill", *common, "--workdir", str(inc_wd), "--from", str(d1), "--to", str(d6), "--cold-start", "--force"],
-                     base / "backfill.log")
+    backfill_s = run(
+        ["backfill", *common, "--workdir", str(inc_wd), "--from", str(d1), "--to", str(d6), "--cold-start", "--force"],
+        base / "backfill.log",
+    )
     print(f"backfill days 1-6:       {backfill_s:7.1f}s wall (6 nightly jobs in one Ray session)", flush=True)
     nightly_s = run(["nightly", *common, "--workdir", str(inc_wd), "--date", str(d7), "--force"], base / "nightly.log")
     print(f"nightly day 7:           {nightly_s:7.1f}s wall", flush=True)
@@ -74,20 +91,30 @@ def main() -> None:
         out = base / f"eval-{name}.json"
         run(["evaluate", *common, "--workdir", str(wd), "--date", str(d8), "--json"], base / f"eval-{name}.log")
         text = (base / f"eval-{name}.log").read_text()
-        metrics = json.loads(text[text.index("{"):])["metrics"]
+        metrics = json.loads(text[text.index("{") :])["metrics"]
         out.write_text(json.dumps(metrics, indent=2))
         scores[name] = metrics
 
     print(f"\nnext-day (day 8) AUC of the day-7 models, {args.rows_per_day:,} rows/day:")
     print(f"  {'metric':<10} {'full retrain':>12} {'incremental':>12} {'|diff|':>8}")
-    result = {"rows_per_day": args.rows_per_day, "full_s": full_s, "nightly_s": nightly_s, "backfill_s": backfill_s, "auc": {}}
+    result = {
+        "rows_per_day": args.rows_per_day,
+        "full_s": full_s,
+        "nightly_s": nightly_s,
+        "backfill_s": backfill_s,
+        "auc": {},
+    }
     for key in ("ctr/auc", "ctcvr/auc"):
         f, i = scores["full"][key], scores["incremental"][key]
         result["auc"][key] = {"full": f, "incremental": i, "diff": abs(f - i)}
-        print(f"  {key:<10} {f:12.4f} {i:12.4f} {abs(f - i):8.4f}  ({'within' if abs(f - i) <= 0.005 else 'OUTSIDE'} 0.005)")
+        print(
+            f"  {key:<10} {f:12.4f} {i:12.4f} {abs(f - i):8.4f}  ({'within' if abs(f - i) <= 0.005 else 'OUTSIDE'} 0.005)"
+        )
     ratio = nightly_s / full_s
     result["ratio"] = ratio
-    print(f"cost: nightly day 7 {nightly_s:.1f}s / full retrain {full_s:.1f}s = {ratio:.2f} ({'within' if ratio <= 1 / 3 else 'OVER'} 1/3)")
+    print(
+        f"cost: nightly day 7 {nightly_s:.1f}s / full retrain {full_s:.1f}s = {ratio:.2f} ({'within' if ratio <= 1 / 3 else 'OVER'} 1/3)"
+    )
     for name in ("full", "nightly"):
         tl = [ln for ln in (base / f"{name}.log").read_text().splitlines() if "timeline" in ln]
         if tl:

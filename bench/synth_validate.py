@@ -34,7 +34,9 @@ def main() -> None:
     cfg = load_config("esmm", logs=out, workdir=tempfile.mkdtemp(prefix="mtrec-bench-work-"))
     for day in s.days:
         r = validate(cfg, dt.date.fromisoformat(day))
-        print(f"validate {day}: {r.input_rows:,} rows in {r.seconds:.2f}s = {r.input_rows / r.seconds:,.0f} rows/s, {r.bad_rows} bad")
+        print(
+            f"validate {day}: {r.input_rows:,} rows in {r.seconds:.2f}s = {r.input_rows / r.seconds:,.0f} rows/s, {r.bad_rows} bad"
+        )
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

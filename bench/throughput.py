@@ -49,10 +49,19 @@ def bench_config(logs: str, workdir: str, workers: int = 1, torch_threads: int =
         "name": "esmm_bench",
         "labels": {"click": "binary", "conversion": "binary"},
         "features": {"sparse": [{"name": n, "hash_size": VOCAB, "dim": DIM} for n in names]},
-        "tasks": [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"}],
+        "tasks": [
+            {"name": "ctr", "label": "click"},
+            {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"},
+        ],
         "model": {"arch": "esmm", "tower": TOWER},
-        "train": {"batch_size": BATCH, "num_workers": workers, "sharding_types": ["table_wise"], "torch_threads": torch_threads,
-                  "embedding_optimizer": {"name": "rowwise_adagrad", "lr": 0.05}, "dense_optimizer": {"name": "adam", "lr": 0.001}},
+        "train": {
+            "batch_size": BATCH,
+            "num_workers": workers,
+            "sharding_types": ["table_wise"],
+            "torch_threads": torch_threads,
+            "embedding_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
+            "dense_optimizer": {"name": "adam", "lr": 0.001},
+        },
         "job": {"logs": logs, "workdir": workdir},
     }
 
@@ -146,8 +155,14 @@ def reference(table: pa.Table, warmup: int) -> float:
     for i in range(0, table.num_rows - BATCH + 1, BATCH):
         t = table.slice(i, BATCH)
         ids = [torch.from_numpy(hash_ids(t.column(n).to_numpy(), VOCAB)) for n in names]
-        batches.append((ids, torch.arange(BATCH), torch.from_numpy(t.column("click").to_numpy().astype(np.float32)),
-                        torch.from_numpy(t.column("conversion").to_numpy().astype(np.float32))))
+        batches.append(
+            (
+                ids,
+                torch.arange(BATCH),
+                torch.from_numpy(t.column("click").to_numpy().astype(np.float32)),
+                torch.from_numpy(t.column("conversion").to_numpy().astype(np.float32)),
+            )
+        )
     model = PlainESMM()
     sparse_opt = torch.optim.Adagrad(list(model.tables.parameters()), lr=0.05)
     dense_opt = torch.optim.Adam(list(model.ctr.parameters()) + list(model.cvr.parameters()), lr=0.001)
@@ -159,7 +174,9 @@ def reference(table: pa.Table, warmup: int) -> float:
         dense_opt.zero_grad()
         ctr_logit, cvr_logit = model(ids, offsets)
         p_ctr = torch.sigmoid(ctr_logit)
-        loss = nn.functional.binary_cross_entropy_with_logits(ctr_logit, click) + bce((p_ctr * torch.sigmoid(cvr_logit)).clamp(1e-7, 1 - 1e-7), click * conv)
+        loss = nn.functional.binary_cross_entropy_with_logits(ctr_logit, click) + bce(
+            (p_ctr * torch.sigmoid(cvr_logit)).clamp(1e-7, 1 - 1e-7), click * conv
+        )
         loss.backward()
         sparse_opt.step()
         dense_opt.step()
@@ -177,8 +194,21 @@ def end_to_end(root: Path, workers: int, torch_threads: int = 0, watch_memory: b
     work = root / f"work-{workers}"
     cfg_path = root / f"bench-{workers}.yaml"
     cfg_path.write_text(yaml.safe_dump(bench_config(str(root / "logs"), str(work), workers, torch_threads)))
-    cmd = [sys.executable, "-m", "mtrec.cli", "train", "--config", str(cfg_path), "--from", DAY, "--to", DAY,
-           "--summary", str(root / f"summary-{workers}.json"), "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtrec.cli",
+        "train",
+        "--config",
+        str(cfg_path),
+        "--from",
+        DAY,
+        "--to",
+        DAY,
+        "--summary",
+        str(root / f"summary-{workers}.json"),
+        "--force",
+    ]
     t0 = time.perf_counter()
     log = root / f"train-{workers}.log"
     with log.open("w") as fh:
@@ -215,7 +245,7 @@ def _tree_rss_mib(root: int) -> float:
             continue
         try:
             stat = Path(f"/proc/{d}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             parent[int(d)] = int(fields[1])
             rss[int(d)] = _pss(d, page)
         except (OSError, ValueError, IndexError):
@@ -247,15 +277,20 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="in-memory runs; the median is printed (default 3)")
     ap.add_argument("--zipf", type=float, default=None, help="Zipf exponent of the ids (default: uniform)")
     ap.add_argument("--only", choices=["ceiling", "e2e", "rss"], action="append", help="run only these parts")
-    ap.add_argument("--torch-threads", type=int, default=0, help="train.torch_threads of the end-to-end runs (default 0: auto)")
+    ap.add_argument(
+        "--torch-threads", type=int, default=0, help="train.torch_threads of the end-to-end runs (default 0: auto)"
+    )
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="world sizes of the end-to-end run")
     args = ap.parse_args(argv)
     parts = set(args.only or ["ceiling", "e2e", "rss"])
     from mtrec.config import parse_config
 
     ids = f"zipf({args.zipf})" if args.zipf else "uniform"
-    print(f"workload: ESMM, {N_SPARSE} sparse features x vocab {VOCAB:,} x dim {DIM}, towers {TOWER}, batch {BATCH}, ids {ids}; "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"workload: ESMM, {N_SPARSE} sparse features x vocab {VOCAB:,} x dim {DIM}, towers {TOWER}, batch {BATCH}, ids {ids}; "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mtrec-bench-") as tmp:
         root = Path(tmp)
@@ -265,17 +300,27 @@ def main(argv=None) -> int:
             c = [ceiling(cfg, table, warmup=10) for _ in range(args.repeats)]
             r = [reference(table, warmup=10) for _ in range(args.repeats)]
             out["ceiling"], out["reference"] = statistics.median(c), statistics.median(r)
-            print(f"compute ceiling (mtrec DMP step, in memory): {out['ceiling']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in c)})")
-            print(f"plain-PyTorch reference (EmbeddingBag sparse + Adagrad): {out['reference']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in r)})")
+            print(
+                f"compute ceiling (mtrec DMP step, in memory): {out['ceiling']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in c)})"
+            )
+            print(
+                f"plain-PyTorch reference (EmbeddingBag sparse + Adagrad): {out['reference']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in r)})"
+            )
             print(f"ratio ceiling/reference: {out['ceiling'] / out['reference']:.2f}", flush=True)
         if "e2e" in parts:
             write_day(root / "logs", args.rows, 1, args.zipf)
             for w in args.workers:
                 s = end_to_end(root, w, args.torch_threads)
-                per = "; ".join(f"{x['rows_per_s']:,.0f} rows/s, {x['wait_s']:.1f}s of {x['seconds']:.1f}s waiting for data, "
-                                f"{x['convert_s']:.1f}s converting" for x in s["workers"])
-                print(f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows: {s['rows_per_s']:,.0f} rows/s streaming "
-                      f"(per worker: {per}); wall {s['wall_s']:.1f}s incl. Ray start/stop and checkpoint", flush=True)
+                per = "; ".join(
+                    f"{x['rows_per_s']:,.0f} rows/s, {x['wait_s']:.1f}s of {x['seconds']:.1f}s waiting for data, "
+                    f"{x['convert_s']:.1f}s converting"
+                    for x in s["workers"]
+                )
+                print(
+                    f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows: {s['rows_per_s']:,.0f} rows/s streaming "
+                    f"(per worker: {per}); wall {s['wall_s']:.1f}s incl. Ray start/stop and checkpoint",
+                    flush=True,
+                )
                 out[f"e2e{w}"] = s["rows_per_s"]
             if "ceiling" in out and "e2e1" in out:
                 print(f"ratio end-to-end/ceiling: {out['e2e1'] / out['ceiling']:.2f}")
@@ -286,7 +331,10 @@ def main(argv=None) -> int:
                 write_day(r / "logs", args.rows * mult, 2, args.zipf)
                 s = end_to_end(r, 1, args.torch_threads, watch_memory=True)
                 peaks[mult] = s["peak_rss_mib"]
-                print(f"peak RSS, 1 worker, {s['rows']:,} rows: {peaks[mult]:,.0f} MiB (wall {s['wall_s']:.1f}s)", flush=True)
+                print(
+                    f"peak RSS, 1 worker, {s['rows']:,} rows: {peaks[mult]:,.0f} MiB (wall {s['wall_s']:.1f}s)",
+                    flush=True,
+                )
             print(f"ratio peak RSS {4 * args.rows:,} / {args.rows:,} rows: {peaks[4] / peaks[1]:.2f}")
     return 0
 

@@ -41,5 +41,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mtrec' has no attribute {name!r}")
 
 
-__all__ = ["BNCheckFailed", "CheckpointError", "ConfigError", "DataValidationError", "GateRefused", "ModelSpec", "MtrecConfig",
-           "MtrecError", "TrackingError", "__version__", "load_config"]
+__all__ = [
+    "BNCheckFailed",
+    "CheckpointError",
+    "ConfigError",
+    "DataValidationError",
+    "GateRefused",
+    "ModelSpec",
+    "MtrecConfig",
+    "MtrecError",
+    "TrackingError",
+    "__version__",
+    "load_config",
+]

@@ -62,8 +62,14 @@ def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
 
 def capture(model: nn.Module) -> dict[str, dict]:
     """The running statistics of every BN layer (JSON-ready lists)."""
-    return {name: {"running_mean": m.running_mean.double().tolist(), "running_var": m.running_var.double().tolist(),
-                   "num_batches_tracked": int(m.num_batches_tracked)} for name, m in bn_layers(model).items()}
+    return {
+        name: {
+            "running_mean": m.running_mean.double().tolist(),
+            "running_var": m.running_var.double().tolist(),
+            "num_batches_tracked": int(m.num_batches_tracked),
+        }
+        for name, m in bn_layers(model).items()
+    }
 
 
 class _Moments:
@@ -91,22 +97,30 @@ def serving_batches(spec: ModelSpec, logs: str, day: dt.date, batch_rows: int) -
     converts them without bias features or labels."""
     files = list_day_files(logs, day)
     if not files:
-        raise DataValidationError(f"no logs for {day} under {logs} to compute the serving statistics on; pass a day with logs")
+        raise DataValidationError(
+            f"no logs for {day} under {logs} to compute the serving statistics on; pass a day with logs"
+        )
     need = spec.required_columns()
     for f in files:
         missing = [c for c in need if c not in read_schema(f).names]
         if missing:
-            raise DataValidationError(f"{f.url} lacks column(s) {', '.join(missing)}; the BN check reads the day under {spec.name}'s "
-                                      "data contract (`mtrec validate` shows what is wrong)")
+            raise DataValidationError(
+                f"{f.url} lacks column(s) {', '.join(missing)}; the BN check reads the day under {spec.name}'s "
+                "data contract (`mtrec validate` shows what is wrong)"
+            )
     yield from day_batches(spec, logs, [day], batch_rows)
 
 
-def reference(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date,
-              batch_rows: int = 8192) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+def reference(
+    model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batch_rows: int = 8192
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
     """({layer: (mean, var) of its input on the day as served}, rows): eval mode, forward hooks."""
     layers = bn_layers(model)
     moments = {name: _Moments(m.num_features) for name, m in layers.items()}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: moments[name].add(args[0])) for name, m in layers.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: moments[name].add(args[0]))
+        for name, m in layers.items()
+    ]
     rows = 0
     try:
         with evaluating(model):
@@ -122,7 +136,11 @@ def figures(mu: np.ndarray, var: np.ndarray, m: np.ndarray, v: np.ndarray) -> di
     """Per-channel smd, log variance ratio and KL(N(m, v) || N(mu, var)) (see the module docstring)."""
     var, v = np.maximum(var, _EPS), np.maximum(v, _EPS)
     lvr = np.log(var / v)
-    return {"smd": np.abs(mu - m) / np.sqrt(v), "log_var_ratio": lvr, "kl": 0.5 * (lvr + (v + (m - mu) ** 2) / var - 1.0)}
+    return {
+        "smd": np.abs(mu - m) / np.sqrt(v),
+        "log_var_ratio": lvr,
+        "kl": 0.5 * (lvr + (v + (m - mu) ** 2) / var - 1.0),
+    }
 
 
 @dataclass
@@ -163,18 +181,27 @@ class BNReport:
             return f"BN check on {self.day}: no BN layers; passed"
         if self.passed:
             w = self.worst
-            return (f"BN check on {self.day} ({self.rows:,} rows): passed, {len(self.layers)} layers; largest drift {w.layer}: "
-                    f"smd {w.smd_mean:.3f}, |log var ratio| {w.abs_log_var_ratio_mean:.3f}, kl {w.kl_mean:.3f} (means over channels)")
+            return (
+                f"BN check on {self.day} ({self.rows:,} rows): passed, {len(self.layers)} layers; largest drift {w.layer}: "
+                f"smd {w.smd_mean:.3f}, |log var ratio| {w.abs_log_var_ratio_mean:.3f}, kl {w.kl_mean:.3f} (means over channels)"
+            )
         bad = [lc for lc in self.layers if not lc.passed]
         w = max(bad, key=lambda lc: lc.kl_mean)
-        return (f"BN check on {self.day} ({self.rows:,} rows): FAILED, {len(bad)} of {len(self.layers)} layers; worst {w.layer}: "
-                + ", ".join(w.failing) + " (means over channels); recalibrate with `mtrec bn-check --recalibrate`")
+        return (
+            f"BN check on {self.day} ({self.rows:,} rows): FAILED, {len(bad)} of {len(self.layers)} layers; worst {w.layer}: "
+            + ", ".join(w.failing)
+            + " (means over channels); recalibrate with `mtrec bn-check --recalibrate`"
+        )
 
     def table(self) -> list[str]:
-        lines = [f"{'layer':<40}{'ch':>5}{'smd mean':>10}{'smd max':>9}{'|lvr| mean':>11}{'kl mean':>9}{'kl max':>9}  verdict"]
+        lines = [
+            f"{'layer':<40}{'ch':>5}{'smd mean':>10}{'smd max':>9}{'|lvr| mean':>11}{'kl mean':>9}{'kl max':>9}  verdict"
+        ]
         for lc in self.layers:
-            lines.append(f"{lc.layer:<40}{lc.channels:>5}{lc.smd_mean:>10.3f}{lc.smd_max:>9.3f}{lc.abs_log_var_ratio_mean:>11.3f}"
-                         f"{lc.kl_mean:>9.3f}{lc.kl_max:>9.3f}  {'ok' if lc.passed else 'FAIL'}")
+            lines.append(
+                f"{lc.layer:<40}{lc.channels:>5}{lc.smd_mean:>10.3f}{lc.smd_max:>9.3f}{lc.abs_log_var_ratio_mean:>11.3f}"
+                f"{lc.kl_mean:>9.3f}{lc.kl_max:>9.3f}  {'ok' if lc.passed else 'FAIL'}"
+            )
         return lines
 
     def metrics(self) -> dict[str, float]:
@@ -192,18 +219,35 @@ class BNReport:
         return json.dumps({**asdict(self), "passed": self.passed}, indent=2)
 
 
-def compare(running: dict[str, tuple[np.ndarray, np.ndarray]], ref: dict[str, tuple[np.ndarray, np.ndarray]],
-            th: BNCheckConfig, day: str = "", rows: int = 0) -> BNReport:
+def compare(
+    running: dict[str, tuple[np.ndarray, np.ndarray]],
+    ref: dict[str, tuple[np.ndarray, np.ndarray]],
+    th: BNCheckConfig,
+    day: str = "",
+    rows: int = 0,
+) -> BNReport:
     """Running (mean, var) per layer against the reference (mean, var) per layer."""
     layers = []
     for name, (mu, var) in running.items():
         m, v = ref[name]
         f = figures(np.asarray(mu, np.float64), np.asarray(var, np.float64), m, v)
         alvr = np.abs(f["log_var_ratio"])
-        lc = LayerCheck(name, len(mu), float(f["smd"].mean()), float(f["smd"].max()), float(alvr.mean()), float(alvr.max()),
-                        float(f["kl"].mean()), float(f["kl"].max()), True)
-        for what, value, limit in (("smd_mean", lc.smd_mean, th.max_smd), ("|log var ratio| mean", lc.abs_log_var_ratio_mean,
-                                   th.max_abs_log_var_ratio), ("kl_mean", lc.kl_mean, th.max_kl)):
+        lc = LayerCheck(
+            name,
+            len(mu),
+            float(f["smd"].mean()),
+            float(f["smd"].max()),
+            float(alvr.mean()),
+            float(alvr.max()),
+            float(f["kl"].mean()),
+            float(f["kl"].max()),
+            True,
+        )
+        for what, value, limit in (
+            ("smd_mean", lc.smd_mean, th.max_smd),
+            ("|log var ratio| mean", lc.abs_log_var_ratio_mean, th.max_abs_log_var_ratio),
+            ("kl_mean", lc.kl_mean, th.max_kl),
+        ):
             if not value <= limit:  # NaN fails too
                 lc.failing.append(f"{what} {value:.3f} > {limit:g}")
         lc.passed = not lc.failing
@@ -239,15 +283,19 @@ def recalibrate(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batc
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average over the slice's batches
                 m.train()
-            batches = (rb for rb in serving_batches(spec, logs, day, batch_rows) if rb.num_rows >= 2)  # BN needs 2+ rows
+            batches = (
+                rb for rb in serving_batches(spec, logs, day, batch_rows) if rb.num_rows >= 2
+            )  # BN needs 2+ rows
             for rb, _ in score_batches(model, spec, batches):
                 rows += rb.num_rows
         finally:
             for name, m in layers.items():
                 m.momentum = momenta[name]
     if rows == 0:
-        raise DataValidationError(f"no batch of 2 or more good rows on {day} under {logs}: the BN statistics cannot be "
-                                  "recomputed (they are reset); recalibrate on a day with logs")
+        raise DataValidationError(
+            f"no batch of 2 or more good rows on {day} under {logs}: the BN statistics cannot be "
+            "recomputed (they are reset); recalibrate on a day with logs"
+        )
     return rows
 
 
@@ -258,7 +306,10 @@ def drift_plot(report: BNReport, path) -> None:
     plt = _pyplot()
     names = [lc.layer for lc in report.layers]
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.6 * len(names) + 3), 4), squeeze=False)
-    for ax, key, limit in ((axes[0][0], "smd_mean", report.thresholds["max_smd"]), (axes[0][1], "kl_mean", report.thresholds["max_kl"])):
+    for ax, key, limit in (
+        (axes[0][0], "smd_mean", report.thresholds["max_smd"]),
+        (axes[0][1], "kl_mean", report.thresholds["max_kl"]),
+    ):
         vals = [getattr(lc, key) for lc in report.layers]
         ax.bar(range(len(names)), vals, color=["tab:blue" if lc.passed else "tab:red" for lc in report.layers])
         ax.axhline(limit, color="grey", linestyle="--", linewidth=1)

@@ -67,14 +67,26 @@ class DenseOptimizerConfig(Strict):
 
 
 class EmbeddingOptimizerConfig(Strict):
-    name: EmbeddingOptimizer = Field(EmbeddingOptimizer.ROWWISE_ADAGRAD, description="TorchRec fused optimizer of the tables (rowwise_adagrad works on CPU and GPU).")
+    name: EmbeddingOptimizer = Field(
+        EmbeddingOptimizer.ROWWISE_ADAGRAD,
+        description="TorchRec fused optimizer of the tables (rowwise_adagrad works on CPU and GPU).",
+    )
     lr: float = Field(0.05, gt=0, description="Learning rate.")
 
 
 class SamplingConfig(Strict):
     label: str = Field("click", description="Binary label that defines positives and negatives for sampling.")
-    negative_rate: float = Field(1.0, gt=0, le=1, description="Fraction of negative rows kept (1 = no down-sampling); scores are corrected back at serving.")
-    positive_repeat: int = Field(1, ge=1, description="Times each positive row is trained (1 = no over-sampling); scores are corrected back at serving.")
+    negative_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of negative rows kept (1 = no down-sampling); scores are corrected back at serving.",
+    )
+    positive_repeat: int = Field(
+        1,
+        ge=1,
+        description="Times each positive row is trained (1 = no over-sampling); scores are corrected back at serving.",
+    )
 
     @property
     def odds_factor(self) -> float:
@@ -86,26 +98,72 @@ class TrainConfig(Strict):
     batch_size: int = Field(2048, gt=0, description="Rows per batch per worker.")
     seed: int = Field(0, description="Seed of parameter init and of any sampling.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (= torch.distributed world size).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves (fractions leave room for Ray Data on small boxes).")
-    placement: Placement = Field(Placement.PACK, description="Where Ray puts the workers: pack (fewest nodes) or spread (one per node where possible).")
-    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads per worker; 0 = the node's cores divided by the workers on it (Ray would otherwise pin 1).")
-    sharding_types: list[ShardingType] = Field(default_factory=lambda: [ShardingType.TABLE_WISE], min_length=1, description="Sharding types the planner may use (CPU: table_wise, column_wise, data_parallel).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="Logical CPUs each worker reserves (fractions leave room for Ray Data on small boxes)."
+    )
+    placement: Placement = Field(
+        Placement.PACK,
+        description="Where Ray puts the workers: pack (fewest nodes) or spread (one per node where possible).",
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Torch intra-op threads per worker; 0 = the node's cores divided by the workers on it (Ray would otherwise pin 1).",
+    )
+    sharding_types: list[ShardingType] = Field(
+        default_factory=lambda: [ShardingType.TABLE_WISE],
+        min_length=1,
+        description="Sharding types the planner may use (CPU: table_wise, column_wise, data_parallel).",
+    )
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig, description="Dense optimizer.")
-    embedding_optimizer: EmbeddingOptimizerConfig = Field(default_factory=EmbeddingOptimizerConfig, description="Embedding (fused) optimizer.")
-    ingest_buffer_mb: int = Field(512, gt=0, description="Object-store memory Ray Data may fill ahead of the workers: bounds the job's memory whatever the size of the range.")
-    checkpoint_every_batches: int = Field(500, gt=0, description="Intra-day checkpoint period in steps: a failed job (or a restarted worker) resumes from the newest one instead of restarting the day.")
-    max_failures: int = Field(1, ge=0, description="Worker-group restarts Ray Train may make within one job (each resumes from the newest intra-day checkpoint); 0 = fail at the first worker failure.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training-time sampling (negative down-sampling, positive over-sampling), deterministic per row.")
+    embedding_optimizer: EmbeddingOptimizerConfig = Field(
+        default_factory=EmbeddingOptimizerConfig, description="Embedding (fused) optimizer."
+    )
+    ingest_buffer_mb: int = Field(
+        512,
+        gt=0,
+        description="Object-store memory Ray Data may fill ahead of the workers: bounds the job's memory whatever the size of the range.",
+    )
+    checkpoint_every_batches: int = Field(
+        500,
+        gt=0,
+        description="Intra-day checkpoint period in steps: a failed job (or a restarted worker) resumes from the newest one instead of restarting the day.",
+    )
+    max_failures: int = Field(
+        1,
+        ge=0,
+        description="Worker-group restarts Ray Train may make within one job (each resumes from the newest intra-day checkpoint); 0 = fail at the first worker failure.",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="Training-time sampling (negative down-sampling, positive over-sampling), deterministic per row.",
+    )
 
 
-RESOURCE_KEYS = {"num_workers", "cpus_per_worker", "placement", "torch_threads", "ingest_buffer_mb",
-                 "checkpoint_every_batches", "max_failures", "sharding_types"}
+RESOURCE_KEYS = {
+    "num_workers",
+    "cpus_per_worker",
+    "placement",
+    "torch_threads",
+    "ingest_buffer_mb",
+    "checkpoint_every_batches",
+    "max_failures",
+    "sharding_types",
+}
 
 
 class JobConfig(Strict):
-    logs: str = Field("./world", description="Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet; a relative path is taken from the directory the command runs in.")
-    workdir: str = Field("./mtrec-work", description="Where checkpoints, the MLflow store, quarantine and reports go; a relative path is taken from the directory the command runs in.")
-    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined.")
+    logs: str = Field(
+        "./world",
+        description="Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet; a relative path is taken from the directory the command runs in.",
+    )
+    workdir: str = Field(
+        "./mtrec-work",
+        description="Where checkpoints, the MLflow store, quarantine and reports go; a relative path is taken from the directory the command runs in.",
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined."
+    )
     timezone: str = Field("UTC", description="Timezone in which `--date yesterday` is resolved.")
 
     @field_validator("logs", "workdir")
@@ -121,7 +179,9 @@ class JobConfig(Strict):
         try:
             ZoneInfo(name)
         except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder of zones, e.g. "Europe"
-            raise ValueError(f"unknown timezone {name!r}; use an IANA name such as UTC, Europe/Berlin, America/New_York") from None
+            raise ValueError(
+                f"unknown timezone {name!r}; use an IANA name such as UTC, Europe/Berlin, America/New_York"
+            ) from None
         return name
 
 
@@ -135,11 +195,28 @@ def absolute_url(url: str) -> str:
 
 
 class TrackingConfig(Strict):
-    enabled: bool = Field(True, description="Record every job in MLflow (run, metrics, artifacts, model, registry version); false: train and publish checkpoints only.")
-    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (embedded, no server).")
-    artifacts: str | None = Field(None, description="Artifact root of a new experiment in the embedded store; default <workdir>/mlartifacts (a server uses its own).")
-    retries: int = Field(4, ge=0, description="Retries of an MLflow call that fails to reach the store, with exponential backoff; then the job fails naming the URI.")
-    backoff_s: float = Field(1.0, ge=0, description="First wait between retries, doubled after each (1 s: a restarting server has ~15 s to come back).")
+    enabled: bool = Field(
+        True,
+        description="Record every job in MLflow (run, metrics, artifacts, model, registry version); false: train and publish checkpoints only.",
+    )
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (embedded, no server).",
+    )
+    artifacts: str | None = Field(
+        None,
+        description="Artifact root of a new experiment in the embedded store; default <workdir>/mlartifacts (a server uses its own).",
+    )
+    retries: int = Field(
+        4,
+        ge=0,
+        description="Retries of an MLflow call that fails to reach the store, with exponential backoff; then the job fails naming the URI.",
+    )
+    backoff_s: float = Field(
+        1.0,
+        ge=0,
+        description="First wait between retries, doubled after each (1 s: a restarting server has ~15 s to come back).",
+    )
     timeout_s: int = Field(30, gt=0, description="Timeout of one HTTP request to an MLflow server.")
 
     @field_validator("artifacts")
@@ -148,20 +225,50 @@ class TrackingConfig(Strict):
         return absolute_url(url) if url else url
 
 
-GATE_METRICS = {"auc": 1, "gauc": 1, "pearson": 1, "auc_unbiased": 1, "auc_entire_space": 1,  # higher is better
-                "ne": -1, "log_loss": -1, "mse": -1, "calibration": 0}  # lower is better; 0: |x - 1| lower is better
+GATE_METRICS = {
+    "auc": 1,
+    "gauc": 1,
+    "pearson": 1,
+    "auc_unbiased": 1,
+    "auc_entire_space": 1,  # higher is better
+    "ne": -1,
+    "log_loss": -1,
+    "mse": -1,
+    "calibration": 0,
+}  # lower is better; 0: |x - 1| lower is better
 
 
 class BNCheckConfig(Strict):
-    max_smd: float = Field(0.25, gt=0, description="A BN layer fails when the mean over its channels of |running mean - serving mean| / serving std exceeds this.")
-    max_abs_log_var_ratio: float = Field(0.5, gt=0, description="A BN layer fails when the mean over its channels of |log(running var / serving var)| exceeds this.")
-    max_kl: float = Field(0.1, gt=0, description="A BN layer fails when the mean over its channels of KL(serving || running), two Gaussians, exceeds this.")
-    batch_rows: int = Field(8192, gt=0, description="Rows per forward pass of the check and of recalibration (memory bound).")
+    max_smd: float = Field(
+        0.25,
+        gt=0,
+        description="A BN layer fails when the mean over its channels of |running mean - serving mean| / serving std exceeds this.",
+    )
+    max_abs_log_var_ratio: float = Field(
+        0.5,
+        gt=0,
+        description="A BN layer fails when the mean over its channels of |log(running var / serving var)| exceeds this.",
+    )
+    max_kl: float = Field(
+        0.1,
+        gt=0,
+        description="A BN layer fails when the mean over its channels of KL(serving || running), two Gaussians, exceeds this.",
+    )
+    batch_rows: int = Field(
+        8192, gt=0, description="Rows per forward pass of the check and of recalibration (memory bound)."
+    )
 
 
 class GateConfig(Strict):
-    metrics: list[str] | None = Field(None, description="Metrics the promotion gate compares, `<task>/<metric>`; default: auc of every binary task and joint, mse of regression tasks.")
-    tolerance: float = Field(0.002, ge=0, description="How much worse than the champion a metric may be (absolute) and still pass; ~the day-to-day noise of AUC on 100k rows.")
+    metrics: list[str] | None = Field(
+        None,
+        description="Metrics the promotion gate compares, `<task>/<metric>`; default: auc of every binary task and joint, mse of regression tasks.",
+    )
+    tolerance: float = Field(
+        0.002,
+        ge=0,
+        description="How much worse than the champion a metric may be (absolute) and still pass; ~the day-to-day noise of AUC on 100k rows.",
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -169,7 +276,9 @@ class GateConfig(Strict):
         for m in metrics or []:
             task, _, name = m.partition("/")
             if not task or name not in GATE_METRICS:
-                raise ValueError(f"gate metric `{m}` is not `<task>/<metric>` with metric one of {', '.join(GATE_METRICS)}")
+                raise ValueError(
+                    f"gate metric `{m}` is not `<task>/<metric>` with metric one of {', '.join(GATE_METRICS)}"
+                )
         return metrics
 
 
@@ -181,22 +290,30 @@ class MtrecConfig(_SpecFields):
     job: JobConfig = Field(default_factory=JobConfig, description="Paths and job settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     gate: GateConfig = Field(default_factory=GateConfig, description="The promotion gate (`mtrec promote`).")
-    bn: BNCheckConfig = Field(default_factory=BNCheckConfig, description="BatchNorm statistics consistency check (`mtrec bn-check`).")
+    bn: BNCheckConfig = Field(
+        default_factory=BNCheckConfig, description="BatchNorm statistics consistency check (`mtrec bn-check`)."
+    )
 
     @model_validator(mode="after")
     def _check_run(self) -> MtrecConfig:
         sl = self.train.sampling.label
         if sl not in self.labels or self.labels[sl] != LabelKind.BINARY:
-            raise ValueError(f"`train.sampling.label` is `{sl}`, not a binary label; use one of "
-                             f"{', '.join(k for k, v in self.labels.items() if v == LabelKind.BINARY)}")
+            raise ValueError(
+                f"`train.sampling.label` is `{sl}`, not a binary label; use one of "
+                f"{', '.join(k for k, v in self.labels.items() if v == LabelKind.BINARY)}"
+            )
         if self.train.sampling.odds_factor != 1:
             if not any(t.label == sl and t.given is None for t in self.tasks):
-                raise ValueError(f"`train.sampling` changes the rate of `{sl}` but no root task (without `given`) predicts it, so "
-                                 "scores could not be corrected; sample on the root task's label")
+                raise ValueError(
+                    f"`train.sampling` changes the rate of `{sl}` but no root task (without `given`) predicts it, so "
+                    "scores could not be corrected; sample on the root task's label"
+                )
             others = [t.name for t in self.tasks if t.given is None and t.label != sl]
             if others:
-                raise ValueError(f"`train.sampling` on `{sl}` would skew root task(s) {', '.join(others)}, whose scores mtrec cannot "
-                                 "correct back; drop the sampling or train those tasks in another model")
+                raise ValueError(
+                    f"`train.sampling` on `{sl}` would skew root task(s) {', '.join(others)}, whose scores mtrec cannot "
+                    "correct back; drop the sampling or train those tasks in another model"
+                )
         outputs = self.outputs()
         for m in self.gate.metrics or []:
             if m.partition("/")[0] not in outputs:
@@ -236,7 +353,9 @@ class MtrecConfig(_SpecFields):
 
     def with_overrides(self, logs: str | None = None, workdir: str | None = None) -> MtrecConfig:
         """A copy with the CLI's common overrides applied (`--logs`, `--workdir`)."""
-        job = self.job.model_copy(update={k: absolute_url(v) for k, v in {"logs": logs, "workdir": workdir}.items() if v})
+        job = self.job.model_copy(
+            update={k: absolute_url(v) for k, v in {"logs": logs, "workdir": workdir}.items() if v}
+        )
         return self.model_copy(update={"job": job})
 
     def gate_metrics(self) -> list[str]:
@@ -291,13 +410,16 @@ def load_config(source: str | Path, logs: str | None = None, workdir: str | None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config {label}: not valid YAML{where} ({getattr(e, 'problem', e)}); fix the syntax") from None
+        raise ConfigError(
+            f"config {label}: not valid YAML{where} ({getattr(e, 'problem', e)}); fix the syntax"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config {label}: the top level must be a mapping of keys (name, labels, features, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"config {label}: the top level must be a mapping of keys (name, labels, features, ...), got {type(data).__name__}"
+        )
     return parse_config(data, label).with_overrides(logs=logs, workdir=workdir)
 
 
 def parse_config(data: dict[str, Any], label: str = "config") -> MtrecConfig:
     """Validate a config given as a dict (already parsed YAML); see `load_config`."""
     return validate(MtrecConfig, data, label)
-

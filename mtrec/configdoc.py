@@ -128,7 +128,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-
 # --------------------------------------------------------------------------------------------------
 # reference documentation (docs/configuration.md is this function's output)
 

@@ -57,9 +57,13 @@ def lock_url(cfg: MtrecConfig) -> str:
 
 
 def _holder(job: str) -> dict:
-    return {"job": job, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "ray_job": os.environ.get("MTREC_SUBMISSION_ID") or None}
+    return {
+        "job": job,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "ray_job": os.environ.get("MTREC_SUBMISSION_ID") or None,
+    }
 
 
 def describe(holder: dict | None) -> str:
@@ -72,8 +76,10 @@ def describe(holder: dict | None) -> str:
 
 
 def _refused(cfg: MtrecConfig, url: str, holder: dict | None) -> LockHeld:
-    return LockHeld(f"{cfg.name} is being trained by {describe(holder)}, which holds {url}; this job did nothing. "
-                    "Run it again when that job has ended (a scheduler should not start two: see docs/operations.md)")
+    return LockHeld(
+        f"{cfg.name} is being trained by {describe(holder)}, which holds {url}; this job did nothing. "
+        "Run it again when that job has ended (a scheduler should not start two: see docs/operations.md)"
+    )
 
 
 @contextmanager
@@ -174,7 +180,9 @@ def _write_lease(fs, path: str, lease: dict) -> None:
 
 
 @contextmanager
-def _lease(cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | None = None) -> Iterator[Callable[[], None]]:
+def _lease(
+    cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | None = None
+) -> Iterator[Callable[[], None]]:
     ttl = LEASE_TTL_S if ttl is None else ttl
     current = _read_lease(fs, path)
     if current and current.get("expires", 0) > time.time():
@@ -213,8 +221,10 @@ def _lease(cfg: MtrecConfig, fs, path: str, url: str, job: str, ttl: float | Non
         except Exception:  # noqa: BLE001 - unreadable now: what the renewer saw decides
             current = None
         if taken_over(current):
-            raise LockHeld(f"{cfg.name}: {describe(taker[0])} took over this job's lease {url}, so this job published nothing; "
-                           "that job owns the model now: let it finish, then rerun this one if its day is still unpublished")
+            raise LockHeld(
+                f"{cfg.name}: {describe(taker[0])} took over this job's lease {url}, so this job published nothing; "
+                "that job owns the model now: let it finish, then rerun this one if its day is still unpublished"
+            )
 
     beat = threading.Thread(target=renew, name=f"mtrec-lease-{cfg.name}", daemon=True)
     beat.start()

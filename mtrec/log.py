@@ -18,7 +18,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-NOISY = ("ray", "mlflow", "alembic", "urllib3", "filelock", "torch.distributed", "torch.fx", "torchrec", "fbgemm_gpu", "py4j", "git")
+NOISY = (
+    "ray",
+    "mlflow",
+    "alembic",
+    "urllib3",
+    "filelock",
+    "torch.distributed",
+    "torch.fx",
+    "torchrec",
+    "fbgemm_gpu",
+    "py4j",
+    "git",
+)
 # warnings raised on behalf of a library but attributed to the caller's module
 NOISY_WARNINGS = (r"Hint: Inferred schema contains integer column",)
 _state = {"verbose": False}

@@ -16,7 +16,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def retry(fn: Callable[[], T], tries: int, backoff_s: float, transient: Callable[[Exception], bool], factor: float = 2.0) -> T:
+def retry(
+    fn: Callable[[], T], tries: int, backoff_s: float, transient: Callable[[Exception], bool], factor: float = 2.0
+) -> T:
     """`fn()`, called up to `tries` times while it raises an exception `transient` accepts:
     `backoff_s` seconds before the second call, the wait multiplied by `factor` after each.
 

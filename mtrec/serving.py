@@ -57,8 +57,10 @@ class ServedModel:
         self.model = build_model(self.spec, "cpu", self.score_offsets)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise MtrecError(f"the weights do not fit {spec.name}'s model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                             "they were written under another config - export them again from the right checkpoint")
+            raise MtrecError(
+                f"the weights do not fit {spec.name}'s model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                "they were written under another config - export them again from the right checkpoint"
+            )
         self.model.eval()
         f = self.spec.features
         self.columns = list(dict.fromkeys([s.source for s in f.sparse] + [d.source for d in f.dense]))
@@ -75,13 +77,23 @@ class ServedModel:
         return cls.from_state(spec, checkpoint.read_full(url), offsets, url)
 
     @classmethod
-    def from_state(cls, spec: ModelSpec, full: dict[str, torch.Tensor], score_offsets: dict[str, float] | None = None,
-                   url: str = "the checkpoint") -> ServedModel:
+    def from_state(
+        cls,
+        spec: ModelSpec,
+        full: dict[str, torch.Tensor],
+        score_offsets: dict[str, float] | None = None,
+        url: str = "the checkpoint",
+    ) -> ServedModel:
         """From `checkpoint.read_full`'s tensors (model, optimizers; only the model's are kept)."""
-        state = {k.removeprefix(_PREFIX): v for k, v in full.items()
-                 if k.startswith(_PREFIX) and not k.startswith(f"{_PREFIX}shallow_tower.")}
+        state = {
+            k.removeprefix(_PREFIX): v
+            for k, v in full.items()
+            if k.startswith(_PREFIX) and not k.startswith(f"{_PREFIX}shallow_tower.")
+        }
         if not state:
-            raise MtrecError(f"{url} holds no model tensors; it is not an mtrec checkpoint - pass a dt=YYYY-MM-DD folder")
+            raise MtrecError(
+                f"{url} holds no model tensors; it is not an mtrec checkpoint - pass a dt=YYYY-MM-DD folder"
+            )
         return cls(spec, state, score_offsets)
 
     @classmethod
@@ -102,12 +114,16 @@ class ServedModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), path / WEIGHTS)
-        (path / SPEC).write_text(json.dumps({"spec": self.spec.model_dump(mode="json"), "score_offsets": self.score_offsets}, indent=2))
+        (path / SPEC).write_text(
+            json.dumps({"spec": self.spec.model_dump(mode="json"), "score_offsets": self.score_offsets}, indent=2)
+        )
 
     def _check(self, names: list[str]) -> None:
         missing = [c for c in self.columns if c not in names]
         if missing:
-            raise MtrecError(f"the input lacks feature column(s) {', '.join(missing)}; the model reads {', '.join(self.columns)}")
+            raise MtrecError(
+                f"the input lacks feature column(s) {', '.join(missing)}; the model reads {', '.join(self.columns)}"
+            )
 
     def predict(self, batch: pa.Table | pa.RecordBatch, batch_rows: int = 8192) -> dict[str, np.ndarray]:
         """Per-output scores (N float32 each) of N rows holding at least `self.columns` (other
@@ -120,7 +136,9 @@ class ServedModel:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
-        for _, out in score_batches(self.model, self.spec, batch.select(self.columns).to_batches(max_chunksize=batch_rows)):
+        for _, out in score_batches(
+            self.model, self.spec, batch.select(self.columns).to_batches(max_chunksize=batch_rows)
+        ):
             for k in self.outputs:
                 v = out[k].float()
                 parts[k].append((torch.expm1(v) if k in self._expm1 else v).numpy())

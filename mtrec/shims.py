@@ -62,7 +62,11 @@ def trainer_class():
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [PlacementGroupCleanerCallback(check_interval_s=0.5, get_actor_timeout_s=1.0, stop_timeout=2.0)
-                    if isinstance(cb, PlacementGroupCleanerCallback) else cb for cb in super()._create_default_callbacks()]
+            return [
+                PlacementGroupCleanerCallback(check_interval_s=0.5, get_actor_timeout_s=1.0, stop_timeout=2.0)
+                if isinstance(cb, PlacementGroupCleanerCallback)
+                else cb
+                for cb in super()._create_default_callbacks()
+            ]
 
     return Trainer

@@ -82,8 +82,12 @@ class BiasFeature(_FromColumn):
 
 class FeaturesConfig(Strict):
     sparse: list[SparseFeature] = Field(min_length=1, description="Categorical id features (embedding tables).")
-    dense: list[DenseFeature] = Field(default_factory=list, description="Float features, concatenated to the embeddings.")
-    bias: list[BiasFeature] = Field(default_factory=list, description="Features seen only by the shallow tower in training (absent at serving).")
+    dense: list[DenseFeature] = Field(
+        default_factory=list, description="Float features, concatenated to the embeddings."
+    )
+    bias: list[BiasFeature] = Field(
+        default_factory=list, description="Features seen only by the shallow tower in training (absent at serving)."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:
@@ -100,8 +104,13 @@ class TaskConfig(Strict):
     label: str = Field(description="Label column; must be declared under `labels`.")
     given: str | None = Field(None, description="Name of the task this one is conditioned on (cvr is `given: ctr`).")
     weight: float = Field(1.0, ge=0, description="Weight of this task's loss.")
-    joint: str | None = Field(None, description="Name of the entire-space prediction p(given) x p(this), e.g. ctcvr; default `<given>_<name>`. Only with `given`.")
-    log1p: bool = Field(False, description="Regression only: the model predicts log1p(label) (heavy-tailed targets such as watch time).")
+    joint: str | None = Field(
+        None,
+        description="Name of the entire-space prediction p(given) x p(this), e.g. ctcvr; default `<given>_<name>`. Only with `given`.",
+    )
+    log1p: bool = Field(
+        False, description="Regression only: the model predicts log1p(label) (heavy-tailed targets such as watch time)."
+    )
 
     @property
     def joint_name(self) -> str | None:
@@ -115,8 +124,15 @@ class TaskConfig(Strict):
 class ShallowTowerConfig(Strict):
     hidden: list[int] = Field(default_factory=lambda: [16], description="Hidden layer sizes over the bias features.")
     dim: int = Field(8, gt=0, description="Embedding dimension of each bias feature value.")
-    feature_dropout: float = Field(0.1, ge=0, lt=1, description="Probability a row's bias features are dropped in training (YouTube paper), so the main towers cannot lean on them.")
-    apply_to: list[str] | None = Field(None, description="Tasks whose logit gets the bias logit; default: the root (click) task only.")
+    feature_dropout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Probability a row's bias features are dropped in training (YouTube paper), so the main towers cannot lean on them.",
+    )
+    apply_to: list[str] | None = Field(
+        None, description="Tasks whose logit gets the bias logit; default: the root (click) task only."
+    )
 
 
 class ArchConfig(Strict):
@@ -126,11 +142,13 @@ class ArchConfig(Strict):
 
     model_class: ClassVar[str]
     tower: list[int] = Field(default_factory=lambda: [256, 128, 64], description="Hidden sizes of each task tower.")
-    batch_norm: bool = Field(False, description="BatchNorm1d after each hidden layer of towers/experts (see docs/bn-consistency.md).")
+    batch_norm: bool = Field(
+        False, description="BatchNorm1d after each hidden layer of towers/experts (see docs/bn-consistency.md)."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
-    shallow_tower: ShallowTowerConfig | None = Field(None, description="Position-bias shallow tower (training only); omit for none.")
-
-
+    shallow_tower: ShallowTowerConfig | None = Field(
+        None, description="Position-bias shallow tower (training only); omit for none."
+    )
 
     def check(self, spec: _SpecFields) -> None:
         """Rules that tie this architecture to the tasks and features; raise ValueError."""
@@ -138,11 +156,15 @@ class ArchConfig(Strict):
         if st is None:
             return
         if not spec.features.bias:
-            raise ValueError("`model.shallow_tower` is set but `features.bias` is empty; declare bias features (e.g. position) or drop the shallow tower")
+            raise ValueError(
+                "`model.shallow_tower` is set but `features.bias` is empty; declare bias features (e.g. position) or drop the shallow tower"
+            )
         names = [t.name for t in spec.tasks]
         for name in st.apply_to or []:
             if name not in names:
-                raise ValueError(f"`model.shallow_tower.apply_to` names unknown task `{name}`; use one of {', '.join(names)}")
+                raise ValueError(
+                    f"`model.shallow_tower.apply_to` names unknown task `{name}`; use one of {', '.join(names)}"
+                )
 
 
 class SharedBottomModel(ArchConfig):
@@ -159,25 +181,39 @@ class EsmmModel(ArchConfig):
 class Esm2Model(ArchConfig):
     arch: Literal["esm2"] = Field(description="Model architecture.")
     model_class: ClassVar[str] = "mtrec.models.esm2:ESM2"
-    daction_task: str = Field("dar", description="Task whose label is the deterministic action (add-to-cart / wishlist).")
+    daction_task: str = Field(
+        "dar", description="Task whose label is the deterministic action (add-to-cart / wishlist)."
+    )
 
     def check(self, spec: _SpecFields) -> None:
         super().check(spec)
         names = [t.name for t in spec.tasks]
         dt_name = self.daction_task
         if dt_name not in names:
-            raise ValueError(f"`model.daction_task` is `{dt_name}` but no task has that name; use one of {', '.join(names)}")
+            raise ValueError(
+                f"`model.daction_task` is `{dt_name}` but no task has that name; use one of {', '.join(names)}"
+            )
         dar = spec.task(dt_name)
         if dar.given is None or spec.labels[dar.label] != LabelKind.BINARY:
-            raise ValueError(f"`model.daction_task` `{dt_name}` must be a binary task `given` the click task (see mtrec/configs/esm2.yaml)")
-        buy = [t.name for t in spec.tasks if t.given == dar.given and t.name != dt_name and spec.labels[t.label] == LabelKind.BINARY]
+            raise ValueError(
+                f"`model.daction_task` `{dt_name}` must be a binary task `given` the click task (see mtrec/configs/esm2.yaml)"
+            )
+        buy = [
+            t.name
+            for t in spec.tasks
+            if t.given == dar.given and t.name != dt_name and spec.labels[t.label] == LabelKind.BINARY
+        ]
         if len(buy) != 1:
-            raise ValueError(f"esm2 needs exactly one purchase task given `{dar.given}` besides `{dt_name}`, found {buy or 'none'}; "
-                             "see mtrec/configs/esm2.yaml")
+            raise ValueError(
+                f"esm2 needs exactly one purchase task given `{dar.given}` besides `{dt_name}`, found {buy or 'none'}; "
+                "see mtrec/configs/esm2.yaml"
+            )
         st = self.shallow_tower
         if st is not None and buy[0] in (st.apply_to or []):
-            raise ValueError(f"`model.shallow_tower.apply_to` names `{buy[0]}`, whose ESM2 probability is composed (no logit of its "
-                             f"own); apply it to `{dar.given}`")
+            raise ValueError(
+                f"`model.shallow_tower.apply_to` names `{buy[0]}`, whose ESM2 probability is composed (no logit of its "
+                f"own); apply it to `{dar.given}`"
+            )
 
 
 class NaiveCvrModel(ArchConfig):
@@ -202,7 +238,14 @@ class PleModel(ArchConfig):
 
 
 # The architectures, in the order the docs list them: a new one is a config class above and an entry here.
-ARCH_CONFIGS: tuple[type[ArchConfig], ...] = (SharedBottomModel, EsmmModel, Esm2Model, MmoeModel, PleModel, NaiveCvrModel)
+ARCH_CONFIGS: tuple[type[ArchConfig], ...] = (
+    SharedBottomModel,
+    EsmmModel,
+    Esm2Model,
+    MmoeModel,
+    PleModel,
+    NaiveCvrModel,
+)
 
 
 def arch_name(cls: type[ArchConfig]) -> str:
@@ -221,8 +264,13 @@ class _SpecFields(Strict):
     """The model spec's keys and rules, shared by `ModelSpec` and the run spec's YAML (whose top
     level holds them beside `train`, `job`, ...)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name: experiment, registered model and checkpoint folder.")
-    labels: dict[str, LabelKind] = Field(description="Label columns in the logs and their kind (binary or regression); must include click and conversion.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Model name: experiment, registered model and checkpoint folder.",
+    )
+    labels: dict[str, LabelKind] = Field(
+        description="Label columns in the logs and their kind (binary or regression); must include click and conversion."
+    )
     features: FeaturesConfig = Field(description="Feature columns.")
     tasks: list[TaskConfig] = Field(min_length=1, description="Tasks the model predicts.")
     model: ModelConfig = Field(description="Model architecture and sizes; `arch` selects the other keys.")
@@ -248,17 +296,25 @@ class _SpecFields(Strict):
                     f"add `{t.label}: binary` (or regression) under `labels` or use a declared label"
                 )
             if t.joint is not None and t.given is None:
-                raise ValueError(f"task `{t.name}`: `joint: {t.joint}` needs `given` (the joint is p(given) x p({t.name}))")
+                raise ValueError(
+                    f"task `{t.name}`: `joint: {t.joint}` needs `given` (the joint is p(given) x p({t.name}))"
+                )
             if t.log1p and self.labels[t.label] != LabelKind.REGRESSION:
                 raise ValueError(f"task `{t.name}`: `log1p: true` is for regression labels, `{t.label}` is binary")
             if t.given is not None:
                 if t.given not in names:
-                    raise ValueError(f"task `{t.name}`: `given: {t.given}` names no task; use one of {', '.join(names)}")
+                    raise ValueError(
+                        f"task `{t.name}`: `given: {t.given}` names no task; use one of {', '.join(names)}"
+                    )
                 parent = self.task(t.given)
                 if self.labels[parent.label] != LabelKind.BINARY:
-                    raise ValueError(f"task `{t.name}`: `given: {t.given}` must name a binary task, `{t.given}` is regression")
+                    raise ValueError(
+                        f"task `{t.name}`: `given: {t.given}` must name a binary task, `{t.given}` is regression"
+                    )
                 if parent.given is not None:
-                    raise ValueError(f"task `{t.name}`: chains are one level deep (`{t.given}` is itself given `{parent.given}`)")
+                    raise ValueError(
+                        f"task `{t.name}`: chains are one level deep (`{t.given}` is itself given `{parent.given}`)"
+                    )
         outputs = self.outputs()
         if len(set(outputs)) != len(outputs):
             raise ValueError(f"task and joint names must be distinct, got {', '.join(outputs)}; rename a `joint`")
@@ -290,7 +346,11 @@ class _SpecFields(Strict):
         for col, kind in self.labels.items():
             roles[col] = ("label" if kind == LabelKind.BINARY else "regression", "`labels`")
         for f in self.features.sparse:
-            role, by = ("ids", f"`features.sparse` ({f.name}, multi_hot: true)") if f.multi_hot else ("id", f"`features.sparse` ({f.name})")
+            role, by = (
+                ("ids", f"`features.sparse` ({f.name}, multi_hot: true)")
+                if f.multi_hot
+                else ("id", f"`features.sparse` ({f.name})")
+            )
             roles.setdefault(f.source, (role, by))
         for f in self.features.dense:
             roles.setdefault(f.source, ("dense", f"`features.dense` ({f.name})"))

@@ -29,8 +29,14 @@ def _progress() -> None:
         configure(sys.stderr)
 
 
-def nightly(config: str, date: str = "yesterday", promote: bool = True, catch_up: bool = True,
-            logs: str | None = None, workdir: str | None = None) -> list[TrainSummary]:
+def nightly(
+    config: str,
+    date: str = "yesterday",
+    promote: bool = True,
+    catch_up: bool = True,
+    logs: str | None = None,
+    workdir: str | None = None,
+) -> list[TrainSummary]:
     """`mtrec nightly --config CONFIG --date DATE [--promote] [--catch-up]`: one incremental day
     (and any missing day before it), then the promotion gate. Raises the jobs' MtrecError
     (its `exit_code` is what the command would exit with; 5: the gate refused, 8: the lock is held)."""

@@ -35,14 +35,17 @@ COMMANDS = (synth, validate, train, nightly, backfill, evaluate, predict, promot
 def build_parser(abbrev: bool = True) -> argparse.ArgumentParser:
     """The whole command line; `abbrev=False` requires every flag written in full (`mtrec submit`
     checks a command it sends with it)."""
-    parser = argparse.ArgumentParser(prog="mtrec", description="Nightly multi-task recommendation training (see README.md).",
-                                     allow_abbrev=abbrev)
+    parser = argparse.ArgumentParser(
+        prog="mtrec", description="Nightly multi-task recommendation training (see README.md).", allow_abbrev=abbrev
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command in COMMANDS:
         command.add(sub, abbrev)
     for p in sub.choices.values():
-        p.add_argument("--verbose", "-v", action="store_true", help="also show Ray's and MLflow's own log lines and warnings")
+        p.add_argument(
+            "--verbose", "-v", action="store_true", help="also show Ray's and MLflow's own log lines and warnings"
+        )
     return parser
 
 

@@ -9,12 +9,22 @@ from mtrec.cli.common import add_common, day, load, print_json, tracking_env
 
 
 def add(sub, abbrev: bool = True) -> None:
-    p = sub.add_parser("bn-check", help="BatchNorm statistics of a model vs a day as served; --recalibrate fixes them",
-                       allow_abbrev=abbrev)
+    p = sub.add_parser(
+        "bn-check",
+        help="BatchNorm statistics of a model vs a day as served; --recalibrate fixes them",
+        allow_abbrev=abbrev,
+    )
     add_common(p)
-    p.add_argument("--model", help="MLflow model URI, e.g. models:/esmm_synth@challenger (default: the newest checkpoint before --date)")
+    p.add_argument(
+        "--model",
+        help="MLflow model URI, e.g. models:/esmm_synth@challenger (default: the newest checkpoint before --date)",
+    )
     p.add_argument("--checkpoint", help="checkpoint URL instead of --model")
-    p.add_argument("--recalibrate", action="store_true", help="recompute the BN statistics on --date and register the result as a new version")
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="recompute the BN statistics on --date and register the result as a new version",
+    )
     p.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
     p.set_defaults(run=run)
 
@@ -29,8 +39,13 @@ def run(args: argparse.Namespace) -> int:
         tracking_env(cfg)
     out = run_bn_check(cfg, d, model_uri=args.model, url=args.checkpoint, recalibrate=args.recalibrate)
     if args.json:
-        print_json({"before": json.loads(out.before.to_json()), "after": json.loads(out.after.to_json()) if out.after else None,
-                    "version": out.version})
+        print_json(
+            {
+                "before": json.loads(out.before.to_json()),
+                "after": json.loads(out.after.to_json()) if out.after else None,
+                "version": out.version,
+            }
+        )
     if not out.final.passed:
         raise BNCheckFailed(out.final.summary())
     return 0

@@ -9,23 +9,35 @@ log = logging.getLogger("mtrec.cli")
 
 
 def add_common(p: argparse.ArgumentParser, date: bool = True) -> None:
-    p.add_argument("--config", default="esmm", help="YAML config path/URL, or a shipped example: esmm, esm2, mmoe (default: esmm)")
+    p.add_argument(
+        "--config", default="esmm", help="YAML config path/URL, or a shipped example: esmm, esm2, mmoe (default: esmm)"
+    )
     p.add_argument("--logs", help="logs root URL (overrides job.logs)")
     p.add_argument("--workdir", help="work dir URL: quarantine, checkpoints, MLflow store (overrides job.workdir)")
     if date:
-        p.add_argument("--date", required=True, help="day to process: YYYY-MM-DD, or today / yesterday (resolved in job.timezone)")
+        p.add_argument(
+            "--date", required=True, help="day to process: YYYY-MM-DD, or today / yesterday (resolved in job.timezone)"
+        )
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true", help="retrain a day that is already published and replace its checkpoint")
+    p.add_argument(
+        "--force", action="store_true", help="retrain a day that is already published and replace its checkpoint"
+    )
     p.add_argument("--workers", type=int, help="Ray Train workers = world size (overrides train.num_workers)")
     p.add_argument("--cpus-per-worker", type=float, help="logical CPUs per worker (overrides train.cpus_per_worker)")
     p.add_argument("--batch-size", type=int, help="rows per batch per worker (overrides train.batch_size)")
-    p.add_argument("--torch-threads", type=int, help="torch threads per worker, 0 = auto (overrides train.torch_threads)")
+    p.add_argument(
+        "--torch-threads", type=int, help="torch threads per worker, 0 = auto (overrides train.torch_threads)"
+    )
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local cluster)")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
     p.add_argument("--summary", help="also write the job summary (JSON) to this path/URL")
-    p.add_argument("--ray-logs", action="store_true", help="forward the Ray workers' output to this console (default: Ray's log files)")
+    p.add_argument(
+        "--ray-logs",
+        action="store_true",
+        help="forward the Ray workers' output to this console (default: Ray's log files)",
+    )
 
 
 def load(args: argparse.Namespace):
@@ -45,8 +57,16 @@ def day(args: argparse.Namespace, cfg, flag: str = "--date", value: str | None =
 def train_cfg(args: argparse.Namespace):
     """The run spec with the training jobs' command-line overrides."""
     cfg = load(args)
-    train = {k: v for k, v in {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
-                               "batch_size": args.batch_size, "torch_threads": args.torch_threads}.items() if v is not None}
+    train = {
+        k: v
+        for k, v in {
+            "num_workers": args.workers,
+            "cpus_per_worker": args.cpus_per_worker,
+            "batch_size": args.batch_size,
+            "torch_threads": args.torch_threads,
+        }.items()
+        if v is not None
+    }
     return cfg.with_train(**train) if train else cfg
 
 
@@ -54,8 +74,14 @@ def run_options(args: argparse.Namespace, **flags: bool):
     """The jobs' RunOptions from the common training flags and the sub-command's own `flags`."""
     from mtrec.jobs.plan import RunOptions
 
-    return RunOptions(force=args.force, address=args.address, log_every=args.log_every, ray_logs=args.ray_logs,
-                      summary=args.summary, **flags)
+    return RunOptions(
+        force=args.force,
+        address=args.address,
+        log_every=args.log_every,
+        ray_logs=args.ray_logs,
+        summary=args.summary,
+        **flags,
+    )
 
 
 def relative_day(args: argparse.Namespace, cfg, run):

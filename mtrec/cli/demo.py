@@ -20,5 +20,12 @@ def run(args: argparse.Namespace) -> int:
     from mtrec.jobs.demo import run_demo
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    run_demo(workdir=args.workdir, days=args.days, rows_per_day=args.rows_per_day, seed=args.seed, models=models, workers=args.workers)
+    run_demo(
+        workdir=args.workdir,
+        days=args.days,
+        rows_per_day=args.rows_per_day,
+        seed=args.seed,
+        models=models,
+        workers=args.workers,
+    )
     return 0

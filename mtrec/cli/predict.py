@@ -8,10 +8,17 @@ from mtrec.cli.common import add_common, day, load, log, tracking_env
 
 
 def add(sub, abbrev: bool = True) -> None:
-    p = sub.add_parser("predict", help="batch-score a day's logs with a logged model -> Parquet of per-task probabilities",
-                       allow_abbrev=abbrev)
+    p = sub.add_parser(
+        "predict",
+        help="batch-score a day's logs with a logged model -> Parquet of per-task probabilities",
+        allow_abbrev=abbrev,
+    )
     add_common(p)
-    p.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/esmm_synth@champion, models:/esmm_synth/3, runs:/<id>/model")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="MLflow model URI, e.g. models:/esmm_synth@champion, models:/esmm_synth/3, runs:/<id>/model",
+    )
     p.add_argument("--out", required=True, help="Parquet file to write (path or fsspec URL)")
     p.set_defaults(run=run)
 
@@ -24,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     tracking_env(cfg)
     log.info(f"mtrec predict: {args.model} on {cfg.job.logs} dt={d} -> {args.out}")
     out = predict_to_parquet(args.model, cfg.job.logs, d, args.out)
-    log.info(f"wrote {out['rows']:,} rows from {out['files']} file(s) to {out['out']} in {out['seconds']:.1f}s "
-             f"(columns: {', '.join(out['columns'])})")
+    log.info(
+        f"wrote {out['rows']:,} rows from {out['files']} file(s) to {out['out']} in {out['seconds']:.1f}s "
+        f"(columns: {', '.join(out['columns'])})"
+    )
     return 0

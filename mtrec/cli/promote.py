@@ -9,8 +9,11 @@ from mtrec.cli.common import add_common, day, load, print_json
 
 
 def add(sub, abbrev: bool = True) -> None:
-    p = sub.add_parser("promote", help="promotion gate: challenger vs champion on an unseen day; moves `champion` if it passes",
-                       allow_abbrev=abbrev)
+    p = sub.add_parser(
+        "promote",
+        help="promotion gate: challenger vs champion on an unseen day; moves `champion` if it passes",
+        allow_abbrev=abbrev,
+    )
     add_common(p, date=False)
     p.add_argument("--name", help="registered model name (default: the config's `name`)")
     p.add_argument("--version", help="version to judge (default: the `challenger` alias)")

@@ -78,22 +78,30 @@ def check_command(argv: Sequence[str]) -> argparse.Namespace:
 
     argv = list(argv)
     if not argv:
-        raise ConfigError("mtrec submit needs the command to run after `--`, e.g. "
-                          "`mtrec submit --address http://HEAD:8265 -- nightly --config my.yaml --date yesterday`")
+        raise ConfigError(
+            "mtrec submit needs the command to run after `--`, e.g. "
+            "`mtrec submit --address http://HEAD:8265 -- nightly --config my.yaml --date yesterday`"
+        )
     if argv[0] not in SUBMITTABLE:
-        raise ConfigError(f"`{argv[0]}` cannot be submitted; submit one of: {', '.join(SUBMITTABLE)} "
-                          "(the command after `--` is an mtrec sub-command without the word `mtrec`)")
+        raise ConfigError(
+            f"`{argv[0]}` cannot be submitted; submit one of: {', '.join(SUBMITTABLE)} "
+            "(the command after `--` is an mtrec sub-command without the word `mtrec`)"
+        )
     parser = build_parser(abbrev=False)  # flags in full: the checks and the --config rewrite below look for exact names
     try:
         args = parser.parse_args(argv)
     except SystemExit:
-        raise ConfigError(f"the command to submit does not parse: `mtrec {shlex.join(argv)}` (argparse's reason is printed above; "
-                          "write every flag in full); fix it and submit again") from None
+        raise ConfigError(
+            f"the command to submit does not parse: `mtrec {shlex.join(argv)}` (argparse's reason is printed above; "
+            "write every flag in full); fix it and submit again"
+        ) from None
     for flag in PATH_FLAGS:
         for _, value in _flag_values(argv, flag):
             if is_local(value) and not Path(local_path(value)).is_absolute():
-                raise ConfigError(f"{flag} {value} is a relative path: the job runs in another directory, usually on another machine; "
-                                  "pass an absolute path on storage every node sees (a shared file system) or a URL such as s3://...")
+                raise ConfigError(
+                    f"{flag} {value} is a relative path: the job runs in another directory, usually on another machine; "
+                    "pass an absolute path on storage every node sees (a shared file system) or a URL such as s3://..."
+                )
     return args
 
 
@@ -117,8 +125,10 @@ def _check_config_paths(argv: Sequence[str], config: str) -> None:
             continue
         value = job.get(key, JobConfig.model_fields[key].default)
         if isinstance(value, str) and is_local(value) and not Path(local_path(value)).expanduser().is_absolute():
-            raise ConfigError(f"the config's job.{key} is the relative path {value!r}; on the cluster it would resolve inside the "
-                              f"job's working dir: set an absolute path or URL in the config, or pass {flag}")
+            raise ConfigError(
+                f"the config's job.{key} is the relative path {value!r}; on the cluster it would resolve inside the "
+                f"job's working dir: set an absolute path or URL in the config, or pass {flag}"
+            )
 
 
 def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
@@ -134,7 +144,9 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
     for i, value in configs if argv[0] != "synth" else []:
         local = local_path(value)
         if is_local(value) and value not in EXAMPLES and not Path(local).is_file():
-            raise ConfigError(f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(EXAMPLES)}")
+            raise ConfigError(
+                f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(EXAMPLES)}"
+            )
         _check_config_paths(argv, value)
         if i >= 0 and is_local(value) and Path(local).is_file():
             (into / STAGE_DIR).mkdir(exist_ok=True)
@@ -166,15 +178,22 @@ def submission_id(argv: Sequence[str]) -> str:
 
 def client(address: str | None):
     """A JobSubmissionClient for `address` (or RAY_ADDRESS when it is an http(s) URL)."""
-    address = address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http") else None)
+    address = address or (
+        os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http") else None
+    )
     if not address:
-        raise ConfigError("mtrec submit needs the Ray job server: pass --address http://HEAD:8265 (the head's dashboard port), "
-                          "or set RAY_ADDRESS to that URL")
+        raise ConfigError(
+            "mtrec submit needs the Ray job server: pass --address http://HEAD:8265 (the head's dashboard port), "
+            "or set RAY_ADDRESS to that URL"
+        )
     if "://" not in address:
         address = f"http://{address}"
     # Ray 2.60 clusters authenticate with a token by default; the SDK sends one only in token mode
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                                              or (Path.home() / ".ray" / "auth_token").is_file()):
+    if "RAY_AUTH_MODE" not in os.environ and (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    ):
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
@@ -186,15 +205,26 @@ def client(address: str | None):
     except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
         first = first_line(e)
         if re.search(r"authenticat|unauthori[sz]ed|401|403", str(e), re.I):
-            raise ClusterError(f"the Ray job server at {address} refused the request ({first}): it needs the cluster's token; set "
-                               "RAY_AUTH_TOKEN to it (the head keeps it in ~/.ray/auth_token, or it is the RAY_AUTH_TOKEN the cluster "
-                               "was started with)") from None
-        raise ClusterError(f"cannot reach the Ray job server at {address} ({first}); start the head with the dashboard "
-                           "(`ray start --head --dashboard-host 0.0.0.0`, port 8265 by default) or fix --address") from None
+            raise ClusterError(
+                f"the Ray job server at {address} refused the request ({first}): it needs the cluster's token; set "
+                "RAY_AUTH_TOKEN to it (the head keeps it in ~/.ray/auth_token, or it is the RAY_AUTH_TOKEN the cluster "
+                "was started with)"
+            ) from None
+        raise ClusterError(
+            f"cannot reach the Ray job server at {address} ({first}); start the head with the dashboard "
+            "(`ray start --head --dashboard-host 0.0.0.0`, port 8265 by default) or fix --address"
+        ) from None
 
 
-def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: Sequence[str] = (), installed: bool = False,
-           entrypoint_cpus: float = 0.0) -> int:
+def submit(
+    address: str | None,
+    argv: Sequence[str],
+    *,
+    wait: bool = True,
+    env: Sequence[str] = (),
+    installed: bool = False,
+    entrypoint_cpus: float = 0.0,
+) -> int:
     """Submit `mtrec <argv>` as a Ray job; with `wait`, stream its output and return its exit code.
 
     Raises:
@@ -212,13 +242,22 @@ def submit(address: str | None, argv: Sequence[str], *, wait: bool = True, env: 
         if any(Path(tmp).iterdir()):
             runtime_env["working_dir"] = tmp
         try:
-            c.submit_job(entrypoint=f"python -m mtrec.cli {shlex.join(sent)}", submission_id=sid, runtime_env=runtime_env,
-                         entrypoint_num_cpus=entrypoint_cpus,
-                         metadata={"mtrec_command": shlex.join(argv), "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}"})
+            c.submit_job(
+                entrypoint=f"python -m mtrec.cli {shlex.join(sent)}",
+                submission_id=sid,
+                runtime_env=runtime_env,
+                entrypoint_num_cpus=entrypoint_cpus,
+                metadata={
+                    "mtrec_command": shlex.join(argv),
+                    "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}",
+                },
+            )
         except Exception as e:  # noqa: BLE001
             raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({first_line(e)})") from None
     code = "uploaded" if not installed else "the cluster's installed mtrec"
-    log.info(f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})")
+    log.info(
+        f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})"
+    )
     if not wait:
         log.info(f"follow it: mtrec submit --address {c.get_address()} --attach {sid}   stop it: ... --stop {sid}")
         print(sid, flush=True)
@@ -238,7 +277,9 @@ def attach(c, sid: str) -> int:
     def terminated(_signum, _frame):
         raise _Terminated
 
-    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         info = _job_info(c, sid)  # an unknown id fails here, before any streaming
         try:
@@ -250,7 +291,9 @@ def attach(c, sid: str) -> int:
         while (info := _job_info(c, sid, retries=30)).status not in TERMINAL:
             time.sleep(2.0)
     except KeyboardInterrupt:
-        log.info(f"stopped waiting; job {sid} keeps running on the cluster. Stop it: mtrec submit --address {c.get_address()} --stop {sid}")
+        log.info(
+            f"stopped waiting; job {sid} keeps running on the cluster. Stop it: mtrec submit --address {c.get_address()} --stop {sid}"
+        )
         return 130
     except _Terminated:
         with contextlib.suppress(Exception):
@@ -284,14 +327,17 @@ def _job_info(c, sid: str, retries: int = 0):
     Raises:
         ClusterError: no such job, or the job server stays unreachable.
     """
+
     def transient(e: Exception) -> bool:
         return "does not exist" not in str(e) and "404" not in str(e)
 
     try:
         return retry(lambda: c.get_job_info(sid), retries + 1, 2.0, transient, factor=1.0)
     except Exception as e:  # noqa: BLE001
-        raise ClusterError(f"cannot read job {sid} at {c.get_address()} ({first_line(e)}); list jobs with "
-                           f"`ray job list --address {c.get_address()}`") from None
+        raise ClusterError(
+            f"cannot read job {sid} at {c.get_address()} ({first_line(e)}); list jobs with "
+            f"`ray job list --address {c.get_address()}`"
+        ) from None
 
 
 def status(address: str | None, sid: str) -> int:

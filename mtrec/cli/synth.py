@@ -16,8 +16,13 @@ def add(sub, abbrev: bool = True) -> None:
     p.add_argument("--start", default="2026-01-01", help="first day, YYYY-MM-DD (default 2026-01-01)")
     p.add_argument("--files-per-day", type=int, default=4, help="Parquet files per day (default 4)")
     p.add_argument("--preset", help="a named variant of the default world, e.g. item_quality (docs/synthetic-world.md)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a parameter of the generative model (repeatable; docs/synthetic-world.md lists them)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a parameter of the generative model (repeatable; docs/synthetic-world.md lists them)",
+    )
     p.set_defaults(run=run)
 
 
@@ -27,8 +32,22 @@ def run(args: argparse.Namespace) -> int:
 
     start = parse_date(args.start, "--start")
     params = world_params(args.param, args.preset)
-    s = write_world(args.out, args.days, args.rows_per_day, seed=args.seed, start=start, files_per_day=args.files_per_day, params=params)
-    what = f"seed {args.seed}" + (f", preset {args.preset}" if args.preset else "") + "".join(f", {kv}" for kv in args.param)
-    log.info(f"done: {sum(s.rows):,} rows in {sum(s.seconds):.1f}s; days {s.days[0]} .. {s.days[-1]} ({what}) under {args.out}; "
-             f"truth under {args.out.rstrip('/')}/_truth/")
+    s = write_world(
+        args.out,
+        args.days,
+        args.rows_per_day,
+        seed=args.seed,
+        start=start,
+        files_per_day=args.files_per_day,
+        params=params,
+    )
+    what = (
+        f"seed {args.seed}"
+        + (f", preset {args.preset}" if args.preset else "")
+        + "".join(f", {kv}" for kv in args.param)
+    )
+    log.info(
+        f"done: {sum(s.rows):,} rows in {sum(s.seconds):.1f}s; days {s.days[0]} .. {s.days[-1]} ({what}) under {args.out}; "
+        f"truth under {args.out.rstrip('/')}/_truth/"
+    )
     return 0

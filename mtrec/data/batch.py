@@ -39,8 +39,10 @@ def _ids_to_int(values: pa.Array) -> np.ndarray:
         return values.cast(pa.int64(), safe=False).to_numpy(zero_copy_only=False)  # uint64 ids wrap, stay distinct
     enc = pc.dictionary_encode(values)
     table = np.array(
-        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little", signed=True)
-         for s in enc.dictionary.to_pylist()],
+        [
+            int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little", signed=True)
+            for s in enc.dictionary.to_pylist()
+        ],
         dtype=np.int64,
     )
     return table[enc.indices.to_numpy(zero_copy_only=False)]
@@ -120,8 +122,12 @@ class BatchConverter:
         bias = None
         if with_bias and self.spec.features.bias:
             bias = np.stack(
-                [np.clip(rb.column(f.source).to_numpy(zero_copy_only=False).astype(np.int64), 0, f.num_values - 1)
-                 for f in self.spec.features.bias], axis=1)
+                [
+                    np.clip(rb.column(f.source).to_numpy(zero_copy_only=False).astype(np.int64), 0, f.num_values - 1)
+                    for f in self.spec.features.bias
+                ],
+                axis=1,
+            )
             bias = torch.from_numpy(bias)
         labels = {}
         if with_labels:
@@ -138,8 +144,11 @@ def pad_batch(spec: ModelSpec, rows: int = 2) -> Batch:
     keys = [f.name for f in spec.features.sparse]
     bias = torch.zeros(rows, len(spec.features.bias), dtype=torch.int64) if spec.features.bias else None
     return Batch(
-        KeyedJaggedTensor(keys=keys, values=torch.zeros(rows * len(keys), dtype=torch.int64),
-                          lengths=torch.ones(rows * len(keys), dtype=torch.int32)),
+        KeyedJaggedTensor(
+            keys=keys,
+            values=torch.zeros(rows * len(keys), dtype=torch.int64),
+            lengths=torch.ones(rows * len(keys), dtype=torch.int32),
+        ),
         torch.zeros(rows, len(spec.features.dense)),
         bias,
         {col: torch.zeros(rows) for col in spec.labels},

@@ -45,7 +45,9 @@ def parse_date(text: str, what: str = "--date", timezone: str | None = None) -> 
     try:
         return dt.date.fromisoformat(text)
     except (TypeError, ValueError):
-        raise MtrecError(f"`{what}` must be a date YYYY-MM-DD, `today` or `yesterday`, got {text!r}; e.g. {what} 2026-01-01") from None
+        raise MtrecError(
+            f"`{what}` must be a date YYYY-MM-DD, `today` or `yesterday`, got {text!r}; e.g. {what} 2026-01-01"
+        ) from None
 
 
 def join(root: str, *parts: str) -> str:
@@ -77,7 +79,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return url_to_fs(url)
     except (ImportError, ValueError) as e:
-        raise MtrecError(f"cannot open {url!r}: {e}; install the fsspec backend for that protocol (e.g. s3fs for s3://)") from None
+        raise MtrecError(
+            f"cannot open {url!r}: {e}; install the fsspec backend for that protocol (e.g. s3fs for s3://)"
+        ) from None
 
 
 def list_day_files(root: str, day: dt.date) -> list[DataFile]:
@@ -90,17 +94,28 @@ def list_day_files(root: str, day: dt.date) -> list[DataFile]:
     if not fs.isdir(path):
         root_fs, root_path = filesystem(root)
         if not root_fs.isdir(root_path):
-            raise DataValidationError(f"the logs root {root} does not exist; check --logs (job.logs) for a typo or a missing mount")
+            raise DataValidationError(
+                f"the logs root {root} does not exist; check --logs (job.logs) for a typo or a missing mount"
+            )
         have = list_days(root)
-        near = f"; days present: {have[0]} .. {have[-1]} ({len(have)})" if have else "; the logs root holds no dt=YYYY-MM-DD folder"
+        near = (
+            f"; days present: {have[0]} .. {have[-1]} ({len(have)})"
+            if have
+            else "; the logs root holds no dt=YYYY-MM-DD folder"
+        )
         raise DataValidationError(
             f"no logs for {day} under {root} (expected {day_url(root, day)}/*.parquet){near}; check --logs and --date"
         )
     infos = [i for i in fs.ls(path, detail=True) if i["type"] == "file" and i["name"].endswith(".parquet")]
     if not infos:
-        raise DataValidationError(f"{day_url(root, day)} holds no .parquet file; the day's export is missing or incomplete")
+        raise DataValidationError(
+            f"{day_url(root, day)} holds no .parquet file; the day's export is missing or incomplete"
+        )
     infos.sort(key=lambda i: i["name"])
-    return [DataFile(url=fs.unstrip_protocol(i["name"]), name=i["name"].rsplit("/", 1)[-1], size=int(i["size"] or 0)) for i in infos]
+    return [
+        DataFile(url=fs.unstrip_protocol(i["name"]), name=i["name"].rsplit("/", 1)[-1], size=int(i["size"] or 0))
+        for i in infos
+    ]
 
 
 def list_days(root: str) -> list[dt.date]:

@@ -110,8 +110,11 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
-_PARSE = {"int": (int, "an integer"), "float": (float, "a number"),
-          "tuple[float, ...]": (lambda text: tuple(float(x) for x in text.split(",")), "comma-separated numbers")}
+_PARSE = {
+    "int": (int, "an integer"),
+    "float": (float, "a number"),
+    "tuple[float, ...]": (lambda text: tuple(float(x) for x in text.split(",")), "comma-separated numbers"),
+}
 
 
 def world_params(overrides: list[str], preset: str | None = None, flag: str = "--param") -> WorldParams:
@@ -120,7 +123,9 @@ def world_params(overrides: list[str], preset: str | None = None, flag: str = "-
     the option in error messages."""
     fields = {f.name: f.type for f in dataclasses.fields(WorldParams)}
     if preset is not None and preset not in PRESETS:
-        raise MtrecError(f"--preset {preset!r}: unknown; choose one of {', '.join(PRESETS)} or leave it out for the default world")
+        raise MtrecError(
+            f"--preset {preset!r}: unknown; choose one of {', '.join(PRESETS)} or leave it out for the default world"
+        )
     values: dict[str, object] = dict(PRESETS[preset]) if preset else {}
     for kv in overrides:
         name, sep, text = kv.partition("=")
@@ -143,11 +148,23 @@ def check_params(p: WorldParams) -> str | None:
     """What makes `p` not a world (``NAME=VALUE: why``), or None."""
     for f in dataclasses.fields(p):
         v = getattr(p, f.name)
-        for x in (v if isinstance(v, tuple) else (v,)):
+        for x in v if isinstance(v, tuple) else (v,):
             if not math.isfinite(x):
                 return f"{f.name}={v}: must be a finite number"
-    counts = ("users", "items", "latent_dim", "positions", "candidates", "segments", "age_buckets", "categories", "brands",
-              "shops", "price_buckets", "tags")
+    counts = (
+        "users",
+        "items",
+        "latent_dim",
+        "positions",
+        "candidates",
+        "segments",
+        "age_buckets",
+        "categories",
+        "brands",
+        "shops",
+        "price_buckets",
+        "tags",
+    )
     for name in counts:
         if getattr(p, name) < 1:
             return f"{name}={getattr(p, name)}: must be >= 1"
@@ -161,8 +178,17 @@ def check_params(p: WorldParams) -> str | None:
     for name in ("web_share", "new_users_per_day", "new_items_per_day"):
         if not 0.0 <= getattr(p, name) <= 1.0:
             return f"{name}={getattr(p, name)}: a share must lie in [0, 1]"
-    for name in ("policy_noise", "policy_boost", "popularity_std", "appeal_std", "quality_std", "watch_noise", "drift",
-                 "feature_noise", "exam_power"):
+    for name in (
+        "policy_noise",
+        "policy_boost",
+        "popularity_std",
+        "appeal_std",
+        "quality_std",
+        "watch_noise",
+        "drift",
+        "feature_noise",
+        "exam_power",
+    ):
         if getattr(p, name) < 0:
             return f"{name}={getattr(p, name)}: must be >= 0"
     return None
@@ -269,7 +295,9 @@ class World:
             category=np.argmax(self._noisy(click_lat) @ self.proj["category"], axis=1).astype(np.int64),
             brand=np.argmax(self._noisy(conv_lat) @ self.proj["brand"], axis=1).astype(np.int64),
             shop=np.argmax(self._noisy(watch_lat) @ self.proj["shop"], axis=1).astype(np.int64),
-            price_bucket=np.clip(np.floor((log_price - 0.5) / 5.0 * p.price_buckets), 0, p.price_buckets - 1).astype(np.int64),
+            price_bucket=np.clip(np.floor((log_price - 0.5) / 5.0 * p.price_buckets), 0, p.price_buckets - 1).astype(
+                np.int64
+            ),
             tags=top.astype(np.int64),
             tag_mask=tag_mask,
         )
@@ -279,9 +307,15 @@ class World:
         p, r = self.p, self.rng
         it, us = self.items.cols, self.users.cols
         for key in ("click_lat", "conv_lat", "watch_lat"):
-            it[key] = (it[key] + p.drift * r.standard_normal(it[key].shape, dtype=np.float32)) / math.sqrt(1 + p.drift**2)
-        it["popularity"] = it["popularity"] + p.drift * p.popularity_std * r.standard_normal(len(self.items)).astype(np.float32)
-        us["taste"] = (us["taste"] + 0.5 * p.drift * r.standard_normal(us["taste"].shape, dtype=np.float32)) / math.sqrt(1 + (0.5 * p.drift) ** 2)
+            it[key] = (it[key] + p.drift * r.standard_normal(it[key].shape, dtype=np.float32)) / math.sqrt(
+                1 + p.drift**2
+            )
+        it["popularity"] = it["popularity"] + p.drift * p.popularity_std * r.standard_normal(len(self.items)).astype(
+            np.float32
+        )
+        us["taste"] = (
+            us["taste"] + 0.5 * p.drift * r.standard_normal(us["taste"].shape, dtype=np.float32)
+        ) / math.sqrt(1 + (0.5 * p.drift) ** 2)
         self.first_new_user, self.first_new_item = len(self.users), len(self.items)
         self._new_users(max(1, round(p.new_users_per_day * len(self.users))))
         self._new_items(max(1, round(p.new_items_per_day * len(self.items))))
@@ -296,7 +330,9 @@ class World:
         return {"appeal": p.appeal_std * z[0], "quality": p.quality_std * q}
 
     # ---- traffic ---------------------------------------------------------------------------------
-    def traffic(self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date) -> tuple[pa.Table, pa.Table]:
+    def traffic(
+        self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date
+    ) -> tuple[pa.Table, pa.Table]:
         """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth)."""
         p = self.p
         r = np.random.default_rng([self.seed, 1, self.day_index, part])
@@ -344,7 +380,7 @@ class World:
         watch = np.where(click, np.exp(watch_mu + p.watch_noise * r.standard_normal(rows)), 0.0)
 
         ts_req = np.sort(r.uniform(t0, t1, n_req))
-        ts = (np.datetime64(day.isoformat(), "ms") + (ts_req[req] * 1000).astype("timedelta64[ms]"))
+        ts = np.datetime64(day.isoformat(), "ms") + (ts_req[req] * 1000).astype("timedelta64[ms]")
         row_id = np.arange(first_row, first_row + rows, dtype=np.int64)
         req_global = req + first_row // K  # unique within the day: parts start on request boundaries
         tags = it["tags"][items]
@@ -353,45 +389,51 @@ class World:
         activity = us["activity"][user] * r.lognormal(0, 0.2, rows)  # observed with noise
         popularity = _sigmoid(it["popularity"][items] + 0.3 * r.standard_normal(rows) - 2.0)
 
-        logs = pa.table({
-            "row_id": row_id,
-            "request_id": pc.binary_join_element_wise(f"{day:%Y%m%d}-", pc.cast(pa.array(req_global), pa.string()), ""),
-            "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")),
-            "user_id": us["id"][user],
-            "item_id": it["id"][items],
-            "position": pos,
-            "device": device,
-            "click": click.astype(np.int8),
-            "conversion": buy.astype(np.int8),
-            "daction": dact.astype(np.int8),
-            "oaction": oact.astype(np.int8),
-            "watch_time": watch.astype(np.float32),
-            "user_segment": us["segment"][user],
-            "age_bucket": us["age"][user],
-            "item_category": it["category"][items],
-            "brand": it["brand"][items],
-            "shop": it["shop"][items],
-            "price_bucket": it["price_bucket"][items],
-            "item_tags": pa.ListArray.from_arrays(offsets, tags[tag_mask]),
-            "user_activity": activity.astype(np.float32),
-            "item_price": np.exp(it["log_price"][items]).astype(np.float32),
-            "item_popularity": popularity.astype(np.float32),
-        })
-        truth = pa.table({
-            "row_id": row_id,
-            "p_examine": p_exam.astype(np.float32),
-            "p_click_unbiased": p_rel.astype(np.float32),  # relevance: click prob. with the position effect removed
-            "p_click": p_click.astype(np.float32),
-            "p_daction": p_dact.astype(np.float32),  # given click
-            "p_buy_daction": p_buy_d.astype(np.float32),
-            "p_buy_oaction": p_buy_o.astype(np.float32),
-            "cvr": cvr.astype(np.float32),  # given click
-            "ctcvr": (p_click * cvr).astype(np.float32),
-            "ctcvr_unbiased": (p_rel * cvr).astype(np.float32),
-            "watch_log_mean": watch_mu.astype(np.float32),  # E[log watch_time | click]
-            "new_user": user >= self.first_new_user,  # first seen today
-            "new_item": items >= self.first_new_item,
-        })
+        logs = pa.table(
+            {
+                "row_id": row_id,
+                "request_id": pc.binary_join_element_wise(
+                    f"{day:%Y%m%d}-", pc.cast(pa.array(req_global), pa.string()), ""
+                ),
+                "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")),
+                "user_id": us["id"][user],
+                "item_id": it["id"][items],
+                "position": pos,
+                "device": device,
+                "click": click.astype(np.int8),
+                "conversion": buy.astype(np.int8),
+                "daction": dact.astype(np.int8),
+                "oaction": oact.astype(np.int8),
+                "watch_time": watch.astype(np.float32),
+                "user_segment": us["segment"][user],
+                "age_bucket": us["age"][user],
+                "item_category": it["category"][items],
+                "brand": it["brand"][items],
+                "shop": it["shop"][items],
+                "price_bucket": it["price_bucket"][items],
+                "item_tags": pa.ListArray.from_arrays(offsets, tags[tag_mask]),
+                "user_activity": activity.astype(np.float32),
+                "item_price": np.exp(it["log_price"][items]).astype(np.float32),
+                "item_popularity": popularity.astype(np.float32),
+            }
+        )
+        truth = pa.table(
+            {
+                "row_id": row_id,
+                "p_examine": p_exam.astype(np.float32),
+                "p_click_unbiased": p_rel.astype(np.float32),  # relevance: click prob. with the position effect removed
+                "p_click": p_click.astype(np.float32),
+                "p_daction": p_dact.astype(np.float32),  # given click
+                "p_buy_daction": p_buy_d.astype(np.float32),
+                "p_buy_oaction": p_buy_o.astype(np.float32),
+                "cvr": cvr.astype(np.float32),  # given click
+                "ctcvr": (p_click * cvr).astype(np.float32),
+                "ctcvr_unbiased": (p_rel * cvr).astype(np.float32),
+                "watch_log_mean": watch_mu.astype(np.float32),  # E[log watch_time | click]
+                "new_user": user >= self.first_new_user,  # first seen today
+                "new_item": items >= self.first_new_item,
+            }
+        )
         return logs, truth
 
 
@@ -443,8 +485,15 @@ def write_world(
     _prepare_out(out)
     world = World(params, seed)
     fs, _ = filesystem(out)
-    summary = WorldSummary(out=out, start=start.isoformat(), days=[], rows=[], seed=seed, files_per_day=files_per_day,
-                           params={**asdict(params), "examination": params.examination().round(6).tolist()})
+    summary = WorldSummary(
+        out=out,
+        start=start.isoformat(),
+        days=[],
+        rows=[],
+        seed=seed,
+        files_per_day=files_per_day,
+        params={**asdict(params), "examination": params.examination().round(6).tolist()},
+    )
     K = params.positions
     for d in range(days):
         t_day = time.perf_counter()
@@ -482,7 +531,9 @@ def _prepare_out(out: str) -> None:
     if not fs.exists(path) or not fs.ls(path, detail=False):
         return
     if not fs.exists(f"{path}/{WORLD_FILE}"):
-        raise MtrecError(f"{out} is not empty and holds no {WORLD_FILE}; `mtrec synth` writes only into an empty folder or over a world it wrote")
+        raise MtrecError(
+            f"{out} is not empty and holds no {WORLD_FILE}; `mtrec synth` writes only into an empty folder or over a world it wrote"
+        )
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("dt=") or name in (TRUTH_DIR, WORLD_FILE):

@@ -167,17 +167,38 @@ class RowValidator:
         rules: list[tuple[str, Mask]] = []
         for col in ID_COLUMNS:
             rules.append(("null_id", lambda b, c=col: _np(pc.is_null(b.column(c)))))
-        rules.append(("bad_position", lambda b: _np(pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(_i64(b.column(POSITION_COLUMN)), 0)))))
+        rules.append(
+            (
+                "bad_position",
+                lambda b: _np(
+                    pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(_i64(b.column(POSITION_COLUMN)), 0))
+                ),
+            )
+        )
         for col in spec.labels:
             rules.append(("null_label", lambda b, c=col: _np(pc.is_null(b.column(c), nan_is_null=True))))
         for col, kind in spec.labels.items():
             if kind == LabelKind.BINARY:
-                rules.append(("label_out_of_range", lambda b, c=col: _np(pc.invert(pc.is_in(_i64(b.column(c)), pa.array([0, 1], pa.int64()))))))
+                rules.append(
+                    (
+                        "label_out_of_range",
+                        lambda b, c=col: _np(pc.invert(pc.is_in(_i64(b.column(c)), pa.array([0, 1], pa.int64())))),
+                    )
+                )
             else:
                 # infinite; or <= -1 where a task trains on log1p(label)
                 floor = -1.0 if any(t.log1p and t.label == col for t in spec.tasks) else -np.inf
-                rules.append(("label_out_of_range", lambda b, c=col, lo=floor: _np(pc.or_kleene(
-                    pc.is_inf(pc.cast(b.column(c), pa.float64())), pc.less_equal(pc.cast(b.column(c), pa.float64()), lo)))))
+                rules.append(
+                    (
+                        "label_out_of_range",
+                        lambda b, c=col, lo=floor: _np(
+                            pc.or_kleene(
+                                pc.is_inf(pc.cast(b.column(c), pa.float64())),
+                                pc.less_equal(pc.cast(b.column(c), pa.float64()), lo),
+                            )
+                        ),
+                    )
+                )
         implies = [(c, p) for c, p in CONTRACT_IMPLIES if c in spec.labels and p in spec.labels]
         for t in spec.tasks:
             if t.given is not None:
@@ -186,18 +207,46 @@ class RowValidator:
                     implies.append(pair)
         for child, parent in implies:
             # a non-zero child label (conversion=1, watch_time>0) requires parent=1
-            rules.append((f"{child}_without_{parent}", lambda b, c=child, p=parent: _np(
-                pc.and_kleene(pc.not_equal(pc.cast(b.column(c), pa.float64()), 0), pc.not_equal(_i64(b.column(p)), 1)))))
+            rules.append(
+                (
+                    f"{child}_without_{parent}",
+                    lambda b, c=child, p=parent: _np(
+                        pc.and_kleene(
+                            pc.not_equal(pc.cast(b.column(c), pa.float64()), 0), pc.not_equal(_i64(b.column(p)), 1)
+                        )
+                    ),
+                )
+            )
         for a, b_ in CONTRACT_EXCLUSIVE:
             if a in spec.labels and b_ in spec.labels:
-                rules.append((f"{a}_and_{b_}", lambda b, x=a, y=b_: _np(pc.and_kleene(pc.equal(_i64(b.column(x)), 1), pc.equal(_i64(b.column(y)), 1)))))
+                rules.append(
+                    (
+                        f"{a}_and_{b_}",
+                        lambda b, x=a, y=b_: _np(
+                            pc.and_kleene(pc.equal(_i64(b.column(x)), 1), pc.equal(_i64(b.column(y)), 1))
+                        ),
+                    )
+                )
         for f in spec.features.dense:
             # null, NaN or infinite (is_finite of a null is null, hence the explicit is_null)
-            rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(
-                pc.is_null(b.column(c)), pc.invert(pc.is_finite(pc.cast(b.column(c), pa.float64())))))))
+            rules.append(
+                (
+                    "bad_feature",
+                    lambda b, c=f.source: _np(
+                        pc.or_kleene(
+                            pc.is_null(b.column(c)), pc.invert(pc.is_finite(pc.cast(b.column(c), pa.float64())))
+                        )
+                    ),
+                )
+            )
         for f in spec.features.bias:
             if f.source != POSITION_COLUMN:
-                rules.append(("bad_feature", lambda b, c=f.source: _np(pc.or_kleene(pc.is_null(b.column(c)), pc.less(_i64(b.column(c)), 0)))))
+                rules.append(
+                    (
+                        "bad_feature",
+                        lambda b, c=f.source: _np(pc.or_kleene(pc.is_null(b.column(c)), pc.less(_i64(b.column(c)), 0))),
+                    )
+                )
         return rules
 
     def reason_codes(self, batch: pa.RecordBatch) -> np.ndarray:
@@ -220,7 +269,9 @@ class RowValidator:
         return Split(batch.filter(pa.array(~bad)), bad_b, index)
 
 
-def iter_file_batches(f: DataFile, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+def iter_file_batches(
+    f: DataFile, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
     """Stream one Parquet file as Arrow batches (bounded memory)."""
     fs, path = filesystem(f.url)
     with fs.open(path, "rb") as fh:
@@ -251,8 +302,10 @@ def check_day(spec: ModelSpec, logs: str, day: dt.date) -> list[DataFile]:
         validator.check_schema(meta.schema.to_arrow_schema(), f"logs {day} file {f.name}")
         rows += meta.num_rows
     if rows == 0:
-        raise DataValidationError(f"the logs of {day} hold no rows ({len(files)} empty file(s) under {logs}); the export is empty or "
-                                  "truncated - re-export the day, nothing was trained")
+        raise DataValidationError(
+            f"the logs of {day} hold no rows ({len(files)} empty file(s) under {logs}); the export is empty or "
+            "truncated - re-export the day, nothing was trained"
+        )
     return files
 
 
@@ -262,14 +315,18 @@ def _read_footer(f: DataFile) -> pq.FileMetaData:
         with fs.open(path, "rb") as fh:
             return pq.ParquetFile(fh).metadata
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataValidationError(f"{f.url}: not a readable Parquet file ({e}); re-export the file or remove it from the day") from None
+        raise DataValidationError(
+            f"{f.url}: not a readable Parquet file ({e}); re-export the file or remove it from the day"
+        ) from None
 
 
 def quarantine_url(workdir: str, day: dt.date) -> str:
     return day_url(join(workdir, "quarantine"), day)
 
 
-def validate_day(spec: ModelSpec, logs: str, day: dt.date, workdir: str, max_bad_fraction: float = 0.01) -> ValidationReport:
+def validate_day(
+    spec: ModelSpec, logs: str, day: dt.date, workdir: str, max_bad_fraction: float = 0.01
+) -> ValidationReport:
     """Validate one day of logs, write its quarantine and report, and enforce the threshold.
 
     Args:
@@ -297,8 +354,11 @@ def validate_day(spec: ModelSpec, logs: str, day: dt.date, workdir: str, max_bad
     if qfs.exists(qpath):
         qfs.rm(qpath, recursive=True)  # re-validating a day replaces its quarantine
     report = ValidationReport(
-        date=day.isoformat(), logs=day_url(logs, day), quarantine=qurl,
-        by_reason={r: 0 for r in validator.reasons}, max_bad_fraction=max_bad_fraction,
+        date=day.isoformat(),
+        logs=day_url(logs, day),
+        quarantine=qurl,
+        by_reason={r: 0 for r in validator.reasons},
+        max_bad_fraction=max_bad_fraction,
     )
     for f in files:
         rows = bad_rows = 0
@@ -314,7 +374,9 @@ def validate_day(spec: ModelSpec, logs: str, day: dt.date, workdir: str, max_bad
                         sink = qfs.open(f"{qpath}/{f.name}", "wb")
                         writer = pq.ParquetWriter(sink, bad.schema)
                     writer.write_batch(bad)
-                    for reason, n in zip(*np.unique(bad.column("reason").to_numpy(zero_copy_only=False), return_counts=True), strict=True):
+                    for reason, n in zip(
+                        *np.unique(bad.column("reason").to_numpy(zero_copy_only=False), return_counts=True), strict=True
+                    ):
                         report.by_reason[str(reason)] += int(n)
                 rows += batch.num_rows
                 bad_rows += bad.num_rows

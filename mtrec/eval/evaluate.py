@@ -46,7 +46,9 @@ class Predictions:
     row_id: np.ndarray | None
 
 
-def predict_day(model: torch.nn.Module, spec: ModelSpec, logs: str, day: dt.date, batch_size: int = 8192) -> Predictions:
+def predict_day(
+    model: torch.nn.Module, spec: ModelSpec, logs: str, day: dt.date, batch_size: int = 8192
+) -> Predictions:
     """Run `model` (a MultiTaskModel, sharded or not) in eval mode over the good rows of `day`
     under the logs root `logs`, as served (no bias features)."""
     outs: dict[str, list[np.ndarray]] = {}
@@ -62,8 +64,12 @@ def predict_day(model: torch.nn.Module, spec: ModelSpec, logs: str, day: dt.date
             if "row_id" in rb.schema.names:
                 rows.append(rb.column("row_id").to_numpy(zero_copy_only=False))
     cat = np.concatenate
-    return Predictions({k: cat(v) for k, v in outs.items()}, {k: cat(v) for k, v in labels.items()},
-                       cat(users), cat(rows) if rows else None)
+    return Predictions(
+        {k: cat(v) for k, v in outs.items()},
+        {k: cat(v) for k, v in labels.items()},
+        cat(users),
+        cat(rows) if rows else None,
+    )
 
 
 def read_truth(logs: str, day: dt.date) -> pa.Table | None:
@@ -108,7 +114,9 @@ def report(spec: ModelSpec, pred: Predictions, truth: pa.Table | None = None) ->
         else:
             parent = labels[spec.task(t.given).label] > 0
             metrics = binary_report(outputs[t.name][parent], y[parent], pred.user_id[parent])
-            for k, v in binary_report(outputs[t.joint_name], y * labels[spec.task(t.given).label], pred.user_id).items():
+            for k, v in binary_report(
+                outputs[t.joint_name], y * labels[spec.task(t.given).label], pred.user_id
+            ).items():
                 out[f"{t.joint_name}/{k}"] = v
         out.update({f"{t.name}/{k}": v for k, v in metrics.items()})
         truth_col = TRUTH_OF_LABEL.get(t.label)

@@ -103,8 +103,13 @@ def calibration(pred: np.ndarray, label: np.ndarray) -> float:
 
 def binary_report(pred: np.ndarray, label: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
     """auc, gauc (when groups are given), ne, calibration, log_loss, and the row count."""
-    out = {"auc": auc(pred, label), "ne": normalized_entropy(pred, label), "calibration": calibration(pred, label),
-           "log_loss": log_loss(pred, label), "rows": float(len(pred))}
+    out = {
+        "auc": auc(pred, label),
+        "ne": normalized_entropy(pred, label),
+        "calibration": calibration(pred, label),
+        "log_loss": log_loss(pred, label),
+        "rows": float(len(pred)),
+    }
     if group is not None:
         out["gauc"] = gauc(pred, label, group)
     return out

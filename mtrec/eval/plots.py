@@ -85,7 +85,9 @@ def position_bias(spec: ModelSpec, full: dict[str, torch.Tensor], path: Path) ->
     curve = []
     with torch.no_grad():
         for p in range(bias[pos].num_values):
-            rows = torch.tensor([[p if j == pos else c[j] for j in range(len(bias))] for c in combos], dtype=torch.int64)
+            rows = torch.tensor(
+                [[p if j == pos else c[j] for j in range(len(bias))] for c in combos], dtype=torch.int64
+            )
             curve.append(float(tower(rows).mean()))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -36,8 +36,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def score_batches(model: torch.nn.Module, spec: ModelSpec,
-                  batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, dict[str, torch.Tensor]]]:
+def score_batches(
+    model: torch.nn.Module, spec: ModelSpec, batches: Iterable[pa.RecordBatch]
+) -> Iterator[tuple[pa.RecordBatch, dict[str, torch.Tensor]]]:
     """(batch, model outputs) for each Arrow batch, converted as served: no bias features, no
     labels. The model's mode is the caller's (see `evaluating`)."""
     conv, device = BatchConverter(spec), model_device(model)

@@ -1,12 +1,12 @@
 """`mtrec bn-check`: a model's BatchNorm statistics against a day as served, and the fix.
 
-    model: --model URI (a logged/registered model), --checkpoint URL, or by default the newest
-           published checkpoint before --date
-    check: mtrec.bn.check on the day (eval mode, forward hooks, streamed); prints a per-layer table
-    --recalibrate: recompute the running statistics on the day (mtrec.bn.recalibrate), check again,
-           and (tracking on) record the recalibrated model as a new run and model version: same
-           checkpoint (the training state is unchanged), tagged `mtrec.bn_recalibrated_on`; it
-           becomes the challenger and goes through the gate like any other version
+model: --model URI (a logged/registered model), --checkpoint URL, or by default the newest
+       published checkpoint before --date
+check: mtrec.bn.check on the day (eval mode, forward hooks, streamed); prints a per-layer table
+--recalibrate: recompute the running statistics on the day (mtrec.bn.recalibrate), check again,
+       and (tracking on) record the recalibrated model as a new run and model version: same
+       checkpoint (the training state is unchanged), tagged `mtrec.bn_recalibrated_on`; it
+       becomes the challenger and goes through the gate like any other version
 """
 
 from __future__ import annotations
@@ -27,13 +27,18 @@ from mtrec.train import checkpoint
 
 log = logging.getLogger(__name__)
 
-def _source(cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | None, recalibrate: bool) -> tuple[ServedModel, dict]:
+
+def _source(
+    cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | None, recalibrate: bool
+) -> tuple[ServedModel, dict]:
     """The model and what it is: {"name", "date", "checkpoint", "version"} (version "" for a
     checkpoint). With `recalibrate`, refuses (before any work) what could not be registered."""
     if model_uri and url:
         raise ConfigError("pass --model or --checkpoint, not both")
     if recalibrate and not cfg.tracking.enabled:
-        raise ConfigError("--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`")
+        raise ConfigError(
+            "--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`"
+        )
     if model_uri:
         from mtrec.tracking import Tracker, load_served
 
@@ -43,16 +48,28 @@ def _source(cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | No
             tracker = Tracker(cfg.model_copy(update={"name": m.group(1)}))
             v = tracker.version(m.group(2)) if m.group(2) else tracker.alias(m.group(3))
             if v is not None:
-                info = {"name": m.group(1), "date": v.date.isoformat(), "checkpoint": v.checkpoint, "version": v.version}
+                info = {
+                    "name": m.group(1),
+                    "date": v.date.isoformat(),
+                    "checkpoint": v.checkpoint,
+                    "version": v.version,
+                }
         if recalibrate and not info["checkpoint"]:
-            raise ConfigError(f"--recalibrate needs a registered mtrec version (models:/NAME/N or models:/NAME@alias), got {model_uri}; "
-                              "pass one, or --checkpoint")
+            raise ConfigError(
+                f"--recalibrate needs a registered mtrec version (models:/NAME/N or models:/NAME@alias), got {model_uri}; "
+                "pass one, or --checkpoint"
+            )
         return load_served(model_uri), info
     url = url or checkpoint.latest_before(cfg, day)
     manifest = checkpoint.read_manifest(url)
     if manifest.get("model") != cfg.name:
         checkpoint.check_compatible(manifest, url, cfg, allow_config_change=True)  # names the mismatch
-    return ServedModel.from_checkpoint(url), {"name": cfg.name, "date": manifest["date"], "checkpoint": url, "version": ""}
+    return ServedModel.from_checkpoint(url), {
+        "name": cfg.name,
+        "date": manifest["date"],
+        "checkpoint": url,
+        "version": "",
+    }
 
 
 @dataclass
@@ -69,8 +86,9 @@ class BNCheckResult:
         return self.after or self.before
 
 
-def run_bn_check(cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, url: str | None = None,
-                 recalibrate: bool = False) -> BNCheckResult:
+def run_bn_check(
+    cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, url: str | None = None, recalibrate: bool = False
+) -> BNCheckResult:
     """Check (and with `recalibrate`, fix) a model's BN statistics on `day`."""
     served, source = _source(cfg, day, model_uri, url, recalibrate)
     what = model_uri or source["checkpoint"]
@@ -104,7 +122,9 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, r
     tracker = Tracker(cfg)
     trained_to = dt.date.fromisoformat(source["date"])
     with tracker.job_run("bn_recalibration", [trained_to], source["checkpoint"]) as run_id:
-        tracker.set_tags(run_id, {"mtrec.bn_recalibrated_on": day.isoformat(), "mtrec.source_version": source["version"]})
+        tracker.set_tags(
+            run_id, {"mtrec.bn_recalibrated_on": day.isoformat(), "mtrec.source_version": source["version"]}
+        )
         tracker.log_metrics(run_id, {**{f"before/{k}": v for k, v in before.metrics().items()}, **after.metrics()})
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "bn").mkdir()
@@ -112,12 +132,22 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, r
             (Path(tmp) / "bn" / "check.json").write_text(after.to_json())
             (Path(tmp) / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
             tracker.log_artifacts(run_id, tmp)
-        model_uri = tracker.log_served(run_id, served, example_rows(cfg.job.logs, day, served.columns),
-                                       {"mtrec.bn_check": "passed" if after.passed else "failed"})
+        model_uri = tracker.log_served(
+            run_id,
+            served,
+            example_rows(cfg.job.logs, day, served.columns),
+            {"mtrec.bn_check": "passed" if after.passed else "failed"},
+        )
         version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to)
     tracker.tag_version(version, {"mtrec.bn_recalibrated_on": day.isoformat()})
     chal = tracker.alias("challenger")
-    alias = " (alias challenger)" if chal is not None and chal.version == version else " (the challenger alias stays on a newer day's version)"
-    log.info(f"registered the recalibrated model as version {version} of {cfg.name}{alias}; `mtrec promote --version {version}` judges it "
-        f"on a day after {day}")
+    alias = (
+        " (alias challenger)"
+        if chal is not None and chal.version == version
+        else " (the challenger alias stays on a newer day's version)"
+    )
+    log.info(
+        f"registered the recalibrated model as version {version} of {cfg.name}{alias}; `mtrec promote --version {version}` judges it "
+        f"on a day after {day}"
+    )
     return version

@@ -61,22 +61,38 @@ def ray_session(cfg: MtrecConfig, address: str | None = None, ray_logs: bool = F
         try:
             ray.init(address=address, logging_level=library_level(), log_to_driver=ray_logs)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]}); "
-                              "check `ray status` there, or drop --address/RAY_ADDRESS to start a local cluster") from None
+            raise ConfigError(
+                f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]}); "
+                "check `ray status` there, or drop --address/RAY_ADDRESS to start a local cluster"
+            ) from None
         mode, owned = "joined", True
     else:
-        ray.init(address="local", num_cpus=local_cpus(cfg), include_dashboard=False, logging_level=library_level(),
-                 log_to_driver=ray_logs)
+        ray.init(
+            address="local",
+            num_cpus=local_cpus(cfg),
+            include_dashboard=False,
+            logging_level=library_level(),
+            log_to_driver=ray_logs,
+        )
         mode, owned = "local", True
     try:
         res = ray.cluster_resources()
-        info = {"mode": mode, "address": ray.get_runtime_context().gcs_address, "cpus": res.get("CPU", 0),
-                "gpus": res.get("GPU", 0), "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
+        info = {
+            "mode": mode,
+            "address": ray.get_runtime_context().gcs_address,
+            "cpus": res.get("CPU", 0),
+            "gpus": res.get("GPU", 0),
+            "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        }
         need = cfg.train.num_workers * cfg.train.cpus_per_worker
         if need > info["cpus"]:
-            raise ConfigError(f"`train.num_workers` x `train.cpus_per_worker` = {need:g} CPUs but the Ray cluster has {info['cpus']:g}; "
-                              "pass fewer --workers or a smaller --cpus-per-worker, or add nodes")
-        log.info(f"ray: {mode} cluster {info['address']}, {info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs")
+            raise ConfigError(
+                f"`train.num_workers` x `train.cpus_per_worker` = {need:g} CPUs but the Ray cluster has {info['cpus']:g}; "
+                "pass fewer --workers or a smaller --cpus-per-worker, or add nodes"
+            )
+        log.info(
+            f"ray: {mode} cluster {info['address']}, {info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs"
+        )
         yield info
     finally:
         if owned:

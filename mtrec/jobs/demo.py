@@ -39,8 +39,20 @@ log = logging.getLogger(__name__)
 
 MODELS = ("esmm", "mmoe")
 MARKER = ".mtrec-demo"
-WRITES = {MARKER, "world", "configs", "logs", "checkpoints", "quarantine", "locks", "mlartifacts", "mlflow.db", "ray",
-          "summary.json", "scores.parquet"}  # what a demo (and the next commands it prints) put in its workdir
+WRITES = {
+    MARKER,
+    "world",
+    "configs",
+    "logs",
+    "checkpoints",
+    "quarantine",
+    "locks",
+    "mlartifacts",
+    "mlflow.db",
+    "ray",
+    "summary.json",
+    "scores.parquet",
+}  # what a demo (and the next commands it prints) put in its workdir
 TRAIN_DAYS = 3
 OK_CODES = {0, 5}  # 5: the gate refused the new version; part of the story, not a failure
 
@@ -95,7 +107,9 @@ class _Step:
         self.saved = (os.dup(1), os.dup(2))
         os.dup2(self.fh.fileno(), 1)  # what writes to the fds: Ray, torch's C++ logs, subprocesses
         os.dup2(self.fh.fileno(), 2)
-        self.text = self.log.open("a", buffering=1)  # what writes to sys.stdout/err, whatever they are (pytest, Jupyter)
+        self.text = self.log.open(
+            "a", buffering=1
+        )  # what writes to sys.stdout/err, whatever they are (pytest, Jupyter)
         self.redirects = contextlib.ExitStack()
         self.redirects.enter_context(contextlib.redirect_stdout(self.text))
         self.redirects.enter_context(contextlib.redirect_stderr(self.text))
@@ -131,16 +145,22 @@ def _prepare(workdir: Path) -> None:
         raise ConfigError(f"--workdir {workdir} is a file; pass a folder (the demo creates it)")
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / MARKER).exists():
-            raise ConfigError(f"{workdir} exists and was not written by `mtrec demo`; pass another --workdir (the demo starts from an empty one)")
+            raise ConfigError(
+                f"{workdir} exists and was not written by `mtrec demo`; pass another --workdir (the demo starts from an empty one)"
+            )
         other = sorted(p.name for p in workdir.iterdir() if p.name not in WRITES)
         if other:
-            raise ConfigError(f"{workdir} holds an earlier demo and also {', '.join(other[:5])}, which the demo did not write; "
-                              "move them, or pass another --workdir")
+            raise ConfigError(
+                f"{workdir} holds an earlier demo and also {', '.join(other[:5])}, which the demo did not write; "
+                "move them, or pass another --workdir"
+            )
         print(f"replacing the earlier demo in {workdir}", flush=True)
         for p in workdir.iterdir():
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text("written by `mtrec demo`; the next `mtrec demo` with this --workdir replaces what it wrote here\n")
+    (workdir / MARKER).write_text(
+        "written by `mtrec demo`; the next `mtrec demo` with this --workdir replaces what it wrote here\n"
+    )
 
 
 def demo_config(example: str, workdir: Path, logs: str, workers: int) -> Path:
@@ -180,7 +200,9 @@ def run_demo(
     from mtrec.tracking import promote
 
     if days < TRAIN_DAYS + 2:
-        raise ConfigError(f"--days {days}: the demo needs at least {TRAIN_DAYS + 2} (a {TRAIN_DAYS}-day retrain, a nightly, and a day to judge it)")
+        raise ConfigError(
+            f"--days {days}: the demo needs at least {TRAIN_DAYS + 2} (a {TRAIN_DAYS}-day retrain, a nightly, and a day to judge it)"
+        )
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ConfigError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
@@ -210,8 +232,13 @@ def run_demo(
     quiet_ray()
     cfg0 = load_config(str(next(iter(configs.values()))))
     with step("ray", "starting a local Ray cluster") as s:
-        ray.init(address="local", num_cpus=local_cpus(cfg0), include_dashboard=False, log_to_driver=False,
-                 logging_level=library_level())
+        ray.init(
+            address="local",
+            num_cpus=local_cpus(cfg0),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=library_level(),
+        )
     seconds["ray"] = s.seconds
     rows: list[DemoRow] = []
     names = {}
@@ -230,7 +257,7 @@ def run_demo(
             _check(code, {0}, s)
             seconds[f"{m}-promote"] = s.seconds
             rows.append(_row(m, "full_retrain", out))
-            for d in day_list[TRAIN_DAYS:days - 1]:
+            for d in day_list[TRAIN_DAYS : days - 1]:
                 out = logdir / f"{m}-nightly-{d}.json"
                 with step(f"{m}-nightly-{d}", f"{m}: nightly {d} (warm start, BN check, gate)") as s:
                     code = _attempt(partial(run_nightly, cfg, d, RunOptions(promote=True, summary=str(out))))
@@ -244,16 +271,28 @@ def run_demo(
     uri = f"sqlite:///{root}/mlflow.db"
     _gates(rows, names, uri)
     total = sum(seconds.values())
-    lines = [*summary_lines(rows, uri), f"\ndemo took {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
-             "\nnext:", f"  .venv/bin/mlflow ui --backend-store-uri {uri}      # runs, metrics, plots, versions, aliases"]
+    lines = [
+        *summary_lines(rows, uri),
+        f"\ndemo took {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
+        "\nnext:",
+        f"  .venv/bin/mlflow ui --backend-store-uri {uri}      # runs, metrics, plots, versions, aliases",
+    ]
     if models:
         m = models[0]
-        lines += [f"  .venv/bin/mtrec predict --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion "
-                  f"--out {root}/scores.parquet",
-                  f"  .venv/bin/mtrec nightly --config {configs[m]} --date {day_list[-1]} --promote   # train the last day yourself",
-                  f"  .venv/bin/mtrec bn-check --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion"]
+        lines += [
+            f"  .venv/bin/mtrec predict --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion "
+            f"--out {root}/scores.parquet",
+            f"  .venv/bin/mtrec nightly --config {configs[m]} --date {day_list[-1]} --promote   # train the last day yourself",
+            f"  .venv/bin/mtrec bn-check --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion",
+        ]
     print("\n".join(lines), flush=True)
-    result = {"workdir": str(root), "tracking_uri": uri, "rows": [r.__dict__ for r in rows], "seconds": seconds, "models": names}
+    result = {
+        "workdir": str(root),
+        "tracking_uri": uri,
+        "rows": [r.__dict__ for r in rows],
+        "seconds": seconds,
+        "models": names,
+    }
     (root / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -283,9 +322,18 @@ def _row(model: str, kind: str, summary_json: Path) -> DemoRow:
     s = s[-1] if isinstance(s, list) else s
     ml = s.get("mlflow", {})
     days = s["days"]
-    return DemoRow(model=model, kind=kind, days=days[0] if len(days) == 1 else f"{days[0]}..{days[-1][5:]}", rows=s["rows"],
-                   wall_s=s["wall_s"], rows_per_s=s["rows_per_s"], eval_day=ml.get("eval_day"), metrics=ml.get("metrics") or {},
-                   bn=ml.get("bn", ""), version=str(ml.get("version")) if ml.get("version") else None)
+    return DemoRow(
+        model=model,
+        kind=kind,
+        days=days[0] if len(days) == 1 else f"{days[0]}..{days[-1][5:]}",
+        rows=s["rows"],
+        wall_s=s["wall_s"],
+        rows_per_s=s["rows_per_s"],
+        eval_day=ml.get("eval_day"),
+        metrics=ml.get("metrics") or {},
+        bn=ml.get("bn", ""),
+        version=str(ml.get("version")) if ml.get("version") else None,
+    )
 
 
 def _gates(rows: list[DemoRow], names: dict[str, str], uri: str) -> None:
@@ -299,13 +347,25 @@ def _gates(rows: list[DemoRow], names: dict[str, str], uri: str) -> None:
         tags = client.get_model_version(names[r.model], r.version).tags
         decision = tags.get("mtrec.gate.decision")
         if decision == "promoted":
-            r.gate = "champion (first)" if not tags.get("mtrec.gate.champion") else f"promoted over v{tags['mtrec.gate.champion']}"
+            r.gate = (
+                "champion (first)"
+                if not tags.get("mtrec.gate.champion")
+                else f"promoted over v{tags['mtrec.gate.champion']}"
+            )
         elif decision == "refused":
-            r.gate = f"refused (champion v{tags['mtrec.gate.champion']} stays)" if tags.get("mtrec.gate.champion") else "refused (no champion yet)"
+            r.gate = (
+                f"refused (champion v{tags['mtrec.gate.champion']} stays)"
+                if tags.get("mtrec.gate.champion")
+                else "refused (no champion yet)"
+            )
         else:
             r.gate = "not judged yet"  # a nightly whose next day has no logs yet: the next night's gate judges it
-        if r.exit_code == 5 and not r.gate.startswith("refused"):  # exit 5 without a refusal on record: not the gate saying no
-            raise MtrecError(f"the nightly {r.days} of {r.model} exited 5 but version {r.version} has no refusal recorded; see {r.log}")
+        if r.exit_code == 5 and not r.gate.startswith(
+            "refused"
+        ):  # exit 5 without a refusal on record: not the gate saying no
+            raise MtrecError(
+                f"the nightly {r.days} of {r.model} exited 5 but version {r.version} has no refusal recorded; see {r.log}"
+            )
 
 
 def _fmt(x: float | None) -> str:
@@ -314,15 +374,25 @@ def _fmt(x: float | None) -> str:
 
 def summary_lines(rows: list[DemoRow], uri: str) -> list[str]:
     """The table a person reads: one row per training job."""
-    head = (f"{'model':<6} {'job':<13} {'days':<18} {'rows':>8} {'wall s':>7} {'rows/s':>8}  {'next day':<10} "
-            f"{'ctr AUC':>7} {'cvr AUC':>7} {'ctcvr AUC':>9} {'es-CVR AUC':>10} {'ctr unbiased':>12}  {'BN check':<12} {'v':>2}  gate")
-    out = ["", "summary (AUCs on the day after each job's data; es-CVR: entire-space CVR AUC against the truth;",
-           "         ctr unbiased: CTR AUC against the true relevance, position effect removed)", "", head, "-" * len(head)]
+    head = (
+        f"{'model':<6} {'job':<13} {'days':<18} {'rows':>8} {'wall s':>7} {'rows/s':>8}  {'next day':<10} "
+        f"{'ctr AUC':>7} {'cvr AUC':>7} {'ctcvr AUC':>9} {'es-CVR AUC':>10} {'ctr unbiased':>12}  {'BN check':<12} {'v':>2}  gate"
+    )
+    out = [
+        "",
+        "summary (AUCs on the day after each job's data; es-CVR: entire-space CVR AUC against the truth;",
+        "         ctr unbiased: CTR AUC against the true relevance, position effect removed)",
+        "",
+        head,
+        "-" * len(head),
+    ]
     for r in rows:
         m = r.metrics
-        out.append(f"{r.model:<6} {r.kind:<13} {r.days:<18} {r.rows:>8,} {r.wall_s:>7.1f} {r.rows_per_s:>8,.0f}  {r.eval_day or '-':<10} "
-                   f"{_fmt(m.get('ctr/auc')):>7} {_fmt(m.get('cvr/auc')):>7} {_fmt(m.get('ctcvr/auc')):>9} "
-                   f"{_fmt(m.get('cvr/auc_entire_space')):>10} {_fmt(m.get('ctr/auc_unbiased')):>12}  {r.bn or '-':<12} {r.version or '-':>2}  {r.gate}")
+        out.append(
+            f"{r.model:<6} {r.kind:<13} {r.days:<18} {r.rows:>8,} {r.wall_s:>7.1f} {r.rows_per_s:>8,.0f}  {r.eval_day or '-':<10} "
+            f"{_fmt(m.get('ctr/auc')):>7} {_fmt(m.get('cvr/auc')):>7} {_fmt(m.get('ctcvr/auc')):>9} "
+            f"{_fmt(m.get('cvr/auc_entire_space')):>10} {_fmt(m.get('ctr/auc_unbiased')):>12}  {r.bn or '-':<12} {r.version or '-':>2}  {r.gate}"
+        )
     for model in dict.fromkeys(r.model for r in rows):
         mine = [r for r in rows if r.model == model]
         full, nightly = mine[0], mine[1:]
@@ -330,11 +400,19 @@ def summary_lines(rows: list[DemoRow], uri: str) -> list[str]:
             auc = [r.metrics.get("ctr/auc") for r in mine]
             cost = sum(r.wall_s for r in nightly) / len(nightly)
             trend = " -> ".join(_fmt(a) for a in auc)
-            out.append(f"{model}: next-day ctr AUC {trend}; a nightly day took {cost:.1f}s on average vs {full.wall_s:.1f}s for the "
-                       f"{TRAIN_DAYS}-day full retrain ({cost / max(full.wall_s, 1e-9):.2f}x)")
-            oracle = next((r.metrics.get("cvr/auc_entire_space_oracle") for r in mine if r.metrics.get("cvr/auc_entire_space_oracle")), None)
+            out.append(
+                f"{model}: next-day ctr AUC {trend}; a nightly day took {cost:.1f}s on average vs {full.wall_s:.1f}s for the "
+                f"{TRAIN_DAYS}-day full retrain ({cost / max(full.wall_s, 1e-9):.2f}x)"
+            )
+            oracle = next(
+                (
+                    r.metrics.get("cvr/auc_entire_space_oracle")
+                    for r in mine
+                    if r.metrics.get("cvr/auc_entire_space_oracle")
+                ),
+                None,
+            )
             if oracle:
                 out.append(f"{model}: entire-space CVR AUC ceiling (a model that knew the true CVR): {oracle:.4f}")
     out.append(f"MLflow: {uri}")
     return out
-

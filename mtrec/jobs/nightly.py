@@ -39,8 +39,14 @@ def _fmt_days(days: list[dt.date]) -> str:
     return f"{days[0]} .. {days[-1]} ({len(days)} days)"
 
 
-def plan_nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool = False, catch_up: bool = False,
-                 force: bool = False, gap_hint: str = "or pass --catch-up") -> tuple[list[dt.date], str | None]:
+def plan_nightly(
+    cfg: MtrecConfig,
+    day: dt.date,
+    cold_start: bool = False,
+    catch_up: bool = False,
+    force: bool = False,
+    gap_hint: str = "or pass --catch-up",
+) -> tuple[list[dt.date], str | None]:
     """(days to train in order, the parent checkpoint of the first) for `mtrec nightly --date day`;
     ([], url) when the day is already published and not `force`.
 
@@ -49,23 +55,33 @@ def plan_nightly(cfg: MtrecConfig, day: dt.date, cold_start: bool = False, catch
         ConfigError: `cold_start` and `catch_up` together (one starts fresh, the other fills a gap).
     """
     if cold_start and catch_up:
-        raise ConfigError("--cold-start and --catch-up contradict each other: a cold start ignores earlier days, catching up "
-                          "trains them; pass one")
+        raise ConfigError(
+            "--cold-start and --catch-up contradict each other: a cold start ignores earlier days, catching up "
+            "trains them; pass one"
+        )
     published = checkpoint.published_days(cfg)
     if day in published and not force:
         return [], checkpoint.checkpoint_url(cfg, day)
     earlier = [d for d in published if d < day]
     if cold_start or not earlier:
         if not cold_start:
-            raise CheckpointError(f"no published checkpoint of {cfg.name} before {day} under {checkpoint.checkpoint_root(cfg)}; "
-                                  "pass --cold-start to train this day from a fresh model, or run `mtrec train` over the days before it")
+            raise CheckpointError(
+                f"no published checkpoint of {cfg.name} before {day} under {checkpoint.checkpoint_root(cfg)}; "
+                "pass --cold-start to train this day from a fresh model, or run `mtrec train` over the days before it"
+            )
         return [day], None
     parent = earlier[-1]
-    missing = date_range(parent + dt.timedelta(days=1), day - dt.timedelta(days=1)) if parent < day - dt.timedelta(days=1) else []
+    missing = (
+        date_range(parent + dt.timedelta(days=1), day - dt.timedelta(days=1))
+        if parent < day - dt.timedelta(days=1)
+        else []
+    )
     if missing and not catch_up:
-        raise CheckpointError(f"missing day(s) {_fmt_days(missing)}: {cfg.name} has no published checkpoint for them "
-                              f"(the newest before {day} is dt={parent}); run `mtrec backfill --from {missing[0]} --to {missing[-1]}` "
-                              f"first, {gap_hint}")
+        raise CheckpointError(
+            f"missing day(s) {_fmt_days(missing)}: {cfg.name} has no published checkpoint for them "
+            f"(the newest before {day} is dt={parent}); run `mtrec backfill --from {missing[0]} --to {missing[-1]}` "
+            f"first, {gap_hint}"
+        )
     return [*missing, day], checkpoint.checkpoint_url(cfg, parent)
 
 
@@ -117,7 +133,9 @@ def require_tracking(cfg: MtrecConfig) -> None:
         ConfigError: `tracking.enabled` is false.
     """
     if not cfg.tracking.enabled:
-        raise ConfigError("--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions")
+        raise ConfigError(
+            "--promote needs MLflow tracking (`tracking.enabled: true`): the gate compares registered versions"
+        )
 
 
 def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
@@ -162,8 +180,10 @@ def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary]) -> None:
     version = last.mlflow.get("version")
     require_tracking(cfg)
     if not version:
-        raise ConfigError(f"{last.checkpoint} has no registered version (it was trained without tracking); retrain it with --force "
-                          "to record and register it, or run `mtrec promote --version V` on a registered one")
+        raise ConfigError(
+            f"{last.checkpoint} has no registered version (it was trained without tracking); retrain it with --force "
+            "to record and register it, or run `mtrec promote --version V` on a registered one"
+        )
     try:
         promote(cfg, version=version)
     except GateDeferred as e:
@@ -172,7 +192,9 @@ def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary]) -> None:
         raise e.reworded(f"{last.days[-1]} was trained and published (v{version}), but {e}") from None
 
 
-def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, opts: RunOptions, info: dict) -> list[TrainSummary]:
+def _chain(
+    cfg: MtrecConfig, days: list[dt.date], parent: str | None, opts: RunOptions, info: dict
+) -> list[TrainSummary]:
     """Nightly jobs for `days` in order, each from the previous one's checkpoint; the first failure
     stops the chain with its day named."""
     out = []
@@ -181,7 +203,9 @@ def _chain(cfg: MtrecConfig, days: list[dt.date], parent: str | None, opts: RunO
         try:
             s = run_job(cfg, plan_job(cfg, [d], "nightly", parent, opts.allow_config_change), opts, info)
         except MtrecError as e:
-            done = f" (published before it: {_fmt_days([dt.date.fromisoformat(x.days[-1]) for x in out])})" if out else ""
+            done = (
+                f" (published before it: {_fmt_days([dt.date.fromisoformat(x.days[-1]) for x in out])})" if out else ""
+            )
             raise e.reworded(f"day {d} failed{done}: {e}") from None
         out.append(s)
         parent = s.checkpoint
@@ -240,8 +264,14 @@ def _backfill(cfg: MtrecConfig, days: list[dt.date], todo: list[dt.date], opts: 
                 run.append(todo[i + len(run)])
             # --cold-start is for the range's first day only: a rerun after a failure continues
             # from the last published day instead of starting over
-            _, parent = plan_nightly(cfg, run[0], opts.cold_start and run[0] == days[0], catch_up=False, force=True,
-                                     gap_hint="or start the backfill earlier")
+            _, parent = plan_nightly(
+                cfg,
+                run[0],
+                opts.cold_start and run[0] == days[0],
+                catch_up=False,
+                force=True,
+                gap_hint="or start the backfill earlier",
+            )
             preflight(cfg, [], parent, opts.allow_config_change)
             for s in _chain(cfg, run, parent, opts, info):
                 out[dt.date.fromisoformat(s.days[-1])] = s

@@ -88,37 +88,64 @@ class TrainSummary:
     progress: list[dict] = field(default_factory=list)  # rank 0's progress records
     ray: dict = field(default_factory=dict)
     checkpoint: str = ""  # the published checkpoint (dt=<last day>)
-    mlflow: dict = field(default_factory=dict)  # {"uri", "run_id", "version", "model_uri", "eval_day", "metrics"} (tracking on)
+    mlflow: dict = field(
+        default_factory=dict
+    )  # {"uri", "run_id", "version", "model_uri", "eval_day", "metrics"} (tracking on)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
 
     def lines(self) -> list[str]:
-        per = ", ".join(f"worker {w['rank']}: {w['rows']:,} rows at {w['rows_per_s']:,.0f}/s "
-                        f"({w['wait_s']:.1f}s waiting for data, {w['convert_s']:.1f}s converting)" for w in self.workers)
+        per = ", ".join(
+            f"worker {w['rank']}: {w['rows']:,} rows at {w['rows_per_s']:,.0f}/s "
+            f"({w['wait_s']:.1f}s waiting for data, {w['convert_s']:.1f}s converting)"
+            for w in self.workers
+        )
         tables: dict[int, int] = {}
         for t in self.plan.values():
             for r in t["ranks"]:
                 tables[r] = tables.get(r, 0) + 1
         loss = [p["loss"] for p in self.progress]
-        start = (f"warm start from {self.parent}" if self.parent else "cold start") + (
-            f", resumed at step {self.resumed['step']} ({self.resumed['rows']:,} rows already trained)" if self.resumed else "") + (
-            f", {self.restarts} worker restart(s)" if self.restarts else "")
+        start = (
+            (f"warm start from {self.parent}" if self.parent else "cold start")
+            + (
+                f", resumed at step {self.resumed['step']} ({self.resumed['rows']:,} rows already trained)"
+                if self.resumed
+                else ""
+            )
+            + (f", {self.restarts} worker restart(s)" if self.restarts else "")
+        )
         return [
             f"trained {self.rows:,} rows of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
             f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, {self.wall_s:.1f}s wall",
             f"  {self.kind}: {start}",
-            *([f"  sampling: {sum(w.get('sampled_rows', 0) for w in self.workers):,} rows trained after sampling "
-               f"(negative_rate / positive_repeat in train.sampling)"]
-              if any(w.get("sampled_rows", w["rows"]) != w["rows"] for w in self.workers) else []),
+            *(
+                [
+                    f"  sampling: {sum(w.get('sampled_rows', 0) for w in self.workers):,} rows trained after sampling "
+                    f"(negative_rate / positive_repeat in train.sampling)"
+                ]
+                if any(w.get("sampled_rows", w["rows"]) != w["rows"] for w in self.workers)
+                else []
+            ),
             f"  {per}",
             f"  embedding shards per worker: {', '.join(f'worker {r}: {n} tables' for r, n in sorted(tables.items()))}",
             f"  loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "  loss: no batches",
             f"  checkpoint: {self.checkpoint}",
-            *([f"  mlflow: run {self.mlflow['run_id']}, version {self.mlflow.get('version')} (alias challenger) in {self.mlflow['uri']}"
-               + (f"; on {self.mlflow['eval_day']}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.mlflow["metrics"].items()
-                                                                  if k in self.mlflow["gate"])
-                  if self.mlflow.get("eval_day") else "; no next-day logs to evaluate on yet")] if self.mlflow.get("run_id") else []),
+            *(
+                [
+                    f"  mlflow: run {self.mlflow['run_id']}, version {self.mlflow.get('version')} (alias challenger) in {self.mlflow['uri']}"
+                    + (
+                        f"; on {self.mlflow['eval_day']}: "
+                        + ", ".join(
+                            f"{k} {v:.4f}" for k, v in self.mlflow["metrics"].items() if k in self.mlflow["gate"]
+                        )
+                        if self.mlflow.get("eval_day")
+                        else "; no next-day logs to evaluate on yet"
+                    )
+                ]
+                if self.mlflow.get("run_id")
+                else []
+            ),
             "  timeline (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()),
         ]
 
@@ -130,7 +157,11 @@ def write_summary(summary: TrainSummary | list[TrainSummary], url: str) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "w") as fh:
-        fh.write(summary.to_json() if isinstance(summary, TrainSummary) else json.dumps([asdict(s) for s in summary], indent=2, default=str))
+        fh.write(
+            summary.to_json()
+            if isinstance(summary, TrainSummary)
+            else json.dumps([asdict(s) for s in summary], indent=2, default=str)
+        )
 
 
 def report(summaries: list[TrainSummary], path: str | None) -> None:

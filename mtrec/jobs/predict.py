@@ -45,10 +45,14 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str) -> dic
     for f, schema in zip(files, schemas, strict=True):
         missing = [c for c in served.columns if c not in schema.names]
         if missing:
-            raise DataValidationError(f"{f.url} lacks feature column(s) {', '.join(missing)} that {model_uri} reads; "
-                                      "score logs written under the model's data contract")
+            raise DataValidationError(
+                f"{f.url} lacks feature column(s) {', '.join(missing)} that {model_uri} reads; "
+                "score logs written under the model's data contract"
+            )
     has_row_id = all("row_id" in s.names for s in schemas)
-    id_fields = [pa.field("row_id", pa.int64())] if has_row_id else [pa.field("file", pa.string()), pa.field("row", pa.int64())]
+    id_fields = (
+        [pa.field("row_id", pa.int64())] if has_row_id else [pa.field("file", pa.string()), pa.field("row", pa.int64())]
+    )
     schema = pa.schema(id_fields + [pa.field(k, pa.float32()) for k in served.outputs])
     fs, path = filesystem(out)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -64,9 +68,17 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str) -> dic
                 for rb in iter_file_batches(f, columns=cols):
                     scores = served.predict(rb)
                     n = rb.num_rows
-                    ids = [rb.column("row_id").cast(pa.int64())] if has_row_id else [
-                        pa.array([f.name] * n, pa.string()), pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64))]
-                    writer.write_table(pa.Table.from_arrays(ids + [pa.array(scores[k]) for k in served.outputs], schema=schema))
+                    ids = (
+                        [rb.column("row_id").cast(pa.int64())]
+                        if has_row_id
+                        else [
+                            pa.array([f.name] * n, pa.string()),
+                            pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64)),
+                        ]
+                    )
+                    writer.write_table(
+                        pa.Table.from_arrays(ids + [pa.array(scores[k]) for k in served.outputs], schema=schema)
+                    )
                     ordinal += n
                     rows += n
                 log.info(f"  scored {f.name}: {ordinal:,} rows")

@@ -61,7 +61,12 @@ def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile], done: dict | None
 
     items = [{"index": i, "url": f.url, "name": f.name, "size": f.size} for i, f in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
-    return ds.map_batches(read_good_rows, fn_kwargs={"spec": cfg.spec.model_dump(mode="json"), "done": done}, batch_size=1, batch_format="pyarrow")
+    return ds.map_batches(
+        read_good_rows,
+        fn_kwargs={"spec": cfg.spec.model_dump(mode="json"), "done": done},
+        batch_size=1,
+        batch_format="pyarrow",
+    )
 
 
 def _exact_split_config(buffer_bytes: int):
@@ -77,11 +82,14 @@ def _exact_split_config(buffer_bytes: int):
             out = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                opts = copy.deepcopy(self.default_ingest_options())  # the current DataContext's options, a copy: changed below
+                opts = copy.deepcopy(
+                    self.default_ingest_options()
+                )  # the current DataContext's options, a copy: changed below
                 opts.preserve_order = True  # file order: reproducible runs
                 r = opts.resource_limits
-                opts.resource_limits = ExecutionResources(cpu=r.cpu, gpu=r.gpu, memory=r.memory,
-                                                          object_store_memory=min(r.object_store_memory, buffer_bytes))
+                opts.resource_limits = ExecutionResources(
+                    cpu=r.cpu, gpu=r.gpu, memory=r.memory, object_store_memory=min(r.object_store_memory, buffer_bytes)
+                )
                 ds.context.execution_options = opts
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
                     out[i][name] = split
@@ -109,7 +117,10 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
             return cause
     if not failures:
         cause = _root(getattr(err, "controller_failure", err))
-        return MtrecError(f"training failed in Ray Train's controller: {first_line(cause, typed=True)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)")
+        return MtrecError(
+            f"training failed in Ray Train's controller: {first_line(cause, typed=True)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)"
+        )
+
     def died(exc: BaseException) -> bool:  # the process is gone (killed, OOM, node lost), not a Python error
         return any(k in type(_root(exc)).__name__ for k in ("HealthCheck", "ActorDied", "WorkerCrashed", "NodeDied"))
 
@@ -118,7 +129,11 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
         w = workers.get(rank, {})
         where = f"worker {rank}" + (f" (node {w['node']}, pid {w['pid']})" if w else "")
         parts.append(f"{where}{' died' if died(exc) else ''}: {first_line(_root(exc), typed=True)}")
-    return MtrecError("training failed: " + "; then ".join(parts) + "; nothing was published, rerun the job (see the Ray logs for the traceback)")
+    return MtrecError(
+        "training failed: "
+        + "; then ".join(parts)
+        + "; nothing was published, rerun the job (see the Ray logs for the traceback)"
+    )
 
 
 def _root(exc: BaseException) -> BaseException:
@@ -132,18 +147,32 @@ def _root(exc: BaseException) -> BaseException:
     return exc
 
 
-def job_id(cfg: MtrecConfig, kind: str, days: list[dt.date], parent: str | None, parent_manifest: dict | None,
-           files: list[DataFile]) -> str:
+def job_id(
+    cfg: MtrecConfig,
+    kind: str,
+    days: list[dt.date],
+    parent: str | None,
+    parent_manifest: dict | None,
+    files: list[DataFile],
+) -> str:
     """What makes two runs the same job (so one may resume the other's intra-day checkpoint): the
     kind, days, parent checkpoint (and when it was written), the files (URL and size) and the
     config hashes."""
-    key = {"kind": kind, "days": [d.isoformat() for d in days], "parent": parent,
-           "parent_created": (parent_manifest or {}).get("created_at"), "files": [[f.url, f.size] for f in files],
-           "model": cfg.fingerprint(), "training": cfg.training_fingerprint()}
+    key = {
+        "kind": kind,
+        "days": [d.isoformat() for d in days],
+        "parent": parent,
+        "parent_created": (parent_manifest or {}).get("created_at"),
+        "files": [[f.url, f.size] for f in files],
+        "model": cfg.fingerprint(),
+        "training": cfg.training_fingerprint(),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def preflight(cfg: MtrecConfig, days: list[dt.date], parent: str | None = None, allow_config_change: bool = False) -> None:
+def preflight(
+    cfg: MtrecConfig, days: list[dt.date], parent: str | None = None, allow_config_change: bool = False
+) -> None:
     """The cheap checks of a training job, before Ray starts: each day has files with rows and
     the config's columns (footers only), and the parent checkpoint is published and fits.
 
@@ -158,7 +187,9 @@ def preflight(cfg: MtrecConfig, days: list[dt.date], parent: str | None = None, 
         checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
 
 
-def plan_job(cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | None, allow_config_change: bool = False) -> JobPlan:
+def plan_job(
+    cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | None, allow_config_change: bool = False
+) -> JobPlan:
     """Validate `days` (quarantine, threshold), check the parent, and find what an unfinished
     earlier run of the same job already trained (its newest intra-day checkpoint).
 
@@ -183,21 +214,46 @@ def plan_job(cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | Non
     partial = checkpoint.latest_partial(cfg, end)
     if partial and partial[1].get("job_id") == jid:
         done = Position.from_json(partial[1]["position"])  # read less; the workers skip by the newest one
-        log.info(f"resuming from intra-day checkpoint {partial[0]}: step {partial[1]['step']}, "
-                 f"{done.rows:,} of {sum(r.good_rows for r in reports):,} rows already trained")
+        log.info(
+            f"resuming from intra-day checkpoint {partial[0]}: step {partial[1]['step']}, "
+            f"{done.rows:,} of {sum(r.good_rows for r in reports):,} rows already trained"
+        )
     elif partial:
-        log.info(f"discarding intra-day checkpoints of another job (other data, parent or settings) under {checkpoint.partial_root(cfg, end)}")
+        log.info(
+            f"discarding intra-day checkpoints of another job (other data, parent or settings) under {checkpoint.partial_root(cfg, end)}"
+        )
         checkpoint.prune_partials(cfg, end)
     for line in checkpoint.recover_staging(cfg, end):  # a driver that died between staging and publishing
         log.info(line)
-    manifest = {**checkpoint.spec_manifest(cfg), "date": end.isoformat(), "kind": kind, "days": [d.isoformat() for d in days],
-                "parent": parent, "parent_date": (parent_manifest or {}).get("date"), "parent_run_id": (parent_manifest or {}).get("mlflow_run_id"),
-                "job_id": jid, "config_fingerprint": cfg.fingerprint(), "training_fingerprint": cfg.training_fingerprint(),
-                "config": cfg.model_dump(mode="json"), "input_rows": sum(r.input_rows for r in reports),
-                "quarantined_rows": sum(r.bad_rows for r in reports), "files": [{"url": f.url, "size": f.size} for f in files],
-                "mtrec_version": __version__}
-    return JobPlan(kind=kind, days=days, parent=parent, files=files, reports=reports, job_id=jid, done=done,
-                   staged=checkpoint.staging_url(cfg, end), checkpoint=checkpoint.checkpoint_url(cfg, end), manifest=manifest)
+    manifest = {
+        **checkpoint.spec_manifest(cfg),
+        "date": end.isoformat(),
+        "kind": kind,
+        "days": [d.isoformat() for d in days],
+        "parent": parent,
+        "parent_date": (parent_manifest or {}).get("date"),
+        "parent_run_id": (parent_manifest or {}).get("mlflow_run_id"),
+        "job_id": jid,
+        "config_fingerprint": cfg.fingerprint(),
+        "training_fingerprint": cfg.training_fingerprint(),
+        "config": cfg.model_dump(mode="json"),
+        "input_rows": sum(r.input_rows for r in reports),
+        "quarantined_rows": sum(r.bad_rows for r in reports),
+        "files": [{"url": f.url, "size": f.size} for f in files],
+        "mtrec_version": __version__,
+    }
+    return JobPlan(
+        kind=kind,
+        days=days,
+        parent=parent,
+        files=files,
+        reports=reports,
+        job_id=jid,
+        done=done,
+        staged=checkpoint.staging_url(cfg, end),
+        checkpoint=checkpoint.checkpoint_url(cfg, end),
+        manifest=manifest,
+    )
 
 
 def run_job(cfg: MtrecConfig, plan: JobPlan, opts: RunOptions, ray_info: dict | None = None) -> TrainSummary:
@@ -223,10 +279,18 @@ class _Job:
     def __init__(self, cfg: MtrecConfig, plan: JobPlan, opts: RunOptions, ray_info: dict):
         self.cfg, self.plan, self.opts = cfg, plan, opts
         self.t_job, self.t_epoch = time.perf_counter(), time.time()
-        self.summary = TrainSummary(model=cfg.name, days=[d.isoformat() for d in plan.days], world_size=cfg.train.num_workers,
-                                    kind=plan.kind, parent=plan.parent, ray=ray_info, checkpoint=plan.checkpoint,
-                                    input_rows=plan.manifest["input_rows"], quarantined_rows=plan.manifest["quarantined_rows"],
-                                    expected_rows=plan.expected_rows)
+        self.summary = TrainSummary(
+            model=cfg.name,
+            days=[d.isoformat() for d in plan.days],
+            world_size=cfg.train.num_workers,
+            kind=plan.kind,
+            parent=plan.parent,
+            ray=ray_info,
+            checkpoint=plan.checkpoint,
+            input_rows=plan.manifest["input_rows"],
+            quarantined_rows=plan.manifest["quarantined_rows"],
+            expected_rows=plan.expected_rows,
+        )
         self.manifest = dict(plan.manifest)
         self.tracker, self.run_id = None, None
         self.published = False
@@ -243,9 +307,16 @@ class _Job:
 
                 self.tracker = Tracker(cfg)
                 # a published day's run is complete (only its registration may lag): a failure after the publish leaves it RUNNING
-                self.run_id = tracked.enter_context(self.tracker.job_run(
-                    plan.kind, plan.days, plan.checkpoint, plan.parent, self.manifest.get("parent_run_id"),
-                    keep_open=lambda: self.published))
+                self.run_id = tracked.enter_context(
+                    self.tracker.job_run(
+                        plan.kind,
+                        plan.days,
+                        plan.checkpoint,
+                        plan.parent,
+                        self.manifest.get("parent_run_id"),
+                        keep_open=lambda: self.published,
+                    )
+                )
                 self.manifest.update(mlflow_run_id=self.run_id, tracking_uri=self.tracker.uri)
                 self.summary.mlflow = {"uri": self.tracker.uri, "run_id": self.run_id}
                 log.info(f"mlflow: run {self.run_id} in experiment {cfg.name} at {self.tracker.uri}")
@@ -277,9 +348,18 @@ class _Job:
 
         cfg, plan, summary = self.cfg, self.plan, self.summary
         collector = RunCollector.remote()
-        trainer = _trainer(cfg, plan, self.manifest, self.opts, collector, use_gpu=summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0)
-        log.info(f"training {cfg.name} on {summary.expected_rows - plan.done.rows:,} rows with {cfg.train.num_workers} worker(s), "
-                 f"batch {cfg.train.batch_size}")
+        trainer = _trainer(
+            cfg,
+            plan,
+            self.manifest,
+            self.opts,
+            collector,
+            use_gpu=summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0,
+        )
+        log.info(
+            f"training {cfg.name} on {summary.expected_rows - plan.done.rows:,} rows with {cfg.train.num_workers} worker(s), "
+            f"batch {cfg.train.batch_size}"
+        )
         outcome: dict = {}
         self.mark("validated")
         thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
@@ -305,8 +385,11 @@ class _Job:
         summary.restarts = max(snap["attempts"] - 1, 0)
         summary.resumed = snap["starts"][0] if snap["starts"] and (not summary.restarts or plan.done.rows) else None
         if "error" in outcome or snap["result"] is None:
-            err = worker_failure(outcome["error"], snap["workers"]) if "error" in outcome else \
-                MtrecError("training ended without a result from worker 0; see the Ray logs")
+            err = (
+                worker_failure(outcome["error"], snap["workers"])
+                if "error" in outcome
+                else MtrecError("training ended without a result from worker 0; see the Ray logs")
+            )
             raise self._fail(err) from None
         summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in snap["result"]["workers"]]
         summary.plan = snap["result"]["plan"]
@@ -324,10 +407,23 @@ class _Job:
         try:
             if self.tracking_error is not None:
                 raise self.tracking_error
-            self.summary.mlflow.update(record_job(self.tracker, self.run_id, self.cfg, self.plan.staged, self.manifest, self.summary,
-                                                  self.plan.reports))
+            self.summary.mlflow.update(
+                record_job(
+                    self.tracker,
+                    self.run_id,
+                    self.cfg,
+                    self.plan.staged,
+                    self.manifest,
+                    self.summary,
+                    self.plan.reports,
+                )
+            )
         except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
-            err = e if isinstance(e, MtrecError) else TrackingError(f"recording run {self.run_id} failed: {first_line(e, typed=True)}")
+            err = (
+                e
+                if isinstance(e, MtrecError)
+                else TrackingError(f"recording run {self.run_id} failed: {first_line(e, typed=True)}")
+            )
             raise self._fail(err, "; the day was trained but nothing was published") from None
         self.mark("recorded")
 
@@ -352,10 +448,14 @@ class _Job:
             return
         url, run_id = self.plan.checkpoint, self.run_id
         try:
-            self.summary.mlflow["version"] = self.tracker.register(run_id, self.summary.mlflow["model_uri"], url, self.plan.end)
+            self.summary.mlflow["version"] = self.tracker.register(
+                run_id, self.summary.mlflow["model_uri"], url, self.plan.end
+            )
         except MtrecError as e:
-            raise e.reworded(f"{e}; {url} is published and run {run_id} recorded, but its registration did not "
-                             "complete: rerun the same command once MLflow is back, it completes it without retraining") from None
+            raise e.reworded(
+                f"{e}; {url} is published and run {run_id} recorded, but its registration did not "
+                "complete: rerun the same command once MLflow is back, it completes it without retraining"
+            ) from None
         log.info(f"registered version {self.summary.mlflow['version']} of {self.cfg.name} (alias challenger)")
         self.mark("registered")
 
@@ -367,20 +467,37 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
 
     from mtrec.train.worker import WorkerJob, train_loop_per_worker
 
-    job = WorkerJob(cfg=cfg.model_dump(mode="json"), id=plan.job_id, run=plan.run, day=plan.end.isoformat(), parent=plan.parent,
-                    staging=plan.staged, expected_rows=plan.expected_rows, allow_config_change=opts.allow_config_change,
-                    manifest=manifest, collector=collector, log_every=opts.log_every, kill=os.environ.get("MTREC_KILL_WORKER"))
+    job = WorkerJob(
+        cfg=cfg.model_dump(mode="json"),
+        id=plan.job_id,
+        run=plan.run,
+        day=plan.end.isoformat(),
+        parent=plan.parent,
+        staging=plan.staged,
+        expected_rows=plan.expected_rows,
+        allow_config_change=opts.allow_config_change,
+        manifest=manifest,
+        collector=collector,
+        log_every=opts.log_every,
+        kill=os.environ.get("MTREC_KILL_WORKER"),
+    )
     return trainer_class()(
         train_loop_per_worker,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-                                     placement_strategy=cfg.train.placement.value.upper()),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement.value.upper(),
+        ),
         datasets={"train": good_rows_dataset(cfg, plan.files, plan.done.to_json() if plan.done.intervals else None)},
         dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
-        run_config=RunConfig(name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}", storage_path=_storage(cfg),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        run_config=RunConfig(
+            name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}",
+            storage_path=_storage(cfg),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
     )
 
 
@@ -399,8 +516,15 @@ def already_published(cfg: MtrecConfig, days: list[dt.date], kind: str) -> Train
     registered now if an earlier run's registration did not complete."""
     url = checkpoint.checkpoint_url(cfg, days[-1])
     version = ensure_registered(cfg, url)
-    return TrainSummary(model=cfg.name, days=[d.isoformat() for d in days], world_size=cfg.train.num_workers, kind=kind,
-                        skipped=True, checkpoint=url, mlflow={"version": version} if version else {})
+    return TrainSummary(
+        model=cfg.name,
+        days=[d.isoformat() for d in days],
+        world_size=cfg.train.num_workers,
+        kind=kind,
+        skipped=True,
+        checkpoint=url,
+        mlflow={"version": version} if version else {},
+    )
 
 
 def _fit(trainer, outcome: dict) -> None:

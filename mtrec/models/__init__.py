@@ -22,7 +22,9 @@ from mtrec.models.shared_bottom import SharedBottom
 from mtrec.spec import ModelSpec
 
 
-def build_model(spec: ModelSpec, device: torch.device | str = "meta", score_offsets: dict[str, float] | None = None) -> MultiTaskModel:
+def build_model(
+    spec: ModelSpec, device: torch.device | str = "meta", score_offsets: dict[str, float] | None = None
+) -> MultiTaskModel:
     """The spec's model (its architecture's `model_class`); embedding tables on `device`, dense
     layers on CPU. `score_offsets`: per task, the log-odds training-time sampling added, taken
     off when scoring (`MtrecConfig.score_offsets()`; see mtrec/models/base.py)."""

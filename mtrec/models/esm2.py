@@ -32,7 +32,9 @@ class ESM2(MultiTaskModel):
         others = [t for t in spec.tasks if t.given == dar.given and t.name != dar.name and self.binary[t.name]]
         self.ctr_task, self.buy_task = dar.given, others[0].name
         heads = [n for n in self.task_names if n != self.buy_task] + [BUY_AFTER_D, BUY_AFTER_O]
-        self.towers = nn.ModuleDict({n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in heads})
+        self.towers = nn.ModuleDict(
+            {n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in heads}
+        )
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: tower(x) for n, tower in self.towers.items()}

@@ -21,7 +21,9 @@ class ESMM(MultiTaskModel):
     def __init__(self, spec: ModelSpec, device: torch.device):
         super().__init__(spec, device)
         m = spec.model
-        self.towers = nn.ModuleDict({n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
+        self.towers = nn.ModuleDict(
+            {n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names}
+        )
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: tower(x) for n, tower in self.towers.items()}

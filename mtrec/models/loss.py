@@ -37,12 +37,20 @@ class MultiTaskTrain(nn.Module):
         super().__init__()
         self.model = model
         self.specs = [
-            (t.name, t.label, spec.label_kind(t) == LabelKind.BINARY, t.log1p, t.weight,
-             None if t.given is None else (spec.task(t.given).label, t.joint_name))
+            (
+                t.name,
+                t.label,
+                spec.label_kind(t) == LabelKind.BINARY,
+                t.log1p,
+                t.weight,
+                None if t.given is None else (spec.task(t.given).label, t.joint_name),
+            )
             for t in spec.tasks
         ]
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    def forward(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         out = self.model(batch)
         labels = batch.labels
         total = torch.zeros((), device=batch.dense.device)
@@ -59,7 +67,9 @@ class MultiTaskTrain(nn.Module):
             else:
                 mask = labels[given[0]] > 0
                 logit = out[f"{name}_logit"]
-                loss = (F.binary_cross_entropy_with_logits(logit[mask], y[mask], reduction="sum") / mask.sum().clamp(min=1))
+                loss = F.binary_cross_entropy_with_logits(logit[mask], y[mask], reduction="sum") / mask.sum().clamp(
+                    min=1
+                )
             losses[name] = loss.detach()
             total = total + weight * loss
         return total, (losses, out, labels)

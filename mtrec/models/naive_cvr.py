@@ -26,10 +26,17 @@ class NaiveCVR(MultiTaskModel):
         m = spec.model
         self.conditional = [t.name for t in spec.tasks if t.given is not None]
         self.cvr_sparse_arch = SparseArch(spec.features, device)  # not shared with the CTR side
-        self.towers = nn.ModuleDict({
-            n: Tower((self.cvr_sparse_arch if n in self.conditional else self.sparse_arch).out_dim, m.tower, m.batch_norm, m.dropout)
-            for n in self.task_names
-        })
+        self.towers = nn.ModuleDict(
+            {
+                n: Tower(
+                    (self.cvr_sparse_arch if n in self.conditional else self.sparse_arch).out_dim,
+                    m.tower,
+                    m.batch_norm,
+                    m.dropout,
+                )
+                for n in self.task_names
+            }
+        )
 
     def features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sparse_arch(batch.sparse, batch.dense), self.cvr_sparse_arch(batch.sparse, batch.dense)

@@ -28,7 +28,9 @@ class ExtractionLevel(nn.Module):
         self.shared_gate = None if last else Gate(in_dim, len(tasks) * m.task_experts + m.shared_experts)
         self.out_dim = self.shared_experts[0].out_dim
 
-    def forward(self, inputs: dict[str, torch.Tensor], shared: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def forward(
+        self, inputs: dict[str, torch.Tensor], shared: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         s = [e(shared) for e in self.shared_experts]
         own = {t: [e(inputs[t]) for e in self.task_experts[t]] for t in self.tasks}
         outs = {t: self.gates[t](inputs[t], torch.stack(own[t] + s, dim=1)) for t in self.tasks}

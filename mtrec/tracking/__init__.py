@@ -51,12 +51,26 @@ if TYPE_CHECKING:
     from mtrec.tracking.record import day_trend, example_rows, record_bn, record_job
 
 _LAZY = {
-    "CHALLENGER": "client", "CHAMPION": "client", "Tracker": "client", "VersionInfo": "client", "flatten": "client",
-    "quiet_mlflow": "client", "tracking_uri": "client",
-    "GateDecision": "gate", "compare": "gate", "gate_slice": "gate", "models_uri": "gate", "promote": "gate", "seen_until": "gate",
+    "CHALLENGER": "client",
+    "CHAMPION": "client",
+    "Tracker": "client",
+    "VersionInfo": "client",
+    "flatten": "client",
+    "quiet_mlflow": "client",
+    "tracking_uri": "client",
+    "GateDecision": "gate",
+    "compare": "gate",
+    "gate_slice": "gate",
+    "models_uri": "gate",
+    "promote": "gate",
+    "seen_until": "gate",
     # the code MLflow keeps with a logged model may read `from mtrec.tracking import MtrecPyfunc`
-    "MtrecPyfunc": "pyfunc", "load_served": "pyfunc",
-    "day_trend": "record", "example_rows": "record", "record_bn": "record", "record_job": "record",
+    "MtrecPyfunc": "pyfunc",
+    "load_served": "pyfunc",
+    "day_trend": "record",
+    "example_rows": "record",
+    "record_bn": "record",
+    "record_job": "record",
 }
 
 
@@ -70,6 +84,24 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["CHALLENGER", "CHAMPION", "GateDecision", "MtrecPyfunc", "Tracker", "VersionInfo", "compare", "day_trend", "example_rows",
-           "flatten", "gate_slice", "load_served", "models_uri", "promote", "quiet_mlflow", "record_bn", "record_job", "seen_until",
-           "tracking_uri"]
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "GateDecision",
+    "MtrecPyfunc",
+    "Tracker",
+    "VersionInfo",
+    "compare",
+    "day_trend",
+    "example_rows",
+    "flatten",
+    "gate_slice",
+    "load_served",
+    "models_uri",
+    "promote",
+    "quiet_mlflow",
+    "record_bn",
+    "record_job",
+    "seen_until",
+    "tracking_uri",
+]

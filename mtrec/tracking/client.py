@@ -48,7 +48,19 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT = "model"
 _RETRY_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-_SERVING_DISTS = ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "fsspec", "mlflow")
+_SERVING_DISTS = (
+    "torch",
+    "torchrec",
+    "fbgemm-gpu-cpu",
+    "fbgemm-gpu",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pydantic",
+    "pyyaml",
+    "fsspec",
+    "mlflow",
+)
 
 
 def tracking_uri(cfg: MtrecConfig) -> str:
@@ -58,8 +70,10 @@ def tracking_uri(cfg: MtrecConfig) -> str:
         return uri
     workdir = cfg.job.workdir
     if not is_local(workdir):
-        raise ConfigError(f"the embedded MLflow store is a sqlite file in the workdir, and {workdir} is not a local path; "
-                          "set `tracking.uri` (or MLFLOW_TRACKING_URI) to an MLflow server, or `tracking.enabled: false`")
+        raise ConfigError(
+            f"the embedded MLflow store is a sqlite file in the workdir, and {workdir} is not a local path; "
+            "set `tracking.uri` (or MLFLOW_TRACKING_URI) to an MLflow server, or `tracking.enabled: false`"
+        )
     path = Path(local_path(workdir)).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}/mlflow.db"
@@ -92,8 +106,11 @@ def _transient(e: BaseException) -> bool:
         # exception ..." and a non-JSON 5xx as "... failed with error code 5xx"; INTERNAL_ERROR alone
         # is also what any locally raised MlflowException carries, so it is not a reason to retry
         text = str(e)
-        return (e.error_code in _RETRY_CODES or ("API request to" in text and "failed with exception" in text)
-                or re.search(r"error code 5\d\d", text) is not None)
+        return (
+            e.error_code in _RETRY_CODES
+            or ("API request to" in text and "failed with exception" in text)
+            or re.search(r"error code 5\d\d", text) is not None
+        )
     if type(e).__name__ == "OperationalError":  # sqlalchemy: sqlite locked / unreachable database
         return True
     return isinstance(e, requests.exceptions.HTTPError) and e.response is not None and e.response.status_code >= 500
@@ -104,8 +121,8 @@ def _absent(e: BaseException) -> bool:
     if not isinstance(e, MlflowException):
         return False
     return e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-        e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e))
-
+        e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e)
+    )
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -173,16 +190,22 @@ class Tracker:
                 return None
             if not _transient(e):
                 raise TrackingError(f"MLflow at {self.uri} refused {what}: {first_line(e, limit=240)}") from None
-            raise TrackingError(f"MLflow at {self.uri} is unreachable: {what} failed {tries} time(s) over "
-                                f"{time.monotonic() - t0:.0f}s ({first_line(e, limit=240)}); check that the tracking server is up "
-                                "and that tracking.uri / MLFLOW_TRACKING_URI point at it") from None
+            raise TrackingError(
+                f"MLflow at {self.uri} is unreachable: {what} failed {tries} time(s) over "
+                f"{time.monotonic() - t0:.0f}s ({first_line(e, limit=240)}); check that the tracking server is up "
+                "and that tracking.uri / MLFLOW_TRACKING_URI point at it"
+            ) from None
 
     def experiment_id(self) -> str:
         if self._experiment is None:
             exp = self.call("reading the experiment", self.client.get_experiment_by_name, self.name)
             if exp is None:
-                exp_id = self.call("creating the experiment", self.client.create_experiment, self.name,
-                                   artifact_location=_artifact_root(self.cfg, self.uri))
+                exp_id = self.call(
+                    "creating the experiment",
+                    self.client.create_experiment,
+                    self.name,
+                    artifact_location=_artifact_root(self.cfg, self.uri),
+                )
             else:
                 exp_id = exp.experiment_id
             self._experiment = exp_id
@@ -190,8 +213,15 @@ class Tracker:
 
     # ---- one run per job --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def job_run(self, kind: str, days: list[dt.date], checkpoint_url: str, parent: str | None = None,
-                parent_run_id: str | None = None, keep_open: Callable[[], bool] | None = None) -> Iterator[str]:
+    def job_run(
+        self,
+        kind: str,
+        days: list[dt.date],
+        checkpoint_url: str,
+        parent: str | None = None,
+        parent_run_id: str | None = None,
+        keep_open: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
         """The job's run for the block: opened with its tags (`start_run`: MLflow down fails the
         job here, before its work), its id yielded, marked FAILED when the block raises, unless
         `keep_open()` then says the run is complete (a training job's published checkpoint: only
@@ -205,41 +235,58 @@ class Tracker:
                 self.fail_run(run_id)
             raise
 
-    def start_run(self, kind: str, days: list[dt.date], checkpoint_url: str, parent: str | None,
-                  parent_run_id: str | None) -> str:
+    def start_run(
+        self, kind: str, days: list[dt.date], checkpoint_url: str, parent: str | None, parent_run_id: str | None
+    ) -> str:
         """Open the job's run (status RUNNING) with its tags (the parent checkpoint and its run); returns the run id."""
-        tags = {"mtrec.date": days[-1].isoformat(), "mtrec.first_day": days[0].isoformat(), "mtrec.kind": kind,
-                "mtrec.checkpoint": checkpoint_url, "mtrec.parent_checkpoint": parent or "",
-                "mtrec.parent_run_id": parent_run_id or "", "mtrec.version": __version__,
-                "mtrec.git": _git_commit(), "mlflow.runName": f"{kind} {days[0]}" + (f"..{days[-1]}" if len(days) > 1 else "")}
-        stale = self.call("searching unfinished runs", self.client.search_runs, [self.experiment_id()],
-                          f"attributes.status = 'RUNNING' and tags.`mtrec.date` = '{days[-1]}' and tags.`mtrec.kind` = '{kind}'")
+        tags = {
+            "mtrec.date": days[-1].isoformat(),
+            "mtrec.first_day": days[0].isoformat(),
+            "mtrec.kind": kind,
+            "mtrec.checkpoint": checkpoint_url,
+            "mtrec.parent_checkpoint": parent or "",
+            "mtrec.parent_run_id": parent_run_id or "",
+            "mtrec.version": __version__,
+            "mtrec.git": _git_commit(),
+            "mlflow.runName": f"{kind} {days[0]}" + (f"..{days[-1]}" if len(days) > 1 else ""),
+        }
+        stale = self.call(
+            "searching unfinished runs",
+            self.client.search_runs,
+            [self.experiment_id()],
+            f"attributes.status = 'RUNNING' and tags.`mtrec.date` = '{days[-1]}' and tags.`mtrec.kind` = '{kind}'",
+        )
         for r in stale:  # a job killed (or cut off from MLflow) before it could mark its run FAILED
             self.call("closing a stale run", self.client.set_terminated, r.info.run_id, "FAILED")
-            log.info("mlflow: marked run %s of an earlier, unfinished %s job for %s FAILED", r.info.run_id, kind, days[-1])
+            log.info(
+                "mlflow: marked run %s of an earlier, unfinished %s job for %s FAILED", r.info.run_id, kind, days[-1]
+            )
         run = self.call("starting the run", self.client.create_run, self.experiment_id(), tags=tags)
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.call("logging params", self.client.log_batch, run_id, params=items[i:i + 100])
+            self.call("logging params", self.client.log_batch, run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
         for i in range(0, len(items), 1000):
-            self.call("logging metrics", self.client.log_batch, run_id, metrics=items[i:i + 1000])
+            self.call("logging metrics", self.client.log_batch, run_id, metrics=items[i : i + 1000])
 
     def log_progress(self, run_id: str, records: list[dict]) -> None:
         """Rank 0's progress records as per-step training metrics."""
         now = int(time.time() * 1000)
         items = []
         for r in records:
-            items += [Metric("train/loss", r["loss"], now, r["step"]), Metric("train/rows_per_s", r["rows_per_s"], now, r["step"])]
+            items += [
+                Metric("train/loss", r["loss"], now, r["step"]),
+                Metric("train/rows_per_s", r["rows_per_s"], now, r["step"]),
+            ]
             items += [Metric(f"train/loss/{t}", v, now, r["step"]) for t, v in (r.get("task_losses") or {}).items()]
         for i in range(0, len(items), 1000):
-            self.call("logging training metrics", self.client.log_batch, run_id, metrics=items[i:i + 1000])
+            self.call("logging training metrics", self.client.log_batch, run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.call("tagging the run", self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -266,10 +313,20 @@ class Tracker:
             signature = infer_signature(example, served.predict_pandas(example))
 
             def log() -> str:  # Model.log with run_id: no fluent active run (whose exit would end the run)
-                mlflow.set_experiment(experiment_id=self.experiment_id())  # the logged model's home (default: experiment 0, ./mlruns)
-                info = Model.log(artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pyfunc, run_id=run_id,
-                                 python_model=MODEL_CODE, artifacts={"served": tmp},
-                                 signature=signature, input_example=example, pip_requirements=_requirements())
+                mlflow.set_experiment(
+                    experiment_id=self.experiment_id()
+                )  # the logged model's home (default: experiment 0, ./mlruns)
+                info = Model.log(
+                    artifact_path=None,
+                    name=MODEL_ARTIFACT,
+                    flavor=mlflow.pyfunc,
+                    run_id=run_id,
+                    python_model=MODEL_CODE,
+                    artifacts={"served": tmp},
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=_requirements(),
+                )
                 return info.model_uri
 
             return self.call("logging the model", log)
@@ -296,7 +353,9 @@ class Tracker:
         version = str(self.call("registering the version", find_or_register).version)
         current = self.alias(CHALLENGER)
         if current is None or current.date <= day:  # a late re-registration of an older day does not move it back
-            self.call("setting the challenger alias", self.client.set_registered_model_alias, self.name, CHALLENGER, version)
+            self.call(
+                "setting the challenger alias", self.client.set_registered_model_alias, self.name, CHALLENGER, version
+            )
         self.set_tags(run_id, {"mtrec.model_version": version})
         self.end_run(run_id)
         return version
@@ -304,8 +363,11 @@ class Tracker:
     def version_of_run(self, run_id: str, retry: bool = True):
         """The model version registered from run `run_id`, if any."""
         query = f"name = '{self.name}' and tags.`mtrec.run_id` = '{run_id}'"
-        found = (self.call("searching versions", self.client.search_model_versions, query) if retry
-                 else self.client.search_model_versions(query))
+        found = (
+            self.call("searching versions", self.client.search_model_versions, query)
+            if retry
+            else self.client.search_model_versions(query)
+        )
         return max(found, key=lambda v: int(v.version)) if found else None
 
     def ensure_registered(self, checkpoint_url: str, manifest: dict) -> str | None:
@@ -316,14 +378,21 @@ class Tracker:
         if not run_id:
             return None
         if manifest.get("tracking_uri") not in (None, self.uri):
-            log.info("mlflow: %s was recorded in %s, not %s; not checking its version", checkpoint_url, manifest["tracking_uri"], self.uri)
+            log.info(
+                "mlflow: %s was recorded in %s, not %s; not checking its version",
+                checkpoint_url,
+                manifest["tracking_uri"],
+                self.uri,
+            )
             return None
         mv = self.version_of_run(run_id)
         run = self.call("reading the run", self.client.get_run, run_id, absent_ok=True)
         if mv is not None and run is not None and run.info.status == "FINISHED":
             return str(mv.version)
         if run is None:
-            log.info("mlflow: run %s of %s is not in %s (deleted?); not registering it", run_id, checkpoint_url, self.uri)
+            log.info(
+                "mlflow: run %s of %s is not in %s (deleted?); not registering it", run_id, checkpoint_url, self.uri
+            )
             return str(mv.version) if mv is not None else None
         model_uri = run.data.tags.get("mtrec.model_uri")
         if not model_uri:
@@ -337,30 +406,45 @@ class Tracker:
             self.call("tagging the version", self.client.set_model_version_tag, self.name, version, k, v)
 
     def alias(self, alias: str) -> VersionInfo | None:
-        mv = self.call(f"reading alias {alias}", self.client.get_model_version_by_alias, self.name, alias, absent_ok=True)
+        mv = self.call(
+            f"reading alias {alias}", self.client.get_model_version_by_alias, self.name, alias, absent_ok=True
+        )
         return _info(mv) if mv is not None else None
 
     def version(self, version: str) -> VersionInfo:
-        mv = self.call(f"reading version {version}", self.client.get_model_version, self.name, str(version), absent_ok=True)
+        mv = self.call(
+            f"reading version {version}", self.client.get_model_version, self.name, str(version), absent_ok=True
+        )
         if mv is None:
-            raise TrackingError(f"{self.name} has no version {version} in {self.uri}; see the registered versions in `mlflow ui`")
+            raise TrackingError(
+                f"{self.name} has no version {version} in {self.uri}; see the registered versions in `mlflow ui`"
+            )
         return _info(mv)
 
 
 def _info(mv) -> VersionInfo:
     tags = dict(mv.tags or {})
     if "mtrec.date" not in tags:
-        raise TrackingError(f"version {mv.version} of {mv.name} has no `mtrec.date` tag: it was not registered by an mtrec job; "
-                            "pass --version of one that was")
-    return VersionInfo(str(mv.version), dt.date.fromisoformat(tags["mtrec.date"]), tags.get("mtrec.checkpoint", ""),
-                       mv.run_id or tags.get("mtrec.run_id", ""), tags)
+        raise TrackingError(
+            f"version {mv.version} of {mv.name} has no `mtrec.date` tag: it was not registered by an mtrec job; "
+            "pass --version of one that was"
+        )
+    return VersionInfo(
+        str(mv.version),
+        dt.date.fromisoformat(tags["mtrec.date"]),
+        tags.get("mtrec.checkpoint", ""),
+        mv.run_id or tags.get("mtrec.run_id", ""),
+        tags,
+    )
 
 
 def _git_commit() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""

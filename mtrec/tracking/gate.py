@@ -36,9 +36,14 @@ class GateDecision:
     bn: str = ""  # the challenger's BN check on the slice: passed | failed | no BN layers
 
     def tags(self) -> dict[str, str]:
-        return {"mtrec.gate.decision": "promoted" if self.promoted else "refused", "mtrec.gate.reason": self.reason[:5000],
-                "mtrec.gate.champion": self.champion or "", "mtrec.gate.slice": self.slice or "",
-                "mtrec.gate.figures": json.dumps(self.figures)[:5000], "mtrec.gate.bn": self.bn}
+        return {
+            "mtrec.gate.decision": "promoted" if self.promoted else "refused",
+            "mtrec.gate.reason": self.reason[:5000],
+            "mtrec.gate.champion": self.champion or "",
+            "mtrec.gate.slice": self.slice or "",
+            "mtrec.gate.figures": json.dumps(self.figures)[:5000],
+            "mtrec.gate.bn": self.bn,
+        }
 
 
 def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, float]) -> tuple[bool, list[str], dict]:
@@ -48,8 +53,10 @@ def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, 
     worse, figures = [], {}
     for m in cfg.gate_metrics():
         if m not in challenger or m not in champion:
-            raise GateRefused(f"metric {m} is missing from the evaluation (computed: {', '.join(sorted(challenger))}); "
-                              "fix `gate.metrics`, or pass the model's own --config")
+            raise GateRefused(
+                f"metric {m} is missing from the evaluation (computed: {', '.join(sorted(challenger))}); "
+                "fix `gate.metrics`, or pass the model's own --config"
+            )
         a, b = challenger[m], champion[m]
         figures[m] = {"challenger": a, "champion": b}
         if not (np.isfinite(a) and np.isfinite(b)):  # e.g. AUC of a slice with one class: cannot judge
@@ -101,13 +108,19 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
     tracker = Tracker(cfg)
     chal = tracker.version(version) if version else tracker.alias(CHALLENGER)
     if chal is None:
-        raise GateRefused(f"{cfg.name} has no `challenger` version in {tracker.uri}; run a training job first or pass --version")
+        raise GateRefused(
+            f"{cfg.name} has no `challenger` version in {tracker.uri}; run a training job first or pass --version"
+        )
     champ = tracker.alias(CHAMPION)
     if champ is not None and champ.version == chal.version:
         log.info("version %s is already the champion of %s", chal.version, cfg.name)
         return GateDecision(True, chal.version, champ.version, None, "already champion")
-    if champ is None:  # the first champion: nothing to compare with, but its BN statistics are checked when a day allows
-        decision = GateDecision(True, chal.version, None, None, f"no champion yet: version {chal.version} becomes the first")
+    if (
+        champ is None
+    ):  # the first champion: nothing to compare with, but its BN statistics are checked when a day allows
+        decision = GateDecision(
+            True, chal.version, None, None, f"no champion yet: version {chal.version} becomes the first"
+        )
         first_day = day or gate_slice(cfg, chal)
         if first_day is not None:
             served = load_served(f"models:/{cfg.name}/{chal.version}")
@@ -115,19 +128,32 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             if rep is not None:
                 decision.bn, decision.slice = ("passed" if rep.passed else "failed"), first_day.isoformat()
                 decision.promoted = rep.passed
-                decision.reason = (f"{decision.reason}; BN check passed on {first_day}" if rep.passed
-                                   else f"no champion yet, but its {rep.summary()}")
+                decision.reason = (
+                    f"{decision.reason}; BN check passed on {first_day}"
+                    if rep.passed
+                    else f"no champion yet, but its {rep.summary()}"
+                )
     else:
         day = day or gate_slice(cfg, chal, champ)
         seen = max(seen_until(chal), seen_until(champ))
         if day is None:
-            raise GateDeferred(f"no day with logs after {seen} under {cfg.job.logs}: the gate compares both models "
-                              f"on a day neither has seen; run `mtrec promote` again once the next day's logs land")
+            raise GateDeferred(
+                f"no day with logs after {seen} under {cfg.job.logs}: the gate compares both models "
+                f"on a day neither has seen; run `mtrec promote` again once the next day's logs land"
+            )
         if day <= seen:
-            raise GateRefused(f"--date {day} is not after both models' data (challenger to {seen_until(chal)}, champion to "
-                              f"{seen_until(champ)}); pass a later day")
-        log.info("gate: challenger v%s (trained to %s) vs champion v%s (trained to %s) on %s", chal.version, chal.date, champ.version,
-                 champ.date, day)
+            raise GateRefused(
+                f"--date {day} is not after both models' data (challenger to {seen_until(chal)}, champion to "
+                f"{seen_until(champ)}); pass a later day"
+            )
+        log.info(
+            "gate: challenger v%s (trained to %s) vs champion v%s (trained to %s) on %s",
+            chal.version,
+            chal.date,
+            champ.version,
+            champ.date,
+            day,
+        )
         truth = read_truth(cfg.job.logs, day)
         scores, bn_report = {}, None
         for who, v in (("challenger", chal), ("champion", champ)):
@@ -137,24 +163,41 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             if who == "challenger":
                 bn_report = _bn_check(served, cfg, day)
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
-            tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores["challenger"].items()}
-                                | ({f"gate/{k}": v for k, v in bn_report.metrics().items()} if bn_report is not None else {}))
+            tracker.log_metrics(
+                chal.run_id,
+                {f"gate/{k}": v for k, v in scores["challenger"].items()}
+                | ({f"gate/{k}": v for k, v in bn_report.metrics().items()} if bn_report is not None else {}),
+            )
             tracker.set_tags(chal.run_id, {"mtrec.gate_slice": day.isoformat()})
         ok, worse, figures = compare(cfg, scores["challenger"], scores["champion"])
         bn_failed = bn_report is not None and not bn_report.passed  # statistics that do not match what serving sees
         summary = "; ".join(f"{m} {f['challenger']:.4f} vs {f['champion']:.4f}" for m, f in figures.items())
         reasons = ([f"worse than champion v{champ.version} on {day}: " + "; ".join(worse)] if worse else []) + (
-            [f"its {bn_report.summary()}"] if bn_failed else [])
+            [f"its {bn_report.summary()}"] if bn_failed else []
+        )
         ok = ok and not bn_failed
-        reason = (f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}"
-                  + ("; BN check passed" if bn_report is not None else "") if ok else "; ".join(reasons))
-        decision = GateDecision(ok, chal.version, champ.version, day.isoformat(), reason, figures,
-                                bn="no BN layers" if bn_report is None else ("passed" if bn_report.passed else "failed"))
+        reason = (
+            f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}"
+            + ("; BN check passed" if bn_report is not None else "")
+            if ok
+            else "; ".join(reasons)
+        )
+        decision = GateDecision(
+            ok,
+            chal.version,
+            champ.version,
+            day.isoformat(),
+            reason,
+            figures,
+            bn="no BN layers" if bn_report is None else ("passed" if bn_report.passed else "failed"),
+        )
     tracker.tag_version(chal.version, decision.tags())
     if not decision.promoted:
         stays = f"`champion` stays v{champ.version}" if champ is not None else "there is still no champion"
         raise GateRefused(f"challenger v{chal.version} of {cfg.name} refused: {decision.reason}; {stays}")
-    tracker.call("moving the champion alias", tracker.client.set_registered_model_alias, cfg.name, CHAMPION, chal.version)
+    tracker.call(
+        "moving the champion alias", tracker.client.set_registered_model_alias, cfg.name, CHAMPION, chal.version
+    )
     log.info("promoted v%s of %s to champion: %s", chal.version, cfg.name, decision.reason)
     return decision
 

@@ -39,11 +39,15 @@ def load_served(model_uri: str) -> ServedModel:
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow, network, a model logged by another version: one line
-        raise TrackingError(f"cannot load {model_uri}: {first_line(e, limit=240)}; check the name, version or alias "
-                            f"and the tracking URI ({mlflow.get_tracking_uri()})") from None
+        raise TrackingError(
+            f"cannot load {model_uri}: {first_line(e, limit=240)}; check the name, version or alias "
+            f"and the tracking URI ({mlflow.get_tracking_uri()})"
+        ) from None
     inner = model.unwrap_python_model()
     if not isinstance(inner, MtrecPyfunc):
-        raise TrackingError(f"{model_uri} is not an mtrec model ({type(inner).__name__}); point --model at one mtrec logged")
+        raise TrackingError(
+            f"{model_uri} is not an mtrec model ({type(inner).__name__}); point --model at one mtrec logged"
+        )
     return inner.served
 
 

@@ -37,7 +37,9 @@ def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5):
     raise MtrecError(f"no rows under {logs} for {day} to make the model's input example")
 
 
-def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, manifest: dict, summary, reports: list) -> dict:
+def record_job(
+    tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, manifest: dict, summary, reports: list
+) -> dict:
     """Everything a run holds about a trained (staged, not yet published) checkpoint: params,
     evaluation on the day after the last trained day (when its logs exist), artifacts, plots, the
     served model. Returns {"model_uri", "eval_day", "metrics"}."""
@@ -68,27 +70,52 @@ def record_job(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, man
             pred = predict_day(served.model, served.spec, cfg.job.logs, eval_day)
             metrics = report(served.spec, pred, read_truth(cfg.job.logs, eval_day))
             tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items()})
-            plots.calibration(served.spec, pred, out / "plots" / "calibration.png", title=f"{cfg.name}: trained to {last}, scored on {eval_day}")
-            log.info("evaluated on %s: %s", eval_day, ", ".join(f"{m} {metrics[m]:.4f}" for m in cfg.gate_metrics() if m in metrics))
+            plots.calibration(
+                served.spec,
+                pred,
+                out / "plots" / "calibration.png",
+                title=f"{cfg.name}: trained to {last}, scored on {eval_day}",
+            )
+            log.info(
+                "evaluated on %s: %s",
+                eval_day,
+                ", ".join(f"{m} {metrics[m]:.4f}" for m in cfg.gate_metrics() if m in metrics),
+            )
         else:
-            log.info("no logs for %s yet: the run has no evaluation metrics (the promotion gate evaluates once they land)", eval_day)
+            log.info(
+                "no logs for %s yet: the run has no evaluation metrics (the promotion gate evaluates once they land)",
+                eval_day,
+            )
         bn_result = record_bn(tracker, run_id, served, cfg, eval_day if metrics else None, out)
         curve = plots.position_bias(cfg.spec, full, out / "plots" / "position_bias.png")
         if curve:
             tracker.log_metrics(run_id, {f"position_bias/{p}": v for p, v in enumerate(curve)})
         history = day_trend(tracker, cfg.gate_metrics())
         if history:
-            plots.trend(history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day")
+            plots.trend(
+                history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day"
+            )
         tracker.log_artifacts(run_id, tmp)
     example = example_rows(cfg.job.logs, eval_day if metrics else last, served.columns)
-    model_uri = tracker.log_served(run_id, served, example,
-                                   {"mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result})
+    model_uri = tracker.log_served(
+        run_id,
+        served,
+        example,
+        {"mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result},
+    )
     log.info("recorded run %s in %s (%.1fs)", run_id, tracker.uri, time.perf_counter() - t0)
-    return {"model_uri": model_uri, "eval_day": eval_day.isoformat() if metrics else None, "metrics": metrics, "gate": cfg.gate_metrics(),
-            "bn": bn_result}
+    return {
+        "model_uri": model_uri,
+        "eval_day": eval_day.isoformat() if metrics else None,
+        "metrics": metrics,
+        "gate": cfg.gate_metrics(),
+        "bn": bn_result,
+    }
 
 
-def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConfig, day: dt.date | None, out: Path) -> str:
+def record_bn(
+    tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConfig, day: dt.date | None, out: Path
+) -> str:
     """A model with BatchNorm: its running statistics as an artifact and, when `day` has logs, the
     consistency check against it (metrics `bn/...`, `bn/check.json`, `plots/bn_drift.png`).
     Returns "passed", "failed", "not run" (no day) or "no BN layers"."""
@@ -111,8 +138,14 @@ def record_bn(tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConf
 def day_trend(tracker: Tracker, metrics: list[str]) -> dict[str, list[tuple[str, float]]]:
     """Per metric, (trained-through date, next-day value) of the experiment's finished and current
     runs, oldest first (one point per date: the newest run)."""
-    runs = tracker.call("searching runs", tracker.client.search_runs, [tracker.experiment_id()],
-                        "tags.`mtrec.date` != ''", max_results=1000, order_by=["attributes.start_time DESC"])
+    runs = tracker.call(
+        "searching runs",
+        tracker.client.search_runs,
+        [tracker.experiment_id()],
+        "tags.`mtrec.date` != ''",
+        max_results=1000,
+        order_by=["attributes.start_time DESC"],
+    )
     runs = list(reversed(runs))  # the newest 1000, oldest first
     out: dict[str, dict[str, float]] = {m: {} for m in metrics}
     for r in runs:
@@ -123,4 +156,3 @@ def day_trend(tracker: Tracker, metrics: list[str]) -> dict[str, list[tuple[str,
             if v is not None:
                 out[m][r.data.tags["mtrec.date"]] = v
     return {m: sorted(v.items()) for m, v in out.items() if v}
-

@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written: the pa
     import torch.distributed as dist
     from torch import nn
 
+
 class Manifest(TypedDict, total=False):
     """`manifest.json`: what a checkpoint holds and how it was made (JSON, so a dict)."""
 
@@ -119,7 +120,11 @@ def _load_dense_state(dmp: nn.Module, optimizer: torch.optim.Optimizer, flat: di
         for p in group["params"]:
             prefix = f"{names[id(p)]}."
             # moments go where the parameter lives (a GPU); Adam keeps `step` on the CPU
-            state = {k[len(prefix):]: v if k.endswith(".step") else v.to(p.device) for k, v in flat.items() if k.startswith(prefix)}
+            state = {
+                k[len(prefix) :]: v if k.endswith(".step") else v.to(p.device)
+                for k, v in flat.items()
+                if k.startswith(prefix)
+            }
             if state:
                 optimizer.state[p] = state
 
@@ -132,8 +137,14 @@ def state_to_save(dmp: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     }
 
 
-def save(dmp: nn.Module, optimizer: torch.optim.Optimizer, url: str, manifest: Manifest, pg: dist.ProcessGroup | None = None,
-         marker: bool = True) -> None:
+def save(
+    dmp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    url: str,
+    manifest: Manifest,
+    pg: dist.ProcessGroup | None = None,
+    marker: bool = True,
+) -> None:
     """Every rank calls this. Shards first (any half-written folder is cleared by rank 0 first),
     then, after all ranks are done, rank 0 writes the manifest and (`marker`) `_SUCCESS`. A
     published day is never written here directly: see `stage` and `publish`."""
@@ -170,7 +181,9 @@ def _touch(fs, path: str) -> None:
 
 def staging_url(cfg: MtrecConfig, day: dt.date) -> str:
     """A fresh folder for a job's final checkpoint before it is published."""
-    return join(checkpoint_root(cfg), STAGING, f"dt={day.isoformat()}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    return join(
+        checkpoint_root(cfg), STAGING, f"dt={day.isoformat()}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    )
 
 
 def publish(staged: str, url: str) -> None:
@@ -200,16 +213,18 @@ def publish(staged: str, url: str) -> None:
             return
         if fs.exists(f"{dst}/{SUCCESS}"):
             fs.rm(f"{dst}/{SUCCESS}")
-        new = {p[len(src):].lstrip("/") for p in fs.find(src)}
+        new = {p[len(src) :].lstrip("/") for p in fs.find(src)}
         for rel in sorted(new):
             fs.copy(f"{src}/{rel}", f"{dst}/{rel}")
         for p in fs.find(dst) if fs.exists(dst) else []:
-            if p[len(dst):].lstrip("/") not in new:
+            if p[len(dst) :].lstrip("/") not in new:
                 fs.rm(p)
         _touch(fs, f"{dst}/{SUCCESS}")
     except OSError as e:
-        raise CheckpointError(f"publishing {staged} as {url} failed ({type(e).__name__}: {e}); the day is not published "
-                              "- check the storage and rerun the job") from None
+        raise CheckpointError(
+            f"publishing {staged} as {url} failed ({type(e).__name__}: {e}); the day is not published "
+            "- check the storage and rerun the job"
+        ) from None
     fs.rm(src, recursive=True)
 
 
@@ -295,7 +310,11 @@ def read_full(url: str) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint import TensorStorageMetadata
 
     meta = dcp_reader(url).read_metadata().state_dict_metadata  # DCP's flattened names: model.<name>, ...
-    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
+    out = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(out, storage_reader=dcp_reader(url), no_dist=True)
@@ -320,12 +339,16 @@ def read_manifest(url: str) -> Manifest:
     """The manifest of a published checkpoint (CheckpointError when it is not published)."""
     fs, path = filesystem(url)
     if not fs.exists(f"{path}/{SUCCESS}"):
-        raise CheckpointError(f"{url} is not a published checkpoint (no {SUCCESS}); it was never finished - rerun the job that writes it")
+        raise CheckpointError(
+            f"{url} is not a published checkpoint (no {SUCCESS}); it was never finished - rerun the job that writes it"
+        )
     try:
         with fs.open(f"{path}/{MANIFEST}", "r") as fh:
             return json.load(fh)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{url}/{MANIFEST} is unreadable ({e}); the checkpoint is damaged - rerun the job that wrote it") from None
+        raise CheckpointError(
+            f"{url}/{MANIFEST} is unreadable ({e}); the checkpoint is damaged - rerun the job that wrote it"
+        ) from None
 
 
 def spec_manifest(cfg: MtrecConfig) -> Manifest:
@@ -347,27 +370,47 @@ def trained_spec(manifest: Manifest, url: str) -> tuple[ModelSpec, dict[str, flo
 
         cfg = parse_config(manifest["config"], label=f"{url} manifest")
         return cfg.spec, cfg.score_offsets()
-    raise CheckpointError(f"{url}/{MANIFEST} carries no model spec; it was not written by an mtrec job - pass a published mtrec checkpoint")
+    raise CheckpointError(
+        f"{url}/{MANIFEST} carries no model spec; it was not written by an mtrec job - pass a published mtrec checkpoint"
+    )
 
 
 def check_compatible(manifest: Manifest, url: str, cfg: MtrecConfig, allow_config_change: bool = False) -> None:
     """Refuse a checkpoint of another model or model shape (always), or trained under other
     training settings (unless `allow_config_change`), with one line naming what differs."""
     if manifest.get("model") != cfg.name:
-        raise CheckpointError(f"{url} holds model {manifest.get('model')!r}, not {cfg.name!r}; point --workdir/--config at the right model")
+        raise CheckpointError(
+            f"{url} holds model {manifest.get('model')!r}, not {cfg.name!r}; point --workdir/--config at the right model"
+        )
     if manifest.get("config_fingerprint") != cfg.fingerprint():
-        raise CheckpointError(f"{url} was trained with another model shape (config fingerprint {manifest.get('config_fingerprint')} "
-                              f"!= {cfg.fingerprint()}); features, tasks, model or optimizer kinds changed - retrain with `mtrec train`")
-    if not allow_config_change and manifest.get("training_fingerprint", cfg.training_fingerprint()) != cfg.training_fingerprint():
+        raise CheckpointError(
+            f"{url} was trained with another model shape (config fingerprint {manifest.get('config_fingerprint')} "
+            f"!= {cfg.fingerprint()}); features, tasks, model or optimizer kinds changed - retrain with `mtrec train`"
+        )
+    if (
+        not allow_config_change
+        and manifest.get("training_fingerprint", cfg.training_fingerprint()) != cfg.training_fingerprint()
+    ):
         before = (manifest.get("config") or {}).get("train", {})
         now = cfg.training_settings()
-        diff = ", ".join(f"train.{k}: {before.get(k)!r} -> {now[k]!r}" for k in sorted(now) if before.get(k) != now[k]) or "see the manifest"
-        raise CheckpointError(f"{url} was trained with other training settings ({diff}); pass --allow-config-change "
-                              "to warm-start under the new ones")
+        diff = (
+            ", ".join(f"train.{k}: {before.get(k)!r} -> {now[k]!r}" for k in sorted(now) if before.get(k) != now[k])
+            or "see the manifest"
+        )
+        raise CheckpointError(
+            f"{url} was trained with other training settings ({diff}); pass --allow-config-change "
+            "to warm-start under the new ones"
+        )
 
 
-def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg: MtrecConfig, pg: dist.ProcessGroup | None = None,
-         allow_config_change: bool = False) -> dict:
+def load(
+    dmp: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    url: str,
+    cfg: MtrecConfig,
+    pg: dist.ProcessGroup | None = None,
+    allow_config_change: bool = False,
+) -> dict:
     """Load a checkpoint into `dmp` (and `optimizer`), at this world size and plan.
 
     Returns:
@@ -388,15 +431,20 @@ def load(dmp: nn.Module, optimizer: torch.optim.Optimizer | None, url: str, cfg:
             meta = dcp_reader(url).read_metadata().state_dict_metadata
             state["dense_optimizer"] = {
                 k.removeprefix("dense_optimizer."): torch.empty(m.size, dtype=m.properties.dtype)
-                for k, m in meta.items() if k.startswith("dense_optimizer.")
+                for k, m in meta.items()
+                if k.startswith("dense_optimizer.")
             }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             dcp.load(state, storage_reader=dcp_reader(url), process_group=pg)
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0])  # the root, not DCP's wrapper
-        raise CheckpointError(f"{url}: the checkpoint's shards cannot be read ({cause[:160]}); it is damaged - rerun the job that wrote it") from None
+        cause = next(
+            (ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0]
+        )  # the root, not DCP's wrapper
+        raise CheckpointError(
+            f"{url}: the checkpoint's shards cannot be read ({cause[:160]}); it is damaged - rerun the job that wrote it"
+        ) from None
     dmp.load_state_dict(state["model"])
     if optimizer is not None:
         fused = dmp.fused_optimizer.state_dict()
@@ -426,6 +474,8 @@ def latest_before(cfg: MtrecConfig, day) -> str:
     """URL of the newest published checkpoint dated before `day` (CheckpointError if none)."""
     days = [d for d in published_days(cfg) if d < day]
     if not days:
-        raise CheckpointError(f"no published checkpoint of {cfg.name} before {day} under {checkpoint_root(cfg)}; "
-                              "train one first (`mtrec train --from ... --to ...`) or pass --checkpoint")
+        raise CheckpointError(
+            f"no published checkpoint of {cfg.name} before {day} under {checkpoint_root(cfg)}; "
+            "train one first (`mtrec train --from ... --to ...`) or pass --checkpoint"
+        )
     return checkpoint_url(cfg, days[-1])

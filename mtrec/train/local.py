@@ -19,6 +19,7 @@ from mtrec.train.stream import StreamCounts, day_batches
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TrainResult:
     dmp: torch.nn.Module  # DistributedModelParallel(MultiTaskTrain(model))
@@ -59,5 +60,7 @@ def train_days(
     counts = StreamCounts()
     t0 = time.perf_counter()
     opts = LoopOptions(log_every=log_every, on_progress=lambda p: log.info(p.line()), rng_key=days[-1].toordinal())
-    stats = train_stream(dmp, optimizer, day_batches(cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts), cfg, device, opts)
+    stats = train_stream(
+        dmp, optimizer, day_batches(cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts), cfg, device, opts
+    )
     return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses, optimizer)

@@ -128,8 +128,14 @@ class _Window:
         self.loss, self.batches, self.per_task = 0.0, 0, [0.0] * len(self.tasks)
 
 
-def train_stream(dmp: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[pa.RecordBatch], cfg: MtrecConfig,
-                 device: torch.device, opts: LoopOptions | None = None) -> WorkerStats:
+def train_stream(
+    dmp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[pa.RecordBatch],
+    cfg: MtrecConfig,
+    device: torch.device,
+    opts: LoopOptions | None = None,
+) -> WorkerStats:
     """Train on this rank's share of the stream until every rank's share is done.
 
     Args:
@@ -227,11 +233,16 @@ def step_seed(seed: int, key: int, step: int, rank: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def _progress(stats: WorkerStats, window: _Window, t0: float | None, world: int, device: torch.device, opts: LoopOptions) -> None:
+def _progress(
+    stats: WorkerStats, window: _Window, t0: float | None, world: int, device: torch.device, opts: LoopOptions
+) -> None:
     """Gather (rows, window loss, elapsed, per-task window losses) from every rank; record this
     rank's window mean loss."""
-    mine = torch.tensor([stats.rows, window.loss, window.batches, time.perf_counter() - (t0 or time.perf_counter()), *window.per_task],
-                        dtype=torch.float64, device=device)
+    mine = torch.tensor(
+        [stats.rows, window.loss, window.batches, time.perf_counter() - (t0 or time.perf_counter()), *window.per_task],
+        dtype=torch.float64,
+        device=device,
+    )
     if world > 1:
         parts = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine, group=opts.pg)
@@ -242,8 +253,13 @@ def _progress(stats: WorkerStats, window: _Window, t0: float | None, world: int,
     mean_loss = sum(p[1].item() for p in parts) / max(n_loss, 1)
     elapsed = max(p[3].item() for p in parts)
     task_losses = {t: sum(p[4 + i].item() for p in parts) / max(n_loss, 1) for i, t in enumerate(window.tasks)}
-    rec = Progress(step=opts.start_step + stats.steps, rows=rows, rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0, loss=mean_loss,
-                   task_losses=task_losses)
+    rec = Progress(
+        step=opts.start_step + stats.steps,
+        rows=rows,
+        rows_per_s=sum(rows) / elapsed if elapsed > 0 else 0.0,
+        loss=mean_loss,
+        task_losses=task_losses,
+    )
     if window.batches:
         stats.losses.append({"step": stats.steps, "rows": stats.rows, "loss": window.loss / window.batches})
     window.reset()

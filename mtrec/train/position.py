@@ -50,8 +50,10 @@ class Position:
         j = i
         while j < len(ivs) and ivs[j][0] <= hi + 1:
             if ivs[j][0] <= hi and lo <= ivs[j][1]:
-                raise MtrecError(f"rows {max(lo, ivs[j][0])}..{min(hi, ivs[j][1])} of file {f} would be trained twice; "
-                                 "the job stopped before publishing - rerun it (report this as a bug)")
+                raise MtrecError(
+                    f"rows {max(lo, ivs[j][0])}..{min(hi, ivs[j][1])} of file {f} would be trained twice; "
+                    "the job stopped before publishing - rerun it (report this as a bug)"
+                )
             j += 1
         if i < j:
             lo, hi = min(lo, ivs[i][0]), max(hi, ivs[j - 1][1])
@@ -99,8 +101,10 @@ def batch_positions(rb: pa.RecordBatch | pa.Table) -> tuple[np.ndarray, np.ndarr
     """The (file, row) columns of a batch, or None when the batch carries no position."""
     if FILE_COL not in rb.schema.names:
         return None
-    return (rb.column(FILE_COL).to_numpy(zero_copy_only=False).astype(np.int64),
-            rb.column(ROW_COL).to_numpy(zero_copy_only=False).astype(np.int64))
+    return (
+        rb.column(FILE_COL).to_numpy(zero_copy_only=False).astype(np.int64),
+        rb.column(ROW_COL).to_numpy(zero_copy_only=False).astype(np.int64),
+    )
 
 
 def skip_trained(batches, done: Position):

@@ -43,6 +43,8 @@ def sample(rb: pa.RecordBatch, cfg: SamplingConfig, seed: int) -> pa.RecordBatch
     label = rb.column(cfg.label).to_numpy(zero_copy_only=False) > 0
     times = np.where(label, cfg.positive_repeat, 1)
     if cfg.negative_rate < 1:
-        u = uniform(seed, rb.column(FILE_COL).to_numpy(zero_copy_only=False), rb.column(ROW_COL).to_numpy(zero_copy_only=False))
+        u = uniform(
+            seed, rb.column(FILE_COL).to_numpy(zero_copy_only=False), rb.column(ROW_COL).to_numpy(zero_copy_only=False)
+        )
         times = np.where(~label & (u >= cfg.negative_rate), 0, times)
     return rb.take(pa.array(np.repeat(np.arange(rb.num_rows), times)))

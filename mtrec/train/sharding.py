@@ -31,7 +31,11 @@ _FUSED = {
     EmbeddingOptimizer.ADAM: EmbOptimType.ADAM,
 }
 
-for _name in ("torchrec.distributed.planner", "torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations"):
+for _name in (
+    "torchrec.distributed.planner",
+    "torchrec.distributed.planner.types",
+    "torchrec.distributed.planner.storage_reservations",
+):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
@@ -53,12 +57,18 @@ def _check(cfg: MtrecConfig, device: torch.device) -> None:
     if device.type == "cpu":
         bad = [s.value for s in cfg.train.sharding_types if s in GPU_ONLY_SHARDING]
         if bad:
-            raise ConfigError(f"`train.sharding_types` has {', '.join(bad)}, which need a GPU; on CPU use table_wise, column_wise or data_parallel")
+            raise ConfigError(
+                f"`train.sharding_types` has {', '.join(bad)}, which need a GPU; on CPU use table_wise, column_wise or data_parallel"
+            )
         if cfg.train.embedding_optimizer.name == EmbeddingOptimizer.ADAM:
-            raise ConfigError("`train.embedding_optimizer.name` is adam, which FBGEMM does not support on CPU; use rowwise_adagrad or sgd")
+            raise ConfigError(
+                "`train.embedding_optimizer.name` is adam, which FBGEMM does not support on CPU; use rowwise_adagrad or sgd"
+            )
 
 
-def shard(module: nn.Module, cfg: MtrecConfig, device: torch.device, pg: dist.ProcessGroup | None = None) -> tuple[DistributedModelParallel, ShardingPlan]:
+def shard(
+    module: nn.Module, cfg: MtrecConfig, device: torch.device, pg: dist.ProcessGroup | None = None
+) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Wrap `module` (whose EmbeddingBagCollection is on meta) in DMP with the config's plan.
 
     Returns:
@@ -73,7 +83,9 @@ def shard(module: nn.Module, cfg: MtrecConfig, device: torch.device, pg: dist.Pr
     sharders = [EmbeddingBagCollectionSharder(fused_params={"optimizer": _FUSED[eo.name], "learning_rate": eo.lr})]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type), constraints=constraints)
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=world, compute_device=device.type), constraints=constraints
+        )
         plan = planner.collective_plan(module, sharders, pg)
         dmp = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
     return dmp, plan
@@ -84,7 +96,11 @@ def dense_optimizer(dmp: DistributedModelParallel, cfg: MtrecConfig) -> torch.op
     fused = {id(p) for group in dmp.fused_optimizer.param_groups for p in group["params"]}
     params = [p for p in dmp.parameters() if id(p) not in fused and p.requires_grad]
     o = cfg.train.dense_optimizer
-    cls = {DenseOptimizer.ADAM: torch.optim.Adam, DenseOptimizer.ADAGRAD: torch.optim.Adagrad, DenseOptimizer.SGD: torch.optim.SGD}[o.name]
+    cls = {
+        DenseOptimizer.ADAM: torch.optim.Adam,
+        DenseOptimizer.ADAGRAD: torch.optim.Adagrad,
+        DenseOptimizer.SGD: torch.optim.SGD,
+    }[o.name]
     return cls(params, lr=o.lr)
 
 
@@ -93,6 +109,10 @@ def plan_summary(plan: ShardingPlan) -> dict[str, dict]:
     out = {}
     for module_plan in plan.plan.values():
         for table, ps in module_plan.items():
-            ranks = sorted({s.placement.rank() for s in ps.sharding_spec.shards}) if ps.sharding_spec else list(ps.ranks or [])
+            ranks = (
+                sorted({s.placement.rank() for s in ps.sharding_spec.shards})
+                if ps.sharding_spec
+                else list(ps.ranks or [])
+            )
             out[table] = {"sharding_type": ps.sharding_type, "ranks": ranks}
     return out

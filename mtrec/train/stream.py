@@ -86,8 +86,13 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
         yield tail
 
 
-def good_file_batches(f: DataFile, validator: RowValidator, roles: dict[str, tuple[str, str]],
-                      counts: StreamCounts | None = None, file_index: int | None = None) -> Iterator[pa.RecordBatch]:
+def good_file_batches(
+    f: DataFile,
+    validator: RowValidator,
+    roles: dict[str, tuple[str, str]],
+    counts: StreamCounts | None = None,
+    file_index: int | None = None,
+) -> Iterator[pa.RecordBatch]:
     """One file's good rows, canonical (`canonical`), batch by batch as read. The one reader of
     training data: the single-process stream below and the Ray Data read tasks both use it.
     With `file_index`, each row also carries its position (`mtrec.train.position`): `_file` =
@@ -105,14 +110,20 @@ def good_file_batches(f: DataFile, validator: RowValidator, roles: dict[str, tup
         if file_index is not None:
             n = out.num_rows
             out = pa.RecordBatch.from_arrays(
-                [*out.columns, pa.array(np.full(n, file_index, dtype=np.int32)), pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64))],
-                schema=out.schema.append(pa.field(FILE_COL, pa.int32())).append(pa.field(ROW_COL, pa.int64())))
+                [
+                    *out.columns,
+                    pa.array(np.full(n, file_index, dtype=np.int32)),
+                    pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64)),
+                ],
+                schema=out.schema.append(pa.field(FILE_COL, pa.int32())).append(pa.field(ROW_COL, pa.int64())),
+            )
             ordinal += n
         yield out
 
 
-def day_batches(spec: ModelSpec, logs: str, days: Iterable[dt.date], batch_size: int,
-                counts: StreamCounts | None = None) -> Iterator[pa.RecordBatch]:
+def day_batches(
+    spec: ModelSpec, logs: str, days: Iterable[dt.date], batch_size: int, counts: StreamCounts | None = None
+) -> Iterator[pa.RecordBatch]:
     """Good rows of `days` under the logs root `logs`, in file order, as `batch_size`-row batches,
     with positions (file index within these days' files); `counts` is filled as it goes."""
     validator = RowValidator(spec)

@@ -75,8 +75,14 @@ class RunCollector:
         return first
 
     def snapshot(self) -> dict:
-        return {"workers": self.workers, "history": self.history, "result": self.result, "attempts": self.attempts, "marks": self.marks,
-                "starts": self.starts}
+        return {
+            "workers": self.workers,
+            "history": self.history,
+            "result": self.result,
+            "attempts": self.attempts,
+            "marks": self.marks,
+            "starts": self.starts,
+        }
 
 
 def torch_threads(requested: int, local_world_size: int) -> int:
@@ -132,7 +138,6 @@ class WorkerJob:
     kill: str | None = None  # fault drill: MTREC_KILL_WORKER
 
 
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry (also after a worker-group restart). `config`: {"job": WorkerJob}
     (mtrec.jobs.plan). The dataset shard "train" yields canonical Arrow batches with positions.
@@ -149,8 +154,20 @@ def train_loop_per_worker(config: dict) -> None:
     threads = torch_threads(cfg.train.torch_threads, ctx.get_local_world_size())
     torch.set_num_threads(threads)
     device, backend = device_for_backend()
-    ray.get(collector.register.remote(rank, {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-                                             "pid": os.getpid(), "device": str(device), "backend": backend, "torch_threads": threads}))
+    ray.get(
+        collector.register.remote(
+            rank,
+            {
+                "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "device": str(device),
+                "backend": backend,
+                "torch_threads": threads,
+            },
+        )
+    )
     mark = (lambda name: collector.mark.remote(name, time.time())) if rank == 0 else (lambda name: None)
     mark("worker_started")
     torch.manual_seed(cfg.train.seed)
@@ -179,7 +196,9 @@ def train_loop_per_worker(config: dict) -> None:
     tables = shard_it.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", prefetch_batches=2)
     # a restarted worker group streams the data from the start again: rows already trained are
     # dropped here; then exact-size batches (rebatch merges a small last one: BatchNorm never sees 1 row)
-    batches = rebatch(skip_trained((rb for t in tables for rb in t.combine_chunks().to_batches()), done), cfg.train.batch_size)
+    batches = rebatch(
+        skip_trained((rb for t in tables for rb in t.combine_chunks().to_batches()), done), cfg.train.batch_size
+    )
     batches = _kill_switch(batches, rank, job.kill, collector)
 
     mine = Position()  # rows this rank trains in this attempt
@@ -196,35 +215,85 @@ def train_loop_per_worker(config: dict) -> None:
             return
         trained = trained_so_far()
         url = checkpoint.partial_url(cfg, day, step, job.run)
-        checkpoint.save(dmp, optimizer, url, {**job.manifest, "job_id": job.id, "step": step,
-                                              "position": trained.to_json(), "rows_trained": trained.rows, "world_size": world})
+        checkpoint.save(
+            dmp,
+            optimizer,
+            url,
+            {
+                **job.manifest,
+                "job_id": job.id,
+                "step": step,
+                "position": trained.to_json(),
+                "rows_trained": trained.rows,
+                "world_size": world,
+            },
+        )
         if rank == 0:
             checkpoint.prune_partials(cfg, day, keep=url, run=job.run)
 
     def on_progress(p: Progress) -> None:
         if rank == 0:
-            collector.progress.remote({"step": p.step, "rows": p.rows, "rows_per_s": p.rows_per_s, "loss": p.loss, "task_losses": p.task_losses,
-                                      "line": p.line()})
+            collector.progress.remote(
+                {
+                    "step": p.step,
+                    "rows": p.rows,
+                    "rows_per_s": p.rows_per_s,
+                    "loss": p.loss,
+                    "task_losses": p.task_losses,
+                    "line": p.line(),
+                }
+            )
 
-    stats = train_stream(dmp, optimizer, batches, cfg, device, LoopOptions(log_every=job.log_every, on_progress=on_progress, position=mine,
-                                                                           start_step=start_step, rng_key=day_ordinal(job.day), on_step=on_step))
+    stats = train_stream(
+        dmp,
+        optimizer,
+        batches,
+        cfg,
+        device,
+        LoopOptions(
+            log_every=job.log_every,
+            on_progress=on_progress,
+            position=mine,
+            start_step=start_step,
+            rng_key=day_ordinal(job.day),
+            on_step=on_step,
+        ),
+    )
     mark("trained")
     everyone = gather_stats(stats)
     trained = trained_so_far()
     if trained.rows != job.expected_rows:  # every rank sees the same sums: all stop before staging
         per = ", ".join(f"{w['rows']:,}" for w in everyone)
-        raise MtrecError(f"workers trained {trained.rows:,} rows ({per} per worker in this attempt, {done.rows:,} before it) but "
-                         f"validation counted {job['expected_rows']:,} good rows; nothing was published - rerun the job")
+        raise MtrecError(
+            f"workers trained {trained.rows:,} rows ({per} per worker in this attempt, {done.rows:,} before it) but "
+            f"validation counted {job['expected_rows']:,} good rows; nothing was published - rerun the job"
+        )
     t1 = time.perf_counter()
     plan_dict = plan_summary(plan)
     last = [w["losses"][-1]["loss"] for w in everyone if w["losses"]]
     metrics = {"train_loss_last_window": sum(last) / len(last)} if last else {}  # next-day metrics: `mtrec evaluate`
-    manifest = {**job.manifest, "world_size": world, "plan": plan_dict, "rows_trained": trained.rows, "steps": start_step + stats.steps,
-                "metrics": metrics,
-                "rows_per_worker": [w["rows"] for w in everyone], "resumed_at_step": start_step or None,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest = {
+        **job.manifest,
+        "world_size": world,
+        "plan": plan_dict,
+        "rows_trained": trained.rows,
+        "steps": start_step + stats.steps,
+        "metrics": metrics,
+        "rows_per_worker": [w["rows"] for w in everyone],
+        "resumed_at_step": start_step or None,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     checkpoint.save(dmp, optimizer, job.staging, manifest, marker=False)
     mark("staged")
     if rank == 0:
-        ray.get(collector.finish.remote({"workers": everyone, "plan": plan_dict, "setup_s": setup_s, "rows_trained": trained.rows,
-                                         "checkpoint_s": time.perf_counter() - t1}))
+        ray.get(
+            collector.finish.remote(
+                {
+                    "workers": everyone,
+                    "plan": plan_dict,
+                    "setup_s": setup_s,
+                    "rows_trained": trained.rows,
+                    "checkpoint_s": time.perf_counter() - t1,
+                }
+            )
+        )
