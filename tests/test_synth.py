@@ -152,7 +152,7 @@ def test_bad_arguments():
 
 def test_item_quality_leaves_everything_else_of_the_world_as_it_was(tmp_path):
     """Quality and appeal draw from their own stream: switching quality on changes who buys, and
-    nothing else; the default world is the world written before these parameters existed."""
+    nothing else; every other column, and the click probabilities, are the default world's."""
     plain, quality = str(tmp_path / "plain"), str(tmp_path / "quality")
     write_world(plain, days=2, rows_per_day=5000, seed=3)
     write_world(quality, days=2, rows_per_day=5000, seed=3, params=WorldParams(quality_std=1.0))
