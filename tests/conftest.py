@@ -60,7 +60,8 @@ def progress(caplog):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray cluster for the whole session (4 logical CPUs: 2 workers + 2 read slots)."""
+    """One local Ray cluster for the whole session (4 logical CPUs: 2 workers + 2 read slots).
+    Tests that use it are marked `slow`, so `-m "not slow"` never starts Ray."""
     import ray
 
     from mtrec.jobs.cluster import quiet_ray
