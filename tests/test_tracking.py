@@ -303,6 +303,7 @@ def three_days(ray_local, server, world4, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server, caplog):
     from mlflow import MlflowClient
 
@@ -362,6 +363,7 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch, capsys):
     import mlflow
 
@@ -400,6 +402,7 @@ def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4,
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, world4, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -441,6 +444,7 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch, caplog):
     import mlflow
     from mlflow import MlflowClient
