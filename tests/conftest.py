@@ -14,6 +14,17 @@ from mtrec.data.synth import write_world
 
 DAY1 = dt.date(2026, 1, 1)
 WORLD_ROWS = 20_000
+# fixtures that start Ray or a server: a test that uses one must be marked `slow`
+SLOW_FIXTURES = ("ray_local", "server", "two_node_cluster")
+
+
+def pytest_collection_modifyitems(items):
+    """Refuse to run when a test pulls in a Ray or server fixture without the `slow` mark, so
+    `-m "not slow"` stays fast and never starts Ray."""
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None
+                and set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError(f"mark these tests @pytest.mark.slow (they use {', '.join(SLOW_FIXTURES)}): {unmarked}")
 
 
 def _mini(extra_labels=None, tasks=None, model=None, dense=True):
