@@ -1,17 +1,51 @@
-"""Shared fixtures: one small synthetic world per session (fast, deterministic)."""
+"""Shared fixtures: one small synthetic world per session (fast, deterministic); a minimal config
+and record batch for tests of single rules."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 
+import pyarrow as pa
 import pytest
 
-from mtrec.config import load_config
+from mtrec.config import load_config, parse_config
 from mtrec.data.synth import write_world
 
 DAY1 = dt.date(2026, 1, 1)
 WORLD_ROWS = 20_000
+# fixtures that start Ray or a server: a test that uses one must be marked `slow`
+SLOW_FIXTURES = ("ray_local", "server", "two_node_cluster")
+
+
+def pytest_collection_modifyitems(items):
+    """Refuse to run when a test pulls in a Ray or server fixture without the `slow` mark, so
+    `-m "not slow"` stays fast and never starts Ray."""
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None
+                and set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError(f"mark these tests @pytest.mark.slow (they use {', '.join(SLOW_FIXTURES)}): {unmarked}")
+
+
+def _mini(extra_labels=None, tasks=None, model=None, dense=True):
+    """A minimal ESMM config: click/conversion labels, one sparse, one dense and one bias feature."""
+    return parse_config({
+        "name": "t", "labels": {"click": "binary", "conversion": "binary", **(extra_labels or {})},
+        "features": {"sparse": [{"name": "user_id", "hash_size": 10}],
+                     "dense": [{"name": "price"}] if dense else [], "bias": [{"name": "device", "num_values": 2}]},
+        "tasks": tasks or [{"name": "ctr", "label": "click"}], "model": model or {"arch": "esmm"},
+    })
+
+
+def _batch(**cols):
+    """A record batch of the columns `_mini` reads, all-clean defaults, with `cols` replacing them."""
+    n = len(next(iter(cols.values())))
+    base = {"user_id": pa.array(range(n), pa.int64()), "item_id": pa.array(range(n), pa.int64()),
+            "position": pa.array([0] * n, pa.int32()), "click": pa.array([0] * n, pa.int8()),
+            "conversion": pa.array([0] * n, pa.int8()), "price": pa.array([1.0] * n, pa.float32()),
+            "device": pa.array([0] * n, pa.int8())}
+    base.update(cols)
+    return pa.record_batch(base)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +71,8 @@ def progress(caplog):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray cluster for the whole session (4 logical CPUs: 2 workers + 2 read slots)."""
+    """One local Ray cluster for the whole session (4 logical CPUs: 2 workers + 2 read slots).
+    Tests that use it are marked `slow`, so `-m "not slow"` never starts Ray."""
     import ray
 
     from mtrec.jobs.cluster import quiet_ray

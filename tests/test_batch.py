@@ -2,10 +2,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import _batch, _mini
 
 from mtrec.config import parse_config
 from mtrec.data.batch import BatchConverter, hash_ids
 from mtrec.data.hashing import splitmix64
+from mtrec.data.validate import RowValidator
 from mtrec.train.stream import rebatch
 
 
@@ -71,6 +73,26 @@ def test_conversion_jagged_nulls_and_strings():
     assert b.bias[:, 0].tolist() == [0, 2, 1]  # clipped to num_values - 1
     assert b.labels["watch_time"].tolist() == [1.5, 0.0, 2.0]
     assert BatchConverter(cfg().spec)(rb, with_bias=False, with_labels=False).bias is None
+
+
+def test_boolean_labels_and_bias_and_uint64_ids_work():
+    b = _batch(click=pa.array([True, False, True]), conversion=pa.array([True, True, False]),
+               device=pa.array([True, False, False]), user_id=pa.array([2**63 + 5, 1, 2], pa.uint64()))
+    split = RowValidator(_mini().spec).split(b)
+    assert split.bad.column("reason").to_pylist() == ["conversion_without_click"]
+    kjt = BatchConverter(_mini().spec)(split.good).sparse.to_dict()["user_id"]
+    assert kjt.lengths().tolist() == [1, 1] and kjt.values().min() >= 0
+
+
+def test_null_multi_hot_list_with_values_underneath():
+    cfg = parse_config({"name": "t", "labels": {"click": "binary", "conversion": "binary"},
+                        "features": {"sparse": [{"name": "tags", "hash_size": 1000, "multi_hot": True}]},
+                        "tasks": [{"name": "ctr", "label": "click"}], "model": {"arch": "esmm"}})
+    tags = pa.ListArray.from_arrays(pa.array([0, 2, 4, 5], pa.int32()), pa.array([1, 2, 3, 4, 5], pa.int64()),
+                                    mask=pa.array([False, True, False]))
+    rb = pa.record_batch({"tags": tags, "click": pa.array([0, 0, 0], pa.int8()), "conversion": pa.array([0, 0, 0], pa.int8())})
+    kjt = BatchConverter(cfg.spec)(rb).sparse.to_dict()["tags"]
+    assert kjt.lengths().tolist() == [2, 0, 1] and kjt.values().numel() == 3
 
 
 @pytest.mark.parametrize(("sizes", "batch", "expected"), [

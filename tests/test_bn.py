@@ -135,6 +135,7 @@ def test_scores_are_corrected_back_from_the_sampled_space(world):
         type(load_config("mmoe")).model_validate(d)
 
 
+@pytest.mark.slow  # 20,000 rows in batches of 32
 def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     from mtrec.train.local import build_sharded
     from mtrec.train.loop import LoopOptions, train_stream
@@ -155,6 +156,7 @@ def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     assert stats.batches < 20_000 // 32 and stats.steps == stats.batches and stats.pad_steps == 0  # world size 1: no pad steps
 
 
+@pytest.mark.slow  # logs four model versions to MLflow
 def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch, capsys, caplog):
     """Embedded MLflow (sqlite), models logged directly: champion A has statistics of the data;
     challenger B is A with its running means shifted by 5. The gate refuses B naming the BN

@@ -117,6 +117,7 @@ def _mtrec(env: dict, *argv: str, timeout: int = 600) -> subprocess.CompletedPro
     return subprocess.run([str(BIN / "mtrec"), *argv], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, world3, tmp_path):
     url, env = two_node_cluster

@@ -135,3 +135,21 @@ def test_required_columns_cover_contract_labels_and_features():
     assert cols[:5] == ["user_id", "item_id", "position", "click", "conversion"]
     assert {"item_tags", "user_activity", "device", "watch_time"} <= set(cols)
     assert len(cols) == len(set(cols))
+
+
+def test_esm2_shallow_tower_on_composed_task_refused_at_load():
+    d = load_config("esm2").model_dump(mode="json")
+    d["model"]["shallow_tower"] = {"apply_to": ["cvr"]}
+    with pytest.raises(ConfigError, match="names `cvr`, whose ESM2 probability is composed"):
+        parse_config(d)
+    d["model"]["shallow_tower"] = None
+    d["labels"]["daction"] = "regression"
+    with pytest.raises(ConfigError, match="`model.daction_task` `dar` must be a binary task"):
+        parse_config(d)
+
+
+def test_missing_arch_message():
+    d = load_config("esmm").model_dump(mode="json")
+    del d["model"]["arch"]
+    with pytest.raises(ConfigError, match=r"missing required key `model.arch`; use one of shared_bottom"):
+        parse_config(d, "c.yaml")

@@ -15,6 +15,7 @@ from mtrec.cli import main
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_demo_tells_the_story_and_mlflow_holds_what_it_reports(tmp_path):
     # MMoE has no BatchNorm: at 4,000 rows a day BN running statistics would still be near their

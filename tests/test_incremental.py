@@ -25,7 +25,7 @@ from mtrec.train.local import build_sharded, train_days
 
 DAY2, DAY3, DAY4 = (DAY1 + dt.timedelta(days=i) for i in (1, 2, 3))
 TOL = 1e-5
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]  # every test trains on Ray
 
 
 def inc_cfg(world, workdir, **train):

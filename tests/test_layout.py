@@ -47,6 +47,7 @@ def test_imports_go_one_way_between_the_packages():
     assert not offenders, offenders
 
 
+@pytest.mark.slow  # a fresh interpreter per package
 @pytest.mark.parametrize("package", ["mtrec.models", "mtrec.data"])
 def test_models_and_data_import_neither_ray_mlflow_nor_the_run_spec(package):
     """Models and data code read the model spec only; Ray, MLflow and the run spec stay out."""

@@ -63,6 +63,7 @@ def test_a_killed_holder_leaves_no_stale_lock(cfg):
         pass
 
 
+@pytest.mark.slow  # sleeps past a renewal
 def test_object_store_lease_refuses_while_fresh_and_is_taken_over_when_expired(monkeypatch):
     import fsspec
 

@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from mtrec.eval.metrics import auc, calibration, gauc, log_loss, normalized_entropy
+from mtrec.eval.metrics import auc, binary_report, calibration, gauc, log_loss, normalized_entropy
 
 rng = np.random.default_rng(0)
 N = 5000
@@ -49,3 +49,9 @@ def test_log_loss_ne_calibration():
     assert normalized_entropy(pred, label) < 1.0
     assert calibration(pred, label) == pytest.approx(pred.sum() / label.sum())
     assert np.isnan(auc(pred, np.zeros(N)))
+
+
+def test_metrics_on_empty_input_are_nan():
+    e = np.array([])
+    assert np.isnan(auc(e, e)) and np.isnan(gauc(e, e, e))
+    assert all(np.isnan(v) for k, v in binary_report(e, e, e).items() if k != "rows")

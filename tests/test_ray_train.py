@@ -51,6 +51,7 @@ def small_world(tmp_path_factory) -> tuple[str, int]:
     return str(root), 7
 
 
+@pytest.mark.slow
 def test_two_workers_train_every_good_row_exactly_once(ray_local, small_world, tmp_path, progress):
     logs, bad = small_world
     s = run_train(small_config(logs, str(tmp_path / "work")), DAY1, DAY2, RunOptions(log_every=5))
@@ -79,6 +80,7 @@ def test_two_workers_train_every_good_row_exactly_once(ray_local, small_world, t
     assert sorted(p.name for p in Path(s.checkpoint).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+@pytest.mark.slow
 def test_world_size_1_and_2_reach_the_same_quality(ray_local, world, tmp_path):
     """Same data (days 1-2) and the same global batch (512 rows: 1 x 512 vs 2 x 256, so the same
     number of dense steps), 1 vs 2 workers; the 2-worker checkpoint loads resharded at world size
@@ -95,6 +97,7 @@ def test_world_size_1_and_2_reach_the_same_quality(ray_local, world, tmp_path):
     assert min(metrics[1]["ctr/auc"], metrics[2]["ctr/auc"]) > 0.53, metrics  # learned (untrained: ~0.50)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_job_naming_it(ray_local, small_world, tmp_path, monkeypatch):
     logs, _ = small_world
     monkeypatch.setenv("MTREC_KILL_WORKER", "1:3")

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from conftest import DAY1
 
 from mtrec.data.synth import WorldParams, read_world, write_world
 from mtrec.errors import MtrecError
@@ -151,7 +152,7 @@ def test_bad_arguments():
 
 def test_item_quality_leaves_everything_else_of_the_world_as_it_was(tmp_path):
     """Quality and appeal draw from their own stream: switching quality on changes who buys, and
-    nothing else; the default world is the world written before these parameters existed."""
+    nothing else; every other column, and the click probabilities, are the default world's."""
     plain, quality = str(tmp_path / "plain"), str(tmp_path / "quality")
     write_world(plain, days=2, rows_per_day=5000, seed=3)
     write_world(quality, days=2, rows_per_day=5000, seed=3, params=WorldParams(quality_std=1.0))
@@ -228,3 +229,17 @@ def test_default_world_is_pinned():
         got.append((int(t.column("click").to_numpy().sum()), int(t.column("conversion").to_numpy().sum()),
                     int(t.column("item_id").to_numpy().sum() % 1_000_003), int(t.column("user_id").to_numpy().sum() % 1_000_003)))
     assert got == [(248, 16, 608218, 52485), (284, 17, 928394, 367559)]
+
+
+def test_synth_rewrite_replaces_the_world_and_refuses_foreign_folders(tmp_path):
+    out = tmp_path / "w"
+    write_world(str(out), days=1, rows_per_day=2000, seed=1, files_per_day=4)
+    write_world(str(out), days=1, rows_per_day=1000, seed=2, files_per_day=2)
+    assert sorted(p.name for p in (out / f"dt={DAY1}").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert pq.read_table(out / f"dt={DAY1}").num_rows == 1000
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(MtrecError, match="is not empty and holds no _world.json"):
+        write_world(str(foreign), days=1, rows_per_day=10)
+    assert (foreign / "keep.txt").exists()

@@ -171,6 +171,7 @@ def _python(code: str, *args: str, **env: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow  # two fresh interpreters importing MLflow
 def test_the_pyfunc_imports_only_what_scoring_needs():
     code = f"import sys; import mtrec.tracking.pyfunc; print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
     assert _python(code).strip() == "[]"
@@ -186,6 +187,7 @@ def test_every_name_of_the_package_resolves():
         mtrec.tracking.nothing  # noqa: B018
 
 
+@pytest.mark.slow  # logs two models, loads them in a fresh interpreter
 def test_load_served_loads_a_logged_model_with_scoring_code_only(world, tmp_path, monkeypatch):
     """A model logged now, and one whose logged code imports `MtrecPyfunc` from `mtrec.tracking`
     (as the code of models already in registries does), load as the same ServedModel in a process
@@ -300,6 +302,8 @@ def three_days(ray_local, server, world4, tmp_path_factory):
     return cfg, summaries, gates
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(three_days, server, caplog):
     from mlflow import MlflowClient
 
@@ -358,6 +362,8 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     assert not [r for r in caplog.records if r.getMessage().startswith("gate")]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4, tmp_path, monkeypatch, capsys):
     import mlflow
 
@@ -395,6 +401,8 @@ def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4,
     assert not (tmp_path / "no.parquet").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, world4, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -435,6 +443,8 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
     assert client.get_model_version_by_alias(cfg.name, "champion").version == champion
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch, caplog):
     import mlflow
     from mlflow import MlflowClient

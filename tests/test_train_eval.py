@@ -1,14 +1,19 @@
-"""Single-process training through DMP learns, and evaluation reports what it documents."""
+"""The training stream reads every good row once; single-process training through DMP learns;
+evaluation reports what it documents."""
 
 import datetime as dt
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import DAY1, WORLD_ROWS
+from conftest import DAY1, WORLD_ROWS, _mini
 
 from mtrec.config import load_config
-from mtrec.eval.evaluate import evaluate_day, predict_day
+from mtrec.errors import MtrecError
+from mtrec.eval.evaluate import Predictions, evaluate_day, predict_day, report
 from mtrec.train.local import build_sharded, train_days
 from mtrec.train.stream import StreamCounts, day_batches
 
@@ -73,10 +78,6 @@ def test_predictions_are_served_without_bias_features(world):
 
 
 def test_stream_leaves_bad_rows_out_and_counts_them(tmp_path, world):
-    import shutil
-
-    import pyarrow as pa
-
     shutil.copytree(f"{world}/dt={DAY1}", tmp_path / f"dt={DAY1}")
     path = tmp_path / f"dt={DAY1}" / "part-00000.parquet"
     t = pq.read_table(path)
@@ -88,3 +89,29 @@ def test_stream_leaves_bad_rows_out_and_counts_them(tmp_path, world):
     counts = StreamCounts()
     rows = sum(b.num_rows for b in day_batches(cfg.spec, cfg.job.logs, [DAY1], 1000, counts))
     assert (counts.read, counts.bad, counts.good, rows) == (WORLD_ROWS, 11, WORLD_ROWS - 11, WORLD_ROWS - 11)
+
+
+def test_training_stream_tolerates_schema_variation_between_files(world, tmp_path):
+    day = tmp_path / f"dt={DAY1}"
+    shutil.copytree(Path(world) / f"dt={DAY1}", day)
+    t = pq.read_table(day / "part-00001.parquet")
+    t = t.set_column(t.schema.get_field_index("position"), "position", t.column("position").cast(pa.int64()))
+    t = t.select(list(reversed(t.column_names))).append_column("extra", pa.array(["x"] * t.num_rows))
+    pq.write_table(t, day / "part-00001.parquet")
+    t2 = pq.read_table(day / "part-00002.parquet")
+    schema = pa.schema([f.with_nullable(False) if f.name == "user_id" else f for f in t2.schema])
+    pq.write_table(t2.cast(schema), day / "part-00002.parquet")
+    counts = StreamCounts()
+    cfg = load_config("esmm", logs=str(tmp_path))
+    rows = sum(b.num_rows for b in day_batches(cfg.spec, cfg.job.logs, [DAY1], 4096, counts))
+    assert rows == counts.good == WORLD_ROWS
+
+
+def test_truth_mismatch_is_an_error_not_a_silent_neighbour():
+    cfg = _mini(tasks=[{"name": "ctr", "label": "click"}])
+    pred = Predictions({"ctr": np.array([0.1, 0.2, 0.3, 0.4]), "ctr_logit": np.zeros(4)},
+                       {"click": np.array([0, 1, 0, 1.0]), "conversion": np.zeros(4)},
+                       np.arange(4), np.arange(4))
+    truth = pa.table({"row_id": pa.array([0, 1, 3, 3]), "p_click_unbiased": pa.array([0.1, 0.2, 0.3, 0.4])})
+    with pytest.raises(MtrecError, match=r"1 of 4 row ids missing, 1 duplicated"):
+        report(cfg.spec, pred, truth)

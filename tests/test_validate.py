@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import DAY1, WORLD_ROWS
+from conftest import DAY1, WORLD_ROWS, _batch, _mini
 
 from mtrec.config import load_config
+from mtrec.data.batch import BatchConverter
 from mtrec.data.synth import write_world
 from mtrec.data.validate import RowValidator
 from mtrec.errors import DataValidationError
@@ -206,3 +207,16 @@ def test_split_partitions_a_batch(cfg):
     assert good.column("user_id").to_pylist() == [1, 4]
     assert bad.column("reason").to_pylist() == ["null_id", "conversion_without_click"]
     assert index.tolist() == [1, 2]
+
+
+def test_null_dense_feature_is_quarantined_not_nan():
+    b = _batch(price=pa.array([1.0, None, float("nan"), 2.0], pa.float32()))
+    split = RowValidator(_mini().spec).split(b)
+    assert split.bad.column("reason").to_pylist() == ["bad_feature", "bad_feature"]
+    assert not np.isnan(BatchConverter(_mini().spec)(split.good).dense.numpy()).any()
+
+
+def test_log1p_regression_label_below_minus_one_is_out_of_range():
+    cfg = _mini({"watch_time": "regression"}, [{"name": "ctr", "label": "click"}, {"name": "w", "label": "watch_time", "log1p": True}])
+    b = _batch(watch_time=pa.array([0.0, -1.0, -0.5, 3.0], pa.float32()))
+    assert RowValidator(cfg.spec).split(b).bad_index.tolist() == [1]
