@@ -2,7 +2,7 @@
 #   make demo      install if needed, then run `mtrec demo`
 #   make test      install if needed, then run the whole test suite
 #   make install   build .venv from the pinned lock files (idempotent)
-#   make lint      ruff over the code
+#   make lint      ruff (lint rules and formatting) over every package
 # VARIANT=cuda installs the CUDA torch + fbgemm-gpu instead (GPU machines; see docs/install.md).
 
 PYTHON ?= python3.11
@@ -36,6 +36,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check mtrec pipelines tests bench
+	$(BIN)/ruff format --check mtrec pipelines tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

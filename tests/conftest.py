@@ -21,29 +21,44 @@ SLOW_FIXTURES = ("ray_local", "server", "two_node_cluster")
 def pytest_collection_modifyitems(items):
     """Refuse to run when a test pulls in a Ray or server fixture without the `slow` mark, so
     `-m "not slow"` stays fast and never starts Ray."""
-    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None
-                and set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("slow") is None and set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ()))
+    ]
     if unmarked:
         raise pytest.UsageError(f"mark these tests @pytest.mark.slow (they use {', '.join(SLOW_FIXTURES)}): {unmarked}")
 
 
 def _mini(extra_labels=None, tasks=None, model=None, dense=True):
     """A minimal ESMM config: click/conversion labels, one sparse, one dense and one bias feature."""
-    return parse_config({
-        "name": "t", "labels": {"click": "binary", "conversion": "binary", **(extra_labels or {})},
-        "features": {"sparse": [{"name": "user_id", "hash_size": 10}],
-                     "dense": [{"name": "price"}] if dense else [], "bias": [{"name": "device", "num_values": 2}]},
-        "tasks": tasks or [{"name": "ctr", "label": "click"}], "model": model or {"arch": "esmm"},
-    })
+    return parse_config(
+        {
+            "name": "t",
+            "labels": {"click": "binary", "conversion": "binary", **(extra_labels or {})},
+            "features": {
+                "sparse": [{"name": "user_id", "hash_size": 10}],
+                "dense": [{"name": "price"}] if dense else [],
+                "bias": [{"name": "device", "num_values": 2}],
+            },
+            "tasks": tasks or [{"name": "ctr", "label": "click"}],
+            "model": model or {"arch": "esmm"},
+        }
+    )
 
 
 def _batch(**cols):
     """A record batch of the columns `_mini` reads, all-clean defaults, with `cols` replacing them."""
     n = len(next(iter(cols.values())))
-    base = {"user_id": pa.array(range(n), pa.int64()), "item_id": pa.array(range(n), pa.int64()),
-            "position": pa.array([0] * n, pa.int32()), "click": pa.array([0] * n, pa.int8()),
-            "conversion": pa.array([0] * n, pa.int8()), "price": pa.array([1.0] * n, pa.float32()),
-            "device": pa.array([0] * n, pa.int8())}
+    base = {
+        "user_id": pa.array(range(n), pa.int64()),
+        "item_id": pa.array(range(n), pa.int64()),
+        "position": pa.array([0] * n, pa.int32()),
+        "click": pa.array([0] * n, pa.int8()),
+        "conversion": pa.array([0] * n, pa.int8()),
+        "price": pa.array([1.0] * n, pa.float32()),
+        "device": pa.array([0] * n, pa.int8()),
+    }
     base.update(cols)
     return pa.record_batch(base)
 

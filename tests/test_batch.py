@@ -12,12 +12,22 @@ from mtrec.train.stream import rebatch
 
 
 def cfg(multi_pooling="mean"):
-    return parse_config({
-        "name": "t", "labels": {"click": "binary", "conversion": "binary", "watch_time": "regression"},
-        "features": {"sparse": [{"name": "user_id", "hash_size": 97}, {"name": "tags", "hash_size": 13, "multi_hot": True, "pooling": multi_pooling}],
-                     "dense": [{"name": "price", "log1p": True}], "bias": [{"name": "position", "num_values": 3}]},
-        "tasks": [{"name": "ctr", "label": "click"}], "model": {"arch": "esmm"},
-    })
+    return parse_config(
+        {
+            "name": "t",
+            "labels": {"click": "binary", "conversion": "binary", "watch_time": "regression"},
+            "features": {
+                "sparse": [
+                    {"name": "user_id", "hash_size": 97},
+                    {"name": "tags", "hash_size": 13, "multi_hot": True, "pooling": multi_pooling},
+                ],
+                "dense": [{"name": "price", "log1p": True}],
+                "bias": [{"name": "position", "num_values": 3}],
+            },
+            "tasks": [{"name": "ctr", "label": "click"}],
+            "model": {"arch": "esmm"},
+        }
+    )
 
 
 def test_hash_is_deterministic_in_range_and_spreads():
@@ -35,34 +45,58 @@ def test_hashes_keep_their_values():
     from mtrec.train.loop import step_seed
     from mtrec.train.sampling import uniform
 
-    ids = np.array([0, 1, -1, 42, 2**63 - 1, -2**63, 123456789012345], dtype=np.int64)
+    ids = np.array([0, 1, -1, 42, 2**63 - 1, -(2**63), 123456789012345], dtype=np.int64)
     assert hash_ids(ids, 97).tolist() == [49, 27, 52, 42, 48, 69, 68]
-    assert hash_ids(ids, 2**62).tolist() == [2459150361376443823, 1227844342346046657, 2655278211686280224, 4456085495900499605,
-                                            3055647633038352039, 585116803935106011, 1755862119724506363]
+    assert hash_ids(ids, 2**62).tolist() == [
+        2459150361376443823,
+        1227844342346046657,
+        2655278211686280224,
+        4456085495900499605,
+        3055647633038352039,
+        585116803935106011,
+        1755862119724506363,
+    ]
     assert uniform(7, np.array([0, 0, 3, 11]), np.array([0, 1, 2, 99999])).tolist() == [
-        0.7215081806049702, 0.23928447285727472, 0.484371800028246, 0.25518527571147365]
+        0.7215081806049702,
+        0.23928447285727472,
+        0.484371800028246,
+        0.25518527571147365,
+    ]
     assert uniform(0, np.array([0]), np.array([0])).tolist() == [0.6524484863740322]
-    assert uniform(-1, np.array([5]), np.array([6])).tolist() == uniform(2**64 - 1, np.array([5]), np.array([6])).tolist() == [0.1278663416103517]
+    assert (
+        uniform(-1, np.array([5]), np.array([6])).tolist()
+        == uniform(2**64 - 1, np.array([5]), np.array([6])).tolist()
+        == [0.1278663416103517]
+    )
     # the reference generator's first three outputs from seed 0 (its state after k steps: k * gamma)
     gamma = np.uint64(0x9E3779B97F4A7C15)
     assert [hex(int(v)) for v in splitmix64(np.arange(3, dtype=np.uint64) * gamma)] == [
-        "0xe220a8397b1dcdaf", "0x6e789e6aa1b965f4", "0x6c45d188009454f"]
+        "0xe220a8397b1dcdaf",
+        "0x6e789e6aa1b965f4",
+        "0x6c45d188009454f",
+    ]
     with pytest.raises(TypeError, match="uint64"):
         splitmix64(ids)  # int64 + uint64 would be float64
     # dropout's seed per step: a multiply-xorshift of its own (not splitmix64)
     assert [step_seed(0, 0, 0, 0), step_seed(7, 3, 1000, 1), step_seed(-1, 2**70, 5, 0)] == [
-        1802945080459786841, 4918737022446938112, 211293458196907736]
+        1802945080459786841,
+        4918737022446938112,
+        211293458196907736,
+    ]
 
 
 def test_conversion_jagged_nulls_and_strings():
-    rb = pa.record_batch({
-        "user_id": pa.array(["u1", None, "u1"]),
-        "tags": pa.array([[1, 2], None, [3, None]], pa.list_(pa.int64())),
-        "price": pa.array([0.0, 9.0, -9.0], pa.float32()),
-        "position": pa.array([0, 5, 1], pa.int32()),
-        "click": pa.array([1, 0, 1], pa.int8()), "conversion": pa.array([0, 0, 1], pa.int8()),
-        "watch_time": pa.array([1.5, 0, 2], pa.float32()),
-    })
+    rb = pa.record_batch(
+        {
+            "user_id": pa.array(["u1", None, "u1"]),
+            "tags": pa.array([[1, 2], None, [3, None]], pa.list_(pa.int64())),
+            "price": pa.array([0.0, 9.0, -9.0], pa.float32()),
+            "position": pa.array([0, 5, 1], pa.int32()),
+            "click": pa.array([1, 0, 1], pa.int8()),
+            "conversion": pa.array([0, 0, 1], pa.int8()),
+            "watch_time": pa.array([1.5, 0, 2], pa.float32()),
+        }
+    )
     b = BatchConverter(cfg().spec)(rb)
     kjt = b.sparse.to_dict()
     assert kjt["user_id"].lengths().tolist() == [1, 0, 1]  # a null id is an empty bag
@@ -76,8 +110,12 @@ def test_conversion_jagged_nulls_and_strings():
 
 
 def test_boolean_labels_and_bias_and_uint64_ids_work():
-    b = _batch(click=pa.array([True, False, True]), conversion=pa.array([True, True, False]),
-               device=pa.array([True, False, False]), user_id=pa.array([2**63 + 5, 1, 2], pa.uint64()))
+    b = _batch(
+        click=pa.array([True, False, True]),
+        conversion=pa.array([True, True, False]),
+        device=pa.array([True, False, False]),
+        user_id=pa.array([2**63 + 5, 1, 2], pa.uint64()),
+    )
     split = RowValidator(_mini().spec).split(b)
     assert split.bad.column("reason").to_pylist() == ["conversion_without_click"]
     kjt = BatchConverter(_mini().spec)(split.good).sparse.to_dict()["user_id"]
@@ -85,22 +123,34 @@ def test_boolean_labels_and_bias_and_uint64_ids_work():
 
 
 def test_null_multi_hot_list_with_values_underneath():
-    cfg = parse_config({"name": "t", "labels": {"click": "binary", "conversion": "binary"},
-                        "features": {"sparse": [{"name": "tags", "hash_size": 1000, "multi_hot": True}]},
-                        "tasks": [{"name": "ctr", "label": "click"}], "model": {"arch": "esmm"}})
-    tags = pa.ListArray.from_arrays(pa.array([0, 2, 4, 5], pa.int32()), pa.array([1, 2, 3, 4, 5], pa.int64()),
-                                    mask=pa.array([False, True, False]))
-    rb = pa.record_batch({"tags": tags, "click": pa.array([0, 0, 0], pa.int8()), "conversion": pa.array([0, 0, 0], pa.int8())})
+    cfg = parse_config(
+        {
+            "name": "t",
+            "labels": {"click": "binary", "conversion": "binary"},
+            "features": {"sparse": [{"name": "tags", "hash_size": 1000, "multi_hot": True}]},
+            "tasks": [{"name": "ctr", "label": "click"}],
+            "model": {"arch": "esmm"},
+        }
+    )
+    tags = pa.ListArray.from_arrays(
+        pa.array([0, 2, 4, 5], pa.int32()), pa.array([1, 2, 3, 4, 5], pa.int64()), mask=pa.array([False, True, False])
+    )
+    rb = pa.record_batch(
+        {"tags": tags, "click": pa.array([0, 0, 0], pa.int8()), "conversion": pa.array([0, 0, 0], pa.int8())}
+    )
     kjt = BatchConverter(cfg.spec)(rb).sparse.to_dict()["tags"]
     assert kjt.lengths().tolist() == [2, 0, 1] and kjt.values().numel() == 3
 
 
-@pytest.mark.parametrize(("sizes", "batch", "expected"), [
-    ([7, 7, 7], 5, [5, 5, 5, 6]),   # 21 rows: tail of 1 merged into the last full batch
-    ([10, 3], 5, [5, 5, 3]),        # tail of 3 >= half: kept on its own
-    ([4], 5, [4]),
-    ([], 5, []),
-])
+@pytest.mark.parametrize(
+    ("sizes", "batch", "expected"),
+    [
+        ([7, 7, 7], 5, [5, 5, 5, 6]),  # 21 rows: tail of 1 merged into the last full batch
+        ([10, 3], 5, [5, 5, 3]),  # tail of 3 >= half: kept on its own
+        ([4], 5, [4]),
+        ([], 5, []),
+    ],
+)
 def test_rebatch_exact_sizes_no_row_lost(sizes, batch, expected):
     start = 0
     parts = []

@@ -37,9 +37,15 @@ def test_figures_equal_hand_computed_values_on_a_tiny_layer():
     # KL(N(0,1) || N(1,4)) = 0.5 * (log 4 + (1 + 1) / 4 - 1)
     assert f["kl"] == pytest.approx([0.5 * (math.log(4) + 2 / 4 - 1), 0.0])
     th = BNCheckConfig(max_smd=0.4, max_abs_log_var_ratio=10, max_kl=10)
-    rep = bn.compare({"l": (np.array([1.0, 0.0]), np.array([4.0, 1.0]))}, {"l": (np.zeros(2), np.ones(2))}, th, "2026-01-02", 10)
+    rep = bn.compare(
+        {"l": (np.array([1.0, 0.0]), np.array([4.0, 1.0]))}, {"l": (np.zeros(2), np.ones(2))}, th, "2026-01-02", 10
+    )
     (lc,) = rep.layers
-    assert lc.smd_mean == pytest.approx(0.5) and lc.smd_max == 1.0 and lc.abs_log_var_ratio_mean == pytest.approx(math.log(4) / 2)
+    assert (
+        lc.smd_mean == pytest.approx(0.5)
+        and lc.smd_max == 1.0
+        and lc.abs_log_var_ratio_mean == pytest.approx(math.log(4) / 2)
+    )
     assert not rep.passed and lc.failing == ["smd_mean 0.500 > 0.4"]
     assert "FAILED, 1 of 1 layers; worst l: smd_mean 0.500 > 0.4" in rep.summary()
     assert rep.metrics()["bn/l/smd_mean"] == pytest.approx(0.5) and rep.metrics()["bn/passed"] == 0.0
@@ -56,7 +62,9 @@ def test_reference_hooks_see_each_layers_input_streamed(world):
     x = torch.cat(seen)
     assert rows == x.shape[0] == 20_000 and len(seen) > 5  # every row, in bounded batches
     mean, var = ref["towers.ctr.mlp.1"]
-    assert np.allclose(mean, x.mean(0).numpy(), atol=1e-9) and np.allclose(var, x.var(0, unbiased=False).numpy(), atol=1e-9)
+    assert np.allclose(mean, x.mean(0).numpy(), atol=1e-9) and np.allclose(
+        var, x.var(0, unbiased=False).numpy(), atol=1e-9
+    )
 
 
 def test_a_model_without_bn_reports_no_bn_layers_and_passes(world):
@@ -111,7 +119,10 @@ def test_scores_are_corrected_back_from_the_sampled_space(world):
     from mtrec.data.io import list_day_files
     from mtrec.data.validate import iter_file_batches
 
-    plain, sampled = bn_cfg(world, batch_norm=False), bn_cfg(world, batch_norm=False, negative_rate=0.1, positive_repeat=2)
+    plain, sampled = (
+        bn_cfg(world, batch_norm=False),
+        bn_cfg(world, batch_norm=False, negative_rate=0.1, positive_repeat=2),
+    )
     torch.manual_seed(0)
     a = build_model(plain.spec, "cpu", plain.score_offsets())
     b = build_model(sampled.spec, "cpu", sampled.score_offsets())
@@ -148,16 +159,26 @@ def test_training_with_sampling_consumes_every_row_once_and_trains_fewer(world):
     cfg = type(load_config("esmm")).model_validate(d)
     dmp, opt = build_sharded(cfg)
     pos = Position()
-    stats = train_stream(dmp, opt, day_batches(cfg.spec, cfg.job.logs, [DAY1], 32, StreamCounts()), cfg, device_for_backend()[0],
-                         LoopOptions(log_every=100, position=pos))
+    stats = train_stream(
+        dmp,
+        opt,
+        day_batches(cfg.spec, cfg.job.logs, [DAY1], 32, StreamCounts()),
+        cfg,
+        device_for_backend()[0],
+        LoopOptions(log_every=100, position=pos),
+    )
     clicks = int(sum(b.column("click").to_numpy().sum() for b in day_batches(cfg.spec, cfg.job.logs, [DAY1], 4096)))
     assert stats.rows == pos.rows == 20_000  # every row consumed once, sampled out or not
     assert stats.sampled_rows == pytest.approx(2 * clicks + 0.05 * (20_000 - clicks), rel=0.1)
-    assert stats.batches < 20_000 // 32 and stats.steps == stats.batches and stats.pad_steps == 0  # world size 1: no pad steps
+    assert (
+        stats.batches < 20_000 // 32 and stats.steps == stats.batches and stats.pad_steps == 0
+    )  # world size 1: no pad steps
 
 
 @pytest.mark.slow  # logs four model versions to MLflow
-def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(world, tmp_path, monkeypatch, capsys, caplog):
+def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_that_passes(
+    world, tmp_path, monkeypatch, capsys, caplog
+):
     """Embedded MLflow (sqlite), models logged directly: champion A has statistics of the data;
     challenger B is A with its running means shifted by 5. The gate refuses B naming the BN
     check; `mtrec bn-check --recalibrate` registers B' whose statistics pass, and the gate
@@ -187,12 +208,21 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     assert register(model.state_dict(), "a") == "1"
     capsys.readouterr()
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0  # no champion yet: v1
-    assert f"promoted v1 of {cfg.name} to champion: no champion yet: version 1 becomes the first" in capsys.readouterr().err
+    assert (
+        f"promoted v1 of {cfg.name} to champion: no champion yet: version 1 becomes the first"
+        in capsys.readouterr().err
+    )
     broken = {k: (v + 5.0 if k.endswith("running_mean") else v) for k, v in model.state_dict().items()}
     assert register(broken, "b") == "2"
     capsys.readouterr()
-    assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--model", f"models:/{cfg.name}/2"]) == 7
-    assert "mtrec: error: BN check on 2026-01-02 (20,000 rows): FAILED, 4 of 4 layers; worst towers." in capsys.readouterr().err
+    assert (
+        main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--model", f"models:/{cfg.name}/2"])
+        == 7
+    )
+    assert (
+        "mtrec: error: BN check on 2026-01-02 (20,000 rows): FAILED, 4 of 4 layers; worst towers."
+        in capsys.readouterr().err
+    )
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 5
     client = MlflowClient(tracker.uri, tracker.uri)
     v2 = client.get_model_version(cfg.name, "2").tags
@@ -200,8 +230,21 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     assert "its BN check on 2026-01-03" in v2["mtrec.gate.reason"] and "FAILED" in v2["mtrec.gate.reason"]
     assert str(client.get_model_version_by_alias(cfg.name, "champion").version) == "1"
     # the fix: recalibrate v2 on day 2 -> v3, registered as the challenger, judged on day 3
-    assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--model", f"models:/{cfg.name}/2",
-                 "--recalibrate"]) == 0
+    assert (
+        main(
+            [
+                "bn-check",
+                "--config",
+                str(_yaml(tmp_path, d)),
+                "--date",
+                str(DAY2),
+                "--model",
+                f"models:/{cfg.name}/2",
+                "--recalibrate",
+            ]
+        )
+        == 0
+    )
     v3 = client.get_model_version(cfg.name, "3")
     assert v3.tags["mtrec.bn_recalibrated_on"] == str(DAY2) and v3.tags["mtrec.checkpoint"] == f"{tmp_path}/ck-b"
     assert str(client.get_model_version_by_alias(cfg.name, "challenger").version) == "3"
@@ -212,15 +255,40 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     late = DAY1 + dt.timedelta(days=2)
     run = tracker.start_run("nightly", [late], f"{tmp_path}/ck-late", None, None)
     served = ServedModel(cfg.spec, model.state_dict())
-    assert tracker.register(run, tracker.log_model(run, served, example_rows(cfg.job.logs, DAY1, served.columns)), f"{tmp_path}/ck-late", late) == "4"
+    assert (
+        tracker.register(
+            run,
+            tracker.log_model(run, served, example_rows(cfg.job.logs, DAY1, served.columns)),
+            f"{tmp_path}/ck-late",
+            late,
+        )
+        == "4"
+    )
     capsys.readouterr()
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 10
     assert f"no day with logs after {late}" in capsys.readouterr().err
     assert "mtrec.gate.decision" not in client.get_model_version(cfg.name, "4").tags
     d["tracking"]["enabled"] = False
     capsys.readouterr()
-    assert main(["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--checkpoint", str(tmp_path), "--recalibrate"]) == 2
-    assert "--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "bn-check",
+                "--config",
+                str(_yaml(tmp_path, d)),
+                "--date",
+                str(DAY2),
+                "--checkpoint",
+                str(tmp_path),
+                "--recalibrate",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`"
+        in capsys.readouterr().err
+    )
 
 
 def _yaml(tmp_path, d):

@@ -29,7 +29,9 @@ def saved(world, tmp_path_factory):
     cfg = small(world).with_overrides(workdir=str(tmp_path_factory.mktemp("ckpt")))
     res = train_days(cfg, [DAY1])
     url = ck.checkpoint_url(cfg, DAY1)
-    ck.save(res.dmp, res.optimizer, url, {"model": cfg.name, "config_fingerprint": cfg.fingerprint(), "date": str(DAY1)})
+    ck.save(
+        res.dmp, res.optimizer, url, {"model": cfg.name, "config_fingerprint": cfg.fingerprint(), "date": str(DAY1)}
+    )
     return cfg, res, url
 
 
@@ -95,11 +97,19 @@ def test_publish_is_atomic_locally_and_marker_last_on_an_object_store(saved, tmp
     target = str(tmp_path / "dt=2026-01-01")
     for n in (1, 2):
         staged = str(tmp_path / "_staging" / f"run{n}")
-        ck.save(res.dmp, res.optimizer, staged, {"model": cfg.name, "config_fingerprint": cfg.fingerprint(), "run": n}, marker=False)
+        ck.save(
+            res.dmp,
+            res.optimizer,
+            staged,
+            {"model": cfg.name, "config_fingerprint": cfg.fingerprint(), "run": n},
+            marker=False,
+        )
         assert not Path(staged, "_SUCCESS").exists()
         ck.publish(staged, target)
         assert ck.read_manifest(target)["run"] == n and not Path(staged).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_staging", "dt=2026-01-01"] and not any((tmp_path / "_staging").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_staging", "dt=2026-01-01"] and not any(
+        (tmp_path / "_staging").iterdir()
+    )
     # object store (fsspec memory://): copied object by object, then the marker
     staged, final = "memory://mtrec-test/_staging/run", "memory://mtrec-test/dt=2026-01-01"
     ck.save(res.dmp, res.optimizer, staged, {"model": cfg.name, "config_fingerprint": cfg.fingerprint()}, marker=False)

@@ -36,8 +36,12 @@ def test_validate_fails_above_threshold_with_one_line(world, tmp_path, capsys):
     conv[:300] = 1  # 300 conversions on rows that (mostly) had no click
     import pyarrow as pa
 
-    pq.write_table(t.set_column(t.schema.get_field_index("conversion"), "conversion", pa.array(conv)), logs / "part-00000.parquet")
-    code, out, err = run(capsys, "validate", "--logs", str(tmp_path / "logs"), "--workdir", str(tmp_path / "w"), "--date", "2026-01-01")
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("conversion"), "conversion", pa.array(conv)), logs / "part-00000.parquet"
+    )
+    code, out, err = run(
+        capsys, "validate", "--logs", str(tmp_path / "logs"), "--workdir", str(tmp_path / "w"), "--date", "2026-01-01"
+    )
     last = err.splitlines()[-1]
     assert code == 3 and out == ""
     assert last.startswith("mtrec: error: day 2026-01-01: ") and "mtrec: error" not in err.removesuffix(last + "\n")
@@ -48,12 +52,28 @@ def test_validate_fails_above_threshold_with_one_line(world, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "code", "text"),
     [
-        (["validate", "--date", "2026-13-01"], 2, "`--date` must be a date YYYY-MM-DD, `today` or `yesterday`, got '2026-13-01'"),
+        (
+            ["validate", "--date", "2026-13-01"],
+            2,
+            "`--date` must be a date YYYY-MM-DD, `today` or `yesterday`, got '2026-13-01'",
+        ),
         (["validate", "--config", "missing.yaml", "--date", "2026-01-01"], 2, "config file `missing.yaml` not found"),
-        (["validate", "--logs", "/nonexistent/logs", "--date", "2026-01-01"], 3, "the logs root /nonexistent/logs does not exist"),
+        (
+            ["validate", "--logs", "/nonexistent/logs", "--date", "2026-01-01"],
+            3,
+            "the logs root /nonexistent/logs does not exist",
+        ),
         (["synth", "--out", "memory://x", "--days", "0"], 2, "`--days` must be >= 1, got 0"),
-        (["synth", "--out", "memory://x", "--param", "apeal_std=1"], 2, "--param 'apeal_std=1': expected NAME=VALUE with NAME one of"),
-        (["synth", "--out", "memory://x", "--preset", "nope"], 2, "--preset 'nope': unknown; choose one of item_quality"),
+        (
+            ["synth", "--out", "memory://x", "--param", "apeal_std=1"],
+            2,
+            "--param 'apeal_std=1': expected NAME=VALUE with NAME one of",
+        ),
+        (
+            ["synth", "--out", "memory://x", "--preset", "nope"],
+            2,
+            "--preset 'nope': unknown; choose one of item_quality",
+        ),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(capsys, argv, code, text):
@@ -84,7 +104,10 @@ def test_promote_without_tracking_is_refused_before_training(tmp_path, capsys):
     d = load_config("esmm", logs=str(tmp_path / "logs"), workdir=str(tmp_path / "work")).model_dump(mode="json")
     d["tracking"]["enabled"] = False
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
-    for argv in (["nightly", "--date", "2026-01-02", "--cold-start"], ["backfill", "--from", "2026-01-01", "--to", "2026-01-02"]):
+    for argv in (
+        ["nightly", "--date", "2026-01-02", "--cold-start"],
+        ["backfill", "--from", "2026-01-01", "--to", "2026-01-02"],
+    ):
         code, _, err = run(capsys, *argv, "--config", str(tmp_path / "c.yaml"), "--promote")
         assert code == 2 and "--promote needs MLflow tracking (`tracking.enabled: true`)" in err
     assert not (tmp_path / "work").exists()  # nothing trained, not even the lock taken
@@ -93,10 +116,19 @@ def test_promote_without_tracking_is_refused_before_training(tmp_path, capsys):
 def test_validate_json_is_json_alone_on_stdout(world, tmp_path):
     """`mtrec validate --json | python -m json.tool` works: progress goes to stderr."""
     exe = Path(sys.executable).with_name("mtrec")
-    res = subprocess.run(f"{exe} validate --logs {world} --workdir {tmp_path / 'w'} --date 2026-01-01 --json | {sys.executable} -m json.tool",
-                         shell=True, capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        f"{exe} validate --logs {world} --workdir {tmp_path / 'w'} --date 2026-01-01 --json "
+        f"| {sys.executable} -m json.tool",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
-    assert '"good_rows": 20000' in res.stdout and "dt=2026-01-01/part-00000.parquet: 5,000 rows, 0 quarantined" in res.stderr
+    assert (
+        '"good_rows": 20000' in res.stdout
+        and "dt=2026-01-01/part-00000.parquet: 5,000 rows, 0 quarantined" in res.stderr
+    )
 
 
 def _day_without(world: str, root: Path, column: str | None = None, empty: bool = False) -> str:
@@ -110,23 +142,34 @@ def _day_without(world: str, root: Path, column: str | None = None, empty: bool 
     return str(root)
 
 
-@pytest.mark.parametrize(("case", "text"), [
-    ("missing", "no logs for 2026-01-09 under"),
-    ("empty", "the logs of 2026-01-01 hold no rows (4 empty file(s)"),
-    ("no column", "column `conversion` is missing (required by `labels`)"),
-])
+@pytest.mark.parametrize(
+    ("case", "text"),
+    [
+        ("missing", "no logs for 2026-01-09 under"),
+        ("empty", "the logs of 2026-01-01 hold no rows (4 empty file(s)"),
+        ("no column", "column `conversion` is missing (required by `labels`)"),
+    ],
+)
 def test_nightly_on_a_bad_day_fails_fast_with_one_line(world, tmp_path, case, text):
     """Before Ray starts: a missing, empty or column-less day is one line on stderr, nothing else,
     in under 5 s from the command line (the process's imports included)."""
     import time
 
-    logs = {"missing": lambda: world, "empty": lambda: _day_without(world, tmp_path / "logs", empty=True),
-            "no column": lambda: _day_without(world, tmp_path / "logs", column="conversion")}[case]()
+    logs = {
+        "missing": lambda: world,
+        "empty": lambda: _day_without(world, tmp_path / "logs", empty=True),
+        "no column": lambda: _day_without(world, tmp_path / "logs", column="conversion"),
+    }[case]()
     day = "2026-01-09" if case == "missing" else "2026-01-01"
     exe = Path(sys.executable).with_name("mtrec")
     t0 = time.perf_counter()
-    res = subprocess.run([str(exe), "nightly", "--logs", logs, "--workdir", str(tmp_path / "w"), "--date", day, "--cold-start"],
-                         capture_output=True, text=True, check=False, timeout=60)
+    res = subprocess.run(
+        [str(exe), "nightly", "--logs", logs, "--workdir", str(tmp_path / "w"), "--date", day, "--cold-start"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     seconds = time.perf_counter() - t0
     assert res.returncode == 3 and res.stdout == "" and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith("mtrec: error: ") and text in res.stderr

@@ -49,8 +49,13 @@ def _free_port() -> int:
 def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     """`ray start ... --block` in its own process group; returns once the node is up."""
     fh = log.open("w")
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", *args],
+        env=env,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while "Ray runtime started" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -77,8 +82,13 @@ def two_node_cluster(tmp_path):
     """A real Ray cluster of two nodes on 127.0.0.1, the head with its job server, token auth;
     stopped afterwards. Yields (job server URL, env for clients)."""
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DISABLE_USAGE_STATS": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the jobs' `python` is this venv's
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_DISABLE_USAGE_STATS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # the jobs' `python` is this venv's
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # earlier tests' MLflow URIs stay in
         env.pop(var, None)  # os.environ (mlflow.set_tracking_uri exports it), and submit forwards them to the job
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
@@ -87,14 +97,34 @@ def two_node_cluster(tmp_path):
     temps = [tempfile.mkdtemp(prefix="mr", dir="/tmp") for _ in range(2)]
     nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                  f"--dashboard-port={dash}", f"--temp-dir={temps[0]}", *common], env, tmp_path / "head.log"))
-        nodes.append(_start_node([f"--address=127.0.0.1:{port}", f"--temp-dir={temps[1]}", *common], env, tmp_path / "node2.log"))
+        nodes.append(
+            _start_node(
+                [
+                    "--head",
+                    f"--port={port}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    f"--temp-dir={temps[0]}",
+                    *common,
+                ],
+                env,
+                tmp_path / "head.log",
+            )
+        )
+        nodes.append(
+            _start_node([f"--address=127.0.0.1:{port}", f"--temp-dir={temps[1]}", *common], env, tmp_path / "node2.log")
+        )
         url = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 120
         while True:  # the job server comes up after the node reports itself started
-            probe = subprocess.run([str(BIN / "mtrec"), "submit", "--address", url, "--status", "none"], env=env,
-                                   capture_output=True, text=True, timeout=60)
+            probe = subprocess.run(
+                [str(BIN / "mtrec"), "submit", "--address", url, "--status", "none"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if "cannot reach the Ray job server" not in probe.stderr or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -129,17 +159,37 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
     summary = tmp_path / "summary.json"
 
     # 1. full retrain of days 1-2 with 2 workers, through the job server
-    p = _mtrec(env, "submit", "--address", url, "--", "train", "--config", str(path), "--from", str(DAY1), "--to", str(DAY2),
-               "--log-every", "5", "--summary", str(summary))
+    p = _mtrec(
+        env,
+        "submit",
+        "--address",
+        url,
+        "--",
+        "train",
+        "--config",
+        str(path),
+        "--from",
+        str(DAY1),
+        "--to",
+        str(DAY2),
+        "--log-every",
+        "5",
+        "--summary",
+        str(summary),
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     assert "submitted mtrec-train-2026-01-01-2026-01-02-" in out and "SUCCEEDED" in out
     assert "ray: joined cluster" in out and "2 node(s)" in out  # the job's own output, streamed
     s = json.loads(summary.read_text())
     assert s["rows"] == s["expected_rows"] == 2 * ROWS
-    assert len({w["node_id"] for w in s["workers"]}) == 2 and all(w["rows"] > 0 for w in s["workers"])  # one worker per node
+    assert len({w["node_id"] for w in s["workers"]}) == 2 and all(
+        w["rows"] > 0 for w in s["workers"]
+    )  # one worker per node
     assert {r for t in s["plan"].values() for r in t["ranks"]} == {0, 1}
-    assert pc.sum(pa.array([w["pad_steps"] for w in s["workers"]])).as_py() == abs(s["workers"][0]["batches"] - s["workers"][1]["batches"])
+    assert pc.sum(pa.array([w["pad_steps"] for w in s["workers"]])).as_py() == abs(
+        s["workers"][0]["batches"] - s["workers"][1]["batches"]
+    )
     ckpt = Path(s["checkpoint"])
     assert ckpt == Path(d["job"]["workdir"]) / "checkpoints" / cfg.name / f"dt={DAY2}" and (ckpt / "_SUCCESS").exists()
     from mlflow import MlflowClient
@@ -147,8 +197,14 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
     uri = f"sqlite:///{d['job']['workdir']}/mlflow.db"
     client = MlflowClient(uri, uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["mtrec.kind"] == "full_retrain" and run.data.tags["mtrec.checkpoint"] == str(ckpt)
-    assert run.data.params["world_size"] == "2" and 0 < run.data.metrics["eval/ctr/auc"] < 1  # evaluated on day 3 (8k rows: no quality claim)
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.tags["mtrec.kind"] == "full_retrain"
+        and run.data.tags["mtrec.checkpoint"] == str(ckpt)
+    )
+    assert (
+        run.data.params["world_size"] == "2" and 0 < run.data.metrics["eval/ctr/auc"] < 1
+    )  # evaluated on day 3 (8k rows: no quality claim)
 
     # 2. two nightlies for day 3 at once: one trains (warm start from day 2), the other is refused
     nightly = ["--", "nightly", "--config", str(path), "--date", str(DAY3)]
@@ -163,7 +219,10 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
     winner, loser = (ids[0], ids[1]) if results[0].returncode == 0 else (ids[1], ids[0])
     refused = next(r for r in results if r.returncode == 8)
     # the job's own output (its one error line) streamed on stdout, submit's status line on stderr
-    assert f"esmm_synth is being trained by `mtrec nightly {DAY3}`" in refused.stdout and f"Ray job {winner}" in refused.stdout
+    assert (
+        f"esmm_synth is being trained by `mtrec nightly {DAY3}`" in refused.stdout
+        and f"Ray job {winner}" in refused.stdout
+    )
     assert f"job {loser} FAILED: mtrec exited 8" in refused.stderr
     manifest = json.loads((ckpt.parent / f"dt={DAY3}" / "manifest.json").read_text())
     assert manifest["parent"] == str(ckpt) and manifest["days"] == [str(DAY3)]
@@ -194,17 +253,32 @@ def test_submit_checks_the_command_before_sending_anything(tmp_path, monkeypatch
 
 def test_stage_uploads_the_code_and_the_config_file(tmp_path):
     cfgfile = tmp_path / "my.yaml"
-    cfgfile.write_text(yaml.safe_dump({**yaml.safe_load(Path(submit.__file__).parents[1].joinpath("configs/esmm.yaml").read_text()),
-                                       "job": {"logs": "/data/logs", "workdir": "s3://bucket/work"}}))
+    cfgfile.write_text(
+        yaml.safe_dump(
+            {
+                **yaml.safe_load(Path(submit.__file__).parents[1].joinpath("configs/esmm.yaml").read_text()),
+                "job": {"logs": "/data/logs", "workdir": "s3://bucket/work"},
+            }
+        )
+    )
     into = tmp_path / "stage"
     into.mkdir()
     argv = submit.stage(["nightly", "--config", str(cfgfile), "--date", "yesterday"], False, into)
     assert argv == ["nightly", "--config", "_submit/my.yaml", "--date", "yesterday"]
     assert (into / "_submit/my.yaml").read_bytes() == cfgfile.read_bytes()
-    assert (into / "mtrec/cli").is_dir() and (into / "mtrec/jobs/nightly.py").exists() and not list(into.rglob("__pycache__"))
+    assert (
+        (into / "mtrec/cli").is_dir()
+        and (into / "mtrec/jobs/nightly.py").exists()
+        and not list(into.rglob("__pycache__"))
+    )
     only_config = tmp_path / "installed"
     only_config.mkdir()
-    assert submit.stage(["train", f"--config={cfgfile}", "--from", "2026-01-01", "--to", "2026-01-02"], True, only_config)[1] == "--config=_submit/my.yaml"
+    assert (
+        submit.stage(["train", f"--config={cfgfile}", "--from", "2026-01-01", "--to", "2026-01-02"], True, only_config)[
+            1
+        ]
+        == "--config=_submit/my.yaml"
+    )
     assert [p.name for p in only_config.iterdir()] == ["_submit"]
 
 
@@ -214,7 +288,9 @@ def test_unreachable_job_server_is_one_line(capsys):
     port = _free_port()
     assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--status", "x"]) == 9
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"mtrec: error: cannot reach the Ray job server at http://127.0.0.1:{port}") and "\n" not in err
+    assert (
+        err.startswith(f"mtrec: error: cannot reach the Ray job server at http://127.0.0.1:{port}") and "\n" not in err
+    )
 
 
 class _FakeJobs:
@@ -256,7 +332,9 @@ def test_attach_exits_with_the_jobs_own_code(capsys, progress):
     assert submit.attach(_FakeJobs(_info("FAILED", -9)), "j3") == 137  # OOM-killed driver: 128 + SIGKILL
     assert submit.attach(_FakeJobs(_info("STOPPED", None, "Job was intentionally stopped.")), "j4") == 9
     assert progress()[-1] == "job j4 STOPPED: Job was intentionally stopped."
-    with pytest.raises(ClusterError, match=r"cannot read job nope at http://head:8265 \(Request failed with status code 404"):
+    with pytest.raises(
+        ClusterError, match=r"cannot read job nope at http://head:8265 \(Request failed with status code 404"
+    ):
         submit.attach(_FakeJobs(RuntimeError("Request failed with status code 404: Job nope does not exist.")), "nope")
 
 

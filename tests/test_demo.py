@@ -23,18 +23,25 @@ def test_demo_tells_the_story_and_mlflow_holds_what_it_reports(tmp_path):
     work = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # a user's server: the demo keeps to its own store
-    p = subprocess.run([str(BIN / "mtrec"), "demo", "--workdir", str(work), "--rows-per-day", "4000", "--models", "mmoe"],
-                       capture_output=True, text=True, timeout=900, env=env)
+    p = subprocess.run(
+        [str(BIN / "mtrec"), "demo", "--workdir", str(work), "--rows-per-day", "4000", "--models", "mmoe"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout.splitlines()
     # one progress line per step (not a TTY here: start and end), and nothing from Ray, MLflow or torch
     done = [ln.strip() for ln in out if ln.strip().startswith("done ")]
-    assert done[0].startswith("done synthetic world: 7 days x 4,000 rows") and len(done) == 7  # synth, ray, train, promote, 3 nights
+    assert (
+        done[0].startswith("done synthetic world: 7 days x 4,000 rows") and len(done) == 7
+    )  # synth, ray, train, promote, 3 nights
     assert not [ln for ln in out if "WARNING" in ln or "UserWarning" in ln or ln.startswith("20")]
     header = next(i for i, ln in enumerate(out) if ln.startswith("model "))
     cols = out[header].split()
     assert cols[:6] == ["model", "job", "days", "rows", "wall", "s"] and "es-CVR" in cols and cols[-1] == "gate"
-    rows = [ln.split(maxsplit=15) for ln in out[header + 2:] if ln.startswith("mmoe ")]
+    rows = [ln.split(maxsplit=15) for ln in out[header + 2 :] if ln.startswith("mmoe ")]
     assert [r[1] for r in rows] == ["full_retrain", "nightly", "nightly", "nightly"]
     assert [r[2] for r in rows] == ["2026-01-01..01-03", "2026-01-04", "2026-01-05", "2026-01-06"]
     assert [int(r[3].replace(",", "")) for r in rows] == [12_000, 4_000, 4_000, 4_000]  # every row trained once
@@ -48,7 +55,9 @@ def test_demo_tells_the_story_and_mlflow_holds_what_it_reports(tmp_path):
         champion = r["version"] if r["gate"].startswith("promoted") else champion
     assert all(r["bn"] == "no BN layers" for r in summary["rows"])
     assert any(ln.startswith("mmoe: next-day ctr AUC ") and "a nightly day took" in ln for ln in out)
-    assert any("mlflow ui --backend-store-uri sqlite:///" in ln for ln in out) and any("mtrec predict" in ln for ln in out)
+    assert any("mlflow ui --backend-store-uri sqlite:///" in ln for ln in out) and any(
+        "mtrec predict" in ln for ln in out
+    )
     for step in ("synth", "ray", "mmoe-train", "mmoe-promote", "mmoe-nightly-2026-01-04"):
         assert (work / "logs" / f"{step}.log").exists()
 

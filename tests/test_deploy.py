@@ -52,7 +52,9 @@ def _pod_template_validate(template: dict, where: str) -> None:
     version = [v for v in all_versions() if major_minor(v) <= K8S_VERSION][-1]
     d = f"kubernetes-json-schema/v{version}-local-strict"
     schema = schema_contents(f"{d}/podtemplatespec-v1.json", version)
-    registry = Resource.from_contents(schema) @ (Resource.from_contents(schema_contents(f"{d}/_definitions.json", version)) @ Registry())
+    registry = Resource.from_contents(schema) @ (
+        Resource.from_contents(schema_contents(f"{d}/_definitions.json", version)) @ Registry()
+    )
     errors = sorted(jsonschema.Draft202012Validator(schema, registry=registry).iter_errors(template), key=str)
     assert not errors, f"{where}: {errors[0].message} at {list(errors[0].absolute_path)}"
 
@@ -77,9 +79,18 @@ def _check_submit(argv: list[str], where: str) -> list[str]:
 
 def test_every_deploy_file_is_expected():
     files = sorted(str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*") if p.is_file())
-    assert files == ["docker/Dockerfile", "k8s/configmap.yaml", "k8s/cronjob-nightly.yaml", "k8s/raycluster.yaml",
-                     "k8s/rayjob-full-retrain.yaml", "lock/common.txt", "lock/cpu.txt", "ray/cluster.yaml",
-                     "systemd/mtrec-nightly.service", "systemd/mtrec-nightly.timer"]
+    assert files == [
+        "docker/Dockerfile",
+        "k8s/configmap.yaml",
+        "k8s/cronjob-nightly.yaml",
+        "k8s/raycluster.yaml",
+        "k8s/rayjob-full-retrain.yaml",
+        "lock/common.txt",
+        "lock/cpu.txt",
+        "ray/cluster.yaml",
+        "systemd/mtrec-nightly.service",
+        "systemd/mtrec-nightly.timer",
+    ]
 
 
 def test_configmap_and_volume_validate_and_carry_a_valid_mtrec_config():
@@ -96,7 +107,11 @@ def test_cronjob_is_valid_forbids_overlap_and_submits_a_nightly_for_yesterday():
     (cron,) = _docs(DEPLOY / "k8s/cronjob-nightly.yaml")
     _k8s_validate(cron)
     spec = cron["spec"]
-    assert spec["concurrencyPolicy"] == "Forbid" and re.fullmatch(r"\d+ \d+ \* \* \*", spec["schedule"]) and spec["timeZone"]
+    assert (
+        spec["concurrencyPolicy"] == "Forbid"
+        and re.fullmatch(r"\d+ \d+ \* \* \*", spec["schedule"])
+        and spec["timeZone"]
+    )
     pod = spec["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     (container,) = pod["containers"]
@@ -117,8 +132,9 @@ def test_cronjob_is_valid_forbids_overlap_and_submits_a_nightly_for_yesterday():
 
 
 def _check_ray_pod_spec(spec: dict, where: str) -> None:
-    assert isinstance(spec["rayStartParams"], dict) and all(isinstance(v, str) for v in spec["rayStartParams"].values()), \
-        f"{where}: rayStartParams values must be strings"
+    assert isinstance(spec["rayStartParams"], dict) and all(
+        isinstance(v, str) for v in spec["rayStartParams"].values()
+    ), f"{where}: rayStartParams values must be strings"
     _pod_template_validate(spec["template"], where)
     assert spec["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[-1] in ("cpu", "cuda")
 
@@ -133,7 +149,9 @@ def _check_ray_cluster_spec(spec: dict, where: str) -> None:
         _check_ray_pod_spec(g, f"{where} {g['groupName']}")
         gpus = g["rayStartParams"].get("num-gpus")
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert (gpus is None) == ("nvidia.com/gpu" not in limits), f"{where} {g['groupName']}: num-gpus and the GPU limit disagree"
+        assert (gpus is None) == ("nvidia.com/gpu" not in limits), (
+            f"{where} {g['groupName']}: num-gpus and the GPU limit disagree"
+        )
         if gpus:
             assert g["template"]["spec"]["containers"][0]["image"].endswith(":cuda")
 
@@ -172,7 +190,8 @@ def test_ray_cluster_launcher_config_passes_rays_schema():
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
     assert any(t["resources"].get("GPU") for t in types.values()) and any(
-        not t["resources"].get("GPU") and name != cfg["head_node_type"] for name, t in types.items())
+        not t["resources"].get("GPU") and name != cfg["head_node_type"] for name, t in types.items()
+    )
     head_start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=0.0.0.0" in head_start  # `mtrec submit` talks to the job server
 
@@ -196,12 +215,16 @@ def test_systemd_service_and_timer():
     assert timer["Timer"]["Unit"] == "mtrec-nightly.service" and timer["Timer"]["Persistent"] == "true"
     assert timer["Install"]["WantedBy"] == "timers.target" and service["Install"]["WantedBy"]
     if shutil.which("systemd-analyze"):
-        out = subprocess.run(["systemd-analyze", "calendar", timer["Timer"]["OnCalendar"]], capture_output=True, text=True)
+        out = subprocess.run(
+            ["systemd-analyze", "calendar", timer["Timer"]["OnCalendar"]], capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr
 
 
 def test_dockerfile_installs_from_the_lock_files_with_a_cuda_variant():
-    lines = [ln for ln in (DEPLOY / "docker/Dockerfile").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln for ln in (DEPLOY / "docker/Dockerfile").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     text = "\n".join(lines)
     assert re.search(r"^ARG VARIANT=cpu$", text, re.M) and "make install VARIANT=${VARIANT}" in text
     for line in lines:

@@ -14,10 +14,21 @@ def test_configuration_reference_is_generated_from_the_model():
 
 def test_every_documented_key_exists_and_every_key_is_documented():
     keys = reference_keys()
-    for key in ("name", "labels", "features.sparse[].hash_size", "features.bias[].num_values", "tasks[].given",
-                "model.shallow_tower", "train.embedding_optimizer.lr", "job.max_bad_fraction", "model.num_experts"):
+    for key in (
+        "name",
+        "labels",
+        "features.sparse[].hash_size",
+        "features.bias[].num_values",
+        "tasks[].given",
+        "model.shallow_tower",
+        "train.embedding_optimizer.lr",
+        "job.max_bad_fraction",
+        "model.num_experts",
+    ):
         assert key in keys
-    documented = {line.split("`")[1] for line in (DOCS / "configuration.md").read_text().splitlines() if line.startswith("| `")}
+    documented = {
+        line.split("`")[1] for line in (DOCS / "configuration.md").read_text().splitlines() if line.startswith("| `")
+    }
     assert documented == keys
 
 

@@ -39,8 +39,11 @@ def inc_cfg(world, workdir, **train):
 
 
 def tree_digest(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 def in_memory_state(cfg, res, tmp_path) -> dict:
@@ -84,7 +87,9 @@ def test_warm_started_day_matches_one_uninterrupted_process(chain, continuous):
     assert man["parent_date"] == str(DAY1) and 0 < man["metrics"]["train_loss_last_window"] < 1
     assert_same(ck.read_full(ck.checkpoint_url(cfg, DAY2)), continuous, "day 1 -> checkpoint -> day 2 vs continuous")
     root = Path(ck.checkpoint_root(cfg))
-    assert not any((root / "_partial").rglob("*")) and not any((root / "_staging").rglob("*"))  # cleaned after publishing
+    assert not any((root / "_partial").rglob("*")) and not any(
+        (root / "_staging").rglob("*")
+    )  # cleaned after publishing
 
 
 def test_published_day_is_a_noop_and_gaps_are_refused(chain, tmp_path, progress):
@@ -96,7 +101,9 @@ def test_published_day_is_a_noop_and_gaps_are_refused(chain, tmp_path, progress)
 
     gap = inc_cfg(cfg.job.logs, tmp_path)
     shutil.copytree(ck.checkpoint_url(cfg, DAY1), ck.checkpoint_url(gap, DAY1))
-    with pytest.raises(CheckpointError, match=r"missing day\(s\) 2026-01-02: .* newest before 2026-01-03 is dt=2026-01-01.*--catch-up"):
+    with pytest.raises(
+        CheckpointError, match=r"missing day\(s\) 2026-01-02: .* newest before 2026-01-03 is dt=2026-01-01.*--catch-up"
+    ):
         run_nightly(gap, DAY3)
     assert plan_nightly(gap, DAY3, catch_up=True) == ([DAY2, DAY3], ck.checkpoint_url(gap, DAY1))
     with pytest.raises(CheckpointError, match="no published checkpoint of esmm_synth before 2026-01-01.*--cold-start"):
@@ -104,7 +111,9 @@ def test_published_day_is_a_noop_and_gaps_are_refused(chain, tmp_path, progress)
     with pytest.raises(ConfigError, match="--cold-start and --catch-up contradict"):
         run_nightly(gap, DAY3, RunOptions(cold_start=True, catch_up=True))
     faster = gap.with_train(batch_size=512)
-    with pytest.raises(CheckpointError, match=r"other training settings \(train.batch_size: 256 -> 512\); pass --allow-config-change"):
+    with pytest.raises(
+        CheckpointError, match=r"other training settings \(train.batch_size: 256 -> 512\); pass --allow-config-change"
+    ):
         run_nightly(faster, DAY2)
     assert plan_nightly(faster, DAY2) == ([DAY2], ck.checkpoint_url(gap, DAY1))
 
@@ -116,9 +125,13 @@ def test_killed_job_resumes_and_killed_worker_restarts_to_the_same_model(chain, 
     cfg, _ = chain
     published = tree_digest(ck.checkpoint_url(cfg, DAY2))
     monkeypatch.setenv("MTREC_KILL_WORKER", "0:30")  # after 30 batches: the step-20 checkpoint exists
-    with pytest.raises(MtrecError, match=r"worker 0 .*died.*nothing was published.*resumes from .*step-00000020\.\S+ \(step 20\)"):
+    with pytest.raises(
+        MtrecError, match=r"worker 0 .*died.*nothing was published.*resumes from .*step-00000020\.\S+ \(step 20\)"
+    ):
         run_nightly(cfg.with_train(max_failures=0), DAY2, RunOptions(force=True))
-    assert tree_digest(ck.checkpoint_url(cfg, DAY2)) == published  # --force keeps the old one until the new one is complete
+    assert (
+        tree_digest(ck.checkpoint_url(cfg, DAY2)) == published
+    )  # --force keeps the old one until the new one is complete
     monkeypatch.setenv("MTREC_KILL_WORKER", "0:25")  # resumed at step 20: dies at step 45, restarts from step 40
     (s,) = run_nightly(cfg.with_train(max_failures=1), DAY2, RunOptions(force=True))
     assert (s.resumed["step"], s.resumed["rows"], s.restarts) == (20, 20 * 256, 1)
@@ -152,7 +165,9 @@ def test_two_worker_checkpoint_warm_starts_one_worker(world, tmp_path):
 def test_backfill_checks_its_range_first_and_skips_published_days(chain, progress):
     cfg, _ = chain
     # a day of the range without logs: refused before Ray starts, nothing trained
-    with pytest.raises(DataValidationError, match=r"^no logs for 2026-01-04 under .*days present: 2026-01-01 \.\. 2026-01-03"):
+    with pytest.raises(
+        DataValidationError, match=r"^no logs for 2026-01-04 under .*days present: 2026-01-01 \.\. 2026-01-03"
+    ):
         run_backfill(cfg, DAY1, DAY4, RunOptions(cold_start=True))
     assert ck.published_days(cfg) == [DAY1, DAY2]
     # the rerun of a `--cold-start` backfill continues from the last published day, it does not start over
@@ -181,7 +196,17 @@ def test_a_killed_nightly_process_leaves_nothing_published_and_the_next_run_resu
     shutil.copytree(ck.checkpoint_url(cfg, DAY1), ck.checkpoint_url(here, DAY1))
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(here.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "mtrec.cli", "nightly", "--config", str(path), "--date", str(DAY2), "--allow-config-change"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtrec.cli",
+        "nightly",
+        "--config",
+        str(path),
+        "--date",
+        str(DAY2),
+        "--allow-config-change",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MTREC_KILL_WORKER")}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     partial = Path(ck.partial_root(here, DAY2))

@@ -3,14 +3,17 @@ import pytest
 from mtrec.data.io import filesystem, is_local, is_local_fs, local_path
 
 
-@pytest.mark.parametrize(("url", "local", "path"), [
-    ("/data/logs", True, "/data/logs"),
-    ("./logs", True, "./logs"),
-    ("~/work", True, "~/work"),
-    ("file:///data/logs", True, "/data/logs"),
-    ("s3://bucket/logs", False, "s3://bucket/logs"),
-    ("memory://world", False, "memory://world"),
-])
+@pytest.mark.parametrize(
+    ("url", "local", "path"),
+    [
+        ("/data/logs", True, "/data/logs"),
+        ("./logs", True, "./logs"),
+        ("~/work", True, "~/work"),
+        ("file:///data/logs", True, "/data/logs"),
+        ("s3://bucket/logs", False, "s3://bucket/logs"),
+        ("memory://world", False, "memory://world"),
+    ],
+)
 def test_local_urls_and_their_paths(url, local, path):
     assert is_local(url) is local
     assert local_path(url) == path

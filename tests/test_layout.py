@@ -42,8 +42,13 @@ def _imports(path: Path, module: str) -> set[str]:
 
 def test_imports_go_one_way_between_the_packages():
     """pipelines may import mtrec; nothing in mtrec imports pipelines (not even lazily)."""
-    offenders = [f"{m} imports {i}" for m, p in _modules().items() if m.startswith("mtrec")
-                 for i in _imports(p, m) if i == "pipelines" or i.startswith("pipelines.")]
+    offenders = [
+        f"{m} imports {i}"
+        for m, p in _modules().items()
+        if m.startswith("mtrec")
+        for i in _imports(p, m)
+        if i == "pipelines" or i.startswith("pipelines.")
+    ]
     assert not offenders, offenders
 
 
@@ -52,13 +57,20 @@ def test_imports_go_one_way_between_the_packages():
 def test_models_and_data_import_neither_ray_mlflow_nor_the_run_spec(package):
     """Models and data code read the model spec only; Ray, MLflow and the run spec stay out."""
     banned = ("ray", "mlflow", "mtrec.config", "mtrec.jobs", "mtrec.tracking", "mtrec.cli")
-    offenders = [f"{m} imports {i}" for m, p in _modules().items() if m == package or m.startswith(package + ".")
-                 for i in _imports(p, m) if any(i == b or i.startswith(b + ".") for b in banned)]
+    offenders = [
+        f"{m} imports {i}"
+        for m, p in _modules().items()
+        if m == package or m.startswith(package + ".")
+        for i in _imports(p, m)
+        if any(i == b or i.startswith(b + ".") for b in banned)
+    ]
     assert not offenders, offenders
     # and transitively, at run time: importing every module of the package loads none of them
     names = [m for m in _modules() if m == package or m.startswith(package + ".")]
-    code = (f"import importlib, sys\nfor m in {names!r}: importlib.import_module(m)\n"
-            f"print(sorted(m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in {banned!r})))")
+    code = (
+        f"import importlib, sys\nfor m in {names!r}: importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in {banned!r})))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert res.stdout.strip() == "[]", res.stdout
 
@@ -74,4 +86,3 @@ def test_no_function_takes_more_than_eight_parameters():
                 if len(params) > MAX_PARAMS:
                     wide.append(f"{m}.{node.name}: {len(params)} parameters")
     assert not wide, wide
-

@@ -29,7 +29,10 @@ def test_a_second_holder_is_refused_naming_the_first_and_the_lock_frees_on_exit(
         holder = json.loads(Path(url).read_text())
         assert holder["job"] == "mtrec nightly 2026-01-02" and holder["pid"] > 0
         # another open file description (as another process would have) is refused
-        refused = r"esmm_synth is being trained by `mtrec nightly 2026-01-02` \(pid \d+ on .*started .*UTC\), which holds .*locks/esmm_synth.lock; this job did nothing"
+        refused = (
+            r"esmm_synth is being trained by `mtrec nightly 2026-01-02` \(pid \d+ on .*started .*UTC\), "
+            r"which holds .*locks/esmm_synth.lock; this job did nothing"
+        )
         with pytest.raises(LockHeld, match=refused), lock._flock(cfg, url, "mtrec nightly 2026-01-02"):
             pass
         with lock.model_lock(cfg, "nested"):  # re-entrant in the same process (backfill -> nightly days)
@@ -166,8 +169,16 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
 
     class Collector:  # the driver's view of the workers: rank 0 reported a result
         drain = SimpleNamespace(remote=lambda: [])
-        snapshot = SimpleNamespace(remote=lambda: {"attempts": 1, "starts": [], "workers": {}, "marks": {}, "history": [],
-                                                   "result": {"workers": [], "plan": {}, "rows_trained": 0}})
+        snapshot = SimpleNamespace(
+            remote=lambda: {
+                "attempts": 1,
+                "starts": [],
+                "workers": {},
+                "marks": {},
+                "history": [],
+                "result": {"workers": [], "plan": {}, "rows_trained": 0},
+            }
+        )
 
         @classmethod
         def remote(cls):
@@ -190,8 +201,18 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
 
     def train_and_publish(day: dt.date) -> str:
         staged = checkpoint.staging_url(cfg, day)
-        plan = JobPlan(kind="nightly", days=[day], parent=None, files=[], reports=[], job_id="job", done=Position(), staged=staged,
-                       checkpoint=checkpoint.checkpoint_url(cfg, day), manifest={"input_rows": 0, "quarantined_rows": 0})
+        plan = JobPlan(
+            kind="nightly",
+            days=[day],
+            parent=None,
+            files=[],
+            reports=[],
+            job_id="job",
+            done=Position(),
+            staged=staged,
+            checkpoint=checkpoint.checkpoint_url(cfg, day),
+            manifest={"input_rows": 0, "quarantined_rows": 0},
+        )
         fs.pipe(filesystem(staged)[1] + "/model.pt", b"weights")  # what the workers stage
         job = protocol._Job(cfg, plan, RunOptions(), {})  # tracking's own steps are not what this test is about
         try:
@@ -201,9 +222,12 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
             assert not fs.exists(filesystem(staged)[1])  # published or discarded, never left behind
         return plan.checkpoint
 
-    lost = (r"^esmm_synth: `mtrec backfill 2026-01-01 \.\. 2026-01-03` \(pid \d+ on .*, started .* UTC\) took over this job's "
-            r"lease memory://lease-lost/work/locks/esmm_synth\.lock, so this job published nothing; that job owns the model now: "
-            r"let it finish, then rerun this one if its day is still unpublished$")
+    lost = (
+        r"^esmm_synth: `mtrec backfill 2026-01-01 \.\. 2026-01-03` \(pid \d+ on .*, started .* UTC\) "
+        r"took over this job's lease memory://lease-lost/work/locks/esmm_synth\.lock, so this job published nothing; "
+        r"that job owns the model now: "
+        r"let it finish, then rerun this one if its day is still unpublished$"
+    )
     lock.ensure_held(cfg)  # no lock held: nothing to check
     with caplog.at_level(logging.WARNING, logger="mtrec.lock"), lock.model_lock(cfg, "mtrec nightly 2026-01-03"):
         try:
@@ -218,7 +242,9 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
             with pytest.raises(LockHeld, match=lost):
                 lock.ensure_held(cfg)
             assert "renewing the lease" in caplog.text and "not renewing it" in caplog.text
-            assert json.loads(fs.cat(path))["holder"]["job"] == "mtrec backfill 2026-01-01 .. 2026-01-03"  # never overwritten
+            assert (
+                json.loads(fs.cat(path))["holder"]["job"] == "mtrec backfill 2026-01-01 .. 2026-01-03"
+            )  # never overwritten
         finally:
             others.close()
     lock.ensure_held(cfg)  # released: nothing to check
@@ -232,9 +258,11 @@ def test_train_nightly_and_backfill_take_the_lock_before_anything_else(cfg, caps
         lock._held.clear()  # the commands below behave as another process would
         base = ["--config", "esmm", "--logs", cfg.job.logs, "--workdir", cfg.job.workdir]
         try:
-            for argv in (["nightly", *base, "--date", "2026-01-02", "--cold-start"],
-                         ["backfill", *base, "--from", "2026-01-01", "--to", "2026-01-02", "--cold-start"],
-                         ["train", *base, "--from", "2026-01-01", "--to", "2026-01-02"]):
+            for argv in (
+                ["nightly", *base, "--date", "2026-01-02", "--cold-start"],
+                ["backfill", *base, "--from", "2026-01-01", "--to", "2026-01-02", "--cold-start"],
+                ["train", *base, "--from", "2026-01-01", "--to", "2026-01-02"],
+            ):
                 assert main(argv) == 8
                 err = capsys.readouterr().err
                 assert "mtrec: error: esmm_synth is being trained by `mtrec nightly 2026-01-02`" in err
@@ -271,7 +299,9 @@ def test_nightly_names_the_resolved_day(cfg, capsys):
     """`mtrec nightly --date yesterday` on a world without that day: the (expected) refusal is one
     line on stderr naming the resolved date and the timezone; nothing on stdout."""
     yesterday = parse_date("yesterday", "--date", cfg.job.timezone)
-    code = main(["nightly", "--config", "esmm", "--logs", cfg.job.logs, "--workdir", cfg.job.workdir, "--date", "yesterday"])
+    code = main(
+        ["nightly", "--config", "esmm", "--logs", cfg.job.logs, "--workdir", cfg.job.workdir, "--date", "yesterday"]
+    )
     out, err = capsys.readouterr()
     assert code == 4 and out == "" and err.count("\n") == 1
     assert "no published checkpoint of esmm_synth before" in err and f"(--date yesterday is {yesterday} in UTC)" in err

@@ -24,8 +24,11 @@ ARCH_MODELS = {
     "ple": {"arch": "ple", "levels": 2, "shared_experts": 2, "task_experts": 1, "expert": [16], **SMALL},
     "esm2": {"arch": "esm2", "daction_task": "dar", **SMALL},
 }
-THREE = [{"name": "ctr", "label": "click"}, {"name": "watch_time", "label": "watch_time", "log1p": True},
-         {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"}]
+THREE = [
+    {"name": "ctr", "label": "click"},
+    {"name": "watch_time", "label": "watch_time", "log1p": True},
+    {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"},
+]
 
 
 def make_cfg(world: str, arch: str, shallow: bool = False):
@@ -90,7 +93,9 @@ def test_naive_cvr_trains_cvr_on_clicked_rows_only(world, rows):
     batch = BatchConverter(cfg.spec)(rows)
     _, (losses, out, labels) = MultiTaskTrain(model, cfg.spec)(batch)
     clicked = labels["click"] > 0
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(out["cvr_logit"][clicked], labels["conversion"][clicked])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        out["cvr_logit"][clicked], labels["conversion"][clicked]
+    )
     torch.testing.assert_close(losses["cvr"], expected)
     # its CVR side has embeddings of its own (the paper's BASE model shares nothing)
     assert model.cvr_sparse_arch is not model.sparse_arch
@@ -101,8 +106,12 @@ def test_esmm_loss_is_entire_space(world, rows):
     model = build_model(cfg.spec, "cpu", cfg.score_offsets())
     _, (losses, out, labels) = MultiTaskTrain(model, cfg.spec)(BatchConverter(cfg.spec)(rows))
     target = labels["click"] * labels["conversion"]
-    torch.testing.assert_close(losses["cvr"], torch.nn.functional.binary_cross_entropy(out["ctcvr"].clamp(1e-7, 1 - 1e-7), target))
-    torch.testing.assert_close(losses["watch_time"], torch.nn.functional.mse_loss(out["watch_time"], torch.log1p(labels["watch_time"])))
+    torch.testing.assert_close(
+        losses["cvr"], torch.nn.functional.binary_cross_entropy(out["ctcvr"].clamp(1e-7, 1 - 1e-7), target)
+    )
+    torch.testing.assert_close(
+        losses["watch_time"], torch.nn.functional.mse_loss(out["watch_time"], torch.log1p(labels["watch_time"]))
+    )
 
 
 def test_shallow_tower_changes_training_logits_not_serving(world, rows):

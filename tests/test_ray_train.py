@@ -101,7 +101,9 @@ def test_world_size_1_and_2_reach_the_same_quality(ray_local, world, tmp_path):
 def test_a_killed_worker_fails_the_job_naming_it(ray_local, small_world, tmp_path, monkeypatch):
     logs, _ = small_world
     monkeypatch.setenv("MTREC_KILL_WORKER", "1:3")
-    with pytest.raises(MtrecError, match=r"^training failed: worker 1 \(node \S+, pid \d+\) died: .*nothing was published"):
+    with pytest.raises(
+        MtrecError, match=r"^training failed: worker 1 \(node \S+, pid \d+\) died: .*nothing was published"
+    ):
         run_train(small_config(logs, str(tmp_path / "work")).with_train(max_failures=0), DAY1, DAY1)
 
 

@@ -19,6 +19,7 @@ def flaky(errors: list[Exception]):
         if errors:
             raise errors.pop(0)
         return len(calls)
+
     return fn
 
 

@@ -24,7 +24,10 @@ def test_dcp_reader_and_writer_round_trip_on_any_fsspec_url(tmp_path, store):
     for cls in (FsspecReader, FsspecWriter):  # shims pass the URL as the first argument
         assert list(inspect.signature(cls.__init__).parameters)[1] == "path", cls
     url = str(tmp_path / "ck") if store == "local" else f"memory://shims-{uuid.uuid4().hex}/ck"
-    state = {"model": {"tower.weight": torch.arange(6.0).reshape(2, 3)}, "dense_optimizer": {"tower.weight.step": torch.tensor(3.0)}}
+    state = {
+        "model": {"tower.weight": torch.arange(6.0).reshape(2, 3)},
+        "dense_optimizer": {"tower.weight.step": torch.tensor(3.0)},
+    }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process
@@ -55,7 +58,9 @@ def test_trainer_class_only_shortens_the_placement_group_cleaner(tmp_path):
     assert "self._create_default_callbacks()" in inspect.getsource(DataParallelTrainer.fit)
 
     def callbacks(cls) -> list:
-        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(storage_path=str(tmp_path)))
+        trainer = cls(
+            lambda: None, scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(storage_path=str(tmp_path))
+        )
         return trainer._create_default_callbacks()
 
     ours, default = callbacks(shims.trainer_class()), callbacks(TorchTrainer)

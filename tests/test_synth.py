@@ -37,12 +37,21 @@ def test_layout_sizes_and_types(world):
     assert logs.num_rows == truth.num_rows == 20_000
     assert logs.column("row_id").to_pylist() == truth.column("row_id").to_pylist() == list(range(20_000))
     types = {f.name: str(f.type) for f in logs.schema}
-    assert (types["user_id"], types["item_id"], types["position"], types["click"], types["conversion"]) == \
-        ("int64", "int64", "int32", "int8", "int8")
-    assert types["item_tags"].startswith("list<") and types["item_tags"].endswith("int64>") and types["watch_time"] == "float"
+    assert (types["user_id"], types["item_id"], types["position"], types["click"], types["conversion"]) == (
+        "int64",
+        "int64",
+        "int32",
+        "int8",
+        "int8",
+    )
+    assert (
+        types["item_tags"].startswith("list<")
+        and types["item_tags"].endswith("int64>")
+        and types["watch_time"] == "float"
+    )
     # a request never straddles two files, so request ids are whole within a file
     per_file = [set(pq.read_table(f, columns=["request_id"]).column(0).to_pylist()) for f in files]
-    assert all(not (a & b) for i, a in enumerate(per_file) for b in per_file[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(per_file) for b in per_file[i + 1 :])
     # files are time slices: file k's requests come before file k+1's
     ts = [pq.read_table(f, columns=["ts"]).column(0) for f in files]
     assert all(ts[i].to_numpy().max() <= ts[i + 1].to_numpy().min() for i in range(3))
@@ -197,17 +206,19 @@ def test_world_params_overrides():
     assert world_params([]) == WorldParams()
     q = world_params(["quality_std=0.5"], "item_quality")  # the preset, then the overrides on top
     assert (q.appeal_std, q.quality_std, q.rho_quality, q.click_bias, q.buy_bias) == (1.0, 0.5, 0.8, -4.1, -3.6)
-    for bad, msg in ((["nope=1"], r"--param 'nope=1': expected NAME=VALUE with NAME one of users, "),
-                     (["appeal_std"], r"--param 'appeal_std': expected NAME=VALUE"),
-                     (["positions=2.5"], r"--param 'positions=2.5': positions takes an integer"),
-                     (["appeal_std=high"], r"appeal_std takes a number"),
-                     (["rho_quality=1.5"], r"--param rho_quality=1.5: a correlation must lie in \[-1, 1\]"),
-                     (["users=-5"], r"--param users=-5: must be >= 1"),
-                     (["candidates=5"], r"--param candidates=5: must be >= positions \(10\)"),
-                     (["device_exam=1"], r"--param device_exam=1.0: needs 2 positive factors \(app, web\)"),
-                     (["appeal_std=nan"], r"--param appeal_std=nan: must be a finite number"),
-                     (["web_share=2"], r"--param web_share=2.0: a share must lie in \[0, 1\]"),
-                     (["quality_std=-1"], r"--param quality_std=-1.0: must be >= 0")):
+    for bad, msg in (
+        (["nope=1"], r"--param 'nope=1': expected NAME=VALUE with NAME one of users, "),
+        (["appeal_std"], r"--param 'appeal_std': expected NAME=VALUE"),
+        (["positions=2.5"], r"--param 'positions=2.5': positions takes an integer"),
+        (["appeal_std=high"], r"appeal_std takes a number"),
+        (["rho_quality=1.5"], r"--param rho_quality=1.5: a correlation must lie in \[-1, 1\]"),
+        (["users=-5"], r"--param users=-5: must be >= 1"),
+        (["candidates=5"], r"--param candidates=5: must be >= positions \(10\)"),
+        (["device_exam=1"], r"--param device_exam=1.0: needs 2 positive factors \(app, web\)"),
+        (["appeal_std=nan"], r"--param appeal_std=nan: must be a finite number"),
+        (["web_share=2"], r"--param web_share=2.0: a share must lie in \[0, 1\]"),
+        (["quality_std=-1"], r"--param quality_std=-1.0: must be >= 0"),
+    ):
         with pytest.raises(MtrecError, match=msg):
             world_params(bad)
     with pytest.raises(MtrecError, match=r"^--world 'x=1': expected NAME=VALUE"):  # the benches name their own flag
@@ -226,8 +237,14 @@ def test_default_world_is_pinned():
     got = []
     for day in DAYS[:2]:
         t = ds.dataset(f"/pinned/dt={day}", filesystem=fsspec.filesystem("memory")).to_table()
-        got.append((int(t.column("click").to_numpy().sum()), int(t.column("conversion").to_numpy().sum()),
-                    int(t.column("item_id").to_numpy().sum() % 1_000_003), int(t.column("user_id").to_numpy().sum() % 1_000_003)))
+        got.append(
+            (
+                int(t.column("click").to_numpy().sum()),
+                int(t.column("conversion").to_numpy().sum()),
+                int(t.column("item_id").to_numpy().sum() % 1_000_003),
+                int(t.column("user_id").to_numpy().sum() % 1_000_003),
+            )
+        )
     assert got == [(248, 16, 608218, 52485), (284, 17, 928394, 367559)]
 
 

@@ -93,7 +93,9 @@ def test_unreachable_server_fails_after_retries_naming_the_uri(tmp_path):
     cfg = small("./logs", str(tmp_path), uri=f"http://127.0.0.1:{port}")
     tracker = Tracker(cfg)
     t0 = time.monotonic()
-    with pytest.raises(TrackingError, match=rf"MLflow at http://127.0.0.1:{port} is unreachable: reading the experiment failed 2 time"):
+    with pytest.raises(
+        TrackingError, match=rf"MLflow at http://127.0.0.1:{port} is unreachable: reading the experiment failed 2 time"
+    ):
         tracker.experiment_id()
     assert time.monotonic() - t0 < 30
     calls = []
@@ -143,7 +145,10 @@ def test_a_job_run_is_marked_failed_when_its_block_raises_unless_kept_open(tmp_p
     tracker = Tracker(small("./logs", str(tmp_path)))
     runs = {}
     for day, keep_open in ((DAY1, None), (DAY2, lambda: True)):
-        with pytest.raises(RuntimeError, match="boom"), tracker.job_run("nightly", [day], f"{tmp_path}/ck", keep_open=keep_open) as run_id:
+        with (
+            pytest.raises(RuntimeError, match="boom"),
+            tracker.job_run("nightly", [day], f"{tmp_path}/ck", keep_open=keep_open) as run_id,
+        ):
             runs[day] = run_id
             raise RuntimeError("boom")
     with tracker.job_run("bn_recalibration", [DAY3], f"{tmp_path}/ck") as run_id:
@@ -151,12 +156,27 @@ def test_a_job_run_is_marked_failed_when_its_block_raises_unless_kept_open(tmp_p
     client = MlflowClient(tracker.uri, tracker.uri)
     assert [client.get_run(runs[d]).info.status for d in (DAY1, DAY2, DAY3)] == ["FAILED", "RUNNING", "RUNNING"]
     tags = client.get_run(runs[DAY3]).data.tags
-    assert tags["mtrec.kind"] == "bn_recalibration" and tags["mtrec.date"] == str(DAY3) and tags["mtrec.checkpoint"] == f"{tmp_path}/ck"
+    assert (
+        tags["mtrec.kind"] == "bn_recalibration"
+        and tags["mtrec.date"] == str(DAY3)
+        and tags["mtrec.checkpoint"] == f"{tmp_path}/ck"
+    )
 
 
 # what a scoring process must not import: the rest of mtrec.tracking, the run config, evaluation, plots
-NOT_FOR_SCORING = ("mtrec.tracking.client", "mtrec.tracking.gate", "mtrec.tracking.record", "mtrec.config", "mtrec.data.io",
-                   "mtrec.eval.evaluate", "mtrec.eval.plots", "mtrec.bn", "mtrec.train.checkpoint", "matplotlib", "ray")
+NOT_FOR_SCORING = (
+    "mtrec.tracking.client",
+    "mtrec.tracking.gate",
+    "mtrec.tracking.record",
+    "mtrec.config",
+    "mtrec.data.io",
+    "mtrec.eval.evaluate",
+    "mtrec.eval.plots",
+    "mtrec.bn",
+    "mtrec.train.checkpoint",
+    "matplotlib",
+    "ray",
+)
 
 
 def _python(code: str, *args: str, **env: str) -> str:
@@ -165,18 +185,22 @@ def _python(code: str, *args: str, **env: str) -> str:
 
     root = str(Path(mtrec.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "PYTHONPATH": path, **env},
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env={**os.environ, "PYTHONPATH": path, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
 @pytest.mark.slow  # two fresh interpreters importing MLflow
 def test_the_pyfunc_imports_only_what_scoring_needs():
-    code = f"import sys; import mtrec.tracking.pyfunc; print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
-    assert _python(code).strip() == "[]"
-    code = f"import sys; from mtrec.tracking import load_served; print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
-    assert _python(code).strip() == "[]"
+    loaded = f"print([m for m in {NOT_FOR_SCORING!r} if m in sys.modules])"
+    assert _python(f"import sys; import mtrec.tracking.pyfunc; {loaded}").strip() == "[]"
+    assert _python(f"import sys; from mtrec.tracking import load_served; {loaded}").strip() == "[]"
 
 
 def test_every_name_of_the_package_resolves():
@@ -204,15 +228,21 @@ def test_load_served_loads_a_logged_model_with_scoring_code_only(world, tmp_path
     run_id = tracker.start_run("nightly", [DAY1], str(tmp_path / "ck"), None, None)
     uris = [tracker.log_model(run_id, served, example)]
     package_code = tmp_path / "mlflow_model.py"
-    package_code.write_text("from mlflow.models import set_model\n\nfrom mtrec.tracking import MtrecPyfunc\n\nset_model(MtrecPyfunc())\n")
+    package_code.write_text(
+        "from mlflow.models import set_model\n\nfrom mtrec.tracking import MtrecPyfunc\n\nset_model(MtrecPyfunc())\n"
+    )
     monkeypatch.setattr(client, "MODEL_CODE", str(package_code))
     uris.append(tracker.log_model(run_id, served, example))
     example.to_parquet(tmp_path / "example.parquet")
-    code = ("import json, sys; import pandas as pd; from mtrec.tracking.pyfunc import load_served\n"
-            "df = pd.read_parquet(sys.argv[1])\n"
-            "scores = [load_served(u).predict_pandas(df).to_dict('list') for u in sys.argv[2:]]\n"
-            f"print(json.dumps({{'scores': scores, 'imported': [m for m in {NOT_FOR_SCORING!r} if m in sys.modules]}}))")
-    out = json.loads(_python(code, str(tmp_path / "example.parquet"), *uris, MLFLOW_TRACKING_URI=tracker.uri).splitlines()[-1])
+    code = (
+        "import json, sys; import pandas as pd; from mtrec.tracking.pyfunc import load_served\n"
+        "df = pd.read_parquet(sys.argv[1])\n"
+        "scores = [load_served(u).predict_pandas(df).to_dict('list') for u in sys.argv[2:]]\n"
+        f"print(json.dumps({{'scores': scores, 'imported': [m for m in {NOT_FOR_SCORING!r} if m in sys.modules]}}))"
+    )
+    out = json.loads(
+        _python(code, str(tmp_path / "example.parquet"), *uris, MLFLOW_TRACKING_URI=tracker.uri).splitlines()[-1]
+    )
     want = served.predict_pandas(example)
     assert out["imported"] == []
     for got in out["scores"]:
@@ -241,9 +271,24 @@ class Server:
         mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
         with open(self.root / "server.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db", "--artifacts-destination", str(self.root / "artifacts")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    mlflow_bin,
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.root}/mlflow.db",
+                    "--artifacts-destination",
+                    str(self.root / "artifacts"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -314,7 +359,10 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
     assert [r.data.tags["mtrec.date"] for r in runs] == [str(DAY1), str(DAY2), str(DAY3)]
     assert [r.data.tags["mtrec.kind"] for r in runs] == ["full_retrain", "nightly", "nightly"]
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert runs[1].data.tags["mtrec.parent_run_id"] == runs[0].info.run_id and runs[2].data.tags["mtrec.parent_run_id"] == runs[1].info.run_id
+    assert (
+        runs[1].data.tags["mtrec.parent_run_id"] == runs[0].info.run_id
+        and runs[2].data.tags["mtrec.parent_run_id"] == runs[1].info.run_id
+    )
     for r, s, eval_day in zip(runs, summaries, (DAY2, DAY3, DAY4), strict=True):
         assert r.data.tags["mtrec.checkpoint"] == s.checkpoint and os.path.exists(f"{s.checkpoint}/_SUCCESS")
         assert r.data.tags["mtrec.eval_day"] == str(eval_day)
@@ -330,11 +378,22 @@ def test_three_days_make_three_runs_and_versions_and_the_gate_moves_champion(thr
         assert len(losses) >= 2 and len(client.get_metric_history(r.info.run_id, "train/loss/cvr")) == len(losses)
         assert client.get_metric_history(r.info.run_id, "train/rows_per_s")[-1].value > 0
         files = {f.path for f in client.list_artifacts(r.info.run_id)} | {
-            f.path for d in ("plots", "validation") for f in client.list_artifacts(r.info.run_id, d)}
+            f.path for d in ("plots", "validation") for f in client.list_artifacts(r.info.run_id, d)
+        }
         files |= {f.path for f in client.list_artifacts(r.info.run_id, "bn")}
-        assert {"config.json", "manifest.json", f"validation/dt={r.data.tags['mtrec.date']}.json", "bn/running_stats.json",
-                "bn/check.json", "plots/calibration.png", "plots/metric_trend.png", "plots/bn_drift.png"} <= files
-        assert r.data.tags["mtrec.bn_check"] == "passed" and r.data.metrics["bn/passed"] == 1.0  # unsampled: statistics match serving
+        assert {
+            "config.json",
+            "manifest.json",
+            f"validation/dt={r.data.tags['mtrec.date']}.json",
+            "bn/running_stats.json",
+            "bn/check.json",
+            "plots/calibration.png",
+            "plots/metric_trend.png",
+            "plots/bn_drift.png",
+        } <= files
+        assert (
+            r.data.tags["mtrec.bn_check"] == "passed" and r.data.metrics["bn/passed"] == 1.0
+        )  # unsampled: statistics match serving
         assert r.data.metrics["bn/layers"] == 6 and 0 <= r.data.metrics["bn/towers.ctr.mlp.1/smd_mean"] < 10
     versions = sorted(client.search_model_versions(f"name = '{cfg.name}'"), key=lambda v: int(v.version))
     assert [v.tags["mtrec.date"] for v in versions] == [str(DAY1), str(DAY2), str(DAY3)]
@@ -382,8 +441,23 @@ def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4,
     assert list(direct.columns) == ["ctr", "cvr", "ctcvr"] and len(direct) == ROWS
     assert ((direct.values >= 0) & (direct.values <= 1)).all() and (direct["ctcvr"] <= direct["ctr"] + 1e-7).all()
     out = tmp_path / "pred" / "day4.parquet"
-    rc = main(["predict", "--config", "esmm", "--logs", world4, "--workdir", str(tmp_path), "--date", str(DAY4),
-               "--model", f"models:/{cfg.name}@champion", "--out", str(out)])
+    rc = main(
+        [
+            "predict",
+            "--config",
+            "esmm",
+            "--logs",
+            world4,
+            "--workdir",
+            str(tmp_path),
+            "--date",
+            str(DAY4),
+            "--model",
+            f"models:/{cfg.name}@champion",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     written = pq.read_table(out).to_pandas()
     assert written.columns.tolist() == ["row_id", "ctr", "cvr", "ctcvr"]
@@ -395,8 +469,26 @@ def test_champion_pyfunc_predicts_like_mtrec_predict(three_days, server, world4,
     broken.mkdir(parents=True)
     pq.write_table(pq.read_table(files[0]).drop(["brand"]), broken / "part-00000.parquet")
     capsys.readouterr()
-    assert main(["predict", "--config", "esmm", "--logs", str(tmp_path / "broken"), "--workdir", str(tmp_path), "--date", str(DAY4),
-                 "--model", f"models:/{cfg.name}@champion", "--out", str(tmp_path / "no.parquet")]) == 3
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                "esmm",
+                "--logs",
+                str(tmp_path / "broken"),
+                "--workdir",
+                str(tmp_path),
+                "--date",
+                str(DAY4),
+                "--model",
+                f"models:/{cfg.name}@champion",
+                "--out",
+                str(tmp_path / "no.parquet"),
+            ]
+        )
+        == 3
+    )
     assert "part-00000.parquet lacks feature column(s) brand" in capsys.readouterr().err
     assert not (tmp_path / "no.parquet").exists()
 
@@ -433,7 +525,9 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
     assert main(["train", "--config", "bad.yaml", "--from", str(DAY1), "--to", str(DAY3)]) == 0
     assert (tmp_path / "work" / "checkpoints" / cfg.name / f"dt={DAY3}" / "_SUCCESS").exists()
     version = client.get_model_version_by_alias(cfg.name, "challenger").version
-    assert client.get_model_version(cfg.name, version).tags["mtrec.checkpoint"] == str(tmp_path / "work" / "checkpoints" / cfg.name / f"dt={DAY3}")
+    assert client.get_model_version(cfg.name, version).tags["mtrec.checkpoint"] == str(
+        tmp_path / "work" / "checkpoints" / cfg.name / f"dt={DAY3}"
+    )
     rc = main(["promote", "--config", "esmm", "--name", cfg.name, "--logs", world4, "--workdir", "work"])
     assert rc == 5
     v = client.get_model_version(cfg.name, version)
@@ -445,7 +539,9 @@ def test_a_worse_challenger_is_refused_and_champion_stays(three_days, server, wo
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(three_days, server, monkeypatch, caplog):
+def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repaired(
+    three_days, server, monkeypatch, caplog
+):
     import mlflow
     from mlflow import MlflowClient
 
@@ -457,7 +553,9 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
 
     class ServerDies(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("training "):  # the run is open, the workers are starting: the server dies
+            if record.getMessage().startswith(
+                "training "
+            ):  # the run is open, the workers are starting: the server dies
                 server.stop()
 
     hook = ServerDies()

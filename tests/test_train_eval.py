@@ -60,7 +60,9 @@ def test_report_keys_and_truth_metrics(trained):
         for k in ("auc", "gauc", "ne", "calibration", "log_loss", "rows"):
             assert f"{task}/{k}" in m
     assert m["ctr/rows"] == m["ctcvr/rows"] == WORLD_ROWS
-    assert m["cvr/rows"] == pytest.approx(pq.read_table(f"{cfg.job.logs}/dt={DAY3}", columns=["click"]).column(0).to_numpy().sum())
+    assert m["cvr/rows"] == pytest.approx(
+        pq.read_table(f"{cfg.job.logs}/dt={DAY3}", columns=["click"]).column(0).to_numpy().sum()
+    )
     assert 0.5 < m["ctr/auc_unbiased"] < m["ctr/auc_unbiased_oracle"] < 1
     assert 0.5 < m["cvr/auc_entire_space_oracle"] < 1 and m["cvr/auc_entire_space"] < m["cvr/auc_entire_space_oracle"]
 
@@ -109,9 +111,12 @@ def test_training_stream_tolerates_schema_variation_between_files(world, tmp_pat
 
 def test_truth_mismatch_is_an_error_not_a_silent_neighbour():
     cfg = _mini(tasks=[{"name": "ctr", "label": "click"}])
-    pred = Predictions({"ctr": np.array([0.1, 0.2, 0.3, 0.4]), "ctr_logit": np.zeros(4)},
-                       {"click": np.array([0, 1, 0, 1.0]), "conversion": np.zeros(4)},
-                       np.arange(4), np.arange(4))
+    pred = Predictions(
+        {"ctr": np.array([0.1, 0.2, 0.3, 0.4]), "ctr_logit": np.zeros(4)},
+        {"click": np.array([0, 1, 0, 1.0]), "conversion": np.zeros(4)},
+        np.arange(4),
+        np.arange(4),
+    )
     truth = pa.table({"row_id": pa.array([0, 1, 3, 3]), "p_click_unbiased": pa.array([0.1, 0.2, 0.3, 0.4])})
     with pytest.raises(MtrecError, match=r"1 of 4 row ids missing, 1 duplicated"):
         report(cfg.spec, pred, truth)

@@ -61,7 +61,7 @@ def bad_world(world, tmp_path) -> tuple[str, dict[str, int], dict[int, str]]:
     row_reason: dict[int, str] = {}
     cursor = {id(clean): 0, id(clicked): 0}
     for reason, col, value, n, pool in plan:
-        rows = pool[cursor[id(pool)]: cursor[id(pool)] + n].tolist()
+        rows = pool[cursor[id(pool)] : cursor[id(pool)] + n].tolist()
         cursor[id(pool)] += n
         t = _set(t, col, rows, value)
         expected[reason] = expected.get(reason, 0) + n
@@ -123,7 +123,9 @@ def test_threshold_message_names_counts_and_fix(bad_world, tmp_path):
     with pytest.raises(DataValidationError) as e:
         validate(cfg, DAY1)
     msg = str(e.value)
-    assert msg.startswith(f"day {DAY1}: 0.21% of rows quarantined (42 of 20,000: null_label 8, conversion_without_click 7")
+    assert msg.startswith(
+        f"day {DAY1}: 0.21% of rows quarantined (42 of 20,000: null_label 8, conversion_without_click 7"
+    )
     assert "above job.max_bad_fraction=0.10%; inspect" in msg and "fix the logs or raise the limit" in msg
 
 
@@ -157,28 +159,43 @@ def _rewrite(world: str, tmp_path: Path, change) -> str:
 def test_missing_column_is_a_clear_error_and_nothing_is_written(world, tmp_path):
     logs = _rewrite(world, tmp_path, lambda t: t.drop_columns(["conversion"]))
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
-    with pytest.raises(DataValidationError, match=rf"logs {DAY1} file part-00002.parquet: column `conversion` is missing "
-                       r"\(required by `labels`\); add it to the export or remove it from the config"):
+    with pytest.raises(
+        DataValidationError,
+        match=rf"logs {DAY1} file part-00002.parquet: column `conversion` is missing "
+        r"\(required by `labels`\); add it to the export or remove it from the config",
+    ):
         validate(cfg, DAY1)
     assert not (tmp_path / "work").exists()
 
 
 def test_wrong_type_is_a_clear_error(world, tmp_path):
-    logs = _rewrite(world, tmp_path, lambda t: t.set_column(t.schema.get_field_index("click"), "click", t.column("click").cast(pa.string())))
+    logs = _rewrite(
+        world,
+        tmp_path,
+        lambda t: t.set_column(t.schema.get_field_index("click"), "click", t.column("click").cast(pa.string())),
+    )
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
-    with pytest.raises(DataValidationError, match=r"column `click` has type string, expected an integer label \(int8 0/1\)"):
+    with pytest.raises(
+        DataValidationError, match=r"column `click` has type string, expected an integer label \(int8 0/1\)"
+    ):
         validate(cfg, DAY1)
 
 
 def test_multi_hot_declared_on_scalar_column(world, tmp_path):
-    logs = _rewrite(world, tmp_path, lambda t: t.set_column(t.schema.get_field_index("item_tags"), "item_tags", t.column("brand")))
+    logs = _rewrite(
+        world, tmp_path, lambda t: t.set_column(t.schema.get_field_index("item_tags"), "item_tags", t.column("brand"))
+    )
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
-    with pytest.raises(DataValidationError, match=r"`item_tags` has type int64, expected a list of integer or string ids"):
+    with pytest.raises(
+        DataValidationError, match=r"`item_tags` has type int64, expected a list of integer or string ids"
+    ):
         validate(cfg, DAY1)
 
 
 def test_missing_day_names_the_day_and_what_exists(cfg):
-    with pytest.raises(DataValidationError, match=r"no logs for 2026-03-01 under .* days present: 2026-01-01 \.\. 2026-01-03 \(3\)"):
+    with pytest.raises(
+        DataValidationError, match=r"no logs for 2026-03-01 under .* days present: 2026-01-01 \.\. 2026-01-03 \(3\)"
+    ):
         validate(cfg, dt.date(2026, 3, 1))
 
 
@@ -187,17 +204,23 @@ def test_corrupt_file_is_a_clear_error(world, tmp_path):
     shutil.copytree(Path(world) / f"dt={DAY1}", root / f"dt={DAY1}")
     (root / f"dt={DAY1}" / "part-00003.parquet").write_bytes(b"not parquet at all")
     cfg = load_config("esmm", logs=str(root), workdir=str(tmp_path / "work"))
-    with pytest.raises(DataValidationError, match=r"part-00003.parquet: not a readable Parquet file .* re-export the file"):
+    with pytest.raises(
+        DataValidationError, match=r"part-00003.parquet: not a readable Parquet file .* re-export the file"
+    ):
         validate(cfg, DAY1)
 
 
 def test_split_partitions_a_batch(cfg):
     """The training stream's filter: good + bad = batch, reasons aligned with rows."""
-    batch = pa.record_batch({
-        "user_id": pa.array([1, None, 3, 4], pa.int64()), "item_id": pa.array([1, 2, 3, 4], pa.int64()),
-        "position": pa.array([0, 1, 2, 3], pa.int32()), "click": pa.array([1, 1, 0, 0], pa.int8()),
-        "conversion": pa.array([1, 0, 1, 0], pa.int8()),
-    })
+    batch = pa.record_batch(
+        {
+            "user_id": pa.array([1, None, 3, 4], pa.int64()),
+            "item_id": pa.array([1, 2, 3, 4], pa.int64()),
+            "position": pa.array([0, 1, 2, 3], pa.int32()),
+            "click": pa.array([1, 1, 0, 0], pa.int8()),
+            "conversion": pa.array([1, 0, 1, 0], pa.int8()),
+        }
+    )
     small = load_config("esmm").model_dump()
     small["labels"] = {"click": "binary", "conversion": "binary"}
     small["features"] = {"sparse": [{"name": "user_id", "hash_size": 10}]}
@@ -217,6 +240,9 @@ def test_null_dense_feature_is_quarantined_not_nan():
 
 
 def test_log1p_regression_label_below_minus_one_is_out_of_range():
-    cfg = _mini({"watch_time": "regression"}, [{"name": "ctr", "label": "click"}, {"name": "w", "label": "watch_time", "log1p": True}])
+    cfg = _mini(
+        {"watch_time": "regression"},
+        [{"name": "ctr", "label": "click"}, {"name": "w", "label": "watch_time", "log1p": True}],
+    )
     b = _batch(watch_time=pa.array([0.0, -1.0, -0.5, 3.0], pa.float32()))
     assert RowValidator(cfg.spec).split(b).bad_index.tolist() == [1]
