@@ -25,7 +25,8 @@ A job whose lease was taken over (it missed its renewals for `LEASE_TTL_S`, e.g.
 unreachable or the process was paused) must not publish over the new holder's work: the job
 calls `ensure_held` right before publishing and fails there with exit code 8.
 
-The lock is re-entrant within a process (backfill runs nightly days under one lock).
+A job takes the lock once, for its whole run (a backfill for its whole range); a second
+acquisition is refused like any other holder's, in the same process too.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from mtrec.data.io import filesystem, is_local_fs, join
 from mtrec.errors import LockHeld
 
 LEASE_TTL_S = 300.0
-_held: dict[tuple[str, int], int] = {}  # (lock URL, thread) -> depth, for re-entry by the thread that holds it
-_ensure: dict[str, Callable[[], None]] = {}  # lock URL -> raises LockHeld if this process's lease on it was taken over
+# lock URL -> None for a flock (it cannot be lost), or for a lease the check that raises
+# LockHeld once another job has taken it over (`ensure_held`)
+_held: dict[str, Callable[[], None] | None] = {}
 _guard = threading.Lock()
 log = logging.getLogger(__name__)
 
@@ -94,31 +96,16 @@ def model_lock(cfg: MtrecConfig, job: str) -> Iterator[str]:
         LockHeld: another job holds it.
     """
     url = lock_url(cfg)
-    key = (url, threading.get_ident())
-    with _guard:
-        reentered = key in _held
-        if reentered:
-            _held[key] += 1
-    if reentered:
-        try:
-            yield url
-        finally:
-            with _guard:
-                _held[key] -= 1
-        return
     fs, path = filesystem(url)
     hold = _flock(cfg, path, job) if is_local_fs(fs) else _lease(cfg, fs, path, url, job)
     with hold as ensure:
         with _guard:
-            _held[key] = 1
-            if ensure is not None:  # a lease (a flock cannot be lost)
-                _ensure[url] = ensure
+            _held[url] = ensure
         try:
             yield url
         finally:
             with _guard:
-                del _held[key]
-                _ensure.pop(url, None)
+                _held.pop(url, None)
 
 
 def ensure_held(cfg: MtrecConfig) -> None:
@@ -129,7 +116,7 @@ def ensure_held(cfg: MtrecConfig) -> None:
         LockHeld: another job took the lease over; it is named.
     """
     with _guard:
-        ensure = _ensure.get(lock_url(cfg))
+        ensure = _held.get(lock_url(cfg))
     if ensure is not None:
         ensure()
 

@@ -35,8 +35,8 @@ def test_a_second_holder_is_refused_naming_the_first_and_the_lock_frees_on_exit(
         )
         with pytest.raises(LockHeld, match=refused), lock._flock(cfg, url, "mtrec nightly 2026-01-02"):
             pass
-        with lock.model_lock(cfg, "nested"):  # re-entrant in the same process (backfill -> nightly days)
-            pass
+        with pytest.raises(LockHeld, match="`mtrec nightly 2026-01-02`"), lock.model_lock(cfg, "nested"):
+            pass  # a job takes the lock once: a second acquisition is refused, in the same process too
         lock.ensure_held(cfg)  # a flock cannot be lost
     assert Path(url).read_text() == ""  # released: the holder's description is gone
     with lock.model_lock(cfg, "again"):
@@ -77,11 +77,8 @@ def test_object_store_lease_refuses_while_fresh_and_is_taken_over_when_expired(m
     with lock.model_lock(cfg, "first"):
         lease = json.loads(fs.cat(path))
         assert lease["holder"]["job"] == "first" and lease["expires"] > time.time()
-        saved = dict(lock._held)
-        lock._held.clear()  # pretend to be another process
         with pytest.raises(LockHeld, match="`first`"), lock.model_lock(cfg, "second"):
             pass
-        lock._held.update(saved)
         time.sleep(1.6)  # renewed every ttl/3: still held past the first expiry
         assert json.loads(fs.cat(path))["expires"] > lease["expires"]
     assert not fs.exists(path)  # released
@@ -254,20 +251,15 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
 def test_train_nightly_and_backfill_take_the_lock_before_anything_else(cfg, capsys):
     """A held lock: each training command exits 8 at once, naming the holder; nothing is trained."""
     with lock.model_lock(cfg, "mtrec nightly 2026-01-02"):
-        saved = dict(lock._held)
-        lock._held.clear()  # the commands below behave as another process would
         base = ["--config", "esmm", "--logs", cfg.job.logs, "--workdir", cfg.job.workdir]
-        try:
-            for argv in (
-                ["nightly", *base, "--date", "2026-01-02", "--cold-start"],
-                ["backfill", *base, "--from", "2026-01-01", "--to", "2026-01-02", "--cold-start"],
-                ["train", *base, "--from", "2026-01-01", "--to", "2026-01-02"],
-            ):
-                assert main(argv) == 8
-                err = capsys.readouterr().err
-                assert "mtrec: error: esmm_synth is being trained by `mtrec nightly 2026-01-02`" in err
-        finally:
-            lock._held.update(saved)
+        for argv in (
+            ["nightly", *base, "--date", "2026-01-02", "--cold-start"],
+            ["backfill", *base, "--from", "2026-01-01", "--to", "2026-01-02", "--cold-start"],
+            ["train", *base, "--from", "2026-01-01", "--to", "2026-01-02"],
+        ):
+            assert main(argv) == 8
+            err = capsys.readouterr().err
+            assert "mtrec: error: esmm_synth is being trained by `mtrec nightly 2026-01-02`" in err
     assert not os.path.exists(f"{cfg.job.workdir}/checkpoints") and not os.path.exists(f"{cfg.job.workdir}/quarantine")
 
 
