@@ -111,7 +111,8 @@ def main() -> None:
     write_world(logs, 5, args.rows_per_day, seed=args.seed, params=params)
     print(
         f"world: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids), seed {args.seed}, "
-        f"{'preset ' + args.preset if args.preset else 'default parameters'}{''.join(' ' + kv for kv in args.world)}; ESMM + BN, batch 512"
+        f"{'preset ' + args.preset if args.preset else 'default parameters'}{''.join(' ' + kv for kv in args.world)}; "
+        "ESMM + BN, batch 512"
     )
     rows = []
     for rate in (float(x) for x in args.rates.split(",")):
@@ -139,8 +140,8 @@ def main() -> None:
             share = next(iter(sep.values()))[1]
             trained = share * args.repeat / (share * args.repeat + (1 - share) * rate)
             print(
-                f"  clicks are {share:.1%} of day 4 as served and {trained:.1%} after sampling: a channel's mean moves by "
-                f"{trained - share:.3f} x (mean over clicks - mean over non-clicks)"
+                f"  clicks are {share:.1%} of day 4 as served and {trained:.1%} after sampling: "
+                f"a channel's mean moves by {trained - share:.3f} x (mean over clicks - mean over non-clicks)"
             )
             for name, (d, _) in sep.items():
                 print(
@@ -165,13 +166,14 @@ def main() -> None:
             )
         )
     print(
-        "\n| negative_rate | worst layer | smd mean | kl mean | check | after recal. | day-5 ctr calibration before -> after | check s |"
+        "\n| negative_rate | worst layer | smd mean | kl mean | check | after recal. | "
+        "day-5 ctr calibration before -> after | check s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.4f} | {'pass' if r[4] else 'FAIL'} | {'pass' if r[5] else 'FAIL'} | "
-            f"{r[6]:.3f} -> {r[7]:.3f} | {r[8]:.2f} |"
+            f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.4f} | {'pass' if r[4] else 'FAIL'} | "
+            f"{'pass' if r[5] else 'FAIL'} | {r[6]:.3f} -> {r[7]:.3f} | {r[8]:.2f} |"
         )
 
 

@@ -46,7 +46,8 @@ def main() -> None:
     sizes = {f.name: f.hash_size for f in cfg.features.sparse}
     want = list(WORLD_IDS.items()) if not args.ids else [(k, int(v)) for k, v in (a.split("=") for a in args.ids)]
     print(
-        f"{'feature':<10} {'hash_size':>10} {'distinct ids':>13} {'expected shared':>16} {'measured shared':>16} {'rows used':>10}"
+        f"{'feature':<10} {'hash_size':>10} {'distinct ids':>13} {'expected shared':>16} {'measured shared':>16} "
+        f"{'rows used':>10}"
     )
     for name, n in want:
         m = sizes[name]

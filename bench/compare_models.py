@@ -118,8 +118,8 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
     default = asdict(WorldParams())
     changed = {k: v for k, v in want["params"].items() if v != default[k]}
     print(
-        f"world {out}: train {train[0]}..{train[-1]} ({len(train)} x {args.rows:,} rows), evaluate {test}; batch {args.batch_size}; "
-        f"seed {world['seed']}; parameters {changed or 'default'}"
+        f"world {out}: train {train[0]}..{train[-1]} ({len(train)} x {args.rows:,} rows), evaluate {test}; "
+        f"batch {args.batch_size}; seed {world['seed']}; parameters {changed or 'default'}"
     )
     by = {}
     for name in args.models.split(","):
@@ -134,8 +134,8 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
             row["pos_logits"] = [round(float(x), 2) for x in logits - logits[0]]
         by[name] = row
         print(
-            f"{name:<14} ctr auc {m['ctr/auc']:.4f} unbiased {m['ctr/auc_unbiased']:.4f} | cvr auc(clicked) {m['cvr/auc']:.4f} "
-            f"entire-space {m['cvr/auc_entire_space']:.4f} | ctcvr auc {m['ctcvr/auc']:.4f}"
+            f"{name:<14} ctr auc {m['ctr/auc']:.4f} unbiased {m['ctr/auc_unbiased']:.4f} | cvr auc(clicked) "
+            f"{m['cvr/auc']:.4f} entire-space {m['cvr/auc_entire_space']:.4f} | ctcvr auc {m['ctcvr/auc']:.4f}"
             + (f" | watch pearson {m['watch_time/pearson']:.4f}" if "watch_time/pearson" in m else "")
             + (f" | pos spearman {row['pos_spearman']:.3f} {row['pos_logits']}" if "pos_spearman" in row else "")
             + f" | {row['rows/s']:,.0f} rows/s",
@@ -143,7 +143,8 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
         )
     r0 = next(iter(by.values()))
     print(
-        f"oracle ceilings: ctr unbiased {r0['ctr/auc_unbiased_oracle']:.4f}, cvr entire-space {r0['cvr/auc_entire_space_oracle']:.4f}"
+        f"oracle ceilings: ctr unbiased {r0['ctr/auc_unbiased_oracle']:.4f}, "
+        f"cvr entire-space {r0['cvr/auc_entire_space_oracle']:.4f}"
     )
     return by
 

@@ -108,12 +108,14 @@ def main() -> None:
         f, i = scores["full"][key], scores["incremental"][key]
         result["auc"][key] = {"full": f, "incremental": i, "diff": abs(f - i)}
         print(
-            f"  {key:<10} {f:12.4f} {i:12.4f} {abs(f - i):8.4f}  ({'within' if abs(f - i) <= 0.005 else 'OUTSIDE'} 0.005)"
+            f"  {key:<10} {f:12.4f} {i:12.4f} {abs(f - i):8.4f}  "
+            f"({'within' if abs(f - i) <= 0.005 else 'OUTSIDE'} 0.005)"
         )
     ratio = nightly_s / full_s
     result["ratio"] = ratio
     print(
-        f"cost: nightly day 7 {nightly_s:.1f}s / full retrain {full_s:.1f}s = {ratio:.2f} ({'within' if ratio <= 1 / 3 else 'OVER'} 1/3)"
+        f"cost: nightly day 7 {nightly_s:.1f}s / full retrain {full_s:.1f}s = {ratio:.2f} "
+        f"({'within' if ratio <= 1 / 3 else 'OVER'} 1/3)"
     )
     for name in ("full", "nightly"):
         tl = [ln for ln in (base / f"{name}.log").read_text().splitlines() if "timeline" in ln]

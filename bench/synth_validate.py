@@ -35,7 +35,8 @@ def main() -> None:
     for day in s.days:
         r = validate(cfg, dt.date.fromisoformat(day))
         print(
-            f"validate {day}: {r.input_rows:,} rows in {r.seconds:.2f}s = {r.input_rows / r.seconds:,.0f} rows/s, {r.bad_rows} bad"
+            f"validate {day}: {r.input_rows:,} rows in {r.seconds:.2f}s = {r.input_rows / r.seconds:,.0f} rows/s, "
+            f"{r.bad_rows} bad"
         )
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -287,8 +287,8 @@ def main(argv=None) -> int:
 
     ids = f"zipf({args.zipf})" if args.zipf else "uniform"
     print(
-        f"workload: ESMM, {N_SPARSE} sparse features x vocab {VOCAB:,} x dim {DIM}, towers {TOWER}, batch {BATCH}, ids {ids}; "
-        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs",
+        f"workload: ESMM, {N_SPARSE} sparse features x vocab {VOCAB:,} x dim {DIM}, towers {TOWER}, batch {BATCH}, "
+        f"ids {ids}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs",
         flush=True,
     )
     out: dict[str, float] = {}
@@ -301,10 +301,12 @@ def main(argv=None) -> int:
             r = [reference(table, warmup=10) for _ in range(args.repeats)]
             out["ceiling"], out["reference"] = statistics.median(c), statistics.median(r)
             print(
-                f"compute ceiling (mtrec DMP step, in memory): {out['ceiling']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in c)})"
+                f"compute ceiling (mtrec DMP step, in memory): {out['ceiling']:,.0f} rows/s  (runs: "
+                f"{', '.join(f'{x:,.0f}' for x in c)})"
             )
             print(
-                f"plain-PyTorch reference (EmbeddingBag sparse + Adagrad): {out['reference']:,.0f} rows/s  (runs: {', '.join(f'{x:,.0f}' for x in r)})"
+                f"plain-PyTorch reference (EmbeddingBag sparse + Adagrad): {out['reference']:,.0f} rows/s  (runs: "
+                f"{', '.join(f'{x:,.0f}' for x in r)})"
             )
             print(f"ratio ceiling/reference: {out['ceiling'] / out['reference']:.2f}", flush=True)
         if "e2e" in parts:
@@ -317,7 +319,8 @@ def main(argv=None) -> int:
                     for x in s["workers"]
                 )
                 print(
-                    f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows: {s['rows_per_s']:,.0f} rows/s streaming "
+                    f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows: "
+                    f"{s['rows_per_s']:,.0f} rows/s streaming "
                     f"(per worker: {per}); wall {s['wall_s']:.1f}s incl. Ray start/stop and checkpoint",
                     flush=True,
                 )

@@ -182,20 +182,23 @@ class BNReport:
         if self.passed:
             w = self.worst
             return (
-                f"BN check on {self.day} ({self.rows:,} rows): passed, {len(self.layers)} layers; largest drift {w.layer}: "
-                f"smd {w.smd_mean:.3f}, |log var ratio| {w.abs_log_var_ratio_mean:.3f}, kl {w.kl_mean:.3f} (means over channels)"
+                f"BN check on {self.day} ({self.rows:,} rows): passed, {len(self.layers)} layers; "
+                f"largest drift {w.layer}: smd {w.smd_mean:.3f}, |log var ratio| {w.abs_log_var_ratio_mean:.3f}, "
+                f"kl {w.kl_mean:.3f} (means over channels)"
             )
         bad = [lc for lc in self.layers if not lc.passed]
         w = max(bad, key=lambda lc: lc.kl_mean)
         return (
-            f"BN check on {self.day} ({self.rows:,} rows): FAILED, {len(bad)} of {len(self.layers)} layers; worst {w.layer}: "
+            f"BN check on {self.day} ({self.rows:,} rows): FAILED, {len(bad)} of {len(self.layers)} layers; "
+            f"worst {w.layer}: "
             + ", ".join(w.failing)
             + " (means over channels); recalibrate with `mtrec bn-check --recalibrate`"
         )
 
     def table(self) -> list[str]:
         lines = [
-            f"{'layer':<40}{'ch':>5}{'smd mean':>10}{'smd max':>9}{'|lvr| mean':>11}{'kl mean':>9}{'kl max':>9}  verdict"
+            f"{'layer':<40}{'ch':>5}{'smd mean':>10}{'smd max':>9}{'|lvr| mean':>11}{'kl mean':>9}"
+            f"{'kl max':>9}  verdict"
         ]
         for lc in self.layers:
             lines.append(

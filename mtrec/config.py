@@ -108,7 +108,10 @@ class TrainConfig(Strict):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="Torch intra-op threads per worker; 0 = the node's cores divided by the workers on it (Ray would otherwise pin 1).",
+        description=(
+            "Torch intra-op threads per worker; 0 = the node's cores divided by the workers on it "
+            "(Ray would otherwise pin 1)."
+        ),
     )
     sharding_types: list[ShardingType] = Field(
         default_factory=lambda: [ShardingType.TABLE_WISE],
@@ -122,17 +125,26 @@ class TrainConfig(Strict):
     ingest_buffer_mb: int = Field(
         512,
         gt=0,
-        description="Object-store memory Ray Data may fill ahead of the workers: bounds the job's memory whatever the size of the range.",
+        description=(
+            "Object-store memory Ray Data may fill ahead of the workers: "
+            "bounds the job's memory whatever the size of the range."
+        ),
     )
     checkpoint_every_batches: int = Field(
         500,
         gt=0,
-        description="Intra-day checkpoint period in steps: a failed job (or a restarted worker) resumes from the newest one instead of restarting the day.",
+        description=(
+            "Intra-day checkpoint period in steps: a failed job (or a restarted worker) "
+            "resumes from the newest one instead of restarting the day."
+        ),
     )
     max_failures: int = Field(
         1,
         ge=0,
-        description="Worker-group restarts Ray Train may make within one job (each resumes from the newest intra-day checkpoint); 0 = fail at the first worker failure.",
+        description=(
+            "Worker-group restarts Ray Train may make within one job "
+            "(each resumes from the newest intra-day checkpoint); 0 = fail at the first worker failure."
+        ),
     )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig,
@@ -155,11 +167,17 @@ RESOURCE_KEYS = {
 class JobConfig(Strict):
     logs: str = Field(
         "./world",
-        description="Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet; a relative path is taken from the directory the command runs in.",
+        description=(
+            "Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet; "
+            "a relative path is taken from the directory the command runs in."
+        ),
     )
     workdir: str = Field(
         "./mtrec-work",
-        description="Where checkpoints, the MLflow store, quarantine and reports go; a relative path is taken from the directory the command runs in.",
+        description=(
+            "Where checkpoints, the MLflow store, quarantine and reports go; "
+            "a relative path is taken from the directory the command runs in."
+        ),
     )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined."
@@ -197,20 +215,32 @@ def absolute_url(url: str) -> str:
 class TrackingConfig(Strict):
     enabled: bool = Field(
         True,
-        description="Record every job in MLflow (run, metrics, artifacts, model, registry version); false: train and publish checkpoints only.",
+        description=(
+            "Record every job in MLflow (run, metrics, artifacts, model, registry version); "
+            "false: train and publish checkpoints only."
+        ),
     )
     uri: str | None = Field(
         None,
-        description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (embedded, no server).",
+        description=(
+            "MLflow tracking URI; default $MLFLOW_TRACKING_URI, else "
+            "sqlite:///<workdir>/mlflow.db (embedded, no server)."
+        ),
     )
     artifacts: str | None = Field(
         None,
-        description="Artifact root of a new experiment in the embedded store; default <workdir>/mlartifacts (a server uses its own).",
+        description=(
+            "Artifact root of a new experiment in the embedded store; "
+            "default <workdir>/mlartifacts (a server uses its own)."
+        ),
     )
     retries: int = Field(
         4,
         ge=0,
-        description="Retries of an MLflow call that fails to reach the store, with exponential backoff; then the job fails naming the URI.",
+        description=(
+            "Retries of an MLflow call that fails to reach the store, with exponential backoff; "
+            "then the job fails naming the URI."
+        ),
     )
     backoff_s: float = Field(
         1.0,
@@ -242,17 +272,24 @@ class BNCheckConfig(Strict):
     max_smd: float = Field(
         0.25,
         gt=0,
-        description="A BN layer fails when the mean over its channels of |running mean - serving mean| / serving std exceeds this.",
+        description=(
+            "A BN layer fails when the mean over its channels of |running mean - serving mean| "
+            "/ serving std exceeds this."
+        ),
     )
     max_abs_log_var_ratio: float = Field(
         0.5,
         gt=0,
-        description="A BN layer fails when the mean over its channels of |log(running var / serving var)| exceeds this.",
+        description=(
+            "A BN layer fails when the mean over its channels of |log(running var / serving var)| exceeds this."
+        ),
     )
     max_kl: float = Field(
         0.1,
         gt=0,
-        description="A BN layer fails when the mean over its channels of KL(serving || running), two Gaussians, exceeds this.",
+        description=(
+            "A BN layer fails when the mean over its channels of KL(serving || running), two Gaussians, exceeds this."
+        ),
     )
     batch_rows: int = Field(
         8192, gt=0, description="Rows per forward pass of the check and of recalibration (memory bound)."
@@ -262,12 +299,18 @@ class BNCheckConfig(Strict):
 class GateConfig(Strict):
     metrics: list[str] | None = Field(
         None,
-        description="Metrics the promotion gate compares, `<task>/<metric>`; default: auc of every binary task and joint, mse of regression tasks.",
+        description=(
+            "Metrics the promotion gate compares, `<task>/<metric>`; default: auc of every binary task and joint, "
+            "mse of regression tasks."
+        ),
     )
     tolerance: float = Field(
         0.002,
         ge=0,
-        description="How much worse than the champion a metric may be (absolute) and still pass; ~the day-to-day noise of AUC on 100k rows.",
+        description=(
+            "How much worse than the champion a metric may be (absolute) and still pass; "
+            "~the day-to-day noise of AUC on 100k rows."
+        ),
     )
 
     @field_validator("metrics")
@@ -311,8 +354,8 @@ class MtrecConfig(_SpecFields):
             others = [t.name for t in self.tasks if t.given is None and t.label != sl]
             if others:
                 raise ValueError(
-                    f"`train.sampling` on `{sl}` would skew root task(s) {', '.join(others)}, whose scores mtrec cannot "
-                    "correct back; drop the sampling or train those tasks in another model"
+                    f"`train.sampling` on `{sl}` would skew root task(s) {', '.join(others)}, "
+                    "whose scores mtrec cannot correct back; drop the sampling or train those tasks in another model"
                 )
         outputs = self.outputs()
         for m in self.gate.metrics or []:
@@ -415,7 +458,8 @@ def load_config(source: str | Path, logs: str | None = None, workdir: str | None
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config {label}: the top level must be a mapping of keys (name, labels, features, ...), got {type(data).__name__}"
+            f"config {label}: the top level must be a mapping of keys (name, labels, features, ...), "
+            f"got {type(data).__name__}"
         )
     return parse_config(data, label).with_overrides(logs=logs, workdir=workdir)
 

@@ -106,7 +106,10 @@ class TaskConfig(Strict):
     weight: float = Field(1.0, ge=0, description="Weight of this task's loss.")
     joint: str | None = Field(
         None,
-        description="Name of the entire-space prediction p(given) x p(this), e.g. ctcvr; default `<given>_<name>`. Only with `given`.",
+        description=(
+            "Name of the entire-space prediction p(given) x p(this), e.g. ctcvr; default `<given>_<name>`. "
+            "Only with `given`."
+        ),
     )
     log1p: bool = Field(
         False, description="Regression only: the model predicts log1p(label) (heavy-tailed targets such as watch time)."
@@ -128,7 +131,10 @@ class ShallowTowerConfig(Strict):
         0.1,
         ge=0,
         lt=1,
-        description="Probability a row's bias features are dropped in training (YouTube paper), so the main towers cannot lean on them.",
+        description=(
+            "Probability a row's bias features are dropped in training (YouTube paper), "
+            "so the main towers cannot lean on them."
+        ),
     )
     apply_to: list[str] | None = Field(
         None, description="Tasks whose logit gets the bias logit; default: the root (click) task only."
@@ -157,7 +163,8 @@ class ArchConfig(Strict):
             return
         if not spec.features.bias:
             raise ValueError(
-                "`model.shallow_tower` is set but `features.bias` is empty; declare bias features (e.g. position) or drop the shallow tower"
+                "`model.shallow_tower` is set but `features.bias` is empty; declare bias features (e.g. position) "
+                "or drop the shallow tower"
             )
         names = [t.name for t in spec.tasks]
         for name in st.apply_to or []:
@@ -196,7 +203,8 @@ class Esm2Model(ArchConfig):
         dar = spec.task(dt_name)
         if dar.given is None or spec.labels[dar.label] != LabelKind.BINARY:
             raise ValueError(
-                f"`model.daction_task` `{dt_name}` must be a binary task `given` the click task (see mtrec/configs/esm2.yaml)"
+                f"`model.daction_task` `{dt_name}` must be a binary task `given` the click task "
+                "(see mtrec/configs/esm2.yaml)"
             )
         buy = [
             t.name
@@ -269,7 +277,9 @@ class _SpecFields(Strict):
         description="Model name: experiment, registered model and checkpoint folder.",
     )
     labels: dict[str, LabelKind] = Field(
-        description="Label columns in the logs and their kind (binary or regression); must include click and conversion."
+        description=(
+            "Label columns in the logs and their kind (binary or regression); must include click and conversion."
+        )
     )
     features: FeaturesConfig = Field(description="Feature columns.")
     tasks: list[TaskConfig] = Field(min_length=1, description="Tasks the model predicts.")

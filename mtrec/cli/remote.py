@@ -99,7 +99,8 @@ def check_command(argv: Sequence[str]) -> argparse.Namespace:
         for _, value in _flag_values(argv, flag):
             if is_local(value) and not Path(local_path(value)).is_absolute():
                 raise ConfigError(
-                    f"{flag} {value} is a relative path: the job runs in another directory, usually on another machine; "
+                    f"{flag} {value} is a relative path: the job runs in another directory, "
+                    "usually on another machine; "
                     "pass an absolute path on storage every node sees (a shared file system) or a URL such as s3://..."
                 )
     return args
@@ -145,7 +146,8 @@ def stage(argv: Sequence[str], installed: bool, into: Path) -> list[str]:
         local = local_path(value)
         if is_local(value) and value not in EXAMPLES and not Path(local).is_file():
             raise ConfigError(
-                f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: {', '.join(EXAMPLES)}"
+                f"config file `{value}` not found here; pass an existing file, a URL, or a shipped example: "
+                f"{', '.join(EXAMPLES)}"
             )
         _check_config_paths(argv, value)
         if i >= 0 and is_local(value) and Path(local).is_file():
@@ -292,7 +294,8 @@ def attach(c, sid: str) -> int:
             time.sleep(2.0)
     except KeyboardInterrupt:
         log.info(
-            f"stopped waiting; job {sid} keeps running on the cluster. Stop it: mtrec submit --address {c.get_address()} --stop {sid}"
+            f"stopped waiting; job {sid} keeps running on the cluster. Stop it: "
+            f"mtrec submit --address {c.get_address()} --stop {sid}"
         )
         return 130
     except _Terminated:

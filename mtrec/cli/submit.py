@@ -24,7 +24,10 @@ def add(sub, abbrev: bool = True) -> None:
         action="append",
         default=[],
         metavar="KEY[=VALUE]",
-        help="env var for the job (repeatable; KEY alone copies this shell's value); MLFLOW_TRACKING_URI is always forwarded",
+        help=(
+            "env var for the job (repeatable; KEY alone copies this shell's value); "
+            "MLFLOW_TRACKING_URI is always forwarded"
+        ),
     )
     p.add_argument(
         "--installed",

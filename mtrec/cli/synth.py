@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         + "".join(f", {kv}" for kv in args.param)
     )
     log.info(
-        f"done: {sum(s.rows):,} rows in {sum(s.seconds):.1f}s; days {s.days[0]} .. {s.days[-1]} ({what}) under {args.out}; "
-        f"truth under {args.out.rstrip('/')}/_truth/"
+        f"done: {sum(s.rows):,} rows in {sum(s.seconds):.1f}s; days {s.days[0]} .. {s.days[-1]} ({what}) "
+        f"under {args.out}; truth under {args.out.rstrip('/')}/_truth/"
     )
     return 0

@@ -23,7 +23,7 @@ Example:
     >>> summary = write_world("memory://w", days=2, rows_per_day=10_000, seed=7)
     >>> summary.rows
     [10000, 10000]
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -169,7 +169,10 @@ def check_params(p: WorldParams) -> str | None:
         if getattr(p, name) < 1:
             return f"{name}={getattr(p, name)}: must be >= 1"
     if p.candidates < p.positions:
-        return f"candidates={p.candidates}: must be >= positions ({p.positions}): the policy shows the top `positions` of them"
+        return (
+            f"candidates={p.candidates}: must be >= positions ({p.positions}): "
+            "the policy shows the top `positions` of them"
+        )
     if len(p.device_exam) != 2 or min(p.device_exam) <= 0:
         return f"device_exam={','.join(map(str, p.device_exam))}: needs 2 positive factors (app, web)"
     for name in ("rho_conversion", "rho_watch", "rho_quality"):
@@ -532,7 +535,8 @@ def _prepare_out(out: str) -> None:
         return
     if not fs.exists(f"{path}/{WORLD_FILE}"):
         raise MtrecError(
-            f"{out} is not empty and holds no {WORLD_FILE}; `mtrec synth` writes only into an empty folder or over a world it wrote"
+            f"{out} is not empty and holds no {WORLD_FILE}; `mtrec synth` "
+            "writes only into an empty folder or over a world it wrote"
         )
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]

@@ -43,7 +43,7 @@ Mask = Callable[[pa.RecordBatch], np.ndarray]
 
 
 class Split(NamedTuple):
-    """A batch split by the contract: `good` rows, `bad` rows (+ `reason`), `bad_index` (row numbers of bad in the batch)."""
+    """A batch split by the contract: `good` rows, `bad` rows (+ `reason`), `bad_index` (row numbers of bad in the batch)."""  # noqa: E501
 
     good: pa.RecordBatch
     bad: pa.RecordBatch
@@ -153,12 +153,14 @@ class RowValidator:
             ok, wanted = _EXPECTED[role]
             if col not in names:
                 raise DataValidationError(
-                    f"{where}: column `{col}` is missing (required by {by}); add it to the export or remove it from the config"
+                    f"{where}: column `{col}` is missing (required by {by}); "
+                    "add it to the export or remove it from the config"
                 )
             t = schema.field(col).type
             if not ok(t):
                 raise DataValidationError(
-                    f"{where}: column `{col}` has type {t}, expected {wanted} (required by {by}); fix the export's type or the config"
+                    f"{where}: column `{col}` has type {t}, expected {wanted} (required by {by}); "
+                    "fix the export's type or the config"
                 )
 
     # ---- row rules ------------------------------------------------------------------------------
@@ -397,7 +399,8 @@ def validate_day(
     if not report.passed:
         top = ", ".join(f"{r} {n:,}" for r, n in sorted(report.by_reason.items(), key=lambda kv: -kv[1]) if n)
         raise DataValidationError(
-            f"day {day}: {report.bad_fraction:.2%} of rows quarantined ({report.bad_rows:,} of {report.input_rows:,}: {top}) "
+            f"day {day}: {report.bad_fraction:.2%} of rows quarantined "
+            f"({report.bad_rows:,} of {report.input_rows:,}: {top}) "
             f"is above job.max_bad_fraction={max_bad_fraction:.2%}; inspect {qurl}, fix the logs or raise the limit"
         )
     return report

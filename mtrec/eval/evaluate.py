@@ -99,7 +99,8 @@ def report(spec: ModelSpec, pred: Predictions, truth: pa.Table | None = None) ->
         if missing or len(np.unique(t_rows)) != len(t_rows):
             raise MtrecError(
                 f"the truth table does not match the logs ({missing:,} of {len(pred.row_id):,} row ids missing, "
-                f"{len(t_rows) - len(np.unique(t_rows)):,} duplicated); rewrite the world with `mtrec synth` into an empty --out"
+                f"{len(t_rows) - len(np.unique(t_rows)):,} duplicated); "
+                "rewrite the world with `mtrec synth` into an empty --out"
             )
         aligned = {c: truth.column(c).to_numpy()[idx] for c in truth.column_names}
     for t in spec.tasks:

@@ -56,8 +56,8 @@ def _source(
                 }
         if recalibrate and not info["checkpoint"]:
             raise ConfigError(
-                f"--recalibrate needs a registered mtrec version (models:/NAME/N or models:/NAME@alias), got {model_uri}; "
-                "pass one, or --checkpoint"
+                "--recalibrate needs a registered mtrec version (models:/NAME/N or models:/NAME@alias), "
+                f"got {model_uri}; pass one, or --checkpoint"
             )
         return load_served(model_uri), info
     url = url or checkpoint.latest_before(cfg, day)
@@ -147,7 +147,7 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, r
         else " (the challenger alias stays on a newer day's version)"
     )
     log.info(
-        f"registered the recalibrated model as version {version} of {cfg.name}{alias}; `mtrec promote --version {version}` judges it "
-        f"on a day after {day}"
+        f"registered the recalibrated model as version {version} of {cfg.name}{alias}; "
+        f"`mtrec promote --version {version}` judges it on a day after {day}"
     )
     return version

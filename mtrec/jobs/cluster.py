@@ -87,11 +87,12 @@ def ray_session(cfg: MtrecConfig, address: str | None = None, ray_logs: bool = F
         need = cfg.train.num_workers * cfg.train.cpus_per_worker
         if need > info["cpus"]:
             raise ConfigError(
-                f"`train.num_workers` x `train.cpus_per_worker` = {need:g} CPUs but the Ray cluster has {info['cpus']:g}; "
-                "pass fewer --workers or a smaller --cpus-per-worker, or add nodes"
+                f"`train.num_workers` x `train.cpus_per_worker` = {need:g} CPUs but the Ray cluster has "
+                f"{info['cpus']:g}; pass fewer --workers or a smaller --cpus-per-worker, or add nodes"
             )
         log.info(
-            f"ray: {mode} cluster {info['address']}, {info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs"
+            f"ray: {mode} cluster {info['address']}, {info['nodes']} node(s), {info['cpus']:g} CPUs, "
+            f"{info['gpus']:g} GPUs"
         )
         yield info
     finally:

@@ -146,7 +146,8 @@ def _prepare(workdir: Path) -> None:
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / MARKER).exists():
             raise ConfigError(
-                f"{workdir} exists and was not written by `mtrec demo`; pass another --workdir (the demo starts from an empty one)"
+                f"{workdir} exists and was not written by `mtrec demo`; "
+                "pass another --workdir (the demo starts from an empty one)"
             )
         other = sorted(p.name for p in workdir.iterdir() if p.name not in WRITES)
         if other:
@@ -192,7 +193,7 @@ def run_demo(
 
     Returns:
         dict: {"workdir", "tracking_uri", "rows": [DemoRow as dict], "seconds": {step: s}, "models": {name: registered name}}.
-    """
+    """  # noqa: E501
     from mtrec.data.synth import write_world
     from mtrec.jobs.nightly import run_nightly
     from mtrec.jobs.plan import RunOptions
@@ -201,7 +202,8 @@ def run_demo(
 
     if days < TRAIN_DAYS + 2:
         raise ConfigError(
-            f"--days {days}: the demo needs at least {TRAIN_DAYS + 2} (a {TRAIN_DAYS}-day retrain, a nightly, and a day to judge it)"
+            f"--days {days}: the demo needs at least {TRAIN_DAYS + 2} (a {TRAIN_DAYS}-day retrain, a nightly, "
+            "and a day to judge it)"
         )
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -280,10 +282,12 @@ def run_demo(
     if models:
         m = models[0]
         lines += [
-            f"  .venv/bin/mtrec predict --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion "
-            f"--out {root}/scores.parquet",
-            f"  .venv/bin/mtrec nightly --config {configs[m]} --date {day_list[-1]} --promote   # train the last day yourself",
-            f"  .venv/bin/mtrec bn-check --config {configs[m]} --date {day_list[-1]} --model models:/{names[m]}@champion",
+            f"  .venv/bin/mtrec predict --config {configs[m]} --date {day_list[-1]} --model "
+            f"models:/{names[m]}@champion --out {root}/scores.parquet",
+            f"  .venv/bin/mtrec nightly --config {configs[m]} --date {day_list[-1]} --promote"
+            "   # train the last day yourself",
+            f"  .venv/bin/mtrec bn-check --config {configs[m]} --date {day_list[-1]} --model "
+            f"models:/{names[m]}@champion",
         ]
     print("\n".join(lines), flush=True)
     result = {
@@ -364,7 +368,8 @@ def _gates(rows: list[DemoRow], names: dict[str, str], uri: str) -> None:
             "refused"
         ):  # exit 5 without a refusal on record: not the gate saying no
             raise MtrecError(
-                f"the nightly {r.days} of {r.model} exited 5 but version {r.version} has no refusal recorded; see {r.log}"
+                f"the nightly {r.days} of {r.model} exited 5 but version {r.version} has no refusal recorded; "
+                f"see {r.log}"
             )
 
 
@@ -376,7 +381,8 @@ def summary_lines(rows: list[DemoRow], uri: str) -> list[str]:
     """The table a person reads: one row per training job."""
     head = (
         f"{'model':<6} {'job':<13} {'days':<18} {'rows':>8} {'wall s':>7} {'rows/s':>8}  {'next day':<10} "
-        f"{'ctr AUC':>7} {'cvr AUC':>7} {'ctcvr AUC':>9} {'es-CVR AUC':>10} {'ctr unbiased':>12}  {'BN check':<12} {'v':>2}  gate"
+        f"{'ctr AUC':>7} {'cvr AUC':>7} {'ctcvr AUC':>9} {'es-CVR AUC':>10} {'ctr unbiased':>12}  {'BN check':<12} "
+        f"{'v':>2}  gate"
     )
     out = [
         "",
@@ -389,9 +395,11 @@ def summary_lines(rows: list[DemoRow], uri: str) -> list[str]:
     for r in rows:
         m = r.metrics
         out.append(
-            f"{r.model:<6} {r.kind:<13} {r.days:<18} {r.rows:>8,} {r.wall_s:>7.1f} {r.rows_per_s:>8,.0f}  {r.eval_day or '-':<10} "
+            f"{r.model:<6} {r.kind:<13} {r.days:<18} {r.rows:>8,} {r.wall_s:>7.1f} {r.rows_per_s:>8,.0f}  "
+            f"{r.eval_day or '-':<10} "
             f"{_fmt(m.get('ctr/auc')):>7} {_fmt(m.get('cvr/auc')):>7} {_fmt(m.get('ctcvr/auc')):>9} "
-            f"{_fmt(m.get('cvr/auc_entire_space')):>10} {_fmt(m.get('ctr/auc_unbiased')):>12}  {r.bn or '-':<12} {r.version or '-':>2}  {r.gate}"
+            f"{_fmt(m.get('cvr/auc_entire_space')):>10} {_fmt(m.get('ctr/auc_unbiased')):>12}  {r.bn or '-':<12} "
+            f"{r.version or '-':>2}  {r.gate}"
         )
     for model in dict.fromkeys(r.model for r in rows):
         mine = [r for r in rows if r.model == model]
@@ -401,8 +409,8 @@ def summary_lines(rows: list[DemoRow], uri: str) -> list[str]:
             cost = sum(r.wall_s for r in nightly) / len(nightly)
             trend = " -> ".join(_fmt(a) for a in auc)
             out.append(
-                f"{model}: next-day ctr AUC {trend}; a nightly day took {cost:.1f}s on average vs {full.wall_s:.1f}s for the "
-                f"{TRAIN_DAYS}-day full retrain ({cost / max(full.wall_s, 1e-9):.2f}x)"
+                f"{model}: next-day ctr AUC {trend}; a nightly day took {cost:.1f}s on average vs {full.wall_s:.1f}s "
+                f"for the {TRAIN_DAYS}-day full retrain ({cost / max(full.wall_s, 1e-9):.2f}x)"
             )
             oracle = next(
                 (

@@ -117,7 +117,8 @@ class TrainSummary:
         )
         return [
             f"trained {self.rows:,} rows of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
-            f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, {self.wall_s:.1f}s wall",
+            f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, "
+            f"{self.wall_s:.1f}s wall",
             f"  {self.kind}: {start}",
             *(
                 [
@@ -133,7 +134,8 @@ class TrainSummary:
             f"  checkpoint: {self.checkpoint}",
             *(
                 [
-                    f"  mlflow: run {self.mlflow['run_id']}, version {self.mlflow.get('version')} (alias challenger) in {self.mlflow['uri']}"
+                    f"  mlflow: run {self.mlflow['run_id']}, version {self.mlflow.get('version')} (alias challenger) "
+                    f"in {self.mlflow['uri']}"
                     + (
                         f"; on {self.mlflow['eval_day']}: "
                         + ", ".join(

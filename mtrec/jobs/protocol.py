@@ -118,7 +118,8 @@ def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
     if not failures:
         cause = _root(getattr(err, "controller_failure", err))
         return MtrecError(
-            f"training failed in Ray Train's controller: {first_line(cause, typed=True)}; see the Ray logs (ray logs / /tmp/ray/session_latest/logs)"
+            f"training failed in Ray Train's controller: {first_line(cause, typed=True)}; "
+            "see the Ray logs (ray logs / /tmp/ray/session_latest/logs)"
         )
 
     def died(exc: BaseException) -> bool:  # the process is gone (killed, OOM, node lost), not a Python error
@@ -220,7 +221,8 @@ def plan_job(
         )
     elif partial:
         log.info(
-            f"discarding intra-day checkpoints of another job (other data, parent or settings) under {checkpoint.partial_root(cfg, end)}"
+            "discarding intra-day checkpoints of another job (other data, parent or settings) "
+            f"under {checkpoint.partial_root(cfg, end)}"
         )
         checkpoint.prune_partials(cfg, end)
     for line in checkpoint.recover_staging(cfg, end):  # a driver that died between staging and publishing
@@ -306,7 +308,8 @@ class _Job:
                 from mtrec.tracking import Tracker
 
                 self.tracker = Tracker(cfg)
-                # a published day's run is complete (only its registration may lag): a failure after the publish leaves it RUNNING
+                # a published day's run is complete (only its registration may lag): a failure after the publish
+                # leaves it RUNNING
                 self.run_id = tracked.enter_context(
                     self.tracker.job_run(
                         plan.kind,
@@ -357,8 +360,8 @@ class _Job:
             use_gpu=summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0,
         )
         log.info(
-            f"training {cfg.name} on {summary.expected_rows - plan.done.rows:,} rows with {cfg.train.num_workers} worker(s), "
-            f"batch {cfg.train.batch_size}"
+            f"training {cfg.name} on {summary.expected_rows - plan.done.rows:,} rows "
+            f"with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}"
         )
         outcome: dict = {}
         self.mark("validated")

@@ -35,7 +35,8 @@ def run_train(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOptions |
     with model_lock(cfg, f"mtrec train {start} .. {end}"):
         if not opts.force and end in checkpoint.published_days(cfg):
             log.info(
-                f"{checkpoint.checkpoint_url(cfg, end)} is already published; nothing to do (--force retrains it and replaces it)"
+                f"{checkpoint.checkpoint_url(cfg, end)} is already published; "
+                "nothing to do (--force retrains it and replaces it)"
             )
             summary = already_published(cfg, days, "full_retrain")
         else:

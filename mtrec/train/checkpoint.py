@@ -371,7 +371,8 @@ def trained_spec(manifest: Manifest, url: str) -> tuple[ModelSpec, dict[str, flo
         cfg = parse_config(manifest["config"], label=f"{url} manifest")
         return cfg.spec, cfg.score_offsets()
     raise CheckpointError(
-        f"{url}/{MANIFEST} carries no model spec; it was not written by an mtrec job - pass a published mtrec checkpoint"
+        f"{url}/{MANIFEST} carries no model spec; it was not written by an mtrec job "
+        "- pass a published mtrec checkpoint"
     )
 
 
@@ -380,7 +381,8 @@ def check_compatible(manifest: Manifest, url: str, cfg: MtrecConfig, allow_confi
     training settings (unless `allow_config_change`), with one line naming what differs."""
     if manifest.get("model") != cfg.name:
         raise CheckpointError(
-            f"{url} holds model {manifest.get('model')!r}, not {cfg.name!r}; point --workdir/--config at the right model"
+            f"{url} holds model {manifest.get('model')!r}, not {cfg.name!r}; "
+            "point --workdir/--config at the right model"
         )
     if manifest.get("config_fingerprint") != cfg.fingerprint():
         raise CheckpointError(
@@ -443,7 +445,8 @@ def load(
             (ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0]
         )  # the root, not DCP's wrapper
         raise CheckpointError(
-            f"{url}: the checkpoint's shards cannot be read ({cause[:160]}); it is damaged - rerun the job that wrote it"
+            f"{url}: the checkpoint's shards cannot be read ({cause[:160]}); "
+            "it is damaged - rerun the job that wrote it"
         ) from None
     dmp.load_state_dict(state["model"])
     if optimizer is not None:

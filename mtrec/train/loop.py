@@ -72,7 +72,10 @@ class Progress:
 
     def line(self) -> str:
         per = ", ".join(f"{r:,}" for r in self.rows)
-        return f"  step {self.step}: {sum(self.rows):,} rows (per worker: {per}), {self.rows_per_s:,.0f} rows/s, loss {self.loss:.4f}"
+        return (
+            f"  step {self.step}: {sum(self.rows):,} rows (per worker: {per}), {self.rows_per_s:,.0f} rows/s, "
+            f"loss {self.loss:.4f}"
+        )
 
 
 def _batchnorms(module: nn.Module) -> list[nn.Module]:

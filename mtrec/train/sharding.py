@@ -58,11 +58,13 @@ def _check(cfg: MtrecConfig, device: torch.device) -> None:
         bad = [s.value for s in cfg.train.sharding_types if s in GPU_ONLY_SHARDING]
         if bad:
             raise ConfigError(
-                f"`train.sharding_types` has {', '.join(bad)}, which need a GPU; on CPU use table_wise, column_wise or data_parallel"
+                f"`train.sharding_types` has {', '.join(bad)}, which need a GPU; on CPU use table_wise, "
+                "column_wise or data_parallel"
             )
         if cfg.train.embedding_optimizer.name == EmbeddingOptimizer.ADAM:
             raise ConfigError(
-                "`train.embedding_optimizer.name` is adam, which FBGEMM does not support on CPU; use rowwise_adagrad or sgd"
+                "`train.embedding_optimizer.name` is adam, which FBGEMM does not support on CPU; "
+                "use rowwise_adagrad or sgd"
             )
 
 
