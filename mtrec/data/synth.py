@@ -5,8 +5,8 @@ The generative model (docs/synthetic-world.md states it in full):
 * users and items carry latent vectors; observable categorical features (segment, age bucket,
   category, brand, shop, price bucket, multi-hot tags) are noisy functions of those latents;
 * each request shows ``positions`` items, the top of ``candidates`` ranked by a noisy logging
-  policy that also promotes some items regardless of relevance; clicks follow a position-based model ``p(click) = p(examined | position, device) x
-  p(relevant | user, item)``;
+  policy that also promotes some items regardless of relevance; clicks follow a position-based
+  model ``p(click) = p(examined | position, device) x p(relevant | user, item)``;
 * after a click the user takes the deterministic action (``daction``: add-to-cart / wishlist) or
   another action (``oaction``), then buys with a probability much higher after ``daction``;
   conversion is driven by an affinity that is *negatively* correlated with the click affinity
@@ -23,7 +23,7 @@ Example:
     >>> summary = write_world("memory://w", days=2, rows_per_day=10_000, seed=7)
     >>> summary.rows
     [10000, 10000]
-"""  # noqa: E501
+"""
 
 from __future__ import annotations
 

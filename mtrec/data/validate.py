@@ -43,7 +43,8 @@ Mask = Callable[[pa.RecordBatch], np.ndarray]
 
 
 class Split(NamedTuple):
-    """A batch split by the contract: `good` rows, `bad` rows (+ `reason`), `bad_index` (row numbers of bad in the batch)."""  # noqa: E501
+    """A batch split by the contract: `good` rows, `bad` rows (+ `reason`), `bad_index` (the row
+    numbers of the bad rows in the batch)."""
 
     good: pa.RecordBatch
     bad: pa.RecordBatch

@@ -192,8 +192,9 @@ def run_demo(
     """Run the demo and print its summary (on stdout: it is what the command is for).
 
     Returns:
-        dict: {"workdir", "tracking_uri", "rows": [DemoRow as dict], "seconds": {step: s}, "models": {name: registered name}}.
-    """  # noqa: E501
+        dict: {"workdir", "tracking_uri", "rows": [DemoRow as dict], "seconds": {step: s},
+        "models": {name: registered name}}.
+    """
     from mtrec.data.synth import write_world
     from mtrec.jobs.nightly import run_nightly
     from mtrec.jobs.plan import RunOptions
