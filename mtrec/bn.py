@@ -286,9 +286,8 @@ def recalibrate(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batc
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average over the slice's batches
                 m.train()
-            batches = (
-                rb for rb in serving_batches(spec, logs, day, batch_rows) if rb.num_rows >= 2
-            )  # BN needs 2+ rows
+            # BN needs 2+ rows for batch statistics
+            batches = (rb for rb in serving_batches(spec, logs, day, batch_rows) if rb.num_rows >= 2)
             for rb, _ in score_batches(model, spec, batches):
                 rows += rb.num_rows
         finally:

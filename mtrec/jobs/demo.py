@@ -107,9 +107,8 @@ class _Step:
         self.saved = (os.dup(1), os.dup(2))
         os.dup2(self.fh.fileno(), 1)  # what writes to the fds: Ray, torch's C++ logs, subprocesses
         os.dup2(self.fh.fileno(), 2)
-        self.text = self.log.open(
-            "a", buffering=1
-        )  # what writes to sys.stdout/err, whatever they are (pytest, Jupyter)
+        # what writes to sys.stdout/err, whatever they are (pytest, Jupyter)
+        self.text = self.log.open("a", buffering=1)
         self.redirects = contextlib.ExitStack()
         self.redirects.enter_context(contextlib.redirect_stdout(self.text))
         self.redirects.enter_context(contextlib.redirect_stderr(self.text))

@@ -88,9 +88,8 @@ class TrainSummary:
     progress: list[dict] = field(default_factory=list)  # rank 0's progress records
     ray: dict = field(default_factory=dict)
     checkpoint: str = ""  # the published checkpoint (dt=<last day>)
-    mlflow: dict = field(
-        default_factory=dict
-    )  # {"uri", "run_id", "version", "model_uri", "eval_day", "metrics"} (tracking on)
+    # {"uri", "run_id", "version", "model_uri", "eval_day", "metrics"} (tracking on)
+    mlflow: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)

@@ -82,9 +82,8 @@ def _exact_split_config(buffer_bytes: int):
             out = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                opts = copy.deepcopy(
-                    self.default_ingest_options()
-                )  # the current DataContext's options, a copy: changed below
+                # the current DataContext's options, a copy: changed below
+                opts = copy.deepcopy(self.default_ingest_options())
                 opts.preserve_order = True  # file order: reproducible runs
                 r = opts.resource_limits
                 opts.resource_limits = ExecutionResources(

@@ -313,9 +313,8 @@ class Tracker:
             signature = infer_signature(example, served.predict_pandas(example))
 
             def log() -> str:  # Model.log with run_id: no fluent active run (whose exit would end the run)
-                mlflow.set_experiment(
-                    experiment_id=self.experiment_id()
-                )  # the logged model's home (default: experiment 0, ./mlruns)
+                # the logged model's home (default: experiment 0, ./mlruns)
+                mlflow.set_experiment(experiment_id=self.experiment_id())
                 info = Model.log(
                     artifact_path=None,
                     name=MODEL_ARTIFACT,

@@ -441,9 +441,8 @@ def load(
             dcp.load(state, storage_reader=dcp_reader(url), process_group=pg)
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        cause = next(
-            (ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0]
-        )  # the root, not DCP's wrapper
+        # the root, not DCP's wrapper
+        cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0])
         raise CheckpointError(
             f"{url}: the checkpoint's shards cannot be read ({cause[:160]}); "
             "it is damaged - rerun the job that wrote it"
