@@ -63,9 +63,19 @@ class SparseFeature(_FromColumn):
     name: str = Field(description="Feature name (also the embedding table name).")
     column: str | None = Field(None, description="Log column holding the id(s); defaults to `name`.")
     hash_size: int = Field(gt=0, description="Rows of the embedding table; ids are hashed into it.")
-    dim: int = Field(16, gt=0, description="Embedding dimension.")
+    dim: int = Field(16, gt=0, description="Embedding dimension; a multiple of 4 (FBGEMM's embedding kernels need it).")
     multi_hot: bool = Field(False, description="The column is a list of ids (e.g. item tags).")
     pooling: Pooling = Field(Pooling.SUM, description="How a multi-hot bag is pooled: sum or mean.")
+
+    @field_validator("dim")
+    @classmethod
+    def _kernel_dim(cls, dim: int) -> int:
+        if dim % 4:  # TorchRec's fused (FBGEMM) tables assert it inside the training job otherwise
+            raise ValueError(
+                f"`dim: {dim}` is not a multiple of 4, which FBGEMM's embedding kernels need; "
+                f"use {' or '.join(str(d) for d in (dim // 4 * 4, dim // 4 * 4 + 4) if d >= 4)}"
+            )
+        return dim
 
 
 class DenseFeature(_FromColumn):

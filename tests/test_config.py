@@ -153,3 +153,13 @@ def test_missing_arch_message():
     del d["model"]["arch"]
     with pytest.raises(ConfigError, match=r"missing required key `model.arch`; use one of shared_bottom"):
         parse_config(d, "c.yaml")
+
+
+def test_embedding_dim_must_be_a_multiple_of_4(esmm):
+    """FBGEMM's kernels assert it inside the training job; the config says so at load, in one line."""
+    esmm["features"]["sparse"][0]["dim"] = 6
+    msg = _err(esmm)
+    assert "`features.sparse[0].dim`: `dim: 6` is not a multiple of 4, which FBGEMM's embedding kernels need" in msg
+    assert "use 4 or 8" in msg
+    esmm["features"]["sparse"][0]["dim"] = 2
+    assert _err(esmm).endswith("`dim: 2` is not a multiple of 4, which FBGEMM's embedding kernels need; use 4")
