@@ -174,3 +174,17 @@ def test_nightly_on_a_bad_day_fails_fast_with_one_line(world, tmp_path, case, te
     assert res.returncode == 3 and res.stdout == "" and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith("mtrec: error: ") and text in res.stderr
     assert seconds < 5, f"{seconds:.1f}s"
+
+
+def test_json_is_strict_a_nan_metric_is_null(capsys):
+    """`--json` output parses with a strict parser: NaN (AUC of a one-class slice) is null."""
+    import json
+
+    from mtrec.cli.common import print_json
+
+    print_json({"metrics": {"ctr/auc": float("nan"), "ctr/ne": float("inf"), "rows": 3}, "days": [1.5]})
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) == {
+        "metrics": {"ctr/auc": None, "ctr/ne": None, "rows": 3},
+        "days": [1.5],
+    }

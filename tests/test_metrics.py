@@ -55,3 +55,10 @@ def test_metrics_on_empty_input_are_nan():
     e = np.array([])
     assert np.isnan(auc(e, e)) and np.isnan(gauc(e, e, e))
     assert all(np.isnan(v) for k, v in binary_report(e, e, e).items() if k != "rows")
+
+
+def test_a_one_class_slice_has_no_ne_like_it_has_no_auc():
+    """Its base entropy is 0: NE would be log loss / ~1e-6 (it read ~4.5e5), not a figure."""
+    for y in (np.zeros(N), np.ones(N)):
+        assert np.isnan(normalized_entropy(pred, y)) and np.isnan(auc(pred, y))
+    assert np.isnan(calibration(pred, np.zeros(N)))  # no positive to calibrate against

@@ -88,11 +88,12 @@ def log_loss(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def normalized_entropy(pred: np.ndarray, label: np.ndarray) -> float:
-    """Log loss divided by the entropy of the base rate (He et al., 2014): < 1 beats the prior."""
-    if not len(label):
+    """Log loss divided by the entropy of the base rate (He et al., 2014): < 1 beats the prior.
+    nan on a slice of one class, like AUC: its base entropy is 0, so the ratio means nothing."""
+    rate = float(np.mean(label)) if len(label) else float("nan")
+    if not 0 < rate < 1:
         return float("nan")
-    base = float(np.clip(np.mean(label), _EPS, 1 - _EPS))
-    return log_loss(pred, label) / -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    return log_loss(pred, label) / -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
 
 
 def calibration(pred: np.ndarray, label: np.ndarray) -> float:
