@@ -187,7 +187,8 @@ def _lease(
 
     def taken_over(current: dict | None) -> bool:
         with _guard:
-            if current is not None and current.get("token") != token and not taker:
+            # another holder's lease (a torn or foreign file, without a token, is nobody's: not a takeover)
+            if current is not None and current.get("token") not in (token, None) and not taker:
                 taker.append(current.get("holder"))
             return bool(taker)
 

@@ -45,10 +45,12 @@ def nightly(
     return run_nightly(cfg, parse_date(date, "date", cfg.job.timezone), RunOptions(promote=promote, catch_up=catch_up))
 
 
-def retrain(config: str, start: str, end: str, workers: int | None = None) -> TrainSummary:
+def retrain(
+    config: str, start: str, end: str, workers: int | None = None, logs: str | None = None, workdir: str | None = None
+) -> TrainSummary:
     """`mtrec train --config CONFIG --from START --to END [--workers N]`: a full retrain."""
     _progress()
-    cfg = load_config(config)
+    cfg = load_config(config, logs=logs, workdir=workdir)
     cfg = cfg.with_train(num_workers=workers) if workers else cfg
     return run_train(cfg, parse_date(start, "start", cfg.job.timezone), parse_date(end, "end", cfg.job.timezone))
 

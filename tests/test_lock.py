@@ -297,3 +297,15 @@ def test_nightly_names_the_resolved_day(cfg, capsys):
     out, err = capsys.readouterr()
     assert code == 4 and out == "" and err.count("\n") == 1
     assert "no published checkpoint of esmm_synth before" in err and f"(--date yesterday is {yesterday} in UTC)" in err
+
+
+def test_a_torn_lease_file_is_not_a_takeover():
+    """A lease file that cannot be parsed (a torn write on an object store) holds no other job's
+    token: the holder keeps its lease and may publish."""
+    import fsspec
+
+    cfg = load_config("esmm", logs="memory://torn/logs", workdir="memory://torn/work")
+    path = lock.lock_url(cfg).removeprefix("memory://")
+    with lock.model_lock(cfg, "mtrec nightly 2026-01-03"):
+        fsspec.filesystem("memory").pipe(path, b'{"token": "ab')  # torn mid-write
+        lock.ensure_held(cfg)  # no LockHeld: nobody took it over

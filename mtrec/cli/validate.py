@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from mtrec.cli.common import add_common, day, load, log, print_json
 
@@ -20,7 +21,13 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     d = day(args, cfg)
-    report = validate(cfg, d)
+    per_file = logging.getLogger("mtrec.data.validate")  # its per-file lines: what this command is for
+    level = per_file.level
+    per_file.setLevel(logging.DEBUG)
+    try:
+        report = validate(cfg, d)
+    finally:
+        per_file.setLevel(level)
     log.info(report.summary())
     if args.json:
         print_json(json.loads(report.to_json()))

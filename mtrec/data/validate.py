@@ -391,7 +391,7 @@ def validate_day(
         report.input_rows += rows
         report.bad_rows += bad_rows
         report.files.append({"name": f.name, "size": f.size, "rows": rows, "quarantined": bad_rows})
-        log.info(f"  {day_url(logs, day)}/{f.name}: {rows:,} rows, {bad_rows:,} quarantined")
+        log.debug(f"  {day_url(logs, day)}/{f.name}: {rows:,} rows, {bad_rows:,} quarantined")
     assert report.input_rows == report.good_rows + report.bad_rows  # internal invariant, not user input
     report.seconds = time.perf_counter() - t0
     qfs.makedirs(qpath, exist_ok=True)

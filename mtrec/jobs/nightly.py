@@ -102,10 +102,11 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
     if opts.promote:
         require_tracking(cfg)
     with model_lock(cfg, f"mtrec nightly {day}"):
+        # first: the challenger an earlier night registered is judged even when this night cannot train
+        pending = gate_pending(cfg, day) if opts.promote else None
         days, parent = plan_nightly(cfg, day, opts.cold_start, opts.catch_up, opts.force)
         if days:
             preflight(cfg, days, parent, opts.allow_config_change)
-        pending = gate_pending(cfg, day) if opts.promote else None
         if not days:
             log.info(f"{parent} is already published; nothing to do (--force retrains it and replaces it)")
             summaries = [already_published(cfg, [day], "nightly")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 
 from mtrec.data.io import DataFile, filesystem
@@ -49,6 +50,7 @@ class JobPlan:
     staged: str  # where the checkpoint is staged before publishing
     checkpoint: str  # where it is published (dt=<last day>)
     manifest: Manifest = field(default_factory=Manifest)  # the entries known before training
+    started: float = field(default_factory=time.time)  # when planning began: the job's wall time includes validation
 
     @property
     def end(self) -> dt.date:

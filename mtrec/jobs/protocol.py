@@ -197,6 +197,7 @@ def plan_job(
         DataValidationError: a day fails the contract (nothing trained).
         CheckpointError: the parent is unpublished or does not fit (see `preflight`).
     """
+    started = time.time()
     parent_manifest = None
     if parent:
         parent_manifest = checkpoint.read_manifest(parent)
@@ -254,6 +255,7 @@ def plan_job(
         staged=checkpoint.staging_url(cfg, end),
         checkpoint=checkpoint.checkpoint_url(cfg, end),
         manifest=manifest,
+        started=started,
     )
 
 
@@ -279,7 +281,8 @@ class _Job:
 
     def __init__(self, cfg: MtrecConfig, plan: JobPlan, opts: RunOptions, ray_info: dict):
         self.cfg, self.plan, self.opts = cfg, plan, opts
-        self.t_job, self.t_epoch = time.perf_counter(), time.time()
+        self.t_epoch = plan.started  # the job's clock starts with its plan (validation included)
+        self.t_job = time.perf_counter() - (time.time() - plan.started)
         self.summary = TrainSummary(
             model=cfg.name,
             days=[d.isoformat() for d in plan.days],

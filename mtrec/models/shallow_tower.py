@@ -19,7 +19,7 @@ class ShallowTower(nn.Module):
         cfg (ShallowTowerConfig): embedding dim, hidden sizes, feature dropout.
 
     Example:
-        >>> st = ShallowTower(cfg.features.bias, cfg.model.shallow_tower)
+        >>> st = ShallowTower(spec.features.bias, spec.model.shallow_tower)
         >>> st(torch.tensor([[0, 1], [3, 0]])).shape      # B
         torch.Size([2])
     """

@@ -20,7 +20,7 @@ class SparseArch(nn.Module):
             DistributedModelParallel, or on ``cpu`` to run unsharded.
 
     Example:
-        >>> arch = SparseArch(cfg.features, torch.device("cpu"))
+        >>> arch = SparseArch(spec.features, torch.device("cpu"))
         >>> arch(batch.sparse, batch.dense).shape      # B x arch.out_dim
     """
 

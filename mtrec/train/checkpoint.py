@@ -114,7 +114,6 @@ def _dense_state(dmp: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 
 
 def _load_dense_state(dmp: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-
     names = {id(p): n for n, p in dmp.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -303,8 +302,9 @@ def prune_partials(cfg: MtrecConfig, day: dt.date, keep: str | None = None, run:
 
 def read_full(url: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole (shards joined), keyed `model.<name>`,
-    `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. For comparing
-    checkpoints written at different world sizes (tests, `bench/incremental.py`)."""
+    `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. The served model
+    and a job's recording read a checkpoint through it; tests compare checkpoints written at
+    different world sizes with it."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import TensorStorageMetadata

@@ -140,7 +140,7 @@ class WorkerJob:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry (also after a worker-group restart). `config`: {"job": WorkerJob}
-    (mtrec.jobs.plan). The dataset shard "train" yields canonical Arrow batches with positions.
+    (above). The dataset shard "train" yields canonical Arrow batches with positions.
 
     Starts from the job's newest intra-day checkpoint if there is one, else the parent, else a
     fresh model; saves an intra-day checkpoint every `train.checkpoint_every_batches` steps;
@@ -266,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
         per = ", ".join(f"{w['rows']:,}" for w in everyone)
         raise MtrecError(
             f"workers trained {trained.rows:,} rows ({per} per worker in this attempt, {done.rows:,} before it) but "
-            f"validation counted {job['expected_rows']:,} good rows; nothing was published - rerun the job"
+            f"validation counted {job.expected_rows:,} good rows; nothing was published - rerun the job"
         )
     t1 = time.perf_counter()
     plan_dict = plan_summary(plan)
