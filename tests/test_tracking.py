@@ -27,7 +27,7 @@ import yaml
 
 from mtrec.config import load_config
 from mtrec.data.synth import write_world
-from mtrec.errors import ConfigError, GateRefused, TrackingError
+from mtrec.errors import ConfigError, GateDeferred, GateRefused, TrackingError
 from mtrec.tracking import Tracker, compare, flatten, tracking_uri
 
 DAY1 = dt.date(2026, 1, 1)
@@ -61,8 +61,8 @@ def test_gate_compares_each_metric_in_its_direction_within_tolerance(tmp_path):
     assert not ok
     assert worse[0] == "ctr/auc 0.6800 vs champion 0.7000 (worse by 0.0200 > tolerance 0.01)"
     assert worse[1].startswith("ctr/ne 0.9500 vs champion 0.9000") and worse[2].startswith("ctr/calibration 1.2000")
-    ok, worse, _ = compare(cfg, {"ctr/auc": float("nan"), "ctr/ne": 0.9, "ctr/calibration": 1.0}, champ)
-    assert not ok and worse == ["ctr/auc is not a number on this slice (challenger nan, champion 0.7)"]
+    with pytest.raises(GateDeferred, match=r"ctr/auc is not a number on this slice \(challenger nan, champion 0.7;"):
+        compare(cfg, {"ctr/auc": float("nan"), "ctr/ne": 0.9, "ctr/calibration": 1.0}, champ)  # exit 10, not 5
     with pytest.raises(GateRefused, match="metric ctr/ne is missing"):
         compare(cfg, {"ctr/auc": 0.7}, champ)
     assert load_config("esmm").gate_metrics() == ["ctr/auc", "cvr/auc", "ctcvr/auc"]

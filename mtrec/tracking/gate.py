@@ -48,7 +48,13 @@ class GateDecision:
 
 def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, float]) -> tuple[bool, list[str], dict]:
     """(passes, reasons, figures): each gate metric of the challenger against the champion's within
-    `gate.tolerance`, in the metric's direction (higher AUC, lower NE, calibration nearer 1)."""
+    `gate.tolerance`, in the metric's direction (higher AUC, lower NE, calibration nearer 1).
+
+    Raises:
+        GateDeferred: a gate metric is not a number on this slice (e.g. AUC of a day with one
+            class): the slice cannot judge, which is "not yet", not "no".
+        GateRefused: a gate metric is missing from the evaluation.
+    """
     tol = cfg.gate.tolerance
     worse, figures = [], {}
     for m in cfg.gate_metrics():
@@ -60,8 +66,10 @@ def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, 
         a, b = challenger[m], champion[m]
         figures[m] = {"challenger": a, "champion": b}
         if not (np.isfinite(a) and np.isfinite(b)):  # e.g. AUC of a slice with one class: cannot judge
-            worse.append(f"{m} is not a number on this slice (challenger {a}, champion {b})")
-            continue
+            raise GateDeferred(
+                f"{m} is not a number on this slice (challenger {a}, champion {b}; e.g. a day with one class): "
+                "it cannot judge; run `mtrec promote` again once a later day's logs land"
+            )
         sign = GATE_METRICS[m.partition("/")[2]]
         gap = (a - b) if sign > 0 else (b - a) if sign < 0 else (abs(b - 1) - abs(a - 1))  # > 0: challenger better
         if gap < -tol:
