@@ -82,6 +82,11 @@ class DenseFeature(_FromColumn):
     name: str = Field(description="Feature name.")
     column: str | None = Field(None, description="Log column (float); defaults to `name`.")
     log1p: bool = Field(False, description="Apply sign(x)*log1p(|x|) first (heavy-tailed counts, prices).")
+    fill: float | None = Field(
+        None,
+        description="Value a null or NaN entry takes (before log1p), in training and serving alike; "
+        "omit to quarantine such a row (`bad_feature:<column>`). An infinite value is quarantined either way.",
+    )
 
 
 class BiasFeature(_FromColumn):

@@ -54,8 +54,8 @@ def bad_world(world, tmp_path) -> tuple[str, dict[str, int], dict[int, str]]:
         ("conversion_without_click", "conversion", 1, 7, clean),
         ("daction_without_click", "daction", 1, 5, clean),
         ("oaction_without_click", "oaction", 1, 4, clean),
-        ("bad_feature", "user_activity", float("nan"), 2, clean),
-        ("bad_feature", "device", -3, 1, clean),
+        ("bad_feature:user_activity", "user_activity", float("nan"), 2, clean),
+        ("bad_feature:device", "device", -3, 1, clean),
     ]
     expected: dict[str, int] = {}
     row_reason: dict[int, str] = {}
@@ -235,8 +235,22 @@ def test_split_partitions_a_batch(cfg):
 def test_null_dense_feature_is_quarantined_not_nan():
     b = _batch(price=pa.array([1.0, None, float("nan"), 2.0], pa.float32()))
     split = RowValidator(_mini().spec).split(b)
-    assert split.bad.column("reason").to_pylist() == ["bad_feature", "bad_feature"]
+    assert split.bad.column("reason").to_pylist() == ["bad_feature:price", "bad_feature:price"]  # the column named
     assert not np.isnan(BatchConverter(_mini().spec)(split.good).dense.numpy()).any()
+
+
+def test_a_dense_fill_value_keeps_null_and_nan_rows_and_serves_them_alike():
+    """With `fill:`, null and NaN take the fill value in training and serving (one converter);
+    an infinite value is still quarantined, naming the column."""
+    from mtrec.config import parse_config
+
+    d = _mini().model_dump(mode="json")
+    d["features"]["dense"] = [{"name": "price", "fill": -1.0}]
+    spec = parse_config(d).spec
+    b = _batch(price=pa.array([1.0, None, float("nan"), float("inf")], pa.float32()))
+    split = RowValidator(spec).split(b)
+    assert split.good.num_rows == 3 and split.bad.column("reason").to_pylist() == ["bad_feature:price"]
+    assert BatchConverter(spec)(split.good).dense[:, 0].tolist() == [1.0, -1.0, -1.0]
 
 
 def test_log1p_regression_label_below_minus_one_is_out_of_range():

@@ -117,7 +117,9 @@ class BatchConverter:
         )
         dense = np.zeros((n, len(self.spec.features.dense)), dtype=np.float32)
         for j, f in enumerate(self.spec.features.dense):
-            x = rb.column(f.source).to_numpy(zero_copy_only=False).astype(np.float32)
+            x = rb.column(f.source).to_numpy(zero_copy_only=False).astype(np.float32)  # a null is NaN here
+            if f.fill is not None:
+                x = np.where(np.isnan(x), np.float32(f.fill), x)
             dense[:, j] = np.sign(x) * np.log1p(np.abs(x)) if f.log1p else x
         bias = None
         if with_bias and self.spec.features.bias:

@@ -130,6 +130,19 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def _dense_rule(col: str, missing_is_bad: bool) -> Mask:
+    """A dense feature's bad rows: infinite, and (without `fill`) null or NaN too (with `fill`
+    they take the fill value in the batch converter)."""
+
+    def bad(b: pa.RecordBatch) -> np.ndarray:
+        x = pc.cast(b.column(col), pa.float64())
+        if missing_is_bad:  # is_finite of a null is null, hence the explicit is_null
+            return _np(pc.or_kleene(pc.is_null(x), pc.invert(pc.is_finite(x))))
+        return _np(pc.is_inf(x))
+
+    return bad
+
+
 class RowValidator:
     """Schema check and per-row rules of the data contract for one config.
 
@@ -231,22 +244,12 @@ class RowValidator:
                     )
                 )
         for f in spec.features.dense:
-            # null, NaN or infinite (is_finite of a null is null, hence the explicit is_null)
-            rules.append(
-                (
-                    "bad_feature",
-                    lambda b, c=f.source: _np(
-                        pc.or_kleene(
-                            pc.is_null(b.column(c)), pc.invert(pc.is_finite(pc.cast(b.column(c), pa.float64())))
-                        )
-                    ),
-                )
-            )
+            rules.append((f"bad_feature:{f.source}", _dense_rule(f.source, f.fill is None)))
         for f in spec.features.bias:
             if f.source != POSITION_COLUMN:
                 rules.append(
                     (
-                        "bad_feature",
+                        f"bad_feature:{f.source}",
                         lambda b, c=f.source: _np(pc.or_kleene(pc.is_null(b.column(c)), pc.less(_i64(b.column(c)), 0))),
                     )
                 )
