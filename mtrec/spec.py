@@ -399,6 +399,8 @@ class _SpecFields(Strict):
 
 
 SPEC_KEYS = frozenset(_SpecFields.model_fields)
+# spec keys outside the shape hash: a dense feature's fill value is data handling, not a weight
+HASH_EXCLUDE: dict = {"features": {"dense": {"__all__": {"fill"}}}}
 
 
 class ModelSpec(_SpecFields):
@@ -412,8 +414,10 @@ class ModelSpec(_SpecFields):
         return self.model_copy(update={"model": self.model.model_copy(update={"shallow_tower": None})})
 
     def shape_hash(self, extra: Any = None) -> str:
-        """Hash of the spec (and `extra`, e.g. the optimizer kinds): equal for equal weights' shapes."""
-        shape = self.model_dump(mode="json")
+        """Hash of the spec (and `extra`, e.g. the optimizer kinds): equal for equal weights' shapes.
+        Keys that shape no weight and came after checkpoints were in use (`HASH_EXCLUDE`) are left
+        out, so adding them does not refuse every existing checkpoint's warm start."""
+        shape = self.model_dump(mode="json", exclude=HASH_EXCLUDE)
         if extra is not None:
             shape["optimizers"] = extra
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]

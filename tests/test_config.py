@@ -163,3 +163,17 @@ def test_embedding_dim_must_be_a_multiple_of_4(esmm):
     assert "use 4 or 8" in msg
     esmm["features"]["sparse"][0]["dim"] = 2
     assert _err(esmm).endswith("`dim: 2` is not a multiple of 4, which FBGEMM's embedding kernels need; use 4")
+
+
+@pytest.mark.parametrize(
+    ("name", "fingerprint"), [("esmm", "b5d7b21e491bb12d"), ("esm2", "297a4ebd4984bd4e"), ("mmoe", "1327fb7c35e5bff2")]
+)
+def test_the_shipped_examples_fingerprints_are_pinned(name, fingerprint):
+    """A checkpoint warm-starts only under an equal fingerprint: a new config key that shapes no
+    weight must not change it, or every user's next nightly is refused (values since 2026-11)."""
+    assert load_config(name).fingerprint() == fingerprint
+
+
+def test_a_dense_fill_value_does_not_change_the_fingerprint(esmm):
+    esmm["features"]["dense"][0]["fill"] = 0.0
+    assert parse_config(esmm).fingerprint() == load_config("esmm").fingerprint()
