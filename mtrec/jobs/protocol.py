@@ -298,6 +298,7 @@ class _Job:
         self.manifest = dict(plan.manifest)
         self.tracker, self.run_id = None, None
         self.published = False
+        self.tracking_error: MtrecError | None = None  # MLflow failed while the workers trained
         self.marks: dict[str, float] = {}
 
     def mark(self, name: str, at: float | None = None) -> None:
@@ -369,7 +370,6 @@ class _Job:
         self.mark("validated")
         thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
         thread.start()
-        self.tracking_error: MtrecError | None = None
 
         def drain() -> None:
             recs = ray.get(collector.drain.remote())
