@@ -3,7 +3,7 @@
     .venv/bin/python bench/collisions.py                                 # esmm config, synthetic-world id counts
     .venv/bin/python bench/collisions.py --ids user_id=10000000 item_id=2000000
 
-Ids are mapped to rows by splitmix64(id) mod hash_size (mtrec.data.batch.hash_ids): any id works on
+Ids are mapped to rows by splitmix64(id) mod hash_size (mtrec.data.kinds.hash_ids): any id works on
 any day, and two ids that land on one row share its embedding. For n distinct ids in m rows the
 expected share of ids that share their row with another id is 1 - (1 - 1/m)^(n - 1) ~ 1 - e^(-n/m);
 this prints that and the share measured by hashing n random sparse int64 ids (as real logs have).
@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from mtrec.config import load_config
-from mtrec.data.batch import hash_ids
+from mtrec.data.kinds import hash_ids
 
 # distinct ids the synthetic world has seen by day 7 (20,000 users +3%/day, 5,000 items +5%/day)
 WORLD_IDS = {"user_id": round(20_000 * 1.03**7), "item_id": round(5_000 * 1.05**7)}

@@ -147,7 +147,7 @@ class PlainESMM(nn.Module):
 
 
 def reference(table: pa.Table, warmup: int) -> float:
-    from mtrec.data.batch import hash_ids
+    from mtrec.data.kinds import hash_ids
 
     torch.manual_seed(0)
     names = table.column_names[:N_SPARSE]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -59,29 +60,109 @@ class _FromColumn(Strict):
         return self.column or self.name
 
 
-class SparseFeature(_FromColumn):
-    name: str = Field(description="Feature name (also the embedding table name).")
-    column: str | None = Field(None, description="Log column holding the id(s); defaults to `name`.")
-    hash_size: int = Field(gt=0, description="Rows of the embedding table; ids are hashed into it.")
+class FeatureKind(StrEnum):
+    """What a feature column holds; `mtrec.data.kinds` defines, once per kind, how such a column is
+    typed, checked, converted to model inputs and padded."""
+
+    ID = "id"  # one id per row (a null is an empty bag)
+    MULTI_HOT = "multi_hot"  # a list of ids, pooled into one vector
+    SEQUENCE = "sequence"  # an ordered list of ids, one vector per element (a sequence group's column)
+    DENSE = "dense"  # one number
+    BIAS = "bias"  # a small integer seen only by the shallow tower
+
+
+def _check_dim(dim: int) -> int:
+    if dim % 4:  # TorchRec's fused (FBGEMM) tables assert it inside the training job otherwise
+        raise ValueError(
+            f"`dim: {dim}` is not a multiple of 4, which FBGEMM's embedding kernels need; "
+            f"use {' or '.join(str(d) for d in (dim // 4 * 4, dim // 4 * 4 + 4) if d >= 4)}"
+        )
+    return dim
+
+
+class _Embedded(_FromColumn):
+    """A feature looked up in an embedding table: its own (`hash_size` x `dim`, named like the
+    feature) or, with `table`, another feature's, whose weights it then shares."""
+
+    table: str | None = Field(
+        None,
+        description="Embed with the table of the feature of this name (shared weights, e.g. `hist_item_id` -> "
+        "`item_id`); omit `hash_size` and `dim` then.",
+    )
+    hash_size: int | None = Field(None, gt=0, description="Rows of the embedding table; ids are hashed into it.")
     dim: int = Field(16, gt=0, description="Embedding dimension; a multiple of 4 (FBGEMM's embedding kernels need it).")
-    multi_hot: bool = Field(False, description="The column is a list of ids (e.g. item tags).")
+
+    _check_dim = field_validator("dim")(_check_dim)
+
+    @model_validator(mode="after")
+    def _own_or_shared(self) -> _Embedded:
+        if self.table is None and self.hash_size is None:
+            raise ValueError(
+                f"feature `{self.name}` needs `hash_size` (rows of its embedding table), or `table` naming the "
+                "feature whose table it shares"
+            )
+        if self.table is not None:
+            given = sorted({"hash_size", "dim"} & self.model_fields_set)
+            if given:
+                raise ValueError(
+                    f"feature `{self.name}` shares the table of `{self.table}` and takes its hash_size and dim; "
+                    f"remove {' and '.join(f'`{k}`' for k in given)}"
+                )
+        return self
+
+    @property
+    def table_name(self) -> str:
+        """The embedding table this feature is looked up in."""
+        return self.table or self.name
+
+
+class SparseFeature(_Embedded):
+    name: str = Field(description="Feature name (also its embedding table's name, unless `table` is set).")
+    column: str | None = Field(None, description="Log column holding the id(s); defaults to `name`.")
+    multi_hot: bool = Field(False, description="The column is a list of ids (e.g. item tags), pooled into one vector.")
     pooling: Pooling = Field(Pooling.SUM, description="How a multi-hot bag is pooled: sum or mean.")
 
-    @field_validator("dim")
-    @classmethod
-    def _kernel_dim(cls, dim: int) -> int:
-        if dim % 4:  # TorchRec's fused (FBGEMM) tables assert it inside the training job otherwise
-            raise ValueError(
-                f"`dim: {dim}` is not a multiple of 4, which FBGEMM's embedding kernels need; "
-                f"use {' or '.join(str(d) for d in (dim // 4 * 4, dim // 4 * 4 + 4) if d >= 4)}"
-            )
-        return dim
+    @property
+    def kind(self) -> FeatureKind:
+        return FeatureKind.MULTI_HOT if self.multi_hot else FeatureKind.ID
+
+
+class SequenceFeature(_Embedded):
+    name: str = Field(description="Feature name: one column of the sequence group (e.g. `hist_item_id`).")
+    column: str | None = Field(None, description="Log column (a list of ids, oldest first); defaults to `name`.")
+
+    kind: ClassVar[FeatureKind] = FeatureKind.SEQUENCE
+
+
+class SequenceOrder(StrEnum):
+    NEWEST_LAST = "newest_last"
+    NEWEST_FIRST = "newest_first"
+
+
+class SequenceGroup(Strict):
+    """One behaviour sequence: parallel list columns of equal length in every row, element k of
+    each describing the same past behaviour (its item, category, type, age, ...)."""
+
+    name: str = Field(description="Group name (e.g. `hist`): the key of the sequence in the model.")
+    max_len: int = Field(gt=0, description="Behaviours kept per row: the newest `max_len`; longer lists are truncated.")
+    order: SequenceOrder = Field(
+        SequenceOrder.NEWEST_LAST,
+        description="Order of the lists in the logs: `newest_last` (appended in time order) or `newest_first`. "
+        "Models always see the oldest first.",
+    )
+    pooling: Pooling = Field(
+        Pooling.MEAN,
+        description="How an architecture without a sequence encoder reads the group: the per-behaviour "
+        "vectors (the group's embeddings side by side) pooled over the sequence, masked.",
+    )
+    features: list[SequenceFeature] = Field(min_length=1, description="The group's list columns.")
 
 
 class DenseFeature(_FromColumn):
     name: str = Field(description="Feature name.")
     column: str | None = Field(None, description="Log column (float); defaults to `name`.")
     log1p: bool = Field(False, description="Apply sign(x)*log1p(|x|) first (heavy-tailed counts, prices).")
+    kind: ClassVar[FeatureKind] = FeatureKind.DENSE
     fill: float | None = Field(
         None,
         description="Value a null or NaN entry takes (before log1p), in training and serving alike; "
@@ -93,10 +174,27 @@ class BiasFeature(_FromColumn):
     name: str = Field(description="Bias feature name (position, device, ...): shallow tower only.")
     column: str | None = Field(None, description="Log column (integer); defaults to `name`.")
     num_values: int = Field(gt=0, description="Values 0..num_values-1 get their own logit; larger ones share the last.")
+    kind: ClassVar[FeatureKind] = FeatureKind.BIAS
+
+
+@dataclass(frozen=True)
+class Table:
+    """One embedding table: its rows and width, the features looked up in it (the owner first) and
+    whether a sequence feature reads it (then it lives in an unpooled collection; docs/models.md)."""
+
+    name: str
+    hash_size: int
+    dim: int
+    features: tuple[str, ...]
+    sequence: bool
 
 
 class FeaturesConfig(Strict):
     sparse: list[SparseFeature] = Field(min_length=1, description="Categorical id features (embedding tables).")
+    sequences: list[SequenceGroup] = Field(
+        default_factory=list,
+        description="Behaviour sequences: groups of parallel list columns (docs/data-contract.md#sequences).",
+    )
     dense: list[DenseFeature] = Field(
         default_factory=list, description="Float features, concatenated to the embeddings."
     )
@@ -107,11 +205,86 @@ class FeaturesConfig(Strict):
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:
         seen: set[str] = set()
-        for f in [*self.sparse, *self.dense, *self.bias]:
+        for f in [*self.sparse, *self.sequence_features(), *self.dense, *self.bias]:
             if f.name in seen:
                 raise ValueError(f"feature name `{f.name}` is declared twice; give each feature a unique name")
             seen.add(f.name)
+        groups = [g.name for g in self.sequences]
+        for g in self.sequences:
+            if groups.count(g.name) > 1:
+                raise ValueError(f"sequence group name `{g.name}` is used twice; give each group a unique name")
+        owners = {f.name for f in self.embedded() if f.table is None}
+        for f in self.embedded():
+            if f.table is not None and f.table not in owners:
+                shared = [x.name for x in self.embedded() if x.table is not None]
+                hint = (
+                    f"`{f.table}` itself shares a table; name the feature that owns it"
+                    if f.table in shared
+                    else f"no feature named `{f.table}` has a table of its own; use one of {', '.join(sorted(owners))}"
+                )
+                raise ValueError(f"feature `{f.name}`: `table: {f.table}`: {hint}")
+        for t in self.tables().values():
+            bags = {f.pooling for f in self.sparse if f.table_name == t.name and f.multi_hot}
+            if len(bags) > 1 and not t.sequence:
+                raise ValueError(
+                    f"the multi-hot features sharing table `{t.name}` pool differently ({', '.join(sorted(bags))}); "
+                    "a pooled table has one pooling: give them the same `pooling`"
+                )
         return self
+
+    def sequence_features(self) -> list[SequenceFeature]:
+        return [f for g in self.sequences for f in g.features]
+
+    def embedded(self) -> list[SparseFeature | SequenceFeature]:
+        """Every feature looked up in an embedding table: the sparse ones, then the sequences'."""
+        return [*self.sparse, *self.sequence_features()]
+
+    def tables(self) -> dict[str, Table]:
+        """The embedding tables by name, in the order their owners are declared."""
+        embedded = self.embedded()
+        in_sequence = {f.table_name for f in self.sequence_features()}
+        return {
+            f.name: Table(
+                name=f.name,
+                hash_size=f.hash_size,
+                dim=f.dim,
+                features=tuple(x.name for x in embedded if x.table_name == f.name),
+                sequence=f.name in in_sequence,
+            )
+            for f in embedded
+            if f.table is None
+        }
+
+    def table_of(self, feature: SparseFeature | SequenceFeature) -> Table:
+        return self.tables()[feature.table_name]
+
+    def collections(self) -> dict[str, list[Table]]:
+        """The embedding collections and their tables: ``ebc`` (pooled: an EmbeddingBagCollection)
+        holds every table no sequence reads; a table a sequence reads goes to the unpooled
+        EmbeddingCollection of its width, ``ec<dim>`` (TorchRec needs one width per
+        EmbeddingCollection). docs/models.md says why."""
+        out: dict[str, list[Table]] = {}
+        for t in self.tables().values():
+            out.setdefault(f"ec{t.dim}" if t.sequence else "ebc", []).append(t)
+        return out
+
+    def collection_features(self) -> dict[str, list[str]]:
+        """Per collection, the features looked up in it (its jagged input's keys), in declaration order."""
+        where = {t.name: key for key, tables in self.collections().items() for t in tables}
+        out: dict[str, list[str]] = {key: [] for key in self.collections()}
+        for f in self.embedded():
+            out[where[f.table_name]].append(f.name)
+        return out
+
+    def bag_pooling(self, table: str) -> Pooling:
+        """How a table of the bag collection pools: as the multi-hot features reading it do (a
+        single id pools the same either way)."""
+        return next((f.pooling for f in self.sparse if f.table_name == table and f.multi_hot), Pooling.SUM)
+
+    def group_dim(self, group: SequenceGroup) -> int:
+        """Width of one behaviour's vector: the dims of the group's tables side by side."""
+        tables = self.tables()
+        return sum(tables[f.table_name].dim for f in group.features)
 
 
 class TaskConfig(Strict):
@@ -360,27 +533,27 @@ class _SpecFields(Strict):
         return [t.name for t in self.tasks] + [t.joint_name for t in self.tasks if t.joint_name]
 
     def column_roles(self) -> dict[str, tuple[str, str]]:
-        """Every column a day's logs must have, in order, as column -> (role, what requires it).
+        """Every column a day's logs must have, in order, as column -> (kind, what requires it).
 
-        Roles: ``id``, ``ids`` (multi-hot), ``position``, ``label`` (binary), ``regression``,
-        ``dense``, ``bias``. Labels take precedence over a feature reading the same column; the
-        schema check and the training stream's cast both read this one map.
+        Kinds: the contract's ``position``, ``label`` (binary) and ``regression``, and the
+        feature kinds (`FeatureKind`: ``id``, ``multi_hot``, ``sequence``, ``dense``, ``bias``);
+        `mtrec.data.kinds.COLUMN_TYPES` says what each may be. Labels take precedence over a
+        feature reading the same column; the schema check and the training stream's cast both read
+        this one map.
         """
-        roles = {c: ("id", "the data contract") for c in ID_COLUMNS}
+        roles = {c: (FeatureKind.ID.value, "the data contract") for c in ID_COLUMNS}
         roles[POSITION_COLUMN] = ("position", "the data contract")
         for col, kind in self.labels.items():
             roles[col] = ("label" if kind == LabelKind.BINARY else "regression", "`labels`")
-        for f in self.features.sparse:
-            role, by = (
-                ("ids", f"`features.sparse` ({f.name}, multi_hot: true)")
-                if f.multi_hot
-                else ("id", f"`features.sparse` ({f.name})")
-            )
-            roles.setdefault(f.source, (role, by))
-        for f in self.features.dense:
-            roles.setdefault(f.source, ("dense", f"`features.dense` ({f.name})"))
-        for f in self.features.bias:
-            roles.setdefault(f.source, ("bias", f"`features.bias` ({f.name})"))
+        f = self.features
+        declared = [
+            *((x, "features.sparse") for x in f.sparse),
+            *((x, f"features.sequences ({g.name})") for g in f.sequences for x in g.features),
+            *((x, "features.dense") for x in f.dense),
+            *((x, "features.bias") for x in f.bias),
+        ]
+        for x, where in declared:
+            roles.setdefault(x.source, (x.kind.value, f"`{where}` ({x.name}, {x.kind.value})"))
         return roles
 
     def required_columns(self) -> list[str]:
@@ -403,6 +576,17 @@ SPEC_KEYS = frozenset(_SpecFields.model_fields)
 HASH_EXCLUDE: dict = {"features": {"dense": {"__all__": {"fill"}}}}
 
 
+def _drop_unset_new_keys(shape: dict) -> None:
+    """Keys that came after checkpoints were in use shape weights only when set (shared tables,
+    sequences): left out of the hash while unset, so existing checkpoints keep their fingerprint."""
+    features = shape["features"]
+    if not features.get("sequences"):
+        features.pop("sequences", None)
+    for f in features["sparse"]:
+        if f.get("table") is None:
+            f.pop("table", None)
+
+
 class ModelSpec(_SpecFields):
     """What shapes the weights: name, labels, features, tasks, architecture. Self-contained: a
     checkpoint or a served artifact carries it, and nothing else is needed to rebuild the model."""
@@ -418,6 +602,7 @@ class ModelSpec(_SpecFields):
         Keys that shape no weight and came after checkpoints were in use (`HASH_EXCLUDE`) are left
         out, so adding them does not refuse every existing checkpoint's warm start."""
         shape = self.model_dump(mode="json", exclude=HASH_EXCLUDE)
+        _drop_unset_new_keys(shape)
         if extra is not None:
             shape["optimizers"] = extra
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]

@@ -5,8 +5,9 @@ import torch
 from conftest import _batch, _mini
 
 from mtrec.config import parse_config
-from mtrec.data.batch import BatchConverter, hash_ids
+from mtrec.data.batch import BatchConverter
 from mtrec.data.hashing import splitmix64
+from mtrec.data.kinds import hash_ids
 from mtrec.data.validate import RowValidator
 from mtrec.train.stream import rebatch
 
@@ -98,7 +99,7 @@ def test_conversion_jagged_nulls_and_strings():
         }
     )
     b = BatchConverter(cfg().spec)(rb)
-    kjt = b.sparse.to_dict()
+    kjt = b.sparse["ebc"].to_dict()
     assert kjt["user_id"].lengths().tolist() == [1, 0, 1]  # a null id is an empty bag
     u = kjt["user_id"].values().tolist()
     assert u[0] == u[1] and 0 <= u[0] < 97  # same string, same row
@@ -118,7 +119,7 @@ def test_boolean_labels_and_bias_and_uint64_ids_work():
     )
     split = RowValidator(_mini().spec).split(b)
     assert split.bad.column("reason").to_pylist() == ["conversion_without_click"]
-    kjt = BatchConverter(_mini().spec)(split.good).sparse.to_dict()["user_id"]
+    kjt = BatchConverter(_mini().spec)(split.good).sparse["ebc"].to_dict()["user_id"]
     assert kjt.lengths().tolist() == [1, 1] and kjt.values().min() >= 0
 
 
@@ -138,7 +139,7 @@ def test_null_multi_hot_list_with_values_underneath():
     rb = pa.record_batch(
         {"tags": tags, "click": pa.array([0, 0, 0], pa.int8()), "conversion": pa.array([0, 0, 0], pa.int8())}
     )
-    kjt = BatchConverter(cfg.spec)(rb).sparse.to_dict()["tags"]
+    kjt = BatchConverter(cfg.spec)(rb).sparse["ebc"].to_dict()["tags"]
     assert kjt.lengths().tolist() == [2, 0, 1] and kjt.values().numel() == 3
 
 

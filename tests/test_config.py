@@ -25,7 +25,7 @@ def _err(data: dict) -> str:
 def test_examples_load(name):
     cfg = load_config(name)
     assert cfg.name == f"{name}_synth"
-    assert cfg.model.arch == name
+    assert cfg.model.arch == name.removesuffix("_seq")
     assert cfg.labels["click"] == LabelKind.BINARY
     assert cfg.task("ctr").given is None and cfg.task("cvr").given == "ctr"
 

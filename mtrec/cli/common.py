@@ -10,7 +10,9 @@ log = logging.getLogger("mtrec.cli")
 
 def add_common(p: argparse.ArgumentParser, date: bool = True) -> None:
     p.add_argument(
-        "--config", default="esmm", help="YAML config path/URL, or a shipped example: esmm, esm2, mmoe (default: esmm)"
+        "--config",
+        default="esmm",
+        help="YAML config path/URL, or a shipped example: esmm, esm2, mmoe, esmm_seq (default: esmm)",
     )
     p.add_argument("--logs", help="logs root URL (overrides job.logs)")
     p.add_argument("--workdir", help="work dir URL: quarantine, checkpoints, MLflow store (overrides job.workdir)")

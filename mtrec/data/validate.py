@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mtrec.data.io import DataFile, day_url, filesystem, join, list_day_files
+from mtrec.data.kinds import COLUMN_TYPES, list_lengths
 from mtrec.errors import DataValidationError
 from mtrec.spec import ID_COLUMNS, POSITION_COLUMN, LabelKind, ModelSpec
 
@@ -61,34 +62,6 @@ def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _is_int(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_boolean(t)
-
-
-def _is_id(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def _is_num(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
-# schema role (ModelSpec.column_roles) -> (accepted Arrow types, what the error says is expected)
-_EXPECTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
-    "id": (_is_id, "an integer or string id (int64)"),
-    "ids": (lambda t: _is_list(t) and _is_id(t.value_type), "a list of integer or string ids"),
-    "position": (_is_int, "an integer (int32, 0-based slot)"),
-    "label": (_is_int, "an integer label (int8 0/1)"),
-    "regression": (_is_num, "a numeric label (float32)"),
-    "dense": (_is_num, "a number (float32)"),
-    "bias": (_is_int, "an integer (bias feature value)"),
-}
-
-
 @dataclass
 class ValidationReport:
     """What validation found in one day. ``input_rows == good_rows + bad_rows`` always."""
@@ -100,6 +73,7 @@ class ValidationReport:
     good_rows: int = 0
     bad_rows: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)  # sequence group -> good rows cut to max_len
     files: list[dict] = field(default_factory=list)
     max_bad_fraction: float = 0.01
     seconds: float = 0.0
@@ -125,6 +99,9 @@ class ValidationReport:
         for reason, n in self.by_reason.items():
             if n:
                 lines.append(f"  {reason:<28} {n:>10,}")
+        for group, n in self.truncated.items():
+            if n:
+                lines.append(f"  {'truncated:' + group:<28} {n:>10,}  (good rows; the newest max_len kept)")
         if self.bad_rows:
             lines.append(f"  quarantine: {self.quarantine}")
         return "\n".join(lines)
@@ -139,6 +116,19 @@ def _dense_rule(col: str, missing_is_bad: bool) -> Mask:
         if missing_is_bad:  # is_finite of a null is null, hence the explicit is_null
             return _np(pc.or_kleene(pc.is_null(x), pc.invert(pc.is_finite(x))))
         return _np(pc.is_inf(x))
+
+    return bad
+
+
+def _parallel_rule(cols: list[str]) -> Mask:
+    """A sequence group's rows whose lists differ in length (a null list has length 0)."""
+
+    def bad(b: pa.RecordBatch) -> np.ndarray:
+        first = list_lengths(b.column(cols[0]))
+        out = np.zeros(b.num_rows, dtype=bool)
+        for c in cols[1:]:
+            out |= list_lengths(b.column(c)) != first
+        return out
 
     return bad
 
@@ -164,16 +154,16 @@ class RowValidator:
         """Raise DataValidationError (one line) on a missing or wrongly-typed column."""
         names = set(schema.names)
         for col, (role, by) in self.spec.column_roles().items():
-            ok, wanted = _EXPECTED[role]
+            ct = COLUMN_TYPES[role]
             if col not in names:
                 raise DataValidationError(
                     f"{where}: column `{col}` is missing (required by {by}); "
                     "add it to the export or remove it from the config"
                 )
             t = schema.field(col).type
-            if not ok(t):
+            if not ct.accepts(t):
                 raise DataValidationError(
-                    f"{where}: column `{col}` has type {t}, expected {wanted} (required by {by}); "
+                    f"{where}: column `{col}` has type {t}, expected {ct.wanted} (required by {by}); "
                     "fix the export's type or the config"
                 )
 
@@ -243,6 +233,9 @@ class RowValidator:
                         ),
                     )
                 )
+        for g in spec.features.sequences:
+            if len(g.features) > 1:
+                rules.append(("sequence_length_mismatch", _parallel_rule([f.source for f in g.features])))
         for f in spec.features.dense:
             rules.append((f"bad_feature:{f.source}", _dense_rule(f.source, f.fill is None)))
         for f in spec.features.bias:
@@ -254,6 +247,14 @@ class RowValidator:
                     )
                 )
         return rules
+
+    def truncated(self, good: pa.RecordBatch) -> dict[str, int]:
+        """Per sequence group, the rows of `good` whose lists are longer than `max_len` (training
+        keeps their newest `max_len`): counted, not quarantined."""
+        return {
+            g.name: int((list_lengths(good.column(g.features[0].source)) > g.max_len).sum())
+            for g in self.spec.features.sequences
+        }
 
     def reason_codes(self, batch: pa.RecordBatch) -> np.ndarray:
         """Per row: index into `self.reasons` of the first rule it breaks, or -1 (good). Shape B."""
@@ -364,6 +365,7 @@ def validate_day(
         logs=day_url(logs, day),
         quarantine=qurl,
         by_reason={r: 0 for r in validator.reasons},
+        truncated={g.name: 0 for g in spec.features.sequences},
         max_bad_fraction=max_bad_fraction,
     )
     for f in files:
@@ -384,6 +386,8 @@ def validate_day(
                         *np.unique(bad.column("reason").to_numpy(zero_copy_only=False), return_counts=True), strict=True
                     ):
                         report.by_reason[str(reason)] += int(n)
+                for group, n in validator.truncated(good).items():
+                    report.truncated[group] += n
                 rows += batch.num_rows
                 bad_rows += bad.num_rows
                 report.good_rows += good.num_rows

@@ -81,6 +81,7 @@ class TrainSummary:
     phases: dict = field(default_factory=dict)  # milestone -> seconds since the job started (where the wall time goes)
     input_rows: int = 0
     quarantined_rows: int = 0
+    truncated: dict = field(default_factory=dict)  # sequence group -> good rows whose lists were cut to max_len
     expected_rows: int = 0  # good rows the validation counted
     rows: int = 0  # rows the workers trained, summed
     rows_per_s: float = 0.0  # streaming rate: rows / slowest worker's first-to-last-batch time
@@ -127,6 +128,11 @@ class TrainSummary:
                     f"(negative_rate / positive_repeat in train.sampling)"
                 ]
                 if any(w.get("sampled_rows", w["rows"]) != w["rows"] for w in self.workers)
+                else []
+            ),
+            *(
+                [f"  sequences truncated to max_len: {', '.join(f'{g} {n:,} rows' for g, n in self.truncated.items())}"]
+                if any(self.truncated.values())
                 else []
             ),
             f"  {per}",

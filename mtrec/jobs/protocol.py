@@ -241,6 +241,7 @@ def plan_job(
         "config": cfg.model_dump(mode="json"),
         "input_rows": sum(r.input_rows for r in reports),
         "quarantined_rows": sum(r.bad_rows for r in reports),
+        "truncated": {g: sum(r.truncated.get(g, 0) for r in reports) for g in reports[0].truncated},
         "files": [{"url": f.url, "size": f.size} for f in files],
         "mtrec_version": __version__,
     }
@@ -293,6 +294,7 @@ class _Job:
             checkpoint=plan.checkpoint,
             input_rows=plan.manifest["input_rows"],
             quarantined_rows=plan.manifest["quarantined_rows"],
+            truncated=plan.manifest.get("truncated", {}),
             expected_rows=plan.expected_rows,
         )
         self.manifest = dict(plan.manifest)

@@ -1,21 +1,43 @@
-"""The sparse arch: one TorchRec EmbeddingBagCollection for every sparse feature, shared by all
-tasks, concatenated with the dense features."""
+"""The sparse arch: every embedding table of the spec, shared by all tasks, and the features they
+give, concatenated with the dense features.
+
+Tables live in TorchRec collections (`FeaturesConfig.collections`): a table only pooled features
+read sits in one EmbeddingBagCollection (``ebc``); a table a sequence reads sits, unpooled, in the
+EmbeddingCollection of its width (``ecs["ec<dim>"]``), and so does every feature that shares it,
+pooled ones included. TorchRec cannot share one table between a bag collection and an unpooled
+one, so a shared table is looked up once, unpooled, and pooled here for the features that want a
+bag (`_pool`): one weight tensor, gradients from every use, one row of optimizer state.
+
+For architectures without a sequence encoder each sequence group is read pooled: its features'
+vectors side by side per behaviour (B x T x sum of dims), averaged (or summed) over the
+behaviours each row has. `sequences` gives the unpooled form for sequence models.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from mtrec.spec import FeaturesConfig, Pooling
 
 
+def _pool(values: torch.Tensor, lengths: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Jagged rows (N x d values, B lengths) -> B x d, summed or averaged; an empty row is zeros."""
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
+    out = torch.zeros(lengths.numel(), values.shape[1], dtype=values.dtype, device=values.device)
+    out = out.index_add(0, rows, values)  # B x d
+    if pooling == Pooling.MEAN:
+        out = out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+    return out
+
+
 class SparseArch(nn.Module):
-    """Embeddings of all sparse features (single- or multi-hot, pooled) + dense features.
+    """Embeddings of all sparse and sequence features (pooled) + dense features.
 
     Args:
-        features (FeaturesConfig): one table per sparse feature (`hash_size` x `dim`).
+        features (FeaturesConfig): the tables (`hash_size` x `dim`), who reads them, the groups.
         device (torch.device): build the tables on ``meta`` to shard them later with
             DistributedModelParallel, or on ``cpu`` to run unsharded.
 
@@ -26,28 +48,81 @@ class SparseArch(nn.Module):
 
     def __init__(self, features: FeaturesConfig, device: torch.device):
         super().__init__()
-        self.ebc = EmbeddingBagCollection(
-            tables=[
-                EmbeddingBagConfig(
-                    name=f.name,
-                    embedding_dim=f.dim,
-                    num_embeddings=f.hash_size,
-                    feature_names=[f.name],
-                    pooling=PoolingType.MEAN if f.pooling == Pooling.MEAN else PoolingType.SUM,
-                )
-                for f in features.sparse
-            ],
-            device=device,
+        collections = features.collections()
+        readers = features.collection_features()
+        by_table = {t: [f.name for f in features.embedded() if f.table_name == t] for t in features.tables()}
+        self.ebc = (
+            EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=t.name,
+                        embedding_dim=t.dim,
+                        num_embeddings=t.hash_size,
+                        feature_names=by_table[t.name],
+                        pooling=PoolingType.MEAN if features.bag_pooling(t.name) == Pooling.MEAN else PoolingType.SUM,
+                    )
+                    for t in collections["ebc"]
+                ],
+                device=device,
+            )
+            if "ebc" in collections
+            else None
         )
-        self.feature_names = [f.name for f in features.sparse]
-        self.out_dim = sum(f.dim for f in features.sparse) + len(features.dense)
+        self.ecs = nn.ModuleDict(
+            {
+                key: EmbeddingCollection(
+                    tables=[
+                        EmbeddingConfig(
+                            name=t.name, embedding_dim=t.dim, num_embeddings=t.hash_size, feature_names=by_table[t.name]
+                        )
+                        for t in tables
+                    ],
+                    device=device,
+                )
+                for key, tables in collections.items()
+                if key != "ebc"
+            }
+        )
+        self.unpooled = {n for key, names in readers.items() if key != "ebc" for n in names}
+        self.sparse = [(f.name, f.pooling) for f in features.sparse]
+        self.groups = [(g.name, [f.name for f in g.features], g.pooling) for g in features.sequences]
+        self.out_dim = (
+            sum(features.table_of(f).dim for f in features.sparse)
+            + sum(features.group_dim(g) for g in features.sequences)
+            + len(features.dense)
+        )
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+    def lookup(self, sparse: dict[str, KeyedJaggedTensor]) -> tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]:
+        """(pooled embeddings of the bag collection's features, B x dim each; jagged embeddings of
+        every unpooled feature)."""
         # By name, not `.values()`: a sharded collection returns its tables grouped by rank, so the
         # order of `.values()` depends on the sharding plan, and towers trained under one plan
         # would read permuted features under another (e.g. trained on 2 ranks, served on 1).
-        emb = self.ebc(sparse).to_dict()  # name -> B x dim
-        parts = [emb[name] for name in self.feature_names]
+        pooled = self.ebc(sparse["ebc"]).to_dict() if self.ebc is not None else {}
+        jagged: dict[str, JaggedTensor] = {}
+        for key, ec in self.ecs.items():
+            jagged.update(ec(sparse[key]).items())  # items(): a sharded collection answers lazily
+        return pooled, jagged
+
+    def sequences(self, jagged: dict[str, JaggedTensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per group, (N x D behaviour vectors, the group's features side by side; B lengths): the
+        jagged form of each row's sequence, oldest first."""
+        out = {}
+        for name, features, _ in self.groups:
+            out[name] = (
+                torch.cat([jagged[f].values() for f in features], dim=1),  # N x D
+                jagged[features[0]].lengths(),  # B, equal for every feature of the group
+            )
+        return out
+
+    def forward(self, sparse: dict[str, KeyedJaggedTensor], dense: torch.Tensor) -> torch.Tensor:
+        pooled, jagged = self.lookup(sparse)
+        parts = [
+            _pool(jagged[name].values(), jagged[name].lengths(), pooling) if name in self.unpooled else pooled[name]
+            for name, pooling in self.sparse
+        ]
+        seqs = self.sequences(jagged)
+        parts += [_pool(*seqs[name], pooling) for name, _, pooling in self.groups]
         if dense.shape[1]:
             parts.append(dense)
         return torch.cat(parts, dim=1)  # B x out_dim

@@ -71,6 +71,7 @@ class Manifest(TypedDict, total=False):
     config: dict  # the run spec it was trained under, for the record
     input_rows: int
     quarantined_rows: int
+    truncated: dict[str, int]  # sequence group -> rows whose lists were cut to max_len
     files: list[dict]  # [{"url", "size"}] of the data trained
     mtrec_version: str
     mlflow_run_id: str  # tracking on

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -71,7 +72,7 @@ def _check(cfg: MtrecConfig, device: torch.device) -> None:
 def shard(
     module: nn.Module, cfg: MtrecConfig, device: torch.device, pg: dist.ProcessGroup | None = None
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Wrap `module` (whose EmbeddingBagCollection is on meta) in DMP with the config's plan.
+    """Wrap `module` (whose embedding collections are on meta) in DMP with the config's plan.
 
     Returns:
         (dmp, plan): the sharded module and the plan every rank agreed on.
@@ -80,9 +81,11 @@ def shard(
     pg = pg or dist.GroupMember.WORLD
     world = dist.get_world_size(pg)
     types = [s.value for s in cfg.train.sharding_types]
-    constraints = {f.name: ParameterConstraints(sharding_types=types) for f in cfg.features.sparse}
+    constraints = {name: ParameterConstraints(sharding_types=types) for name in cfg.features.tables()}
     eo = cfg.train.embedding_optimizer
-    sharders = [EmbeddingBagCollectionSharder(fused_params={"optimizer": _FUSED[eo.name], "learning_rate": eo.lr})]
+    fused = {"optimizer": _FUSED[eo.name], "learning_rate": eo.lr}
+    # pooled tables and the unpooled ones sequences read (mtrec.models.sparse_arch), one planner
+    sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         planner = EmbeddingShardingPlanner(

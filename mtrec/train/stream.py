@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtrec.data.io import DataFile, list_day_files
+from mtrec.data.kinds import COLUMN_TYPES
 from mtrec.data.validate import RowValidator, iter_file_batches
 from mtrec.spec import ModelSpec
 from mtrec.train.position import FILE_COL, ROW_COL, Position, skip_trained
@@ -26,17 +27,6 @@ class StreamCounts:
     files: list[str] = field(default_factory=list)
 
 
-_INTEGER_ROLES = {"position": pa.int64(), "bias": pa.int64(), "label": pa.int8()}
-
-
-def _canonical_type(t: pa.DataType, role: str) -> pa.DataType:
-    if role == "id":
-        return pa.int64() if pa.types.is_integer(t) else pa.string()
-    if role == "ids":
-        return pa.list_(_canonical_type(t.value_type, "id"))
-    return _INTEGER_ROLES.get(role, pa.float32())  # regression labels and dense features: float32
-
-
 def canonical(batch: pa.RecordBatch, roles: dict[str, tuple[str, str]]) -> pa.RecordBatch:
     """Only the columns training reads (`ModelSpec.column_roles`, plus row_id), in a fixed
     order, with fixed types, so batches from files that differ in column order, extra columns,
@@ -48,7 +38,7 @@ def canonical(batch: pa.RecordBatch, roles: dict[str, tuple[str, str]]) -> pa.Re
     arrays, fields = [], []
     for col, role in cols:
         arr = batch.column(col)
-        t = _canonical_type(arr.type, role)
+        t = COLUMN_TYPES[role].canonical(arr.type)
         arrays.append(arr if arr.type == t else pc.cast(arr, t, safe=False))
         fields.append(pa.field(col, t))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
