@@ -62,8 +62,7 @@ class ServedModel:
                 "they were written under another config - export them again from the right checkpoint"
             )
         self.model.eval()
-        f = self.spec.features
-        self.columns = list(dict.fromkeys([s.source for s in f.sparse] + [d.source for d in f.dense]))
+        self.columns = self.spec.input_columns()
         self.outputs = self.spec.outputs()
         self._expm1 = {t.name for t in self.spec.tasks if t.log1p and self.spec.label_kind(t) == LabelKind.REGRESSION}
 

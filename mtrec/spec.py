@@ -556,6 +556,12 @@ class _SpecFields(Strict):
             roles.setdefault(x.source, (x.kind.value, f"`{where}` ({x.name}, {x.kind.value})"))
         return roles
 
+    def input_columns(self) -> list[str]:
+        """The feature columns a served model reads: sparse, sequence and dense (bias features
+        are training-only), each once."""
+        f = self.features
+        return list(dict.fromkeys(x.source for x in [*f.sparse, *f.sequence_features(), *f.dense]))
+
     def required_columns(self) -> list[str]:
         """Every column a day's logs must have for this spec (contract + labels + features)."""
         return list(self.column_roles())
