@@ -90,9 +90,24 @@ class _Embedded(_FromColumn):
         "`item_id`); omit `hash_size` and `dim` then.",
     )
     hash_size: int | None = Field(None, gt=0, description="Rows of the embedding table; ids are hashed into it.")
-    dim: int = Field(16, gt=0, description="Embedding dimension; a multiple of 4 (FBGEMM's embedding kernels need it).")
+    dim: int | None = Field(
+        None,
+        gt=0,
+        description="Embedding dimension, 16 if omitted; a multiple of 4 (FBGEMM's embedding kernels need it). "
+        "Omitted with `table`.",
+    )
 
-    _check_dim = field_validator("dim")(_check_dim)
+    @field_validator("dim")
+    @classmethod
+    def _kernel_dim(cls, dim: int | None) -> int | None:
+        return dim if dim is None else _check_dim(dim)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dim(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("table") is None and data.get("dim") is None:
+            return {**data, "dim": 16}  # a table of its own; a shared one's width is its owner's
+        return data
 
     @model_validator(mode="after")
     def _own_or_shared(self) -> _Embedded:
@@ -102,7 +117,7 @@ class _Embedded(_FromColumn):
                 "feature whose table it shares"
             )
         if self.table is not None:
-            given = sorted({"hash_size", "dim"} & self.model_fields_set)
+            given = [k for k in ("hash_size", "dim") if getattr(self, k) is not None]
             if given:
                 raise ValueError(
                     f"feature `{self.name}` shares the table of `{self.table}` and takes its hash_size and dim; "
@@ -547,13 +562,13 @@ class _SpecFields(Strict):
             roles[col] = ("label" if kind == LabelKind.BINARY else "regression", "`labels`")
         f = self.features
         declared = [
-            *((x, "features.sparse") for x in f.sparse),
-            *((x, f"features.sequences ({g.name})") for g in f.sequences for x in g.features),
-            *((x, "features.dense") for x in f.dense),
-            *((x, "features.bias") for x in f.bias),
+            *((x, f"`features.sparse` ({x.name}{', multi_hot: true' if x.multi_hot else ''})") for x in f.sparse),
+            *((x, f"`features.sequences` ({g.name}: {x.name})") for g in f.sequences for x in g.features),
+            *((x, f"`features.dense` ({x.name})") for x in f.dense),
+            *((x, f"`features.bias` ({x.name})") for x in f.bias),
         ]
-        for x, where in declared:
-            roles.setdefault(x.source, (x.kind.value, f"`{where}` ({x.name}, {x.kind.value})"))
+        for x, by in declared:
+            roles.setdefault(x.source, (x.kind.value, by))
         return roles
 
     def input_columns(self) -> list[str]:

@@ -87,7 +87,7 @@ COLUMN_TYPES: dict[str, ColumnType] = {
     ),
     FeatureKind.SEQUENCE: ColumnType(
         _is_id_list,
-        "a list of integer or string ids (list<int64>), oldest first",
+        "a list of integer or string ids (list<int64>)",
         lambda t: pa.list_(_id_type(t.value_type)),
     ),
     FeatureKind.DENSE: ColumnType(_is_num, "a number (float32)", lambda t: pa.float32()),
