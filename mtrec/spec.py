@@ -144,7 +144,7 @@ class SparseFeature(_Embedded):
 
 class SequenceFeature(_Embedded):
     name: str = Field(description="Feature name: one column of the sequence group (e.g. `hist_item_id`).")
-    column: str | None = Field(None, description="Log column (a list of ids, oldest first); defaults to `name`.")
+    column: str | None = Field(None, description="Log column (a list of ids in the group's `order`); default `name`.")
 
     kind: ClassVar[FeatureKind] = FeatureKind.SEQUENCE
 
