@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mtrec.data.kinds import COLUMN_TYPES
 from mtrec.errors import MtrecError
 from mtrec.eval.scoring import score_batches
-from mtrec.spec import LabelKind, ModelSpec
+from mtrec.spec import FeatureKind, LabelKind, ModelSpec
 
 WEIGHTS = "weights.pt"
 SPEC = "spec.json"  # {"spec": ModelSpec, "score_offsets": {task: log-odds}}
@@ -124,20 +125,37 @@ class ServedModel:
                 f"the input lacks feature column(s) {', '.join(missing)}; the model reads {', '.join(self.columns)}"
             )
 
+    def _typed(self, table: pa.Table) -> pa.Table:
+        """The model's columns with the contract's types. Ids that arrive as floats (pandas turns an
+        integer column with a null into float64) are taken back to int64 when whole; any other type
+        the contract does not allow is refused with one line."""
+        kinds = self.spec.column_roles()
+        out = []
+        for col in self.columns:
+            arr, kind = table.column(col), kinds[col][0]
+            t = arr.type
+            listed = pa.types.is_list(t) or pa.types.is_large_list(t)
+            if kind != FeatureKind.DENSE.value and pa.types.is_floating(t.value_type if listed else t):
+                arr = _whole_ids(arr, col, listed)
+            ct = COLUMN_TYPES[kind]
+            if not ct.accepts(arr.type):
+                raise MtrecError(f"input column `{col}` has type {arr.type}, expected {ct.wanted}")
+            out.append(arr)
+        return pa.table(out, names=self.columns)
+
     def predict(self, batch: pa.Table | pa.RecordBatch, batch_rows: int = 8192) -> dict[str, np.ndarray]:
         """Per-output scores (N float32 each) of N rows holding at least `self.columns` (other
         columns are ignored).
 
         Raises:
-            MtrecError: a feature column is missing.
+            MtrecError: a feature column is missing or of a type the data contract does not allow.
         """
         self._check(batch.schema.names)
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
+        batch = self._typed(batch)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
-        for _, out in score_batches(
-            self.model, self.spec, batch.select(self.columns).to_batches(max_chunksize=batch_rows)
-        ):
+        for _, out in score_batches(self.model, self.spec, batch.to_batches(max_chunksize=batch_rows)):
             for k in self.outputs:
                 v = out[k].float()
                 parts[k].append((torch.expm1(v) if k in self._expm1 else v).numpy())
@@ -149,3 +167,14 @@ class ServedModel:
 
         self._check(list(df.columns))
         return pd.DataFrame(self.predict(pa.Table.from_pandas(df[self.columns], preserve_index=False)))
+
+
+def _whole_ids(arr: pa.ChunkedArray, col: str, listed: bool) -> pa.ChunkedArray:
+    """Float ids (or lists of them) -> int64, when every value is whole."""
+    target = pa.list_(pa.int64()) if listed else pa.int64()
+    try:
+        return arr.cast(target)  # a safe cast: refuses 1.5, keeps nulls
+    except pa.ArrowInvalid:
+        raise MtrecError(
+            f"input column `{col}` holds ids that are not whole numbers ({arr.type}); send integer or string ids"
+        ) from None

@@ -67,12 +67,15 @@ def _id_type(t: pa.DataType) -> pa.DataType:
 
 @dataclass(frozen=True)
 class ColumnType:
-    """What a column of one kind may be in the logs (`accepts`, `wanted` for the error) and the type
-    the training stream casts it to (`canonical` of the file's type)."""
+    """What a column of one kind may be in the logs (`accepts`, `wanted` for the error), the type
+    the training stream casts it to (`canonical` of the file's type) and how the served model's
+    input signature lists it (`served`: an MLflow type name; ``any`` where the contract allows more
+    than one type or nulls, e.g. integer or string ids; None for columns serving never reads)."""
 
     accepts: Callable[[pa.DataType], bool]
     wanted: str
     canonical: Callable[[pa.DataType], pa.DataType]
+    served: str | None = None
 
 
 COLUMN_TYPES: dict[str, ColumnType] = {
@@ -81,16 +84,17 @@ COLUMN_TYPES: dict[str, ColumnType] = {
     "label": ColumnType(_is_int, "an integer label (int8 0/1)", lambda t: pa.int8()),
     "regression": ColumnType(_is_num, "a numeric label (float32)", lambda t: pa.float32()),
     # the feature kinds
-    FeatureKind.ID: ColumnType(_is_id, "an integer or string id (int64)", _id_type),
+    FeatureKind.ID: ColumnType(_is_id, "an integer or string id (int64)", _id_type, "any"),
     FeatureKind.MULTI_HOT: ColumnType(
-        _is_id_list, "a list of integer or string ids", lambda t: pa.list_(_id_type(t.value_type))
+        _is_id_list, "a list of integer or string ids", lambda t: pa.list_(_id_type(t.value_type)), "any"
     ),
     FeatureKind.SEQUENCE: ColumnType(
         _is_id_list,
         "a list of integer or string ids (list<int64>)",
         lambda t: pa.list_(_id_type(t.value_type)),
+        "any",
     ),
-    FeatureKind.DENSE: ColumnType(_is_num, "a number (float32)", lambda t: pa.float32()),
+    FeatureKind.DENSE: ColumnType(_is_num, "a number (float32)", lambda t: pa.float32(), "double"),
     FeatureKind.BIAS: ColumnType(_is_int, "an integer (bias feature value)", lambda t: pa.int64()),
 }
 

@@ -41,7 +41,7 @@ from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
 from mtrec.log import quiet_libraries, verbose
 from mtrec.retry import retry
 from mtrec.serving import ServedModel
-from mtrec.tracking.pyfunc import MODEL_CODE
+from mtrec.tracking.pyfunc import MODEL_CODE, served_signature
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +306,9 @@ class Tracker:
     # ---- the served model --------------------------------------------------------------------------
     def log_model(self, run_id: str, served: ServedModel, example) -> str:
         """The served model as an MLflow pyfunc under the run; returns its model URI."""
-        from mlflow.models import infer_signature
-
         with tempfile.TemporaryDirectory() as tmp:
             served.save(tmp)
-            signature = infer_signature(example, served.predict_pandas(example))
+            signature = served_signature(served)
 
             def log() -> str:  # Model.log with run_id: no fluent active run (whose exit would end the run)
                 # the logged model's home (default: experiment 0, ./mlruns)

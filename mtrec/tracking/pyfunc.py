@@ -1,4 +1,4 @@
-"""The served model's MLflow face: the pyfunc class MLflow loads, and `load_served`.
+"""The served model's MLflow face: the pyfunc class MLflow loads, its signature, and `load_served`.
 
 Loading a model needs only what scoring needs: MLflow's pyfunc and `mtrec.serving` (this module
 imports nothing else of mtrec but its errors), so a process that serves or batch-scores a
@@ -34,6 +34,24 @@ class MtrecPyfunc(mlflow.pyfunc.PythonModel):
         return self.served.predict_pandas(model_input)
 
 
+def served_signature(served: ServedModel):
+    """The logged model's signature, from the spec rather than from example rows: each feature
+    column as its kind lists it (`mtrec.data.kinds.COLUMN_TYPES[kind].served`; ids, bags and
+    sequences as ``Any``, since the contract allows integer or string ids and nulls, which MLflow's
+    typed columns would refuse), one float column per output."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    from mtrec.data.kinds import COLUMN_TYPES
+
+    roles = served.spec.column_roles()
+    inputs = []
+    for col in served.columns:
+        kind = COLUMN_TYPES[roles[col][0]].served or "any"  # a column a label also names: Any
+        inputs.append(ColSpec(AnyType() if kind == "any" else kind, col))
+    return ModelSignature(Schema(inputs), Schema([ColSpec("float", name) for name in served.outputs]))
+
+
 def load_served(model_uri: str) -> ServedModel:
     """The ServedModel inside a logged/registered model (`models:/<name>@champion`, `runs:/...`)."""
     try:
@@ -51,4 +69,4 @@ def load_served(model_uri: str) -> ServedModel:
     return inner.served
 
 
-__all__ = ["MODEL_CODE", "MtrecPyfunc", "load_served"]
+__all__ = ["MODEL_CODE", "MtrecPyfunc", "load_served", "served_signature"]
