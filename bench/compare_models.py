@@ -62,11 +62,15 @@ VARIANTS = {  # name: (tasks, model)
         THREE,
         {"arch": "ple", "levels": 2, "shared_experts": 2, "task_experts": 1, "expert": [128], "tower": [64]},
     ),
+    # the behaviour sequence mean-pooled into ESMM's towers (the esmm_seq example's features); needs a
+    # world with histories: --preset sequences
+    "esmm+seq": (CVR2, {"arch": "esmm"}),
 }
+WITH_SEQUENCES = {"esmm+seq"}  # variants that read the esmm_seq example's features (sequences included)
 
 
 def variant_config(name: str, logs: str, batch_size: int, seed: int):
-    base = yaml.safe_load(example_path("esm2").read_text())
+    base = yaml.safe_load(example_path("esmm_seq" if name in WITH_SEQUENCES else "esm2").read_text())
     tasks, model = VARIANTS[name]
     base.update(name=name.replace("+", "_"), tasks=copy.deepcopy(tasks), model=copy.deepcopy(model))
     base["train"].update(batch_size=batch_size, seed=seed)
@@ -122,7 +126,9 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
         f"batch {args.batch_size}; seed {world['seed']}; parameters {changed or 'default'}"
     )
     by = {}
-    for name in args.models.split(","):
+    fits = [v for v in VARIANTS if v not in WITH_SEQUENCES or params.history]  # histories are in the logs
+    names = args.models.split(",") if args.models else fits
+    for name in names:
         cfg = variant_config(name, out, args.batch_size, seed)
         t0 = time.perf_counter()
         res = train_days(cfg, train)
@@ -184,6 +190,14 @@ def claims(by_seed: list[dict[str, dict]]) -> list[str]:
             ["esmm+shallow"],
         ),
     ]
+    out.append(
+        line(
+            "esmm+seq - esmm unbiased CTR AUC",
+            ">= +0.01 on every seed",
+            lambda b: b["esmm+seq"]["ctr/auc_unbiased"] - b["esmm"]["ctr/auc_unbiased"],
+            ["esmm", "esmm+seq"],
+        )
+    )
     for name in ("mmoe", "ple"):
         out.append(
             line(
@@ -206,7 +220,9 @@ def main() -> None:
         "--seeds", help="comma-separated seeds (world and training), e.g. 0,1,2: every figure per seed and their mean"
     )
     ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--models", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--models", help="comma-separated variants (default: every one that fits the world: esmm+seq needs histories)"
+    )
     ap.add_argument("--out", help="world dir, reused when it exists (with --seeds: a folder per seed under it)")
     ap.add_argument("--preset", help="a named world variant (mtrec.data.synth.PRESETS), e.g. item_quality")
     ap.add_argument(

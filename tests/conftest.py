@@ -71,6 +71,24 @@ def world(tmp_path_factory) -> str:
     return root
 
 
+@pytest.fixture(scope="session")
+def seq_world(tmp_path_factory) -> tuple[str, dt.date, dt.date]:
+    """A 2-day world with behaviour histories (`--preset sequences`), 6,000 rows/day in 3 files:
+    (logs root, day 1, day 2)."""
+    from mtrec.data.synth import world_params
+
+    root = str(tmp_path_factory.mktemp("seq-world"))
+    write_world(
+        root,
+        days=2,
+        rows_per_day=6_000,
+        seed=5,
+        files_per_day=3,
+        params=world_params([], "sequences"),
+    )
+    return root, DAY1, DAY1 + dt.timedelta(days=1)
+
+
 @pytest.fixture
 def cfg(world, tmp_path):
     """The ESMM example config pointed at the session world and a fresh workdir."""

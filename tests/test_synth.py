@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -260,3 +261,116 @@ def test_synth_rewrite_replaces_the_world_and_refuses_foreign_folders(tmp_path):
     with pytest.raises(MtrecError, match="is not empty and holds no _world.json"):
         write_world(str(foreign), days=1, rows_per_day=10)
     assert (foreign / "keep.txt").exists()
+
+
+HIST_COLUMNS = ["hist_item_id", "hist_item_category", "hist_brand", "hist_behavior", "hist_scenario", "hist_age_hours"]
+SMALL_SEQUENCES = ["users=300", "items=500", "history=16", "history_init=8", "intent_stickiness=0.5"]  # small, fast
+
+
+def _sequences_world(root: str, days: int = 3, rows: int = 3000, seed: int = 1, extra: tuple[str, ...] = ()) -> str:
+    from mtrec.data.synth import world_params
+
+    write_world(
+        root, days=days, rows_per_day=rows, seed=seed, params=world_params([*SMALL_SEQUENCES, *extra], "sequences")
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def seq_world(tmp_path_factory) -> str:
+    return _sequences_world(str(tmp_path_factory.mktemp("seqworld")))
+
+
+def test_default_world_writes_no_history_and_no_intent(world):
+    assert not set(HIST_COLUMNS) & set(_day(world, DAYS[0]).column_names)
+    assert "intent" not in _day(world, DAYS[0], True).column_names
+
+
+def test_histories_are_the_users_earlier_behaviours_newest_last(seq_world):
+    """Every row's history is its user's clicks (strongest action) of earlier requests, in time and
+    position order, across files and days, kept newest last and cut to `history`; what comes before
+    them is the past the user arrived with, of a fixed length per user."""
+    t = pa.concat_tables([_day(seq_world, d) for d in DAYS])
+    d = t.to_pydict()
+    ts = t.column("ts").to_numpy().astype("int64")
+    assert np.all(np.diff(ts) >= 0)  # days and files in time order
+    done: dict[int, list] = {}  # user -> behaviours of completed requests, oldest first
+    arrived: dict[int, int] = {}  # user -> length of the past they arrived with
+    category, brand = (
+        dict(zip(d["item_id"], d["item_category"], strict=True)),
+        dict(zip(d["item_id"], d["brand"], strict=True)),
+    )
+    pending, request = [], None
+    for i in range(t.num_rows):
+        if d["request_id"][i] != request:  # behaviours join the history once their request is over
+            for user, b in pending:
+                done.setdefault(user, []).append(b)
+            pending, request = [], d["request_id"][i]
+        user = d["user_id"][i]
+        lists = [d[c][i] for c in HIST_COLUMNS]
+        assert len({len(x) for x in lists}) == 1 and len(lists[0]) <= 16
+        hist = list(zip(*lists[:2], lists[3], lists[4], strict=True))
+        ages = d["hist_age_hours"][i]
+        assert all(a >= b >= 0 for a, b in zip(ages, ages[1:], strict=False))  # oldest first
+        assert all(1 <= b <= 3 for b in d["hist_behavior"][i]) and set(d["hist_scenario"][i]) <= {d["device"][i]}
+        assert all(
+            category.get(x, c) == c for x, c in zip(d["hist_item_id"][i], d["hist_item_category"][i], strict=True)
+        )
+        assert all(brand.get(x, b) == b for x, b in zip(d["hist_item_id"][i], d["hist_brand"][i], strict=True))
+        mine = done.get(user, [])
+        k = min(len(mine), len(hist))
+        assert hist[len(hist) - k :] == mine[len(mine) - k :], i
+        if len(hist) < 16:  # not cut yet: the arrival past + everything since
+            assert arrived.setdefault(user, len(hist) - len(mine)) == len(hist) - len(mine)
+        if d["click"][i]:
+            kind = 3 if d["conversion"][i] else 2 if d["daction"][i] else 1
+            pending.append((user, (d["item_id"][i], d["item_category"][i], kind, d["device"][i])))
+    assert np.mean(list(arrived.values())) > 4  # users arrive with a past (history_init = 8)
+
+
+def test_intent_moves_the_true_click_probability_and_changes_over_visits(seq_world):
+    from mtrec.data.synth import world_params
+
+    strength = world_params([], "sequences").intent_strength
+    t = pa.concat_tables([_day(seq_world, d) for d in DAYS])
+    tr = pa.concat_tables([_day(seq_world, d, True) for d in DAYS])
+    match = t.column("item_category").to_numpy() == tr.column("intent").to_numpy()
+    p = tr.column("p_click_unbiased").to_numpy().astype(np.float64)
+    assert 0.05 < match.mean() < 0.95
+    logit = np.log(p / (1 - p))
+    assert logit[match].mean() > logit[~match].mean() + strength / 2, (logit[match].mean(), logit[~match].mean())
+    # the intent is not the user's: it changes between a user's requests
+    users, intents = t.column("user_id").to_numpy(), tr.column("intent").to_numpy()
+    per_user = {}
+    for u, k in zip(users, intents, strict=True):
+        per_user.setdefault(u, set()).add(k)
+    assert np.mean([len(s) > 1 for s in per_user.values()]) > 0.3
+    # ... and the history reveals it: the last behaviour's category is the intent more often than
+    # the candidates' category is
+    last = np.array([h[-1] if h else -1 for h in t.column("hist_item_category").to_pylist()])
+    assert (last == intents).mean() > 2 * (np.bincount(intents).max() / intents.size)
+
+
+def test_sequences_world_is_deterministic_and_prefix_stable(tmp_path):
+    a, b, c = (
+        _sequences_world(str(tmp_path / n), days=days, rows=1500, seed=seed)
+        for n, days, seed in (("a", 2, 5), ("b", 3, 5), ("c", 2, 6))
+    )
+    for day in DAYS[:2]:
+        assert _day(a, day).equals(_day(b, day)) and _day(a, day, True).equals(_day(b, day, True))
+        assert not _day(a, day).equals(_day(c, day))
+
+
+def test_sequence_params_are_checked():
+    from mtrec.data.synth import world_params
+
+    for bad, msg in (
+        (["history=-1"], r"history=-1: must be >= 0"),
+        (["history=10", "history_init=8"], r"history_init=8: a user's initial past .* must fit in history \(10\)"),
+        (["intent_candidates=31"], r"intent_candidates=31: must be <= candidates \(30\)"),
+        (["intent_stickiness=1.5"], r"intent_stickiness=1.5: a share must lie in \[0, 1\]"),
+        (["intent_strength=-1"], r"intent_strength=-1.0: must be >= 0"),
+        (["history_gap_hours=0"], r"history_gap_hours=0.0: must be > 0"),
+    ):
+        with pytest.raises(MtrecError, match=msg):
+            world_params(bad)

@@ -94,10 +94,22 @@ class WorldParams:
     price_buckets: int = 10
     tags: int = 300
     feature_noise: float = 0.5  # noise on the latents before observable features are derived
+    # behaviour sequences and short-term intent (all off by default; docs/synthetic-world.md, preset sequences)
+    history: int = 0  # behaviours kept per user and written as the hist_* list columns (0: no columns)
+    history_init: int = 0  # mean length of the past a user arrives with (behaviours, uniform in +-50%)
+    history_gap_hours: float = 12.0  # mean time between the past requests that built that past
+    intent_strength: float = 0.0  # on the relevance logit when the item's category is the user's intent
+    intent_buy: float = 0.0  # on the buy logit, likewise
+    intent_stickiness: float = 0.8  # p(the intent carries over to the user's next request)
+    intent_candidates: int = 0  # of the `candidates`, how many are retrieved from the intent category
 
     def examination(self) -> np.ndarray:
         """p(examined | position) on device 0, shape K."""
         return 1.0 / (1.0 + np.arange(self.positions)) ** self.exam_power
+
+    def has_intent(self) -> bool:
+        """Whether users carry a short-term intent (something depends on it)."""
+        return self.intent_strength > 0 or self.intent_buy != 0 or self.intent_candidates > 0
 
 
 # Named variants of the default world (`mtrec synth --preset NAME`); docs/synthetic-world.md.
@@ -107,6 +119,21 @@ PRESETS: dict[str, dict[str, float]] = {
     # and CVR given click stay near the default world's (5.5% and 6.9% vs 5.3% and 6.0%, seed 0).
     # The model comparison's world.
     "item_quality": {"appeal_std": 1.0, "quality_std": 1.2, "rho_quality": 0.8, "click_bias": -4.1, "buy_bias": -3.6},
+    # users carry their last 64 behaviours (hist_* list columns) and a short-term intent category
+    # that carries over from request to request with p 0.98 and draws 10 of the 30 candidates; an
+    # item of that category gets +3 on its relevance logit and +1 on its buy logit. 4,000 users so
+    # that users come back within days; 20 categories; click_bias lowered to keep CTR near 5%.
+    "sequences": {
+        "users": 4000,
+        "categories": 20,
+        "history": 64,
+        "history_init": 40,
+        "intent_strength": 3.0,
+        "intent_buy": 1.0,
+        "intent_stickiness": 0.98,
+        "intent_candidates": 10,
+        "click_bias": -5.2,
+    },
 }
 
 
@@ -168,6 +195,18 @@ def check_params(p: WorldParams) -> str | None:
     for name in counts:
         if getattr(p, name) < 1:
             return f"{name}={getattr(p, name)}: must be >= 1"
+    for name in ("history", "history_init", "intent_candidates"):
+        if getattr(p, name) < 0:
+            return f"{name}={getattr(p, name)}: must be >= 0"
+    if p.history_init + p.history_init // 2 > p.history:
+        return (
+            f"history_init={p.history_init}: a user's initial past (up to 1.5 x history_init behaviours) "
+            f"must fit in history ({p.history})"
+        )
+    if p.intent_candidates > p.candidates:
+        return f"intent_candidates={p.intent_candidates}: must be <= candidates ({p.candidates})"
+    if p.history_gap_hours <= 0:
+        return f"history_gap_hours={p.history_gap_hours}: must be > 0"
     if p.candidates < p.positions:
         return (
             f"candidates={p.candidates}: must be >= positions ({p.positions}): "
@@ -178,7 +217,7 @@ def check_params(p: WorldParams) -> str | None:
     for name in ("rho_conversion", "rho_watch", "rho_quality"):
         if not -1.0 <= getattr(p, name) <= 1.0:
             return f"{name}={getattr(p, name)}: a correlation must lie in [-1, 1]"
-    for name in ("web_share", "new_users_per_day", "new_items_per_day"):
+    for name in ("web_share", "new_users_per_day", "new_items_per_day", "intent_stickiness"):
         if not 0.0 <= getattr(p, name) <= 1.0:
             return f"{name}={getattr(p, name)}: a share must lie in [0, 1]"
     for name in (
@@ -191,6 +230,7 @@ def check_params(p: WorldParams) -> str | None:
         "drift",
         "feature_noise",
         "exam_power",
+        "intent_strength",
     ):
         if getattr(p, name) < 0:
             return f"{name}={getattr(p, name)}: must be >= 0"
@@ -228,6 +268,11 @@ class World:
     one RNG; each day's traffic draws from its own RNG seeded by (seed, day, file), so a day's
     logs do not depend on how many days are written after it.
 
+    With `WorldParams.history` or an intent on, the world also carries each user's current intent
+    and last `history` behaviours (oldest first), which every file of traffic reads and extends:
+    files must then be generated in time order, as `write_world` does. Everything these features
+    draw comes from streams of their own, so the worlds without them are unchanged.
+
     Args:
         params (WorldParams): the generative model.
         seed (int): everything is deterministic for a seed.
@@ -249,8 +294,18 @@ class World:
         }
         self.users = _Population()
         self.items = _Population()
+        # per user: current intent category; last `history` behaviours, left-aligned, oldest first
+        # (item index, type 1 click / 2 cart / 3 buy, device, time in seconds since day 1 began)
+        self.intent = np.zeros(0, np.int64)
+        H = params.history
+        self.h_item = np.zeros((0, H), np.int64)
+        self.h_type = np.zeros((0, H), np.int8)
+        self.h_dev = np.zeros((0, H), np.int8)
+        self.h_time = np.zeros((0, H), np.float64)
+        self.h_len = np.zeros(0, np.int64)
         self._new_users(params.users)
         self._new_items(params.items)
+        self._arrive(0, params.users, 0.0)  # needs the items: their past was spent among them
         self.day_index = 0
         # entities at or past these indices arrived today (none on day 1)
         self.first_new_user, self.first_new_item = len(self.users), len(self.items)
@@ -320,7 +375,9 @@ class World:
             us["taste"] + 0.5 * p.drift * r.standard_normal(us["taste"].shape, dtype=np.float32)
         ) / math.sqrt(1 + (0.5 * p.drift) ** 2)
         self.first_new_user, self.first_new_item = len(self.users), len(self.items)
-        self._new_users(max(1, round(p.new_users_per_day * len(self.users))))
+        n_users = max(1, round(p.new_users_per_day * len(self.users)))
+        self._new_users(n_users)
+        self._arrive(self.first_new_user, n_users, (self.day_index + 1) * 86_400.0)  # among yesterday's items
         self._new_items(max(1, round(p.new_items_per_day * len(self.items))))
         self.day_index += 1
 
@@ -332,35 +389,248 @@ class World:
         q = p.rho_quality * z[0] + math.sqrt(1.0 - p.rho_quality**2) * z[1]
         return {"appeal": p.appeal_std * z[0], "quality": p.quality_std * q}
 
-    # ---- traffic ---------------------------------------------------------------------------------
-    def traffic(
-        self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date
-    ) -> tuple[pa.Table, pa.Table]:
-        """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth)."""
+    # ---- intent and history ----------------------------------------------------------------------
+    def _intent_p(self) -> np.ndarray:
+        """Where a fresh intent falls: categories in proportion to their items' popularity mass (the
+        categories candidates come from), so no user's intent is predictable from the user."""
+        it = self.items.cols
+        w = np.bincount(
+            it["category"], weights=np.exp(it["popularity"].astype(np.float64)), minlength=self.p.categories
+        )
+        return w / w.sum()
+
+    def _next_intent(self, current: np.ndarray, r: np.random.Generator) -> np.ndarray:
+        """One step of the intent process for requests of distinct users: the intent carries over
+        with probability `intent_stickiness`, else it is drawn afresh."""
+        keep = r.random(len(current)) < self.p.intent_stickiness
+        fresh = r.choice(self.p.categories, size=len(current), p=self._intent_p())
+        return np.where(keep, current, fresh)
+
+    def _request_intents(self, uidx: np.ndarray, r: np.random.Generator) -> np.ndarray:
+        """The intent at each request (requests in time order, users may repeat), from the users'
+        current intents, which are then left at their last request's."""
+        n = len(uidx)
+        keep = r.random(n) < self.p.intent_stickiness
+        fresh = r.choice(self.p.categories, size=n, p=self._intent_p())
+        # per user, in time order: the intent is the fresh draw of the latest request that redrew
+        # it (at or before this one), else the user's intent before this file
+        order = np.argsort(uidx, kind="stable")
+        us = uidx[order]
+        i = np.arange(n)
+        first = np.ones(n, bool)
+        first[1:] = us[1:] != us[:-1]
+        group_start = np.maximum.accumulate(np.where(first, i, 0))
+        last_redraw = np.maximum.accumulate(np.where(keep[order], -1, i))
+        redrawn = last_redraw >= group_start
+        got = np.where(redrawn, fresh[order][np.maximum(last_redraw, 0)], self.intent[us])
+        intent = np.empty(n, np.int64)
+        intent[order] = got
+        last = np.ones(n, bool)
+        last[:-1] = us[1:] != us[:-1]
+        self.intent[us[last]] = got[last]
+        return intent
+
+    def _in_category(self, cats: np.ndarray, m: int, r: np.random.Generator) -> np.ndarray:
+        """`m` items per entry of `cats`, drawn by popularity within that category (len(cats) x m)."""
+        it = self.items.cols
+        n_cat = self.p.categories
+        w = np.exp(it["popularity"].astype(np.float64))
+        order = np.argsort(it["category"], kind="stable")
+        cum = np.cumsum(w[order])
+        count = np.bincount(it["category"], minlength=n_cat)
+        first = np.concatenate([[0], np.cumsum(count)[:-1]])
+        mass = np.bincount(it["category"], weights=w, minlength=n_cat)
+        before = np.concatenate([[0.0], cum])[first]
+        u = before[cats][:, None] + r.random((len(cats), m)) * mass[cats][:, None]
+        idx = np.searchsorted(cum, u, side="right")
+        lo = first[cats][:, None]
+        # rounding can step over a category's edge; intents only fall on categories with items
+        return order[np.clip(idx, lo, lo + np.maximum(count[cats][:, None], 1) - 1)]
+
+    def _arrive(self, start: int, n: int, t0: float) -> None:
+        """Users start..start+n arrive at time `t0` (seconds since day 1 began) with an intent and
+        a past of `history_init` behaviours on average: their requests before `t0`, simulated
+        with the traffic's own model from a stationary intent process, ending at the intent they
+        arrive with. Everything is drawn from a stream of (seed, 3, start)."""
         p = self.p
-        r = np.random.default_rng([self.seed, 1, self.day_index, part])
+        if not (p.history or p.has_intent()):
+            return
+        r = np.random.default_rng([self.seed, 3, start])
+        intent = r.choice(p.categories, size=n, p=self._intent_p()) if p.has_intent() else np.zeros(n, np.int64)
+        H = p.history
+        self.h_item = np.concatenate([self.h_item, np.zeros((n, H), np.int64)])
+        self.h_type = np.concatenate([self.h_type, np.zeros((n, H), np.int8)])
+        self.h_dev = np.concatenate([self.h_dev, np.zeros((n, H), np.int8)])
+        self.h_time = np.concatenate([self.h_time, np.zeros((n, H), np.float64)])
+        self.h_len = np.concatenate([self.h_len, np.zeros(n, np.int64)])
+        if H and p.history_init:
+            self._past(start, n, intent, t0, r)
+        self.intent = np.concatenate([self.intent, intent])
+
+    def _past(self, start: int, n: int, intent: np.ndarray, t0: float, r: np.random.Generator) -> None:
+        """Simulate requests of users start..start+n, one round at a time (one request per user
+        still short of their target), until each has its target number of behaviours; keep the
+        newest `target` and date the requests back from `t0` by exponential gaps."""
+        p, K = self.p, self.p.positions
+        init = p.history_init
+        target = r.integers(init - init // 2, init + init // 2 + 1, n)
+        got = np.zeros(n, np.int64)
+        rounds = np.zeros(n, np.int64)
+        ev: list[tuple[np.ndarray, ...]] = []
+        active = np.flatnonzero(target > 0)
+        for k in range(20 * p.history):  # a user that hardly clicks stops short of the target
+            if not active.size:
+                break
+            if p.has_intent():
+                intent[active] = self._next_intent(intent[active], r)
+            uidx = start + active
+            items, rel_logit = self._show(uidx, intent[active] if p.has_intent() else None, r, r)
+            m = len(active)
+            flat_items = items.reshape(-1)
+            match = self.items["category"][flat_items] == np.repeat(intent[active], K) if p.has_intent() else None
+            o = self._outcomes(
+                np.repeat(uidx, K),
+                flat_items,
+                rel_logit.reshape(-1),
+                np.tile(np.arange(K), m),
+                np.repeat(self.users["web"][uidx].astype(np.int8), K),
+                match,
+                r,
+            )
+            row = np.flatnonzero(o["click"])
+            who = active[row // K]
+            ev.append((who, np.full(row.size, k), flat_items[row], _behaviour(o, row)))
+            got[active] += np.bincount(row // K, minlength=m)
+            rounds[active] += 1
+            active = active[got[active] < target[active]]
+        who, k, item, kind = (np.concatenate(c) for c in zip(*ev, strict=True)) if ev else [np.zeros(0, np.int64)] * 4
+        order = np.argsort(who, kind="stable")  # by user, then round, then position
+        who, k, item, kind = who[order], k[order], item[order], kind[order]
+        # request k of a user with R past requests took place sum(gaps k..R-1) before t0
+        gap_start = np.concatenate([[0], np.cumsum(rounds)])
+        gaps = r.exponential(p.history_gap_hours * 3600.0, int(rounds.sum()))
+        cum = np.concatenate([[0.0], np.cumsum(gaps)])
+        t = t0 - (cum[gap_start[who + 1]] - cum[gap_start[who] + k])
+        # keep each user's newest `target` behaviours
+        n_ev = np.bincount(who, minlength=n)
+        rank_from_end = np.concatenate([[0], np.cumsum(n_ev)])[who + 1] - 1 - np.arange(who.size)
+        keep = rank_from_end < target[who]
+        who, item, kind, t = who[keep], item[keep], kind[keep], t[keep]
+        length = np.bincount(who, minlength=n)
+        slot = np.arange(who.size) - np.concatenate([[0], np.cumsum(length)])[who]
+        u = start + who
+        self.h_item[u, slot] = item
+        self.h_type[u, slot] = kind
+        self.h_dev[u, slot] = self.users["web"][u]
+        self.h_time[u, slot] = t
+        self.h_len[start : start + n] = length
+
+    def _histories(
+        self, uidx: np.ndarray, req: np.ndarray, items: np.ndarray, o: dict[str, np.ndarray], t_req: np.ndarray
+    ) -> dict[str, pa.Array]:
+        """The hist_* list columns of one file's rows (each row: its user's behaviours before its
+        request, oldest first, the newest `history`), then this file's behaviours join the users'
+        state. Nothing in the click model reads the history, so the file's clicks are all drawn
+        first and every request then sees exactly the behaviours of all its user's earlier
+        requests, this file's included."""
+        H, n_req = self.p.history, len(uidx)
+        b = np.flatnonzero(o["click"])  # rows in (request, position) order
+        b = b[np.argsort(uidx[req[b]], kind="stable")]  # by user, then request, then position
+        b_user, b_req = uidx[req[b]], req[b]
+        key = b_user * (n_req + 1) + b_req
+        # per request: its user's behaviours in this file end at `before` (those of earlier requests)
+        before = np.searchsorted(key, uidx * (n_req + 1) + np.arange(n_req))
+        since = before - np.searchsorted(key, uidx * (n_req + 1))
+        n_old = self.h_item.size
+        src = {
+            "item": np.concatenate([self.h_item.reshape(-1), items[b]]),
+            "type": np.concatenate([self.h_type.reshape(-1), _behaviour(o, b)]),
+            "dev": np.concatenate([self.h_dev.reshape(-1), self.users["web"][b_user].astype(np.int8)]),
+            "time": np.concatenate([self.h_time.reshape(-1), t_req[b_req]]),
+        }
+
+        def newest(users: np.ndarray, end: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Indices into `src` of the newest H of (state of `users`, then their `count` file
+            behaviours ending at `end`), oldest first, and the lengths."""
+            old_len = self.h_len[users]
+            new = np.minimum(count, H)
+            old = np.minimum(old_len, H - new)
+            starts = np.stack([users * H + old_len - old, n_old + end - new], axis=1).reshape(-1)
+            return _ranges(starts, np.stack([old, new], axis=1).reshape(-1)), old + new
+
+        idx, length = newest(uidx, before, since)
+        offsets = np.concatenate([[0], np.cumsum(length)])
+        row_idx = idx[_ranges(offsets[req], length[req])]
+        row_len = length[req]
+        row_offsets = np.concatenate([[0], np.cumsum(row_len)])
+        if row_offsets[-1] > np.iinfo(np.int32).max:
+            raise MtrecError(
+                f"history lists of {row_offsets[-1]:,} values do not fit one file's list column; "
+                "pass more --files-per-day"
+            )
+        it = self.items.cols
+        item = src["item"][row_idx]
+        hours = (np.repeat(t_req[req], row_len) - src["time"][row_idx]) / 3600.0
+        offsets_pa = pa.array(row_offsets.astype(np.int32))
+        cols = {
+            "hist_item_id": it["id"][item],
+            "hist_item_category": it["category"][item],
+            "hist_brand": it["brand"][item],
+            "hist_behavior": src["type"][row_idx].astype(np.int64),
+            "hist_scenario": src["dev"][row_idx].astype(np.int64),
+            "hist_age_hours": np.floor(np.log2(1.0 + hours)).astype(np.int64),
+        }
+        out = {name: pa.ListArray.from_arrays(offsets_pa, pa.array(v, pa.int64())) for name, v in cols.items()}
+        # the state takes the file's behaviours: per user, the newest H of old + new
+        users, first, count = np.unique(b_user, return_index=True, return_counts=True)
+        idx, length = newest(users, first + count, count)
+        slots = _ranges(users * H, length)
+        for name, state in (("item", self.h_item), ("type", self.h_type), ("dev", self.h_dev), ("time", self.h_time)):
+            state.reshape(-1)[slots] = src[name][idx]
+        self.h_len[users] = length
+        return out
+
+    # ---- traffic ---------------------------------------------------------------------------------
+    def _show(
+        self, uidx: np.ndarray, intent: np.ndarray | None, r: np.random.Generator, r_new: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per request, the items the logging policy shows at positions 0..K-1 and their relevance
+        logits (n_req x K). Candidates are drawn by popularity (`intent_candidates` of them from
+        the intent category, drawn from `r_new`), ranked by relevance plus the policy's error and
+        promotion."""
+        p, it = self.p, self.items.cols
         K, C = p.positions, p.candidates
-        n_req = -(-rows // K)
-        us, it = self.users.cols, self.items.cols
-        user_p = us["activity"] / us["activity"].sum()
-        uidx = r.choice(len(self.users), size=n_req, p=user_p)
         item_p = np.exp(it["popularity"])
         item_p /= item_p.sum()
-        cand = r.choice(len(self.items), size=(n_req, C), p=item_p)  # n_req x C
-        taste = us["taste"][uidx]  # n_req x d
+        cand = r.choice(len(self.items), size=(len(uidx), C), p=item_p)  # n_req x C
+        if intent is not None and p.intent_candidates:
+            # retrieval from the user's recent behaviour: here from the intent it reveals
+            cand[:, C - p.intent_candidates :] = self._in_category(intent, p.intent_candidates, r_new)
+        taste = self.users["taste"][uidx]  # n_req x d
         scale = 1.0 / math.sqrt(p.latent_dim)
         aff_click = np.einsum("rd,rcd->rc", taste, it["click_lat"][cand]) * scale  # n_req x C
         rel_logit = p.click_bias + p.click_scale * aff_click + it["popularity"][cand] + it["appeal"][cand]
+        if intent is not None:
+            rel_logit = rel_logit + np.float32(p.intent_strength) * (it["category"][cand] == intent[:, None])
         # the logging policy: relevance, plus its own error, plus item promotion (business rules)
         policy = rel_logit + it["boost"][cand] + p.policy_noise * r.standard_normal(rel_logit.shape, dtype=np.float32)
         shown = np.argsort(-policy, axis=1)[:, :K]  # n_req x K, position order
-        items = np.take_along_axis(cand, shown, axis=1).reshape(-1)[:rows]
-        rel_logit = np.take_along_axis(rel_logit, shown, axis=1).reshape(-1)[:rows]
-        req = np.repeat(np.arange(n_req), K)[:rows]
-        pos = np.tile(np.arange(K, dtype=np.int32), n_req)[:rows]
-        user = uidx[req]
-        device = us["web"][user].astype(np.int8)
+        return np.take_along_axis(cand, shown, axis=1), np.take_along_axis(rel_logit, shown, axis=1)
 
+    def _outcomes(
+        self,
+        user: np.ndarray,
+        items: np.ndarray,
+        rel_logit: np.ndarray,
+        pos: np.ndarray,
+        device: np.ndarray,
+        match: np.ndarray | None,
+        r: np.random.Generator,
+    ) -> dict[str, np.ndarray]:
+        """True probabilities and drawn labels of impressions (one entry per row); `match` marks
+        the rows whose item is in the user's intent category (None: no intent)."""
+        p, us, it = self.p, self.users.cols, self.items.cols
+        scale = 1.0 / math.sqrt(p.latent_dim)
         taste_r = us["taste"][user]
         aff_conv = np.einsum("nd,nd->n", taste_r, it["conv_lat"][items]) * scale
         aff_watch = np.einsum("nd,nd->n", taste_r, it["watch_lat"][items]) * scale
@@ -371,16 +641,61 @@ class World:
         p_click = p_exam * p_rel
         p_dact = _sigmoid(p.daction_bias + p.daction_scale * aff_conv)
         buy_logit = p.buy_bias + p.buy_scale * aff_conv + p.price_effect * price_z + it["quality"][items]
+        if match is not None:
+            buy_logit = buy_logit + np.float32(p.intent_buy) * match
         p_buy_d = _sigmoid(buy_logit + p.buy_after_daction)
         p_buy_o = _sigmoid(buy_logit + p.buy_after_oaction)
         cvr = p_dact * p_buy_d + (1 - p_dact) * p_buy_o
         watch_mu = p.watch_log_mean + p.watch_scale * aff_watch
 
+        rows = len(items)
         click = r.random(rows) < p_click
         dact = click & (r.random(rows) < p_dact)
         oact = click & ~dact
         buy = click & (r.random(rows) < np.where(dact, p_buy_d, p_buy_o))
         watch = np.where(click, np.exp(watch_mu + p.watch_noise * r.standard_normal(rows)), 0.0)
+        return {
+            "p_exam": p_exam,
+            "p_rel": p_rel,
+            "p_click": p_click,
+            "p_dact": p_dact,
+            "p_buy_d": p_buy_d,
+            "p_buy_o": p_buy_o,
+            "cvr": cvr,
+            "watch_mu": watch_mu,
+            "click": click,
+            "dact": dact,
+            "oact": oact,
+            "buy": buy,
+            "watch": watch,
+        }
+
+    def traffic(
+        self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date
+    ) -> tuple[pa.Table, pa.Table]:
+        """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth)."""
+        p = self.p
+        r = np.random.default_rng([self.seed, 1, self.day_index, part])
+        # intents, intent retrieval: a stream of their own, so the world without them is unchanged
+        r_new = np.random.default_rng([self.seed, 4, self.day_index, part])
+        K = p.positions
+        n_req = -(-rows // K)
+        us, it = self.users.cols, self.items.cols
+        user_p = us["activity"] / us["activity"].sum()
+        uidx = r.choice(len(self.users), size=n_req, p=user_p)  # requests in time order (ts_req below)
+        intent = self._request_intents(uidx, r_new) if p.has_intent() else None
+        shown_items, shown_rel = self._show(uidx, intent, r, r_new)
+        items = shown_items.reshape(-1)[:rows]
+        rel_logit = shown_rel.reshape(-1)[:rows]
+        req = np.repeat(np.arange(n_req), K)[:rows]
+        pos = np.tile(np.arange(K, dtype=np.int32), n_req)[:rows]
+        user = uidx[req]
+        device = us["web"][user].astype(np.int8)
+        match = None if intent is None else it["category"][items] == intent[req]
+        o = self._outcomes(user, items, rel_logit, pos, device, match, r)
+        p_exam, p_rel, p_click, p_dact = o["p_exam"], o["p_rel"], o["p_click"], o["p_dact"]
+        p_buy_d, p_buy_o, cvr, watch_mu = o["p_buy_d"], o["p_buy_o"], o["cvr"], o["watch_mu"]
+        click, dact, oact, buy, watch = o["click"], o["dact"], o["oact"], o["buy"], o["watch"]
 
         ts_req = np.sort(r.uniform(t0, t1, n_req))
         ts = np.datetime64(day.isoformat(), "ms") + (ts_req[req] * 1000).astype("timedelta64[ms]")
@@ -420,6 +735,10 @@ class World:
                 "item_popularity": popularity.astype(np.float32),
             }
         )
+        if p.history:
+            hist = self._histories(uidx, req, items, o, self.day_index * 86_400.0 + ts_req)
+            for name, column in hist.items():
+                logs = logs.append_column(name, column)
         truth = pa.table(
             {
                 "row_id": row_id,
@@ -437,7 +756,22 @@ class World:
                 "new_item": items >= self.first_new_item,
             }
         )
+        if intent is not None:
+            truth = truth.append_column("intent", pa.array(intent[req], pa.int64()))  # the user's intent category
         return logs, truth
+
+
+def _behaviour(o: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The behaviour a clicked impression leaves in the history: its strongest action (1 click,
+    2 add-to-cart (daction), 3 buy)."""
+    return np.where(o["buy"][rows], 3, np.where(o["dact"][rows], 2, 1)).astype(np.int8)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(s, s + n) over (s, n) pairs."""
+    lengths = np.asarray(lengths, np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(ends[-1] if ends.size else 0)
 
 
 @dataclass
