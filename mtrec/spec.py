@@ -239,7 +239,7 @@ class FeaturesConfig(Strict):
                 )
                 raise ValueError(f"feature `{f.name}`: `table: {f.table}`: {hint}")
         for t in self.tables().values():
-            bags = {f.pooling for f in self.sparse if f.table_name == t.name and f.multi_hot}
+            bags = self._bag_poolings(t.name)
             if len(bags) > 1 and not t.sequence:
                 raise ValueError(
                     f"the multi-hot features sharing table `{t.name}` pool differently ({', '.join(sorted(bags))}); "
@@ -273,28 +273,38 @@ class FeaturesConfig(Strict):
     def table_of(self, feature: SparseFeature | SequenceFeature) -> Table:
         return self.tables()[feature.table_name]
 
-    def collections(self) -> dict[str, list[Table]]:
-        """The embedding collections and their tables: ``ebc`` (pooled: an EmbeddingBagCollection)
-        holds every table no sequence reads; a table a sequence reads goes to the unpooled
+    def _bag_poolings(self, table: str) -> set[Pooling]:
+        """How the bag readers of a table pool it: its multi-hot features and its sequence features
+        (as their group pools); a single id pools the same either way."""
+        out = {f.pooling for f in self.sparse if f.table_name == table and f.multi_hot}
+        return out | {g.pooling for g in self.sequences for f in g.features if f.table_name == table}
+
+    def bag_pooling(self, table: str) -> Pooling:
+        """How a table of the bag collection pools (SUM when only single ids read it)."""
+        return next(iter(self._bag_poolings(table)), Pooling.SUM)
+
+    def collections(self, unpooled_sequences: bool = False) -> dict[str, list[Table]]:
+        """The embedding collections and their tables. ``ebc`` (an EmbeddingBagCollection, FBGEMM's
+        pooled kernels) holds every table whose readers all pool it alike: ids, multi-hot bags, and
+        sequences the architecture reads pooled. A table a sequence reads goes, unpooled, to the
         EmbeddingCollection of its width, ``ec<dim>`` (TorchRec needs one width per
-        EmbeddingCollection). docs/models.md says why."""
+        EmbeddingCollection), when the architecture encodes sequences (`unpooled_sequences`) or
+        its readers pool it differently (the sparse arch then pools each reader itself).
+        docs/models.md says why."""
         out: dict[str, list[Table]] = {}
         for t in self.tables().values():
-            out.setdefault(f"ec{t.dim}" if t.sequence else "ebc", []).append(t)
+            unpooled = t.sequence and (unpooled_sequences or len(self._bag_poolings(t.name)) > 1)
+            out.setdefault(f"ec{t.dim}" if unpooled else "ebc", []).append(t)
         return out
 
-    def collection_features(self) -> dict[str, list[str]]:
+    def collection_features(self, unpooled_sequences: bool = False) -> dict[str, list[str]]:
         """Per collection, the features looked up in it (its jagged input's keys), in declaration order."""
-        where = {t.name: key for key, tables in self.collections().items() for t in tables}
-        out: dict[str, list[str]] = {key: [] for key in self.collections()}
+        collections = self.collections(unpooled_sequences)
+        where = {t.name: key for key, tables in collections.items() for t in tables}
+        out: dict[str, list[str]] = {key: [] for key in collections}
         for f in self.embedded():
             out[where[f.table_name]].append(f.name)
         return out
-
-    def bag_pooling(self, table: str) -> Pooling:
-        """How a table of the bag collection pools: as the multi-hot features reading it do (a
-        single id pools the same either way)."""
-        return next((f.pooling for f in self.sparse if f.table_name == table and f.multi_hot), Pooling.SUM)
 
     def group_dim(self, group: SequenceGroup) -> int:
         """Width of one behaviour's vector: the dims of the group's tables side by side."""
@@ -350,6 +360,8 @@ class ArchConfig(Strict):
     its own in `check`."""
 
     model_class: ClassVar[str]
+    # reads behaviour sequences unpooled (a sequence encoder): their tables go to EmbeddingCollections
+    sequence_encoder: ClassVar[bool] = False
     tower: list[int] = Field(default_factory=lambda: [256, 128, 64], description="Hidden sizes of each task tower.")
     batch_norm: bool = Field(
         False, description="BatchNorm1d after each hidden layer of towers/experts (see docs/bn-consistency.md)."
@@ -570,6 +582,10 @@ class _SpecFields(Strict):
         for x, by in declared:
             roles.setdefault(x.source, (x.kind.value, by))
         return roles
+
+    def collection_features(self) -> dict[str, list[str]]:
+        """`FeaturesConfig.collection_features` for this architecture (pooled or encoded sequences)."""
+        return self.features.collection_features(self.model.sequence_encoder)
 
     def input_columns(self) -> list[str]:
         """The feature columns a served model reads: sparse, sequence and dense (bias features

@@ -57,8 +57,15 @@ def test_a_shared_table_is_one_table_in_an_unpooled_collection():
     assert ModelSpec.from_json(cfg.spec.model_dump(mode="json")).shape_hash() == cfg.spec.shape_hash()
     f = cfg.spec.features
     assert f.tables()["item_id"].features == ("item_id", "hist_item")
-    assert f.collections().keys() == {"ebc", "ec8", "ec4"}
-    assert f.collection_features() == {"ebc": ["user_id"], "ec8": ["item_id", "hist_item"], "ec4": ["hist_kind"]}
+    # read pooled (every architecture so far): all tables in the bag collection, the history a mean bag
+    assert cfg.spec.collection_features() == {"ebc": ["user_id", "item_id", "hist_item", "hist_kind"]}
+    assert f.bag_pooling("item_id") == "mean"
+    # read by a sequence encoder: the tables sequences read go unpooled, one collection per width
+    assert f.collection_features(unpooled_sequences=True) == {
+        "ebc": ["user_id"],
+        "ec8": ["item_id", "hist_item"],
+        "ec4": ["hist_kind"],
+    }
     assert f.group_dim(f.sequences[0]) == 8 + 4
 
 
@@ -113,7 +120,7 @@ def test_converter_reads_nulls_and_shares_the_table_rows():
     cfg = _seq_cfg(max_len=2)
     rb = _rows([[5, None, 7], None, [8]], [[1, 2, 3], None, [1]], item_id=pa.array([7, 8, 9], pa.int64()))
     b = BatchConverter(cfg.spec)(rb)
-    jt = b.sparse["ec8"].to_dict()
+    jt = b.sparse["ebc"].to_dict()
     assert jt["hist_item"].lengths().tolist() == [2, 0, 1]  # a null list is empty; 3 -> the newest 2
     null_row = hash_ids(np.array([NULL_ELEMENT_ID]), 1000)[0]  # a null element keeps its place
     assert jt["hist_item"].values().tolist() == [null_row, *hash_ids(np.array([7, 8]), 1000)]
@@ -151,12 +158,25 @@ def test_a_wrong_element_type_names_the_column_and_the_type():
 # ---- the model ---------------------------------------------------------------------------------
 
 
-def test_history_lookups_alone_move_the_shared_rows():
+SUMMED_ITEMS = {"name": "item_list", "table": "item_id", "multi_hot": True, "pooling": "sum"}
+
+
+@pytest.mark.parametrize(
+    "extra, weight",
+    [
+        ([], "model.sparse_arch.ebc.embedding_bags.item_id.weight"),  # every reader pools it: a bag table
+        ([SUMMED_ITEMS], "model.sparse_arch.ecs.ec8.embeddings.item_id.weight"),  # mean and sum: unpooled
+    ],
+)
+def test_history_lookups_alone_move_the_shared_rows(extra, weight):
     """One step of the sharded model on rows whose candidates are items 1..4 and whose histories
-    hold items 500..503 only: the history's rows of the one `item_id` table move too."""
+    hold items 500..503 only: the history's rows of the one `item_id` table move too, in either
+    collection the table can live in."""
     from mtrec.train.local import build_sharded
 
-    cfg = _seq_cfg()
+    d = _seq_cfg().model_dump(mode="json")
+    d["features"]["sparse"] += extra
+    cfg = type(_seq_cfg()).model_validate(d)
     torch.manual_seed(0)
     dmp, opt = build_sharded(cfg)
     n = 4
@@ -165,9 +185,10 @@ def test_history_lookups_alone_move_the_shared_rows():
         [[1] for _ in range(n)],
         item_id=pa.array(range(1, n + 1), pa.int64()),
         click=pa.array([1, 0, 1, 0], pa.int8()),
+        **({"item_list": pa.array([[] for _ in range(n)], L)} if extra else {}),
     )
     weights = [k for k in dmp.state_dict() if k.endswith(".weight") and "item_id" in k]
-    assert weights == ["model.sparse_arch.ecs.ec8.embeddings.item_id.weight"]  # one tensor for both uses
+    assert weights == [weight]  # one tensor for every use
 
     def table() -> torch.Tensor:
         return dmp.state_dict()[weights[0]].local_shards()[0].tensor.clone()
@@ -251,7 +272,7 @@ def test_a_sequence_model_trains_on_two_workers_then_warm_starts_and_resumes_on_
     assert {t["sharding_type"] for t in man["plan"].values()} == {"column_wise"}
     full = ck.read_full(url1)
     assert [k for k in full if k.startswith("model.") and k.endswith("item_id.weight")] == [
-        "model.model.sparse_arch.ecs.ec16.embeddings.item_id.weight"
+        "model.model.sparse_arch.ebc.embedding_bags.item_id.weight"
     ]  # the candidate's and the history's item table, once
 
     one = cfg.with_train(num_workers=1, sharding_types=["table_wise"])

@@ -73,7 +73,7 @@ class BatchConverter:
         # collection -> [(feature, its table's rows, its sequence group or None)]
         self.inputs = {
             key: [(by_name[n], tables[by_name[n].table_name].hash_size, groups.get(n)) for n in names]
-            for key, names in f.collection_features().items()
+            for key, names in spec.collection_features().items()
         }
 
     def __call__(self, rb: pa.RecordBatch | pa.Table, with_bias: bool = True, with_labels: bool = True) -> Batch:
@@ -134,7 +134,7 @@ def pad_batch(spec: ModelSpec, rows: int = 2) -> Batch:
                 values=torch.zeros(rows * len(names), dtype=torch.int64),
                 lengths=torch.ones(rows * len(names), dtype=torch.int32),
             )
-            for key, names in spec.features.collection_features().items()
+            for key, names in spec.collection_features().items()
         },
         torch.zeros(rows, len(spec.features.dense)),
         bias,

@@ -43,7 +43,7 @@ class MultiTaskModel(nn.Module):
         self.task_names = [t.name for t in spec.tasks]
         self.binary = {t.name: spec.label_kind(t) == LabelKind.BINARY for t in spec.tasks}
         self.joints = {t.name: (t.given, t.joint_name) for t in spec.tasks if t.given is not None}
-        self.sparse_arch = SparseArch(spec.features, device)
+        self.sparse_arch = SparseArch(spec.features, device, spec.model.sequence_encoder)
         st = spec.model.shallow_tower
         self.shallow_tower = ShallowTower(spec.features.bias, st) if st is not None else None
         roots = [t.name for t in spec.tasks if t.given is None and self.binary[t.name]]

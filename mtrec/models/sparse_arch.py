@@ -1,16 +1,20 @@
 """The sparse arch: every embedding table of the spec, shared by all tasks, and the features they
 give, concatenated with the dense features.
 
-Tables live in TorchRec collections (`FeaturesConfig.collections`): a table only pooled features
-read sits in one EmbeddingBagCollection (``ebc``); a table a sequence reads sits, unpooled, in the
-EmbeddingCollection of its width (``ecs["ec<dim>"]``), and so does every feature that shares it,
-pooled ones included. TorchRec cannot share one table between a bag collection and an unpooled
-one, so a shared table is looked up once, unpooled, and pooled here for the features that want a
-bag (`_pool`): one weight tensor, gradients from every use, one row of optimizer state.
+Tables live in TorchRec collections (`FeaturesConfig.collections`). A table whose readers all
+pool it alike sits in one EmbeddingBagCollection (``ebc``): ids, multi-hot bags and, for
+architectures without a sequence encoder, the sequences, each of whose columns is then a bag of
+its (truncated) list. A table a sequence encoder reads, or whose readers pool it differently, sits
+unpooled in the EmbeddingCollection of its width (``ecs["ec<dim>"]``), and so does every feature
+that shares it; TorchRec cannot share one table between a bag collection and an unpooled one, so
+such a table is looked up once, unpooled, and pooled here for the features that want a vector
+(`_pool`). Either way a shared table is one weight tensor, with gradients from every use and one
+row of optimizer state.
 
-For architectures without a sequence encoder each sequence group is read pooled: its features'
-vectors side by side per behaviour (B x T x sum of dims), averaged (or summed) over the
-behaviours each row has. `sequences` gives the unpooled form for sequence models.
+Each sequence group is read pooled by the architectures here: its features' vectors side by side,
+averaged (or summed) over the behaviours each row has, which is each feature pooled on its own
+since a group's lists have equal lengths. `sequences` gives the unpooled form for sequence
+encoders.
 """
 
 from __future__ import annotations
@@ -46,10 +50,9 @@ class SparseArch(nn.Module):
         >>> arch(batch.sparse, batch.dense).shape      # B x arch.out_dim
     """
 
-    def __init__(self, features: FeaturesConfig, device: torch.device):
+    def __init__(self, features: FeaturesConfig, device: torch.device, sequence_encoder: bool = False):
         super().__init__()
-        collections = features.collections()
-        readers = features.collection_features()
+        collections = features.collections(sequence_encoder)
         by_table = {t: [f.name for f in features.embedded() if f.table_name == t] for t in features.tables()}
         self.ebc = (
             EmbeddingBagCollection(
@@ -83,7 +86,6 @@ class SparseArch(nn.Module):
                 if key != "ebc"
             }
         )
-        self.unpooled = {n for key, names in readers.items() if key != "ebc" for n in names}
         self.sparse = [(f.name, f.pooling) for f in features.sparse]
         self.groups = [(g.name, [f.name for f in g.features], g.pooling) for g in features.sequences]
         self.out_dim = (
@@ -117,12 +119,15 @@ class SparseArch(nn.Module):
 
     def forward(self, sparse: dict[str, KeyedJaggedTensor], dense: torch.Tensor) -> torch.Tensor:
         pooled, jagged = self.lookup(sparse)
-        parts = [
-            _pool(jagged[name].values(), jagged[name].lengths(), pooling) if name in self.unpooled else pooled[name]
-            for name, pooling in self.sparse
-        ]
-        seqs = self.sequences(jagged)
-        parts += [_pool(*seqs[name], pooling) for name, _, pooling in self.groups]
+
+        def vector(name: str, pooling: Pooling) -> torch.Tensor:  # B x dim: pooled by the bag collection or here
+            if name in pooled:
+                return pooled[name]
+            return _pool(jagged[name].values(), jagged[name].lengths(), pooling)
+
+        parts = [vector(name, pooling) for name, pooling in self.sparse]
+        # a group pooled = its features pooled side by side (their lists have equal lengths)
+        parts += [vector(f, pooling) for _, features, pooling in self.groups for f in features]
         if dense.shape[1]:
             parts.append(dense)
         return torch.cat(parts, dim=1)  # B x out_dim
