@@ -20,9 +20,12 @@ The workload: ESMM, 20 sparse features of vocabulary 100,000 and dim 16, towers
 `hist_item_id`, `hist_f02`, `hist_f03` (list<int64>, 50 behaviours, or lengths drawn from
 `--hist-min`..50) looked up in the tables of `item_id`, `f02`, `f03` and mean-pooled: mtrec's DMP
 step on BatchConverter batches vs the same model in plain PyTorch (nn.Embedding(sparse=True) read
-through F.embedding_bag, Adagrad + Adam). It ends with `sequence rows/s mtrec/plain: X`.
+through F.embedding_bag, Adagrad + Adam), alternating run by run. `--bags` adds mtrec with the
+history declared as multi-hot mean bags on the same tables (the bag collection's pooled kernels).
+It prints the CPU pressure of the runs (the machine is shared) and ends with
+`sequence rows/s mtrec/plain: X`.
 
-    .venv/bin/python bench/throughput.py --workload sequence --zipf 1.2
+    .venv/bin/python bench/throughput.py --workload sequence --zipf 1.2 --bags
 
 The machine is noisy: compare figures from one run. Figures and the command: docs/benchmarks.md.
 """
@@ -223,6 +226,19 @@ def seq_config(logs: str, workdir: str) -> dict:
     return cfg
 
 
+def bags_config(logs: str, workdir: str) -> dict:
+    """The sequence workload's model with the history declared as multi-hot mean bags on the shared
+    tables instead of a sequence group: the same tables, towers and pooled vectors (in the same
+    order), but every table sits in the bag collection and runs FBGEMM's pooled kernels. It
+    measures what placing pooled-only sequence tables in the EmbeddingBagCollection would give."""
+    cfg = bench_config(logs, workdir)
+    cfg["name"] = "esmm_bags_bench"
+    cfg["features"]["sparse"] += [
+        {"name": f"hist_{t}", "table": t, "multi_hot": True, "pooling": "mean"} for t in SEQ_TABLES
+    ]
+    return cfg
+
+
 def make_seq_rows(n: int, seed: int, zipf: float | None, min_len: int) -> pa.Table:
     """`make_rows` plus the history: per row a length drawn uniformly from min_len..SEQ_LEN (exactly
     SEQ_LEN when min_len is SEQ_LEN), and one list<int64> column per shared table, ids drawn like
@@ -403,6 +419,19 @@ def _watch_rss(proc: subprocess.Popen) -> float:
     return peak
 
 
+def _cpu_pressure(since: tuple[float, int] | None = None):
+    """Linux PSI: (now, stalled microseconds so far), or with `since` the share of the time since
+    then that some task waited for a CPU (the shared machine's load); None where PSI is missing."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    now = (time.monotonic(), int(line.rsplit("total=", 1)[1]))
+    if since is None:
+        return now
+    return (now[1] - since[1]) / 1e6 / max(now[0] - since[0], 1e-9)
+
+
 def _runs(xs: list[float]) -> str:
     return ", ".join(f"{x:,.0f}" for x in xs)
 
@@ -413,7 +442,7 @@ def sequence_main(args) -> int:
     from mtrec.config import parse_config
 
     ids = f"zipf({args.zipf})" if args.zipf else "uniform"
-    hist = f"exactly {SEQ_LEN}" if args.hist_min == SEQ_LEN else f"uniform in {args.hist_min}..{SEQ_LEN}"
+    hist = f"exactly {SEQ_LEN}" if args.hist_min == SEQ_LEN else f"{args.hist_min}..{SEQ_LEN} (uniform)"
     print(
         f"workload: ESMM + behaviour sequence, {N_SPARSE} sparse features x vocab {VOCAB:,} x dim {DIM}; history "
         f"of {hist} behaviours per row, columns {', '.join(f'hist_{t}' for t in SEQ_TABLES)} sharing the tables "
@@ -422,18 +451,30 @@ def sequence_main(args) -> int:
         flush=True,
     )
     table = make_seq_rows(args.ceiling_rows, 7, args.zipf, args.hist_min)
+    pressure = _cpu_pressure()
     with tempfile.TemporaryDirectory(prefix="mtrec-bench-") as tmp:
         cfg = parse_config(seq_config(str(Path(tmp) / "logs"), str(Path(tmp) / "work")))
-        m, p = [], []
+        bags = parse_config(bags_config(str(Path(tmp) / "logs"), str(Path(tmp) / "work")))
+        m, p, g = [], [], []
         for _ in range(args.repeats):
             m.append(ceiling(cfg, table, warmup=10))
             p.append(seq_reference(table, warmup=10))
+            if args.bags:
+                g.append(ceiling(bags, table, warmup=10))
+    pressure = _cpu_pressure(pressure)
     mtrec_rps, plain_rps = statistics.median(m), statistics.median(p)
     print(f"sequence mtrec (DMP step, in memory): {mtrec_rps:,.0f} rows/s  (runs: {_runs(m)})")
     print(
         f"sequence plain PyTorch (nn.Embedding sparse, embedding_bag mean + Adagrad, towers + Adam): "
         f"{plain_rps:,.0f} rows/s  (runs: {_runs(p)})"
     )
+    if g:
+        print(
+            f"mtrec with the history as multi-hot mean bags on the shared tables (bag collection, pooled "
+            f"kernels): {statistics.median(g):,.0f} rows/s  (runs: {_runs(g)})"
+        )
+    if pressure is not None:  # the runs are only comparable with one another when this stays low
+        print(f"CPU pressure during the runs: {pressure:.0%} of the time something waited for a CPU (Linux PSI)")
     print(f"sequence rows/s mtrec/plain: {mtrec_rps / plain_rps:.2f}", flush=True)
     return 0
 
@@ -462,6 +503,12 @@ def main(argv=None) -> int:
         default=SEQ_LEN,
         help=f"sequence workload: history lengths drawn uniformly from this..{SEQ_LEN} "
         f"(default {SEQ_LEN}: every row has exactly {SEQ_LEN} behaviours)",
+    )
+    ap.add_argument(
+        "--bags",
+        action="store_true",
+        help="sequence workload: also time mtrec with the history declared as multi-hot mean bags on the "
+        "shared tables (the bag collection's pooled kernels)",
     )
     args = ap.parse_args(argv)
     if args.workload == "sequence":
