@@ -16,6 +16,17 @@ The workload: ESMM, 20 sparse features of vocabulary 100,000 and dim 16, towers
 4. rss        peak memory of the job's processes together (PSS summed, so the shared object
               store counts once; sampled every 2 s) for a day of `--rows` and of 4 x `--rows`.
 
+`--workload sequence` times, in memory only, the same 20 tables plus one behaviour sequence per row:
+`hist_item_id`, `hist_f02`, `hist_f03` (list<int64>, 50 behaviours, or lengths drawn from
+`--hist-min`..50) looked up in the tables of `item_id`, `f02`, `f03` and mean-pooled: mtrec's DMP
+step on BatchConverter batches vs the same model in plain PyTorch (nn.Embedding(sparse=True) read
+through F.embedding_bag, Adagrad + Adam), alternating run by run. `--bags` adds mtrec with the
+history declared as multi-hot mean bags on the same tables (the bag collection's pooled kernels).
+It prints the CPU pressure of the runs (the machine is shared) and ends with
+`sequence rows/s mtrec/plain: X`.
+
+    .venv/bin/python bench/throughput.py --workload sequence --zipf 1.2 --bags
+
 The machine is noisy: compare figures from one run. Figures and the command: docs/benchmarks.md.
 """
 
@@ -66,14 +77,19 @@ def bench_config(logs: str, workdir: str, workers: int = 1, torch_threads: int =
     }
 
 
+def _draw_ids(rng: np.random.Generator, n: int, zipf: float | None) -> np.ndarray:
+    """n ids uniform over the vocabulary, or Zipf(`zipf`) folded into it (id 0 the most frequent)."""
+    ids = (rng.zipf(zipf, n) - 1) % VOCAB if zipf else rng.integers(0, VOCAB, n)
+    return ids.astype(np.int64)
+
+
 def make_rows(n: int, seed: int, zipf: float | None) -> pa.Table:
     """n impressions with the bench's columns; ids uniform (or Zipf) over the vocabulary."""
     rng = np.random.default_rng(seed)
     cols = {}
     for i in range(N_SPARSE):
         name = ["user_id", "item_id"][i] if i < 2 else f"f{i:02d}"
-        ids = (rng.zipf(zipf, n) - 1) % VOCAB if zipf else rng.integers(0, VOCAB, n)
-        cols[name] = pa.array(ids.astype(np.int64))
+        cols[name] = pa.array(_draw_ids(rng, n, zipf))
     click = (rng.random(n) < 0.05).astype(np.int8)
     cols["position"] = pa.array(rng.integers(0, 10, n).astype(np.int32))
     cols["click"] = pa.array(click)
@@ -146,6 +162,14 @@ class PlainESMM(nn.Module):
         return self.ctr(x).squeeze(1), self.cvr(x).squeeze(1)
 
 
+def _esmm_loss(ctr_logit, cvr_logit, click, conv):
+    """mtrec's ESMM loss: BCE(click, pCTR) + BCE(click AND conversion, pCTCVR)."""
+    p_ctr = torch.sigmoid(ctr_logit)
+    return nn.functional.binary_cross_entropy_with_logits(ctr_logit, click) + nn.functional.binary_cross_entropy(
+        (p_ctr * torch.sigmoid(cvr_logit)).clamp(1e-7, 1 - 1e-7), click * conv
+    )
+
+
 def reference(table: pa.Table, warmup: int) -> float:
     from mtrec.data.kinds import hash_ids
 
@@ -166,18 +190,143 @@ def reference(table: pa.Table, warmup: int) -> float:
     model = PlainESMM()
     sparse_opt = torch.optim.Adagrad(list(model.tables.parameters()), lr=0.05)
     dense_opt = torch.optim.Adam(list(model.ctr.parameters()) + list(model.cvr.parameters()), lr=0.001)
-    bce = nn.functional.binary_cross_entropy
 
     def step(b):
         ids, offsets, click, conv = b
         sparse_opt.zero_grad()
         dense_opt.zero_grad()
-        ctr_logit, cvr_logit = model(ids, offsets)
-        p_ctr = torch.sigmoid(ctr_logit)
-        loss = nn.functional.binary_cross_entropy_with_logits(ctr_logit, click) + bce(
-            (p_ctr * torch.sigmoid(cvr_logit)).clamp(1e-7, 1 - 1e-7), click * conv
-        )
-        loss.backward()
+        _esmm_loss(*model(ids, offsets), click, conv).backward()
+        sparse_opt.step()
+        dense_opt.step()
+
+    return _rows_per_s(step, batches, warmup)
+
+
+# ------------------------------------------------------------------------------------------------
+# The sequence workload: the same 20 tables, plus one behaviour sequence of up to SEQ_LEN behaviours
+# whose columns share the candidate's tables (hist_item_id -> item_id, ...), mean-pooled (masked).
+
+SEQ_LEN = 50
+SEQ_TABLES = ["item_id", "f02", "f03"]  # hist_<t> is looked up in table <t>
+
+
+def seq_config(logs: str, workdir: str) -> dict:
+    """The issue 9 config plus the sequence group `hist`: one list column per shared table."""
+    cfg = bench_config(logs, workdir)
+    cfg["name"] = "esmm_seq_bench"
+    cfg["features"]["sequences"] = [
+        {
+            "name": "hist",
+            "max_len": SEQ_LEN,
+            "order": "newest_last",
+            "pooling": "mean",
+            "features": [{"name": f"hist_{t}", "table": t} for t in SEQ_TABLES],
+        }
+    ]
+    return cfg
+
+
+def bags_config(logs: str, workdir: str) -> dict:
+    """The sequence workload's model with the history declared as multi-hot mean bags on the shared
+    tables instead of a sequence group: the same tables, towers and pooled vectors (in the same
+    order), but every table sits in the bag collection and runs FBGEMM's pooled kernels. It
+    measures what placing pooled-only sequence tables in the EmbeddingBagCollection would give."""
+    cfg = bench_config(logs, workdir)
+    cfg["name"] = "esmm_bags_bench"
+    cfg["features"]["sparse"] += [
+        {"name": f"hist_{t}", "table": t, "multi_hot": True, "pooling": "mean"} for t in SEQ_TABLES
+    ]
+    return cfg
+
+
+def make_seq_rows(n: int, seed: int, zipf: float | None, min_len: int) -> pa.Table:
+    """`make_rows` plus the history: per row a length drawn uniformly from min_len..SEQ_LEN (exactly
+    SEQ_LEN when min_len is SEQ_LEN), and one list<int64> column per shared table, ids drawn like
+    the candidate's."""
+    table = make_rows(n, seed, zipf)
+    rng = np.random.default_rng(seed + 10_000)
+    lens = rng.integers(min_len, SEQ_LEN + 1, n)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    for t in SEQ_TABLES:
+        ids = pa.array(_draw_ids(rng, int(lens.sum()), zipf))
+        table = table.append_column(f"hist_{t}", pa.ListArray.from_arrays(offsets, ids))
+    return table
+
+
+class PlainSeqESMM(nn.Module):
+    """The sequence workload in plain PyTorch: one nn.Embedding(sparse=True) per table, the towers
+    of PlainESMM over the 20 candidate vectors and the pooled history (20 x 16 + 3 x 16 wide).
+
+    A table the history shares is read once per step: one `F.embedding_bag` (sum) over the
+    candidate's id (a bag of one, weight 1) and the row's history (one bag, weights 1/length, so
+    the sum is the masked mean; an empty history is a zero vector). One sparse gradient per table,
+    as in mtrec, where the candidate and the history read one weight too."""
+
+    def __init__(self):
+        super().__init__()
+        names = ["user_id", "item_id"] + [f"f{i:02d}" for i in range(2, N_SPARSE)]
+        self.shared = {names.index(t): k for k, t in enumerate(SEQ_TABLES)}  # table -> history column
+        self.tables = nn.ModuleList(nn.Embedding(VOCAB, DIM, sparse=True) for _ in range(N_SPARSE))
+
+        def tower():
+            layers, d = [], (N_SPARSE + len(SEQ_TABLES)) * DIM
+            for h in TOWER:
+                layers += [nn.Linear(d, h), nn.ReLU()]
+                d = h
+            return nn.Sequential(*layers, nn.Linear(d, 1))
+
+        self.ctr, self.cvr = tower(), tower()
+
+    def forward(self, ids: list[torch.Tensor], hist: list[torch.Tensor], lengths: torch.Tensor):
+        """ids: per table, B candidate ids; hist: per shared table, the N history ids of the batch
+        (jagged, row after row); lengths: B history lengths."""
+        b = lengths.numel()
+        offsets = torch.cat([torch.arange(b), b + torch.cumsum(lengths, 0) - lengths])  # 2B bags
+        weights = torch.cat([torch.ones(b), torch.repeat_interleave(1.0 / lengths.clamp(min=1), lengths)])
+        cand, pooled = [], [None] * len(hist)
+        for j, (table, i) in enumerate(zip(self.tables, ids, strict=True)):
+            if j in self.shared:
+                both = nn.functional.embedding_bag(
+                    torch.cat([i, hist[self.shared[j]]]),
+                    table.weight,
+                    offsets,
+                    mode="sum",
+                    sparse=True,
+                    per_sample_weights=weights,
+                )  # 2B x D: the candidates, then the histories
+                cand.append(both[:b])
+                pooled[self.shared[j]] = both[b:]
+            else:
+                cand.append(table(i))
+        x = torch.cat(cand + pooled, dim=1)  # B x (20 + 3) * 16, mtrec's order
+        return self.ctr(x).squeeze(1), self.cvr(x).squeeze(1)
+
+
+def seq_reference(table: pa.Table, warmup: int) -> float:
+    """rows/s of PlainSeqESMM's training step (Adagrad on the sparse tables, Adam on the towers)."""
+    from mtrec.data.kinds import hash_ids
+
+    torch.manual_seed(0)
+    names = table.column_names[:N_SPARSE]
+    batches = []
+    for i in range(0, table.num_rows - BATCH + 1, BATCH):
+        t = table.slice(i, BATCH)
+        ids = [torch.from_numpy(hash_ids(t.column(n).to_numpy(), VOCAB)) for n in names]
+        cols = [t.column(f"hist_{s}").combine_chunks() for s in SEQ_TABLES]
+        hist = [torch.from_numpy(hash_ids(c.flatten().to_numpy(), VOCAB)) for c in cols]
+        lengths = torch.from_numpy(np.diff(cols[0].offsets.to_numpy()).astype(np.int64))
+        click = torch.from_numpy(t.column("click").to_numpy().astype(np.float32))
+        conv = torch.from_numpy(t.column("conversion").to_numpy().astype(np.float32))
+        batches.append((ids, hist, lengths, click, conv))
+    model = PlainSeqESMM()
+    sparse_opt = torch.optim.Adagrad(list(model.tables.parameters()), lr=0.05)
+    dense_opt = torch.optim.Adam(list(model.ctr.parameters()) + list(model.cvr.parameters()), lr=0.001)
+
+    def step(b):
+        ids, hist, lengths, click, conv = b
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+        _esmm_loss(*model(ids, hist, lengths), click, conv).backward()
         sparse_opt.step()
         dense_opt.step()
 
@@ -270,6 +419,66 @@ def _watch_rss(proc: subprocess.Popen) -> float:
     return peak
 
 
+def _cpu_pressure(since: tuple[float, int] | None = None):
+    """Linux PSI: (now, stalled microseconds so far), or with `since` the share of the time since
+    then that some task waited for a CPU (the shared machine's load); None where PSI is missing."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    now = (time.monotonic(), int(line.rsplit("total=", 1)[1]))
+    if since is None:
+        return now
+    return (now[1] - since[1]) / 1e6 / max(now[0] - since[0], 1e-9)
+
+
+def _runs(xs: list[float]) -> str:
+    return ", ".join(f"{x:,.0f}" for x in xs)
+
+
+def sequence_main(args) -> int:
+    """The sequence workload: mtrec's DMP step and the plain-PyTorch model, alternating run by run
+    (the machine is shared: both sides see the same load), medians of `--repeats` runs."""
+    from mtrec.config import parse_config
+
+    ids = f"zipf({args.zipf})" if args.zipf else "uniform"
+    hist = f"exactly {SEQ_LEN}" if args.hist_min == SEQ_LEN else f"{args.hist_min}..{SEQ_LEN} (uniform)"
+    print(
+        f"workload: ESMM + behaviour sequence, {N_SPARSE} sparse features x vocab {VOCAB:,} x dim {DIM}; history "
+        f"of {hist} behaviours per row, columns {', '.join(f'hist_{t}' for t in SEQ_TABLES)} sharing the tables "
+        f"{', '.join(SEQ_TABLES)}, mean-pooled (masked); towers {TOWER}, batch {BATCH}, ids {ids}; "
+        f"{args.ceiling_rows // BATCH} batches per run; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    table = make_seq_rows(args.ceiling_rows, 7, args.zipf, args.hist_min)
+    pressure = _cpu_pressure()
+    with tempfile.TemporaryDirectory(prefix="mtrec-bench-") as tmp:
+        cfg = parse_config(seq_config(str(Path(tmp) / "logs"), str(Path(tmp) / "work")))
+        bags = parse_config(bags_config(str(Path(tmp) / "logs"), str(Path(tmp) / "work")))
+        m, p, g = [], [], []
+        for _ in range(args.repeats):
+            m.append(ceiling(cfg, table, warmup=10))
+            p.append(seq_reference(table, warmup=10))
+            if args.bags:
+                g.append(ceiling(bags, table, warmup=10))
+    pressure = _cpu_pressure(pressure)
+    mtrec_rps, plain_rps = statistics.median(m), statistics.median(p)
+    print(f"sequence mtrec (DMP step, in memory): {mtrec_rps:,.0f} rows/s  (runs: {_runs(m)})")
+    print(
+        f"sequence plain PyTorch (nn.Embedding sparse, embedding_bag mean + Adagrad, towers + Adam): "
+        f"{plain_rps:,.0f} rows/s  (runs: {_runs(p)})"
+    )
+    if g:
+        print(
+            f"mtrec with the history as multi-hot mean bags on the shared tables (bag collection, pooled "
+            f"kernels): {statistics.median(g):,.0f} rows/s  (runs: {_runs(g)})"
+        )
+    if pressure is not None:  # the runs are only comparable with one another when this stays low
+        print(f"CPU pressure during the runs: {pressure:.0%} of the time something waited for a CPU (Linux PSI)")
+    print(f"sequence rows/s mtrec/plain: {mtrec_rps / plain_rps:.2f}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the bench day (default 1M)")
@@ -281,7 +490,33 @@ def main(argv=None) -> int:
         "--torch-threads", type=int, default=0, help="train.torch_threads of the end-to-end runs (default 0: auto)"
     )
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="world sizes of the end-to-end run")
+    ap.add_argument(
+        "--workload",
+        choices=["issue9", "sequence"],
+        default="issue9",
+        help="issue9 (default): the parts above; sequence: the same tables plus a behaviour sequence, "
+        "mtrec's DMP step vs plain PyTorch, in memory",
+    )
+    ap.add_argument(
+        "--hist-min",
+        type=int,
+        default=SEQ_LEN,
+        help=f"sequence workload: history lengths drawn uniformly from this..{SEQ_LEN} "
+        f"(default {SEQ_LEN}: every row has exactly {SEQ_LEN} behaviours)",
+    )
+    ap.add_argument(
+        "--bags",
+        action="store_true",
+        help="sequence workload: also time mtrec with the history declared as multi-hot mean bags on the "
+        "shared tables (the bag collection's pooled kernels)",
+    )
     args = ap.parse_args(argv)
+    if args.workload == "sequence":
+        if set(args.only or ["ceiling"]) != {"ceiling"}:
+            ap.error("the sequence workload runs in memory only (no --only e2e/rss)")
+        if not 0 <= args.hist_min <= SEQ_LEN:
+            ap.error(f"--hist-min must be within 0..{SEQ_LEN}")
+        return sequence_main(args)
     parts = set(args.only or ["ceiling", "e2e", "rss"])
     from mtrec.config import parse_config
 

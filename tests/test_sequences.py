@@ -402,3 +402,26 @@ def test_validation_counts_a_hidden_mix_of_bad_sequence_rows_exactly(seq_world, 
         r"integer or string ids \(list<int64>\) \(required by `features.sequences` \(hist: hist_age_hours\)\)",
     ):
         validate_day(cfg.spec, cfg.job.logs, day1, cfg.job.workdir)
+
+
+def test_a_group_is_the_masked_mean_of_its_behaviours_and_zeros_when_empty():
+    """The pooled read of a group (every architecture without a sequence encoder): per row, the
+    mean over its behaviours of the group's vectors side by side; repeated ids count each time."""
+    from mtrec.models.sparse_arch import SparseArch
+
+    cfg = _seq_cfg()
+    torch.manual_seed(0)
+    arch = SparseArch(cfg.spec.features, torch.device("cpu"))
+    hists = [([5, 5, 7], [1, 2, 1]), ([], []), ([7], [3]), ([9, 5], [1, 1])]
+    b = BatchConverter(cfg.spec)(_rows([h[0] for h in hists], [h[1] for h in hists]))
+    x = arch(b.sparse, b.dense)[:, -12:]  # the group, last: hist_item (8) then hist_kind (4)
+    tables = {k.split(".")[-2]: v for k, v in arch.state_dict().items() if k.endswith(".weight")}
+    for row, (items, kinds) in enumerate(hists):
+        if not items:
+            assert torch.equal(x[row], torch.zeros(12))
+            continue
+        behaviours = torch.cat(
+            [tables["item_id"][hash_ids(np.array(items), 1000)], tables["hist_kind"][hash_ids(np.array(kinds), 4)]],
+            dim=1,
+        )
+        torch.testing.assert_close(x[row], behaviours.mean(dim=0))

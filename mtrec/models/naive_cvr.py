@@ -25,7 +25,8 @@ class NaiveCVR(MultiTaskModel):
         super().__init__(spec, device)
         m = spec.model
         self.conditional = [t.name for t in spec.tasks if t.given is not None]
-        self.cvr_sparse_arch = SparseArch(spec.features, device, spec.model.sequence_encoder)  # not shared with the CTR side
+        # tables of its own: not shared with the CTR side
+        self.cvr_sparse_arch = SparseArch(spec.features, device, m.sequence_encoder)
         self.towers = nn.ModuleDict(
             {
                 n: Tower(
