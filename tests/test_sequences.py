@@ -249,9 +249,21 @@ def seq_config(logs: str, workdir: str, **train):
     return type(load_config("esmm")).model_validate(d)
 
 
+# a bag of the history's items, summed, beside the group's mean: the item table goes unpooled
+RECENT_ITEMS = {"name": "recent_items", "column": "hist_item_id", "table": "item_id", "multi_hot": True}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra, item_table",
+    [
+        ([], "model.model.sparse_arch.ebc.embedding_bags.item_id.weight"),
+        ([RECENT_ITEMS], "model.model.sparse_arch.ecs.ec16.embeddings.item_id.weight"),
+    ],
+    ids=["bag-tables", "unpooled-tables"],
+)
 def test_a_sequence_model_trains_on_two_workers_then_warm_starts_and_resumes_on_one(
-    ray_local, seq_world, tmp_path, monkeypatch
+    ray_local, seq_world, tmp_path, monkeypatch, extra, item_table
 ):
     """Day 1 on 2 workers (column_wise), day 2 on 1 worker (table_wise) whose worker dies mid-day
     and restarts from an intra-day checkpoint: the shared and the sequence tables reshard
@@ -265,15 +277,16 @@ def test_a_sequence_model_trains_on_two_workers_then_warm_starts_and_resumes_on_
 
     logs, day1, day2 = seq_world
     cfg = seq_config(logs, str(tmp_path / "work"), num_workers=2, cpus_per_worker=1, sharding_types=["column_wise"])
+    d = cfg.model_dump(mode="json")
+    d["features"]["sparse"] += extra
+    cfg = type(cfg).model_validate(d)
     s1 = run_train(cfg, day1, day1)
     url1 = ck.checkpoint_url(cfg, day1)
     man = ck.read_manifest(url1)
     assert man["world_size"] == 2 and s1.truncated["hist"] == man["truncated"]["hist"] > 0  # lists over max_len 50
     assert {t["sharding_type"] for t in man["plan"].values()} == {"column_wise"}
     full = ck.read_full(url1)
-    assert [k for k in full if k.startswith("model.") and k.endswith("item_id.weight")] == [
-        "model.model.sparse_arch.ebc.embedding_bags.item_id.weight"
-    ]  # the candidate's and the history's item table, once
+    assert [k for k in full if k.startswith("model.") and k.endswith("item_id.weight")] == [item_table]  # once
 
     one = cfg.with_train(num_workers=1, sharding_types=["table_wise"])
     dmp, opt = build_sharded(one)
