@@ -64,6 +64,8 @@ class ServedModel:
             )
         self.model.eval()
         self.columns = self.spec.input_columns()
+        roles = self.spec.column_roles()
+        self._kinds = {col: roles[col][0] for col in self.columns}  # column -> kind, for `_typed`
         self.outputs = self.spec.outputs()
         self._expm1 = {t.name for t in self.spec.tasks if t.log1p and self.spec.label_kind(t) == LabelKind.REGRESSION}
 
@@ -129,10 +131,9 @@ class ServedModel:
         """The model's columns with the contract's types. Ids that arrive as floats (pandas turns an
         integer column with a null into float64) are taken back to int64 when whole; any other type
         the contract does not allow is refused with one line."""
-        kinds = self.spec.column_roles()
         out = []
-        for col in self.columns:
-            arr, kind = table.column(col), kinds[col][0]
+        for col, kind in self._kinds.items():
+            arr = table.column(col)
             t = arr.type
             listed = pa.types.is_list(t) or pa.types.is_large_list(t)
             if kind != FeatureKind.DENSE.value and pa.types.is_floating(t.value_type if listed else t):

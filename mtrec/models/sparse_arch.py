@@ -53,7 +53,6 @@ class SparseArch(nn.Module):
     def __init__(self, features: FeaturesConfig, device: torch.device, sequence_encoder: bool = False):
         super().__init__()
         collections = features.collections(sequence_encoder)
-        by_table = {t: [f.name for f in features.embedded() if f.table_name == t] for t in features.tables()}
         self.ebc = (
             EmbeddingBagCollection(
                 tables=[
@@ -61,7 +60,7 @@ class SparseArch(nn.Module):
                         name=t.name,
                         embedding_dim=t.dim,
                         num_embeddings=t.hash_size,
-                        feature_names=by_table[t.name],
+                        feature_names=list(t.features),
                         pooling=PoolingType.MEAN if features.bag_pooling(t.name) == Pooling.MEAN else PoolingType.SUM,
                     )
                     for t in collections["ebc"]
@@ -76,7 +75,7 @@ class SparseArch(nn.Module):
                 key: EmbeddingCollection(
                     tables=[
                         EmbeddingConfig(
-                            name=t.name, embedding_dim=t.dim, num_embeddings=t.hash_size, feature_names=by_table[t.name]
+                            name=t.name, embedding_dim=t.dim, num_embeddings=t.hash_size, feature_names=list(t.features)
                         )
                         for t in tables
                     ],
