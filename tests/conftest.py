@@ -73,8 +73,8 @@ def world(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def seq_world(tmp_path_factory) -> tuple[str, dt.date, dt.date]:
-    """A 2-day world with behaviour histories (`--preset sequences`), 6,000 rows/day in 3 files:
-    (logs root, day 1, day 2)."""
+    """A 2-day world with behaviour histories (`--preset sequences` with 3,000 users, so the day-1
+    users' pasts build fast), 6,000 rows/day in 3 files: (logs root, day 1, day 2)."""
     from mtrec.data.synth import world_params
 
     root = str(tmp_path_factory.mktemp("seq-world"))
@@ -84,7 +84,7 @@ def seq_world(tmp_path_factory) -> tuple[str, dt.date, dt.date]:
         rows_per_day=6_000,
         seed=5,
         files_per_day=3,
-        params=world_params([], "sequences"),
+        params=world_params(["users=3000"], "sequences"),
     )
     return root, DAY1, DAY1 + dt.timedelta(days=1)
 

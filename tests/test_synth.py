@@ -264,7 +264,7 @@ def test_synth_rewrite_replaces_the_world_and_refuses_foreign_folders(tmp_path):
 
 
 HIST_COLUMNS = ["hist_item_id", "hist_item_category", "hist_brand", "hist_behavior", "hist_scenario", "hist_age_hours"]
-SMALL_SEQUENCES = ["users=300", "items=500", "history=16", "history_init=8", "intent_stickiness=0.5"]  # small, fast
+SMALL_SEQUENCES = ["users=300", "items=500", "history=16", "history_init=8"]  # the preset, small and fast
 
 
 def _sequences_world(root: str, days: int = 3, rows: int = 3000, seed: int = 1, extra: tuple[str, ...] = ()) -> str:
@@ -331,7 +331,8 @@ def test_histories_are_the_users_earlier_behaviours_newest_last(seq_world):
 def test_intent_moves_the_true_click_probability_and_changes_over_visits(seq_world):
     from mtrec.data.synth import world_params
 
-    strength = world_params([], "sequences").intent_strength
+    params = world_params([], "sequences")
+    strength, stickiness = params.intent_strength, params.intent_stickiness
     t = pa.concat_tables([_day(seq_world, d) for d in DAYS])
     tr = pa.concat_tables([_day(seq_world, d, True) for d in DAYS])
     match = t.column("item_category").to_numpy() == tr.column("intent").to_numpy()
@@ -339,16 +340,24 @@ def test_intent_moves_the_true_click_probability_and_changes_over_visits(seq_wor
     assert 0.05 < match.mean() < 0.95
     logit = np.log(p / (1 - p))
     assert logit[match].mean() > logit[~match].mean() + strength / 2, (logit[match].mean(), logit[~match].mean())
-    # the intent is not the user's: it changes between a user's requests
-    users, intents = t.column("user_id").to_numpy(), tr.column("intent").to_numpy()
-    per_user = {}
-    for u, k in zip(users, intents, strict=True):
-        per_user.setdefault(u, set()).add(k)
-    assert np.mean([len(s) > 1 for s in per_user.values()]) > 0.3
-    # ... and the history reveals it: the last behaviour's category is the intent more often than
-    # the candidates' category is
-    last = np.array([h[-1] if h else -1 for h in t.column("hist_item_category").to_pylist()])
-    assert (last == intents).mean() > 2 * (np.bincount(intents).max() / intents.size)
+    # the intent is not the user's: between two requests of a user it is redrawn with probability
+    # 1 - stickiness, and then lands on another category unless it draws the same again
+    first = np.unique(t.column("request_id").to_numpy(), return_index=True)[1]
+    first.sort()
+    users, intents = t.column("user_id").to_numpy()[first], tr.column("intent").to_numpy()[first]
+    order = np.argsort(users, kind="stable")
+    same_user = users[order][1:] == users[order][:-1]
+    changed = (intents[order][1:] != intents[order][:-1])[same_user]
+    freq = np.bincount(intents) / intents.size
+    expected = (1 - stickiness) * (1 - np.sum(freq**2))
+    sd = np.sqrt(expected * (1 - expected) / changed.size)
+    assert changed.size > 300 and abs(changed.mean() - expected) < 4 * sd, (changed.mean(), expected)
+    # ... and the history shows it: the last behaviour's category is the intent far more often than
+    # it would be by chance (were last categories and intents paired at random)
+    last = np.array([h[-1] if h else -1 for h in t.column("hist_item_category").to_pylist()])[first]
+    cats = np.arange(max(last.max(), intents.max()) + 1)
+    chance = np.sum([(last == c).mean() * (intents == c).mean() for c in cats])
+    assert (last == intents).mean() > 1.5 * chance, ((last == intents).mean(), chance)
 
 
 def test_sequences_world_is_deterministic_and_prefix_stable(tmp_path):
@@ -374,3 +383,41 @@ def test_sequence_params_are_checked():
     ):
         with pytest.raises(MtrecError, match=msg):
             world_params(bad)
+
+
+def test_history_alone_only_adds_columns_and_intent_retrieval_shows_the_intent(tmp_path):
+    """History draws from streams of its own: without an intent, the world is the default world
+    plus the hist_* columns. Intents work without history too; retrieving candidates from the
+    intent's category puts it on more rows."""
+    plain, hist = str(tmp_path / "plain"), str(tmp_path / "hist")
+    write_world(plain, days=2, rows_per_day=3000, seed=3)
+    write_world(hist, days=2, rows_per_day=3000, seed=3, params=WorldParams(history=8, history_init=4))
+    for day in DAYS[:2]:
+        a, b = _day(plain, day), _day(hist, day)
+        assert b.column_names == a.column_names + HIST_COLUMNS and b.select(a.column_names).equals(a)
+        assert _day(plain, day, True).equals(_day(hist, day, True))
+
+    def intent_share(candidates: int) -> float:
+        root = str(tmp_path / f"i{candidates}")
+        write_world(
+            root,
+            days=1,
+            rows_per_day=5000,
+            seed=3,
+            params=WorldParams(intent_strength=1.0, intent_candidates=candidates),
+        )
+        t, tr = _day(root, DAYS[0]), _day(root, DAYS[0], True)
+        assert not set(HIST_COLUMNS) & set(t.column_names)
+        return (t.column("item_category").to_numpy() == tr.column("intent").to_numpy()).mean()
+
+    assert intent_share(10) > intent_share(0) + 0.2
+
+
+def test_alias_sampler_draws_in_proportion_to_the_weights():
+    from mtrec.data.synth import _Alias
+
+    w = np.array([1.0, 2.0, 3.0, 4.0, 0.0, 10.0])
+    n = 200_000
+    freq = np.bincount(_Alias(w).draw(np.random.default_rng(0), (n,)), minlength=w.size) / n
+    p = w / w.sum()
+    assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-12), (freq, p)

@@ -13,7 +13,10 @@ The generative model (docs/synthetic-world.md states it in full):
   (and by price, which does not affect clicks), so CVR learned on clicked rows only is biased;
 * watch time (regression) follows a third affinity, also anti-correlated with clicks, so the
   tasks conflict;
-* every day item latents and popularity drift and new users and items arrive.
+* every day item latents and popularity drift and new users and items arrive;
+* optionally (`history`, `intent_*`; preset ``sequences``) users carry their earlier behaviours
+  (written as ``hist_*`` list columns, oldest first) and a short-term intent category that raises
+  the click and buy probabilities of its items and changes from request to request.
 
 The truth table beside each day (``<out>/_truth/dt=D/``, keyed by ``row_id``) holds every row's
 examination probability, unbiased click probability, CVR given click, CTCVR, ... Training never
@@ -97,7 +100,7 @@ class WorldParams:
     # behaviour sequences and short-term intent (all off by default; docs/synthetic-world.md, preset sequences)
     history: int = 0  # behaviours kept per user and written as the hist_* list columns (0: no columns)
     history_init: int = 0  # mean length of the past a user arrives with (behaviours, uniform in +-50%)
-    history_gap_hours: float = 12.0  # mean time between the past requests that built that past
+    history_gap_hours: float = 24.0  # mean time between those past requests at activity 1 (it scales as 1 / activity)
     intent_strength: float = 0.0  # on the relevance logit when the item's category is the user's intent
     intent_buy: float = 0.0  # on the buy logit, likewise
     intent_stickiness: float = 0.8  # p(the intent carries over to the user's next request)
@@ -119,20 +122,17 @@ PRESETS: dict[str, dict[str, float]] = {
     # and CVR given click stay near the default world's (5.5% and 6.9% vs 5.3% and 6.0%, seed 0).
     # The model comparison's world.
     "item_quality": {"appeal_std": 1.0, "quality_std": 1.2, "rho_quality": 0.8, "click_bias": -4.1, "buy_bias": -3.6},
-    # users carry their last 64 behaviours (hist_* list columns) and a short-term intent category
-    # that carries over from request to request with p 0.98 and draws 10 of the 30 candidates; an
-    # item of that category gets +3 on its relevance logit and +1 on its buy logit. 4,000 users so
-    # that users come back within days; 20 categories; click_bias lowered to keep CTR near 5%.
+    # users carry their last 64 behaviours (hist_* columns; they arrive with 20-60) and a short-term
+    # intent category that moves the relevance logit by 1.5 and the buy logit by 1; twice the users,
+    # so that a user id is seen less often than their history; click_bias lowered to keep CTR near 5%
     "sequences": {
-        "users": 4000,
-        "categories": 20,
+        "users": 40_000,
         "history": 64,
         "history_init": 40,
-        "intent_strength": 3.0,
+        "intent_strength": 1.5,
         "intent_buy": 1.0,
-        "intent_stickiness": 0.98,
-        "intent_candidates": 10,
-        "click_bias": -5.2,
+        "intent_stickiness": 0.85,
+        "click_bias": -3.9,
     },
 }
 
@@ -470,7 +470,8 @@ class World:
     def _past(self, start: int, n: int, intent: np.ndarray, t0: float, r: np.random.Generator) -> None:
         """Simulate requests of users start..start+n, one round at a time (one request per user
         still short of their target), until each has its target number of behaviours; keep the
-        newest `target` and date the requests back from `t0` by exponential gaps."""
+        newest `target` and date the requests back from `t0` by exponential gaps of mean
+        `history_gap_hours / activity`."""
         p, K = self.p, self.p.positions
         init = p.history_init
         target = r.integers(init - init // 2, init + init // 2 + 1, n)
@@ -478,13 +479,14 @@ class World:
         rounds = np.zeros(n, np.int64)
         ev: list[tuple[np.ndarray, ...]] = []
         active = np.flatnonzero(target > 0)
+        by_popularity = _Alias(np.exp(self.items["popularity"].astype(np.float64)))  # faster than r.choice
         for k in range(20 * p.history):  # a user that hardly clicks stops short of the target
             if not active.size:
                 break
             if p.has_intent():
                 intent[active] = self._next_intent(intent[active], r)
             uidx = start + active
-            items, rel_logit = self._show(uidx, intent[active] if p.has_intent() else None, r, r)
+            items, rel_logit = self._show(uidx, intent[active] if p.has_intent() else None, r, r, by_popularity)
             m = len(active)
             flat_items = items.reshape(-1)
             match = self.items["category"][flat_items] == np.repeat(intent[active], K) if p.has_intent() else None
@@ -506,9 +508,11 @@ class World:
         who, k, item, kind = (np.concatenate(c) for c in zip(*ev, strict=True)) if ev else [np.zeros(0, np.int64)] * 4
         order = np.argsort(who, kind="stable")  # by user, then round, then position
         who, k, item, kind = who[order], k[order], item[order], kind[order]
-        # request k of a user with R past requests took place sum(gaps k..R-1) before t0
+        # request k of a user with R past requests took place sum(gaps k..R-1) before t0; a user's
+        # requests come at a pace in proportion to their activity, as in the traffic
         gap_start = np.concatenate([[0], np.cumsum(rounds)])
-        gaps = r.exponential(p.history_gap_hours * 3600.0, int(rounds.sum()))
+        mean_gap = np.repeat(p.history_gap_hours * 3600.0 / self.users["activity"][start : start + n], rounds)
+        gaps = r.exponential(1.0, int(rounds.sum())) * mean_gap
         cum = np.concatenate([[0.0], np.cumsum(gaps)])
         t = t0 - (cum[gap_start[who + 1]] - cum[gap_start[who] + k])
         # keep each user's newest `target` behaviours
@@ -592,17 +596,25 @@ class World:
 
     # ---- traffic ---------------------------------------------------------------------------------
     def _show(
-        self, uidx: np.ndarray, intent: np.ndarray | None, r: np.random.Generator, r_new: np.random.Generator
+        self,
+        uidx: np.ndarray,
+        intent: np.ndarray | None,
+        r: np.random.Generator,
+        r_new: np.random.Generator,
+        by_popularity: _Alias | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per request, the items the logging policy shows at positions 0..K-1 and their relevance
-        logits (n_req x K). Candidates are drawn by popularity (`intent_candidates` of them from
-        the intent category, drawn from `r_new`), ranked by relevance plus the policy's error and
-        promotion."""
+        logits (n_req x K). Candidates are drawn by popularity (with `by_popularity` if given, else
+        `r.choice`; `intent_candidates` of them from the intent category, drawn from `r_new`),
+        ranked by relevance plus the policy's error and promotion."""
         p, it = self.p, self.items.cols
         K, C = p.positions, p.candidates
-        item_p = np.exp(it["popularity"])
-        item_p /= item_p.sum()
-        cand = r.choice(len(self.items), size=(len(uidx), C), p=item_p)  # n_req x C
+        if by_popularity is not None:
+            cand = by_popularity.draw(r, (len(uidx), C))
+        else:
+            item_p = np.exp(it["popularity"])
+            item_p /= item_p.sum()
+            cand = r.choice(len(self.items), size=(len(uidx), C), p=item_p)  # n_req x C
         if intent is not None and p.intent_candidates:
             # retrieval from the user's recent behaviour: here from the intent it reveals
             cand[:, C - p.intent_candidates :] = self._in_category(intent, p.intent_candidates, r_new)
@@ -759,6 +771,28 @@ class World:
         if intent is not None:
             truth = truth.append_column("intent", pa.array(intent[req], pa.int64()))  # the user's intent category
         return logs, truth
+
+
+class _Alias:
+    """Draws from a discrete distribution in O(1) each (Vose's alias method); `Generator.choice`
+    with probabilities costs a binary search per draw."""
+
+    def __init__(self, weights: np.ndarray):
+        n = len(weights)
+        scaled = weights / weights.sum() * n
+        self.prob = np.ones(n)
+        self.alias = np.arange(n)
+        small = [i for i in range(n) if scaled[i] < 1.0]
+        large = [i for i in range(n) if scaled[i] >= 1.0]
+        while small and large:
+            s, g = small.pop(), large.pop()
+            self.prob[s], self.alias[s] = scaled[s], g
+            scaled[g] -= 1.0 - scaled[s]
+            (small if scaled[g] < 1.0 else large).append(g)
+
+    def draw(self, r: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        slot = r.integers(0, len(self.prob), shape)
+        return np.where(r.random(shape) < self.prob[slot], slot, self.alias[slot])
 
 
 def _behaviour(o: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
