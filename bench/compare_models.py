@@ -41,6 +41,11 @@ THREE = [
     {"name": "cvr", "label": "conversion", "given": "ctr", "joint": "ctcvr"},
 ]
 SHALLOW = {"hidden": [16], "feature_dropout": 0.1}
+DUPN = {
+    "arch": "dupn",
+    "user_features": ["user_id", "user_segment", "age_bucket", "user_activity"],
+    "tower": [128, 64],
+}
 VARIANTS = {  # name: (tasks, model)
     "naive_cvr": (CVR2, {"arch": "naive_cvr"}),
     "esmm": (CVR2, {"arch": "esmm"}),
@@ -65,8 +70,18 @@ VARIANTS = {  # name: (tasks, model)
     # the behaviour sequence mean-pooled into ESMM's towers (the esmm_seq example's features); needs a
     # world with histories: --preset sequences
     "esmm+seq": (CVR2, {"arch": "esmm"}),
+    # DUPN (the dupn example's model) and its ablations: the attention replaced by the mean of the
+    # LSTM's states or by its last state, the transformer layer for the LSTM, the paper's readout
+    # (the states only, without the behaviours' own embeddings)
+    "dupn": (CVR2, DUPN),
+    "dupn-mean": (CVR2, {**DUPN, "readout": "mean"}),
+    "dupn-last": (CVR2, {**DUPN, "readout": "last"}),
+    "dupn-transformer": (CVR2, {**DUPN, "encoder": "transformer", "hidden": 64}),
+    "dupn-states": (CVR2, {**DUPN, "with_behaviours": False}),  # the paper's readout: the states only
 }
-WITH_SEQUENCES = {"esmm+seq"}  # variants that read the esmm_seq example's features (sequences included)
+# variants that read the esmm_seq example's features (sequences included); the others read esm2's,
+# the same features without the sequence
+WITH_SEQUENCES = {"esmm+seq", *(v for v in VARIANTS if v.startswith("dupn"))}
 
 
 def variant_config(name: str, logs: str, batch_size: int, seed: int):
@@ -198,6 +213,24 @@ def claims(by_seed: list[dict[str, dict]]) -> list[str]:
             ["esmm", "esmm+seq"],
         )
     )
+    unbiased = lambda r: r["ctr/auc_unbiased"]  # noqa: E731
+    out.append(
+        line(
+            "dupn - best of mmoe, shared_bottom unbiased CTR AUC",
+            ">= +0.01 on every seed",
+            lambda b: unbiased(b["dupn"]) - max(unbiased(b["mmoe"]), unbiased(b["shared_bottom"])),
+            ["dupn", "mmoe", "shared_bottom"],
+        )
+    )
+    for other in ("esmm+seq", "dupn-states", "dupn-mean", "dupn-last", "dupn-transformer"):
+        out.append(
+            line(
+                f"dupn - {other} unbiased CTR AUC",
+                "measured",
+                lambda b, o=other: unbiased(b["dupn"]) - unbiased(b[o]),
+                ["dupn", other],
+            )
+        )
     for name in ("mmoe", "ple"):
         out.append(
             line(

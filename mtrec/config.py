@@ -29,7 +29,7 @@ from mtrec.configdoc import validate
 from mtrec.errors import ConfigError
 from mtrec.spec import SPEC_KEYS, LabelKind, ModelSpec, Strict, _SpecFields
 
-EXAMPLES = ("esmm", "esm2", "mmoe", "esmm_seq")
+EXAMPLES = ("esmm", "esm2", "mmoe", "esmm_seq", "dupn")
 
 
 class ShardingType(StrEnum):

@@ -460,6 +460,91 @@ class PleModel(ArchConfig):
     expert: list[int] = Field(default_factory=lambda: [128], description="Hidden sizes of each expert MLP.")
 
 
+class SequenceEncoder(StrEnum):
+    LSTM = "lstm"
+    TRANSFORMER = "transformer"
+
+
+class SequenceReadout(StrEnum):
+    ATTENTION = "attention"
+    MEAN = "mean"
+    LAST = "last"
+
+
+class DupnModel(ArchConfig):
+    """DUPN (Ni et al., KDD 2018): the behaviour sequence -> an LSTM (or a transformer layer) ->
+    attention over its states, guided by the user/context features and never by the candidate, ->
+    a user representation shared by every task, which the item side joins only in the heads."""
+
+    arch: Literal["dupn"] = Field(description="Model architecture.")
+    model_class: ClassVar[str] = "mtrec.models.dupn:DUPN"
+    sequence_encoder: ClassVar[bool] = True
+    sequence: str | None = Field(
+        None, description="The `features.sequences` group the encoder reads; may be omitted when there is one."
+    )
+    user_features: list[str] = Field(
+        min_length=1,
+        description="Sparse and dense features of the user and the request context (user id, segment, device, query): "
+        "the user side, computed once per request at serving. Every other sparse and dense feature is the item side.",
+    )
+    encoder: SequenceEncoder = Field(
+        SequenceEncoder.LSTM, description="Sequence encoder: `lstm` or a one-layer `transformer` (padding masked)."
+    )
+    hidden: int = Field(128, gt=0, description="Encoder width: LSTM hidden size, transformer model width.")
+    heads: int = Field(4, gt=0, description="Attention heads of the transformer encoder (must divide `hidden`).")
+    readout: SequenceReadout = Field(
+        SequenceReadout.ATTENTION,
+        description="How the encoder's states become one vector: `attention` (DUPN's), or `mean` / `last` (ablations).",
+    )
+    attention: list[int] = Field(
+        default_factory=lambda: [64], description="Hidden sizes of the MLP that scores each behaviour for attention."
+    )
+    with_behaviours: bool = Field(
+        True,
+        description="The readout also weighs the behaviours' own embeddings (the candidate's embedding space) "
+        "beside the encoder's states, so the heads can match the candidate against the history directly.",
+    )
+    user_tower: list[int] = Field(
+        default_factory=lambda: [128], description="Hidden sizes of the user-profile tower over the user features."
+    )
+    item_tower: list[int] = Field(
+        default_factory=lambda: [128], description="Hidden sizes of the item tower over the item features."
+    )
+
+    def group(self, spec: _SpecFields) -> SequenceGroup:
+        groups = spec.features.sequences
+        if self.sequence is None:
+            return groups[0]
+        return next(g for g in groups if g.name == self.sequence)
+
+    def check(self, spec: _SpecFields) -> None:
+        super().check(spec)
+        f = spec.features
+        groups = [g.name for g in f.sequences]
+        if not groups:
+            raise ValueError(
+                "`arch: dupn` reads a behaviour sequence but `features.sequences` is empty; declare one "
+                "(see mtrec/configs/dupn.yaml)"
+            )
+        if self.sequence is None and len(groups) > 1:
+            raise ValueError(f"`model.sequence` must name the group DUPN encodes, one of {', '.join(groups)}")
+        if self.sequence is not None and self.sequence not in groups:
+            raise ValueError(f"`model.sequence` is `{self.sequence}`, no such group; use one of {', '.join(groups)}")
+        known = [x.name for x in [*f.sparse, *f.dense]]
+        for name in self.user_features:
+            if name not in known:
+                raise ValueError(
+                    f"`model.user_features` names `{name}`, which is no sparse or dense feature; "
+                    f"use some of {', '.join(known)}"
+                )
+        if len(set(self.user_features)) != len(self.user_features):
+            raise ValueError("`model.user_features` lists a feature twice")
+        if set(known) <= set(self.user_features):
+            raise ValueError("`model.user_features` takes every feature: leave at least one for the item side")
+        if self.encoder == SequenceEncoder.TRANSFORMER and self.hidden % self.heads:
+            raise ValueError(f"`model.hidden` ({self.hidden}) must be a multiple of `model.heads` ({self.heads})")
+
+
 # The architectures, in the order the docs list them: a new one is a config class above and an entry here.
 ARCH_CONFIGS: tuple[type[ArchConfig], ...] = (
     SharedBottomModel,
@@ -467,6 +552,7 @@ ARCH_CONFIGS: tuple[type[ArchConfig], ...] = (
     Esm2Model,
     MmoeModel,
     PleModel,
+    DupnModel,
     NaiveCvrModel,
 )
 

@@ -78,7 +78,7 @@ def test_required_contract_label(esmm):
 
 def test_unknown_arch(esmm):
     esmm["model"]["arch"] = "dlrm"
-    assert "`model.arch` is 'dlrm'; use one of shared_bottom, esmm, esm2, mmoe, ple, naive_cvr" in _err(esmm)
+    assert "`model.arch` is 'dlrm'; use one of shared_bottom, esmm, esm2, mmoe, ple, dupn, naive_cvr" in _err(esmm)
 
 
 def test_given_must_name_a_task(esmm):

@@ -2,6 +2,7 @@
 
 import copy
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,6 +24,21 @@ ARCH_MODELS = {
     "mmoe": {"arch": "mmoe", "num_experts": 3, "expert": [32], **SMALL},
     "ple": {"arch": "ple", "levels": 2, "shared_experts": 2, "task_experts": 1, "expert": [16], **SMALL},
     "esm2": {"arch": "esm2", "daction_task": "dar", **SMALL},
+    "dupn": {
+        "arch": "dupn",
+        "user_features": ["user_id", "user_segment", "age_bucket", "user_activity"],
+        "hidden": 16,
+        "attention": [8],
+        "user_tower": [16],
+        "item_tower": [16],
+        **SMALL,
+    },
+}
+# a behaviour sequence for the architectures that need one (the rows fixture adds its columns)
+HIST = {
+    "name": "hist",
+    "max_len": 8,
+    "features": [{"name": "hist_item_id", "table": "item_id"}, {"name": "hist_behavior", "hash_size": 8, "dim": 4}],
 }
 THREE = [
     {"name": "ctr", "label": "click"},
@@ -36,6 +52,8 @@ def make_cfg(world: str, arch: str, shallow: bool = False):
     d["model"] = copy.deepcopy(ARCH_MODELS[arch])
     if arch != "esm2":
         d["tasks"] = copy.deepcopy(THREE)
+    if arch == "dupn":
+        d["features"]["sequences"] = [copy.deepcopy(HIST)]
     if shallow:
         d["model"]["shallow_tower"] = {"hidden": [8], "feature_dropout": 0.0}
     d["job"]["logs"] = world
@@ -46,7 +64,12 @@ def make_cfg(world: str, arch: str, shallow: bool = False):
 
 @pytest.fixture(scope="module")
 def rows(world):
-    return pq.read_table(f"{world}/dt={DAY1}/part-00000.parquet").slice(0, B)
+    """B rows of day 1, with a history of 0-5 earlier rows' items (for `HIST`)."""
+    t = pq.read_table(f"{world}/dt={DAY1}/part-00000.parquet").slice(0, B)
+    items = t.column("item_id").to_pylist()
+    hist = [items[max(0, i - i % 6) : i] for i in range(B)]
+    t = t.append_column("hist_item_id", pa.array(hist, pa.list_(pa.int64())))
+    return t.append_column("hist_behavior", pa.array([[1] * len(h) for h in hist], pa.list_(pa.int64())))
 
 
 def test_every_arch_is_registered_and_tested():
@@ -132,7 +155,7 @@ def test_shallow_tower_changes_training_logits_not_serving(world, rows):
         torch.testing.assert_close(v, serve_out[k])
 
 
-@pytest.mark.parametrize("arch", ["esmm", "mmoe"])
+@pytest.mark.parametrize("arch", ["esmm", "mmoe", "dupn"])
 def test_builds_on_meta_and_runs_under_dmp(world, rows, arch):
     from mtrec.train.local import build_sharded
     from mtrec.train.sharding import plan_summary
@@ -142,10 +165,10 @@ def test_builds_on_meta_and_runs_under_dmp(world, rows, arch):
     dmp, opt = build_sharded(cfg)
     summary = plan_summary(dmp.plan)
     assert {v["sharding_type"] for v in summary.values()} == {"table_wise"}
-    assert set(summary) == {f.name for f in cfg.features.sparse}
+    assert set(summary) == set(cfg.features.tables())
     loss, (_, out, _) = dmp(BatchConverter(cfg.spec)(rows))
     loss.backward()
     opt.step()
     state = dmp.fused_optimizer.state_dict()["state"]
-    assert any(k.endswith("user_id.weight") for k in state)  # row-wise Adagrad state exists
+    assert all(any(k.endswith(f"{t}.weight") for k in state) for t in cfg.features.tables())  # row-wise Adagrad state
     assert out["ctcvr"].shape == (B,)

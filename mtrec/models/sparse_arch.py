@@ -116,17 +116,27 @@ class SparseArch(nn.Module):
             )
         return out
 
-    def forward(self, sparse: dict[str, KeyedJaggedTensor], dense: torch.Tensor) -> torch.Tensor:
-        pooled, jagged = self.lookup(sparse)
+    def vectors(
+        self, pooled: dict[str, torch.Tensor], jagged: dict[str, JaggedTensor], groups: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """B x dim per sparse feature, then per feature of each pooled sequence group (`groups`:
+        these groups only; default all), from `lookup`'s output: pooled by the bag collection or
+        here."""
 
-        def vector(name: str, pooling: Pooling) -> torch.Tensor:  # B x dim: pooled by the bag collection or here
+        def vector(name: str, pooling: Pooling) -> torch.Tensor:
             if name in pooled:
                 return pooled[name]
             return _pool(jagged[name].values(), jagged[name].lengths(), pooling)
 
-        parts = [vector(name, pooling) for name, pooling in self.sparse]
+        out = {name: vector(name, pooling) for name, pooling in self.sparse}
         # a group pooled = its features pooled side by side (their lists have equal lengths)
-        parts += [vector(f, pooling) for _, features, pooling in self.groups for f in features]
+        for group, features, pooling in self.groups:
+            if groups is None or group in groups:
+                out.update((f, vector(f, pooling)) for f in features)
+        return out
+
+    def forward(self, sparse: dict[str, KeyedJaggedTensor], dense: torch.Tensor) -> torch.Tensor:
+        parts = list(self.vectors(*self.lookup(sparse)).values())
         if dense.shape[1]:
             parts.append(dense)
         return torch.cat(parts, dim=1)  # B x out_dim
