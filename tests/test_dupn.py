@@ -233,3 +233,33 @@ def test_dupn_trains_on_two_workers_warm_starts_on_one_and_its_champion_scores_a
     assert ((scores.to_numpy() > 0) & (scores.to_numpy() < 1)).all()
     alone = pd.concat([model.predict(request.iloc[[i]]) for i in (0, 37, 99)])
     assert np.abs(alone.to_numpy() - scores.iloc[[0, 37, 99]].to_numpy()).max() < 1e-6
+
+
+def test_rows_of_one_user_context_share_one_user_representation():
+    """A request's candidates (equal user features, history and user dense columns) are one user
+    context: its representation is computed once and each candidate scores as it does alone."""
+    cfg = _dupn_cfg(user_features=["user_id", "price"])
+    torch.manual_seed(0)
+    m = build_model(cfg.spec, "cpu").eval()
+    conv = BatchConverter(cfg.spec)
+    a, b = ([5, 6, 7], [1, 2, 1]), ([5, 6, 8], [1, 2, 1])  # b differs from a in its last behaviour only
+    hists = [a, a, b, a, a, a, a]
+    users = [1, 1, 1, 1, 2, 1, 1]  # row 4: another user, same history
+    prices = [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0]  # row 5: another user dense value
+    rows = _rows(
+        [h[0] for h in hists],
+        [h[1] for h in hists],
+        user_id=pa.array(users, pa.int64()),
+        price=pa.array(prices, pa.float32()),
+        item_id=pa.array([10, 11, 12, 13, 14, 15, 16], pa.int64()),
+    )
+    batch = conv(rows)
+    first, inverse = m.distinct(batch, m._user_inputs, m.user_dense)
+    assert inverse.tolist() == [inverse[0]] * 2 + [inverse[2], inverse[0], inverse[4], inverse[5], inverse[0]]
+    assert len(set(inverse.tolist())) == 4 and len(first) == 4 and sorted(first.tolist()) == [0, 2, 4, 5]
+    seqs, seq_of = m.distinct(batch, m._sequence_inputs)  # the encoder runs on 2 sequences: a and b
+    assert sorted(seqs.tolist()) == [0, 2] and seq_of.tolist() == [seq_of[0]] * 2 + [seq_of[2]] + [seq_of[0]] * 4
+    together = torch.stack([m(batch)[k] for k in ("ctr", "cvr")], 1)
+    for i in range(rows.num_rows):
+        alone = torch.stack([m(conv(rows.slice(i, 1)))[k] for k in ("ctr", "cvr")], 1)
+        torch.testing.assert_close(alone, together[i : i + 1], atol=1e-6, rtol=1e-5)

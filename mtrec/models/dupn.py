@@ -74,11 +74,16 @@ class DUPN(MultiTaskModel):
         self.group = group.name
         self.readout = m.readout
         self.with_behaviours = m.with_behaviours
+        # rows with one user context share its user part (False: every row computes its own; the
+        # split-scoring benchmark's baseline)
+        self.share_user_work = True
         user = set(m.user_features)
         self.user_sparse = [x.name for x in f.sparse if x.name in user]
         self.item_sparse = [x.name for x in f.sparse if x.name not in user]
         self.other_groups = [g.name for g in f.sequences if g.name != group.name]  # pooled, user side
         self.pooled_group_features = [x.name for g in f.sequences if g.name != group.name for x in g.features]
+        self._sequence_inputs = {x.name for x in group.features}
+        self._user_inputs = {*self.user_sparse, *self.pooled_group_features, *self._sequence_inputs}
         dense = [x.name for x in f.dense]
         self.user_dense = [i for i, n in enumerate(dense) if n in user]
         self.item_dense = [i for i, n in enumerate(dense) if n not in user]
@@ -109,17 +114,20 @@ class DUPN(MultiTaskModel):
         self.towers = nn.ModuleDict({n: Tower(head_in, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
 
     # ---- the two halves ------------------------------------------------------------------------
-    def _encode(self, values: torch.Tensor, lengths: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Behaviours (jagged, oldest first) and the user vector -> B x hidden."""
-        x, mask = padded(values, lengths)
-        lengths = lengths.long()
+    def _states(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Behaviours (S x L x D, left-aligned, oldest first; S x L mask) -> S x L x hidden, zero on
+        padding."""
         if isinstance(self.encoder, nn.LSTM):
             # rows are left-aligned, so every real state is exact without packing (the padding
-            # comes after it and its states are masked below); packing costs a slice per step
+            # comes after it and is masked); packing costs a slice per step
             h, _ = self.encoder(x)
         else:
-            h = self.encoder(x, mask, lengths)
-        h = h * mask.unsqueeze(2)  # B x L x H, zero on padding
+            h = self.encoder(x, mask, mask.sum(1))
+        return h * mask.unsqueeze(2)
+
+    def _readout(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """States, behaviours and mask of U contexts, and their user vectors -> U x readout width."""
+        lengths = mask.sum(1)
         if self.readout == SequenceReadout.LAST:
             weight = torch.nn.functional.one_hot((lengths - 1).clamp(min=0), h.shape[1]).to(h.dtype)
             weight = weight * (lengths > 0).unsqueeze(1)
@@ -127,22 +135,53 @@ class DUPN(MultiTaskModel):
             weight = mask / lengths.clamp(min=1).unsqueeze(1).to(h.dtype)
         else:
             parts = [h, *(x[:, :, a:b] for a, b in self.properties), u.unsqueeze(1).expand(-1, h.shape[1], -1)]
-            score = self.attention(torch.cat(parts, dim=2)).squeeze(2)  # B x L
+            score = self.attention(torch.cat(parts, dim=2)).squeeze(2)  # U x L
             weight = torch.softmax(score.masked_fill(~mask, -1e9), dim=1) * mask  # an empty row: all zero
         if self.with_behaviours:
             h = torch.cat([h, x], dim=2)
         return torch.einsum("bl,blh->bh", weight, h)
 
     def user_part(
-        self, vectors: dict[str, torch.Tensor], jagged: dict[str, JaggedTensor], dense: torch.Tensor
+        self,
+        vectors: dict[str, torch.Tensor],
+        jagged: dict[str, JaggedTensor],
+        dense: torch.Tensor,
+        batch: Batch | None = None,
     ) -> torch.Tensor:
-        """The user representation, B x user_dim: [attention readout of the sequence, user tower]."""
+        """The user representation, [readout of the sequence, user tower], B x user_dim. Given the
+        `batch` (whose inputs `vectors`, `jagged` and `dense` are), rows with equal inputs share
+        the work: the encoder runs once per distinct sequence, the readout once per distinct user
+        context (`distinct`)."""
         parts = [vectors[n] for n in [*self.user_sparse, *self.pooled_group_features]]
         if self.user_dense:
             parts.append(dense[:, self.user_dense])
-        u = self.user_tower(torch.cat(parts, dim=1))
-        values, lengths = self.sparse_arch.sequences(jagged)[self.group]
-        return torch.cat([self._encode(values, lengths, u), u], dim=1)
+        u = self.user_tower(torch.cat(parts, dim=1))  # every row: BatchNorm sees the batch it always saw
+        x, mask = padded(*self.sparse_arch.sequences(jagged)[self.group])
+        if batch is None:
+            return torch.cat([self._readout(self._states(x, mask), x, mask, u), u], dim=1)
+        seqs, seq_of = self.distinct(batch, self._sequence_inputs)
+        ctxs, ctx_of = self.distinct(batch, self._user_inputs, self.user_dense)
+        h = self._states(x[seqs], mask[seqs])[seq_of[ctxs]]  # U x L x H: each context's sequence
+        x, mask, u = x[ctxs], mask[ctxs], u[ctxs]
+        return torch.cat([self._readout(h, x, mask, u), u], dim=1)[ctx_of]
+
+    @staticmethod
+    def distinct(batch: Batch, features: set[str], dense: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows with equal inputs `features` (sparse/sequence, by name) and dense columns `dense`:
+        (the first row of each distinct input, U; which one each row has, B). The candidates of
+        one request, or the impressions of one request in the logs, have one user context."""
+        keys = []
+        for kjt in batch.sparse.values():
+            for name, jt in kjt.to_dict().items():
+                if name in features:
+                    ids, _ = padded(jt.values().unsqueeze(1), jt.lengths())
+                    keys += [jt.lengths().long().unsqueeze(1), ids.squeeze(2)]
+        if dense:
+            keys.append(batch.dense[:, dense].contiguous().view(torch.int32).long())  # bitwise equal
+        _, inverse = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)
+        b = inverse.numel()
+        first = torch.full((int(inverse.max()) + 1 if b else 0,), b, dtype=torch.long, device=inverse.device)
+        return first.scatter_reduce(0, inverse, torch.arange(b, device=inverse.device), "amin"), inverse
 
     def item_part(self, vectors: dict[str, torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
         """The candidate's representation, B x item_dim."""
@@ -154,7 +193,8 @@ class DUPN(MultiTaskModel):
     def features(self, batch: Batch) -> torch.Tensor:
         pooled, jagged = self.sparse_arch.lookup(batch.sparse)
         vectors = self.sparse_arch.vectors(pooled, jagged, groups=self.other_groups)
-        return torch.cat([self.user_part(vectors, jagged, batch.dense), self.item_part(vectors, batch.dense)], dim=1)
+        user = self.user_part(vectors, jagged, batch.dense, batch if self.share_user_work else None)
+        return torch.cat([user, self.item_part(vectors, batch.dense)], dim=1)
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: tower(x) for n, tower in self.towers.items()}
