@@ -150,6 +150,17 @@ class TrainConfig(Strict):
         default_factory=SamplingConfig,
         description="Training-time sampling (negative down-sampling, positive over-sampling), deterministic per row.",
     )
+    init_from: str | None = Field(
+        None,
+        description="A cold start's initial weights: a published checkpoint (URL) or a registered version "
+        "(`models:/NAME/N`, `models:/NAME@alias`) of another model. Every tensor whose name and shape match is "
+        "copied (tables, encoder, towers); the rest starts fresh. Warm starts ignore it.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parts of the model whose weights do not train, e.g. `[user]`: DUPN's user representation "
+        "(its encoder, attention, user tower and every table the user side reads, shared tables included).",
+    )
 
 
 RESOURCE_KEYS = {
@@ -357,6 +368,17 @@ class MtrecConfig(_SpecFields):
                     f"`train.sampling` on `{sl}` would skew root task(s) {', '.join(others)}, "
                     "whose scores mtrec cannot correct back; drop the sampling or train those tasks in another model"
                 )
+        parts = self.model.parts
+        for part in self.train.freeze:
+            if part not in parts:
+                raise ValueError(
+                    f"`train.freeze` names `{part}`, which `arch: {self.model.arch}` does not have; "
+                    + (
+                        f"use one of {', '.join(parts)}"
+                        if parts
+                        else "only models with a user part (dupn) can freeze one"
+                    )
+                )
         outputs = self.outputs()
         for m in self.gate.metrics or []:
             if m.partition("/")[0] not in outputs:
@@ -388,7 +410,10 @@ class MtrecConfig(_SpecFields):
         """The `train` keys that change what training computes (learning rates, batch size, seed),
         without the resources it runs on (workers, CPUs, threads, buffers, checkpoint period,
         sharding types: a checkpoint reshards)."""
-        return self.train.model_dump(mode="json", exclude=RESOURCE_KEYS)
+        settings = self.train.model_dump(mode="json", exclude=RESOURCE_KEYS | {"init_from"})  # a start, not a setting
+        if not settings["freeze"]:
+            del settings["freeze"]  # as before the key existed: earlier checkpoints keep their fingerprint
+        return settings
 
     def training_fingerprint(self) -> str:
         """Hash of `training_settings()`: a warm start under another one needs --allow-config-change."""

@@ -362,6 +362,8 @@ class ArchConfig(Strict):
     model_class: ClassVar[str]
     # reads behaviour sequences unpooled (a sequence encoder): their tables go to EmbeddingCollections
     sequence_encoder: ClassVar[bool] = False
+    # parts `train.freeze` may name (the model's `frozen` says what each holds)
+    parts: ClassVar[tuple[str, ...]] = ()
     tower: list[int] = Field(default_factory=lambda: [256, 128, 64], description="Hidden sizes of each task tower.")
     batch_norm: bool = Field(
         False, description="BatchNorm1d after each hidden layer of towers/experts (see docs/bn-consistency.md)."
@@ -479,6 +481,7 @@ class DupnModel(ArchConfig):
     arch: Literal["dupn"] = Field(description="Model architecture.")
     model_class: ClassVar[str] = "mtrec.models.dupn:DUPN"
     sequence_encoder: ClassVar[bool] = True
+    parts: ClassVar[tuple[str, ...]] = ("user",)
     sequence: str | None = Field(
         None, description="The `features.sequences` group the encoder reads; may be omitted when there is one."
     )

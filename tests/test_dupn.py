@@ -263,3 +263,65 @@ def test_rows_of_one_user_context_share_one_user_representation():
     for i in range(rows.num_rows):
         alone = torch.stack([m(conv(rows.slice(i, 1)))[k] for k in ("ctr", "cvr")], 1)
         torch.testing.assert_close(alone, together[i : i + 1], atol=1e-6, rtol=1e-5)
+
+
+def _small_dupn(logs: str, workdir: str, **train) -> dict:
+    d = load_config("dupn", logs=logs, workdir=workdir).model_dump(mode="json")
+    for f in d["features"]["sparse"]:
+        f["hash_size"] = min(f["hash_size"], 5_000)
+    d["model"].update(hidden=16, attention=[8], user_tower=[16], item_tower=[16], tower=[16])
+    d["train"].update(batch_size=256, **train)
+    d["tracking"]["enabled"] = False
+    return d
+
+
+def test_freezing_needs_a_part_the_architecture_has():
+    d = load_config("esmm").model_dump(mode="json")
+    d["train"]["freeze"] = ["user"]
+    with pytest.raises(ConfigError, match="only models with a user part"):
+        parse_config(d)
+    d = load_config("dupn").model_dump(mode="json")
+    d["train"]["freeze"] = ["item"]
+    with pytest.raises(
+        ConfigError, match="`train.freeze` names `item`, which `arch: dupn` does not have; use one of user"
+    ):
+        parse_config(d)
+    # an unset freeze leaves the training fingerprint of earlier checkpoints as it was
+    assert "freeze" not in load_config("dupn").training_settings()
+
+
+def test_a_new_task_starts_from_dupns_weights_and_a_frozen_user_part_stays(seq_world, tmp_path):
+    """Representation transfer: a model of another task (add-to-cart) reads every tensor of a
+    trained DUPN that fits it; with `freeze: [user]` training leaves the encoder, attention, user
+    tower and the user side's tables exactly as transferred, and trains the rest."""
+    from mtrec.train import checkpoint as ck
+    from mtrec.train.local import build_sharded, train_days
+
+    logs, day1, day2 = seq_world
+    src = parse_config(_small_dupn(logs, str(tmp_path / "w")))
+    res = train_days(src, [day1])
+    url = str(tmp_path / "dupn")
+    ck.save(res.dmp, res.optimizer, url, ck.spec_manifest(src))
+    d = _small_dupn(logs, str(tmp_path / "w"), freeze=["user"])
+    d.update(name="cart", tasks=[{"name": "cart", "label": "daction"}])
+    new = parse_config(d)
+    dmp, opt = build_sharded(new)
+    read = ck.load_matching(dmp, url)
+    assert "model.towers.cart.out.weight" not in read and "model.towers.ctr.out.weight" not in read
+    assert {"model.encoder.weight_ih_l0", "model.user_tower.0.weight", "model.item_tower.0.weight"} <= set(read)
+    start = str(tmp_path / "start")
+    ck.save(dmp, opt, start, ck.spec_manifest(new))
+    train_days(new, [day2], dmp=dmp, optimizer=opt)
+    end = str(tmp_path / "end")
+    ck.save(dmp, opt, end, ck.spec_manifest(new))
+    source, before, after = ck.read_full(url), ck.read_full(start), ck.read_full(end)
+    prefixes, tables = dmp.module.model.frozen("user")
+    assert {"user_id", "item_id", "hist_behavior"} <= set(tables) and "shop" not in tables
+    for k, v in after.items():
+        if not k.startswith("model.model."):
+            continue
+        name = k.removeprefix("model.model.")
+        frozen = name.startswith(tuple(prefixes)) or (name.startswith("sparse_arch.") and name.split(".")[-2] in tables)
+        if name.startswith(("encoder.", "sparse_arch.")) or frozen:
+            assert torch.equal(before[k], source[k]), f"{name} was not transferred"
+        assert torch.equal(v, before[k]) == frozen, f"{name}: frozen {frozen}"

@@ -12,6 +12,16 @@ def add(sub, abbrev: bool = True) -> None:
     add_common(p, date=False)
     p.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
     p.add_argument("--to", dest="end", required=True, help="last day (inclusive), YYYY-MM-DD")
+    p.add_argument(
+        "--init-from",
+        help="start from another model's weights: a published checkpoint URL or models:/NAME@alias (or /N); "
+        "every tensor of the same name and shape is copied (overrides train.init_from)",
+    )
+    p.add_argument(
+        "--freeze",
+        help="comma-separated parts whose weights do not train, e.g. user (DUPN's user representation; "
+        "overrides train.freeze)",
+    )
     add_train_flags(p)
     p.set_defaults(run=run)
 
@@ -20,5 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from mtrec.jobs.retrain import run_train
 
     cfg = train_cfg(args)
+    start = {"init_from": args.init_from, "freeze": args.freeze.split(",") if args.freeze else None}
+    start = {k: v for k, v in start.items() if v is not None}
+    cfg = cfg.with_train(**start) if start else cfg
     run_train(cfg, day(args, cfg, "--from", args.start), day(args, cfg, "--to", args.end), run_options(args))
     return 0

@@ -51,6 +51,7 @@ class JobPlan:
     checkpoint: str  # where it is published (dt=<last day>)
     manifest: Manifest = field(default_factory=Manifest)  # the entries known before training
     started: float = field(default_factory=time.time)  # when planning began: the job's wall time includes validation
+    init_from: str | None = None  # a cold start's initial weights: another model's checkpoint (`train.init_from`)
 
     @property
     def end(self) -> dt.date:

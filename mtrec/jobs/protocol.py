@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -154,6 +155,7 @@ def job_id(
     parent: str | None,
     parent_manifest: dict | None,
     files: list[DataFile],
+    init_from: str | None = None,
 ) -> str:
     """What makes two runs the same job (so one may resume the other's intra-day checkpoint): the
     kind, days, parent checkpoint (and when it was written), the files (URL and size) and the
@@ -167,6 +169,8 @@ def job_id(
         "model": cfg.fingerprint(),
         "training": cfg.training_fingerprint(),
     }
+    if init_from:
+        key["init_from"] = init_from
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -185,6 +189,38 @@ def preflight(
         check_day(cfg.spec, cfg.job.logs, day)
     if parent:
         checkpoint.check_compatible(checkpoint.read_manifest(parent), parent, cfg, allow_config_change)
+    else:
+        resolve_init(cfg)
+
+
+def resolve_init(cfg: MtrecConfig) -> str | None:
+    """`train.init_from` as the URL of a published checkpoint: a registered version
+    (`models:/NAME/N`, `models:/NAME@alias`) is its `mtrec.checkpoint` tag.
+
+    Raises:
+        ConfigError: a models:/ URI that names no registered mtrec version.
+        CheckpointError: the checkpoint is not published.
+    """
+    src = cfg.train.init_from
+    if not src:
+        return None
+    url = src
+    if src.startswith("models:/"):
+        from mtrec.tracking import Tracker
+
+        m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", src)
+        if not m:
+            raise ConfigError(f"`train.init_from` is {src}; a registered model is models:/NAME/N or models:/NAME@alias")
+        tracker = Tracker(cfg.model_copy(update={"name": m.group(1)}))
+        v = tracker.version(m.group(2)) if m.group(2) else tracker.alias(m.group(3))
+        if v is None or not v.checkpoint:
+            raise ConfigError(
+                f"`train.init_from` {src} names no registered mtrec version with a checkpoint in {tracker.uri}; "
+                "pass a published checkpoint's URL instead"
+            )
+        url = v.checkpoint
+    checkpoint.read_manifest(url)  # published, or one line saying it is not
+    return url
 
 
 def plan_job(
@@ -210,7 +246,8 @@ def plan_job(
         files += list_day_files(cfg.job.logs, day)
         log.info(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
     end = days[-1]
-    jid = job_id(cfg, kind, days, parent, parent_manifest, files)
+    init = None if parent else resolve_init(cfg)
+    jid = job_id(cfg, kind, days, parent, parent_manifest, files, init)
     done = Position()
     partial = checkpoint.latest_partial(cfg, end)
     if partial and partial[1].get("job_id") == jid:
@@ -235,6 +272,7 @@ def plan_job(
         "parent": parent,
         "parent_date": (parent_manifest or {}).get("date"),
         "parent_run_id": (parent_manifest or {}).get("mlflow_run_id"),
+        "init_from": init,
         "job_id": jid,
         "config_fingerprint": cfg.fingerprint(),
         "training_fingerprint": cfg.training_fingerprint(),
@@ -257,6 +295,7 @@ def plan_job(
         checkpoint=checkpoint.checkpoint_url(cfg, end),
         manifest=manifest,
         started=started,
+        init_from=init,
     )
 
 
@@ -480,6 +519,7 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         run=plan.run,
         day=plan.end.isoformat(),
         parent=plan.parent,
+        init_from=plan.init_from,
         staging=plan.staged,
         expected_rows=plan.expected_rows,
         allow_config_change=opts.allow_config_change,

@@ -50,6 +50,11 @@ class MultiTaskModel(nn.Module):
         self.bias_tasks = (st.apply_to or roots[:1]) if st is not None else []
         self.score_offsets: dict[str, float] = {}  # task -> log-odds added by training-time sampling (`build_model`)
 
+    def frozen(self, part: str) -> tuple[list[str], list[str]]:
+        """What `train.freeze: [part]` fixes: (prefixes of the dense parameters' names in this
+        module, embedding tables by name). Architectures with parts (`ArchConfig.parts`) say."""
+        raise KeyError(part)
+
     def features(self, batch: Batch) -> torch.Tensor:
         return self.sparse_arch(batch.sparse, batch.dense)  # B x D
 

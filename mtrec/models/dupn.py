@@ -84,6 +84,8 @@ class DUPN(MultiTaskModel):
         self.pooled_group_features = [x.name for g in f.sequences if g.name != group.name for x in g.features]
         self._sequence_inputs = {x.name for x in group.features}
         self._user_inputs = {*self.user_sparse, *self.pooled_group_features, *self._sequence_inputs}
+        by_name = {x.name: x for x in f.embedded()}
+        self._user_tables = sorted({f.table_of(by_name[n]).name for n in self._user_inputs})
         dense = [x.name for x in f.dense]
         self.user_dense = [i for i, n in enumerate(dense) if n in user]
         self.item_dense = [i for i, n in enumerate(dense) if n not in user]
@@ -112,6 +114,14 @@ class DUPN(MultiTaskModel):
         self.user_dim = m.hidden + (behaviour_dim if m.with_behaviours else 0) + self.user_tower.out_dim
         head_in = self.user_dim + self.item_tower.out_dim
         self.towers = nn.ModuleDict({n: Tower(head_in, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
+
+    def frozen(self, part: str) -> tuple[list[str], list[str]]:
+        """`user`: the encoder, the attention, the user tower and every table the user side reads
+        (a table shared with the candidate, e.g. item_id, too: the representation stays exactly
+        what was transferred)."""
+        if part != "user":
+            raise KeyError(part)
+        return ["encoder.", "attention.", "user_tower."], self._user_tables
 
     # ---- the two halves ------------------------------------------------------------------------
     def _states(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -457,6 +457,44 @@ def load(
     return manifest
 
 
+def load_matching(dmp: nn.Module, url: str, pg: dist.ProcessGroup | None = None) -> list[str]:
+    """Initialise `dmp` from another model's published checkpoint: every model tensor whose name
+    and shape match is read (resharded to this plan); the others, and the optimizers, stay as
+    they are. The names of the tensors read, sorted.
+
+    Raises:
+        CheckpointError: not published, damaged, or sharing no tensor with this model.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_manifest(url)  # published
+    meta = dcp_reader(url).read_metadata().state_dict_metadata
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ShardedTensor's deprecation, on every table
+        want = {
+            k: v
+            for k, v in dmp.state_dict().items()
+            if f"model.{k}" in meta and tuple(getattr(meta[f"model.{k}"], "size", ())) == tuple(v.size())
+        }
+    if not want:
+        raise CheckpointError(
+            f"{url} shares no tensor (same name and shape) with this model; "
+            "init from a checkpoint of the same architecture and features"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            dcp.load({"model": want}, storage_reader=dcp_reader(url), process_group=pg)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(
+            f"{url}: the checkpoint's shards cannot be read ({str(e)[:160]}); it is damaged"
+        ) from None
+    names = sorted(want)  # before load_state_dict: DMP prefixes the keys it is given in place
+    dmp.load_state_dict(want, strict=False)
+    return names
+
+
 def published_days(cfg: MtrecConfig) -> list[dt.date]:
     """Days with a published checkpoint (a `_SUCCESS` marker) for this model, oldest first."""
     fs, root = filesystem(checkpoint_root(cfg))

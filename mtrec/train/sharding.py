@@ -84,6 +84,7 @@ def shard(
     constraints = {name: ParameterConstraints(sharding_types=types) for name in cfg.features.tables()}
     eo = cfg.train.embedding_optimizer
     fused = {"optimizer": _FUSED[eo.name], "learning_rate": eo.lr}
+    freeze(module, cfg)
     # pooled tables and the unpooled ones sequences read (mtrec.models.sparse_arch), one planner
     sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
     with warnings.catch_warnings():
@@ -94,6 +95,21 @@ def shard(
         plan = planner.collective_plan(module, sharders, pg)
         dmp = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
     return dmp, plan
+
+
+def freeze(module: nn.Module, cfg: MtrecConfig) -> None:
+    """`train.freeze` on the unsharded module (a MultiTaskTrain, tables on meta): its dense
+    parameters stop requiring gradients (the dense optimizer leaves them out) and its tables train
+    with a learning rate of 0 (a per-table fused parameter: FBGEMM has no frozen table)."""
+    model = module.model
+    for part in cfg.train.freeze:
+        prefixes, tables = model.frozen(part)
+        for name, p in model.named_parameters():
+            if name.startswith("sparse_arch."):
+                if name.rsplit(".", 2)[-2] in tables:
+                    p._optimizer_kwargs = [{"learning_rate": 0.0}]  # read by TorchRec's sharders
+            elif name.startswith(tuple(prefixes)):
+                p.requires_grad_(False)
 
 
 def dense_optimizer(dmp: DistributedModelParallel, cfg: MtrecConfig) -> torch.optim.Optimizer:

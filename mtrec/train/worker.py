@@ -136,6 +136,7 @@ class WorkerJob:
     collector: Any = None  # the RunCollector actor the workers report to
     log_every: int = 50
     kill: str | None = None  # fault drill: MTREC_KILL_WORKER
+    init_from: str | None = None  # a cold start's initial weights (another model's checkpoint)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -189,6 +190,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.get(collector.started.remote({"checkpoint": partial[0], "step": start_step, "rows": done.rows}))
     elif job.parent:
         checkpoint.load(dmp, optimizer, job.parent, cfg, allow_config_change=job.allow_config_change)
+    elif job.init_from:  # another model's tensors that fit (the manifest names the source)
+        checkpoint.load_matching(dmp, job.init_from)
     setup_s = time.perf_counter() - t0
     mark("model_ready")
 
