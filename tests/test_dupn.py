@@ -179,7 +179,9 @@ def test_dupn_trains_on_two_workers_warm_starts_on_one_and_its_champion_scores_a
 ):
     """train (2 workers, column_wise) -> nightly (1 worker, table_wise, warm start from the
     2-worker checkpoint) -> promote (BN statistics checked on day 3) -> the champion, loaded with
-    plain mlflow, scores one user's request of 100 candidates as it scores each candidate alone."""
+    plain mlflow, scores one user's request of 100 candidates as it scores each candidate alone
+    -> a model of another task starts from the champion (`models:/...@champion`) with its user
+    part frozen."""
     import mlflow
     import pandas as pd
 
@@ -233,6 +235,19 @@ def test_dupn_trains_on_two_workers_warm_starts_on_one_and_its_champion_scores_a
     assert ((scores.to_numpy() > 0) & (scores.to_numpy() < 1)).all()
     alone = pd.concat([model.predict(request.iloc[[i]]) for i in (0, 37, 99)])
     assert np.abs(alone.to_numpy() - scores.iloc[[0, 37, 99]].to_numpy()).max() < 1e-6
+
+    # a new task (add-to-cart) starts from the champion's user part, frozen, on 2 workers
+    d = cfg.model_dump(mode="json")
+    d.update(name="cart", tasks=[{"name": "cart", "label": "daction"}])
+    d["model"]["batch_norm"] = False
+    cart = parse_config(d).with_train(init_from=uri, freeze=["user"])
+    s3 = run_train(cart, day3, day3)
+    assert ck.read_manifest(s3.checkpoint)["init_from"] == s2.checkpoint
+    source, after = ck.read_full(s2.checkpoint), ck.read_full(s3.checkpoint)
+    for k in ("model.model.encoder.weight_hh_l0", "model.model.sparse_arch.ebc.embedding_bags.user_id.weight"):
+        assert torch.equal(after[k], source[k]), k  # transferred and frozen
+    k = "model.model.sparse_arch.ebc.embedding_bags.shop.weight"
+    assert not torch.equal(after[k], source[k])  # transferred, then trained
 
 
 def test_rows_of_one_user_context_share_one_user_representation():
