@@ -442,7 +442,7 @@ class MtrecConfig(_SpecFields):
 
 
 def example_path(name: str) -> Path:
-    """Path of a shipped example config (``esmm``, ``esm2``, ``mmoe``)."""
+    """Path of a shipped example config (`EXAMPLES`: ``esmm``, ``esm2``, ``mmoe``, ``esmm_seq``, ``dupn``)."""
     return Path(str(resources.files("mtrec.configs").joinpath(f"{name}.yaml")))
 
 

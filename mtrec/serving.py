@@ -162,6 +162,29 @@ class ServedModel:
                 parts[k].append((torch.expm1(v) if k in self._expm1 else v).numpy())
         return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.float32) for k, v in parts.items()}
 
+    @torch.no_grad()
+    def user_representations(self, batch: pa.Table | pa.RecordBatch) -> np.ndarray:
+        """The user representation of each of N rows (N x D float32): the user part of a model
+        that has one (DUPN), which no candidate feature reaches.
+
+        Raises:
+            MtrecError: the model has no user part, or a column is missing or mistyped.
+        """
+        from mtrec.data.batch import BatchConverter
+
+        if not hasattr(self.model, "user_part"):
+            raise MtrecError(
+                f"{self.spec.name} (arch {self.spec.model.arch}) has no user representation; only dupn models have one"
+            )
+        self._check(batch.schema.names)
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        b = BatchConverter(self.spec)(self._typed(batch), with_bias=False, with_labels=False)
+        m = self.model
+        pooled, jagged = m.sparse_arch.lookup(b.sparse)
+        vectors = m.sparse_arch.vectors(pooled, jagged, groups=m.other_groups)
+        return m.user_part(vectors, jagged, b.dense, b).float().numpy()
+
     def predict_pandas(self, df):
         """A pandas DataFrame of raw feature columns -> a DataFrame with one column per output."""
         import pandas as pd

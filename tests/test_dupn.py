@@ -236,6 +236,23 @@ def test_dupn_trains_on_two_workers_warm_starts_on_one_and_its_champion_scores_a
     alone = pd.concat([model.predict(request.iloc[[i]]) for i in (0, 37, 99)])
     assert np.abs(alone.to_numpy() - scores.iloc[[0, 37, 99]].to_numpy()).max() < 1e-6
 
+    # the day's user representations, one row per user: their last row's user part
+    from mtrec.jobs.predict import predict_to_parquet
+
+    users_out = str(tmp_path / "users.parquet")
+    done = predict_to_parquet(uri, logs, day3, str(tmp_path / "scores.parquet"), users_out)
+    reps = pd.read_parquet(users_out)
+    assert done["users"] == len(reps) == day["user_id"].nunique()
+    last = day.drop_duplicates("user_id", keep="last").set_index("user_id")
+    from mtrec.tracking import load_served
+
+    served = load_served(uri)
+    some = reps.iloc[[0, len(reps) // 2, -1]]
+    for u, as_of, rep in zip(some["user_id"], some["as_of"], some["representation"], strict=True):
+        assert int(as_of) == last.loc[u, "row_id"] and len(rep) == 16 + 16 + 44  # readout (states, behaviours), u
+    want = served.user_representations(pa.Table.from_pandas(last.loc[some["user_id"]].reset_index()))
+    np.testing.assert_allclose(np.stack(some["representation"].to_numpy()), want, atol=1e-6)
+
     # a new task (add-to-cart) starts from the champion's user part, frozen, on 2 workers
     d = cfg.model_dump(mode="json")
     d.update(name="cart", tasks=[{"name": "cart", "label": "daction"}])
@@ -288,6 +305,19 @@ def _small_dupn(logs: str, workdir: str, **train) -> dict:
     d["train"].update(batch_size=256, **train)
     d["tracking"]["enabled"] = False
     return d
+
+
+def test_only_a_model_with_a_user_part_has_user_representations():
+    from mtrec.errors import MtrecError
+    from mtrec.serving import ServedModel
+
+    d = load_config("esmm").model_dump(mode="json")
+    for f in d["features"]["sparse"]:
+        f["hash_size"] = min(f["hash_size"], 100)
+    spec = parse_config(d).spec
+    served = ServedModel(spec, build_model(spec.serving(), "cpu").state_dict())
+    with pytest.raises(MtrecError, match="has no user representation; only dupn models have one"):
+        served.user_representations(pa.table({}))
 
 
 def test_freezing_needs_a_part_the_architecture_has():

@@ -12,7 +12,7 @@ def add_common(p: argparse.ArgumentParser, date: bool = True) -> None:
     p.add_argument(
         "--config",
         default="esmm",
-        help="YAML config path/URL, or a shipped example: esmm, esm2, mmoe, esmm_seq (default: esmm)",
+        help="YAML config path/URL, or a shipped example: esmm, esm2, mmoe, esmm_seq, dupn (default: esmm)",
     )
     p.add_argument("--logs", help="logs root URL (overrides job.logs)")
     p.add_argument("--workdir", help="work dir URL: quarantine, checkpoints, MLflow store (overrides job.workdir)")

@@ -20,6 +20,12 @@ def add(sub, abbrev: bool = True) -> None:
         help="MLflow model URI, e.g. models:/esmm_synth@champion, models:/esmm_synth/3, runs:/<id>/model",
     )
     p.add_argument("--out", required=True, help="Parquet file to write (path or fsspec URL)")
+    p.add_argument(
+        "--user-representations",
+        metavar="PATH",
+        help="also write each user's representation at their last row of the day, one row per user "
+        "(user_id, as_of, representation), to this Parquet file (models with a user part: dupn)",
+    )
     p.set_defaults(run=run)
 
 
@@ -30,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
     d = day(args, cfg)
     tracking_env(cfg)
     log.info(f"mtrec predict: {args.model} on {cfg.job.logs} dt={d} -> {args.out}")
-    out = predict_to_parquet(args.model, cfg.job.logs, d, args.out)
+    out = predict_to_parquet(args.model, cfg.job.logs, d, args.out, args.user_representations)
     log.info(
         f"wrote {out['rows']:,} rows from {out['files']} file(s) to {out['out']} in {out['seconds']:.1f}s "
         f"(columns: {', '.join(out['columns'])})"
+        + (f"; {out['users']:,} users' representations to {args.user_representations}" if "users" in out else "")
     )
     return 0

@@ -20,16 +20,18 @@ import pyarrow.parquet as pq
 
 from mtrec.data.io import filesystem, list_day_files
 from mtrec.data.validate import iter_file_batches, read_schema
-from mtrec.errors import DataValidationError
+from mtrec.errors import DataValidationError, MtrecError
 
 log = logging.getLogger(__name__)
 
 
-def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str) -> dict:
-    """Score every row of `day` under `logs` with `model_uri` into the Parquet file `out`.
+def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_out: str | None = None) -> dict:
+    """Score every row of `day` under `logs` with `model_uri` into the Parquet file `out`; with
+    `users_out`, also each user's representation at their last row of the day (a model with a
+    user part: DUPN), one row per user, into that Parquet file.
 
     Returns:
-        dict: {"rows", "files", "seconds", "out", "columns"}.
+        dict: {"rows", "files", "seconds", "out", "columns"} (and "users" with `users_out`).
     Raises:
         DataValidationError: no logs for the day, or a file lacks a feature column the model reads.
         TrackingError: the model cannot be loaded.
@@ -60,12 +62,18 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str) -> dic
         fs.makedirs(parent, exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     rows = 0
+    latest: dict = {}  # user id -> (row id, representation) of their last row so far
+    if users_out and not hasattr(served.model, "user_part"):
+        raise MtrecError(
+            f"--user-representations: {model_uri} (arch {served.spec.model.arch}) has no user representation; "
+            "only dupn models have one"
+        )
     try:
         with fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema) as writer:
             for f in files:
                 ordinal = 0
                 cols = served.columns + (["row_id"] if has_row_id else [])
-                for rb in iter_file_batches(f, columns=cols):
+                for rb in iter_file_batches(f, columns=list(dict.fromkeys(cols + (["user_id"] if users_out else [])))):
                     scores = served.predict(rb)
                     n = rb.num_rows
                     ids = (
@@ -79,13 +87,47 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str) -> dic
                     writer.write_table(
                         pa.Table.from_arrays(ids + [pa.array(scores[k]) for k in served.outputs], schema=schema)
                     )
+                    if users_out:
+                        reps = served.user_representations(rb)
+                        for u, r, v in zip(rb.column("user_id").to_pylist(), ids[-1].to_pylist(), reps, strict=True):
+                            latest[u] = (r if has_row_id else f"{f.name}:{r}", v)
                     ordinal += n
                     rows += n
                 log.info(f"  scored {f.name}: {ordinal:,} rows")
+        if users_out:
+            _write_users(latest, users_out)
         if fs.exists(path):
             fs.rm(path)
         fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
-    return {"rows": rows, "files": len(files), "seconds": time.perf_counter() - t0, "out": out, "columns": schema.names}
+    done = {"rows": rows, "files": len(files), "seconds": time.perf_counter() - t0, "out": out, "columns": schema.names}
+    return {**done, "users": len(latest)} if users_out else done
+
+
+def _write_users(latest: dict, out: str) -> None:
+    """One row per user: `user_id`, `as_of` (the row whose context it is) and `representation`
+    (list<float>), written beside `out` and moved into place."""
+    users = list(latest)
+    table = pa.table(
+        {
+            "user_id": pa.array(users),
+            "as_of": pa.array([str(latest[u][0]) for u in users], pa.string()),
+            "representation": pa.array([latest[u][1].tolist() for u in users], pa.list_(pa.float32())),
+        }
+    )
+    fs, path = filesystem(out)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+        if fs.exists(path):
+            fs.rm(path)
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
