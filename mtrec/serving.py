@@ -172,7 +172,7 @@ class ServedModel:
         """
         from mtrec.data.batch import BatchConverter
 
-        if not hasattr(self.model, "user_part"):
+        if not hasattr(self.model, "user_representation"):
             raise MtrecError(
                 f"{self.spec.name} (arch {self.spec.model.arch}) has no user representation; only dupn models have one"
             )
@@ -180,10 +180,7 @@ class ServedModel:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         b = BatchConverter(self.spec)(self._typed(batch), with_bias=False, with_labels=False)
-        m = self.model
-        pooled, jagged = m.sparse_arch.lookup(b.sparse)
-        vectors = m.sparse_arch.vectors(pooled, jagged, groups=m.other_groups)
-        return m.user_part(vectors, jagged, b.dense, b).float().numpy()
+        return self.model.user_representation(b).float().numpy()
 
     def predict_pandas(self, df):
         """A pandas DataFrame of raw feature columns -> a DataFrame with one column per output."""

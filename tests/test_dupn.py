@@ -147,15 +147,11 @@ def test_the_user_part_never_reads_the_candidate():
     same = dict(user_id=pa.array([3] * n, pa.int64()), price=pa.array([2.0] * n, pa.float32()))
     b = conv(_rows([[5, 6, 7]] * n, [[1, 2, 1]] * n, item_id=pa.array([10, 11, 12, 13], pa.int64()), **same))
 
-    def user(batch):
-        pooled, jagged = m.sparse_arch.lookup(batch.sparse)
-        return m.user_part(m.sparse_arch.vectors(pooled, jagged, groups=[]), jagged, batch.dense)
-
-    u = user(b)
+    u = m.user_representation(b)
     assert u.shape == (n, m.user_dim) and torch.allclose(u, u[:1].expand(n, -1))
     assert m(b)["ctr"].unique().numel() == n  # the candidates are told apart by the item part
     other = conv(_rows([[9, 9]] * n, [[3, 3]] * n, item_id=pa.array([10, 11, 12, 13], pa.int64()), **same))
-    assert not torch.allclose(user(other), u)
+    assert not torch.allclose(m.user_representation(other), u)
 
 
 # ---- the job path ------------------------------------------------------------------------------

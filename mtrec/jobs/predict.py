@@ -9,10 +9,13 @@ beside its destination and moved into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -56,20 +59,15 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_
         [pa.field("row_id", pa.int64())] if has_row_id else [pa.field("file", pa.string()), pa.field("row", pa.int64())]
     )
     schema = pa.schema(id_fields + [pa.field(k, pa.float32()) for k in served.outputs])
-    fs, path = filesystem(out)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     rows = 0
     latest: dict = {}  # user id -> (row id, representation) of their last row so far
-    if users_out and not hasattr(served.model, "user_part"):
+    if users_out and not hasattr(served.model, "user_representation"):
         raise MtrecError(
             f"--user-representations: {model_uri} (arch {served.spec.model.arch}) has no user representation; "
             "only dupn models have one"
         )
-    try:
-        with fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema) as writer:
+    with _whole_file(out) as fh:
+        with pq.ParquetWriter(fh, schema) as writer:
             for f in files:
                 ordinal = 0
                 cols = served.columns + (["row_id"] if has_row_id else [])
@@ -94,14 +92,8 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_
                     ordinal += n
                     rows += n
                 log.info(f"  scored {f.name}: {ordinal:,} rows")
-        if users_out:
+        if users_out:  # written before the scores are moved into place
             _write_users(latest, users_out)
-        if fs.exists(path):
-            fs.rm(path)
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
     done = {"rows": rows, "files": len(files), "seconds": time.perf_counter() - t0, "out": out, "columns": schema.names}
     return {**done, "users": len(latest)} if users_out else done
 
@@ -117,6 +109,14 @@ def _write_users(latest: dict, out: str) -> None:
             "representation": pa.array([latest[u][1].tolist() for u in users], pa.list_(pa.float32())),
         }
     )
+    with _whole_file(out) as fh:
+        pq.write_table(table, fh)
+
+
+@contextlib.contextmanager
+def _whole_file(out: str) -> Iterator[IO[bytes]]:
+    """A file written beside `out` and moved into place when the block ends without an error, so
+    `out` appears complete or not at all (an earlier file there is replaced)."""
     fs, path = filesystem(out)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
@@ -124,7 +124,7 @@ def _write_users(latest: dict, out: str) -> None:
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
+            yield fh
         if fs.exists(path):
             fs.rm(path)
         fs.mv(tmp, path)

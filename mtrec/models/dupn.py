@@ -152,22 +152,18 @@ class DUPN(MultiTaskModel):
         return torch.einsum("bl,blh->bh", weight, h)
 
     def user_part(
-        self,
-        vectors: dict[str, torch.Tensor],
-        jagged: dict[str, JaggedTensor],
-        dense: torch.Tensor,
-        batch: Batch | None = None,
+        self, vectors: dict[str, torch.Tensor], jagged: dict[str, JaggedTensor], batch: Batch
     ) -> torch.Tensor:
-        """The user representation, [readout of the sequence, user tower], B x user_dim. Given the
-        `batch` (whose inputs `vectors`, `jagged` and `dense` are), rows with equal inputs share
-        the work: the encoder runs once per distinct sequence, the readout once per distinct user
-        context (`distinct`)."""
+        """The user representation, [readout of the sequence, user tower], B x user_dim, from the
+        batch's embeddings (`_embed`). With `share_user_work`, rows with equal user-side inputs
+        share the work: the encoder runs once per distinct sequence, the readout once per
+        distinct user context (`distinct`)."""
         parts = [vectors[n] for n in [*self.user_sparse, *self.pooled_group_features]]
         if self.user_dense:
-            parts.append(dense[:, self.user_dense])
+            parts.append(batch.dense[:, self.user_dense])
         u = self.user_tower(torch.cat(parts, dim=1))  # every row: BatchNorm sees the batch it always saw
         x, mask = padded(*self.sparse_arch.sequences(jagged)[self.group])
-        if batch is None:
+        if not self.share_user_work:
             return torch.cat([self._readout(self._states(x, mask), x, mask, u), u], dim=1)
         seqs, seq_of = self.distinct(batch, self._sequence_inputs)
         ctxs, ctx_of = self.distinct(batch, self._user_inputs, self.user_dense)
@@ -200,11 +196,18 @@ class DUPN(MultiTaskModel):
             parts.append(dense[:, self.item_dense])
         return self.item_tower(torch.cat(parts, dim=1))
 
-    def features(self, batch: Batch) -> torch.Tensor:
+    def _embed(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]:
+        """(B x dim per sparse feature and pooled group feature; the jagged lookups)."""
         pooled, jagged = self.sparse_arch.lookup(batch.sparse)
-        vectors = self.sparse_arch.vectors(pooled, jagged, groups=self.other_groups)
-        user = self.user_part(vectors, jagged, batch.dense, batch if self.share_user_work else None)
-        return torch.cat([user, self.item_part(vectors, batch.dense)], dim=1)
+        return self.sparse_arch.vectors(pooled, jagged, groups=self.other_groups), jagged
+
+    def user_representation(self, batch: Batch) -> torch.Tensor:
+        """B x user_dim: the part of the model no candidate feature reaches (serving, export)."""
+        return self.user_part(*self._embed(batch), batch)
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        vectors, jagged = self._embed(batch)
+        return torch.cat([self.user_part(vectors, jagged, batch), self.item_part(vectors, batch.dense)], dim=1)
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: tower(x) for n, tower in self.towers.items()}
