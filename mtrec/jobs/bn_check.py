@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +39,15 @@ def _source(
             "--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`"
         )
     if model_uri:
-        from mtrec.tracking import Tracker, load_served
+        from mtrec.tracking import load_served
+        from mtrec.tracking.client import REGISTERED, registered_version
 
-        m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
         info = {"name": cfg.name, "date": "", "checkpoint": "", "version": ""}
-        if m and cfg.tracking.enabled:
-            tracker = Tracker(cfg.model_copy(update={"name": m.group(1)}))
-            v = tracker.version(m.group(2)) if m.group(2) else tracker.alias(m.group(3))
+        if cfg.tracking.enabled:
+            v = registered_version(cfg, model_uri)
             if v is not None:
                 info = {
-                    "name": m.group(1),
+                    "name": REGISTERED.fullmatch(model_uri).group(1),
                     "date": v.date.isoformat(),
                     "checkpoint": v.checkpoint,
                     "version": v.version,

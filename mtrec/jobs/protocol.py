@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 
@@ -206,17 +205,13 @@ def resolve_init(cfg: MtrecConfig) -> str | None:
         return None
     url = src
     if src.startswith("models:/"):
-        from mtrec.tracking import Tracker
+        from mtrec.tracking import registered_version, tracking_uri
 
-        m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", src)
-        if not m:
-            raise ConfigError(f"`train.init_from` is {src}; a registered model is models:/NAME/N or models:/NAME@alias")
-        tracker = Tracker(cfg.model_copy(update={"name": m.group(1)}))
-        v = tracker.version(m.group(2)) if m.group(2) else tracker.alias(m.group(3))
+        v = registered_version(cfg, src)
         if v is None or not v.checkpoint:
             raise ConfigError(
-                f"`train.init_from` {src} names no registered mtrec version with a checkpoint in {tracker.uri}; "
-                "pass a published checkpoint's URL instead"
+                f"`train.init_from` {src} names no registered mtrec version with a checkpoint in {tracking_uri(cfg)} "
+                "(models:/NAME/N or models:/NAME@alias); pass a published checkpoint's URL instead"
             )
         url = v.checkpoint
     checkpoint.read_manifest(url)  # published, or one line saying it is not

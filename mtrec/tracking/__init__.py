@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         VersionInfo,
         flatten,
         quiet_mlflow,
+        registered_version,
         tracking_uri,
     )
     from mtrec.tracking.gate import GateDecision, compare, gate_slice, models_uri, promote, seen_until
@@ -57,6 +58,7 @@ _LAZY = {
     "VersionInfo": "client",
     "flatten": "client",
     "quiet_mlflow": "client",
+    "registered_version": "client",
     "tracking_uri": "client",
     "GateDecision": "gate",
     "compare": "gate",
@@ -102,6 +104,7 @@ __all__ = [
     "quiet_mlflow",
     "record_bn",
     "record_job",
+    "registered_version",
     "seen_until",
     "tracking_uri",
 ]

@@ -419,6 +419,23 @@ class Tracker:
         return _info(mv)
 
 
+REGISTERED = re.compile(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))")  # models:/NAME/N or models:/NAME@alias
+
+
+def registered_version(cfg: MtrecConfig, model_uri: str) -> VersionInfo | None:
+    """The mtrec version a `models:/NAME/N` or `models:/NAME@alias` URI names, in `cfg`'s tracking
+    store (None: another kind of URI, or an alias that is not set).
+
+    Raises:
+        TrackingError: no such version, or one an mtrec job did not register.
+    """
+    m = REGISTERED.fullmatch(model_uri)
+    if not m:
+        return None
+    tracker = Tracker(cfg.model_copy(update={"name": m.group(1)}))
+    return tracker.version(m.group(2)) if m.group(2) else tracker.alias(m.group(3))
+
+
 def _info(mv) -> VersionInfo:
     tags = dict(mv.tags or {})
     if "mtrec.date" not in tags:
