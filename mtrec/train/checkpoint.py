@@ -423,7 +423,6 @@ def load(
             settings (unless `allow_config_change`), or damaged shards.
     """
     import torch
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     manifest = read_manifest(url)
@@ -437,17 +436,9 @@ def load(
                 for k, m in meta.items()
                 if k.startswith("dense_optimizer.")
             }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            dcp.load(state, storage_reader=dcp_reader(url), process_group=pg)
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        # the root, not DCP's wrapper
-        cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0])
-        raise CheckpointError(
-            f"{url}: the checkpoint's shards cannot be read ({cause[:160]}); "
-            "it is damaged - rerun the job that wrote it"
-        ) from None
+        raise _unreadable(url, e) from None
+    _dcp_read(state, url, pg)
     dmp.load_state_dict(state["model"])
     if optimizer is not None:
         fused = dmp.fused_optimizer.state_dict()
@@ -465,9 +456,6 @@ def load_matching(dmp: nn.Module, url: str, pg: dist.ProcessGroup | None = None)
     Raises:
         CheckpointError: not published, damaged, or sharing no tensor with this model.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
     read_manifest(url)  # published
     meta = dcp_reader(url).read_metadata().state_dict_metadata
     with warnings.catch_warnings():
@@ -482,17 +470,32 @@ def load_matching(dmp: nn.Module, url: str, pg: dist.ProcessGroup | None = None)
             f"{url} shares no tensor (same name and shape) with this model; "
             "init from a checkpoint of the same architecture and features"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            dcp.load({"model": want}, storage_reader=dcp_reader(url), process_group=pg)
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(
-            f"{url}: the checkpoint's shards cannot be read ({str(e)[:160]}); it is damaged"
-        ) from None
+    _dcp_read({"model": want}, url, pg)
     names = sorted(want)  # before load_state_dict: DMP prefixes the keys it is given in place
     dmp.load_state_dict(want, strict=False)
     return names
+
+
+def _dcp_read(state: dict, url: str, pg: dist.ProcessGroup | None) -> None:
+    """DCP's load of `state` (in place, resharded to its tensors) from the checkpoint at `url`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            dcp.load(state, storage_reader=dcp_reader(url), process_group=pg)
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise _unreadable(url, e) from None
+
+
+def _unreadable(url: str, e: BaseException) -> CheckpointError:
+    """The one-line error of shards that cannot be read, naming the root cause, not DCP's wrapper."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0])
+    return CheckpointError(
+        f"{url}: the checkpoint's shards cannot be read ({cause[:160]}); it is damaged - rerun the job that wrote it"
+    )
 
 
 def published_days(cfg: MtrecConfig) -> list[dt.date]:
