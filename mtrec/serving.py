@@ -144,6 +144,13 @@ class ServedModel:
             out.append(arr)
         return pa.table(out, names=self.columns)
 
+    def _input(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
+        """The model's columns of `batch`, checked and typed (`_check`, `_typed`)."""
+        self._check(batch.schema.names)
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        return self._typed(batch)
+
     def predict(self, batch: pa.Table | pa.RecordBatch, batch_rows: int = 8192) -> dict[str, np.ndarray]:
         """Per-output scores (N float32 each) of N rows holding at least `self.columns` (other
         columns are ignored).
@@ -151,10 +158,7 @@ class ServedModel:
         Raises:
             MtrecError: a feature column is missing or of a type the data contract does not allow.
         """
-        self._check(batch.schema.names)
-        if isinstance(batch, pa.RecordBatch):
-            batch = pa.Table.from_batches([batch])
-        batch = self._typed(batch)
+        batch = self._input(batch)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
         for _, out in score_batches(self.model, self.spec, batch.to_batches(max_chunksize=batch_rows)):
             for k in self.outputs:
@@ -176,10 +180,7 @@ class ServedModel:
             raise MtrecError(
                 f"{self.spec.name} (arch {self.spec.model.arch}) has no user representation; only dupn models have one"
             )
-        self._check(batch.schema.names)
-        if isinstance(batch, pa.RecordBatch):
-            batch = pa.Table.from_batches([batch])
-        b = BatchConverter(self.spec)(self._typed(batch), with_bias=False, with_labels=False)
+        b = BatchConverter(self.spec)(self._input(batch), with_bias=False, with_labels=False)
         return self.model.user_representation(b).float().numpy()
 
     def predict_pandas(self, df):
