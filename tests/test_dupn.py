@@ -282,10 +282,11 @@ def test_rows_of_one_user_context_share_one_user_representation():
         item_id=pa.array([10, 11, 12, 13, 14, 15, 16], pa.int64()),
     )
     batch = conv(rows)
-    first, inverse = m.distinct(batch, m._user_inputs, m.user_dense)
+    seq_keys, ctx_keys = m.user_keys(batch)
+    first, inverse = m.distinct(ctx_keys)
     assert inverse.tolist() == [inverse[0]] * 2 + [inverse[2], inverse[0], inverse[4], inverse[5], inverse[0]]
     assert len(set(inverse.tolist())) == 4 and len(first) == 4 and sorted(first.tolist()) == [0, 2, 4, 5]
-    seqs, seq_of = m.distinct(batch, m._sequence_inputs)  # the encoder runs on 2 sequences: a and b
+    seqs, seq_of = m.distinct(seq_keys)  # the encoder runs on 2 sequences: a and b
     assert sorted(seqs.tolist()) == [0, 2] and seq_of.tolist() == [seq_of[0]] * 2 + [seq_of[2]] + [seq_of[0]] * 4
     together = torch.stack([m(batch)[k] for k in ("ctr", "cvr")], 1)
     for i in range(rows.num_rows):

@@ -157,7 +157,7 @@ class DUPN(MultiTaskModel):
         """The user representation, [readout of the sequence, user tower], B x user_dim, from the
         batch's embeddings (`_embed`). With `share_user_work`, rows with equal user-side inputs
         share the work: the encoder runs once per distinct sequence, the readout once per
-        distinct user context (`distinct`)."""
+        distinct user context (`user_keys`, `distinct`)."""
         parts = [vectors[n] for n in [*self.user_sparse, *self.pooled_group_features]]
         if self.user_dense:
             parts.append(batch.dense[:, self.user_dense])
@@ -165,26 +165,35 @@ class DUPN(MultiTaskModel):
         x, mask = padded(*self.sparse_arch.sequences(jagged)[self.group])
         if not self.share_user_work:
             return torch.cat([self._readout(self._states(x, mask), x, mask, u), u], dim=1)
-        seqs, seq_of = self.distinct(batch, self._sequence_inputs)
-        ctxs, ctx_of = self.distinct(batch, self._user_inputs, self.user_dense)
+        seq_keys, ctx_keys = self.user_keys(batch)
+        seqs, seq_of = self.distinct(seq_keys)
+        ctxs, ctx_of = self.distinct(ctx_keys)
         h = self._states(x[seqs], mask[seqs])[seq_of[ctxs]]  # U x L x H: each context's sequence
         x, mask, u = x[ctxs], mask[ctxs], u[ctxs]
         return torch.cat([self._readout(h, x, mask, u), u], dim=1)[ctx_of]
 
-    @staticmethod
-    def distinct(batch: Batch, features: set[str], dense: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows with equal inputs `features` (sparse/sequence, by name) and dense columns `dense`:
-        (the first row of each distinct input, U; which one each row has, B). The candidates of
-        one request, or the impressions of one request in the logs, have one user context."""
-        keys = []
+    def user_keys(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, its user-side inputs as integers (B x K each): the sequence's ids and lengths,
+        and those plus the user features' and the user dense columns' (bitwise): the user context."""
+        blocks = {}
         for kjt in batch.sparse.values():
             for name, jt in kjt.to_dict().items():
-                if name in features:
+                if name in self._user_inputs:
                     ids, _ = padded(jt.values().unsqueeze(1), jt.lengths())
-                    keys += [jt.lengths().long().unsqueeze(1), ids.squeeze(2)]
-        if dense:
-            keys.append(batch.dense[:, dense].contiguous().view(torch.int32).long())  # bitwise equal
-        _, inverse = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)
+                    blocks[name] = [jt.lengths().long().unsqueeze(1), ids.squeeze(2)]
+        seq = [k for name in sorted(self._sequence_inputs) for k in blocks[name]]
+        ctx = [k for name in sorted(self._user_inputs - self._sequence_inputs) for k in blocks[name]]
+        if self.user_dense:
+            ctx.append(batch.dense[:, self.user_dense].contiguous().view(torch.int32).long())
+        seq_keys = torch.cat(seq, dim=1)
+        return seq_keys, torch.cat([seq_keys, *ctx], dim=1)
+
+    @staticmethod
+    def distinct(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows with equal `keys` (B x K): (the first row of each distinct one, U; which one each
+        row has, B). The candidates of one request, or the impressions of one request in the logs,
+        have one user context."""
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
         b = inverse.numel()
         first = torch.full((int(inverse.max()) + 1 if b else 0,), b, dtype=torch.long, device=inverse.device)
         return first.scatter_reduce(0, inverse, torch.arange(b, device=inverse.device), "amin"), inverse
