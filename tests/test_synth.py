@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DAY1
 
-from mtrec.data.synth import WorldParams, read_world, write_world
+from mtrec.data.synth import WorldParams, read_world, world_params, write_world
 from mtrec.errors import MtrecError
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -263,7 +263,15 @@ def test_synth_rewrite_replaces_the_world_and_refuses_foreign_folders(tmp_path):
     assert (foreign / "keep.txt").exists()
 
 
-HIST_COLUMNS = ["hist_item_id", "hist_item_category", "hist_brand", "hist_behavior", "hist_scenario", "hist_age_hours"]
+HIST_COLUMNS = [
+    "hist_item_id",
+    "hist_item_category",
+    "hist_brand",
+    "hist_behavior",
+    "hist_scenario",
+    "hist_age_hours",
+    "hist_price_bucket",
+]
 SMALL_SEQUENCES = ["users=300", "items=500", "history=16", "history_init=8"]  # the preset, small and fast
 
 
@@ -421,3 +429,35 @@ def test_alias_sampler_draws_in_proportion_to_the_weights():
     freq = np.bincount(_Alias(w).draw(np.random.default_rng(0), (n,)), minlength=w.size) / n
     p = w / w.sum()
     assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-12), (freq, p)
+
+
+def test_purchasing_power_is_a_user_level_label_with_its_truth(tmp_path):
+    """The power label: one level per user on all of their rows, equally likely levels, the truth
+    a distribution over levels that the label follows; without `power_effect` nothing else moves,
+    with it the user's history leans towards dearer items as the level rises."""
+    root = str(tmp_path / "pp")
+    extra = ["power_levels=5", "power_effect=0.6"]
+    write_world(root, days=2, rows_per_day=20_000, seed=2, params=world_params([*SMALL_SEQUENCES, *extra]))
+    logs, truth = _day(root, DAYS[1]), _day(root, DAYS[1], True)
+    level = logs.column("power_level").to_numpy()
+    per_user = {}
+    for u, lv in zip(logs.column("user_id").to_pylist(), level.tolist(), strict=True):
+        assert per_user.setdefault(u, lv) == lv
+    shares = np.bincount(list(per_user.values()), minlength=5) / len(per_user)
+    assert shares.min() > 0.1 and shares.max() < 0.3  # 300 users, 5 levels of 20%
+    p = np.stack([truth.column(f"power_level_p{k}").to_numpy() for k in range(5)], axis=1)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert p[np.arange(len(level)), level].mean() > 1.5 / 5  # the label follows its truth
+    hist = logs.column("hist_price_bucket").to_pylist()
+    mean_price = np.array([np.mean(h) if h else np.nan for h in hist])
+    seen = ~np.isnan(mean_price)
+    assert np.corrcoef(mean_price[seen], level[seen])[0, 1] > 0.3
+
+    flat = str(tmp_path / "flat")
+    write_world(flat, days=1, rows_per_day=3000, seed=2, params=world_params([*SMALL_SEQUENCES, "power_levels=5"]))
+    base = str(tmp_path / "base")
+    write_world(base, days=1, rows_per_day=3000, seed=2, params=world_params(SMALL_SEQUENCES))
+    a, b = _day(base, DAYS[0]), _day(flat, DAYS[0])
+    assert b.column_names == [*a.column_names, "power_level"] and b.select(a.column_names).equals(a)
+    with pytest.raises(MtrecError, match=r"power_levels=1: a label needs >= 2 levels"):
+        world_params(["power_levels=1"])

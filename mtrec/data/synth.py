@@ -37,6 +37,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
@@ -105,6 +106,11 @@ class WorldParams:
     intent_buy: float = 0.0  # on the buy logit, likewise
     intent_stickiness: float = 0.8  # p(the intent carries over to the user's next request)
     intent_candidates: int = 0  # of the `candidates`, how many are retrieved from the intent category
+    # purchasing power (off by default; preset purchasing_power): a user latent that tilts clicks and
+    # buys towards dearer items, logged as a user-level class label `power_level` (0 = lowest)
+    power_levels: int = 0  # classes of the logged label (0: no label column)
+    power_effect: float = 0.0  # on the relevance and buy logits, per std of power x std of log price
+    power_noise: float = 0.5  # std of the noise on the latent before it is cut into levels
 
     def examination(self) -> np.ndarray:
         """p(examined | position) on device 0, shape K."""
@@ -135,6 +141,9 @@ PRESETS: dict[str, dict[str, float]] = {
         "click_bias": -3.9,
     },
 }
+# the sequences world where users also differ in purchasing power, which tilts their clicks and buys
+# towards dearer items (so their history shows it) and is logged as a 7-level label (DUPN's PPP task)
+PRESETS["purchasing_power"] = {**PRESETS["sequences"], "power_levels": 7, "power_effect": 0.6}
 
 
 _PARSE = {
@@ -195,7 +204,7 @@ def check_params(p: WorldParams) -> str | None:
     for name in counts:
         if getattr(p, name) < 1:
             return f"{name}={getattr(p, name)}: must be >= 1"
-    for name in ("history", "history_init", "intent_candidates"):
+    for name in ("history", "history_init", "intent_candidates", "power_levels"):
         if getattr(p, name) < 0:
             return f"{name}={getattr(p, name)}: must be >= 0"
     if p.history_init + p.history_init // 2 > p.history:
@@ -205,6 +214,8 @@ def check_params(p: WorldParams) -> str | None:
         )
     if p.intent_candidates > p.candidates:
         return f"intent_candidates={p.intent_candidates}: must be <= candidates ({p.candidates})"
+    if p.power_levels == 1:
+        return "power_levels=1: a label needs >= 2 levels (0: none)"
     if p.history_gap_hours <= 0:
         return f"history_gap_hours={p.history_gap_hours}: must be > 0"
     if p.candidates < p.positions:
@@ -231,10 +242,18 @@ def check_params(p: WorldParams) -> str | None:
         "feature_noise",
         "exam_power",
         "intent_strength",
+        "power_noise",
     ):
         if getattr(p, name) < 0:
             return f"{name}={getattr(p, name)}: must be >= 0"
     return None
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -327,7 +346,25 @@ class World:
             segment=np.argmax(self._noisy(taste) @ self.proj["segment"], axis=1).astype(np.int64),
             age=age.astype(np.int64),
             web=(r.random(n) < p.web_share),
+            **self._power(start, n),
         )
+
+    def _power(self, start: int, n: int) -> dict[str, np.ndarray]:
+        """Purchasing power: the latent `power` (N(0, 1)), the logged level (the latent plus noise
+        of std `power_noise`, cut at the quantiles that make the levels equally likely) and the
+        true probability of each level given the latent (`power_p`, n x levels). A stream of its
+        own, so that worlds without it are unchanged."""
+        p = self.p
+        z = np.random.default_rng([self.seed, 5, start]).standard_normal((2, n))
+        power = z[0].astype(np.float32)
+        levels = max(p.power_levels, 1)
+        sigma = max(p.power_noise, 1e-6)
+        total = NormalDist(0.0, math.sqrt(1.0 + sigma**2))
+        cuts = np.array([total.inv_cdf(k / levels) for k in range(1, levels)])
+        level = np.searchsorted(cuts, z[0] + p.power_noise * z[1])
+        edges = np.concatenate([[-np.inf], cuts, [np.inf]])
+        cdf = _normal_cdf((edges[None, :] - z[0][:, None]) / sigma)  # n x (levels + 1)
+        return {"power": power, "power_level": level.astype(np.int64), "power_p": np.diff(cdf, axis=1)}
 
     def _new_items(self, n: int) -> None:
         p, r = self.p, self.rng
@@ -583,6 +620,7 @@ class World:
             "hist_behavior": src["type"][row_idx].astype(np.int64),
             "hist_scenario": src["dev"][row_idx].astype(np.int64),
             "hist_age_hours": np.floor(np.log2(1.0 + hours)).astype(np.int64),
+            "hist_price_bucket": it["price_bucket"][item],
         }
         out = {name: pa.ListArray.from_arrays(offsets_pa, pa.array(v, pa.int64())) for name, v in cols.items()}
         # the state takes the file's behaviours: per user, the newest H of old + new
@@ -624,6 +662,9 @@ class World:
         rel_logit = p.click_bias + p.click_scale * aff_click + it["popularity"][cand] + it["appeal"][cand]
         if intent is not None:
             rel_logit = rel_logit + np.float32(p.intent_strength) * (it["category"][cand] == intent[:, None])
+        if p.power_effect:  # users with more purchasing power click dearer items
+            tilt = self.users["power"][uidx][:, None] * (it["log_price"][cand] - 3.0)
+            rel_logit = rel_logit + np.float32(p.power_effect) * tilt
         # the logging policy: relevance, plus its own error, plus item promotion (business rules)
         policy = rel_logit + it["boost"][cand] + p.policy_noise * r.standard_normal(rel_logit.shape, dtype=np.float32)
         shown = np.argsort(-policy, axis=1)[:, :K]  # n_req x K, position order
@@ -655,6 +696,8 @@ class World:
         buy_logit = p.buy_bias + p.buy_scale * aff_conv + p.price_effect * price_z + it["quality"][items]
         if match is not None:
             buy_logit = buy_logit + np.float32(p.intent_buy) * match
+        if p.power_effect:  # ... and buy them
+            buy_logit = buy_logit + np.float32(p.power_effect) * us["power"][user] * price_z
         p_buy_d = _sigmoid(buy_logit + p.buy_after_daction)
         p_buy_o = _sigmoid(buy_logit + p.buy_after_oaction)
         cvr = p_dact * p_buy_d + (1 - p_dact) * p_buy_o
@@ -770,6 +813,10 @@ class World:
         )
         if intent is not None:
             truth = truth.append_column("intent", pa.array(intent[req], pa.int64()))  # the user's intent category
+        if p.power_levels:  # a user-level label, repeated on each of the user's rows
+            logs = logs.append_column("power_level", pa.array(us["power_level"][user]))
+            for k in range(p.power_levels):  # p(level k | the user's latent): the label's truth
+                truth = truth.append_column(f"power_level_p{k}", pa.array(us["power_p"][user, k].astype(np.float32)))
         return logs, truth
 
 
