@@ -272,6 +272,9 @@ GATE_METRICS = {
     "pearson": 1,
     "auc_unbiased": 1,
     "auc_entire_space": 1,  # higher is better
+    "accuracy": 1,
+    "macro_auc": 1,
+    "macro_auc_truth": 1,
     "ne": -1,
     "log_loss": -1,
     "mse": -1,
@@ -312,7 +315,7 @@ class GateConfig(Strict):
         None,
         description=(
             "Metrics the promotion gate compares, `<task>/<metric>`; default: auc of every binary task and joint, "
-            "mse of regression tasks."
+            "mse of regression tasks, macro_auc of multiclass tasks."
         ),
     )
     tolerance: float = Field(

@@ -7,7 +7,8 @@ What serving sees differs from training in three ways, all decided here once:
 * no labels, no process group: an unsharded model (TorchRec's EmbeddingBagCollection runs on CPU
   as is) built from the checkpoint's whole tables, whatever world size and sharding wrote them;
 * outputs in label space: binary tasks and joints as probabilities, regression tasks as values
-  (a `log1p: true` task is mapped back with expm1).
+  (a `log1p: true` task is mapped back with expm1), a multiclass task as one probability column
+  per class (`ModelSpec.served_columns`).
 
 The MLflow pyfunc model (mtrec.tracking.pyfunc), `mtrec predict` and the promotion gate all score through
 `ServedModel`, so what is evaluated is what is served. A served model is self-contained: its
@@ -66,7 +67,8 @@ class ServedModel:
         self.columns = self.spec.input_columns()
         roles = self.spec.column_roles()
         self._kinds = {col: roles[col][0] for col in self.columns}  # column -> kind, for `_typed`
-        self.outputs = self.spec.outputs()
+        self._columns_of = self.spec.served_columns()  # served column -> (model output, class or None)
+        self.outputs = list(self._columns_of)
         self._expm1 = {t.name for t in self.spec.tasks if t.log1p and self.spec.label_kind(t) == LabelKind.REGRESSION}
 
     @classmethod
@@ -152,8 +154,8 @@ class ServedModel:
         return self._typed(batch)
 
     def predict(self, batch: pa.Table | pa.RecordBatch, batch_rows: int = 8192) -> dict[str, np.ndarray]:
-        """Per-output scores (N float32 each) of N rows holding at least `self.columns` (other
-        columns are ignored).
+        """Per served column (`self.outputs`), the scores of N rows (N float32 each) holding at least
+        `self.columns` (other columns are ignored).
 
         Raises:
             MtrecError: a feature column is missing or of a type the data contract does not allow.
@@ -161,9 +163,9 @@ class ServedModel:
         batch = self._input(batch)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
         for _, out in score_batches(self.model, self.spec, batch.to_batches(max_chunksize=batch_rows)):
-            for k in self.outputs:
-                v = out[k].float()
-                parts[k].append((torch.expm1(v) if k in self._expm1 else v).numpy())
+            for col, (k, cls) in self._columns_of.items():
+                v = out[k].float() if cls is None else out[k][:, cls].float()
+                parts[col].append((torch.expm1(v) if k in self._expm1 else v).numpy())
         return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.float32) for k, v in parts.items()}
 
     @torch.no_grad()

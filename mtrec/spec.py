@@ -43,6 +43,7 @@ class Pooling(StrEnum):
 class LabelKind(StrEnum):
     BINARY = "binary"
     REGRESSION = "regression"
+    MULTICLASS = "multiclass"  # an integer class 0..K-1; its tasks say K (`classes`)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +328,14 @@ class TaskConfig(Strict):
     log1p: bool = Field(
         False, description="Regression only: the model predicts log1p(label) (heavy-tailed targets such as watch time)."
     )
+    classes: int | None = Field(
+        None,
+        ge=2,
+        description=(
+            "Multiclass labels only, and required there: the number of classes K; the label holds 0..K-1, the task "
+            "predicts K probabilities (softmax), served as columns `<task>_0` .. `<task>_<K-1>`."
+        ),
+    )
 
     @property
     def joint_name(self) -> str | None:
@@ -388,6 +397,11 @@ class ArchConfig(Strict):
             if name not in names:
                 raise ValueError(
                     f"`model.shallow_tower.apply_to` names unknown task `{name}`; use one of {', '.join(names)}"
+                )
+            if spec.label_kind(spec.task(name)) == LabelKind.MULTICLASS:
+                raise ValueError(
+                    f"`model.shallow_tower.apply_to` names multiclass task `{name}`; the bias logit is one number, "
+                    "added to binary or regression tasks only"
                 )
 
 
@@ -582,7 +596,8 @@ class _SpecFields(Strict):
     )
     labels: dict[str, LabelKind] = Field(
         description=(
-            "Label columns in the logs and their kind (binary or regression); must include click and conversion."
+            "Label columns in the logs and their kind (binary, regression or multiclass); must include click and "
+            "conversion."
         )
     )
     features: FeaturesConfig = Field(description="Feature columns.")
@@ -613,8 +628,31 @@ class _SpecFields(Strict):
                 raise ValueError(
                     f"task `{t.name}`: `joint: {t.joint}` needs `given` (the joint is p(given) x p({t.name}))"
                 )
-            if t.log1p and self.labels[t.label] != LabelKind.REGRESSION:
-                raise ValueError(f"task `{t.name}`: `log1p: true` is for regression labels, `{t.label}` is binary")
+            kind = self.labels[t.label]
+            if t.log1p and kind != LabelKind.REGRESSION:
+                raise ValueError(f"task `{t.name}`: `log1p: true` is for regression labels, `{t.label}` is {kind}")
+            if kind == LabelKind.MULTICLASS:
+                if t.classes is None:
+                    raise ValueError(
+                        f"task `{t.name}`: label `{t.label}` is multiclass; say how many classes it has "
+                        f"(`classes: K`, the label holding 0..K-1)"
+                    )
+                if t.given is not None:
+                    raise ValueError(
+                        f"task `{t.name}`: a multiclass task cannot be `given` another (the joint is a probability "
+                        "product of binary tasks); drop `given`"
+                    )
+                other = next((o for o in self.tasks if o.label == t.label and o.classes != t.classes), None)
+                if other is not None:
+                    raise ValueError(
+                        f"tasks `{t.name}` and `{other.name}` read label `{t.label}` with {t.classes} and "
+                        f"{other.classes} classes; give them the same `classes`"
+                    )
+            elif t.classes is not None:
+                raise ValueError(
+                    f"task `{t.name}`: `classes` is for multiclass labels, `{t.label}` is {kind}; drop it or declare "
+                    f"`{t.label}: multiclass`"
+                )
             if t.given is not None:
                 if t.given not in names:
                     raise ValueError(
@@ -623,7 +661,8 @@ class _SpecFields(Strict):
                 parent = self.task(t.given)
                 if self.labels[parent.label] != LabelKind.BINARY:
                     raise ValueError(
-                        f"task `{t.name}`: `given: {t.given}` must name a binary task, `{t.given}` is regression"
+                        f"task `{t.name}`: `given: {t.given}` must name a binary task, `{t.given}` is "
+                        f"{self.labels[parent.label]}"
                     )
                 if parent.given is not None:
                     raise ValueError(
@@ -632,6 +671,12 @@ class _SpecFields(Strict):
         outputs = self.outputs()
         if len(set(outputs)) != len(outputs):
             raise ValueError(f"task and joint names must be distinct, got {', '.join(outputs)}; rename a `joint`")
+        served = [col for col, _ in self._served()]
+        if len(set(served)) != len(served):
+            raise ValueError(
+                f"served column names must be distinct, got {', '.join(served)}; rename the task that clashes with a "
+                "multiclass task's `<task>_<k>` columns"
+            )
         self.model.check(self)
         return self
 
@@ -648,10 +693,28 @@ class _SpecFields(Strict):
         """The model's output names: every task, then every joint (ESMM's ctr_cvr)."""
         return [t.name for t in self.tasks] + [t.joint_name for t in self.tasks if t.joint_name]
 
+    def classes(self) -> dict[str, int]:
+        """Multiclass task -> its number of classes K (its output is B x K probabilities)."""
+        return {t.name: t.classes for t in self.tasks if t.classes is not None}
+
+    def served_columns(self) -> dict[str, tuple[str, int | None]]:
+        """What a served model returns, one column each: column -> (output, class). A multiclass
+        task's K probabilities become columns ``<task>_0`` .. ``<task>_<K-1>``; every other output
+        is one column of its own name (class None)."""
+        return dict(self._served())
+
+    def _served(self) -> list[tuple[str, tuple[str, int | None]]]:
+        classes = self.classes()
+        return [
+            (name if k is None else f"{name}_{k}", (name, k))
+            for name in self.outputs()
+            for k in (range(classes[name]) if name in classes else [None])
+        ]
+
     def column_roles(self) -> dict[str, tuple[str, str]]:
         """Every column a day's logs must have, in order, as column -> (kind, what requires it).
 
-        Kinds: the contract's ``position``, ``label`` (binary) and ``regression``, and the
+        Kinds: the contract's ``position``, ``label`` (binary), ``regression`` and ``multiclass``, and the
         feature kinds (`FeatureKind`: ``id``, ``multi_hot``, ``sequence``, ``dense``, ``bias``);
         `mtrec.data.kinds.COLUMN_TYPES` says what each may be. Labels take precedence over a
         feature reading the same column; the schema check and the training stream's cast both read
@@ -660,7 +723,7 @@ class _SpecFields(Strict):
         roles = {c: (FeatureKind.ID.value, "the data contract") for c in ID_COLUMNS}
         roles[POSITION_COLUMN] = ("position", "the data contract")
         for col, kind in self.labels.items():
-            roles[col] = ("label" if kind == LabelKind.BINARY else "regression", "`labels`")
+            roles[col] = ("label" if kind == LabelKind.BINARY else kind.value, "`labels`")
         f = self.features
         declared = [
             *((x, f"`features.sparse` ({x.name}{', multi_hot: true' if x.multi_hot else ''})") for x in f.sparse),
@@ -687,11 +750,14 @@ class _SpecFields(Strict):
         return list(self.column_roles())
 
     def default_gate_metrics(self) -> list[str]:
-        """AUC of every binary task and joint, MSE of every regression task."""
+        """AUC of every binary task and joint, MSE of every regression task, macro AUC of every
+        multiclass task."""
         out = []
         for t in self.tasks:
             if self.label_kind(t) == LabelKind.REGRESSION:
                 out.append(f"{t.name}/mse")
+            elif self.label_kind(t) == LabelKind.MULTICLASS:
+                out.append(f"{t.name}/macro_auc")
             else:
                 out += [f"{t.name}/auc"] + ([f"{t.joint_name}/auc"] if t.joint_name else [])
         return out
@@ -704,7 +770,11 @@ HASH_EXCLUDE: dict = {"features": {"dense": {"__all__": {"fill"}}}}
 
 def _drop_unset_new_keys(shape: dict) -> None:
     """Keys that came after checkpoints were in use shape weights only when set (shared tables,
-    sequences): left out of the hash while unset, so existing checkpoints keep their fingerprint."""
+    sequences, a task's classes): left out of the hash while unset, so existing checkpoints keep
+    their fingerprint."""
+    for t in shape["tasks"]:
+        if t.get("classes") is None:
+            t.pop("classes", None)
     features = shape["features"]
     if not features.get("sequences"):
         features.pop("sequences", None)

@@ -177,3 +177,38 @@ def test_the_shipped_examples_fingerprints_are_pinned(name, fingerprint):
 def test_a_dense_fill_value_does_not_change_the_fingerprint(esmm):
     esmm["features"]["dense"][0]["fill"] = 0.0
     assert parse_config(esmm).fingerprint() == load_config("esmm").fingerprint()
+
+
+def test_multiclass_task_rules(esmm):
+    esmm["labels"]["level"] = "multiclass"
+    good = copy.deepcopy(esmm)
+    good["tasks"].append({"name": "level", "label": "level", "classes": 7})
+    spec = parse_config(good).spec
+    assert spec.classes() == {"level": 7}
+    assert list(spec.served_columns()) == ["ctr", "cvr", *(f"level_{k}" for k in range(7)), "ctcvr"]
+    assert spec.served_columns()["level_3"] == ("level", 3)
+    assert spec.default_gate_metrics()[-1] == "level/macro_auc"
+    assert spec.column_roles()["level"][0] == "multiclass"
+
+    bad = copy.deepcopy(esmm)
+    bad["tasks"].append({"name": "level", "label": "level"})
+    assert "label `level` is multiclass; say how many classes it has (`classes: K`" in _err(bad)
+    bad = copy.deepcopy(esmm)
+    bad["tasks"][0]["classes"] = 3
+    assert "task `ctr`: `classes` is for multiclass labels, `click` is binary" in _err(bad)
+    bad = copy.deepcopy(good)
+    bad["tasks"][-1]["given"] = "ctr"
+    assert "a multiclass task cannot be `given` another" in _err(bad)
+    bad = copy.deepcopy(good)
+    bad["tasks"].append({"name": "level2", "label": "level", "classes": 5})
+    assert "tasks `level` and `level2` read label `level` with 7 and 5 classes" in _err(bad)
+    bad = copy.deepcopy(good)
+    bad["labels"]["level_0"] = "binary"
+    bad["tasks"].append({"name": "level_0", "label": "level_0"})
+    assert "served column names must be distinct" in _err(bad)
+    bad = copy.deepcopy(good)
+    bad["tasks"][1]["given"] = "level"
+    assert "`given: level` must name a binary task, `level` is multiclass" in _err(bad)
+    bad = copy.deepcopy(good)
+    bad["gate"] = {"metrics": ["level/macro_auc", "level/accuracy"]}
+    assert parse_config(bad).gate.metrics == ["level/macro_auc", "level/accuracy"]

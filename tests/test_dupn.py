@@ -7,6 +7,7 @@ import datetime as dt
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import _batch
@@ -367,3 +368,40 @@ def test_a_new_task_starts_from_dupns_weights_and_a_frozen_user_part_stays(seq_w
         if name.startswith(("encoder.", "sparse_arch.")) or frozen:
             assert torch.equal(before[k], source[k]), f"{name} was not transferred"
         assert torch.equal(v, before[k]) == frozen, f"{name}: frozen {frozen}"
+
+
+def test_dupn_learns_purchasing_power_as_a_multiclass_task_and_serves_its_classes(tmp_path):
+    """DUPN's PPP task: a 7-level user label from the purchasing_power world, trained with
+    softmax cross-entropy beside CTR and CVR; evaluation reports accuracy, macro AUC and the macro
+    AUC against the world's truth, and the served model returns one probability column per level."""
+    from mtrec.data.synth import read_world, world_params, write_world
+    from mtrec.eval.evaluate import evaluate_day
+    from mtrec.serving import ServedModel
+    from mtrec.train import checkpoint as ck
+    from mtrec.train.local import train_days
+
+    logs = str(tmp_path / "pp")
+    write_world(logs, days=2, rows_per_day=20_000, seed=5, params=world_params(["users=2000"], "purchasing_power"))
+    day1, day2 = (dt.date.fromisoformat(d) for d in read_world(logs)["days"])
+    d = _small_dupn(logs, str(tmp_path / "w"))
+    d["labels"]["power_level"] = "multiclass"
+    d["tasks"].append({"name": "power", "label": "power_level", "classes": 7})
+    d["features"]["sequences"][0]["features"].append({"name": "hist_price_bucket", "table": "price_bucket"})
+    cfg = parse_config(d)
+    torch.manual_seed(0)
+    res = train_days(cfg, [day1])
+    m = evaluate_day(res.dmp.module.model, cfg.spec, logs, day2)
+    assert {"power/accuracy", "power/macro_auc", "power/log_loss", "power/macro_auc_truth"} <= m.keys()
+    assert m["power/macro_auc_truth_oracle"] > m["power/macro_auc_truth"] > 0.6  # it learnt the level
+    assert m["power/macro_auc"] > 0.6 and m["power/accuracy"] > 1.5 / 7
+    assert 0.5 < m["ctr/auc"] < 1
+
+    url = str(tmp_path / "ckpt")
+    ck.save(res.dmp, res.optimizer, url, ck.spec_manifest(cfg))
+    served = ServedModel.from_checkpoint(url)
+    rows = pq.read_table(f"{logs}/dt={day2}").slice(0, 50)
+    scores = served.predict(rows)
+    levels = np.stack([scores[f"power_{k}"] for k in range(7)], axis=1)
+    assert "power" not in scores and levels.shape == (50, 7)
+    np.testing.assert_allclose(levels.sum(axis=1), 1.0, atol=1e-5)
+    assert list(scores) == ["ctr", "cvr", *(f"power_{k}" for k in range(7)), "ctcvr"]

@@ -62,3 +62,26 @@ def test_a_one_class_slice_has_no_ne_like_it_has_no_auc():
     for y in (np.zeros(N), np.ones(N)):
         assert np.isnan(normalized_entropy(pred, y)) and np.isnan(auc(pred, y))
     assert np.isnan(calibration(pred, np.zeros(N)))  # no positive to calibrate against
+
+
+def test_multiclass_report_matches_sklearn():
+    from sklearn.metrics import accuracy_score
+
+    from mtrec.eval.metrics import macro_auc, multiclass_report
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(500, 4))
+    prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = rng.integers(0, 4, 500)
+    rep = multiclass_report(prob, y)
+    assert rep["accuracy"] == pytest.approx(accuracy_score(y, prob.argmax(axis=1)))
+    assert rep["macro_auc"] == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    assert rep["log_loss"] == pytest.approx(sk_log_loss(y, prob, labels=[0, 1, 2, 3]))
+    # a class that never occurs is left out of the macro average, as scikit-learn cannot score it
+    y3 = np.where(y == 3, 0, y)
+    expected = np.mean([roc_auc_score(y3 == k, prob[:, k]) for k in range(3)])
+    assert macro_auc(prob, y3) == pytest.approx(expected)
+    # soft labels: each row counts once per class with the class's probability as its weight
+    soft = np.eye(4)[y]
+    assert macro_auc(prob, soft) == pytest.approx(rep["macro_auc"])
+    assert np.isnan(multiclass_report(prob[:0], y[:0])["macro_auc"])

@@ -69,6 +69,7 @@ def rows(world):
     items = t.column("item_id").to_pylist()
     hist = [items[max(0, i - i % 6) : i] for i in range(B)]
     t = t.append_column("hist_item_id", pa.array(hist, pa.list_(pa.int64())))
+    t = t.append_column("level", pa.array([u % 3 for u in t.column("user_id").to_pylist()], pa.int64()))
     return t.append_column("hist_behavior", pa.array([[1] * len(h) for h in hist], pa.list_(pa.int64())))
 
 
@@ -98,6 +99,30 @@ def test_output_contract(world, rows, arch):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_multiclass_task_softmax_and_cross_entropy(world, rows, arch):
+    cfg = make_cfg(world, arch)
+    d = cfg.model_dump(mode="json", exclude_unset=True)
+    d["labels"]["level"] = "multiclass"
+    d["tasks"].append({"name": "level", "label": "level", "classes": 3})
+    cfg = parse_config(d)
+    torch.manual_seed(0)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    batch = BatchConverter(cfg.spec)(rows)
+    loss, (losses, out, labels) = MultiTaskTrain(model, cfg.spec)(batch)
+    assert out["level"].shape == (B, 3) and out["level_logit"].shape == (B, 3)
+    torch.testing.assert_close(out["level"].sum(dim=1), torch.ones(B))
+    torch.testing.assert_close(out["level"], torch.softmax(out["level_logit"], dim=1))
+    torch.testing.assert_close(
+        losses["level"], torch.nn.functional.cross_entropy(out["level_logit"], labels["level"].long())
+    )
+    assert out["ctr"].shape == (B,)  # the other tasks keep their shapes
+    loss.backward()
+    tower = dict(model.named_parameters())
+    grads = [p.grad for n, p in tower.items() if "level" in n and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
 def test_esm2_decomposition_identities(world, rows):

@@ -260,3 +260,21 @@ def test_log1p_regression_label_below_minus_one_is_out_of_range():
     )
     b = _batch(watch_time=pa.array([0.0, -1.0, -0.5, 3.0], pa.float32()))
     assert RowValidator(cfg.spec).split(b).bad_index.tolist() == [1]
+
+
+def test_multiclass_label_outside_its_classes_is_out_of_range():
+    cfg = _mini(
+        {"level": "multiclass"}, [{"name": "ctr", "label": "click"}, {"name": "lv", "label": "level", "classes": 3}]
+    )
+    b = _batch(level=pa.array([0, 2, 3, -1, None, 1, 7], pa.int64()))
+    split = RowValidator(cfg.spec).split(b)
+    assert split.bad_index.tolist() == [2, 3, 4, 6]
+    assert split.bad.column("reason").to_pylist() == [
+        "label_out_of_range",
+        "label_out_of_range",
+        "null_label",
+        "label_out_of_range",
+    ]
+    assert BatchConverter(cfg.spec)(split.good).labels["level"].tolist() == [0.0, 2.0, 1.0]
+    with pytest.raises(DataValidationError, match=r"column `level` has type double, expected an integer class label"):
+        RowValidator(cfg.spec).check_schema(_batch(level=pa.array([0.0])).schema, "day")

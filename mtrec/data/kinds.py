@@ -83,6 +83,7 @@ COLUMN_TYPES: dict[str, ColumnType] = {
     "position": ColumnType(_is_int, "an integer (int32, 0-based slot)", lambda t: pa.int64()),
     "label": ColumnType(_is_int, "an integer label (int8 0/1)", lambda t: pa.int8()),
     "regression": ColumnType(_is_num, "a numeric label (float32)", lambda t: pa.float32()),
+    "multiclass": ColumnType(_is_int, "an integer class label (0..K-1)", lambda t: pa.int64()),
     # the feature kinds
     FeatureKind.ID: ColumnType(_is_id, "an integer or string id (int64)", _id_type, "any"),
     FeatureKind.MULTI_HOT: ColumnType(

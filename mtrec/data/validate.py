@@ -191,6 +191,20 @@ class RowValidator:
                         lambda b, c=col: _np(pc.invert(pc.is_in(_i64(b.column(c)), pa.array([0, 1], pa.int64())))),
                     )
                 )
+            elif kind == LabelKind.MULTICLASS:
+                # a class outside 0..K-1 (K of the tasks that read it; none: only negatives are bad)
+                k = next((t.classes for t in spec.tasks if t.label == col), None)
+                rules.append(
+                    (
+                        "label_out_of_range",
+                        lambda b, c=col, k=k: _np(
+                            pc.or_kleene(
+                                pc.less(_i64(b.column(c)), 0),
+                                pc.greater_equal(_i64(b.column(c)), k if k is not None else 2**62),
+                            )
+                        ),
+                    )
+                )
             else:
                 # infinite; or <= -1 where a task trains on log1p(label)
                 floor = -1.0 if any(t.log1p and t.label == col for t in spec.tasks) else -np.inf

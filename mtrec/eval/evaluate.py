@@ -5,14 +5,18 @@ Metrics per task (keys ``<name>/<metric>``):
 * root binary task (ctr): auc, gauc (per user), ne, calibration, log_loss on every impression;
 * task `given` a parent (cvr): the same on the parent's positive rows (the classic CVR metrics),
   and for its joint (ctcvr) on every impression against parent AND task labels;
-* regression task: mse (in the model's target space) and pearson correlation.
+* regression task: mse (in the model's target space) and pearson correlation;
+* multiclass task: accuracy, macro_auc (one-vs-rest, averaged over the classes), log_loss
+  (cross-entropy), on every impression: a user-level label counts once per impression.
 
 On the synthetic world (a `_truth` folder beside the logs) it adds, against the truth table:
 
 * ``<ctr>/auc_unbiased``: AUC of pCTR against the true relevance (position effect removed),
   as a soft label; ``/auc_unbiased_oracle`` is the truth scored against itself (the ceiling);
 * ``<cvr>/auc_entire_space``: AUC of pCVR over every impression, each counted as a positive with
-  weight = true CVR and a negative with weight 1 - true CVR; ``/auc_entire_space_oracle`` likewise.
+  weight = true CVR and a negative with weight 1 - true CVR; ``/auc_entire_space_oracle`` likewise;
+* ``<task>/macro_auc_truth`` of a multiclass task whose label has truth columns ``<label>_p<k>``
+  (the true probability of each class): macro AUC against those soft labels, and its oracle.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from mtrec.data.io import day_url, filesystem, join
 from mtrec.data.synth import TRUTH_DIR
 from mtrec.errors import MtrecError
-from mtrec.eval.metrics import auc, binary_report
+from mtrec.eval.metrics import auc, binary_report, macro_auc, multiclass_report
 from mtrec.eval.scoring import evaluating, score_batches
 from mtrec.spec import LabelKind, ModelSpec
 from mtrec.train.stream import StreamCounts, day_batches
@@ -109,6 +113,14 @@ def report(spec: ModelSpec, pred: Predictions, truth: pa.Table | None = None) ->
             target = np.log1p(y) if t.log1p else y
             out[f"{t.name}/mse"] = float(np.mean((outputs[t.name] - target) ** 2))
             out[f"{t.name}/pearson"] = float(np.corrcoef(outputs[t.name], target)[0, 1])
+            continue
+        if spec.label_kind(t) == LabelKind.MULTICLASS:
+            out.update({f"{t.name}/{k}": v for k, v in multiclass_report(outputs[t.name], y).items()})
+            truth_cols = [f"{t.label}_p{k}" for k in range(t.classes)]
+            if aligned is not None and all(c in aligned for c in truth_cols):
+                soft = np.stack([aligned[c].astype(np.float64) for c in truth_cols], axis=1)
+                out[f"{t.name}/macro_auc_truth"] = macro_auc(outputs[t.name], soft)
+                out[f"{t.name}/macro_auc_truth_oracle"] = macro_auc(soft, soft)
             continue
         if t.given is None:
             metrics = binary_report(outputs[t.name], y, pred.user_id)

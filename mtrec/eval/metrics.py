@@ -1,5 +1,5 @@
 """Ranking-model metrics over numpy arrays: AUC (weighted, soft labels), GAUC, NE, calibration,
-log loss.
+log loss; for a multiclass task, accuracy, macro AUC and cross-entropy.
 
 Written here rather than taken from torchmetrics / torchrec.metrics because two of them need
 what those do not offer in one pass: sample weights with soft labels (the entire-space CVR AUC
@@ -114,3 +114,30 @@ def binary_report(pred: np.ndarray, label: np.ndarray, group: np.ndarray | None 
     if group is not None:
         out["gauc"] = gauc(pred, label, group)
     return out
+
+
+def macro_auc(prob: np.ndarray, label: np.ndarray) -> float:
+    """One-vs-rest AUC averaged over the classes (columns of `prob`, N x K) that have both
+    positives and negatives; `label` is N class indices, or N x K soft labels (class
+    probabilities) counted like `auc`'s. nan when no class has both."""
+    prob = np.asarray(prob, dtype=np.float64)
+    label = np.asarray(label)
+    soft = label.ndim == 2
+    per = [auc(prob[:, k], label[:, k] if soft else (label == k)) for k in range(prob.shape[1])]
+    per = [a for a in per if not np.isnan(a)]
+    return float(np.mean(per)) if per else float("nan")
+
+
+def multiclass_report(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """accuracy (argmax), macro_auc, log_loss (cross-entropy of the true class) and the row
+    count, of N x K class probabilities against N class indices."""
+    prob = np.asarray(prob, dtype=np.float64)
+    y = np.asarray(label).astype(np.int64)
+    if not len(y):
+        return {"accuracy": float("nan"), "macro_auc": float("nan"), "log_loss": float("nan"), "rows": 0.0}
+    return {
+        "accuracy": float(np.mean(np.argmax(prob, axis=1) == y)),
+        "macro_auc": macro_auc(prob, y),
+        "log_loss": float(-np.mean(np.log(np.clip(prob[np.arange(len(y)), y], _EPS, 1.0)))),
+        "rows": float(len(y)),
+    }

@@ -5,8 +5,9 @@ Output dict (stable; keys are the config's task names):
     "<task>"          binary task: probability, B. For a task `given` a parent (cvr given ctr) it
                       is the conditional probability (pCVR = p(buy | click)), defined on every
                       impression. Regression task: the predicted value (of log1p(label) when the
-                      task has `log1p: true`), B.
-    "<task>_logit"    binary task with its own logit (not ESM2's composed cvr), B.
+                      task has `log1p: true`), B. Multiclass task: class probabilities, B x K.
+    "<task>_logit"    binary task with its own logit (not ESM2's composed cvr), B; multiclass
+                      task: its K logits, B x K.
     "<joint>"         for a task with `given`: p(given) x p(task) (ESMM's pCTCVR), B.
     "bias_logit"      the shallow tower's logit, B (training only, when bias features are given).
 
@@ -16,8 +17,9 @@ to `build_model` by whoever knows the training run's sampling) is subtracted fro
 in eval mode (scoring, serving), i.e. p' = p / (p + (1 - p) k / r), before the joints are formed;
 training (train mode) is unchanged.
 
-Subclasses implement `task_logits(x)`: one raw B-vector per task from `features(batch)` (by default
-the B x D sparse-arch output).
+Subclasses implement `task_logits(x)`: one raw B-vector per task (B x K for a K-class task, its
+tower built with `classes[task]` outputs) from `features(batch)` (by default the B x D sparse-arch
+output).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.task_names = [t.name for t in spec.tasks]
         self.binary = {t.name: spec.label_kind(t) == LabelKind.BINARY for t in spec.tasks}
+        self.classes = spec.classes()  # multiclass task -> K
         self.joints = {t.name: (t.given, t.joint_name) for t in spec.tasks if t.given is not None}
         self.sparse_arch = SparseArch(spec.features, device, spec.model.sequence_encoder)
         st = spec.model.shallow_tower
@@ -82,6 +85,9 @@ class MultiTaskModel(nn.Module):
             if self.binary[name]:
                 out[f"{name}_logit"] = logits[name]
                 out[name] = torch.sigmoid(logits[name])
+            elif name in self.classes:
+                out[f"{name}_logit"] = logits[name]
+                out[name] = torch.softmax(logits[name], dim=-1)
             else:
                 out[name] = logits[name]
         for name, (parent, joint) in self.joints.items():

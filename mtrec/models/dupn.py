@@ -113,7 +113,9 @@ class DUPN(MultiTaskModel):
         self.item_tower = MLP(item_in, m.item_tower, m.batch_norm, m.dropout)
         self.user_dim = m.hidden + (behaviour_dim if m.with_behaviours else 0) + self.user_tower.out_dim
         head_in = self.user_dim + self.item_tower.out_dim
-        self.towers = nn.ModuleDict({n: Tower(head_in, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
+        self.towers = nn.ModuleDict(
+            {n: Tower(head_in, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1)) for n in self.task_names}
+        )
 
     def frozen(self, part: str) -> tuple[list[str], list[str]]:
         """`user`: the encoder, the attention, the user tower and every table the user side reads

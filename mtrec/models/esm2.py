@@ -33,7 +33,10 @@ class ESM2(MultiTaskModel):
         self.ctr_task, self.buy_task = dar.given, others[0].name
         heads = [n for n in self.task_names if n != self.buy_task] + [BUY_AFTER_D, BUY_AFTER_O]
         self.towers = nn.ModuleDict(
-            {n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in heads}
+            {
+                n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1))
+                for n in heads
+            }
         )
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,7 +22,10 @@ class ESMM(MultiTaskModel):
         super().__init__(spec, device)
         m = spec.model
         self.towers = nn.ModuleDict(
-            {n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names}
+            {
+                n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1))
+                for n in self.task_names
+            }
         )
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -36,15 +36,19 @@ class MLP(nn.Sequential):
 
 
 class Tower(nn.Module):
-    """A task tower: MLP then one output unit. Returns a B-vector (a logit or a regression value)."""
+    """A task tower: MLP then its output units. Returns a B-vector (a logit or a regression value),
+    or B x K logits for a K-class task (`outputs` = K)."""
 
-    def __init__(self, in_dim: int, hidden: list[int], batch_norm: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, in_dim: int, hidden: list[int], batch_norm: bool = False, dropout: float = 0.0, outputs: int = 1
+    ):
         super().__init__()
         self.mlp = MLP(in_dim, hidden, batch_norm, dropout)
-        self.out = nn.Linear(self.mlp.out_dim, 1)
+        self.out = nn.Linear(self.mlp.out_dim, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(x)).squeeze(-1)  # B
+        y = self.out(self.mlp(x))
+        return y.squeeze(-1) if y.shape[-1] == 1 else y  # B, or B x K
 
 
 class Gate(nn.Module):

@@ -6,7 +6,8 @@ Per task (weights from the config):
 * binary task `given` a parent (cvr given ctr): BCE of the joint p(parent) x p(task) against
   parent_label AND task_label on every impression (ESMM/ESM2), or - for models with
   ``entire_space = False`` (naive_cvr) - BCE on its logit over the parent's positive rows only;
-* regression task: MSE on the value (on log1p(label) when the task has `log1p: true`).
+* regression task: MSE on the value (on log1p(label) when the task has `log1p: true`);
+* multiclass task: softmax cross-entropy of its K logits against the class label, every impression.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class MultiTaskTrain(nn.Module):
             (
                 t.name,
                 t.label,
-                spec.label_kind(t) == LabelKind.BINARY,
+                spec.label_kind(t),
                 t.log1p,
                 t.weight,
                 None if t.given is None else (spec.task(t.given).label, t.joint_name),
@@ -55,9 +56,11 @@ class MultiTaskTrain(nn.Module):
         labels = batch.labels
         total = torch.zeros((), device=batch.dense.device)
         losses: dict[str, torch.Tensor] = {}
-        for name, label, binary, log1p, weight, given in self.specs:
+        for name, label, kind, log1p, weight, given in self.specs:
             y = labels[label]
-            if not binary:
+            if kind == LabelKind.MULTICLASS:
+                loss = F.cross_entropy(out[f"{name}_logit"], y.long())
+            elif kind == LabelKind.REGRESSION:
                 loss = F.mse_loss(out[name], torch.log1p(y) if log1p else y)
             elif given is None:
                 loss = F.binary_cross_entropy_with_logits(out[f"{name}_logit"], y)

@@ -34,6 +34,7 @@ class NaiveCVR(MultiTaskModel):
                     m.tower,
                     m.batch_norm,
                     m.dropout,
+                    self.classes.get(n, 1),
                 )
                 for n in self.task_names
             }

@@ -49,7 +49,9 @@ class PLE(MultiTaskModel):
             levels.append(ExtractionLevel(d, self.task_names, m, last=i == m.levels - 1))
             d = levels[-1].out_dim
         self.levels = nn.ModuleList(levels)
-        self.towers = nn.ModuleDict({n: Tower(d, m.tower, m.batch_norm, m.dropout) for n in self.task_names})
+        self.towers = nn.ModuleDict(
+            {n: Tower(d, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1)) for n in self.task_names}
+        )
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs, shared = {n: x for n in self.task_names}, x

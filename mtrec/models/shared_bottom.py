@@ -16,7 +16,10 @@ class SharedBottom(MultiTaskModel):
         m: SharedBottomModel = spec.model
         self.bottom = MLP(self.sparse_arch.out_dim, m.bottom, m.batch_norm, m.dropout)
         self.towers = nn.ModuleDict(
-            {n: Tower(self.bottom.out_dim, m.tower, m.batch_norm, m.dropout) for n in self.task_names}
+            {
+                n: Tower(self.bottom.out_dim, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1))
+                for n in self.task_names
+            }
         )
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
