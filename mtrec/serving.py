@@ -153,14 +153,34 @@ class ServedModel:
             batch = pa.Table.from_batches([batch])
         return self._typed(batch)
 
-    def predict(self, batch: pa.Table | pa.RecordBatch, batch_rows: int = 8192) -> dict[str, np.ndarray]:
+    def _one_user(self, table: pa.Table) -> pa.Table:
+        """A request's rows with the user side (`user_columns`) taken from its first row: the
+        other rows may leave those columns null, so a client sends the history once."""
+        cols = self.spec.model.user_columns(self.spec)
+        if not cols:
+            raise MtrecError(
+                f"{self.spec.name} (arch {self.spec.model.arch}) has no user part to send once per request; "
+                "send every column on every row and leave out request=True"
+            )
+        first = pa.array(np.zeros(table.num_rows, dtype=np.int64))
+        for col in cols:
+            table = table.set_column(table.schema.get_field_index(col), col, table.column(col).take(first))
+        return table
+
+    def predict(
+        self, batch: pa.Table | pa.RecordBatch, batch_rows: int = 8192, request: bool = False
+    ) -> dict[str, np.ndarray]:
         """Per served column (`self.outputs`), the scores of N rows (N float32 each) holding at least
-        `self.columns` (other columns are ignored).
+        `self.columns` (other columns are ignored). With `request`, the rows are one request's
+        candidates and the user side is read from the first row only (`_one_user`).
 
         Raises:
-            MtrecError: a feature column is missing or of a type the data contract does not allow.
+            MtrecError: a feature column is missing or of a type the data contract does not allow,
+                or `request` is given to a model without a user part.
         """
         batch = self._input(batch)
+        if request and batch.num_rows:
+            batch = self._one_user(batch)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
         for _, out in score_batches(self.model, self.spec, batch.to_batches(max_chunksize=batch_rows)):
             for col, (k, cls) in self._columns_of.items():
@@ -185,12 +205,13 @@ class ServedModel:
         b = BatchConverter(self.spec)(self._input(batch), with_bias=False, with_labels=False)
         return self.model.user_representation(b).float().numpy()
 
-    def predict_pandas(self, df):
-        """A pandas DataFrame of raw feature columns -> a DataFrame with one column per output."""
+    def predict_pandas(self, df, request: bool = False):
+        """A pandas DataFrame of raw feature columns -> a DataFrame with one column per output
+        (`predict`; `request`: one user's candidates, the user side on the first row)."""
         import pandas as pd
 
         self._check(list(df.columns))
-        return pd.DataFrame(self.predict(pa.Table.from_pandas(df[self.columns], preserve_index=False)))
+        return pd.DataFrame(self.predict(pa.Table.from_pandas(df[self.columns], preserve_index=False), request=request))
 
 
 def _whole_ids(arr: pa.ChunkedArray, col: str, listed: bool) -> pa.ChunkedArray:

@@ -382,6 +382,11 @@ class ArchConfig(Strict):
         None, description="Position-bias shallow tower (training only); omit for none."
     )
 
+    def user_columns(self, spec: _SpecFields) -> list[str]:
+        """The columns of the user side, which a request sends once for all its candidates
+        (`ServedModel.predict(..., request=True)`); empty for architectures without a user part."""
+        return []
+
     def check(self, spec: _SpecFields) -> None:
         """Rules that tie this architecture to the tasks and features; raise ValueError."""
         st = self.shallow_tower
@@ -527,6 +532,15 @@ class DupnModel(ArchConfig):
     item_tower: list[int] = Field(
         default_factory=lambda: [128], description="Hidden sizes of the item tower over the item features."
     )
+
+    def user_columns(self, spec: _SpecFields) -> list[str]:
+        """The user features' and every behaviour sequence's columns, less any column an item
+        feature also reads."""
+        f = spec.features
+        user = set(self.user_features)
+        item = {x.source for x in [*f.sparse, *f.dense] if x.name not in user}
+        cols = [x.source for x in [*f.sparse, *f.dense] if x.name in user] + [x.source for x in f.sequence_features()]
+        return [c for c in dict.fromkeys(cols) if c not in item]
 
     def group(self, spec: _SpecFields) -> SequenceGroup:
         groups = spec.features.sequences

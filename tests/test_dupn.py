@@ -7,6 +7,7 @@ import datetime as dt
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -232,6 +233,11 @@ def test_dupn_trains_on_two_workers_warm_starts_on_one_and_its_champion_scores_a
     assert ((scores.to_numpy() > 0) & (scores.to_numpy() < 1)).all()
     alone = pd.concat([model.predict(request.iloc[[i]]) for i in (0, 37, 99)])
     assert np.abs(alone.to_numpy() - scores.iloc[[0, 37, 99]].to_numpy()).max() < 1e-6
+    sent = request.astype(object)  # the user side once: on the first row, None below it
+    for col in cfg.model.user_columns(cfg.spec):
+        sent.loc[1:, col] = None
+    once = model.predict(sent, params={"request": True})
+    assert np.abs(once.to_numpy() - scores.to_numpy()).max() < 1e-6
 
     # the day's user representations, one row per user: their last row's user part
     from mtrec.jobs.predict import predict_to_parquet
@@ -405,3 +411,50 @@ def test_dupn_learns_purchasing_power_as_a_multiclass_task_and_serves_its_classe
     assert "power" not in scores and levels.shape == (50, 7)
     np.testing.assert_allclose(levels.sum(axis=1), 1.0, atol=1e-5)
     assert list(scores) == ["ctr", "cvr", *(f"power_{k}" for k in range(7)), "ctcvr"]
+
+
+def test_a_request_sends_the_user_side_once(seq_world, tmp_path):
+    """`request=True`: one user's candidates, the user's columns (history included) on the first
+    row only; the scores equal those of rows that each carry the user's columns in full."""
+    from mtrec.errors import MtrecError
+    from mtrec.serving import ServedModel
+
+    logs, day1, _ = seq_world
+    spec = parse_config(_small_dupn(logs, str(tmp_path))).spec
+    assert spec.model.user_columns(spec) == [
+        "user_id",
+        "user_segment",
+        "age_bucket",
+        "user_activity",
+        "hist_item_id",
+        "hist_item_category",
+        "hist_brand",
+        "hist_behavior",
+        "hist_scenario",
+        "hist_age_hours",
+    ]
+    torch.manual_seed(0)
+    served = ServedModel(spec, build_model(spec.serving(), "cpu").state_dict())
+    day = pq.read_table(f"{logs}/dt={day1}").slice(0, 40)
+    user = spec.model.user_columns(spec)
+    first = pa.array(np.zeros(40, dtype=np.int64))
+    full = day
+    for col in user:  # every row carries the first row's user
+        full = full.set_column(full.schema.get_field_index(col), col, day.column(col).take(first))
+    sent = day
+    for col in user:  # the user side on the first row only
+        keep = pa.array([True] + [False] * 39)
+        sent = sent.set_column(
+            sent.schema.get_field_index(col),
+            col,
+            pc.if_else(keep, day.column(col), pa.nulls(40, day.column(col).type)),
+        )
+    want, got = served.predict(full), served.predict(sent, request=True)
+    for k in served.outputs:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6)
+    assert len(np.unique(want["ctr"])) > 30  # the candidates differ
+
+    esmm = load_config("esmm").spec
+    small = ServedModel(esmm, build_model(esmm.serving(), "cpu").state_dict())
+    with pytest.raises(MtrecError, match="has no user part to send once per request"):
+        small.predict(pq.read_table(f"{logs}/dt={day1}").slice(0, 2), request=True)

@@ -31,16 +31,18 @@ class MtrecPyfunc(mlflow.pyfunc.PythonModel):
 
     # a DataFrame hint: MLflow validates against the logged signature (no type-hint inference)
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return self.served.predict_pandas(model_input)
+        # params={"request": True}: the rows are one user's candidates, the user side sent once (first row)
+        return self.served.predict_pandas(model_input, request=bool((params or {}).get("request", False)))
 
 
 def served_signature(served: ServedModel):
     """The logged model's signature, from the spec rather than from example rows: each feature
     column as its kind lists it (`mtrec.data.kinds.COLUMN_TYPES[kind].served`; ids, bags and
     sequences as ``Any``, since the contract allows integer or string ids and nulls, which MLflow's
-    typed columns would refuse), one float column per output."""
+    typed columns would refuse), one float column per output, and the `request` parameter
+    (`ServedModel.predict`)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     from mtrec.data.kinds import COLUMN_TYPES
 
@@ -49,7 +51,8 @@ def served_signature(served: ServedModel):
     for col in served.columns:
         kind = COLUMN_TYPES[roles[col][0]].served or "any"  # a column a label also names: Any
         inputs.append(ColSpec(AnyType() if kind == "any" else kind, col))
-    return ModelSignature(Schema(inputs), Schema([ColSpec("float", name) for name in served.outputs]))
+    outputs = Schema([ColSpec("float", name) for name in served.outputs])
+    return ModelSignature(Schema(inputs), outputs, ParamSchema([ParamSpec("request", "boolean", False)]))
 
 
 def load_served(model_uri: str) -> ServedModel:
