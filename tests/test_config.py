@@ -210,5 +210,11 @@ def test_multiclass_task_rules(esmm):
     bad["tasks"][1]["given"] = "level"
     assert "`given: level` must name a binary task, `level` is multiclass" in _err(bad)
     bad = copy.deepcopy(good)
+    bad["train"]["sampling"] = {"negative_rate": 0.1}
+    assert "`train.sampling` on `click` would skew root task(s) level" in _err(bad)
+    bad = copy.deepcopy(good)
+    bad["model"]["shallow_tower"] = {"apply_to": ["ctr", "level"]}
+    assert "`model.shallow_tower.apply_to` names multiclass task `level`" in _err(bad)
+    bad = copy.deepcopy(good)
     bad["gate"] = {"metrics": ["level/macro_auc", "level/accuracy"]}
     assert parse_config(bad).gate.metrics == ["level/macro_auc", "level/accuracy"]
