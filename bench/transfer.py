@@ -10,6 +10,8 @@ The new task, add-to-cart (`daction` on every impression), then trains on day N-
 * RT: the same, its tensors read from the trained DUPN (`train.init_from`) and its user part frozen
   (`train.freeze: [user]`: encoder, attention, user tower, the tables the user side reads);
 * FT: read from the trained DUPN, everything trained (fine-tuning);
+* RA: a fresh DUPN with all the tasks (ctr, cvr and add-to-cart) trained on days 1..N-2 like the
+  source DUPN, then on day N-1 (step 0 is the end of days 1..N-2);
 
 and is scored on day N (AUC of add-to-cart) after the steps given by --steps. Prints one table per
 seed, the means and spreads, and `transfer FT-RS at step S: X (min .. max)`. Single process
@@ -37,19 +39,19 @@ from mtrec.train.loop import LoopOptions, train_stream
 from mtrec.train.sharding import device_for_backend
 from mtrec.train.stream import day_batches
 
-ARMS = ("RS", "RT", "FT")
+ARMS = ("RS", "RT", "FT", "RA")
 CART = [{"name": "cart", "label": "daction"}]
 
 
 def config(logs: str, seed: int, batch: int, arm: str | None = None, init: str | None = None):
-    """The dupn example (arm None), or the add-to-cart model of an arm."""
+    """The dupn example (arm None), or the add-to-cart model of an arm (RA: with the example's tasks)."""
     d = yaml.safe_load(example_path("dupn").read_text())
     d["job"].update(logs=logs, workdir=tempfile.mkdtemp(prefix="transfer-"))
     d["tracking"] = {"enabled": False}
     d["train"].update(batch_size=batch, seed=seed)
     if arm is not None:
-        d.update(name="cart", tasks=copy.deepcopy(CART))
-        if arm != "RS":
+        d.update(name="cart", tasks=(d["tasks"] if arm == "RA" else []) + copy.deepcopy(CART))
+        if arm in ("RT", "FT"):
             d["train"]["init_from"] = init
         if arm == "RT":
             d["train"]["freeze"] = ["user"]
@@ -62,6 +64,8 @@ def run_arm(arm: str, logs: str, days: list[dt.date], seed: int, args, init: str
     dmp, opt = build_sharded(cfg)
     if cfg.train.init_from:
         ck.load_matching(dmp, cfg.train.init_from)
+    if arm == "RA":  # every task, from scratch, on the source DUPN's days first
+        train_days(cfg, days[:-2], dmp=dmp, optimizer=opt)
     steps = sorted(int(s) for s in args.steps.split(","))
     curve: dict[int, float] = {}
 
