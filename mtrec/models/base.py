@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mtrec.data.batch import Batch
+from mtrec.models.layers import Tower
 from mtrec.models.shallow_tower import ShallowTower
 from mtrec.models.sparse_arch import SparseArch
 from mtrec.spec import LabelKind, ModelSpec
@@ -45,6 +46,7 @@ class MultiTaskModel(nn.Module):
         self.task_names = [t.name for t in spec.tasks]
         self.binary = {t.name: spec.label_kind(t) == LabelKind.BINARY for t in spec.tasks}
         self.classes = spec.classes()  # multiclass task -> K
+        self._arch = spec.model
         self.joints = {t.name: (t.given, t.joint_name) for t in spec.tasks if t.given is not None}
         self.sparse_arch = SparseArch(spec.features, device, spec.model.sequence_encoder)
         st = spec.model.shallow_tower
@@ -52,6 +54,12 @@ class MultiTaskModel(nn.Module):
         roots = [t.name for t in spec.tasks if t.given is None and self.binary[t.name]]
         self.bias_tasks = (st.apply_to or roots[:1]) if st is not None else []
         self.score_offsets: dict[str, float] = {}  # task -> log-odds added by training-time sampling (`build_model`)
+
+    def tower(self, name: str, in_dim: int) -> Tower:
+        """Task `name`'s tower over `in_dim` inputs: `model.tower`'s sizes, BN and dropout, and
+        one output (K for a K-class task)."""
+        m = self._arch
+        return Tower(in_dim, m.tower, m.batch_norm, m.dropout, self.classes.get(name, 1))
 
     def frozen(self, part: str) -> tuple[list[str], list[str]]:
         """What `train.freeze: [part]` fixes: (prefixes of the dense parameters' names in this

@@ -29,7 +29,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from mtrec.data.batch import Batch
 from mtrec.models.base import MultiTaskModel
-from mtrec.models.layers import MLP, Tower
+from mtrec.models.layers import MLP
 from mtrec.spec import DupnModel, ModelSpec, SequenceEncoder, SequenceReadout
 
 
@@ -113,9 +113,7 @@ class DUPN(MultiTaskModel):
         self.item_tower = MLP(item_in, m.item_tower, m.batch_norm, m.dropout)
         self.user_dim = m.hidden + (behaviour_dim if m.with_behaviours else 0) + self.user_tower.out_dim
         head_in = self.user_dim + self.item_tower.out_dim
-        self.towers = nn.ModuleDict(
-            {n: Tower(head_in, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1)) for n in self.task_names}
-        )
+        self.towers = nn.ModuleDict({n: self.tower(n, head_in) for n in self.task_names})
 
     def frozen(self, part: str) -> tuple[list[str], list[str]]:
         """`user`: the encoder, the attention, the user tower and every table the user side reads

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from mtrec.models.base import MultiTaskModel
-from mtrec.models.layers import Tower
 from mtrec.spec import Esm2Model, ModelSpec
 
 BUY_AFTER_D, BUY_AFTER_O = "buy_after_daction", "buy_after_oaction"
@@ -32,12 +31,7 @@ class ESM2(MultiTaskModel):
         others = [t for t in spec.tasks if t.given == dar.given and t.name != dar.name and self.binary[t.name]]
         self.ctr_task, self.buy_task = dar.given, others[0].name
         heads = [n for n in self.task_names if n != self.buy_task] + [BUY_AFTER_D, BUY_AFTER_O]
-        self.towers = nn.ModuleDict(
-            {
-                n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1))
-                for n in heads
-            }
-        )
+        self.towers = nn.ModuleDict({n: self.tower(n, self.sparse_arch.out_dim) for n in heads})
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: tower(x) for n, tower in self.towers.items()}

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from mtrec.models.base import MultiTaskModel
-from mtrec.models.layers import Tower
 from mtrec.spec import ModelSpec
 
 
@@ -20,13 +19,7 @@ class ESMM(MultiTaskModel):
 
     def __init__(self, spec: ModelSpec, device: torch.device):
         super().__init__(spec, device)
-        m = spec.model
-        self.towers = nn.ModuleDict(
-            {
-                n: Tower(self.sparse_arch.out_dim, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1))
-                for n in self.task_names
-            }
-        )
+        self.towers = nn.ModuleDict({n: self.tower(n, self.sparse_arch.out_dim) for n in self.task_names})
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: tower(x) for n, tower in self.towers.items()}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mtrec.models.base import MultiTaskModel
-from mtrec.models.layers import MLP, Gate, Tower
+from mtrec.models.layers import MLP, Gate
 from mtrec.spec import MmoeModel, ModelSpec
 
 
@@ -18,9 +18,7 @@ class MMoE(MultiTaskModel):
         self.experts = nn.ModuleList(MLP(d, m.expert, m.batch_norm, m.dropout) for _ in range(m.num_experts))
         h = self.experts[0].out_dim
         self.gates = nn.ModuleDict({n: Gate(d, m.num_experts) for n in self.task_names})
-        self.towers = nn.ModuleDict(
-            {n: Tower(h, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1)) for n in self.task_names}
-        )
+        self.towers = nn.ModuleDict({n: self.tower(n, h) for n in self.task_names})
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # B x E x H

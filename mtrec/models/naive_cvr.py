@@ -13,7 +13,6 @@ from torch import nn
 
 from mtrec.data.batch import Batch
 from mtrec.models.base import MultiTaskModel
-from mtrec.models.layers import Tower
 from mtrec.models.sparse_arch import SparseArch
 from mtrec.spec import ModelSpec
 
@@ -29,13 +28,7 @@ class NaiveCVR(MultiTaskModel):
         self.cvr_sparse_arch = SparseArch(spec.features, device, m.sequence_encoder)
         self.towers = nn.ModuleDict(
             {
-                n: Tower(
-                    (self.cvr_sparse_arch if n in self.conditional else self.sparse_arch).out_dim,
-                    m.tower,
-                    m.batch_norm,
-                    m.dropout,
-                    self.classes.get(n, 1),
-                )
+                n: self.tower(n, (self.cvr_sparse_arch if n in self.conditional else self.sparse_arch).out_dim)
                 for n in self.task_names
             }
         )

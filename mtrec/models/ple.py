@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mtrec.models.base import MultiTaskModel
-from mtrec.models.layers import MLP, Gate, Tower
+from mtrec.models.layers import MLP, Gate
 from mtrec.spec import ModelSpec, PleModel
 
 
@@ -49,9 +49,7 @@ class PLE(MultiTaskModel):
             levels.append(ExtractionLevel(d, self.task_names, m, last=i == m.levels - 1))
             d = levels[-1].out_dim
         self.levels = nn.ModuleList(levels)
-        self.towers = nn.ModuleDict(
-            {n: Tower(d, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1)) for n in self.task_names}
-        )
+        self.towers = nn.ModuleDict({n: self.tower(n, d) for n in self.task_names})
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs, shared = {n: x for n in self.task_names}, x

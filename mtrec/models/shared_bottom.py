@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mtrec.models.base import MultiTaskModel
-from mtrec.models.layers import MLP, Tower
+from mtrec.models.layers import MLP
 from mtrec.spec import ModelSpec, SharedBottomModel
 
 
@@ -15,12 +15,7 @@ class SharedBottom(MultiTaskModel):
         super().__init__(spec, device)
         m: SharedBottomModel = spec.model
         self.bottom = MLP(self.sparse_arch.out_dim, m.bottom, m.batch_norm, m.dropout)
-        self.towers = nn.ModuleDict(
-            {
-                n: Tower(self.bottom.out_dim, m.tower, m.batch_norm, m.dropout, self.classes.get(n, 1))
-                for n in self.task_names
-            }
-        )
+        self.towers = nn.ModuleDict({n: self.tower(n, self.bottom.out_dim) for n in self.task_names})
 
     def task_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.bottom(x)
