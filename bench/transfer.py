@@ -14,7 +14,8 @@ The new task, add-to-cart (`daction` on every impression), then trains on day N-
   source DUPN, then on day N-1 (step 0 is the end of days 1..N-2);
 
 and is scored on day N (AUC of add-to-cart) after the steps given by --steps. Prints one table per
-seed, the means and spreads, and `transfer FT-RS at step S: X (min .. max)`. Single process
+seed, the means and spreads, and `transfer FT-RS at step S: X (min .. max)`; with --plot, draws
+the mean AUC against steps per arm, the seeds' range shaded. Single process
 (DistributedModelParallel at world size 1), batch 512.
 """
 
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--steps", default="0,25,50,100,195", help="steps after which the new task is scored")
     ap.add_argument("--out", help="world dir, reused when it exists (a folder per seed under it)")
     ap.add_argument("--world", action="append", default=[], metavar="NAME=VALUE", help="a WorldParams override")
+    ap.add_argument("--plot", help="write the curves as a PNG here")
     args = ap.parse_args()
     root = args.out or tempfile.mkdtemp(prefix="transfer-world-")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -135,6 +137,28 @@ def main() -> None:
     for s in steps:
         d = np.array([r["FT"][s] - r["RS"][s] for r in by_seed])
         print(f"transfer FT-RS at step {s}: {d.mean():+.4f} ({d.min():+.4f} .. {d.max():+.4f})")
+    if args.plot:
+        plot(by_seed, steps, args)
+
+
+def plot(by_seed: list[dict[str, dict[int, float]]], steps: list[int], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in ARMS:
+        v = np.array([[r[arm][s] for s in steps] for r in by_seed])
+        ax.plot(steps, v.mean(axis=0), marker="o", label=arm)
+        ax.fill_between(steps, v.min(axis=0), v.max(axis=0), alpha=0.2)
+    ax.set_xlabel(f"training steps on the new task's day (batch {args.batch_size})")
+    ax.set_ylabel("add-to-cart AUC, next day")
+    ax.set_title(f"representation transfer, seeds {args.seeds} (range shaded)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=100)
+    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
