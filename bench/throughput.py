@@ -13,6 +13,8 @@ The workload: ESMM, 20 sparse features of vocabulary 100,000 and dim 16, towers
 3. end-to-end `mtrec train` (Ray Data -> Ray Train -> DMP) over the same rows from Parquet, world
               size 1 and 2: rows/s while streaming (first batch to last, every worker) and the
               job's wall time including Ray start/stop;
+   With `--shuffle-cost`, each world size also runs with rows in file order (`train.shuffle`
+   off) and the ratio of the two is printed;
 4. rss        peak memory of the job's processes together (PSS summed, so the shared object
               store counts once; sampled every 2 s) for a day of `--rows` and of 4 x `--rows`.
 
@@ -53,8 +55,9 @@ N_SPARSE, VOCAB, DIM, TOWER, BATCH = 20, 100_000, 16, [256, 128, 64], 2048
 DAY = "2026-01-01"
 
 
-def bench_config(logs: str, workdir: str, workers: int = 1, torch_threads: int = 0) -> dict:
-    """The ESMM workload above as an mtrec config (f00 is user_id, f01 item_id)."""
+def bench_config(logs: str, workdir: str, workers: int = 1, torch_threads: int = 0, shuffle: bool = True) -> dict:
+    """The ESMM workload above as an mtrec config (f00 is user_id, f01 item_id); `shuffle`: the
+    default `train.shuffle`, else rows in file order."""
     names = ["user_id", "item_id"] + [f"f{i:02d}" for i in range(2, N_SPARSE)]
     return {
         "name": "esmm_bench",
@@ -72,6 +75,7 @@ def bench_config(logs: str, workdir: str, workers: int = 1, torch_threads: int =
             "torch_threads": torch_threads,
             "embedding_optimizer": {"name": "rowwise_adagrad", "lr": 0.05},
             "dense_optimizer": {"name": "adam", "lr": 0.001},
+            **({} if shuffle else {"shuffle": {"buffer_rows": 0, "files": False}}),
         },
         "job": {"logs": logs, "workdir": workdir},
     }
@@ -337,12 +341,14 @@ def seq_reference(table: pa.Table, warmup: int) -> float:
 # 3 + 4. end-to-end `mtrec train` in a subprocess, with its peak RSS
 
 
-def end_to_end(root: Path, workers: int, torch_threads: int = 0, watch_memory: bool = False) -> dict:
+def end_to_end(
+    root: Path, workers: int, torch_threads: int = 0, watch_memory: bool = False, shuffle: bool = True
+) -> dict:
     """Run `mtrec train` on the bench day; returns its summary JSON + wall time (+ peak memory in
     MiB when `watch_memory`: the /proc scan costs CPU, so throughput runs do not watch)."""
-    work = root / f"work-{workers}"
+    work = root / f"work-{workers}-{'shuffled' if shuffle else 'ordered'}"
     cfg_path = root / f"bench-{workers}.yaml"
-    cfg_path.write_text(yaml.safe_dump(bench_config(str(root / "logs"), str(work), workers, torch_threads)))
+    cfg_path.write_text(yaml.safe_dump(bench_config(str(root / "logs"), str(work), workers, torch_threads, shuffle)))
     cmd = [
         sys.executable,
         "-m",
@@ -491,6 +497,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="world sizes of the end-to-end run")
     ap.add_argument(
+        "--shuffle-cost",
+        action="store_true",
+        help="end-to-end: also run each world size with rows in file order (train.shuffle off), alternating, and "
+        "print `shuffle e2e rows/s on/off`",
+    )
+    ap.add_argument(
         "--workload",
         choices=["issue9", "sequence"],
         default="issue9",
@@ -547,19 +559,24 @@ def main(argv=None) -> int:
         if "e2e" in parts:
             write_day(root / "logs", args.rows, 1, args.zipf)
             for w in args.workers:
-                s = end_to_end(root, w, args.torch_threads)
-                per = "; ".join(
-                    f"{x['rows_per_s']:,.0f} rows/s, {x['wait_s']:.1f}s of {x['seconds']:.1f}s waiting for data, "
-                    f"{x['convert_s']:.1f}s converting"
-                    for x in s["workers"]
-                )
-                print(
-                    f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows: "
-                    f"{s['rows_per_s']:,.0f} rows/s streaming "
-                    f"(per worker: {per}); wall {s['wall_s']:.1f}s incl. Ray start/stop and checkpoint",
-                    flush=True,
-                )
-                out[f"e2e{w}"] = s["rows_per_s"]
+                orders = [True, False] if args.shuffle_cost else [True]
+                for shuffle in orders:
+                    s = end_to_end(root, w, args.torch_threads, shuffle=shuffle)
+                    per = "; ".join(
+                        f"{x['rows_per_s']:,.0f} rows/s, {x['wait_s']:.1f}s of {x['seconds']:.1f}s waiting for data, "
+                        f"{x['convert_s']:.1f}s converting"
+                        for x in s["workers"]
+                    )
+                    print(
+                        f"end-to-end mtrec train, {w} worker(s), {s['rows']:,} rows"
+                        f"{'' if shuffle else ', rows in file order (shuffle off)'}: "
+                        f"{s['rows_per_s']:,.0f} rows/s streaming "
+                        f"(per worker: {per}); wall {s['wall_s']:.1f}s incl. Ray start/stop and checkpoint",
+                        flush=True,
+                    )
+                    out[f"e2e{w}" if shuffle else f"e2e{w}-ordered"] = s["rows_per_s"]
+                if args.shuffle_cost:
+                    print(f"shuffle e2e rows/s on/off, {w} worker(s): {out[f'e2e{w}'] / out[f'e2e{w}-ordered']:.2f}")
             if "ceiling" in out and "e2e1" in out:
                 print(f"ratio end-to-end/ceiling: {out['e2e1'] / out['ceiling']:.2f}")
         if "rss" in parts:

@@ -94,6 +94,25 @@ class SamplingConfig(Strict):
         return self.positive_repeat / self.negative_rate
 
 
+class ShuffleConfig(Strict):
+    buffer_rows: int = Field(
+        32768,
+        ge=0,
+        description=(
+            "Rows each worker holds to draw its training rows from in a random order, seeded by `train.seed` and the "
+            "day (deterministic; a resumed day replays it); 0: rows in the order they are read. Memory: up to 1.5x "
+            "this many rows of the columns training reads."
+        ),
+    )
+    files: bool = Field(
+        True,
+        description=(
+            "Read each day's files in a random order seeded by `train.seed` and the day, not by name, so logs "
+            "written hour by hour reach the buffer mixed."
+        ),
+    )
+
+
 class TrainConfig(Strict):
     batch_size: int = Field(2048, gt=0, description="Rows per batch per worker.")
     seed: int = Field(0, description="Seed of parameter init and of any sampling.")
@@ -150,6 +169,10 @@ class TrainConfig(Strict):
         default_factory=SamplingConfig,
         description="Training-time sampling (negative down-sampling, positive over-sampling), deterministic per row.",
     )
+    shuffle: ShuffleConfig = Field(
+        default_factory=ShuffleConfig,
+        description="Row order within a day: logs are written in time order (or sorted), training wants a random one.",
+    )
     init_from: str | None = Field(
         None,
         description="A cold start's initial weights: a published checkpoint (URL) or a registered version "
@@ -161,6 +184,11 @@ class TrainConfig(Strict):
         description="Parts of the model whose weights do not train, e.g. `[user]`: DUPN's user representation "
         "(its encoder, attention, user tower and every table the user side reads, shared tables included).",
     )
+
+    def shuffle_plan(self, key: int, rank: int) -> tuple[int, bool, list[int]]:
+        """`mtrec.train.stream.day_batches`'s `shuffle`: (buffer rows, shuffle files, the seed of a
+        rank's buffer: train seed, the job's key (its last day's ordinal), rank)."""
+        return self.shuffle.buffer_rows, self.shuffle.files, [self.seed, key, rank]
 
 
 RESOURCE_KEYS = {
@@ -416,6 +444,8 @@ class MtrecConfig(_SpecFields):
         settings = self.train.model_dump(mode="json", exclude=RESOURCE_KEYS | {"init_from"})  # a start, not a setting
         if not settings["freeze"]:
             del settings["freeze"]  # as before the key existed: earlier checkpoints keep their fingerprint
+        if settings["shuffle"] == ShuffleConfig().model_dump(mode="json"):
+            del settings["shuffle"]  # likewise: a checkpoint from before shuffling warm-starts under the default
         return settings
 
     def training_fingerprint(self) -> str:

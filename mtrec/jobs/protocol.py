@@ -38,7 +38,7 @@ from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
 from mtrec.shims import trainer_class
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
-from mtrec.train.stream import read_good_rows
+from mtrec.train.stream import read_good_rows, read_order
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,16 @@ def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile], done: dict | None
         batch_size=1,
         batch_format="pyarrow",
     )
+
+
+def _read_side_skip(cfg: MtrecConfig, plan: JobPlan) -> dict | None:
+    """The rows a resumed job's readers may leave out. With a shuffle buffer none: the workers
+    replay the whole stream through the same buffer and drop the trained rows after it, so the
+    day continues exactly where it stopped (without a buffer, dropping them at the read keeps the
+    order of the rest and reads less)."""
+    if not plan.done.intervals or cfg.train.shuffle.buffer_rows:
+        return None
+    return plan.done.to_json()
 
 
 def _exact_split_config(buffer_bytes: int):
@@ -238,7 +248,7 @@ def plan_job(
     for day in days:
         report = validate(cfg, day)
         reports.append(report)
-        files += list_day_files(cfg.job.logs, day)
+        files += read_order(list_day_files(cfg.job.logs, day), cfg.train.seed, day, cfg.train.shuffle.files)
         log.info(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
     end = days[-1]
     init = None if parent else resolve_init(cfg)
@@ -533,7 +543,7 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
             placement_strategy=cfg.train.placement.value.upper(),
         ),
-        datasets={"train": good_rows_dataset(cfg, plan.files, plan.done.to_json() if plan.done.intervals else None)},
+        datasets={"train": good_rows_dataset(cfg, plan.files, _read_side_skip(cfg, plan))},
         dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
         run_config=RunConfig(
             name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}",

@@ -59,8 +59,10 @@ def train_days(
     device, _ = device_for_backend()
     counts = StreamCounts()
     t0 = time.perf_counter()
-    opts = LoopOptions(log_every=log_every, on_progress=lambda p: log.info(p.line()), rng_key=days[-1].toordinal())
-    stats = train_stream(
-        dmp, optimizer, day_batches(cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts), cfg, device, opts
+    key = days[-1].toordinal()
+    opts = LoopOptions(log_every=log_every, on_progress=lambda p: log.info(p.line()), rng_key=key)
+    batches = day_batches(
+        cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts, cfg.train.shuffle_plan(key, rank=0)
     )
+    stats = train_stream(dmp, optimizer, batches, cfg, device, opts)
     return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses, optimizer)

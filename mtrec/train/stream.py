@@ -1,4 +1,6 @@
-"""A day's good rows as fixed-size Arrow batches, streamed file by file (bounded memory)."""
+"""A day's good rows as fixed-size Arrow batches, streamed file by file (bounded memory), in
+training order: each day's files in a seeded random order (`read_order`) and the rows through a
+seeded shuffle buffer (`shuffle_rows`), both deterministic for a given seed."""
 
 from __future__ import annotations
 
@@ -76,6 +78,67 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
         yield tail
 
 
+def read_order(files: list[DataFile], seed: int, day: dt.date, shuffle: bool) -> list[DataFile]:
+    """A day's files in the order training reads them: by name, or (`shuffle`) in a random order
+    drawn from (seed, day). Logs written hour by hour then reach the shuffle buffer mixed."""
+    if not shuffle or len(files) < 2:
+        return list(files)
+    perm = np.random.default_rng([seed, day.toordinal(), 1]).permutation(len(files))
+    return [files[i] for i in perm]
+
+
+# rows the shuffle moves together: a run of consecutive rows of one user (one request's
+# impressions, which a model with a user part computes once), at most this long
+SHUFFLE_RUN = 64
+
+
+def _runs(users: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Per row, the index of its run: consecutive rows of one user, at most SHUFFLE_RUN long."""
+    u = users.to_numpy(zero_copy_only=False) if isinstance(users, pa.Array) else users.to_numpy()
+    n = len(u)
+    start = np.ones(n, dtype=bool)
+    start[1:] = u[1:] != u[:-1]
+    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+    start |= (np.arange(n) - first) % SHUFFLE_RUN == 0
+    return np.cumsum(start) - 1
+
+
+def shuffle_rows(
+    batches: Iterable[pa.RecordBatch], buffer_rows: int, seed: list[int], together: str | None = "user_id"
+) -> Iterator[pa.RecordBatch]:
+    """The rows of `batches` in a random order drawn from `seed`, holding at most ~1.5 x
+    `buffer_rows` rows (0: unchanged). Consecutive rows with one value of `together` (a request's
+    impressions: one user) move as one run of at most SHUFFLE_RUN rows, so a model that computes a
+    user's part once per distinct context (DUPN) keeps that saving. The input is cut into chunks
+    of half the buffer, so the order depends on the rows and the seed only, not on how the input
+    was batched; each chunk joins the buffer, and once the buffer is full a random half of it
+    leaves. A row can leave early or stay long (a geometric number of rounds), so rows from many
+    buffers apart mix. Deterministic: the same rows in the same order and seed give the same
+    output, which a resumed day relies on (it replays the stream and drops the trained rows after
+    this)."""
+    if buffer_rows <= 0:
+        yield from batches
+        return
+    rng = np.random.default_rng(seed)
+    half = max(buffer_rows // 2, 1)
+    held: pa.Table | None = None
+
+    def mixed(t: pa.Table) -> pa.Table:
+        run = _runs(t.column(together)) if together else np.arange(t.num_rows)
+        key = rng.random(int(run[-1]) + 1)[run]
+        return t.take(np.argsort(key, kind="stable"))  # a run's rows stay in their order
+
+    for chunk in rebatch(batches, half):
+        t = pa.Table.from_batches([chunk])
+        held = t if held is None else pa.concat_tables([held, t])
+        if held.num_rows >= buffer_rows:
+            held = mixed(held)
+            yield from held.slice(0, half).combine_chunks().to_batches()
+            held = held.slice(half)
+    if held is not None and held.num_rows:
+        yield from mixed(held).combine_chunks().to_batches()
+
+
 def good_file_batches(
     f: DataFile,
     validator: RowValidator,
@@ -112,15 +175,23 @@ def good_file_batches(
 
 
 def day_batches(
-    spec: ModelSpec, logs: str, days: Iterable[dt.date], batch_size: int, counts: StreamCounts | None = None
+    spec: ModelSpec,
+    logs: str,
+    days: Iterable[dt.date],
+    batch_size: int,
+    counts: StreamCounts | None = None,
+    shuffle: tuple[int, bool, list[int]] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Good rows of `days` under the logs root `logs`, in file order, as `batch_size`-row batches,
-    with positions (file index within these days' files); `counts` is filled as it goes."""
+    with positions (file index within these days' files); `counts` is filled as it goes. With
+    `shuffle` = (buffer rows, shuffle files, seed: [train seed, job key, rank]), in training order
+    (`read_order`, `shuffle_rows`), as a training job's worker reads them."""
     validator = RowValidator(spec)
     roles = spec.column_roles()  # once per stream, not per batch
-    files = [f for day in days for f in list_day_files(logs, day)]
+    buffer_rows, shuffle_files, seed = shuffle or (0, False, [0])
+    files = [f for day in days for f in read_order(list_day_files(logs, day), seed[0], day, shuffle_files)]
     good = (b for i, f in enumerate(files) for b in good_file_batches(f, validator, roles, counts, file_index=i))
-    return rebatch(good, batch_size)
+    return rebatch(shuffle_rows(good, buffer_rows, seed), batch_size)
 
 
 def read_good_rows(files: pa.Table, spec: dict, done: dict | None = None) -> Iterator[pa.Table]:

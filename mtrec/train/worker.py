@@ -29,7 +29,7 @@ from mtrec.train import checkpoint
 from mtrec.train.loop import LoopOptions, Progress, gather_stats, train_stream
 from mtrec.train.position import Position, skip_trained
 from mtrec.train.sharding import dense_optimizer, device_for_backend, plan_summary, shard
-from mtrec.train.stream import rebatch
+from mtrec.train.stream import rebatch, shuffle_rows
 
 
 @ray.remote(num_cpus=0)
@@ -199,9 +199,11 @@ def train_loop_per_worker(config: dict) -> None:
     tables = shard_it.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", prefetch_batches=2)
     # a restarted worker group streams the data from the start again: rows already trained are
     # dropped here; then exact-size batches (rebatch merges a small last one: BatchNorm never sees 1 row)
-    batches = rebatch(
-        skip_trained((rb for t in tables for rb in t.combine_chunks().to_batches()), done), cfg.train.batch_size
-    )
+    # the rank's rows through its shuffle buffer, then the trained ones dropped: a resumed day replays
+    # the same shuffled stream and continues where it stopped
+    rows = (rb for t in tables for rb in t.combine_chunks().to_batches())
+    buffer_rows, _, seed = cfg.train.shuffle_plan(day_ordinal(job.day), rank)
+    batches = rebatch(skip_trained(shuffle_rows(rows, buffer_rows, seed), done), cfg.train.batch_size)
     batches = _kill_switch(batches, rank, job.kill, collector)
 
     mine = Position()  # rows this rank trains in this attempt
