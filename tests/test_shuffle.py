@@ -121,3 +121,31 @@ def test_a_resumed_job_skips_trained_rows_at_the_read_only_without_a_buffer():
     off = cfg.with_train(shuffle={"buffer_rows": 0})
     assert _read_side_skip(off, plan) == {"0": [[0, 99]]}
     assert _read_side_skip(off, SimpleNamespace(done=Position())) is None
+
+
+def test_positions_record_a_shuffled_stream_and_refuse_a_row_twice():
+    """A shuffled stream trains rows out of order: the trained set stays exact, merges back to
+    one interval per file once complete, and a row seen twice (in one batch, across batches or
+    across ranks) is refused naming it."""
+    from mtrec.errors import MtrecError
+    from mtrec.train.position import Position
+
+    out = np.concatenate([b.column("i").to_numpy() for b in shuffle_rows(_rows(), 2000, [0, 1, 0])])
+    files, rows = out % 3, out // 3  # three files
+    ranks = [Position(), Position()]
+    for k, s in enumerate(range(0, N, 256)):
+        ranks[k % 2].add_batch(files[s : s + 256], rows[s : s + 256])
+        if s == 256 * 10:
+            mid = Position(ranks[0].intervals)
+            mid.merge(ranks[1])
+            assert mid.rows == 256 * 11 and len(mid.intervals[0]) > 1  # holes while rows are in the buffer
+            assert mid.trained_mask(files[: 256 * 12], rows[: 256 * 12]).tolist() == [True] * 256 * 11 + [False] * 256
+    merged = Position.from_json(ranks[0].to_json())
+    merged.merge(ranks[1])
+    assert merged.rows == N and merged.intervals == {0: [[0, 3333]], 1: [[0, 3332]], 2: [[0, 3332]]}
+    with pytest.raises(MtrecError, match=r"rows 7..7 of file 1 would be trained twice"):
+        Position().add_batch(np.array([1, 1, 0]), np.array([7, 7, 3]))
+    with pytest.raises(MtrecError, match=r"rows 20..25 of file 0 would be trained twice"):
+        Position({0: [[20, 30]]}).add(0, 5, 25)
+    with pytest.raises(MtrecError, match=r"would be trained twice"):
+        merged.merge(ranks[1])

@@ -29,68 +29,96 @@ ROW_COL = "_row"
 
 
 class Position:
-    """Trained rows as sorted, disjoint, merged closed intervals per file index."""
+    """Trained rows as sorted, disjoint, merged closed intervals per file index, kept as numpy
+    arrays: a shuffled stream trains rows out of order, and up to a shuffle buffer's worth of
+    holes stay open at a time, so adding a batch is vectorized (O(intervals + batch))."""
 
     def __init__(self, intervals: dict[int, list[list[int]]] | None = None):
-        self.intervals: dict[int, list[list[int]]] = {}
+        self._lo: dict[int, np.ndarray] = {}
+        self._hi: dict[int, np.ndarray] = {}
         for f, ivs in (intervals or {}).items():
-            for lo, hi in ivs:
-                self.add(int(f), int(lo), int(hi))
+            if ivs:
+                a = np.asarray(ivs, dtype=np.int64).reshape(-1, 2)
+                self._insert(int(f), a[:, 0], a[:, 1])
+
+    @property
+    def intervals(self) -> dict[int, list[list[int]]]:
+        return {f: np.stack([self._lo[f], self._hi[f]], axis=1).tolist() for f in sorted(self._lo)}
 
     @property
     def rows(self) -> int:
-        return sum(hi - lo + 1 for ivs in self.intervals.values() for lo, hi in ivs)
+        return int(sum((self._hi[f] - self._lo[f] + 1).sum() for f in self._lo))
+
+    def _insert(self, f: int, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Record closed intervals lo..hi of file f. Raises MtrecError if any row is in another
+        new interval or was recorded before."""
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order].astype(np.int64), hi[order].astype(np.int64)
+        olo, ohi = self._lo.get(f, np.zeros(0, np.int64)), self._hi.get(f, np.zeros(0, np.int64))
+        clash = None
+        if len(lo) > 1:  # among the new ones
+            reach = np.maximum.accumulate(hi)[:-1]
+            i = np.flatnonzero(lo[1:] <= reach)
+            if len(i):
+                clash = (int(lo[i[0] + 1]), int(min(hi[i[0] + 1], reach[i[0]])))
+        if clash is None and len(olo):  # against the recorded ones
+            k = np.searchsorted(olo, lo, side="right") - 1  # the recorded interval starting at or before lo
+            prev = (k >= 0) & (ohi[np.maximum(k, 0)] >= lo)
+            j = np.minimum(k + 1, len(olo) - 1)  # the next one, starting after lo
+            nxt = (k + 1 < len(olo)) & (olo[j] <= hi)
+            bad = np.flatnonzero(prev | nxt)
+            if len(bad):
+                b = bad[0]
+                e = k[b] if prev[b] else j[b]
+                clash = (int(max(lo[b], olo[e])), int(min(hi[b], ohi[e])))
+        if clash is not None:
+            raise MtrecError(
+                f"rows {clash[0]}..{clash[1]} of file {f} would be trained twice; "
+                "the job stopped before publishing - rerun it (report this as a bug)"
+            )
+        lo, hi = np.concatenate([olo, lo]), np.concatenate([ohi, hi])
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+        starts = np.flatnonzero(np.concatenate([[True], lo[1:] > np.maximum.accumulate(hi)[:-1] + 1]))
+        self._lo[f], self._hi[f] = lo[starts], np.maximum.reduceat(hi, starts)
 
     def add(self, f: int, lo: int, hi: int) -> None:
         """Record rows lo..hi (inclusive) of file f. Raises MtrecError if any was recorded before."""
-        ivs = self.intervals.setdefault(f, [])
-        i = 0
-        while i < len(ivs) and ivs[i][1] < lo - 1:
-            i += 1
-        j = i
-        while j < len(ivs) and ivs[j][0] <= hi + 1:
-            if ivs[j][0] <= hi and lo <= ivs[j][1]:
-                raise MtrecError(
-                    f"rows {max(lo, ivs[j][0])}..{min(hi, ivs[j][1])} of file {f} would be trained twice; "
-                    "the job stopped before publishing - rerun it (report this as a bug)"
-                )
-            j += 1
-        if i < j:
-            lo, hi = min(lo, ivs[i][0]), max(hi, ivs[j - 1][1])
-        ivs[i:j] = [[lo, hi]]
+        self._insert(f, np.array([lo]), np.array([hi]))
 
     def add_batch(self, files: np.ndarray, rows: np.ndarray) -> None:
-        """Record a batch's rows (its `_file`, `_row` columns); runs of consecutive rows of one file
-        become one interval."""
+        """Record a batch's rows (its `_file`, `_row` columns, in any order); runs of consecutive
+        rows of one file become one interval."""
         if not len(files):
             return
+        order = np.lexsort((rows, files))
+        files, rows = files[order], rows[order]
         brk = np.flatnonzero((np.diff(files) != 0) | (np.diff(rows) != 1)) + 1
         starts = np.concatenate([[0], brk])
         ends = np.concatenate([brk, [len(files)]]) - 1
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            self.add(int(files[s]), int(rows[s]), int(rows[e]))
+        f_of = files[starts]
+        for f in np.unique(f_of).tolist():
+            sel = f_of == f
+            self._insert(int(f), rows[starts[sel]], rows[ends[sel]])
 
     def merge(self, other: Position) -> None:
-        for f, ivs in other.intervals.items():
-            for lo, hi in ivs:
-                self.add(f, lo, hi)
+        for f in other._lo:
+            self._insert(f, other._lo[f], other._hi[f])
 
     def trained_mask(self, files: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """True where (file, row) is already inside an interval."""
         done = np.zeros(len(files), dtype=bool)
-        for f, ivs in self.intervals.items():
+        for f, lo in self._lo.items():
             sel = files == f
             if not sel.any():
                 continue
             r = rows[sel]
-            lo = np.array([iv[0] for iv in ivs])
-            hi = np.array([iv[1] for iv in ivs])
             k = np.searchsorted(lo, r, side="right") - 1
-            done[sel] = (k >= 0) & (r <= hi[np.maximum(k, 0)])
+            done[sel] = (k >= 0) & (r <= self._hi[f][np.maximum(k, 0)])
         return done
 
     def to_json(self) -> dict[str, list[list[int]]]:
-        return {str(f): ivs for f, ivs in sorted(self.intervals.items())}
+        return {str(f): ivs for f, ivs in self.intervals.items()}
 
     @classmethod
     def from_json(cls, data: dict[str, list[list[int]]] | None) -> Position:
