@@ -124,9 +124,16 @@ def shuffle_rows(
     held: pa.Table | None = None
 
     def mixed(t: pa.Table) -> pa.Table:
-        run = _runs(t.column(together)) if together else np.arange(t.num_rows)
-        key = rng.random(int(run[-1]) + 1)[run]
-        return t.take(np.argsort(key, kind="stable"))  # a run's rows stay in their order
+        """`t`'s runs in a random order, each run's rows in their order."""
+        if not together:
+            return t.take(rng.permutation(t.num_rows))
+        run = _runs(t.column(together))
+        starts = np.flatnonzero(np.diff(run, prepend=-1))
+        lengths = np.diff(np.append(starts, t.num_rows))
+        perm = rng.permutation(len(starts))
+        first = np.repeat(starts[perm], lengths[perm])  # each row's run start, runs permuted
+        within = np.arange(t.num_rows) - np.repeat(np.cumsum(lengths[perm]) - lengths[perm], lengths[perm])
+        return t.take(first + within)
 
     for chunk in rebatch(batches, half):
         t = pa.Table.from_batches([chunk])
