@@ -74,7 +74,7 @@ def _read_side_skip(cfg: MtrecConfig, plan: JobPlan) -> dict | None:
     replay the whole stream through the same buffer and drop the trained rows after it, so the
     day continues exactly where it stopped (without a buffer, dropping them at the read keeps the
     order of the rest and reads less)."""
-    if not plan.done.intervals or cfg.train.shuffle.buffer_rows:
+    if plan.done.empty or cfg.train.shuffle.buffer_rows:
         return None
     return plan.done.to_json()
 

@@ -46,6 +46,11 @@ class Position:
         return {f: np.stack([self._lo[f], self._hi[f]], axis=1).tolist() for f in sorted(self._lo)}
 
     @property
+    def empty(self) -> bool:
+        """No row recorded (cheaper than building `intervals`)."""
+        return not self._lo
+
+    @property
     def rows(self) -> int:
         return int(sum((self._hi[f] - self._lo[f] + 1).sum() for f in self._lo))
 
@@ -139,7 +144,7 @@ def skip_trained(batches, done: Position):
     """Drop the rows `done` already holds (a resumed job, or a restarted worker whose stream starts
     over); batches with nothing left are skipped. Without intervals, batches pass unchanged."""
     for rb in batches:
-        pos = batch_positions(rb) if done.intervals else None
+        pos = None if done.empty else batch_positions(rb)
         if pos is None:
             yield rb
             continue
