@@ -92,15 +92,15 @@ def read_order(files: list[DataFile], seed: int, day: dt.date, shuffle: bool) ->
 SHUFFLE_RUN = 64
 
 
-def _runs(users: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Per row, the index of its run: consecutive rows of one user, at most SHUFFLE_RUN long."""
-    u = users.to_numpy(zero_copy_only=False) if isinstance(users, pa.Array) else users.to_numpy()
+def _run_starts(users: pa.ChunkedArray) -> np.ndarray:
+    """The first row of each run: consecutive rows of one user, at most SHUFFLE_RUN long."""
+    u = users.to_numpy()
     n = len(u)
     start = np.ones(n, dtype=bool)
     start[1:] = u[1:] != u[:-1]
     first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
     start |= (np.arange(n) - first) % SHUFFLE_RUN == 0
-    return np.cumsum(start) - 1
+    return np.flatnonzero(start)
 
 
 def shuffle_rows(
@@ -127,8 +127,7 @@ def shuffle_rows(
         """`t`'s runs in a random order, each run's rows in their order."""
         if not together:
             return t.take(rng.permutation(t.num_rows))
-        run = _runs(t.column(together))
-        starts = np.flatnonzero(np.diff(run, prepend=-1))
+        starts = _run_starts(t.column(together))
         lengths = np.diff(np.append(starts, t.num_rows))
         perm = rng.permutation(len(starts))
         first = np.repeat(starts[perm], lengths[perm])  # each row's run start, runs permuted
