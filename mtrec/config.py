@@ -354,6 +354,41 @@ class GateConfig(Strict):
             "~the day-to-day noise of AUC on 100k rows."
         ),
     )
+    min_auc: float = Field(
+        0.52,
+        ge=0,
+        le=1,
+        description=(
+            "Floor, for every challenger including the first champion: each gated AUC-like metric (auc, gauc, "
+            "auc_unbiased, auc_entire_space, macro_auc, macro_auc_truth) on the gate's day must reach this (0.5 is "
+            "a coin)."
+        ),
+    )
+    max_calibration_factor: float = Field(
+        1.5,
+        gt=1,
+        description=(
+            "Floor: the calibration (sum of predictions / sum of labels) of each gated root binary task (ctr) on the "
+            "gate's day must lie within [1/x, x]."
+        ),
+    )
+    floor_z: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "A floor refuses only when the figure lies beyond it by more than this many standard errors of the "
+            "gate's slice (AUC: Hanley & McNeil from its positives and negatives; calibration: 1/sqrt(positives)), "
+            "so a small slice cannot condemn a sound model. 0 judges the raw figures."
+        ),
+    )
+    max_loss_growth: float = Field(
+        1.5,
+        gt=0,
+        description=(
+            "Floor: the training loss of the job's last progress window must not exceed this times its first "
+            "(a loss that climbed: sorted logs, a diverging learning rate)."
+        ),
+    )
 
     @field_validator("metrics")
     @classmethod

@@ -63,6 +63,14 @@ def _batch(**cols):
     return pa.record_batch(base)
 
 
+def without_floors(d: dict) -> dict:
+    """A config dict whose gate floors cannot refuse: for tests of the registry's and the BN check's
+    mechanics on models trained on a few thousand rows (or not at all), which (rightly) sit below
+    the quality floors. The floors have their own tests."""
+    d["gate"].update(min_auc=0.0, max_calibration_factor=1e9, max_loss_growth=1e9)
+    return d
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> str:
     """A 3-day world of 20,000 rows/day, 4 files/day, seed 3: the logs root (a local path)."""

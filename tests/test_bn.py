@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import without_floors
 
 from mtrec import bn
 from mtrec.config import BNCheckConfig, SamplingConfig, load_config
@@ -193,7 +194,7 @@ def test_gate_refuses_broken_bn_statistics_and_recalibration_makes_a_version_tha
     d = bn_cfg(world).model_dump(mode="json")
     d["job"]["workdir"] = str(tmp_path / "work")
     d["gate"]["tolerance"] = 0.05
-    cfg = type(load_config("esmm")).model_validate(d)
+    cfg = type(load_config("esmm")).model_validate(without_floors(d))  # an untrained model
     torch.manual_seed(0)
     model = build_model(cfg.spec, "cpu", cfg.score_offsets())
     bn.recalibrate(model, cfg.spec, cfg.job.logs, DAY1)

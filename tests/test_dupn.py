@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import _batch
+from conftest import _batch, without_floors
 
 from mtrec.config import load_config, parse_config
 from mtrec.data.batch import BatchConverter
@@ -195,7 +195,7 @@ def test_dupn_trains_on_two_workers_warm_starts_on_one_and_its_champion_scores_a
         f["hash_size"] = min(f["hash_size"], 5_000)
     d["model"].update(hidden=16, attention=[8], user_tower=[16], item_tower=[16], tower=[16], batch_norm=True)
     d["train"].update(batch_size=128, num_workers=2, cpus_per_worker=1, sharding_types=["column_wise"])
-    cfg = parse_config(d)
+    cfg = parse_config(without_floors(d))  # 12,000 rows: far below the quality floors
     s1 = run_train(cfg, day1, day1)
     assert ck.read_manifest(s1.checkpoint)["world_size"] == 2
     one = cfg.with_train(num_workers=1, sharding_types=["table_wise"])

@@ -54,7 +54,9 @@ def test_log_loss_ne_calibration():
 def test_metrics_on_empty_input_are_nan():
     e = np.array([])
     assert np.isnan(auc(e, e)) and np.isnan(gauc(e, e, e))
-    assert all(np.isnan(v) for k, v in binary_report(e, e, e).items() if k != "rows")
+    report = binary_report(e, e, e)
+    assert report["rows"] == report["positives"] == 0
+    assert all(np.isnan(v) for k, v in report.items() if k not in ("rows", "positives"))
 
 
 def test_a_one_class_slice_has_no_ne_like_it_has_no_auc():

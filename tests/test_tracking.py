@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import without_floors
 
 from mtrec.config import load_config
 from mtrec.data.synth import write_world
@@ -44,7 +45,9 @@ def small(logs: str, workdir: str, uri: str | None = None, **tracking):
         f["hash_size"] = min(f["hash_size"], 20_000)
     d["tracking"].update(uri=uri, retries=1, backoff_s=0.2, timeout_s=5, **tracking)
     d["gate"]["tolerance"] = 0.01
-    return type(load_config("esmm")).model_validate(d)
+    # after one day of 20,000 rows the model predicts CTR ~2x too high: the calibration floor would
+    # (rightly) refuse it as the first champion
+    return type(load_config("esmm")).model_validate(without_floors(d))
 
 
 # ---- unit ------------------------------------------------------------------------------------------
@@ -69,6 +72,50 @@ def test_gate_compares_each_metric_in_its_direction_within_tolerance(tmp_path):
     d["gate"]["metrics"] = ["watch/auc"]
     with pytest.raises(ValueError, match="gate metric `watch/auc` names no task"):
         type(load_config("esmm")).model_validate(d)
+
+
+def test_floors_refuse_a_broken_model_whatever_it_is_compared_with():
+    from mtrec.tracking.gate import floors
+
+    cfg = load_config("esmm")  # gated: ctr/auc, cvr/auc, ctcvr/auc
+    good = {"ctr/auc": 0.66, "cvr/auc": 0.60, "ctcvr/auc": 0.65, "ctr/calibration": 1.1}
+    train = {"train_loss_first_window": 0.5, "train_loss_last_window": 0.2}
+    assert floors(cfg, cfg.spec, good, train) == []
+    bad = {**good, "cvr/auc": 0.48, "ctr/calibration": 1.96}
+    assert floors(cfg, cfg.spec, bad, {"train_loss_first_window": 0.49, "train_loss_last_window": 2.52}) == [
+        "cvr/auc 0.4800 is below the floor 0.52 (gate.min_auc)",
+        "ctr/calibration 1.960 is outside [0.667, 1.5] (gate.max_calibration_factor)",
+        "its training loss rose from 0.4900 (first window) to 2.5200 (last), more than 1.5x (gate.max_loss_growth): "
+        "sorted logs or a diverging learning rate",
+    ]
+    assert floors(cfg, cfg.spec, {**good, "ctr/calibration": 0.6}, {}) == [
+        "ctr/calibration 0.600 is outside [0.667, 1.5] (gate.max_calibration_factor)"
+    ]
+    # the slice's noise: 0.47 on 50 conversions (s.e. 0.04) is no evidence; on 5,000 (s.e. 0.004) it is
+    small = {**good, "cvr/auc": 0.47, "cvr/positives": 50.0, "cvr/rows": 1000.0}
+    assert floors(cfg, cfg.spec, small, train) == []
+    big = {**good, "cvr/auc": 0.47, "cvr/positives": 5000.0, "cvr/rows": 100_000.0}
+    assert floors(cfg, cfg.spec, big, train) == [
+        "cvr/auc 0.4700 is below the floor 0.52 (gate.min_auc) by more than 2 standard errors (0.0041)"
+    ]
+    # calibration 1.7 on 100 clicks (s.e. 10%) may be noise; on 10,000 (s.e. 1%) it is not
+    assert floors(cfg, cfg.spec, {**good, "ctr/calibration": 1.7, "ctr/positives": 100.0}, train) == []
+    assert floors(cfg, cfg.spec, {**good, "ctr/calibration": 1.7, "ctr/positives": 10_000.0}, train) == [
+        "ctr/calibration 1.700 is outside [0.667, 1.5] (gate.max_calibration_factor) by more than 2 standard "
+        "errors (0.017)"
+    ]
+    # a figure the slice cannot give (one class) is not judged here: `compare` defers on it
+    assert floors(cfg, cfg.spec, {**good, "cvr/auc": float("nan")}, train) == []
+    loose = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"min_auc": 0.4, "max_loss_growth": 10})})
+    assert (
+        floors(
+            loose,
+            cfg.spec,
+            {**good, "cvr/auc": 0.48},
+            {"train_loss_first_window": 0.49, "train_loss_last_window": 2.52},
+        )
+        == []
+    )
 
 
 def test_params_flatten_nested_config():

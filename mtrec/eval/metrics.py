@@ -53,6 +53,21 @@ def auc(pred: np.ndarray, label: np.ndarray, weight: np.ndarray | None = None) -
     return float(np.sum(gp * (neg_below + 0.5 * gn)) / total) if total > 0 else float("nan")
 
 
+def auc_standard_error(a: float, positives: float, negatives: float) -> float:
+    """Standard error of an AUC `a` measured on `positives` and `negatives` (Hanley & McNeil 1982);
+    inf when either is empty.
+
+    Example:
+        >>> round(auc_standard_error(0.5, 100, 1900), 4)
+        0.0296
+    """
+    if positives <= 0 or negatives <= 0:
+        return float("inf")
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (positives * negatives)
+    return float(np.sqrt(max(var, 0.0)))
+
+
 def gauc(pred: np.ndarray, label: np.ndarray, group: np.ndarray) -> float:
     """Group AUC: per-group (user) AUC averaged with impression weights, over groups that have
     both a positive and a negative."""
@@ -103,13 +118,15 @@ def calibration(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def binary_report(pred: np.ndarray, label: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
-    """auc, gauc (when groups are given), ne, calibration, log_loss, and the row count."""
+    """auc, gauc (when groups are given), ne, calibration, log_loss, the row count and the sum of
+    the labels (`positives`: what the standard errors of auc and calibration depend on)."""
     out = {
         "auc": auc(pred, label),
         "ne": normalized_entropy(pred, label),
         "calibration": calibration(pred, label),
         "log_loss": log_loss(pred, label),
         "rows": float(len(pred)),
+        "positives": float(np.sum(label)),
     }
     if group is not None:
         out["gauc"] = gauc(pred, label, group)
@@ -129,15 +146,24 @@ def macro_auc(prob: np.ndarray, label: np.ndarray) -> float:
 
 
 def multiclass_report(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    """accuracy (argmax), macro_auc, log_loss (cross-entropy of the true class) and the row
-    count, of N x K class probabilities against N class indices."""
+    """accuracy (argmax), macro_auc, log_loss (cross-entropy of the true class), the row count
+    and the rows of the rarest class present (`positives`: the class whose one-vs-rest AUC is the
+    noisiest), of N x K class probabilities against N class indices."""
     prob = np.asarray(prob, dtype=np.float64)
     y = np.asarray(label).astype(np.int64)
     if not len(y):
-        return {"accuracy": float("nan"), "macro_auc": float("nan"), "log_loss": float("nan"), "rows": 0.0}
+        return {
+            "accuracy": float("nan"),
+            "macro_auc": float("nan"),
+            "log_loss": float("nan"),
+            "rows": 0.0,
+            "positives": 0.0,
+        }
+    counts = np.bincount(y, minlength=prob.shape[1])
     return {
         "accuracy": float(np.mean(np.argmax(prob, axis=1) == y)),
         "macro_auc": macro_auc(prob, y),
         "log_loss": float(-np.mean(np.log(np.clip(prob[np.arange(len(y)), y], _EPS, 1.0)))),
         "rows": float(len(y)),
+        "positives": float(counts[counts > 0].min()),
     }

@@ -1,9 +1,12 @@
 """The promotion gate: the challenger against the champion on a day neither has seen.
 
 Both versions are loaded as served (`load_served`) and scored on the same slice; `champion` moves
-only if no gate metric is worse than the champion's by more than `gate.tolerance` and the
-challenger's BN statistics check passes. The decision and its figures are written as tags on the
-challenger's version, its evaluation on the slice as `gate/...` metrics of its run.
+only if no gate metric is worse than the champion's by more than `gate.tolerance`, the
+challenger's BN statistics check passes, and the challenger meets the floors (`floors`: AUC above
+`gate.min_auc`, calibration within `gate.max_calibration_factor`, a training loss that did not
+climb), which the first champion, with nothing to compare with, must meet too. The decision and
+its figures are written as tags on the challenger's version, its evaluation on the slice as
+`gate/...` metrics of its run.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import numpy as np
 
 from mtrec.config import GATE_METRICS, MtrecConfig
 from mtrec.data.io import list_days
-from mtrec.errors import GateDeferred, GateRefused
+from mtrec.errors import GateDeferred, GateRefused, MtrecError
+from mtrec.eval.metrics import auc_standard_error
 from mtrec.serving import ServedModel
+from mtrec.spec import LabelKind, ModelSpec
 from mtrec.tracking.client import CHALLENGER, CHAMPION, Tracker, VersionInfo
 from mtrec.tracking.pyfunc import load_served
 
@@ -77,6 +82,75 @@ def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, 
     return not worse, worse, figures
 
 
+AUC_LIKE = frozenset({"auc", "gauc", "auc_unbiased", "auc_entire_space", "macro_auc", "macro_auc_truth"})
+
+
+def _counts(metrics: dict[str, float], metric: str) -> tuple[float, float]:
+    """(positives, negatives) behind a gated metric: its own task's (or joint's) on the slice, 0s when
+    the report does not say. A truth-based AUC (auc_unbiased, auc_entire_space, macro_auc_truth)
+    weighs every row by its true probability, so the label counts over-state its error: the floor is
+    then conservative."""
+    task = metric.partition("/")[0]
+    pos, rows = metrics.get(f"{task}/positives", 0.0), metrics.get(f"{task}/rows", 0.0)
+    return pos, max(rows - pos, 0.0)
+
+
+def floors(cfg: MtrecConfig, spec: ModelSpec, metrics: dict[str, float], train: dict[str, float]) -> list[str]:
+    """Why a model may not be champion whatever it is compared with (empty: it may).
+
+    - a gated AUC-like metric below `gate.min_auc`,
+    - a gated root binary task's calibration outside [1/x, x] for x = `gate.max_calibration_factor`,
+    - a training loss whose last window exceeds `gate.max_loss_growth` x its first (`train`: the
+      checkpoint manifest's metrics).
+
+    The slice's noise is allowed for: an AUC or a calibration refuses only when it lies beyond its
+    floor by more than `gate.floor_z` standard errors (the AUC's from its positives and negatives,
+    Hanley & McNeil; the calibration's from the Poisson error of the label sum, 1/sqrt(positives)),
+    so a small slice cannot condemn a sound model, while a full day measures 0.48 against 0.52 to
+    within ~0.01. A figure that is not a number on the slice is not judged here (`compare` defers
+    on it)."""
+    g, out = cfg.gate, []
+    gated = cfg.gate_metrics()
+    for m in gated:
+        v = metrics.get(m)
+        if m.partition("/")[2] not in AUC_LIKE or v is None or not np.isfinite(v):
+            continue
+        se = auc_standard_error(v, *_counts(metrics, m)) if f"{m.partition('/')[0]}/positives" in metrics else 0.0
+        if v + g.floor_z * se < g.min_auc:
+            noise = f" by more than {g.floor_z:g} standard errors ({se:.4f})" if se else ""
+            out.append(f"{m} {v:.4f} is below the floor {g.min_auc:g} (gate.min_auc){noise}")
+    roots = [t.name for t in spec.tasks if t.given is None and spec.label_kind(t) == LabelKind.BINARY]
+    x = g.max_calibration_factor
+    for task in (t for t in roots if any(m.partition("/")[0] == t for m in gated)):
+        c, pos = metrics.get(f"{task}/calibration"), metrics.get(f"{task}/positives")
+        if c is None or not np.isfinite(c):
+            continue
+        slack = 1 + g.floor_z / np.sqrt(pos) if pos else 1.0
+        if c / slack > x or c * slack < 1 / x:
+            noise = f" by more than {g.floor_z:g} standard errors ({c * (slack - 1) / g.floor_z:.3f})" if pos else ""
+            out.append(
+                f"{task}/calibration {c:.3f} is outside [{1 / x:.3f}, {x:g}] (gate.max_calibration_factor){noise}"
+            )
+    first, last = train.get("train_loss_first_window"), train.get("train_loss_last_window")
+    if first and last and last > g.max_loss_growth * first:
+        out.append(
+            f"its training loss rose from {first:.4f} (first window) to {last:.4f} (last), more than "
+            f"{g.max_loss_growth:g}x (gate.max_loss_growth): sorted logs or a diverging learning rate"
+        )
+    return out
+
+
+def _train_metrics(v: VersionInfo) -> dict[str, float]:
+    """The version's checkpoint manifest's training metrics (empty when it cannot be read)."""
+    from mtrec.train import checkpoint
+
+    try:
+        return dict(checkpoint.read_manifest(v.checkpoint).get("metrics") or {})
+    except MtrecError as e:
+        log.warning("the gate's loss floor is not checked: %s", e)
+        return {}
+
+
 def seen_until(v: VersionInfo) -> dt.date:
     """The last day whose data shaped the version: trained on, or its BN statistics recalibrated on."""
     recal = v.tags.get("mtrec.bn_recalibrated_on")
@@ -123,24 +197,37 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
     if champ is not None and champ.version == chal.version:
         log.info("version %s is already the champion of %s", chal.version, cfg.name)
         return GateDecision(True, chal.version, champ.version, None, "already champion")
-    if (
-        champ is None
-    ):  # the first champion: nothing to compare with, but its BN statistics are checked when a day allows
-        decision = GateDecision(
-            True, chal.version, None, None, f"no champion yet: version {chal.version} becomes the first"
-        )
+    if champ is None:  # the first champion: nothing to compare with, but the floors and its BN statistics
         first_day = day or gate_slice(cfg, chal)
-        if first_day is not None:
-            served = load_served(f"models:/{cfg.name}/{chal.version}")
-            rep = _bn_check(served, cfg, first_day)
-            if rep is not None:
-                decision.bn, decision.slice = ("passed" if rep.passed else "failed"), first_day.isoformat()
-                decision.promoted = rep.passed
-                decision.reason = (
-                    f"{decision.reason}; BN check passed on {first_day}"
-                    if rep.passed
-                    else f"no champion yet, but its {rep.summary()}"
-                )
+        if first_day is None:
+            raise GateDeferred(
+                f"no day with logs after {seen_until(chal)} under {cfg.job.logs}: the first champion must meet the "
+                "floors on a day it has not seen; run `mtrec promote` again once the next day's logs land"
+            )
+        served = load_served(f"models:/{cfg.name}/{chal.version}")
+        scores = report(
+            served.spec,
+            predict_day(served.model, served.spec, cfg.job.logs, first_day),
+            read_truth(cfg.job.logs, first_day),
+        )
+        rep = _bn_check(served, cfg, first_day)
+        if chal.run_id:
+            tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores.items()})
+        below = floors(cfg, served.spec, scores, _train_metrics(chal))
+        reasons = below + ([f"its {rep.summary()}"] if rep is not None and not rep.passed else [])
+        shown = "; ".join(f"{m} {scores[m]:.4f}" for m in cfg.gate_metrics() if m in scores)
+        decision = GateDecision(
+            not reasons,
+            chal.version,
+            None,
+            first_day.isoformat(),
+            f"no champion yet: version {chal.version} becomes the first, meeting the floors on {first_day} ({shown})"
+            + ("; BN check passed" if rep is not None else "")
+            if not reasons
+            else "no champion yet, but " + "; ".join(reasons),
+            {m: {"challenger": scores[m]} for m in cfg.gate_metrics() if m in scores},
+            bn="no BN layers" if rep is None else ("passed" if rep.passed else "failed"),
+        )
     else:
         day = day or gate_slice(cfg, chal, champ)
         seen = max(seen_until(chal), seen_until(champ))
@@ -169,7 +256,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             # both on the same slice (this config's logs), each with its own spec
             scores[who] = report(served.spec, predict_day(served.model, served.spec, cfg.job.logs, day), truth)
             if who == "challenger":
-                bn_report = _bn_check(served, cfg, day)
+                bn_report, served_spec = _bn_check(served, cfg, day), served.spec
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
             tracker.log_metrics(
                 chal.run_id,
@@ -179,11 +266,14 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             tracker.set_tags(chal.run_id, {"mtrec.gate_slice": day.isoformat()})
         ok, worse, figures = compare(cfg, scores["challenger"], scores["champion"])
         bn_failed = bn_report is not None and not bn_report.passed  # statistics that do not match what serving sees
+        below = floors(cfg, served_spec, scores["challenger"], _train_metrics(chal))
         summary = "; ".join(f"{m} {f['challenger']:.4f} vs {f['champion']:.4f}" for m, f in figures.items())
-        reasons = ([f"worse than champion v{champ.version} on {day}: " + "; ".join(worse)] if worse else []) + (
-            [f"its {bn_report.summary()}"] if bn_failed else []
+        reasons = (
+            ([f"worse than champion v{champ.version} on {day}: " + "; ".join(worse)] if worse else [])
+            + below
+            + ([f"its {bn_report.summary()}"] if bn_failed else [])
         )
-        ok = ok and not bn_failed
+        ok = ok and not bn_failed and not below
         reason = (
             f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}"
             + ("; BN check passed" if bn_report is not None else "")

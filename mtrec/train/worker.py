@@ -275,8 +275,13 @@ def train_loop_per_worker(config: dict) -> None:
         )
     t1 = time.perf_counter()
     plan_dict = plan_summary(plan)
+    first = [w["losses"][0]["loss"] for w in everyone if w["losses"]]  # of this attempt
     last = [w["losses"][-1]["loss"] for w in everyone if w["losses"]]
-    metrics = {"train_loss_last_window": sum(last) / len(last)} if last else {}  # next-day metrics: `mtrec evaluate`
+    metrics = (  # next-day metrics: `mtrec evaluate`; the gate's loss floor reads these
+        {"train_loss_first_window": sum(first) / len(first), "train_loss_last_window": sum(last) / len(last)}
+        if last
+        else {}
+    )
     manifest = {
         **job.manifest,
         "world_size": world,
