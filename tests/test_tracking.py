@@ -78,6 +78,8 @@ def test_floors_refuse_a_broken_model_whatever_it_is_compared_with():
     from mtrec.tracking.gate import floors
 
     cfg = load_config("esmm")  # gated: ctr/auc, cvr/auc, ctcvr/auc
+    assert cfg.gate.max_calibration_factor == 3.0  # the default band is wide; a tighter one here
+    cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"max_calibration_factor": 1.5})})
     good = {"ctr/auc": 0.66, "cvr/auc": 0.60, "ctcvr/auc": 0.65, "ctr/calibration": 1.1}
     train = {"train_loss_first_window": 0.5, "train_loss_last_window": 0.2}
     assert floors(cfg, cfg.spec, good, train) == []
