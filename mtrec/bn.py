@@ -157,6 +157,16 @@ class LayerCheck:
     failing: list[str] = field(default_factory=list)  # "smd_mean 0.61 > 0.25", ...
 
 
+# what makes running statistics disagree with the served population, most common first; recalibrating
+# installs a normalisation no weight was trained with, so it comes last (docs/bn-consistency.md)
+FAILURE_CAUSES = (
+    "likely causes, most common first: rows trained in file order from logs written by hour or sorted by "
+    "label or user (train.shuffle on, with buffer_rows > 0); a training population unlike serving's "
+    "(train.sampling, filtered logs); BN buffers taken from another model; only when the served "
+    "population itself has moved, `mtrec bn-check --recalibrate`"
+)
+
+
 @dataclass
 class BNReport:
     """The check of one model on one day. `passed` when no layer fails (and when there is no BN)."""
@@ -190,9 +200,7 @@ class BNReport:
         w = max(bad, key=lambda lc: lc.kl_mean)
         return (
             f"BN check on {self.day} ({self.rows:,} rows): FAILED, {len(bad)} of {len(self.layers)} layers; "
-            f"worst {w.layer}: "
-            + ", ".join(w.failing)
-            + " (means over channels); recalibrate with `mtrec bn-check --recalibrate`"
+            f"worst {w.layer}: " + ", ".join(w.failing) + " (means over channels); " + FAILURE_CAUSES
         )
 
     def table(self) -> list[str]:

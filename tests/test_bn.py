@@ -49,6 +49,9 @@ def test_figures_equal_hand_computed_values_on_a_tiny_layer():
     )
     assert not rep.passed and lc.failing == ["smd_mean 0.500 > 0.4"]
     assert "FAILED, 1 of 1 layers; worst l: smd_mean 0.500 > 0.4" in rep.summary()
+    # the causes come in order, and recalibration, which hides the first three, comes last
+    causes = rep.summary().partition("likely causes, most common first: ")[2]
+    assert causes.startswith("rows trained in file order") and causes.endswith("`mtrec bn-check --recalibrate`")
     assert rep.metrics()["bn/l/smd_mean"] == pytest.approx(0.5) and rep.metrics()["bn/passed"] == 0.0
 
 
