@@ -461,3 +461,34 @@ def test_purchasing_power_is_a_user_level_label_with_its_truth(tmp_path):
     assert b.column_names == [*a.column_names, "power_level"] and b.select(a.column_names).equals(a)
     with pytest.raises(MtrecError, match=r"power_levels=1: a label needs >= 2 levels"):
         world_params(["power_levels=1"])
+
+
+def test_day_cycle_writes_the_day_hour_by_hour_and_the_mix_moves_with_the_hour(tmp_path):
+    """Preset day_cycle: 24 files a day in time order; web traffic peaks at noon and app traffic in
+    the evening, and the categories shown at 3:00 are not those shown at 15:00, where the default
+    world's hours are alike."""
+    cyc, plain = str(tmp_path / "cycle"), str(tmp_path / "plain")
+    write_world(cyc, days=1, rows_per_day=48_000, seed=2, params=world_params([], "day_cycle"))
+    write_world(plain, days=1, rows_per_day=48_000, seed=2, files_per_day=24)
+    files = sorted(Path(cyc, f"dt={DAY1}").glob("part-*.parquet"))
+    assert len(files) == 24
+    hours = [pq.read_table(f) for f in files]
+    for h, t in enumerate(hours):  # file h holds hour h, in time order
+        ts = t.column("ts").to_numpy().astype("datetime64[ms]") - np.datetime64(f"{DAY1}T00:00", "ms")
+        ts = ts.astype(np.int64) / 3_600_000
+        assert (h <= ts).all() and (ts < h + 1).all() and (np.diff(ts) >= 0).all()
+    web = np.array([np.mean(t.column("device").to_numpy()) for t in hours])
+    assert web[10:15].mean() > 2 * web[19:23].mean()  # web at noon, app in the evening
+
+    def spread(root: str) -> float:  # total variation between the categories shown at 3:00 and 15:00
+        parts = sorted(Path(root, f"dt={DAY1}").glob("part-*.parquet"))
+        a, b = (np.bincount(pq.read_table(parts[h]).column("item_category").to_numpy(), minlength=100) for h in (3, 15))
+        return 0.5 * np.abs(a / a.sum() - b / b.sum()).sum()
+
+    assert spread(cyc) > 0.3 > 0.15 > spread(plain)
+    # the cycle draws from a stream of its own: without it, the world is the default one
+    write_world(str(tmp_path / "off"), days=1, rows_per_day=4_000, seed=2, params=world_params(["cycle_strength=0"]))
+    write_world(str(tmp_path / "default"), days=1, rows_per_day=4_000, seed=2)
+    assert _day(str(tmp_path / "off"), DAY1).equals(_day(str(tmp_path / "default"), DAY1))
+    with pytest.raises(MtrecError, match=r"app_peak_hour=24.0: an hour of the day lies in \[0, 24\)"):
+        world_params(["app_peak_hour=24"], "day_cycle")

@@ -14,7 +14,11 @@ def add(sub, abbrev: bool = True) -> None:
     p.add_argument("--rows-per-day", type=int, default=100_000, help="impressions per day (default 100000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--start", default="2026-01-01", help="first day, YYYY-MM-DD (default 2026-01-01)")
-    p.add_argument("--files-per-day", type=int, default=4, help="Parquet files per day (default 4)")
+    p.add_argument(
+        "--files-per-day",
+        type=int,
+        help="Parquet files per day (default 4; 24, hour by hour, for a world with an intra-day cycle)",
+    )
     p.add_argument("--preset", help="a named variant of the default world, e.g. item_quality (docs/synthetic-world.md)")
     p.add_argument(
         "--param",

@@ -111,6 +111,13 @@ class WorldParams:
     power_levels: int = 0  # classes of the logged label (0: no label column)
     power_effect: float = 0.0  # on the relevance and buy logits, per std of power x std of log price
     power_noise: float = 0.5  # std of the noise on the latent before it is cut into levels
+    # an intra-day cycle (off by default; preset day_cycle): who is active and what is shown moves with
+    # the hour. A user's request rate at time of day t (in days) is scaled by
+    # exp(s cos 2pi(t - phase of their segment) + s cos 2pi(t - phase of their device)), an item's
+    # draw as a candidate by exp(s cos 2pi(t - phase of its category)), s = cycle_strength
+    cycle_strength: float = 0.0
+    web_peak_hour: float = 12.0  # the device phases: web traffic peaks at noon ...
+    app_peak_hour: float = 21.0  # ... app traffic in the evening
 
     def examination(self) -> np.ndarray:
         """p(examined | position) on device 0, shape K."""
@@ -144,6 +151,10 @@ PRESETS: dict[str, dict[str, float]] = {
 # the sequences world where users also differ in purchasing power, which tilts their clicks and buys
 # towards dearer items (so their history shows it) and is logged as a 7-level label (DUPN's PPP task)
 PRESETS["purchasing_power"] = {**PRESETS["sequences"], "power_levels": 7, "power_effect": 0.6}
+# logs in time order with an intra-day cycle: each segment of users and each category of items has
+# its hour, web traffic peaks at noon and app traffic in the evening; written hour by hour (24 files
+# a day). The world for row order and BN statistics (docs/bn-consistency.md).
+PRESETS["day_cycle"] = {"cycle_strength": 1.5}
 
 
 _PARSE = {
@@ -216,6 +227,9 @@ def check_params(p: WorldParams) -> str | None:
         return f"intent_candidates={p.intent_candidates}: must be <= candidates ({p.candidates})"
     if p.power_levels == 1:
         return "power_levels=1: a label needs >= 2 levels (0: none)"
+    for name in ("web_peak_hour", "app_peak_hour"):
+        if not 0.0 <= getattr(p, name) < 24.0:
+            return f"{name}={getattr(p, name)}: an hour of the day lies in [0, 24)"
     if p.history_gap_hours <= 0:
         return f"history_gap_hours={p.history_gap_hours}: must be > 0"
     if p.candidates < p.positions:
@@ -243,6 +257,7 @@ def check_params(p: WorldParams) -> str | None:
         "exam_power",
         "intent_strength",
         "power_noise",
+        "cycle_strength",
     ):
         if getattr(p, name) < 0:
             return f"{name}={getattr(p, name)}: must be >= 0"
@@ -311,6 +326,11 @@ class World:
             "shop": r.standard_normal((d, params.shops), dtype=np.float32),
             "tags": r.standard_normal((d, params.tags), dtype=np.float32),
         }
+        # the intra-day cycle's phases (fractions of a day) per segment and category: a stream of
+        # their own, so that the world without the cycle is unchanged
+        rc = np.random.default_rng([seed, 6])
+        self.segment_phase = rc.random(params.segments)
+        self.category_phase = rc.random(params.categories)
         self.users = _Population()
         self.items = _Population()
         # per user: current intent category; last `history` behaviours, left-aligned, oldest first
@@ -640,17 +660,18 @@ class World:
         r: np.random.Generator,
         r_new: np.random.Generator,
         by_popularity: _Alias | None = None,
+        hour: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per request, the items the logging policy shows at positions 0..K-1 and their relevance
         logits (n_req x K). Candidates are drawn by popularity (with `by_popularity` if given, else
-        `r.choice`; `intent_candidates` of them from the intent category, drawn from `r_new`),
-        ranked by relevance plus the policy's error and promotion."""
+        `r.choice`, times the intra-day cycle at `hour`; `intent_candidates` of them from the intent
+        category, drawn from `r_new`), ranked by relevance plus the policy's error and promotion."""
         p, it = self.p, self.items.cols
         K, C = p.positions, p.candidates
         if by_popularity is not None:
             cand = by_popularity.draw(r, (len(uidx), C))
         else:
-            item_p = np.exp(it["popularity"])
+            item_p = np.exp(it["popularity"] + self._cycle(self.category_phase[it["category"]], hour))
             item_p /= item_p.sum()
             cand = r.choice(len(self.items), size=(len(uidx), C), p=item_p)  # n_req x C
         if intent is not None and p.intent_candidates:
@@ -725,21 +746,41 @@ class World:
             "watch": watch,
         }
 
+    def _cycle(self, phase: np.ndarray, hour: float | None) -> np.ndarray | float:
+        """The intra-day cycle's log-weight at `hour` of things peaking at `phase` (fractions of a
+        day); 0 without a cycle."""
+        if not self.p.cycle_strength or hour is None:
+            return 0.0
+        return (self.p.cycle_strength * np.cos(2 * np.pi * (hour / 24.0 - phase))).astype(np.float32)
+
+    def user_rates(self, hour: float | None = None) -> np.ndarray:
+        """Each user's share of the requests at `hour` (the whole day's when None or without a
+        cycle): activity, times the cycle of their segment and of their device."""
+        us = self.users.cols
+        if not self.p.cycle_strength or hour is None:
+            return us["activity"] / us["activity"].sum()
+        device_phase = np.where(us["web"], self.p.web_peak_hour, self.p.app_peak_hour) / 24.0
+        w = us["activity"] * np.exp(
+            self._cycle(self.segment_phase[us["segment"]], hour) + self._cycle(device_phase, hour)
+        )
+        return w / w.sum()
+
     def traffic(
         self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date
     ) -> tuple[pa.Table, pa.Table]:
-        """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth)."""
+        """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth). With
+        an intra-day cycle, the mix of users and candidates is the one at the middle of [t0, t1)."""
         p = self.p
+        hour = (t0 + t1) / 2 / 3600.0
         r = np.random.default_rng([self.seed, 1, self.day_index, part])
         # intents, intent retrieval: a stream of their own, so the world without them is unchanged
         r_new = np.random.default_rng([self.seed, 4, self.day_index, part])
         K = p.positions
         n_req = -(-rows // K)
         us, it = self.users.cols, self.items.cols
-        user_p = us["activity"] / us["activity"].sum()
-        uidx = r.choice(len(self.users), size=n_req, p=user_p)  # requests in time order (ts_req below)
+        uidx = r.choice(len(self.users), size=n_req, p=self.user_rates(hour))  # in time order (ts_req below)
         intent = self._request_intents(uidx, r_new) if p.has_intent() else None
-        shown_items, shown_rel = self._show(uidx, intent, r, r_new)
+        shown_items, shown_rel = self._show(uidx, intent, r, r_new, hour=hour)
         items = shown_items.reshape(-1)[:rows]
         rel_logit = shown_rel.reshape(-1)[:rows]
         req = np.repeat(np.arange(n_req), K)[:rows]
@@ -873,7 +914,7 @@ def write_world(
     rows_per_day: int,
     seed: int = 0,
     start: dt.date = dt.date(2026, 1, 1),
-    files_per_day: int = 4,
+    files_per_day: int | None = None,
     params: WorldParams | None = None,
 ) -> WorldSummary:
     """Write `days` day partitions of logs (+ truth) under `out` (any fsspec URL).
@@ -884,7 +925,8 @@ def write_world(
         days (int): number of days, starting at `start`.
         rows_per_day (int): impressions per day (exactly).
         seed (int): the world is deterministic for a seed.
-        files_per_day (int): Parquet files per day; file k holds the k-th slice of the day's hours.
+        files_per_day (int | None): Parquet files per day; file k holds the k-th slice of the day's
+            hours. None: 24 (hour by hour) for a world with an intra-day cycle, else 4.
         params (WorldParams | None): the generative model; defaults if None.
 
     Returns:
@@ -894,9 +936,11 @@ def write_world(
         raise MtrecError(f"`--days` must be >= 1, got {days}; pass --days 1 or more")
     if rows_per_day < 1:
         raise MtrecError(f"`--rows-per-day` must be >= 1, got {rows_per_day}; pass --rows-per-day 1 or more")
+    params = params or WorldParams()
+    if files_per_day is None:
+        files_per_day = 24 if params.cycle_strength else 4
     if files_per_day < 1:
         raise MtrecError(f"`--files-per-day` must be >= 1, got {files_per_day}; pass --files-per-day 1 or more")
-    params = params or WorldParams()
     problem = check_params(params)
     if problem:
         raise MtrecError(f"WorldParams {problem}")
