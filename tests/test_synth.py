@@ -492,3 +492,21 @@ def test_day_cycle_writes_the_day_hour_by_hour_and_the_mix_moves_with_the_hour(t
     assert _day(str(tmp_path / "off"), DAY1).equals(_day(str(tmp_path / "default"), DAY1))
     with pytest.raises(MtrecError, match=r"app_peak_hour=24.0: an hour of the day lies in \[0, 24\)"):
         world_params(["app_peak_hour=24"], "day_cycle")
+
+
+def test_sort_by_writes_the_same_rows_sorted_across_the_days_files(tmp_path):
+    plain, by_click = str(tmp_path / "plain"), str(tmp_path / "sorted")
+    write_world(plain, days=1, rows_per_day=6_000, seed=4)
+    write_world(by_click, days=1, rows_per_day=6_000, seed=4, sort_by="click")
+    files = sorted(Path(by_click, f"dt={DAY1}").glob("part-*.parquet"))
+    sizes = [pq.read_metadata(f).num_rows for f in files]
+    assert sizes == [pq.read_metadata(f).num_rows for f in sorted(Path(plain, f"dt={DAY1}").glob("part-*.parquet"))]
+    read = pa.concat_tables([pq.read_table(f) for f in files])  # in file order
+    click = read.column("click").to_numpy()
+    assert (np.diff(click) >= 0).all() and 0 < click.mean() < 1  # non-clicks, then clicks, across files
+    key = [("row_id", "ascending")]
+    assert read.sort_by(key).equals(_day(plain, str(DAY1)).sort_by(key))  # the same rows
+    assert _day(by_click, str(DAY1), True).equals(_day(plain, str(DAY1), True))  # the truth as it was
+    assert read_world(by_click)["sort_by"] == "click"
+    with pytest.raises(MtrecError, match=r"--sort-by 'item_tags': not a column the world writes; choose one of row_id"):
+        write_world(str(tmp_path / "bad"), days=1, rows_per_day=100, sort_by="item_tags")

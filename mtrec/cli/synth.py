@@ -19,6 +19,11 @@ def add(sub, abbrev: bool = True) -> None:
         type=int,
         help="Parquet files per day (default 4; 24, hour by hour, for a world with an intra-day cycle)",
     )
+    p.add_argument(
+        "--sort-by",
+        metavar="COLUMN",
+        help="write each day sorted by this logs column across its files (e.g. click), as some exports are",
+    )
     p.add_argument("--preset", help="a named variant of the default world, e.g. item_quality (docs/synthetic-world.md)")
     p.add_argument(
         "--param",
@@ -44,11 +49,13 @@ def run(args: argparse.Namespace) -> int:
         start=start,
         files_per_day=args.files_per_day,
         params=params,
+        sort_by=args.sort_by,
     )
     what = (
         f"seed {args.seed}"
         + (f", preset {args.preset}" if args.preset else "")
         + "".join(f", {kv}" for kv in args.param)
+        + (f", sorted by {args.sort_by}" if args.sort_by else "")
     )
     log.info(
         f"done: {sum(s.rows):,} rows in {sum(s.seconds):.1f}s; days {s.days[0]} .. {s.days[-1]} ({what}) "

@@ -905,6 +905,7 @@ class WorldSummary:
     seed: int
     files_per_day: int
     seconds: list[float] = field(default_factory=list)
+    sort_by: str | None = None
     params: dict = field(default_factory=dict)
 
 
@@ -916,6 +917,7 @@ def write_world(
     start: dt.date = dt.date(2026, 1, 1),
     files_per_day: int | None = None,
     params: WorldParams | None = None,
+    sort_by: str | None = None,
 ) -> WorldSummary:
     """Write `days` day partitions of logs (+ truth) under `out` (any fsspec URL).
 
@@ -928,6 +930,8 @@ def write_world(
         files_per_day (int | None): Parquet files per day; file k holds the k-th slice of the day's
             hours. None: 24 (hour by hour) for a world with an intra-day cycle, else 4.
         params (WorldParams | None): the generative model; defaults if None.
+        sort_by (str | None): a logs column; each day is then written sorted by it (stable, ascending),
+            across its files, as some exports are (by label, by user). None: time order.
 
     Returns:
         WorldSummary: what was written and how long each day took.
@@ -955,6 +959,7 @@ def write_world(
         seed=seed,
         files_per_day=files_per_day,
         params={**asdict(params), "examination": params.examination().round(6).tolist()},
+        sort_by=sort_by,
     )
     K = params.positions
     for d in range(days):
@@ -965,12 +970,16 @@ def write_world(
         # parts are cut on request boundaries so that request ids stay whole within one file
         n_req = -(-rows_per_day // K)
         req_cuts = np.linspace(0, n_req, files_per_day + 1).round().astype(int)
+        parts = []
         for part in range(files_per_day):
             first, last = req_cuts[part] * K, min(req_cuts[part + 1] * K, rows_per_day)
             if last <= first:
                 continue
             secs = 86_400 / files_per_day
-            logs, truth = world.traffic(last - first, part, first, part * secs, (part + 1) * secs, day)
+            parts.append((part, *world.traffic(last - first, part, first, part * secs, (part + 1) * secs, day)))
+        if sort_by is not None:
+            parts = _sorted_parts(parts, sort_by)
+        for part, logs, truth in parts:
             for root, table in ((out, logs), (join(out, TRUTH_DIR), truth)):
                 folder = day_url(root, day)
                 dfs, dpath = filesystem(folder)
@@ -984,6 +993,21 @@ def write_world(
     with fs.open(f"{filesystem(out)[1]}/{WORLD_FILE}", "w") as fh:
         fh.write(json.dumps(asdict(summary), indent=2))
     return summary
+
+
+def _sorted_parts(parts: list[tuple[int, pa.Table, pa.Table]], column: str) -> list[tuple[int, pa.Table, pa.Table]]:
+    """A day's parts re-cut so that the day reads sorted by `column` (then row id) across its files,
+    each file keeping its row count; the truth stays in time order (it is joined on row_id)."""
+    logs = pa.concat_tables([p[1] for p in parts])
+    if column not in logs.column_names or isinstance(logs.schema.field(column).type, pa.ListType):
+        sortable = [f.name for f in logs.schema if not isinstance(f.type, pa.ListType)]
+        raise MtrecError(f"--sort-by {column!r}: not a column the world writes; choose one of {', '.join(sortable)}")
+    logs = logs.take(pc.sort_indices(logs, [(column, "ascending"), ("row_id", "ascending")]))
+    out, start = [], 0
+    for part, chunk, truth in parts:
+        out.append((part, logs.slice(start, chunk.num_rows), truth))
+        start += chunk.num_rows
+    return out
 
 
 def _prepare_out(out: str) -> None:
