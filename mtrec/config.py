@@ -386,8 +386,8 @@ class GateConfig(Strict):
         1.5,
         gt=0,
         description=(
-            "Floor: the training loss of the job's last progress window must not exceed this times its first "
-            "(a loss that climbed: sorted logs, a diverging learning rate)."
+            "Floor: the mean training loss over the job's last tenth of batches must not exceed this times its mean "
+            "over the first tenth (a loss that climbed: logs sorted by label, a diverging learning rate)."
         ),
     )
 

@@ -85,6 +85,7 @@ def test_warm_started_day_matches_one_uninterrupted_process(chain, continuous):
     man = ck.read_manifest(ck.checkpoint_url(cfg, DAY2))
     assert man["parent"] == ck.checkpoint_url(cfg, DAY1) and man["rows_trained"] == summaries[1].expected_rows == 20_000
     assert man["parent_date"] == str(DAY1) and 0 < man["metrics"]["train_loss_last_window"] < 1
+    assert 0 < man["metrics"]["train_loss_first_tenth"] < 1 and 0 < man["metrics"]["train_loss_last_tenth"] < 1
     assert_same(ck.read_full(ck.checkpoint_url(cfg, DAY2)), continuous, "day 1 -> checkpoint -> day 2 vs continuous")
     root = Path(ck.checkpoint_root(cfg))
     assert not any((root / "_partial").rglob("*")) and not any(

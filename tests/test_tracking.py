@@ -81,14 +81,14 @@ def test_floors_refuse_a_broken_model_whatever_it_is_compared_with():
     assert cfg.gate.max_calibration_factor == 3.0  # the default band is wide; a tighter one here
     cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"max_calibration_factor": 1.5})})
     good = {"ctr/auc": 0.66, "cvr/auc": 0.60, "ctcvr/auc": 0.65, "ctr/calibration": 1.1}
-    train = {"train_loss_first_window": 0.5, "train_loss_last_window": 0.2}
+    train = {"train_loss_first_tenth": 0.5, "train_loss_last_tenth": 0.2}
     assert floors(cfg, cfg.spec, good, train) == []
     bad = {**good, "cvr/auc": 0.48, "ctr/calibration": 1.96}
-    assert floors(cfg, cfg.spec, bad, {"train_loss_first_window": 0.49, "train_loss_last_window": 2.52}) == [
+    assert floors(cfg, cfg.spec, bad, {"train_loss_first_tenth": 0.49, "train_loss_last_tenth": 2.52}) == [
         "cvr/auc 0.4800 is below the floor 0.52 (gate.min_auc)",
         "ctr/calibration 1.960 is outside [0.667, 1.5] (gate.max_calibration_factor)",
-        "its training loss rose from 0.4900 (first window) to 2.5200 (last), more than 1.5x (gate.max_loss_growth): "
-        "sorted logs or a diverging learning rate",
+        "its training loss rose from 0.4900 (first tenth of the job's batches) to 2.5200 (last tenth), more than "
+        "1.5x (gate.max_loss_growth): logs sorted by label, or a diverging learning rate",
     ]
     assert floors(cfg, cfg.spec, {**good, "ctr/calibration": 0.6}, {}) == [
         "ctr/calibration 0.600 is outside [0.667, 1.5] (gate.max_calibration_factor)"
@@ -114,7 +114,7 @@ def test_floors_refuse_a_broken_model_whatever_it_is_compared_with():
             loose,
             cfg.spec,
             {**good, "cvr/auc": 0.48},
-            {"train_loss_first_window": 0.49, "train_loss_last_window": 2.52},
+            {"train_loss_first_tenth": 0.49, "train_loss_last_tenth": 2.52},
         )
         == []
     )
@@ -656,3 +656,41 @@ def test_server_down_mid_job_publishes_nothing_and_a_lost_registration_is_repair
     assert v.tags["mtrec.date"] == str(DAY4) and v.tags["mtrec.checkpoint"] == url
     assert client.get_model_version_by_alias(cfg.name, "challenger").version == v.version
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_day_sorted_by_click_read_in_file_order_never_becomes_champion(ray_local, tmp_path, monkeypatch):
+    """A day exported sorted by click (non-clicks first, clicks last), trained with the shuffle off:
+    the model learns "no click" and then "click"; its loss climbs, and the gate's floors refuse it
+    as the first champion. The same day with the shuffle on (the default) becomes champion."""
+    from mlflow import MlflowClient
+
+    from mtrec.jobs.retrain import run_train
+    from mtrec.tracking import promote
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logs = str(tmp_path / "world")
+    write_world(logs, days=2, rows_per_day=ROWS, seed=5, files_per_day=2, sort_by="click")
+    decisions = {}
+    for shuffle in (False, True):
+        d = load_config("esmm", logs=logs, workdir=str(tmp_path / f"work-{shuffle}")).model_dump(mode="json")
+        d["model"]["batch_norm"] = True
+        d["train"].update(batch_size=256, num_workers=1, shuffle={"buffer_rows": 32768 if shuffle else 0})
+        for f in d["features"]["sparse"]:
+            f["hash_size"] = min(f["hash_size"], 20_000)
+        cfg = type(load_config("esmm")).model_validate(d)  # the default floors
+        run_train(cfg, DAY1, DAY1)
+        try:
+            decisions[shuffle] = promote(cfg)
+        except GateRefused as e:
+            decisions[shuffle] = e
+        if not shuffle:
+            client = MlflowClient(Tracker(cfg).uri, Tracker(cfg).uri)
+            (version,) = client.search_model_versions(f"name = '{cfg.name}'")
+            aliases = client.get_registered_model(cfg.name).aliases
+            refused = decisions[False]
+            assert isinstance(refused, GateRefused) and "no champion yet, but" in str(refused)
+            assert "its training loss rose from" in str(refused), str(refused)
+            assert version.tags["mtrec.gate.decision"] == "refused" and "champion" not in aliases
+    assert decisions[True].promoted, decisions[True]

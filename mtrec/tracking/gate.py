@@ -100,8 +100,8 @@ def floors(cfg: MtrecConfig, spec: ModelSpec, metrics: dict[str, float], train: 
 
     - a gated AUC-like metric below `gate.min_auc`,
     - a gated root binary task's calibration outside [1/x, x] for x = `gate.max_calibration_factor`,
-    - a training loss whose last window exceeds `gate.max_loss_growth` x its first (`train`: the
-      checkpoint manifest's metrics).
+    - a training loss whose mean over the job's last tenth of batches exceeds `gate.max_loss_growth`
+      x its mean over the first tenth (`train`: the checkpoint manifest's metrics).
 
     The slice's noise is allowed for: an AUC or a calibration refuses only when it lies beyond its
     floor by more than `gate.floor_z` standard errors (the AUC's from its positives and negatives,
@@ -131,11 +131,12 @@ def floors(cfg: MtrecConfig, spec: ModelSpec, metrics: dict[str, float], train: 
             out.append(
                 f"{task}/calibration {c:.3f} is outside [{1 / x:.3f}, {x:g}] (gate.max_calibration_factor){noise}"
             )
-    first, last = train.get("train_loss_first_window"), train.get("train_loss_last_window")
+    first, last = train.get("train_loss_first_tenth"), train.get("train_loss_last_tenth")
     if first and last and last > g.max_loss_growth * first:
         out.append(
-            f"its training loss rose from {first:.4f} (first window) to {last:.4f} (last), more than "
-            f"{g.max_loss_growth:g}x (gate.max_loss_growth): sorted logs or a diverging learning rate"
+            f"its training loss rose from {first:.4f} (first tenth of the job's batches) to {last:.4f} (last "
+            f"tenth), more than {g.max_loss_growth:g}x (gate.max_loss_growth): logs sorted by label, or a "
+            "diverging learning rate"
         )
     return out
 

@@ -27,6 +27,8 @@ class TrainResult:
     seconds: float
     losses: list[dict[str, float]] = field(default_factory=list)  # per logged step
     optimizer: torch.optim.Optimizer | None = None  # the dense optimizer
+    loss_first_tenth: float | None = None  # mean batch loss of the first / last tenth of batches
+    loss_last_tenth: float | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -65,4 +67,6 @@ def train_days(
         cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts, cfg.train.shuffle_plan(key, rank=0)
     )
     stats = train_stream(dmp, optimizer, batches, cfg, device, opts)
-    return TrainResult(dmp, counts, time.perf_counter() - t0, stats.losses, optimizer)
+    return TrainResult(
+        dmp, counts, time.perf_counter() - t0, stats.losses, optimizer, stats.loss_first_tenth, stats.loss_last_tenth
+    )

@@ -20,6 +20,7 @@ same rows left therefore takes exactly the steps the uninterrupted job would hav
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,10 @@ class WorkerStats:
     wait_s: float = 0.0  # of `seconds`, blocked waiting for the next batch (the input pipeline)
     convert_s: float = 0.0  # of `seconds`, Arrow -> KeyedJaggedTensor conversion
     losses: list[dict[str, float]] = field(default_factory=list)  # per logged step, this rank
+    # mean batch loss of this rank's first and last tenth of trained batches (at least one each): the
+    # gate's loss floor compares them (a loss that climbs: logs sorted by label, a diverging rate)
+    loss_first_tenth: float | None = None
+    loss_last_tenth: float | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -166,6 +171,7 @@ def train_stream(
     t_start = time.perf_counter()
     t0: float | None = None
     window = _Window([t.name for t in cfg.tasks])
+    batch_losses = array("d")  # every trained batch's loss, this rank: 8 bytes a step
     while True:
         tw = time.perf_counter()
         rb = next(it, None)
@@ -201,7 +207,8 @@ def train_stream(
             with _frozen(bns, fed.num_rows < 2):  # BatchNorm cannot take batch statistics of one row
                 loss, (task_losses, _, _) = dmp(batch)
                 loss.backward()
-            window.add(float(loss.item()), task_losses)
+            batch_losses.append(float(loss.item()))
+            window.add(batch_losses[-1], task_losses)
             stats.batches += 1
         else:  # this rank's stream has ended (or sampling left nothing): the collectives still need it
             with _frozen(bns):  # the pad rows must not move the running statistics
@@ -222,6 +229,10 @@ def train_stream(
     if stats.steps % opts.log_every:  # the last partial window (every rank ends at the same step)
         _progress(stats, window, t0, world, device, opts)
     stats.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+    if batch_losses:
+        tenth = max(1, len(batch_losses) // 10)
+        stats.loss_first_tenth = sum(batch_losses[:tenth]) / tenth
+        stats.loss_last_tenth = sum(batch_losses[-tenth:]) / tenth
     return stats
 
 

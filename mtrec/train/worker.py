@@ -275,13 +275,12 @@ def train_loop_per_worker(config: dict) -> None:
         )
     t1 = time.perf_counter()
     plan_dict = plan_summary(plan)
-    first = [w["losses"][0]["loss"] for w in everyone if w["losses"]]  # of this attempt
     last = [w["losses"][-1]["loss"] for w in everyone if w["losses"]]
-    metrics = (  # next-day metrics: `mtrec evaluate`; the gate's loss floor reads these
-        {"train_loss_first_window": sum(first) / len(first), "train_loss_last_window": sum(last) / len(last)}
-        if last
-        else {}
-    )
+    metrics = {"train_loss_last_window": sum(last) / len(last)} if last else {}  # next-day metrics: `mtrec evaluate`
+    for k in ("loss_first_tenth", "loss_last_tenth"):  # of this attempt, over the ranks: the gate's loss floor
+        v = [w[k] for w in everyone if w[k] is not None]
+        if v:
+            metrics[f"train_{k}"] = sum(v) / len(v)
     manifest = {
         **job.manifest,
         "world_size": world,
