@@ -510,3 +510,31 @@ def test_sort_by_writes_the_same_rows_sorted_across_the_days_files(tmp_path):
     assert read_world(by_click)["sort_by"] == "click"
     with pytest.raises(MtrecError, match=r"--sort-by 'item_tags': not a column the world writes; choose one of row_id"):
         write_world(str(tmp_path / "bad"), days=1, rows_per_day=100, sort_by="item_tags")
+
+
+def test_candidates_are_what_each_request_scored_and_leave_the_logs_as_they_were(tmp_path):
+    """Every request's `candidates` items, each with the request's user side (history included)
+    and its own item features, no labels and no position; the shown ones are exactly the logged
+    impressions; the truth says which were shown and how relevant each was. The logs are the same
+    with or without candidates."""
+    logs, cands, plain = str(tmp_path / "logs"), str(tmp_path / "cands"), str(tmp_path / "plain")
+    params = world_params(["users=2000"], "sequences")
+    write_world(logs, days=2, rows_per_day=3_000, seed=3, params=params, candidates=cands)
+    write_world(plain, days=2, rows_per_day=3_000, seed=3, params=params)
+    day = DAYS[1]
+    assert _day(logs, day).equals(_day(plain, day)) and _day(logs, day, True).equals(_day(plain, day, True))
+    c, t = _day(cands, day), _day(cands, day, True)
+    assert c.num_rows == t.num_rows == 3_000 // 10 * 30 and c.column("row_id").equals(t.column("row_id"))
+    assert not {"click", "conversion", "position", "daction", "watch_time"} & set(c.column_names)
+    shown = c.filter(t.column("shown"))
+    logged = _day(logs, day)
+    key = ["request_id", "item_id", "user_id", "user_segment", "hist_item_id", "item_category"]
+    assert (
+        shown.select(key)
+        .sort_by([("request_id", "ascending"), ("item_id", "ascending")])
+        .equals(logged.select(key).sort_by([("request_id", "ascending"), ("item_id", "ascending")]))
+    )
+    # the policy shows the more relevant candidates: the serving population is not the logged one
+    rel, is_shown = t.column("p_click_unbiased").to_numpy(), t.column("shown").to_numpy()
+    assert rel[is_shown].mean() > 1.5 * rel[~is_shown].mean()
+    assert read_world(cands)["candidates"] == cands

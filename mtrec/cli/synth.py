@@ -24,6 +24,12 @@ def add(sub, abbrev: bool = True) -> None:
         metavar="COLUMN",
         help="write each day sorted by this logs column across its files (e.g. click), as some exports are",
     )
+    p.add_argument(
+        "--candidates",
+        metavar="URL",
+        help="also write every candidate each request scored (features, no labels) under this root, as serving-time "
+        "feature logging records them: the serving population for `mtrec bn-check --serving-logs`",
+    )
     p.add_argument("--preset", help="a named variant of the default world, e.g. item_quality (docs/synthetic-world.md)")
     p.add_argument(
         "--param",
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         files_per_day=args.files_per_day,
         params=params,
         sort_by=args.sort_by,
+        candidates=args.candidates,
     )
     what = (
         f"seed {args.seed}"
@@ -60,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         f"done: {sum(s.rows):,} rows in {sum(s.seconds):.1f}s; days {s.days[0]} .. {s.days[-1]} ({what}) "
         f"under {args.out}; truth under {args.out.rstrip('/')}/_truth/"
+        + (f"; candidates under {args.candidates}" if args.candidates else "")
     )
     return 0

@@ -688,7 +688,9 @@ class World:
             rel_logit = rel_logit + np.float32(p.power_effect) * tilt
         # the logging policy: relevance, plus its own error, plus item promotion (business rules)
         policy = rel_logit + it["boost"][cand] + p.policy_noise * r.standard_normal(rel_logit.shape, dtype=np.float32)
-        shown = np.argsort(-policy, axis=1)[:, :K]  # n_req x K, position order
+        order = np.argsort(-policy, axis=1)
+        shown = order[:, :K]  # n_req x K, position order
+        self._last_candidates = (cand, rel_logit, order)  # for the candidate logs (`traffic`)
         return np.take_along_axis(cand, shown, axis=1), np.take_along_axis(rel_logit, shown, axis=1)
 
     def _outcomes(
@@ -766,10 +768,12 @@ class World:
         return w / w.sum()
 
     def traffic(
-        self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date
-    ) -> tuple[pa.Table, pa.Table]:
-        """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth). With
-        an intra-day cycle, the mix of users and candidates is the one at the middle of [t0, t1)."""
+        self, rows: int, part: int, first_row: int, t0: float, t1: float, day: dt.date, candidates: bool = False
+    ) -> tuple[pa.Table, pa.Table, tuple[pa.Table, pa.Table] | None]:
+        """`rows` impressions with request times in [t0, t1) seconds of the day: (logs, truth,
+        candidates). With an intra-day cycle, the mix of users and candidates is the one at the
+        middle of [t0, t1). With `candidates`, also (candidate logs, their truth): see
+        `_candidate_tables`; else None."""
         p = self.p
         hour = (t0 + t1) / 2 / 3600.0
         r = np.random.default_rng([self.seed, 1, self.day_index, part])
@@ -858,7 +862,72 @@ class World:
             logs = logs.append_column("power_level", pa.array(us["power_level"][user]))
             for k in range(p.power_levels):  # p(level k | the user's latent): the label's truth
                 truth = truth.append_column(f"power_level_p{k}", pa.array(us["power_p"][user, k].astype(np.float32)))
-        return logs, truth
+        cands = self._candidate_tables(logs, uidx, intent, req_global, first_row // K, part) if candidates else None
+        return logs, truth, cands
+
+    def _candidate_tables(
+        self,
+        logs: pa.Table,
+        uidx: np.ndarray,
+        intent: np.ndarray | None,
+        req_global: np.ndarray,
+        first_req: int,
+        part: int,
+    ) -> tuple[pa.Table, pa.Table]:
+        """What serving-time feature logging records: every candidate the logging policy ranked for
+        each request of `logs` (shown or not), with the request's user side (its features, device,
+        time and history, as on its logged rows) and the candidate's item features, no labels and
+        no position; and their truth (relevance, CVR, whether and where it was shown). Draws (the
+        observation noise of the noisy features) come from a stream of their own, so the logs are
+        the same with or without candidates."""
+        p, us, it = self.p, self.users.cols, self.items.cols
+        cand, rel, order = self._last_candidates
+        n_req, C = cand.shape
+        r = np.random.default_rng([self.seed, 7, self.day_index, part])
+        items, rel_logit = cand.reshape(-1), rel.reshape(-1)
+        req = np.repeat(np.arange(n_req), C)
+        user = uidx[req]
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(C)[None, :], axis=1)  # the policy's rank of each candidate
+        rank = rank.reshape(-1)
+        match = None if intent is None else it["category"][items] == intent[req]
+        o = self._outcomes(
+            user, items, rel_logit, np.zeros(len(items), np.int64), us["web"][user].astype(np.int8), match, r
+        )
+        # the request's user side as logged: its first logged row (every row of a request shares it)
+        first_rows = np.searchsorted(req_global, np.arange(first_req, first_req + n_req))
+        user_side = ["request_id", "ts", "user_id", "device", "user_segment", "age_bucket"]
+        user_side += [c for c in logs.column_names if c.startswith("hist_")]
+        side = logs.select(user_side).take(pa.array(first_rows[req]))
+        tags, tag_mask = it["tags"][items], it["tag_mask"][items]
+        offsets = np.concatenate([[0], np.cumsum(tag_mask.sum(axis=1))]).astype(np.int32)
+        row_id = (first_req + req) * C + np.tile(np.arange(C), n_req)
+        cols = {
+            "row_id": pa.array(row_id.astype(np.int64)),
+            **{c: side.column(c) for c in user_side},
+            "item_id": pa.array(it["id"][items]),
+            "item_category": pa.array(it["category"][items]),
+            "brand": pa.array(it["brand"][items]),
+            "shop": pa.array(it["shop"][items]),
+            "price_bucket": pa.array(it["price_bucket"][items]),
+            "item_tags": pa.ListArray.from_arrays(offsets, tags[tag_mask]),
+            "user_activity": pa.array((us["activity"][user] * r.lognormal(0, 0.2, len(items))).astype(np.float32)),
+            "item_price": pa.array(np.exp(it["log_price"][items]).astype(np.float32)),
+            "item_popularity": pa.array(
+                _sigmoid(it["popularity"][items] + 0.3 * r.standard_normal(len(items)) - 2.0).astype(np.float32)
+            ),
+        }
+        truth = pa.table(
+            {
+                "row_id": cols["row_id"],
+                "p_click_unbiased": o["p_rel"].astype(np.float32),
+                "cvr": o["cvr"].astype(np.float32),
+                "ctcvr_unbiased": (o["p_rel"] * o["cvr"]).astype(np.float32),
+                "policy_rank": rank.astype(np.int32),  # 0 = the policy's first choice
+                "shown": rank < p.positions,  # logged as an impression at position policy_rank
+            }
+        )
+        return pa.table(cols), truth
 
 
 class _Alias:
@@ -907,6 +976,7 @@ class WorldSummary:
     seconds: list[float] = field(default_factory=list)
     sort_by: str | None = None
     params: dict = field(default_factory=dict)
+    candidates: str | None = None  # the root of the candidate logs, if written
 
 
 def write_world(
@@ -918,6 +988,7 @@ def write_world(
     files_per_day: int | None = None,
     params: WorldParams | None = None,
     sort_by: str | None = None,
+    candidates: str | None = None,
 ) -> WorldSummary:
     """Write `days` day partitions of logs (+ truth) under `out` (any fsspec URL).
 
@@ -932,6 +1003,9 @@ def write_world(
         params (WorldParams | None): the generative model; defaults if None.
         sort_by (str | None): a logs column; each day is then written sorted by it (stable, ascending),
             across its files, as some exports are (by label, by user). None: time order.
+        candidates (str | None): a second root (any fsspec URL); gets, per day and file, every
+            candidate each request scored, as serving-time feature logging records them (features,
+            no labels, no position), and their truth under ``_truth/``. None: not written.
 
     Returns:
         WorldSummary: what was written and how long each day took.
@@ -949,6 +1023,8 @@ def write_world(
     if problem:
         raise MtrecError(f"WorldParams {problem}")
     _prepare_out(out)
+    if candidates is not None:
+        _prepare_out(candidates)
     world = World(params, seed)
     fs, _ = filesystem(out)
     summary = WorldSummary(
@@ -960,6 +1036,7 @@ def write_world(
         files_per_day=files_per_day,
         params={**asdict(params), "examination": params.examination().round(6).tolist()},
         sort_by=sort_by,
+        candidates=candidates,
     )
     K = params.positions
     for d in range(days):
@@ -976,23 +1053,35 @@ def write_world(
             if last <= first:
                 continue
             secs = 86_400 / files_per_day
-            parts.append((part, *world.traffic(last - first, part, first, part * secs, (part + 1) * secs, day)))
+            logs, truth, cands = world.traffic(
+                last - first, part, first, part * secs, (part + 1) * secs, day, candidates=candidates is not None
+            )
+            parts.append((part, logs, truth))
+            if cands is not None:
+                for root, table in ((candidates, cands[0]), (join(candidates, TRUTH_DIR), cands[1])):
+                    _write(root, day, part, table)
         if sort_by is not None:
             parts = _sorted_parts(parts, sort_by)
         for part, logs, truth in parts:
             for root, table in ((out, logs), (join(out, TRUTH_DIR), truth)):
-                folder = day_url(root, day)
-                dfs, dpath = filesystem(folder)
-                dfs.makedirs(dpath, exist_ok=True)
-                with dfs.open(f"{dpath}/part-{part:05d}.parquet", "wb") as fh:
-                    pq.write_table(table, fh, compression="snappy")
+                _write(root, day, part, table)
         summary.days.append(day.isoformat())
         summary.rows.append(rows_per_day)
         summary.seconds.append(round(time.perf_counter() - t_day, 3))
         log.info(f"  {day}: {rows_per_day:,} rows in {files_per_day} files ({summary.seconds[-1]:.1f}s)")
-    with fs.open(f"{filesystem(out)[1]}/{WORLD_FILE}", "w") as fh:
-        fh.write(json.dumps(asdict(summary), indent=2))
+    for root in (out, candidates) if candidates is not None else (out,):
+        rfs, rpath = filesystem(root)
+        with rfs.open(f"{rpath}/{WORLD_FILE}", "w") as fh:
+            fh.write(json.dumps(asdict(summary), indent=2))
     return summary
+
+
+def _write(root: str, day: dt.date, part: int, table: pa.Table) -> None:
+    folder = day_url(root, day)
+    dfs, dpath = filesystem(folder)
+    dfs.makedirs(dpath, exist_ok=True)
+    with dfs.open(f"{dpath}/part-{part:05d}.parquet", "wb") as fh:
+        pq.write_table(table, fh, compression="snappy")
 
 
 def _sorted_parts(parts: list[tuple[int, pa.Table, pa.Table]], column: str) -> list[tuple[int, pa.Table, pa.Table]]:
