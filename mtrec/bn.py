@@ -8,8 +8,10 @@ way look fine.
 
     capture      every BN layer's running mean / var / count, as the checkpoint holds them
     reference    the mean / var of each BN layer's *input* on a serving-like slice: a day's
-                 impressions as served (no sampling, no bias features), streamed through the model
-                 in eval mode with forward hooks; float64 sums, bounded memory (one batch at a time)
+                 impressions as served (no sampling, no bias features), or, given serving logs
+                 (`job.serving_logs`), the candidates serving scored that day; streamed through
+                 the model in eval mode with forward hooks; float64 sums, bounded memory (one
+                 batch at a time)
     compare      per layer and channel c, with mu/var the running and m/v the reference values:
                    smd   = |mu_c - m_c| / sqrt(v_c)                  standardized mean difference
                    lvr   = log(var_c / v_c)                          log variance ratio
@@ -50,7 +52,7 @@ from mtrec.data.validate import read_schema
 from mtrec.errors import DataValidationError
 from mtrec.eval.scoring import evaluating, score_batches
 from mtrec.spec import ModelSpec
-from mtrec.train.stream import day_batches
+from mtrec.train.stream import day_batches, feature_batches
 
 _EPS = 1e-5  # BatchNorm1d's default eps: variances below it are noise
 
@@ -91,10 +93,27 @@ class _Moments:
         return mean, np.maximum(self.ss / max(self.n, 1) - mean * mean, 0.0)  # population variance, as BN normalizes
 
 
-def serving_batches(spec: ModelSpec, logs: str, day: dt.date, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """A day's impressions as served: its good rows (the contract's row rules: no NaN feature
-    reaches BN's sums), unsampled, in `batch_rows`-row batches (the last one shorter); the caller
-    converts them without bias features or labels."""
+def has_serving_logs(serving_logs: str | None, day: dt.date) -> bool:
+    """Whether `serving_logs` (None: not configured) holds a folder for `day`."""
+    from mtrec.data.io import day_url, filesystem
+
+    if serving_logs is None:
+        return False
+    fs, path = filesystem(day_url(serving_logs, day))
+    return fs.isdir(path)
+
+
+def serving_batches(
+    spec: ModelSpec, logs: str, day: dt.date, batch_rows: int, serving_logs: str | None = None
+) -> Iterator[pa.RecordBatch]:
+    """A day's population as served, in `batch_rows`-row batches (the last one shorter): the good
+    rows of its impressions (the contract's row rules: no NaN feature reaches BN's sums),
+    unsampled; or, with `serving_logs`, the good rows of the candidates serving scored that day
+    (`mtrec.train.stream.feature_batches`). The caller converts them without bias features or
+    labels."""
+    if serving_logs is not None:
+        yield from feature_batches(spec, serving_logs, day, batch_rows)
+        return
     files = list_day_files(logs, day)
     if not files:
         raise DataValidationError(
@@ -112,9 +131,15 @@ def serving_batches(spec: ModelSpec, logs: str, day: dt.date, batch_rows: int) -
 
 
 def reference(
-    model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batch_rows: int = 8192
+    model: nn.Module,
+    spec: ModelSpec,
+    logs: str,
+    day: dt.date,
+    batch_rows: int = 8192,
+    serving_logs: str | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-    """({layer: (mean, var) of its input on the day as served}, rows): eval mode, forward hooks."""
+    """({layer: (mean, var) of its input on the day as served}, rows): eval mode, forward hooks;
+    the day's impressions, or with `serving_logs` its candidates (`serving_batches`)."""
     layers = bn_layers(model)
     moments = {name: _Moments(m.num_features) for name, m in layers.items()}
     hooks = [
@@ -124,7 +149,7 @@ def reference(
     rows = 0
     try:
         with evaluating(model):
-            for rb, _ in score_batches(model, spec, serving_batches(spec, logs, day, batch_rows)):
+            for rb, _ in score_batches(model, spec, serving_batches(spec, logs, day, batch_rows, serving_logs)):
                 rows += rb.num_rows
     finally:
         for h in hooks:
@@ -176,6 +201,7 @@ class BNReport:
     layers: list[LayerCheck]
     thresholds: dict
     seconds: float = 0.0
+    population: str = "impressions"  # what the reference was computed on: "impressions" or "serving logs"
 
     @property
     def passed(self) -> bool:
@@ -189,17 +215,18 @@ class BNReport:
         """One line: the verdict and, on failure, the worst failing layer with its figures."""
         if not self.layers:
             return f"BN check on {self.day}: no BN layers; passed"
+        rows = f"{self.rows:,} rows" + (" of serving logs" if self.population == "serving logs" else "")
         if self.passed:
             w = self.worst
             return (
-                f"BN check on {self.day} ({self.rows:,} rows): passed, {len(self.layers)} layers; "
+                f"BN check on {self.day} ({rows}): passed, {len(self.layers)} layers; "
                 f"largest drift {w.layer}: smd {w.smd_mean:.3f}, |log var ratio| {w.abs_log_var_ratio_mean:.3f}, "
                 f"kl {w.kl_mean:.3f} (means over channels)"
             )
         bad = [lc for lc in self.layers if not lc.passed]
         w = max(bad, key=lambda lc: lc.kl_mean)
         return (
-            f"BN check on {self.day} ({self.rows:,} rows): FAILED, {len(bad)} of {len(self.layers)} layers; "
+            f"BN check on {self.day} ({rows}): FAILED, {len(bad)} of {len(self.layers)} layers; "
             f"worst {w.layer}: " + ", ".join(w.failing) + " (means over channels); " + FAILURE_CAUSES
         )
 
@@ -266,23 +293,40 @@ def compare(
     return BNReport(day, rows, layers, th.model_dump())
 
 
-def check(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, limits: BNCheckConfig) -> BNReport:
-    """The consistency check of `model` (a MultiTaskModel on CPU) against `day` under the logs
-    root `logs` as served, with `limits` (thresholds and batch size)."""
+def check(
+    model: nn.Module,
+    spec: ModelSpec,
+    logs: str,
+    day: dt.date,
+    limits: BNCheckConfig,
+    serving_logs: str | None = None,
+) -> BNReport:
+    """The consistency check of `model` (a MultiTaskModel on CPU) against `day` as served, with
+    `limits` (thresholds and batch size): against the day's impressions under the logs root
+    `logs`, or, with `serving_logs`, against the candidates serving scored that day."""
     t0 = time.perf_counter()
+    population = "impressions" if serving_logs is None else "serving logs"
     layers = bn_layers(model)
     if not layers:
-        return BNReport(day.isoformat(), 0, [], limits.model_dump(), time.perf_counter() - t0)
+        return BNReport(day.isoformat(), 0, [], limits.model_dump(), time.perf_counter() - t0, population)
     running = {name: (m.running_mean.double().numpy(), m.running_var.double().numpy()) for name, m in layers.items()}
-    ref, rows = reference(model, spec, logs, day, limits.batch_rows)
+    ref, rows = reference(model, spec, logs, day, limits.batch_rows, serving_logs)
     report = compare(running, ref, limits, day.isoformat(), rows)
-    report.seconds = time.perf_counter() - t0
+    report.seconds, report.population = time.perf_counter() - t0, population
     return report
 
 
-def recalibrate(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batch_rows: int = 8192) -> int:
-    """Recompute every BN layer's running statistics on `day` as served (cumulative average);
-    every other parameter and buffer is left bit-identical. Returns the rows used."""
+def recalibrate(
+    model: nn.Module,
+    spec: ModelSpec,
+    logs: str,
+    day: dt.date,
+    batch_rows: int = 8192,
+    serving_logs: str | None = None,
+) -> int:
+    """Recompute every BN layer's running statistics on `day` as served (cumulative average), on
+    its impressions or, with `serving_logs`, its candidates; every other parameter and buffer is
+    left bit-identical. Returns the rows used."""
     layers = bn_layers(model)
     if not layers:
         return 0
@@ -295,7 +339,7 @@ def recalibrate(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batc
                 m.momentum = None  # cumulative moving average over the slice's batches
                 m.train()
             # BN needs 2+ rows for batch statistics
-            batches = (rb for rb in serving_batches(spec, logs, day, batch_rows) if rb.num_rows >= 2)
+            batches = (rb for rb in serving_batches(spec, logs, day, batch_rows, serving_logs) if rb.num_rows >= 2)
             for rb, _ in score_batches(model, spec, batches):
                 rows += rb.num_rows
         finally:
@@ -303,7 +347,7 @@ def recalibrate(model: nn.Module, spec: ModelSpec, logs: str, day: dt.date, batc
                 m.momentum = momenta[name]
     if rows == 0:
         raise DataValidationError(
-            f"no batch of 2 or more good rows on {day} under {logs}: the BN statistics cannot be "
+            f"no batch of 2 or more good rows on {day} under {serving_logs or logs}: the BN statistics cannot be "
             "recomputed (they are reset); recalibrate on a day with logs"
         )
     return rows

@@ -218,15 +218,24 @@ class JobConfig(Strict):
             "a relative path is taken from the directory the command runs in."
         ),
     )
+    serving_logs: str | None = Field(
+        None,
+        description=(
+            "Root (fsspec URL or path) of serving-time feature logs, dt=YYYY-MM-DD/*.parquet: the candidates each "
+            "request scored, with the features the model reads and no labels. When set, the BN statistics check "
+            "(every job's, `mtrec bn-check`'s and the gate's) and `bn-check --recalibrate` use that day's "
+            "candidates as the serving population instead of its impressions."
+        ),
+    )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined."
     )
     timezone: str = Field("UTC", description="Timezone in which `--date yesterday` is resolved.")
 
-    @field_validator("logs", "workdir")
+    @field_validator("logs", "workdir", "serving_logs")
     @classmethod
-    def _absolute(cls, url: str) -> str:
-        return absolute_url(url)
+    def _absolute(cls, url: str | None) -> str | None:
+        return None if url is None else absolute_url(url)
 
     @field_validator("timezone")
     @classmethod

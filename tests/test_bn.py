@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import without_floors
@@ -301,3 +302,96 @@ def _yaml(tmp_path, d):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
+
+
+def test_the_serving_population_comes_from_the_candidate_logs(tmp_path):
+    """With serving logs the reference is every candidate serving scored that day (3 per shown
+    item here), read with the contract's feature rules and no labels or positions; the report says
+    which population it used. A shown candidate scores exactly as its impression: the neutral
+    columns the reader adds reach nothing."""
+    from mtrec.data.synth import Export, write_world
+    from mtrec.errors import DataValidationError
+    from mtrec.eval.scoring import evaluating, score_batches
+    from mtrec.train.stream import day_batches, feature_batches
+
+    logs, cands = str(tmp_path / "logs"), str(tmp_path / "cands")
+    write_world(logs, days=1, rows_per_day=3_000, seed=3, export=Export(candidates=cands))
+    cfg = bn_cfg(logs)
+    torch.manual_seed(0)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    bn.recalibrate(model, cfg.spec, logs, DAY1)  # the statistics of the day's impressions
+    shown = bn.check(model, cfg.spec, logs, DAY1, cfg.bn)
+    served = bn.check(model, cfg.spec, logs, DAY1, cfg.bn, serving_logs=cands)
+    assert shown.population == "impressions" and shown.rows == 3_000 and "(3,000 rows)" in shown.summary()
+    assert served.population == "serving logs" and served.rows == 9_000
+    assert "(9,000 rows of serving logs)" in served.summary() and '"population": "serving logs"' in served.to_json()
+    assert max(lc.smd_mean for lc in served.layers) > 2 * max(lc.smd_mean for lc in shown.layers)
+    assert bn.recalibrate(model, cfg.spec, logs, DAY1, serving_logs=cands) == 9_000
+    assert max(lc.smd_mean for lc in bn.check(model, cfg.spec, logs, DAY1, cfg.bn, cands).layers) < 1e-3
+
+    def scores(batches):
+        with evaluating(model):
+            return {
+                int(r): float(p)
+                for rb, out in score_batches(model, cfg.spec, batches)
+                for r, p in zip(rb.column("row_id").to_pylist(), out["ctr"].tolist(), strict=True)
+            }
+
+    truth = pq.read_table(f"{cands}/_truth/dt={DAY1}").to_pandas().set_index("row_id")
+    cand = scores(feature_batches(cfg.spec, cands, DAY1, 1000))
+    logged = scores(day_batches(cfg.spec, logs, [DAY1], 1000))
+    pairs = [(p, logged[r // 30 * 10 + int(truth.policy_rank[r])]) for r, p in cand.items() if truth.shown[r]]
+    assert len(pairs) == 3_000 and max(abs(a - b) for a, b in pairs) < 1e-6, max(abs(a - b) for a, b in pairs)
+    with pytest.raises(
+        DataValidationError, match=r"no serving logs for 2026-01-02 under .*; log that day's candidates"
+    ):
+        bn.check(model, cfg.spec, logs, DAY2, cfg.bn, serving_logs=cands)
+    bad = tmp_path / "bad" / f"dt={DAY1}"
+    bad.mkdir(parents=True)
+    pq.write_table(pq.read_table(f"{cands}/dt={DAY1}").drop_columns(["item_price"]), bad / "part-00000.parquet")
+    with pytest.raises(
+        DataValidationError, match=r"lacks `item_price`: serving logs need every feature the model reads"
+    ):
+        bn.check(model, cfg.spec, logs, DAY1, cfg.bn, serving_logs=str(tmp_path / "bad"))
+
+
+@pytest.mark.slow  # logs a model version to MLflow
+def test_bn_check_and_the_gate_use_the_serving_logs_when_configured(tmp_path, monkeypatch, capsys):
+    """`mtrec bn-check --serving-logs` checks against the candidates; the gate, with
+    `job.serving_logs` set, checks the challenger against the slice's candidates, says so, and
+    defers (exit 10) while the slice's candidates are not logged yet."""
+    import shutil
+
+    from mtrec.cli import main
+    from mtrec.data.synth import Export, write_world
+    from mtrec.serving import ServedModel
+    from mtrec.tracking import Tracker, example_rows
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logs, cands = str(tmp_path / "logs"), str(tmp_path / "cands")
+    write_world(logs, days=2, rows_per_day=3_000, seed=3, export=Export(candidates=cands))
+    d = bn_cfg(logs).model_dump(mode="json")
+    d["job"]["workdir"] = str(tmp_path / "work")
+    cfg = type(load_config("esmm")).model_validate(without_floors(d))  # an untrained model
+    torch.manual_seed(0)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    bn.recalibrate(model, cfg.spec, cands, DAY1, serving_logs=cands)  # statistics of day 1's candidates
+    tracker = Tracker(cfg)
+    served = ServedModel(cfg.spec, model.state_dict())
+    run = tracker.start_run("nightly", [DAY1], f"{tmp_path}/ck", None, None)
+    uri = tracker.log_model(run, served, example_rows(logs, DAY1, served.columns))
+    assert tracker.register(run, uri, f"{tmp_path}/ck", DAY1) == "1"
+    model_uri = f"models:/{cfg.name}/1"
+
+    capsys.readouterr()
+    args = ["bn-check", "--config", str(_yaml(tmp_path, d)), "--date", str(DAY2), "--model", model_uri]
+    assert main([*args, "--serving-logs", cands]) == 0
+    assert f"BN check on {DAY2} (9,000 rows of serving logs): passed" in capsys.readouterr().err
+    d["job"]["serving_logs"] = cands
+    moved = tmp_path / "later"
+    shutil.move(f"{cands}/dt={DAY2}", moved)  # the slice's candidates are not logged yet
+    assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 10
+    assert f"no serving logs for {DAY2} under {cands} (job.serving_logs)" in capsys.readouterr().err
+    shutil.move(moved, f"{cands}/dt={DAY2}")
+    assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0
+    assert "BN check passed against the serving logs" in capsys.readouterr().err

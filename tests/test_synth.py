@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DAY1
 
-from mtrec.data.synth import WorldParams, read_world, world_params, write_world
+from mtrec.data.synth import Export, WorldParams, read_world, world_params, write_world
 from mtrec.errors import MtrecError
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -497,7 +497,7 @@ def test_day_cycle_writes_the_day_hour_by_hour_and_the_mix_moves_with_the_hour(t
 def test_sort_by_writes_the_same_rows_sorted_across_the_days_files(tmp_path):
     plain, by_click = str(tmp_path / "plain"), str(tmp_path / "sorted")
     write_world(plain, days=1, rows_per_day=6_000, seed=4)
-    write_world(by_click, days=1, rows_per_day=6_000, seed=4, sort_by="click")
+    write_world(by_click, days=1, rows_per_day=6_000, seed=4, export=Export(sort_by="click"))
     files = sorted(Path(by_click, f"dt={DAY1}").glob("part-*.parquet"))
     sizes = [pq.read_metadata(f).num_rows for f in files]
     assert sizes == [pq.read_metadata(f).num_rows for f in sorted(Path(plain, f"dt={DAY1}").glob("part-*.parquet"))]
@@ -509,7 +509,7 @@ def test_sort_by_writes_the_same_rows_sorted_across_the_days_files(tmp_path):
     assert _day(by_click, str(DAY1), True).equals(_day(plain, str(DAY1), True))  # the truth as it was
     assert read_world(by_click)["sort_by"] == "click"
     with pytest.raises(MtrecError, match=r"--sort-by 'item_tags': not a column the world writes; choose one of row_id"):
-        write_world(str(tmp_path / "bad"), days=1, rows_per_day=100, sort_by="item_tags")
+        write_world(str(tmp_path / "bad"), days=1, rows_per_day=100, export=Export(sort_by="item_tags"))
 
 
 def test_candidates_are_what_each_request_scored_and_leave_the_logs_as_they_were(tmp_path):
@@ -519,7 +519,7 @@ def test_candidates_are_what_each_request_scored_and_leave_the_logs_as_they_were
     with or without candidates."""
     logs, cands, plain = str(tmp_path / "logs"), str(tmp_path / "cands"), str(tmp_path / "plain")
     params = world_params(["users=2000"], "sequences")
-    write_world(logs, days=2, rows_per_day=3_000, seed=3, params=params, candidates=cands)
+    write_world(logs, days=2, rows_per_day=3_000, seed=3, params=params, export=Export(candidates=cands))
     write_world(plain, days=2, rows_per_day=3_000, seed=3, params=params)
     day = DAYS[1]
     assert _day(logs, day).equals(_day(plain, day)) and _day(logs, day, True).equals(_day(plain, day, True))
@@ -528,12 +528,10 @@ def test_candidates_are_what_each_request_scored_and_leave_the_logs_as_they_were
     assert not {"click", "conversion", "position", "daction", "watch_time"} & set(c.column_names)
     shown = c.filter(t.column("shown"))
     logged = _day(logs, day)
-    key = ["request_id", "item_id", "user_id", "user_segment", "hist_item_id", "item_category"]
-    assert (
-        shown.select(key)
-        .sort_by([("request_id", "ascending"), ("item_id", "ascending")])
-        .equals(logged.select(key).sort_by([("request_id", "ascending"), ("item_id", "ascending")]))
-    )
+    key = ["request_id", "item_id", "user_id", "user_segment", "hist_item_id", "item_category", "user_activity"]
+    key += ["item_popularity"]  # observed once: a shown candidate's features are its impression's
+    order = [(c, "ascending") for c in ("request_id", "item_id", "user_activity", "item_popularity")]
+    assert shown.select(key).sort_by(order).equals(logged.select(key).sort_by(order))
     # the policy shows the more relevant candidates: the serving population is not the logged one
     rel, is_shown = t.column("p_click_unbiased").to_numpy(), t.column("shown").to_numpy()
     assert rel[is_shown].mean() > 1.5 * rel[~is_shown].mean()

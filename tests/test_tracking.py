@@ -27,7 +27,7 @@ import yaml
 from conftest import without_floors
 
 from mtrec.config import load_config
-from mtrec.data.synth import write_world
+from mtrec.data.synth import Export, write_world
 from mtrec.errors import ConfigError, GateDeferred, GateRefused, TrackingError
 from mtrec.tracking import Tracker, compare, flatten, tracking_uri
 
@@ -671,7 +671,7 @@ def test_a_day_sorted_by_click_read_in_file_order_never_becomes_champion(ray_loc
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     logs = str(tmp_path / "world")
-    write_world(logs, days=2, rows_per_day=ROWS, seed=5, files_per_day=2, sort_by="click")
+    write_world(logs, days=2, rows_per_day=ROWS, seed=5, files_per_day=2, export=Export(sort_by="click"))
     decisions = {}
     for shuffle in (False, True):
         d = load_config("esmm", logs=logs, workdir=str(tmp_path / f"work-{shuffle}")).model_dump(mode="json")

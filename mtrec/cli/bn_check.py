@@ -25,6 +25,12 @@ def add(sub, abbrev: bool = True) -> None:
         action="store_true",
         help="recompute the BN statistics on --date and register the result as a new version",
     )
+    p.add_argument(
+        "--serving-logs",
+        metavar="URL",
+        help="check (and recalibrate) against the candidates serving scored on --date under this root, not the "
+        "day's impressions (overrides job.serving_logs)",
+    )
     p.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
     p.set_defaults(run=run)
 
@@ -34,6 +40,12 @@ def run(args: argparse.Namespace) -> int:
     from mtrec.jobs.bn_check import run_bn_check
 
     cfg = load(args)
+    if args.serving_logs:
+        from mtrec.config import absolute_url
+
+        cfg = cfg.model_copy(
+            update={"job": cfg.job.model_copy(update={"serving_logs": absolute_url(args.serving_logs)})}
+        )
     d = day(args, cfg)
     if args.model:
         tracking_env(cfg)

@@ -43,7 +43,7 @@ def add(sub, abbrev: bool = True) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtrec.data.io import parse_date
-    from mtrec.data.synth import world_params, write_world
+    from mtrec.data.synth import Export, world_params, write_world
 
     start = parse_date(args.start, "--start")
     params = world_params(args.param, args.preset)
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         start=start,
         files_per_day=args.files_per_day,
         params=params,
-        sort_by=args.sort_by,
-        candidates=args.candidates,
+        export=Export(sort_by=args.sort_by, candidates=args.candidates),
     )
     what = (
         f"seed {args.seed}"

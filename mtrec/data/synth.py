@@ -880,7 +880,7 @@ class World:
         no position; and their truth (relevance, CVR, whether and where it was shown). Draws (the
         observation noise of the noisy features) come from a stream of their own, so the logs are
         the same with or without candidates."""
-        p, us, it = self.p, self.users.cols, self.items.cols
+        us, it = self.users.cols, self.items.cols
         cand, rel, order = self._last_candidates
         n_req, C = cand.shape
         r = np.random.default_rng([self.seed, 7, self.day_index, part])
@@ -894,8 +894,12 @@ class World:
         o = self._outcomes(
             user, items, rel_logit, np.zeros(len(items), np.int64), us["web"][user].astype(np.int8), match, r
         )
-        # the request's user side as logged: its first logged row (every row of a request shares it)
+        # the request's user side as logged: its first logged row (every row of a request shares it);
+        # a shown candidate is the logged row at its position (the file's last request may be cut short)
         first_rows = np.searchsorted(req_global, np.arange(first_req, first_req + n_req))
+        logged = np.bincount(req_global - first_req, minlength=n_req)[req]  # rows logged of each one's request
+        shown = rank < logged
+        at = np.where(shown, first_rows[req] + rank, 0)  # its logged row, if shown
         user_side = ["request_id", "ts", "user_id", "device", "user_segment", "age_bucket"]
         user_side += [c for c in logs.column_names if c.startswith("hist_")]
         side = logs.select(user_side).take(pa.array(first_rows[req]))
@@ -917,6 +921,8 @@ class World:
                 _sigmoid(it["popularity"][items] + 0.3 * r.standard_normal(len(items)) - 2.0).astype(np.float32)
             ),
         }
+        for c in ("user_activity", "item_popularity"):  # observed once: a shown candidate's is its impression's
+            cols[c] = pa.array(np.where(shown, logs.column(c).to_numpy()[at], cols[c].to_numpy()))
         truth = pa.table(
             {
                 "row_id": cols["row_id"],
@@ -924,7 +930,7 @@ class World:
                 "cvr": o["cvr"].astype(np.float32),
                 "ctcvr_unbiased": (o["p_rel"] * o["cvr"]).astype(np.float32),
                 "policy_rank": rank.astype(np.int32),  # 0 = the policy's first choice
-                "shown": rank < p.positions,  # logged as an impression at position policy_rank
+                "shown": shown,  # logged as an impression at position policy_rank
             }
         )
         return pa.table(cols), truth
@@ -966,6 +972,22 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class Export:
+    """How the world is exported besides the logs in time order.
+
+    Attributes:
+        sort_by: a logs column; each day is then written sorted by it (stable, ascending), across
+            its files, as some exports are (by label, by user). None: time order.
+        candidates: a second root (any fsspec URL); gets, per day and file, every candidate each
+            request scored, as serving-time feature logging records them (features, no labels, no
+            position), and their truth under ``_truth/``. None: not written.
+    """
+
+    sort_by: str | None = None
+    candidates: str | None = None
+
+
+@dataclass
 class WorldSummary:
     out: str
     start: str
@@ -987,8 +1009,7 @@ def write_world(
     start: dt.date = dt.date(2026, 1, 1),
     files_per_day: int | None = None,
     params: WorldParams | None = None,
-    sort_by: str | None = None,
-    candidates: str | None = None,
+    export: Export | None = None,
 ) -> WorldSummary:
     """Write `days` day partitions of logs (+ truth) under `out` (any fsspec URL).
 
@@ -1001,11 +1022,7 @@ def write_world(
         files_per_day (int | None): Parquet files per day; file k holds the k-th slice of the day's
             hours. None: 24 (hour by hour) for a world with an intra-day cycle, else 4.
         params (WorldParams | None): the generative model; defaults if None.
-        sort_by (str | None): a logs column; each day is then written sorted by it (stable, ascending),
-            across its files, as some exports are (by label, by user). None: time order.
-        candidates (str | None): a second root (any fsspec URL); gets, per day and file, every
-            candidate each request scored, as serving-time feature logging records them (features,
-            no labels, no position), and their truth under ``_truth/``. None: not written.
+        export (Export | None): a sorted export, candidate logs (`Export`); None: neither.
 
     Returns:
         WorldSummary: what was written and how long each day took.
@@ -1015,6 +1032,7 @@ def write_world(
     if rows_per_day < 1:
         raise MtrecError(f"`--rows-per-day` must be >= 1, got {rows_per_day}; pass --rows-per-day 1 or more")
     params = params or WorldParams()
+    sort_by, candidates = (export.sort_by, export.candidates) if export is not None else (None, None)
     if files_per_day is None:
         files_per_day = 24 if params.cycle_strength else 4
     if files_per_day < 1:

@@ -93,8 +93,9 @@ def run_bn_check(
     if source["date"] and dt.date.fromisoformat(source["date"]) >= day:
         log.info(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
     logs = cfg.job.logs  # the day under this config's logs, with its limits and batch size
-    before = bn.check(served.model, served.spec, logs, day, cfg.bn)
-    log.info(f"{what} on {day}:")
+    serving = cfg.job.serving_logs  # the day's candidates instead of its impressions, when set
+    before = bn.check(served.model, served.spec, logs, day, cfg.bn, serving)
+    log.info(f"{what} on {day}" + (f", against the serving logs under {serving}:" if serving else ":"))
     for line in before.table() if before.layers else []:
         log.info("  " + line)
     log.info(before.summary() + f" ({before.seconds:.1f}s)")
@@ -104,10 +105,10 @@ def run_bn_check(
     if not before.layers:
         log.info("no BN layers: nothing to recalibrate")
         return out
-    rows = bn.recalibrate(served.model, served.spec, logs, day, cfg.bn.batch_rows)
-    after = bn.check(served.model, served.spec, logs, day, cfg.bn)
+    rows = bn.recalibrate(served.model, served.spec, logs, day, cfg.bn.batch_rows, serving)
+    after = bn.check(served.model, served.spec, logs, day, cfg.bn, serving)
     out.after = after
-    log.info(f"recalibrated on {rows:,} rows of {day}: {after.summary()}")
+    log.info(f"recalibrated on {rows:,} rows of {day}{' (serving logs)' if serving else ''}: {after.summary()}")
     out.version = _record(cfg.model_copy(update={"name": source["name"]}), served, source, day, out)
     return out
 

@@ -166,12 +166,20 @@ def gate_slice(cfg: MtrecConfig, *versions: VersionInfo) -> dt.date | None:
 
 
 def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date):
-    """The gate's BN check of a served model on the slice under `cfg`'s logs and limits (None without BN layers)."""
+    """The gate's BN check of a served model on the slice under `cfg`'s logs and limits (None without BN
+    layers): against the slice's candidates when `job.serving_logs` is set (deferred while they are
+    not there), its impressions otherwise."""
     from mtrec import bn
 
     if not bn.bn_layers(served.model):
         return None
-    rep = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn)
+    serving = cfg.job.serving_logs
+    if serving is not None and not bn.has_serving_logs(serving, day):
+        raise GateDeferred(
+            f"no serving logs for {day} under {serving} (job.serving_logs) to check the BN statistics against; "
+            "run `mtrec promote` again once that day's candidates are logged"
+        )
+    rep = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn, serving)
     log.info("%s", rep.summary())
     return rep
 
@@ -223,7 +231,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             None,
             first_day.isoformat(),
             f"no champion yet: version {chal.version} becomes the first, meeting the floors on {first_day} ({shown})"
-            + ("; BN check passed" if rep is not None else "")
+            + (f"; BN check passed against the {rep.population}" if rep is not None else "")
             if not reasons
             else "no champion yet, but " + "; ".join(reasons),
             {m: {"challenger": scores[m]} for m in cfg.gate_metrics() if m in scores},
@@ -277,7 +285,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         ok = ok and not bn_failed and not below
         reason = (
             f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}"
-            + ("; BN check passed" if bn_report is not None else "")
+            + (f"; BN check passed against the {bn_report.population}" if bn_report is not None else "")
             if ok
             else "; ".join(reasons)
         )

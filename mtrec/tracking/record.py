@@ -127,7 +127,10 @@ def record_bn(
     (out / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
     if day is None:
         return "not run"
-    report = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn)
+    # the serving population when serving logs hold the day (the next day's candidates may not be
+    # logged yet when the job ends), its impressions otherwise; the report says which
+    serving = cfg.job.serving_logs if bn.has_serving_logs(cfg.job.serving_logs, day) else None
+    report = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn, serving)
     tracker.log_metrics(run_id, report.metrics())
     (out / "bn" / "check.json").write_text(report.to_json())
     bn.drift_plot(report, out / "plots" / "bn_drift.png")

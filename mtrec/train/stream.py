@@ -200,6 +200,57 @@ def day_batches(
     return rebatch(shuffle_rows(good, buffer_rows, seed), batch_size)
 
 
+# the roles a served model does not read: serving-time feature logs (candidates) hold none of them
+UNSERVED_ROLES = frozenset({"position", "label", "regression", "multiclass", "bias"})
+
+
+def feature_batches(
+    spec: ModelSpec, root: str, day: dt.date, batch_size: int, counts: StreamCounts | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The good rows of a day of serving-time feature logs under `root` (the candidates each
+    request scored: the features a served model reads, and no labels, position or bias features),
+    as `batch_size`-row canonical batches. Columns of those kinds that a file lacks are added with
+    neutral values (0) before the contract's row rules, so a batch has training's layout; served
+    scoring reads none of them. A file that lacks a feature column is refused in one line."""
+    from mtrec.data.io import day_url, filesystem
+    from mtrec.data.validate import read_schema
+    from mtrec.errors import DataValidationError
+
+    fs, path = filesystem(day_url(root, day))
+    if not fs.isdir(path):
+        raise DataValidationError(
+            f"no serving logs for {day} under {root} (expected {day_url(root, day)}/*.parquet); log that day's "
+            "candidates there, or check job.serving_logs / --serving-logs"
+        )
+    validator, roles = RowValidator(spec), spec.column_roles()
+    fill = {c: COLUMN_TYPES[role].canonical(pa.int64()) for c, (role, _) in roles.items() if role in UNSERVED_ROLES}
+    files = list_day_files(root, day)
+    for f in files:
+        missing = [c for c in roles if c not in fill and c not in read_schema(f).names]
+        if missing:
+            raise DataValidationError(
+                f"{f.url} lacks {', '.join(f'`{c}`' for c in missing)}: serving logs need every feature the model "
+                "reads (not labels or positions); log them at serving time, or check job.serving_logs"
+            )
+
+    def good() -> Iterator[pa.RecordBatch]:
+        for f in files:
+            if counts is not None:
+                counts.files.append(f.url)
+            for batch in iter_file_batches(f):
+                for c, t in fill.items():
+                    if c not in batch.schema.names:
+                        batch = batch.append_column(c, pa.array(np.zeros(batch.num_rows, np.int64)).cast(t))
+                split = validator.split(batch)
+                if counts is not None:
+                    counts.read += batch.num_rows
+                    counts.good += split.good.num_rows
+                    counts.bad += split.bad.num_rows
+                yield canonical(split.good, roles)
+
+    return rebatch(good(), batch_size)
+
+
 def read_good_rows(files: pa.Table, spec: dict, done: dict | None = None) -> Iterator[pa.Table]:
     """Ray Data UDF (no Ray import needed): the files of this block (index, url, name, size) ->
     their good rows, canonical, with positions, one Arrow table per read batch. Rows inside
