@@ -282,6 +282,27 @@ def test_stage_uploads_the_code_and_the_config_file(tmp_path):
     assert [p.name for p in only_config.iterdir()] == ["_submit"]
 
 
+def test_a_port_with_403_in_it_is_not_an_authentication_failure(monkeypatch):
+    import ray.job_submission
+
+    from mtrec.cli import remote
+    from mtrec.errors import ClusterError
+
+    def refuse(address):
+        raise ConnectionError(f"Failed to connect to Ray at address: {address}.")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
+    with pytest.raises(ClusterError, match=r"^cannot reach the Ray job server at http://127.0.0.1:40393 "):
+        remote.client("http://127.0.0.1:40393")
+
+    def unauthorized(address):
+        raise RuntimeError(f"Request to {address} failed with status 401 Unauthorized")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", unauthorized)
+    with pytest.raises(ClusterError, match=r"refused the request .* set RAY_AUTH_TOKEN"):
+        remote.client("http://127.0.0.1:40393")
+
+
 def test_unreachable_job_server_is_one_line(capsys):
     from mtrec.cli import main
 

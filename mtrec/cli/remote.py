@@ -206,7 +206,8 @@ def client(address: str | None):
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/aiohttp/Ray raise many kinds; one line for all
         first = first_line(e)
-        if re.search(r"authenticat|unauthori[sz]ed|401|403", str(e), re.I):
+        # a status code, not digits of the address (a port such as 40393)
+        if re.search(r"authenticat|unauthori[sz]ed|\b40[13]\b", str(e).replace(address, ""), re.I):
             raise ClusterError(
                 f"the Ray job server at {address} refused the request ({first}): it needs the cluster's token; set "
                 "RAY_AUTH_TOKEN to it (the head keeps it in ~/.ray/auth_token, or it is the RAY_AUTH_TOKEN the cluster "
