@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mtrec import bn  # noqa: E402
 from mtrec.config import load_config  # noqa: E402
 from mtrec.data.io import day_url  # noqa: E402
-from mtrec.data.synth import world_params, write_world  # noqa: E402
+from mtrec.data.synth import Export, world_params, write_world  # noqa: E402
 from mtrec.eval.evaluate import predict_day, read_truth, report  # noqa: E402
 from mtrec.serving import ServedModel  # noqa: E402
 from mtrec.tracking.gate import floors  # noqa: E402
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--cases", default="cycle,plain", help="comma-separated: cycle, sorted, plain")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--files-per-day", type=int, help="Parquet files per day (default: the world's, 4 or 24)")
     ap.add_argument("--buffer-rows", type=int, default=32768, help="train.shuffle.buffer_rows of the shuffled arm")
     ap.add_argument(
         "--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)"
@@ -104,7 +105,15 @@ def main() -> None:
             logs = os.path.join(tmp, f"{case}-{seed}")
             params = world_params(args.world, "day_cycle" if case == "cycle" else None, flag="--world")
             sort_by = "click" if case == "sorted" else None
-            write_world(logs, 5, args.rows_per_day, seed=seed, params=params, sort_by=sort_by)
+            write_world(
+                logs,
+                5,
+                args.rows_per_day,
+                seed=seed,
+                files_per_day=args.files_per_day,
+                params=params,
+                export=Export(sort_by=sort_by),
+            )
             for shuffle in (False, True):
                 cfg = config(logs, shuffle, args.batch, args.buffer_rows)
                 torch.manual_seed(0)
