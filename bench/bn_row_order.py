@@ -3,9 +3,9 @@ by click, trained with the shuffle off (rows in file order) and on (the default)
 
 For each world (seed x case) ESMM with BatchNorm in its towers is trained single-process (the same
 DMP model, loop, shuffle and per-step seeds the Ray workers run) on days 1-3, once per shuffle
-setting; then, as served: the BN check on day 4, the gate's floors on day 4 (gate.floors, with the
-job's first and last loss windows), the next-day truth metrics on day 5, and the same after
-recalibrating the BN statistics on day 4.
+setting; then, as served: the BN check on day 4, the gate's floors on day 4 (gate.floors, with
+the loss of the job's first and last tenth of batches), the next-day truth metrics on day 5, and
+the same after recalibrating the BN statistics on day 4.
 
 Cases:
   cycle   preset day_cycle: the mix of users, devices and categories moves with the hour, and each

@@ -94,13 +94,24 @@ class _Moments:
 
 
 def has_serving_logs(serving_logs: str | None, day: dt.date) -> bool:
-    """Whether `serving_logs` (None: not configured) holds a folder for `day`."""
+    """Whether `serving_logs` (None: not configured) holds Parquet files for `day`.
+
+    Raises:
+        ConfigError: the root itself does not exist (a typo would otherwise wait for ever).
+    """
     from mtrec.data.io import day_url, filesystem
+    from mtrec.errors import ConfigError
 
     if serving_logs is None:
         return False
+    root_fs, root = filesystem(serving_logs)
+    if not root_fs.isdir(root):
+        raise ConfigError(
+            f"the serving logs root {serving_logs} does not exist; fix job.serving_logs (or --serving-logs) "
+            "or remove it"
+        )
     fs, path = filesystem(day_url(serving_logs, day))
-    return fs.isdir(path)
+    return fs.isdir(path) and any(str(f).endswith(".parquet") for f in fs.ls(path, detail=False))
 
 
 def serving_batches(
@@ -154,6 +165,12 @@ def reference(
     finally:
         for h in hooks:
             h.remove()
+    if rows == 0:
+        where = f"the serving logs under {serving_logs}" if serving_logs else f"the logs under {logs}"
+        raise DataValidationError(
+            f"no good row on {day} in {where}: the BN statistics have nothing to be checked against; "
+            "`mtrec validate` shows what is wrong with the day's rows"
+        )
     return {name: m.mean_var() for name, m in moments.items()}, rows
 
 

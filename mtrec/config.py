@@ -396,7 +396,8 @@ class GateConfig(Strict):
         gt=0,
         description=(
             "Floor: the mean training loss over the job's last tenth of batches must not exceed this times its mean "
-            "over the first tenth (a loss that climbed: logs sorted by label, a diverging learning rate)."
+            "over the first tenth (a loss that climbed: logs sorted by label, a diverging learning rate). Not judged "
+            "for a job that resumed mid-day (its attempt did not see the first tenth)."
         ),
     )
 

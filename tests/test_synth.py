@@ -486,8 +486,9 @@ def test_day_cycle_writes_the_day_hour_by_hour_and_the_mix_moves_with_the_hour(t
         return 0.5 * np.abs(a / a.sum() - b / b.sum()).sum()
 
     assert spread(cyc) > 0.3 > 0.15 > spread(plain)
-    # the cycle draws from a stream of its own: without it, the world is the default one
-    write_world(str(tmp_path / "off"), days=1, rows_per_day=4_000, seed=2, params=world_params(["cycle_strength=0"]))
+    # without the cycle its other parameters do nothing: the world is the default one (which is pinned)
+    off = world_params(["cycle_strength=0", "web_peak_hour=3", "app_peak_hour=7"])
+    write_world(str(tmp_path / "off"), days=1, rows_per_day=4_000, seed=2, params=off)
     write_world(str(tmp_path / "default"), days=1, rows_per_day=4_000, seed=2)
     assert _day(str(tmp_path / "off"), DAY1).equals(_day(str(tmp_path / "default"), DAY1))
     with pytest.raises(MtrecError, match=r"app_peak_hour=24.0: an hour of the day lies in \[0, 24\)"):
@@ -508,8 +509,15 @@ def test_sort_by_writes_the_same_rows_sorted_across_the_days_files(tmp_path):
     assert read.sort_by(key).equals(_day(plain, str(DAY1)).sort_by(key))  # the same rows
     assert _day(by_click, str(DAY1), True).equals(_day(plain, str(DAY1), True))  # the truth as it was
     assert read_world(by_click)["sort_by"] == "click"
+    # a bad column is refused before anything is written: the world already there stays
+    before = sorted(p.name for p in Path(by_click).rglob("*"))
     with pytest.raises(MtrecError, match=r"--sort-by 'item_tags': not a column the world writes; choose one of row_id"):
-        write_world(str(tmp_path / "bad"), days=1, rows_per_day=100, export=Export(sort_by="item_tags"))
+        write_world(by_click, days=1, rows_per_day=100, export=Export(sort_by="item_tags"))
+    assert sorted(p.name for p in Path(by_click).rglob("*")) == before and read_world(by_click)["sort_by"] == "click"
+    with pytest.raises(
+        MtrecError, match=r"--candidates .*/sorted/cands overlaps --out .*/sorted; write the candidates"
+    ):
+        write_world(by_click, days=1, rows_per_day=100, export=Export(candidates=f"{by_click}/cands"))
 
 
 def test_candidates_are_what_each_request_scored_and_leave_the_logs_as_they_were(tmp_path):

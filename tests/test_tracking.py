@@ -106,6 +106,13 @@ def test_floors_refuse_a_broken_model_whatever_it_is_compared_with():
         "ctr/calibration 1.700 is outside [0.667, 1.5] (gate.max_calibration_factor) by more than 2 standard "
         "errors (0.017)"
     ]
+    raw = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"floor_z": 0.0})})  # the raw figures
+    assert floors(raw, cfg.spec, {**good, "ctr/calibration": 1.7, "ctr/positives": 100.0}, train) == [
+        "ctr/calibration 1.700 is outside [0.667, 1.5] (gate.max_calibration_factor)"
+    ]
+    assert floors(cfg, cfg.spec, good, {"train_loss_first_tenth": 0.5, "train_loss_last_tenth": float("nan")}) == [
+        "its training loss is not a number (first tenth 0.5, last tenth nan): it diverged"
+    ]
     # a figure the slice cannot give (one class) is not judged here: `compare` defers on it
     assert floors(cfg, cfg.spec, {**good, "cvr/auc": float("nan")}, train) == []
     loose = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"min_auc": 0.4, "max_loss_growth": 10})})
@@ -676,7 +683,9 @@ def test_a_day_sorted_by_click_read_in_file_order_never_becomes_champion(ray_loc
     for shuffle in (False, True):
         d = load_config("esmm", logs=logs, workdir=str(tmp_path / f"work-{shuffle}")).model_dump(mode="json")
         d["model"]["batch_norm"] = True
-        d["train"].update(batch_size=256, num_workers=1, shuffle={"buffer_rows": 32768 if shuffle else 0})
+        d["train"].update(
+            batch_size=256, num_workers=1, shuffle={"buffer_rows": 32768 if shuffle else 0, "files": shuffle}
+        )
         for f in d["features"]["sparse"]:
             f["hash_size"] = min(f["hash_size"], 20_000)
         cfg = type(load_config("esmm")).model_validate(d)  # the default floors

@@ -1040,11 +1040,13 @@ def write_world(
     problem = check_params(params)
     if problem:
         raise MtrecError(f"WorldParams {problem}")
-    _prepare_out(out)
-    if candidates is not None:
-        _prepare_out(candidates)
+    if candidates is not None and _overlap(out, candidates):
+        raise MtrecError(
+            f"--candidates {candidates} overlaps --out {out}; write the candidates under a root of their own"
+        )
     world = World(params, seed)
     fs, _ = filesystem(out)
+    prepared = False  # the roots are cleared only once day 1 is generated (and --sort-by checked)
     summary = WorldSummary(
         out=out,
         start=start.isoformat(),
@@ -1065,7 +1067,7 @@ def write_world(
         # parts are cut on request boundaries so that request ids stay whole within one file
         n_req = -(-rows_per_day // K)
         req_cuts = np.linspace(0, n_req, files_per_day + 1).round().astype(int)
-        parts = []
+        parts, cand_parts = [], []
         for part in range(files_per_day):
             first, last = req_cuts[part] * K, min(req_cuts[part + 1] * K, rows_per_day)
             if last <= first:
@@ -1076,10 +1078,16 @@ def write_world(
             )
             parts.append((part, logs, truth))
             if cands is not None:
-                for root, table in ((candidates, cands[0]), (join(candidates, TRUTH_DIR), cands[1])):
-                    _write(root, day, part, table)
+                cand_parts.append((part, *cands))
         if sort_by is not None:
             parts = _sorted_parts(parts, sort_by)
+        if not prepared:
+            for root in (out, candidates) if candidates is not None else (out,):
+                _prepare_out(root)
+            prepared = True
+        for part, logs, truth in cand_parts:
+            for root, table in ((candidates, logs), (join(candidates, TRUTH_DIR), truth)):
+                _write(root, day, part, table)
         for part, logs, truth in parts:
             for root, table in ((out, logs), (join(out, TRUTH_DIR), truth)):
                 _write(root, day, part, table)
@@ -1092,6 +1100,12 @@ def write_world(
         with rfs.open(f"{rpath}/{WORLD_FILE}", "w") as fh:
             fh.write(json.dumps(asdict(summary), indent=2))
     return summary
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one root is the other or inside it."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def _write(root: str, day: dt.date, part: int, table: pa.Table) -> None:

@@ -107,17 +107,23 @@ def floors(cfg: MtrecConfig, spec: ModelSpec, metrics: dict[str, float], train: 
     floor by more than `gate.floor_z` standard errors (the AUC's from its positives and negatives,
     Hanley & McNeil; the calibration's from the Poisson error of the label sum, 1/sqrt(positives)),
     so a small slice cannot condemn a sound model, while a full day measures 0.48 against 0.52 to
-    within ~0.01. A figure that is not a number on the slice is not judged here (`compare` defers
-    on it)."""
+    within ~0.01. A figure that is not a number on the slice is not judged here (`compare`, which
+    the gate runs on every challenger, the first included, defers on it)."""
     g, out = cfg.gate, []
     gated = cfg.gate_metrics()
+
+    def beyond(se: float, digits: int) -> tuple[float, str]:  # the slack a figure gets, and how a refusal says it
+        if not g.floor_z or not se:
+            return 0.0, ""
+        return g.floor_z * se, f" by more than {g.floor_z:g} standard errors ({se:.{digits}f})"
+
     for m in gated:
         v = metrics.get(m)
         if m.partition("/")[2] not in AUC_LIKE or v is None or not np.isfinite(v):
             continue
-        se = auc_standard_error(v, *_counts(metrics, m)) if f"{m.partition('/')[0]}/positives" in metrics else 0.0
-        if v + g.floor_z * se < g.min_auc:
-            noise = f" by more than {g.floor_z:g} standard errors ({se:.4f})" if se else ""
+        has_counts = f"{m.partition('/')[0]}/positives" in metrics
+        slack, noise = beyond(auc_standard_error(v, *_counts(metrics, m)) if has_counts else 0.0, 4)
+        if v + slack < g.min_auc:  # inf slack (no labelled positives): cannot be judged below
             out.append(f"{m} {v:.4f} is below the floor {g.min_auc:g} (gate.min_auc){noise}")
     roots = [t.name for t in spec.tasks if t.given is None and spec.label_kind(t) == LabelKind.BINARY]
     x = g.max_calibration_factor
@@ -125,14 +131,15 @@ def floors(cfg: MtrecConfig, spec: ModelSpec, metrics: dict[str, float], train: 
         c, pos = metrics.get(f"{task}/calibration"), metrics.get(f"{task}/positives")
         if c is None or not np.isfinite(c):
             continue
-        slack = 1 + g.floor_z / np.sqrt(pos) if pos else 1.0
-        if c / slack > x or c * slack < 1 / x:
-            noise = f" by more than {g.floor_z:g} standard errors ({c * (slack - 1) / g.floor_z:.3f})" if pos else ""
+        slack, noise = beyond(c / np.sqrt(pos) if pos else 0.0, 3)  # from the label sum's Poisson error
+        if c - slack > x or c + slack < 1 / x:
             out.append(
                 f"{task}/calibration {c:.3f} is outside [{1 / x:.3f}, {x:g}] (gate.max_calibration_factor){noise}"
             )
     first, last = train.get("train_loss_first_tenth"), train.get("train_loss_last_tenth")
-    if first and last and last > g.max_loss_growth * first:
+    if first is not None and last is not None and not (np.isfinite(first) and np.isfinite(last)):
+        out.append(f"its training loss is not a number (first tenth {first}, last tenth {last}): it diverged")
+    elif first and last and last > g.max_loss_growth * first:
         out.append(
             f"its training loss rose from {first:.4f} (first tenth of the job's batches) to {last:.4f} (last "
             f"tenth), more than {g.max_loss_growth:g}x (gate.max_loss_growth): logs sorted by label, or a "
@@ -213,6 +220,10 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
                 f"no day with logs after {seen_until(chal)} under {cfg.job.logs}: the first champion must meet the "
                 "floors on a day it has not seen; run `mtrec promote` again once the next day's logs land"
             )
+        if first_day <= seen_until(chal):
+            raise GateRefused(
+                f"--date {first_day} is not after the challenger's data (to {seen_until(chal)}); pass a later day"
+            )
         served = load_served(f"models:/{cfg.name}/{chal.version}")
         scores = report(
             served.spec,
@@ -222,6 +233,9 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         rep = _bn_check(served, cfg, first_day)
         if chal.run_id:
             tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores.items()})
+        compare(
+            cfg, scores, scores
+        )  # a gated metric missing (refused) or not a number (deferred), as for any challenger
         below = floors(cfg, served.spec, scores, _train_metrics(chal))
         reasons = below + ([f"its {rep.summary()}"] if rep is not None and not rep.passed else [])
         shown = "; ".join(f"{m} {scores[m]:.4f}" for m in cfg.gate_metrics() if m in scores)

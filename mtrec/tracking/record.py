@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import list_day_files, list_days
-from mtrec.errors import MtrecError
+from mtrec.errors import ConfigError, MtrecError
 from mtrec.serving import ServedModel
 from mtrec.tracking.client import Tracker, flatten
 
@@ -129,7 +129,11 @@ def record_bn(
         return "not run"
     # the serving population when serving logs hold the day (the next day's candidates may not be
     # logged yet when the job ends), its impressions otherwise; the report says which
-    serving = cfg.job.serving_logs if bn.has_serving_logs(cfg.job.serving_logs, day) else None
+    try:
+        serving = cfg.job.serving_logs if bn.has_serving_logs(cfg.job.serving_logs, day) else None
+    except ConfigError as e:  # the model is published already: say so, check against the impressions
+        log.warning("%s; the job's BN check uses the impressions of %s", e, day)
+        serving = None
     report = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn, serving)
     tracker.log_metrics(run_id, report.metrics())
     (out / "bn" / "check.json").write_text(report.to_json())

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
@@ -52,8 +53,9 @@ class WorkerStats:
     wait_s: float = 0.0  # of `seconds`, blocked waiting for the next batch (the input pipeline)
     convert_s: float = 0.0  # of `seconds`, Arrow -> KeyedJaggedTensor conversion
     losses: list[dict[str, float]] = field(default_factory=list)  # per logged step, this rank
-    # mean batch loss of this rank's first and last tenth of trained batches (at least one each): the
-    # gate's loss floor compares them (a loss that climbs: logs sorted by label, a diverging rate)
+    # mean loss per row of this rank's first and last tenth of trained batches (at least one each): the
+    # gate's loss floor compares them (a loss that climbs: logs sorted by label, a diverging rate).
+    # None for an attempt that resumed mid-job: its first tenth would be the middle of the job
     loss_first_tenth: float | None = None
     loss_last_tenth: float | None = None
 
@@ -171,7 +173,7 @@ def train_stream(
     t_start = time.perf_counter()
     t0: float | None = None
     window = _Window([t.name for t in cfg.tasks])
-    batch_losses = array("d")  # every trained batch's loss, this rank: 8 bytes a step
+    batch_losses, batch_rows = array("d"), array("d")  # every trained batch's loss and rows: 16 bytes a step
     while True:
         tw = time.perf_counter()
         rb = next(it, None)
@@ -208,6 +210,7 @@ def train_stream(
                 loss, (task_losses, _, _) = dmp(batch)
                 loss.backward()
             batch_losses.append(float(loss.item()))
+            batch_rows.append(fed.num_rows)
             window.add(batch_losses[-1], task_losses)
             stats.batches += 1
         else:  # this rank's stream has ended (or sampling left nothing): the collectives still need it
@@ -229,10 +232,11 @@ def train_stream(
     if stats.steps % opts.log_every:  # the last partial window (every rank ends at the same step)
         _progress(stats, window, t0, world, device, opts)
     stats.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-    if batch_losses:
+    if batch_losses and start_step == 0:  # a resumed attempt's first tenth is the middle of the job: none
         tenth = max(1, len(batch_losses) // 10)
-        stats.loss_first_tenth = sum(batch_losses[:tenth]) / tenth
-        stats.loss_last_tenth = sum(batch_losses[-tenth:]) / tenth
+        loss, rows = np.frombuffer(batch_losses), np.frombuffer(batch_rows)
+        stats.loss_first_tenth = float(np.average(loss[:tenth], weights=rows[:tenth]))
+        stats.loss_last_tenth = float(np.average(loss[-tenth:], weights=rows[-tenth:]))
     return stats
 
 
