@@ -310,7 +310,7 @@ def test_the_serving_population_comes_from_the_candidate_logs(tmp_path):
     which population it used. A shown candidate scores exactly as its impression: the neutral
     columns the reader adds reach nothing."""
     from mtrec.data.synth import Export, write_world
-    from mtrec.errors import DataValidationError
+    from mtrec.errors import ConfigError, DataValidationError
     from mtrec.eval.scoring import evaluating, score_batches
     from mtrec.train.stream import day_batches, feature_batches
 
@@ -342,6 +342,9 @@ def test_the_serving_population_comes_from_the_candidate_logs(tmp_path):
     logged = scores(day_batches(cfg.spec, logs, [DAY1], 1000))
     pairs = [(p, logged[r // 30 * 10 + int(truth.policy_rank[r])]) for r, p in cand.items() if truth.shown[r]]
     assert len(pairs) == 3_000 and max(abs(a - b) for a, b in pairs) < 1e-6, max(abs(a - b) for a, b in pairs)
+    assert bn.has_serving_logs(cands, DAY1) and not bn.has_serving_logs(cands, DAY2)
+    with pytest.raises(ConfigError, match=r"the serving logs root .*nowhere does not exist; fix job.serving_logs"):
+        bn.has_serving_logs(str(tmp_path / "nowhere"), DAY1)
     with pytest.raises(
         DataValidationError, match=r"no serving logs for 2026-01-02 under .*; log that day's candidates"
     ):
