@@ -285,6 +285,10 @@ def test_stage_uploads_the_code_and_the_config_file(tmp_path):
 def test_a_port_with_403_in_it_is_not_an_authentication_failure(monkeypatch):
     import ray.job_submission
 
+    # `client` turns token mode on for the whole process when a token file exists; this test
+    # process also runs the session's local cluster, which has no token
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+
     from mtrec.cli import remote
     from mtrec.errors import ClusterError
 
@@ -303,8 +307,10 @@ def test_a_port_with_403_in_it_is_not_an_authentication_failure(monkeypatch):
         remote.client("http://127.0.0.1:40393")
 
 
-def test_unreachable_job_server_is_one_line(capsys):
+def test_unreachable_job_server_is_one_line(capsys, monkeypatch):
     from mtrec.cli import main
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as above
 
     port = _free_port()
     assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--status", "x"]) == 9
