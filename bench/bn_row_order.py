@@ -87,12 +87,21 @@ def main() -> None:
     ap.add_argument("--cases", default="cycle,plain", help="comma-separated: cycle, sorted, plain")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument(
+        "--single-rows",
+        action="store_true",
+        help="the shuffle moves single rows, not a user's consecutive rows together (a probe: not a config key)",
+    )
     ap.add_argument("--files-per-day", type=int, help="Parquet files per day (default: the world's, 4 or 24)")
     ap.add_argument("--buffer-rows", type=int, default=32768, help="train.shuffle.buffer_rows of the shuffled arm")
     ap.add_argument(
         "--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)"
     )
     args = ap.parse_args()
+    if args.single_rows:  # every caller of shuffle_rows takes its default grouping
+        import mtrec.train.stream as stream
+
+        stream.shuffle_rows.__defaults__ = (None,)
     tmp = tempfile.mkdtemp(prefix="mtrec-order-")
     print(
         f"worlds: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids); ESMM + BN, batch {args.batch}, "
