@@ -47,11 +47,11 @@ DAYS = [DAY1 + dt.timedelta(days=i) for i in range(5)]
 SHOWN = ("ctr/auc", "ctr/auc_unbiased", "cvr/auc_entire_space", "ctr/calibration")
 
 
-def config(logs: str, shuffle: bool, batch: int, buffer_rows: int):
+def config(logs: str, shuffle: bool, batch: int, buffer_rows: int, user_runs: bool = True):
     d = load_config("esmm", logs=logs).model_dump(mode="json")
     d["model"]["batch_norm"] = True
     d["train"]["batch_size"] = batch
-    d["train"]["shuffle"] = {"buffer_rows": buffer_rows if shuffle else 0, "files": shuffle}
+    d["train"]["shuffle"] = {"buffer_rows": buffer_rows if shuffle else 0, "files": shuffle, "user_runs": user_runs}
     return type(load_config("esmm")).model_validate(d)
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument(
         "--single-rows",
         action="store_true",
-        help="the shuffle moves single rows, not a user's consecutive rows together (a probe: not a config key)",
+        help="the shuffled arm moves single rows, not a user's consecutive rows (train.shuffle.user_runs: false)",
     )
     ap.add_argument("--files-per-day", type=int, help="Parquet files per day (default: the world's, 4 or 24)")
     ap.add_argument("--buffer-rows", type=int, default=32768, help="train.shuffle.buffer_rows of the shuffled arm")
@@ -98,10 +98,6 @@ def main() -> None:
         "--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)"
     )
     args = ap.parse_args()
-    if args.single_rows:  # every caller of shuffle_rows takes its default grouping
-        import mtrec.train.stream as stream
-
-        stream.shuffle_rows.__defaults__ = (None,)
     tmp = tempfile.mkdtemp(prefix="mtrec-order-")
     print(
         f"worlds: 5 days x {args.rows_per_day:,} rows (synthetic, Zipf-like ids); ESMM + BN, batch {args.batch}, "
@@ -124,7 +120,7 @@ def main() -> None:
                 export=Export(sort_by=sort_by),
             )
             for shuffle in (False, True):
-                cfg = config(logs, shuffle, args.batch, args.buffer_rows)
+                cfg = config(logs, shuffle, args.batch, args.buffer_rows, not args.single_rows)
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
                 res = train_days(cfg, DAYS[:3])

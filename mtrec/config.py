@@ -111,6 +111,14 @@ class ShuffleConfig(Strict):
             "written hour by hour reach the buffer mixed."
         ),
     )
+    user_runs: bool = Field(
+        True,
+        description=(
+            "Move a user's consecutive rows (one request's impressions, at most 64) together, so that DUPN computes "
+            "a user's part once per batch; false: single rows, which logs sorted by label need (with buffer_rows at "
+            "least the rows a worker trains in a job: docs/bn-consistency.md)."
+        ),
+    )
 
 
 class TrainConfig(Strict):
@@ -185,10 +193,12 @@ class TrainConfig(Strict):
         "(its encoder, attention, user tower and every table the user side reads, shared tables included).",
     )
 
-    def shuffle_plan(self, key: int, rank: int) -> tuple[int, bool, list[int]]:
+    def shuffle_plan(self, key: int, rank: int) -> tuple[int, bool, list[int], str | None]:
         """`mtrec.train.stream.day_batches`'s `shuffle`: (buffer rows, shuffle files, the seed of a
-        rank's buffer: train seed, the job's key (its last day's ordinal), rank)."""
-        return self.shuffle.buffer_rows, self.shuffle.files, [self.seed, key, rank]
+        rank's buffer: train seed, the job's key (its last day's ordinal), rank; the column whose
+        consecutive rows move together, or None)."""
+        together = "user_id" if self.shuffle.user_runs else None
+        return self.shuffle.buffer_rows, self.shuffle.files, [self.seed, key, rank], together
 
 
 RESOURCE_KEYS = {
@@ -492,6 +502,8 @@ class MtrecConfig(_SpecFields):
             del settings["freeze"]  # as before the key existed: earlier checkpoints keep their fingerprint
         if settings["shuffle"] == ShuffleConfig().model_dump(mode="json"):
             del settings["shuffle"]  # likewise: a checkpoint from before shuffling warm-starts under the default
+        elif settings["shuffle"]["user_runs"]:
+            del settings["shuffle"]["user_runs"]  # likewise: as before the key existed
         return settings
 
     def training_fingerprint(self) -> str:

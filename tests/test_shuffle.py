@@ -104,6 +104,18 @@ def test_shuffle_is_on_by_default_and_out_of_the_training_fingerprint_while_defa
     assert off.training_fingerprint() != cfg.training_fingerprint()
     with pytest.raises(Exception, match="buffer_rows"):
         cfg.with_train(shuffle={"buffer_rows": -1})
+    single = cfg.with_train(shuffle={"user_runs": False})
+    assert single.training_settings()["shuffle"]["user_runs"] is False
+    assert cfg.train.shuffle_plan(7, 1) == (32768, True, [0, 7, 1], "user_id")
+    assert single.train.shuffle_plan(7, 1)[3] is None
+
+
+def test_without_user_runs_single_rows_move():
+    """`together=None` (train.shuffle.user_runs: false): a request's rows no longer leave as one run."""
+    out = _order(shuffle_rows(_rows(), 2000, [0, 1, 0], together=None))
+    assert sorted(out) == list(range(N))
+    runs = out.reshape(-1, 5)
+    assert not (runs - runs[:, :1] == np.arange(5)).all(axis=1).all()
 
 
 def test_a_resumed_job_skips_trained_rows_at_the_read_only_without_a_buffer():

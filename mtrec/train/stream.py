@@ -186,18 +186,19 @@ def day_batches(
     days: Iterable[dt.date],
     batch_size: int,
     counts: StreamCounts | None = None,
-    shuffle: tuple[int, bool, list[int]] | None = None,
+    shuffle: tuple[int, bool, list[int], str | None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Good rows of `days` under the logs root `logs`, in file order, as `batch_size`-row batches,
     with positions (file index within these days' files); `counts` is filled as it goes. With
-    `shuffle` = (buffer rows, shuffle files, seed: [train seed, job key, rank]), in training order
-    (`read_order`, `shuffle_rows`), as a training job's worker reads them."""
+    `shuffle` = (buffer rows, shuffle files, seed: [train seed, job key, rank], the column whose
+    consecutive rows move together), in training order (`read_order`, `shuffle_rows`), as a
+    training job's worker reads them (`TrainConfig.shuffle_plan`)."""
     validator = RowValidator(spec)
     roles = spec.column_roles()  # once per stream, not per batch
-    buffer_rows, shuffle_files, seed = shuffle or (0, False, [0])
+    buffer_rows, shuffle_files, seed, together = shuffle or (0, False, [0], None)
     files = [f for day in days for f in read_order(list_day_files(logs, day), seed[0], day, shuffle_files)]
     good = (b for i, f in enumerate(files) for b in good_file_batches(f, validator, roles, counts, file_index=i))
-    return rebatch(shuffle_rows(good, buffer_rows, seed), batch_size)
+    return rebatch(shuffle_rows(good, buffer_rows, seed, together), batch_size)
 
 
 # the roles a served model does not read: serving-time feature logs (candidates) hold none of them

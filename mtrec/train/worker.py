@@ -202,8 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
     # the rank's rows through its shuffle buffer, then the trained ones dropped: a resumed day replays
     # the same shuffled stream and continues where it stopped
     rows = (rb for t in tables for rb in t.combine_chunks().to_batches())
-    buffer_rows, _, seed = cfg.train.shuffle_plan(day_ordinal(job.day), rank)
-    batches = rebatch(skip_trained(shuffle_rows(rows, buffer_rows, seed), done), cfg.train.batch_size)
+    buffer_rows, _, seed, together = cfg.train.shuffle_plan(day_ordinal(job.day), rank)
+    batches = rebatch(skip_trained(shuffle_rows(rows, buffer_rows, seed, together), done), cfg.train.batch_size)
     batches = _kill_switch(batches, rank, job.kill, collector)
 
     mine = Position()  # rows this rank trains in this attempt
