@@ -398,3 +398,40 @@ def test_bn_check_and_the_gate_use_the_serving_logs_when_configured(tmp_path, mo
     shutil.move(moved, f"{cands}/dt={DAY2}")
     assert main(["promote", "--config", str(_yaml(tmp_path, d))]) == 0
     assert "BN check passed against the serving logs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_jobs_own_check_uses_the_serving_logs_of_its_evaluation_day(ray_local, tmp_path, monkeypatch):
+    """`job.serving_logs` set: the training job's check on its evaluation day is against that day's
+    candidates (recorded in the run's bn/check.json), and the job falls back to the impressions on
+    a day whose candidates are not logged."""
+    import json
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from mtrec.data.synth import Export, write_world
+    from mtrec.jobs.retrain import run_train
+    from mtrec.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logs, cands = str(tmp_path / "logs"), str(tmp_path / "cands")
+    write_world(logs, days=3, rows_per_day=3_000, seed=3, export=Export(candidates=cands))
+    (tmp_path / "cands" / f"dt={DAY2 + dt.timedelta(days=1)}").rename(tmp_path / "late")  # day 3: not logged yet
+    d = bn_cfg(logs).model_dump(mode="json")
+    d["job"].update(workdir=str(tmp_path / "work"), serving_logs=cands)
+    d["train"].update(batch_size=256, num_workers=1)
+    cfg = type(load_config("esmm")).model_validate(d)
+    client = MlflowClient(Tracker(cfg).uri, Tracker(cfg).uri)
+    population = {}
+    for day in (DAY1, DAY2):  # evaluated on day 2 (candidates logged), then day 3 (not yet)
+        summary = run_train(cfg, day, day)
+        run = client.search_runs(
+            [client.get_experiment_by_name(cfg.name).experiment_id],
+            f"tags.`mtrec.checkpoint` = '{summary.checkpoint}'",
+        )[0]
+        path = client.download_artifacts(run.info.run_id, "bn/check.json", str(tmp_path))
+        check = json.loads(Path(path).read_text())
+        population[day] = (check["population"], check["rows"])
+    assert population == {DAY1: ("serving logs", 9_000), DAY2: ("impressions", 3_000)}
