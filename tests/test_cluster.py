@@ -373,3 +373,38 @@ def test_sigterm_while_attached_stops_the_job(progress):
     assert submit.attach(jobs, "j5") == 143
     assert jobs.stopped == ["j5"] and progress()[-1] == "terminated: stop requested for job j5"
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_a_job_server_whose_agent_is_starting_gets_the_job_on_a_later_try(monkeypatch):
+    """Right after `ray start` the job server answers 500 "No available agent to submit job, please
+    try again later": submit waits and tries again; any other refusal is one line at once."""
+    import mtrec.retry
+    from mtrec.cli import remote
+    from mtrec.errors import ClusterError
+
+    monkeypatch.setattr(mtrec.retry.time, "sleep", lambda s: None)  # the waits, not their length, are tested
+
+    class Server(_FakeJobs):
+        def __init__(self, *answers):
+            super().__init__()
+            self.answers, self.jobs = list(answers), []
+
+        def submit_job(self, **job):
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            self.jobs.append(job["submission_id"])
+
+    starting = RuntimeError(
+        "Request failed with status code 500: No available agent to submit job, please try again later."
+    )
+    c = Server(starting, starting, None)
+    remote.submit_job(c, submission_id="j1")
+    assert c.jobs == ["j1"] and not c.answers
+    c = Server(RuntimeError("Request failed with status code 400: runtime_env is invalid"), None)
+    with pytest.raises(
+        ClusterError, match=r"^the Ray job server at http://head:8265 refused the job \(.*status code 400"
+    ):
+        remote.submit_job(c, submission_id="j2")
+    with pytest.raises(ClusterError, match="No available agent"):
+        remote.submit_job(Server(*[starting] * 8), submission_id="j3")

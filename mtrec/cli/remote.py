@@ -244,19 +244,17 @@ def submit(
         runtime_env: dict = {"env_vars": env_vars}
         if any(Path(tmp).iterdir()):
             runtime_env["working_dir"] = tmp
-        try:
-            c.submit_job(
-                entrypoint=f"python -m mtrec.cli {shlex.join(sent)}",
-                submission_id=sid,
-                runtime_env=runtime_env,
-                entrypoint_num_cpus=entrypoint_cpus,
-                metadata={
-                    "mtrec_command": shlex.join(argv),
-                    "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}",
-                },
-            )
-        except Exception as e:  # noqa: BLE001
-            raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({first_line(e)})") from None
+        submit_job(
+            c,
+            entrypoint=f"python -m mtrec.cli {shlex.join(sent)}",
+            submission_id=sid,
+            runtime_env=runtime_env,
+            entrypoint_num_cpus=entrypoint_cpus,
+            metadata={
+                "mtrec_command": shlex.join(argv),
+                "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}",
+            },
+        )
     code = "uploaded" if not installed else "the cluster's installed mtrec"
     log.info(
         f"submitted {sid} to {c.get_address()}: mtrec {shlex.join(argv)} ({code}; env: {', '.join(sorted(env_vars))})"
@@ -266,6 +264,23 @@ def submit(
         print(sid, flush=True)
         return 0
     return attach(c, sid)
+
+
+# the job server's answer while its job agent is still starting (a head or node that just came up)
+AGENT_NOT_READY = re.compile(r"no available agent|try again later", re.I)
+
+
+def submit_job(c, tries: int = 8, **job) -> None:
+    """`c.submit_job(**job)`, retried for about 30 s while the job server says its agent is not
+    ready yet (a cluster that has just started); any other refusal at once.
+
+    Raises:
+        ClusterError: the job server refused the job (one line, with its reason).
+    """
+    try:
+        retry(lambda: c.submit_job(**job), tries, 1.0, lambda e: bool(AGENT_NOT_READY.search(str(e))), factor=1.5)
+    except Exception as e:  # noqa: BLE001
+        raise ClusterError(f"the Ray job server at {c.get_address()} refused the job ({first_line(e)})") from None
 
 
 def attach(c, sid: str) -> int:
