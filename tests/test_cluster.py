@@ -92,6 +92,9 @@ def two_node_cluster(tmp_path):
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # earlier tests' MLflow URIs stay in
         env.pop(var, None)  # os.environ (mlflow.set_tracking_uri exports it), and submit forwards them to the job
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+    # each node's dashboard agent (which runs the submitted jobs) on a port of its own: the default
+    # 52365 may be held by the other node, or by the session's local cluster when it started first
+    agents = [f"--dashboard-agent-listen-port={_free_port()}" for _ in range(2)]
     # one temp dir per node, as on separate machines: two nodes sharing /tmp/ray would also share
     # (and garbage-collect) each other's unpacked job working dirs. Short paths: Ray's sockets live there.
     temps = [tempfile.mkdtemp(prefix="mr", dir="/tmp") for _ in range(2)]
@@ -106,6 +109,7 @@ def two_node_cluster(tmp_path):
                     "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}",
                     f"--temp-dir={temps[0]}",
+                    agents[0],
                     *common,
                 ],
                 env,
@@ -113,7 +117,11 @@ def two_node_cluster(tmp_path):
             )
         )
         nodes.append(
-            _start_node([f"--address=127.0.0.1:{port}", f"--temp-dir={temps[1]}", *common], env, tmp_path / "node2.log")
+            _start_node(
+                [f"--address=127.0.0.1:{port}", f"--temp-dir={temps[1]}", agents[1], *common],
+                env,
+                tmp_path / "node2.log",
+            )
         )
         url = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 120
