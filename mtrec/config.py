@@ -510,11 +510,12 @@ class MtrecConfig(_SpecFields):
         """Hash of `training_settings()`: a warm start under another one needs --allow-config-change."""
         return hashlib.sha256(json.dumps(self.training_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
-    def with_overrides(self, logs: str | None = None, workdir: str | None = None) -> MtrecConfig:
-        """A copy with the CLI's common overrides applied (`--logs`, `--workdir`)."""
-        job = self.job.model_copy(
-            update={k: absolute_url(v) for k, v in {"logs": logs, "workdir": workdir}.items() if v}
-        )
+    def with_overrides(
+        self, logs: str | None = None, workdir: str | None = None, serving_logs: str | None = None
+    ) -> MtrecConfig:
+        """A copy with the CLI's overrides of `job` paths applied (`--logs`, `--workdir`, `--serving-logs`)."""
+        paths = {"logs": logs, "workdir": workdir, "serving_logs": serving_logs}
+        job = self.job.model_copy(update={k: absolute_url(v) for k, v in paths.items() if v})
         return self.model_copy(update={"job": job})
 
     def gate_metrics(self) -> list[str]:

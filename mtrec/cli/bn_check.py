@@ -39,13 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from mtrec.errors import BNCheckFailed
     from mtrec.jobs.bn_check import run_bn_check
 
-    cfg = load(args)
-    if args.serving_logs:
-        from mtrec.config import absolute_url
-
-        cfg = cfg.model_copy(
-            update={"job": cfg.job.model_copy(update={"serving_logs": absolute_url(args.serving_logs)})}
-        )
+    cfg = load(args).with_overrides(serving_logs=args.serving_logs)
     d = day(args, cfg)
     if args.model:
         tracking_env(cfg)

@@ -151,15 +151,20 @@ def good_file_batches(
     roles: dict[str, tuple[str, str]],
     counts: StreamCounts | None = None,
     file_index: int | None = None,
+    fill: dict[str, pa.DataType] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """One file's good rows, canonical (`canonical`), batch by batch as read. The one reader of
     training data: the single-process stream below and the Ray Data read tasks both use it.
     With `file_index`, each row also carries its position (`mtrec.train.position`): `_file` =
-    file_index, `_row` = its ordinal among the file's good rows."""
+    file_index, `_row` = its ordinal among the file's good rows. Columns of `fill` that the file
+    lacks are added as zeros of their type before the row rules (`feature_batches`)."""
     if counts is not None:
         counts.files.append(f.url)
     ordinal = 0
     for batch in iter_file_batches(f):  # every column: the bad-row rules need them
+        for c, t in (fill or {}).items():
+            if c not in batch.schema.names:
+                batch = batch.append_column(c, pa.array(np.zeros(batch.num_rows, np.int64)).cast(t))
         split = validator.split(batch)
         if counts is not None:
             counts.read += batch.num_rows
@@ -233,23 +238,8 @@ def feature_batches(
                 f"{f.url} lacks {', '.join(f'`{c}`' for c in missing)}: serving logs need every feature the model "
                 "reads (not labels or positions); log them at serving time, or check job.serving_logs"
             )
-
-    def good() -> Iterator[pa.RecordBatch]:
-        for f in files:
-            if counts is not None:
-                counts.files.append(f.url)
-            for batch in iter_file_batches(f):
-                for c, t in fill.items():
-                    if c not in batch.schema.names:
-                        batch = batch.append_column(c, pa.array(np.zeros(batch.num_rows, np.int64)).cast(t))
-                split = validator.split(batch)
-                if counts is not None:
-                    counts.read += batch.num_rows
-                    counts.good += split.good.num_rows
-                    counts.bad += split.bad.num_rows
-                yield canonical(split.good, roles)
-
-    return rebatch(good(), batch_size)
+    good = (b for f in files for b in good_file_batches(f, validator, roles, counts, fill=fill))
+    return rebatch(good, batch_size)
 
 
 def read_good_rows(files: pa.Table, spec: dict, done: dict | None = None) -> Iterator[pa.Table]:
