@@ -11,7 +11,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -82,6 +84,32 @@ def quiet_libraries() -> None:
             warnings.filterwarnings("ignore", module=module)
         for message in NOISY_WARNINGS:
             warnings.filterwarnings("ignore", message=f".*{message}")
+
+
+def to_json(data, indent: int | None = 2) -> str:
+    """`data` as strict JSON, what every JSON mtrec prints or writes for a person's tools goes
+    through (`--json`, `--summary`): a number that is not finite (AUC of a one-class slice, a
+    diverged loss) is `null`, never a bare NaN / Infinity that strict parsers (JavaScript's, Go's,
+    `json.loads(..., parse_constant=...)`) reject; numpy scalars and arrays are plain numbers and
+    lists; anything else that JSON has no type for (a date) is its str().
+
+    Example:
+        >>> to_json({"auc": float("nan"), "rows": 3}, indent=None)
+        '{"auc": null, "rows": 3}'
+    """
+
+    def strict(x):
+        if type(x).__module__ == "numpy" and hasattr(x, "tolist"):
+            x = x.tolist()  # np.float32 (not a float subclass) would otherwise be written as a string
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(data), indent=indent, default=str, allow_nan=False)  # a miss fails, not prints NaN
 
 
 @contextmanager

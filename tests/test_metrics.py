@@ -3,7 +3,16 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from mtrec.eval.metrics import auc, binary_report, calibration, gauc, log_loss, normalized_entropy
+from mtrec.eval.metrics import (
+    auc,
+    binary_report,
+    calibration,
+    gauc,
+    log_loss,
+    mse,
+    normalized_entropy,
+    pearson,
+)
 
 rng = np.random.default_rng(0)
 N = 5000
@@ -64,6 +73,34 @@ def test_a_one_class_slice_has_no_ne_like_it_has_no_auc():
     for y in (np.zeros(N), np.ones(N)):
         assert np.isnan(normalized_entropy(pred, y)) and np.isnan(auc(pred, y))
     assert np.isnan(calibration(pred, np.zeros(N)))  # no positive to calibrate against
+
+
+def test_every_figure_of_a_one_class_slice_that_divides_by_its_labels_is_nan():
+    """Positives only, negatives only, float32 labels as the logs give them, soft labels of one
+    class: AUC, GAUC, NE and calibration are nan (on positives alone calibration would read the mean
+    prediction, 0.5, whatever the model); log loss, rows and positives stay figures."""
+    users = np.arange(N) % 50
+    for y in (np.zeros(N, np.float32), np.ones(N, np.float32), np.zeros(N)):
+        r = binary_report(pred, y, users)
+        assert [k for k, v in r.items() if np.isnan(v)] == ["auc", "ne", "calibration", "gauc"], y[:1]
+        assert r["rows"] == N and r["positives"] == y.sum()
+        assert r["log_loss"] == pytest.approx(sk_log_loss(y, pred, labels=[0, 1]), abs=1e-9)
+    assert pred.mean() == pytest.approx(0.5, abs=0.01)  # what calibration on positives alone would have read
+    # one positive among N is two classes: a figure, however large the NE
+    one = np.zeros(N)
+    one[7] = 1
+    assert np.isfinite(normalized_entropy(pred, one)) and calibration(pred, one) == pytest.approx(pred.sum())
+
+
+def test_regression_figures_are_nan_where_the_slice_cannot_give_them():
+    x = rng.normal(size=200)
+    y = 2 * x + rng.normal(size=200)
+    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert mse(x, y) == pytest.approx(np.mean((x - y) ** 2), abs=1e-12)
+    with np.errstate(all="raise"):  # no division warning on the way to nan
+        assert np.isnan(pearson(x, np.full(200, 3.0)))  # a constant target has no standard deviation
+        assert np.isnan(pearson(np.full(200, 0.1), y))
+        assert np.isnan(pearson(x[:1], y[:1])) and np.isnan(mse(x[:0], y[:0]))
 
 
 def test_multiclass_report_matches_sklearn():

@@ -120,3 +120,100 @@ def test_truth_mismatch_is_an_error_not_a_silent_neighbour():
     truth = pa.table({"row_id": pa.array([0, 1, 3, 3]), "p_click_unbiased": pa.array([0.1, 0.2, 0.3, 0.4])})
     with pytest.raises(MtrecError, match=r"1 of 4 row ids missing, 1 duplicated"):
         report(cfg.spec, pred, truth)
+
+
+def test_a_range_is_scored_as_one_pooled_slice(world):
+    """Days 2 and 3 pooled: one report over 40,000 rows (not a mean of daily figures), the truth
+    joined day by day although row ids repeat across days."""
+    from mtrec.eval.evaluate import evaluate_days, read_truth
+    from mtrec.eval.metrics import auc
+
+    cfg = small(world)
+    model = build_sharded(cfg)[0].module.model
+    both = evaluate_days(model, cfg.spec, cfg.job.logs, [DAY2, DAY3])
+    parts = [predict_day(model, cfg.spec, cfg.job.logs, d) for d in (DAY2, DAY3)]
+    assert np.intersect1d(parts[0].row_id, parts[1].row_id).size == WORLD_ROWS  # the key is (day, row_id)
+    pooled = Predictions.pooled(parts)
+    truth = np.concatenate(
+        [
+            read_truth(world, d).to_pandas().set_index("row_id").loc[p.row_id, "p_click_unbiased"].to_numpy()
+            for d, p in zip((DAY2, DAY3), parts, strict=True)
+        ]
+    )
+    assert both["ctr/rows"] == both["ctcvr/rows"] == 2 * WORLD_ROWS
+    assert both["ctr/auc"] == pytest.approx(auc(pooled.outputs["ctr"], pooled.labels["click"]), abs=1e-12)
+    assert both["ctr/auc_unbiased"] == pytest.approx(auc(pooled.outputs["ctr"], truth), abs=1e-12)
+    daily = [evaluate_day(model, cfg.spec, cfg.job.logs, d) for d in (DAY2, DAY3)]
+    assert both["cvr/rows"] == daily[0]["cvr/rows"] + daily[1]["cvr/rows"]
+    assert both["ctr/positives"] == daily[0]["ctr/positives"] + daily[1]["ctr/positives"]
+
+
+def test_evaluate_from_to_skips_days_without_logs_and_prints_strict_json(tmp_path, monkeypatch, capsys):
+    """`mtrec evaluate --from D1 --to D4` over logs of days 1 and 3: both scored as one slice, the
+    others skipped with a line each; NaN is null in --json. A range with no day, one flag of the
+    pair, or --date with it: one line and the exit code."""
+    import json
+
+    from mtrec.cli import main
+
+    logs = tmp_path / "logs"
+    for d in (DAY1, DAY3):
+        (logs / f"dt={d}").mkdir(parents=True)  # which days exist is all the range needs to know
+    got = {}
+
+    def scored(cfg, days, url=None):  # the checkpoint's scoring has its own tests
+        got["days"] = days
+        metrics = {"ctr/auc": float("nan"), "ctr/ne": np.float32(0.25), "ctr/rows": 3.0}
+        return metrics, "file:///ck/dt=2025-12-31", {"days": ["2025-12-31"], "rows_trained": 10, "world_size": 1}
+
+    monkeypatch.setattr("mtrec.jobs.evaluate.evaluate_checkpoint", scored)
+    common = ["evaluate", "--logs", str(logs), "--workdir", str(tmp_path / "w")]
+    assert main([*common, "--from", "2026-01-01", "--to", "2026-01-04", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) == {
+        "checkpoint": "file:///ck/dt=2025-12-31",
+        "date": None,
+        "from": "2026-01-01",
+        "to": "2026-01-04",
+        "days": ["2026-01-01", "2026-01-03"],
+        "metrics": {"ctr/auc": None, "ctr/ne": 0.25, "ctr/rows": 3.0},
+    }
+    assert got["days"] == [DAY1, DAY3]
+    assert f"no logs folder for 2026-01-02 under {logs}: skipped" in err
+    assert f"no logs folder for 2026-01-04 under {logs}: skipped" in err
+    assert "on 2026-01-01 .. 2026-01-04 pooled (2 of 4 days have logs):" in err
+    assert main([*common, "--date", "2026-01-03", "--json"]) == 0  # --date D is the range D .. D
+    out = json.loads(capsys.readouterr().out)
+    assert (out["date"], out["from"], out["to"], out["days"]) == (
+        "2026-01-03",
+        "2026-01-03",
+        "2026-01-03",
+        ["2026-01-03"],
+    )
+    for args, code, text in [
+        (
+            ["--from", "2026-01-05", "--to", "2026-01-06"],
+            3,
+            f"no logs for any day of 2026-01-05 .. 2026-01-06 under {logs} (days present: 2026-01-01 .. 2026-01-03 "
+            "(2)); check --logs and --from/--to",
+        ),
+        (["--date", "2026-01-02"], 3, f"no logs for 2026-01-02 under {logs} (days present: "),
+        (["--from", "2026-01-01"], 2, "pass --date D for a day, or both --from D1 and --to D2 for a range"),
+        (["--date", "2026-01-01", "--to", "2026-01-03"], 2, "pass either --date D or --from D1 --to D2, not both"),
+        (["--from", "2026-01-03", "--to", "2026-01-01"], 2, "--to 2026-01-01 is before --from 2026-01-03"),
+    ]:
+        assert main([*common, *args]) == code, args
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith(f"mtrec: error: {text}"), err
+
+
+def test_a_job_summary_with_a_diverged_loss_is_strict_json():
+    """--summary FILE: a NaN loss is null, a numpy figure a number."""
+    import json
+
+    from mtrec.jobs.plan import TrainSummary
+
+    s = TrainSummary(model="m", days=["2026-01-01"], world_size=1, progress=[{"step": 1, "loss": float("nan")}])
+    s.rows_per_s = np.float32(2.5)
+    d = json.loads(s.to_json(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert d["progress"] == [{"step": 1, "loss": None}] and d["rows_per_s"] == 2.5

@@ -102,19 +102,9 @@ def relative_day(args: argparse.Namespace, cfg, run):
 def print_json(data) -> None:
     """`data` as strict JSON on stdout, alone (progress goes to stderr): a metric that is not a
     number (AUC of a one-class slice) is `null`, never a bare NaN that JSON parsers reject."""
-    import json
-    import math
+    from mtrec.log import to_json
 
-    def strict(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: strict(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [strict(v) for v in x]
-        return x
-
-    print(json.dumps(strict(data), indent=2, default=str, allow_nan=False), flush=True)
+    print(to_json(data), flush=True)
 
 
 def tracking_env(cfg) -> None:

@@ -17,7 +17,11 @@ def add(sub, abbrev: bool = True) -> None:
     add_common(p, date=False)
     p.add_argument("--name", help="registered model name (default: the config's `name`)")
     p.add_argument("--version", help="version to judge (default: the `challenger` alias)")
-    p.add_argument("--date", help="day to compare on (default: the newest day with logs neither model trained on)")
+    p.add_argument(
+        "--date",
+        help="day to compare on (default: the newest day with logs neither model trained on); with gate.days N, "
+        "the last of the N days pooled",
+    )
     p.add_argument("--json", action="store_true", help="print the decision as JSON on stdout")
     p.set_defaults(run=run)
 

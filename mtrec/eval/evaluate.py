@@ -1,4 +1,5 @@
-"""Score a model on a day, as served (no bias features), and report per-task metrics.
+"""Score a model on a day, or on several pooled into one slice (`evaluate_days`), as served (no
+bias features), and report per-task metrics.
 
 Metrics per task (keys ``<name>/<metric>``):
 
@@ -32,7 +33,7 @@ import torch
 from mtrec.data.io import day_url, filesystem, join
 from mtrec.data.synth import TRUTH_DIR
 from mtrec.errors import MtrecError
-from mtrec.eval.metrics import auc, binary_report, macro_auc, multiclass_report
+from mtrec.eval.metrics import auc, binary_report, macro_auc, mse, multiclass_report, pearson
 from mtrec.eval.scoring import evaluating, score_batches
 from mtrec.spec import LabelKind, ModelSpec
 from mtrec.train.stream import StreamCounts, day_batches
@@ -46,8 +47,20 @@ class Predictions:
 
     outputs: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
-    user_id: np.ndarray
+    user_id: np.ndarray | None  # None when no feature reads user_id (then no GAUC)
     row_id: np.ndarray | None
+
+    @staticmethod
+    def pooled(parts: list[Predictions]) -> Predictions:
+        """Several days' predictions as one slice, rows in the order of `parts` (row ids repeat
+        across days: join the truth day by day, `align_truth`)."""
+        cat = np.concatenate
+        return Predictions(
+            {k: cat([p.outputs[k] for p in parts]) for k in parts[0].outputs},
+            {k: cat([p.labels[k] for p in parts]) for k in parts[0].labels},
+            None if any(p.user_id is None for p in parts) else cat([p.user_id for p in parts]),
+            None if any(p.row_id is None for p in parts) else cat([p.row_id for p in parts]),
+        )
 
 
 def predict_day(
@@ -64,14 +77,15 @@ def predict_day(
                 outs.setdefault(k, []).append(v.float().cpu().numpy())
             for c in spec.labels:
                 labels[c].append(rb.column(c).to_numpy(zero_copy_only=False).astype(np.float32))
-            users.append(rb.column("user_id").to_numpy(zero_copy_only=False))
+            if "user_id" in rb.schema.names:
+                users.append(rb.column("user_id").to_numpy(zero_copy_only=False))
             if "row_id" in rb.schema.names:
                 rows.append(rb.column("row_id").to_numpy(zero_copy_only=False))
     cat = np.concatenate
     return Predictions(
         {k: cat(v) for k, v in outs.items()},
         {k: cat(v) for k, v in labels.items()},
-        cat(users),
+        cat(users) if users else None,
         cat(rows) if rows else None,
     )
 
@@ -89,30 +103,40 @@ def read_truth(logs: str, day: dt.date) -> pa.Table | None:
     return pa.concat_tables(tables)
 
 
+def align_truth(pred: Predictions, truth: pa.Table | None) -> dict[str, np.ndarray] | None:
+    """A day's truth table's columns in the order of that day's predictions, joined on row_id
+    (None for real logs)."""
+    if truth is None or pred.row_id is None:
+        return None
+    t_rows = truth.column("row_id").to_numpy()
+    order = np.argsort(t_rows, kind="stable")
+    pos = np.minimum(np.searchsorted(t_rows, pred.row_id, sorter=order), len(t_rows) - 1)
+    idx = order[pos]
+    missing = int(np.sum(t_rows[idx] != pred.row_id))
+    if missing or len(np.unique(t_rows)) != len(t_rows):
+        raise MtrecError(
+            f"the truth table does not match the logs ({missing:,} of {len(pred.row_id):,} row ids missing, "
+            f"{len(t_rows) - len(np.unique(t_rows)):,} duplicated); "
+            "rewrite the world with `mtrec synth` into an empty --out"
+        )
+    return {c: truth.column(c).to_numpy()[idx] for c in truth.column_names}
+
+
 def report(spec: ModelSpec, pred: Predictions, truth: pa.Table | None = None) -> dict[str, float]:
     """Metrics of a day's predictions (see the module docstring for the keys)."""
+    return _report(spec, pred, align_truth(pred, truth))
+
+
+def _report(spec: ModelSpec, pred: Predictions, aligned: dict[str, np.ndarray] | None) -> dict[str, float]:
+    """Metrics of predictions, with the truth already in their row order (`align_truth`) or None."""
     out: dict[str, float] = {}
     labels, outputs = pred.labels, pred.outputs
-    aligned = None
-    if truth is not None and pred.row_id is not None:
-        t_rows = truth.column("row_id").to_numpy()
-        order = np.argsort(t_rows, kind="stable")
-        pos = np.minimum(np.searchsorted(t_rows, pred.row_id, sorter=order), len(t_rows) - 1)
-        idx = order[pos]
-        missing = int(np.sum(t_rows[idx] != pred.row_id))
-        if missing or len(np.unique(t_rows)) != len(t_rows):
-            raise MtrecError(
-                f"the truth table does not match the logs ({missing:,} of {len(pred.row_id):,} row ids missing, "
-                f"{len(t_rows) - len(np.unique(t_rows)):,} duplicated); "
-                "rewrite the world with `mtrec synth` into an empty --out"
-            )
-        aligned = {c: truth.column(c).to_numpy()[idx] for c in truth.column_names}
     for t in spec.tasks:
         y = labels[t.label]
         if spec.label_kind(t) == LabelKind.REGRESSION:
             target = np.log1p(y) if t.log1p else y
-            out[f"{t.name}/mse"] = float(np.mean((outputs[t.name] - target) ** 2))
-            out[f"{t.name}/pearson"] = float(np.corrcoef(outputs[t.name], target)[0, 1])
+            out[f"{t.name}/mse"] = mse(outputs[t.name], target)
+            out[f"{t.name}/pearson"] = pearson(outputs[t.name], target)
             continue
         if spec.label_kind(t) == LabelKind.MULTICLASS:
             out.update({f"{t.name}/{k}": v for k, v in multiclass_report(outputs[t.name], y).items()})
@@ -126,7 +150,8 @@ def report(spec: ModelSpec, pred: Predictions, truth: pa.Table | None = None) ->
             metrics = binary_report(outputs[t.name], y, pred.user_id)
         else:
             parent = labels[spec.task(t.given).label] > 0
-            metrics = binary_report(outputs[t.name][parent], y[parent], pred.user_id[parent])
+            groups = None if pred.user_id is None else pred.user_id[parent]
+            metrics = binary_report(outputs[t.name][parent], y[parent], groups)
             for k, v in binary_report(
                 outputs[t.joint_name], y * labels[spec.task(t.given).label], pred.user_id
             ).items():
@@ -141,6 +166,23 @@ def report(spec: ModelSpec, pred: Predictions, truth: pa.Table | None = None) ->
     return out
 
 
+def evaluate_days(model: torch.nn.Module, spec: ModelSpec, logs: str, days: list[dt.date]) -> dict[str, float]:
+    """Metrics of `days` pooled: every row of every day scored, then one report as if they were
+    one day (not a mean of daily figures), with the truth when the logs are a synthetic world.
+
+    Example:
+        >>> evaluate_days(model, spec, "./world", [date(2026, 1, 4), date(2026, 1, 5)])["ctr/auc"]  # doctest: +SKIP
+        0.6512
+    """
+    preds = [predict_day(model, spec, logs, d) for d in days]
+    truths = [align_truth(p, read_truth(logs, d)) for p, d in zip(preds, days, strict=True)]  # row ids are per day
+    aligned = None
+    if truths and all(t is not None for t in truths):
+        columns = set.intersection(*(set(t) for t in truths))
+        aligned = {c: np.concatenate([t[c] for t in truths]) for c in columns}
+    return _report(spec, Predictions.pooled(preds), aligned)
+
+
 def evaluate_day(model: torch.nn.Module, spec: ModelSpec, logs: str, day: dt.date) -> dict[str, float]:
     """predict_day + report, with the truth table when the logs are a synthetic world."""
-    return report(spec, predict_day(model, spec, logs, day), read_truth(logs, day))
+    return evaluate_days(model, spec, logs, [day])

@@ -1,5 +1,7 @@
 """Ranking-model metrics over numpy arrays: AUC (weighted, soft labels), GAUC, NE, calibration,
-log loss; for a multiclass task, accuracy, macro AUC and cross-entropy.
+log loss; for a multiclass task, accuracy, macro AUC and cross-entropy; for a regression task,
+MSE and Pearson correlation. A figure a slice cannot give is nan, never a huge number: AUC, GAUC,
+NE and calibration of a slice with one class, Pearson of a constant, anything of an empty slice.
 
 Written here rather than taken from torchmetrics / torchrec.metrics because two of them need
 what those do not offer in one pass: sample weights with soft labels (the entire-space CVR AUC
@@ -102,19 +104,45 @@ def log_loss(pred: np.ndarray, label: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def both_classes(label: np.ndarray) -> bool:
+    """Whether a slice holds weight on both classes (a soft label counts on each side): what every
+    ratio to a label statistic below needs, as AUC does (a one-class slice gave NE ~4.5e5)."""
+    y = np.asarray(label, dtype=np.float64)
+    return bool(y.size) and float(np.sum(y)) > 0 and float(np.sum(1 - y)) > 0
+
+
 def normalized_entropy(pred: np.ndarray, label: np.ndarray) -> float:
     """Log loss divided by the entropy of the base rate (He et al., 2014): < 1 beats the prior.
     nan on a slice of one class, like AUC: its base entropy is 0, so the ratio means nothing."""
-    rate = float(np.mean(label)) if len(label) else float("nan")
-    if not 0 < rate < 1:
+    if not both_classes(label):
         return float("nan")
+    rate = float(np.mean(np.asarray(label, dtype=np.float64)))
     return log_loss(pred, label) / -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
 
 
 def calibration(pred: np.ndarray, label: np.ndarray) -> float:
-    """Sum of predictions / sum of labels: 1.0 is calibrated."""
-    s = float(np.sum(label))
-    return float(np.sum(pred)) / s if s > 0 else float("nan")
+    """Sum of predictions / sum of labels: 1.0 is calibrated. nan on a slice of one class, like AUC:
+    without positives there is nothing to divide by, and on positives alone it reads the mean
+    prediction, <= 1 whatever the model."""
+    if not both_classes(label):
+        return float("nan")
+    return float(np.sum(np.asarray(pred, dtype=np.float64)) / np.sum(np.asarray(label, dtype=np.float64)))
+
+
+def mse(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean squared error; nan on an empty slice."""
+    if not len(pred):
+        return float("nan")
+    return float(np.mean((np.asarray(pred, dtype=np.float64) - np.asarray(target, dtype=np.float64)) ** 2))
+
+
+def pearson(pred: np.ndarray, target: np.ndarray) -> float:
+    """Pearson correlation; nan with fewer than 2 rows or a constant side (its standard deviation
+    divides), like AUC on one class."""
+    p, t = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if len(p) < 2 or np.ptp(p) == 0 or np.ptp(t) == 0:
+        return float("nan")
+    return float(np.corrcoef(p, t)[0, 1])
 
 
 def binary_report(pred: np.ndarray, label: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:

@@ -33,7 +33,7 @@ import yaml
 
 from mtrec.config import example_path, load_config
 from mtrec.errors import ConfigError, MtrecError
-from mtrec.log import redirected
+from mtrec.log import redirected, to_json
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def run_demo(
         "seconds": seconds,
         "models": names,
     }
-    (root / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    (root / "summary.json").write_text(to_json(result))
     return result
 
 

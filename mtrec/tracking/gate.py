@@ -1,4 +1,5 @@
-"""The promotion gate: the challenger against the champion on a day neither has seen.
+"""The promotion gate: the challenger against the champion on a day neither has seen (or the
+`gate.days` newest such days, pooled into one slice).
 
 Both versions are loaded as served (`load_served`) and scored on the same slice; `champion` moves
 only if no gate metric is worse than the champion's by more than `gate.tolerance`, the
@@ -58,16 +59,19 @@ def compare(cfg: MtrecConfig, challenger: dict[str, float], champion: dict[str, 
     Raises:
         GateDeferred: a gate metric is not a number on this slice (e.g. AUC of a day with one
             class): the slice cannot judge, which is "not yet", not "no".
-        GateRefused: a gate metric is missing from the evaluation.
+        GateRefused: a gate metric is missing from the evaluation, whatever the others are (a
+            metric no day will ever give is "no", never "not yet").
     """
     tol = cfg.gate.tolerance
     worse, figures = [], {}
     for m in cfg.gate_metrics():
-        if m not in challenger or m not in champion:
-            raise GateRefused(
-                f"metric {m} is missing from the evaluation (computed: {', '.join(sorted(challenger))}); "
-                "fix `gate.metrics`, or pass the model's own --config"
-            )
+        for who, scores in (("challenger", challenger), ("champion", champion)):
+            if m not in scores:
+                raise GateRefused(
+                    f"metric {m} is missing from the {who}'s evaluation (computed: {', '.join(sorted(scores))}); "
+                    "fix `gate.metrics`, or pass the model's own --config"
+                )
+    for m in cfg.gate_metrics():
         a, b = challenger[m], champion[m]
         figures[m] = {"challenger": a, "champion": b}
         if not (np.isfinite(a) and np.isfinite(b)):  # e.g. AUC of a slice with one class: cannot judge
@@ -165,11 +169,39 @@ def seen_until(v: VersionInfo) -> dt.date:
     return max(v.date, dt.date.fromisoformat(recal)) if recal else v.date
 
 
-def gate_slice(cfg: MtrecConfig, *versions: VersionInfo) -> dt.date | None:
-    """The newest day with logs that none of the versions has seen (`seen_until`)."""
+def gate_slice(cfg: MtrecConfig, *versions: VersionInfo, last: dt.date | None = None) -> list[dt.date]:
+    """The gate's slice, oldest day first: the `gate.days` newest days with logs that none of the
+    versions has seen (`seen_until`), which the gate scores as one; with `last` (`--date`), the
+    newest such days up to `last`, `last` included.
+
+    Raises:
+        GateRefused: `last` is not after the versions' data.
+        GateDeferred: fewer such days than `gate.days` have logs yet (a nightly's own version has
+            none: the next night judges it).
+    """
     after = max(seen_until(v) for v in versions)
-    days = [d for d in list_days(cfg.job.logs) if d > after]
-    return days[-1] if days else None
+    seen = ", ".join(f"v{v.version} to {seen_until(v)}" for v in versions)
+    if last is not None and last <= after:
+        raise GateRefused(f"--date {last} is not after the data the models have seen ({seen}); pass a later day")
+    days = [d for d in list_days(cfg.job.logs) if after < d and (last is None or d < last)]
+    days = (days + ([last] if last is not None else []))[-cfg.gate.days :]
+    if len(days) < cfg.gate.days:
+        found = f"only {len(days)} day(s) ({slice_name(days)})" if days else "no day"
+        up_to, then = (
+            (f" up to --date {last}", "pass a later --date, or a lower gate.days")
+            if last is not None
+            else ("", "run `mtrec promote` again once the next day's logs land")
+        )
+        raise GateDeferred(
+            f"{found} with logs after {after} under {cfg.job.logs}{up_to}, gate.days is {cfg.gate.days}: the gate "
+            f"judges on days no model has seen ({seen}); {then}"
+        )
+    return days
+
+
+def slice_name(days: list[dt.date]) -> str:
+    """A slice as the tags and messages name it: its days, comma-separated ("2026-01-04" for one)."""
+    return ",".join(d.isoformat() for d in days)
 
 
 def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date):
@@ -193,15 +225,16 @@ def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date):
 
 def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = None) -> GateDecision:
     """The promotion gate: evaluate the challenger (`version`, default alias `challenger`) and the
-    champion on the same unseen day with the served models, and move `champion` only if no gate
-    metric is worse than the champion's by more than `gate.tolerance`. The decision and its
-    figures are written as tags on the challenger's version.
+    champion on the same unseen slice (`gate_slice`; `day`: its last day) with the served models,
+    and move `champion` only if no gate metric is worse than the champion's by more than
+    `gate.tolerance`. The decision and its figures are written as tags on the challenger's version.
 
     Raises:
         GateRefused: the challenger is worse (the reason names the metric and both values).
-        GateDeferred: no day with logs yet that neither model trained on.
+        GateDeferred: not yet: fewer than `gate.days` days with logs that neither model trained on,
+            or a gate metric that is not a number on the slice (one class).
     """
-    from mtrec.eval.evaluate import predict_day, read_truth, report
+    from mtrec.eval.evaluate import evaluate_days
 
     tracker = Tracker(cfg)
     chal = tracker.version(version) if version else tracker.alias(CHALLENGER)
@@ -214,23 +247,10 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         log.info("version %s is already the champion of %s", chal.version, cfg.name)
         return GateDecision(True, chal.version, champ.version, None, "already champion")
     if champ is None:  # the first champion: nothing to compare with, but the floors and its BN statistics
-        first_day = day or gate_slice(cfg, chal)
-        if first_day is None:
-            raise GateDeferred(
-                f"no day with logs after {seen_until(chal)} under {cfg.job.logs}: the first champion must meet the "
-                "floors on a day it has not seen; run `mtrec promote` again once the next day's logs land"
-            )
-        if first_day <= seen_until(chal):
-            raise GateRefused(
-                f"--date {first_day} is not after the challenger's data (to {seen_until(chal)}); pass a later day"
-            )
+        days = gate_slice(cfg, chal, last=day)  # the floors, on days it has not seen
         served = load_served(f"models:/{cfg.name}/{chal.version}")
-        scores = report(
-            served.spec,
-            predict_day(served.model, served.spec, cfg.job.logs, first_day),
-            read_truth(cfg.job.logs, first_day),
-        )
-        rep = _bn_check(served, cfg, first_day)
+        scores = evaluate_days(served.model, served.spec, cfg.job.logs, days)
+        rep = _bn_check(served, cfg, days[-1])
         if chal.run_id:
             tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores.items()})
         compare(
@@ -243,62 +263,51 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             not reasons,
             chal.version,
             None,
-            first_day.isoformat(),
-            f"no champion yet: version {chal.version} becomes the first, meeting the floors on {first_day} ({shown})"
-            + (f"; BN check passed against the {rep.population}" if rep is not None else "")
+            slice_name(days),
+            f"no champion yet: version {chal.version} becomes the first, meeting the floors on {slice_name(days)} "
+            f"({shown})" + (f"; BN check passed against the {rep.population}" if rep is not None else "")
             if not reasons
             else "no champion yet, but " + "; ".join(reasons),
             {m: {"challenger": scores[m]} for m in cfg.gate_metrics() if m in scores},
             bn="no BN layers" if rep is None else ("passed" if rep.passed else "failed"),
         )
     else:
-        day = day or gate_slice(cfg, chal, champ)
-        seen = max(seen_until(chal), seen_until(champ))
-        if day is None:
-            raise GateDeferred(
-                f"no day with logs after {seen} under {cfg.job.logs}: the gate compares both models "
-                f"on a day neither has seen; run `mtrec promote` again once the next day's logs land"
-            )
-        if day <= seen:
-            raise GateRefused(
-                f"--date {day} is not after both models' data (challenger to {seen_until(chal)}, champion to "
-                f"{seen_until(champ)}); pass a later day"
-            )
+        days = gate_slice(cfg, chal, champ, last=day)
+        on = slice_name(days)
         log.info(
             "gate: challenger v%s (trained to %s) vs champion v%s (trained to %s) on %s",
             chal.version,
             chal.date,
             champ.version,
             champ.date,
-            day,
+            on,
         )
-        truth = read_truth(cfg.job.logs, day)
         scores, bn_report = {}, None
         for who, v in (("challenger", chal), ("champion", champ)):
             served = load_served(f"models:/{cfg.name}/{v.version}")
             # both on the same slice (this config's logs), each with its own spec
-            scores[who] = report(served.spec, predict_day(served.model, served.spec, cfg.job.logs, day), truth)
-            if who == "challenger":
-                bn_report, served_spec = _bn_check(served, cfg, day), served.spec
+            scores[who] = evaluate_days(served.model, served.spec, cfg.job.logs, days)
+            if who == "challenger":  # the BN check on the slice's newest day: what serving sees now
+                bn_report, served_spec = _bn_check(served, cfg, days[-1]), served.spec
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
             tracker.log_metrics(
                 chal.run_id,
                 {f"gate/{k}": v for k, v in scores["challenger"].items()}
                 | ({f"gate/{k}": v for k, v in bn_report.metrics().items()} if bn_report is not None else {}),
             )
-            tracker.set_tags(chal.run_id, {"mtrec.gate_slice": day.isoformat()})
+            tracker.set_tags(chal.run_id, {"mtrec.gate_slice": on})
         ok, worse, figures = compare(cfg, scores["challenger"], scores["champion"])
         bn_failed = bn_report is not None and not bn_report.passed  # statistics that do not match what serving sees
         below = floors(cfg, served_spec, scores["challenger"], _train_metrics(chal))
         summary = "; ".join(f"{m} {f['challenger']:.4f} vs {f['champion']:.4f}" for m, f in figures.items())
         reasons = (
-            ([f"worse than champion v{champ.version} on {day}: " + "; ".join(worse)] if worse else [])
+            ([f"worse than champion v{champ.version} on {on}: " + "; ".join(worse)] if worse else [])
             + below
             + ([f"its {bn_report.summary()}"] if bn_failed else [])
         )
         ok = ok and not bn_failed and not below
         reason = (
-            f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {day}: {summary}"
+            f"every gate metric within {cfg.gate.tolerance:g} of the champion or better on {on}: {summary}"
             + (f"; BN check passed against the {bn_report.population}" if bn_report is not None else "")
             if ok
             else "; ".join(reasons)
@@ -307,7 +316,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
             ok,
             chal.version,
             champ.version,
-            day.isoformat(),
+            on,
             reason,
             figures,
             bn="no BN layers" if bn_report is None else ("passed" if bn_report.passed else "failed"),
