@@ -75,7 +75,11 @@ class EmbeddingOptimizerConfig(Strict):
 
 
 class SamplingConfig(Strict):
-    label: str = Field("click", description="Binary label that defines positives and negatives for sampling.")
+    label: str | None = Field(
+        None,
+        description="Binary label that defines positives and negatives for sampling; default the first root "
+        "(not `given`) binary task's label, e.g. click.",
+    )
     negative_rate: float = Field(
         1.0,
         gt=0,
@@ -124,6 +128,15 @@ class ShuffleConfig(Strict):
 class TrainConfig(Strict):
     batch_size: int = Field(2048, gt=0, description="Rows per batch per worker.")
     seed: int = Field(0, description="Seed of parameter init and of any sampling.")
+    epochs: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Full passes over a full retrain's good rows (`mtrec train`), each in another order (the shuffle's seeds "
+            "include the pass) and each training every good row once. Full retrains only; nightlies learn each new "
+            "day once."
+        ),
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (= torch.distributed world size).")
     cpus_per_worker: float = Field(
         1.0, gt=0, description="Logical CPUs each worker reserves (fractions leave room for Ray Data on small boxes)."
@@ -196,7 +209,8 @@ class TrainConfig(Strict):
     def shuffle_plan(self, key: int, rank: int) -> tuple[int, bool, list[int], str | None]:
         """`mtrec.train.stream.day_batches`'s `shuffle`: (buffer rows, shuffle files, the seed of a
         rank's buffer: train seed, the job's key (its last day's ordinal), rank; the column whose
-        consecutive rows move together, or None)."""
+        consecutive rows move together, or None). Epoch 0 uses these seeds as they are; epoch e > 0
+        appends e to the buffer's and the file order's (`mtrec.train.stream.epoch_seed`)."""
         together = "user_id" if self.shuffle.user_runs else None
         return self.shuffle.buffer_rows, self.shuffle.files, [self.seed, key, rank], together
 
@@ -237,6 +251,17 @@ class JobConfig(Strict):
             "candidates as the serving population instead of its impressions."
         ),
     )
+    partition: str = Field(
+        "dt=YYYY-MM-DD",
+        description="How the logs name each day's folder, with YYYY, MM and DD: dt=YYYY-MM-DD, dt=YYYYMMDD, "
+        "date=YYYY-MM-DD, ...; Parquet files anywhere inside it are read (hour=HH/ subfolders too).",
+    )
+    allow_gaps: bool = Field(
+        False,
+        description="Days without logs (no folder, or no rows) are skipped with a line saying so: a range trains "
+        "the days that have logs, a nightly for such a day does nothing, and a warm start reaches back over them "
+        "to the newest published day. Off: such a day is an error (a late or lost export).",
+    )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined."
     )
@@ -246,6 +271,24 @@ class JobConfig(Strict):
     @classmethod
     def _absolute(cls, url: str | None) -> str | None:
         return None if url is None else absolute_url(url)
+
+    @model_validator(mode="after")
+    def _logs_roots(self) -> JobConfig:
+        """`logs` and `serving_logs` as `LogsRoot`s: whoever lists their days names folders by `partition`."""
+        from mtrec.data.io import LogsRoot
+
+        for key in ("logs", "serving_logs"):
+            url = getattr(self, key)
+            if url is not None:
+                object.__setattr__(self, key, LogsRoot(str(url), self.partition))
+        return self
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, pattern: str) -> str:
+        from mtrec.data.io import check_partition
+
+        return check_partition(pattern)
 
     @field_validator("timezone")
     @classmethod
@@ -410,6 +453,15 @@ class GateConfig(Strict):
             "for a job that resumed mid-day (its attempt did not see the first tenth)."
         ),
     )
+    days: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Days the gate's slice pools: the newest this many days with logs that neither model has seen, scored "
+            "together as one slice. 1 judges on the newest day; more gives a sparse task (conversions) enough "
+            "positives to judge. The gate defers (exit 10) until that many such days have logs."
+        ),
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -435,10 +487,31 @@ class MtrecConfig(_SpecFields):
         default_factory=BNCheckConfig, description="BatchNorm statistics consistency check (`mtrec bn-check`)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sampling_label(cls, data: Any) -> Any:
+        """`train.sampling.label` left out: the first root binary task's label."""
+        if not isinstance(data, dict) or not isinstance(data.get("labels"), dict):
+            return data
+        train = data.get("train") if isinstance(data.get("train"), dict) else {}
+        sampling = train.get("sampling") if isinstance(train.get("sampling"), dict) else {}
+        if sampling.get("label") is not None:
+            return data
+        roots = [
+            t.get("label")
+            for t in data.get("tasks") or []
+            if isinstance(t, dict) and t.get("given") is None and data["labels"].get(t.get("label")) == "binary"
+        ]
+        if not roots:
+            return data
+        return {**data, "train": {**train, "sampling": {**sampling, "label": roots[0]}}}
+
     @model_validator(mode="after")
     def _check_run(self) -> MtrecConfig:
         sl = self.train.sampling.label
-        if sl not in self.labels or self.labels[sl] != LabelKind.BINARY:
+        if sl is None and self.train.sampling.odds_factor == 1:
+            pass  # no root binary task and no sampling: nothing to sample on
+        elif sl not in self.labels or self.labels[sl] != LabelKind.BINARY:
             raise ValueError(
                 f"`train.sampling.label` is `{sl}`, not a binary label; use one of "
                 f"{', '.join(k for k, v in self.labels.items() if v == LabelKind.BINARY)}"
@@ -455,6 +528,11 @@ class MtrecConfig(_SpecFields):
                     f"`train.sampling` on `{sl}` would skew root task(s) {', '.join(others)}, "
                     "whose scores mtrec cannot correct back; drop the sampling or train those tasks in another model"
                 )
+        if self.model.batch_norm and self.train.batch_size < 2:
+            raise ValueError(
+                f"`model.batch_norm: true` with `train.batch_size: {self.train.batch_size}`: BatchNorm needs at least "
+                "2 rows per batch to train; raise the batch size or drop batch_norm"
+            )
         parts = self.model.parts
         for part in self.train.freeze:
             if part not in parts:
@@ -500,6 +578,8 @@ class MtrecConfig(_SpecFields):
         settings = self.train.model_dump(mode="json", exclude=RESOURCE_KEYS | {"init_from"})  # a start, not a setting
         if not settings["freeze"]:
             del settings["freeze"]  # as before the key existed: earlier checkpoints keep their fingerprint
+        if settings["epochs"] == 1:
+            del settings["epochs"]  # likewise: a 1-pass checkpoint keeps the fingerprint it had before the key
         if settings["shuffle"] == ShuffleConfig().model_dump(mode="json"):
             del settings["shuffle"]  # likewise: a checkpoint from before shuffling warm-starts under the default
         elif settings["shuffle"]["user_runs"]:
@@ -515,7 +595,7 @@ class MtrecConfig(_SpecFields):
     ) -> MtrecConfig:
         """A copy with the CLI's overrides of `job` paths applied (`--logs`, `--workdir`, `--serving-logs`)."""
         paths = {"logs": logs, "workdir": workdir, "serving_logs": serving_logs}
-        job = self.job.model_copy(update={k: absolute_url(v) for k, v in paths.items() if v})
+        job = JobConfig.model_validate({**self.job.model_dump(), **{k: v for k, v in paths.items() if v}})
         return self.model_copy(update={"job": job})
 
     def gate_metrics(self) -> list[str]:

@@ -22,6 +22,11 @@ def add(sub, abbrev: bool = True) -> None:
         help="comma-separated parts whose weights do not train, e.g. user (DUPN's user representation; "
         "overrides train.freeze)",
     )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="full passes over the range's good rows, each in another order (overrides train.epochs)",
+    )
     add_train_flags(p)
     p.set_defaults(run=run)
 
@@ -30,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from mtrec.jobs.retrain import run_train
 
     cfg = train_cfg(args)
-    start = {"init_from": args.init_from, "freeze": args.freeze.split(",") if args.freeze else None}
+    start = {
+        "init_from": args.init_from,
+        "freeze": args.freeze.split(",") if args.freeze else None,
+        "epochs": args.epochs,
+    }
     start = {k: v for k, v in start.items() if v is not None}
     cfg = cfg.with_train(**start) if start else cfg
     run_train(cfg, day(args, cfg, "--from", args.start), day(args, cfg, "--to", args.end), run_options(args))

@@ -8,13 +8,13 @@ consumes it.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 
 from mtrec.data.io import DataFile, filesystem
 from mtrec.data.validate import ValidationReport
+from mtrec.log import to_json
 from mtrec.train.checkpoint import Manifest
 from mtrec.train.position import Position
 
@@ -43,7 +43,7 @@ class JobPlan:
     kind: str  # full_retrain | nightly
     days: list[dt.date]
     parent: str | None  # the checkpoint it warm-starts from (None: a fresh model)
-    files: list[DataFile]  # every file of `days`, in training order
+    files: list[DataFile]  # every file of `days`, in training order (epoch 0's)
     reports: list[ValidationReport]
     job_id: str  # same data, parent and settings -> same id: a rerun resumes the intra-day checkpoint
     done: Position  # rows an earlier run of this job already trained (its newest intra-day checkpoint)
@@ -52,6 +52,8 @@ class JobPlan:
     manifest: Manifest = field(default_factory=Manifest)  # the entries known before training
     started: float = field(default_factory=time.time)  # when planning began: the job's wall time includes validation
     init_from: str | None = None  # a cold start's initial weights: another model's checkpoint (`train.init_from`)
+    epochs: int = 1  # passes over the good rows: `train.epochs` for a full retrain, 1 for a nightly day
+    reads: list[int] = field(default_factory=list)  # every file read, in order (`stream.job_reads`); []: files once
 
     @property
     def end(self) -> dt.date:
@@ -64,12 +66,14 @@ class JobPlan:
 
     @property
     def expected_rows(self) -> int:
+        """Good rows of `days`: the rows each epoch trains."""
         return sum(r.good_rows for r in self.reports)
 
 
 @dataclass
 class TrainSummary:
-    """What a training job did. `rows == expected_rows` is checked before the job succeeds."""
+    """What a training job did. `rows == epochs x expected_rows` (each epoch trained every good row
+    once) is checked before the job succeeds."""
 
     model: str
     days: list[str]
@@ -84,6 +88,7 @@ class TrainSummary:
     quarantined_rows: int = 0
     truncated: dict = field(default_factory=dict)  # sequence group -> good rows whose lists were cut to max_len
     expected_rows: int = 0  # good rows the validation counted
+    epochs: int = 1  # passes over them (`train.epochs`, full retrains only)
     rows: int = 0  # rows the workers trained, summed
     rows_per_s: float = 0.0  # streaming rate: rows / slowest worker's first-to-last-batch time
     wall_s: float = 0.0
@@ -96,7 +101,7 @@ class TrainSummary:
     mlflow: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        return to_json(asdict(self))  # strict: a diverged loss is null, not NaN
 
     def lines(self) -> list[str]:
         per = ", ".join(
@@ -119,7 +124,9 @@ class TrainSummary:
             + (f", {self.restarts} worker restart(s)" if self.restarts else "")
         )
         return [
-            f"trained {self.rows:,} rows of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
+            f"trained {self.rows:,} rows"
+            + (f" ({self.epochs} epochs of {self.expected_rows:,})" if self.epochs > 1 else "")
+            + f" of {self.days[0]} .. {self.days[-1]} on {self.world_size} worker(s) "
             f"({self.quarantined_rows:,} quarantined): {self.rows_per_s:,.0f} rows/s streaming, "
             f"{self.wall_s:.1f}s wall",
             f"  {self.kind}: {start}",
@@ -167,11 +174,7 @@ def write_summary(summary: TrainSummary | list[TrainSummary], url: str) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "w") as fh:
-        fh.write(
-            summary.to_json()
-            if isinstance(summary, TrainSummary)
-            else json.dumps([asdict(s) for s in summary], indent=2, default=str)
-        )
+        fh.write(summary.to_json() if isinstance(summary, TrainSummary) else to_json([asdict(s) for s in summary]))
 
 
 def report(summaries: list[TrainSummary], path: str | None) -> None:

@@ -38,7 +38,7 @@ from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
 from mtrec.shims import trainer_class
 from mtrec.train import checkpoint
 from mtrec.train.position import Position
-from mtrec.train.stream import read_good_rows, read_order
+from mtrec.train.stream import job_reads, read_good_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,55 @@ def date_range(start: dt.date, end: dt.date) -> list[dt.date]:
     return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
 
 
-def good_rows_dataset(cfg: MtrecConfig, files: list[DataFile], done: dict | None = None):
+def has_logs(cfg: MtrecConfig, day: dt.date) -> bool:
+    """Whether `day` has logs to train: Parquet files whose footers hold rows (no row is read)."""
+    from mtrec.data.validate import footer_rows
+    from mtrec.errors import DataValidationError
+
+    try:
+        return footer_rows(list_day_files(cfg.job.logs, day)) > 0
+    except DataValidationError:
+        return False
+
+
+def days_with_logs(cfg: MtrecConfig, days: list[dt.date], what: str) -> list[dt.date]:
+    """`days`, less those without logs when `job.allow_gaps` is on (said in one line); unchanged
+    when it is off (the cheap checks then fail on such a day).
+
+    Raises:
+        DataValidationError: with gaps allowed, none of `days` has logs.
+    """
+    from mtrec.errors import DataValidationError
+
+    if not cfg.job.allow_gaps:
+        return days
+    kept = [d for d in days if has_logs(cfg, d)]
+    gone = [d for d in days if d not in kept]
+    if gone:
+        log.info(
+            f"{what}: no logs for {', '.join(d.isoformat() for d in gone[:6])}{' ...' if len(gone) > 6 else ''} "
+            f"({len(gone)} day(s)): skipped (job.allow_gaps)"
+        )
+    if not kept:
+        raise DataValidationError(
+            f"no day of {days[0]} .. {days[-1]} has logs under {cfg.job.logs} (expected folders like "
+            f"{join(cfg.job.logs, cfg.job.partition)}); check --logs, the dates and `job.partition`"
+        )
+    return kept
+
+
+def good_rows_dataset(
+    cfg: MtrecConfig, files: list[DataFile], done: dict | None = None, reads: list[int] | None = None
+):
     """A Ray Dataset streaming the good rows of `files` in file order (one read task per file),
-    with positions (file index in `files`), leaving out the rows in `done` (`Position.to_json()`)."""
+    with positions (file index in `files`), leaving out the rows in `done` (`Position.to_json()`).
+    With `reads` (`mtrec.train.stream.job_reads`: several epochs), those reads in that order, each
+    row's file index the read's."""
     import ray.data
 
-    items = [{"index": i, "url": f.url, "name": f.name, "size": f.size} for i, f in enumerate(files)]
+    n = len(files)
+    order = range(n) if reads is None else reads
+    items = [{"index": v, "url": files[v % n].url, "name": files[v % n].name, "size": files[v % n].size} for v in order]
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     return ds.map_batches(
         read_good_rows,
@@ -77,6 +120,15 @@ def _read_side_skip(cfg: MtrecConfig, plan: JobPlan) -> dict | None:
     if plan.done.empty or cfg.train.shuffle.buffer_rows:
         return None
     return plan.done.to_json()
+
+
+def _reads_left(plan: JobPlan) -> list[int]:
+    """The reads of a job still to train: a resumed job leaves out the epochs it finished (each
+    epoch is shuffled on its own, so the next one's order does not depend on them)."""
+    n = len(plan.files)
+    reads = plan.reads or list(range(n))
+    per_epoch = plan.done.rows_per_epoch(n, plan.epochs)
+    return [v for v in reads if plan.done.empty or per_epoch[v // n] < plan.expected_rows]
 
 
 def _exact_split_config(buffer_bytes: int):
@@ -243,13 +295,16 @@ def plan_job(
     if parent:
         parent_manifest = checkpoint.read_manifest(parent)
         checkpoint.check_compatible(parent_manifest, parent, cfg, allow_config_change)
-    files: list[DataFile] = []
+    listed: list[tuple[dt.date, list[DataFile]]] = []
     reports: list[ValidationReport] = []
     for day in days:
         report = validate(cfg, day)
         reports.append(report)
-        files += read_order(list_day_files(cfg.job.logs, day), cfg.train.seed, day, cfg.train.shuffle.files)
+        listed.append((day, list_day_files(cfg.job.logs, day)))
         log.info(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
+    epochs = cfg.train.epochs if kind == "full_retrain" else 1  # a nightly learns its new day once
+    files, reads = job_reads(listed, cfg.train.seed, cfg.train.shuffle.files, epochs)
+    good = sum(r.good_rows for r in reports)
     end = days[-1]
     init = None if parent else resolve_init(cfg)
     jid = job_id(cfg, kind, days, parent, parent_manifest, files, init)
@@ -257,9 +312,12 @@ def plan_job(
     partial = checkpoint.latest_partial(cfg, end)
     if partial and partial[1].get("job_id") == jid:
         done = Position.from_json(partial[1]["position"])  # read less; the workers skip by the newest one
+        per_epoch = done.rows_per_epoch(len(files), epochs)
+        at = next((e for e, rows in enumerate(per_epoch) if rows < good), epochs - 1)
         log.info(
             f"resuming from intra-day checkpoint {partial[0]}: step {partial[1]['step']}, "
-            f"{done.rows:,} of {sum(r.good_rows for r in reports):,} rows already trained"
+            f"{done.rows:,} of {epochs * good:,} rows already trained"
+            + (f" (in epoch {at + 1} of {epochs}: {per_epoch[at]:,} of {good:,})" if epochs > 1 else "")
         )
     elif partial:
         log.info(
@@ -282,6 +340,7 @@ def plan_job(
         "config_fingerprint": cfg.fingerprint(),
         "training_fingerprint": cfg.training_fingerprint(),
         "config": cfg.model_dump(mode="json"),
+        "epochs": epochs,
         "input_rows": sum(r.input_rows for r in reports),
         "quarantined_rows": sum(r.bad_rows for r in reports),
         "truncated": {g: sum(r.truncated.get(g, 0) for r in reports) for g in reports[0].truncated},
@@ -301,6 +360,8 @@ def plan_job(
         manifest=manifest,
         started=started,
         init_from=init,
+        epochs=epochs,
+        reads=reads,
     )
 
 
@@ -340,6 +401,7 @@ class _Job:
             quarantined_rows=plan.manifest["quarantined_rows"],
             truncated=plan.manifest.get("truncated", {}),
             expected_rows=plan.expected_rows,
+            epochs=plan.epochs,
         )
         self.manifest = dict(plan.manifest)
         self.tracker, self.run_id = None, None
@@ -379,7 +441,7 @@ class _Job:
         s = self.summary
         s.phases = {k: round(v, 2) for k, v in sorted(self.marks.items(), key=lambda kv: kv[1])}
         s.progress = [{k: v for k, v in p.items() if k != "line"} for p in snap["history"]]
-        s.rows = snap["result"]["rows_trained"]  # == expected_rows: the workers checked it before staging
+        s.rows = snap["result"]["rows_trained"]  # == epochs x expected_rows: the workers checked each epoch
         slowest = max((w["seconds"] for w in s.workers), default=0.0)
         s.rows_per_s = sum(w["rows"] for w in s.workers) / slowest if slowest > 0 else 0.0
         s.wall_s = time.perf_counter() - self.t_job
@@ -409,8 +471,9 @@ class _Job:
             use_gpu=summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0,
         )
         log.info(
-            f"training {cfg.name} on {summary.expected_rows - plan.done.rows:,} rows "
-            f"with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}"
+            f"training {cfg.name} on {plan.epochs * summary.expected_rows - plan.done.rows:,} rows "
+            + (f"(of {plan.epochs} epochs x {summary.expected_rows:,}) " if plan.epochs > 1 else "")
+            + f"with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}"
         )
         outcome: dict = {}
         self.mark("validated")
@@ -527,6 +590,8 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         init_from=plan.init_from,
         staging=plan.staged,
         expected_rows=plan.expected_rows,
+        epochs=plan.epochs,
+        files=len(plan.files),
         allow_config_change=opts.allow_config_change,
         manifest=manifest,
         collector=collector,
@@ -543,7 +608,7 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
             placement_strategy=cfg.train.placement.value.upper(),
         ),
-        datasets={"train": good_rows_dataset(cfg, plan.files, _read_side_skip(cfg, plan))},
+        datasets={"train": good_rows_dataset(cfg, plan.files, _read_side_skip(cfg, plan), _reads_left(plan))},
         dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
         run_config=RunConfig(
             name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}",

@@ -78,7 +78,9 @@ class Manifest(TypedDict, total=False):
     tracking_uri: str
     world_size: int
     plan: dict  # table -> {sharding_type, ranks}
-    rows_trained: int
+    epochs: int  # passes over the good rows (`train.epochs`, full retrains; 1 for a nightly)
+    rows_trained: int  # epochs x the good rows
+    rows_per_epoch: list[int]
     steps: int
     metrics: dict[str, float]  # train_loss_last_window
     rows_per_worker: list[int]
@@ -301,11 +303,12 @@ def prune_partials(cfg: MtrecConfig, day: dt.date, keep: str | None = None, run:
             fs.rm(p, recursive=True)
 
 
-def read_full(url: str) -> dict[str, torch.Tensor]:
+def read_full(url: str, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole (shards joined), keyed `model.<name>`,
     `fused_optimizer.<...>`, `dense_optimizer.<...>`; no process group needed. The served model
     and a job's recording read a checkpoint through it; tests compare checkpoints written at
-    different world sizes with it."""
+    different world sizes with it. With `prefix`, only the tensors whose key starts with it are
+    read (`mtrec inspect` reads the shallow tower without the embedding tables)."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import TensorStorageMetadata
@@ -314,7 +317,7 @@ def read_full(url: str) -> dict[str, torch.Tensor]:
     out = {
         k: torch.empty(m.size, dtype=m.properties.dtype)
         for k, m in meta.items()
-        if isinstance(m, TensorStorageMetadata)
+        if isinstance(m, TensorStorageMetadata) and k.startswith(prefix)
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

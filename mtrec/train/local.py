@@ -51,10 +51,12 @@ def train_days(
     log_every: int = 50,
     dmp: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    epochs: int = 1,
 ) -> TrainResult:
-    """One pass over `days` in order (a fresh seeded model unless `dmp`/`optimizer` are given),
-    with the same loop and per-step seeds the Ray workers run (`mtrec.train.loop.train_stream`):
-    `train_days(cfg, [d])` takes the same steps as the job that trains day d on one worker."""
+    """`epochs` passes over `days` in order (a fresh seeded model unless `dmp`/`optimizer` are
+    given), with the same loop and per-step seeds the Ray workers run (`mtrec.train.loop.train_stream`):
+    `train_days(cfg, [d])` takes the same steps as the job that trains day d on one worker, and
+    `train_days(cfg, days, epochs=cfg.train.epochs)` those of the full retrain over `days`."""
     days = list(days)
     if dmp is None:
         dmp, optimizer = build_sharded(cfg)
@@ -64,7 +66,7 @@ def train_days(
     key = days[-1].toordinal()
     opts = LoopOptions(log_every=log_every, on_progress=lambda p: log.info(p.line()), rng_key=key)
     batches = day_batches(
-        cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts, cfg.train.shuffle_plan(key, rank=0)
+        cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts, cfg.train.shuffle_plan(key, rank=0), epochs
     )
     stats = train_stream(dmp, optimizer, batches, cfg, device, opts)
     return TrainResult(

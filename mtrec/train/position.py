@@ -2,7 +2,10 @@
 
 Every training row carries two position columns, added by the reader (`mtrec.train.stream`):
 `_file` (the file's index in the job's file list) and `_row` (the row's ordinal among that file's
-good rows). A rank records the rows it trained as closed intervals per file. At an intra-day
+good rows). A job of several passes (`train.epochs`) numbers each pass's files on: epoch e's file
+i is `e x files + i` (`mtrec.train.stream.job_reads`), so a row is trained once per epoch and a
+resumed job continues in the right epoch at the right row; epoch 0's positions are those of a
+1-pass job. A rank records the rows it trained as closed intervals per file. At an intra-day
 checkpoint the ranks' intervals are merged and saved with the weights; a resumed job drops every
 row already inside them, whatever the world size or the split of the stream. Merging refuses an
 overlap (a row trained twice), and the final check compares the merged total with the rows the
@@ -105,6 +108,16 @@ class Position:
         for f in np.unique(f_of).tolist():
             sel = f_of == f
             self._insert(int(f), rows[starts[sel]], rows[ends[sel]])
+
+    def rows_per_epoch(self, files: int, epochs: int = 1) -> list[int]:
+        """Rows recorded in each pass over a job's `files` files (file index // `files`; 0 files:
+        all in epoch 0): `epochs` entries, more if rows of a later epoch were recorded."""
+        out = [0] * epochs
+        for f in self._lo:
+            e = f // files if files > 0 else 0
+            out += [0] * (e + 1 - len(out))
+            out[e] += int((self._hi[f] - self._lo[f] + 1).sum())
+        return out
 
     def merge(self, other: Position) -> None:
         for f in other._lo:

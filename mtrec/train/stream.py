@@ -5,6 +5,7 @@ seeded shuffle buffer (`shuffle_rows`), both deterministic for a given seed."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from mtrec.data.io import DataFile, list_day_files
 from mtrec.data.kinds import COLUMN_TYPES
 from mtrec.data.validate import RowValidator, iter_file_batches
 from mtrec.spec import ModelSpec
-from mtrec.train.position import FILE_COL, ROW_COL, Position, skip_trained
+from mtrec.train.position import FILE_COL, ROW_COL, Position, batch_positions, skip_trained
 
 
 @dataclass
@@ -78,13 +79,35 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
         yield tail
 
 
-def read_order(files: list[DataFile], seed: int, day: dt.date, shuffle: bool) -> list[DataFile]:
+def epoch_seed(seed: list[int], epoch: int) -> list[int]:
+    """The seed of one pass (`train.epochs`) over a job's rows: epoch 0 keeps `seed`, so a 1-pass
+    job reads in the order it read before epochs existed; epoch e > 0 appends e."""
+    return list(seed) if epoch == 0 else [*seed, epoch]
+
+
+def read_order(files: list[DataFile], seed: int, day: dt.date, shuffle: bool, epoch: int = 0) -> list[DataFile]:
     """A day's files in the order training reads them: by name, or (`shuffle`) in a random order
-    drawn from (seed, day). Logs written hour by hour then reach the shuffle buffer mixed."""
+    drawn from (seed, day, epoch). Logs written hour by hour then reach the shuffle buffer mixed."""
     if not shuffle or len(files) < 2:
         return list(files)
-    perm = np.random.default_rng([seed, day.toordinal(), 1]).permutation(len(files))
+    perm = np.random.default_rng(epoch_seed([seed, day.toordinal(), 1], epoch)).permutation(len(files))
     return [files[i] for i in perm]
+
+
+def job_reads(
+    listed: list[tuple[dt.date, list[DataFile]]], seed: int, shuffle: bool, epochs: int = 1
+) -> tuple[list[DataFile], list[int]]:
+    """A job's files and the order it reads them in over `epochs` passes, from each day's files
+    (`list_day_files`). Returns (files: every day's files in epoch 0's order, the job's file list;
+    reads: one entry per file read, in reading order, each the index a position gives that read:
+    epoch x len(files) + the file's index in `files`). Each pass reads the days in order, each
+    day's files in `read_order` of that epoch.
+
+    Example: one day of files [a, b], epochs=2, files read b, a then a, b -> ([b, a], [0, 1, 3, 2])."""
+    per_epoch = [[f for day, fs in listed for f in read_order(fs, seed, day, shuffle, e)] for e in range(epochs)]
+    files = per_epoch[0]
+    index = {f.url: i for i, f in enumerate(files)}
+    return files, [e * len(files) + index[f.url] for e, fs in enumerate(per_epoch) for f in fs]
 
 
 # rows the shuffle moves together: a run of consecutive rows of one user (one request's
@@ -125,7 +148,7 @@ def shuffle_rows(
 
     def mixed(t: pa.Table) -> pa.Table:
         """`t`'s runs in a random order, each run's rows in their order."""
-        if not together:
+        if not together or together not in t.column_names:  # no user column read: single rows
             return t.take(rng.permutation(t.num_rows))
         starts = _run_starts(t.column(together))
         lengths = np.diff(np.append(starts, t.num_rows))
@@ -145,6 +168,36 @@ def shuffle_rows(
         yield from mixed(held).combine_chunks().to_batches()
 
 
+def _epoch_runs(batches: Iterable[pa.RecordBatch], files: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(epoch, rows) pieces of a stream with positions: each batch cut where its epoch (file index
+    // `files`) changes; empty batches are left out (one would split an epoch in two). Batches
+    without positions (or `files` 0) are epoch 0."""
+    for rb in batches:
+        if not rb.num_rows:
+            continue
+        pos = batch_positions(rb)
+        if pos is None or files <= 0:
+            yield 0, rb
+            continue
+        epoch = pos[0] // files
+        cuts = [0, *(np.flatnonzero(np.diff(epoch)) + 1).tolist(), rb.num_rows]
+        for lo, hi in itertools.pairwise(cuts):
+            yield int(epoch[lo]), rb.slice(lo, hi - lo)
+
+
+def shuffle_epochs(
+    batches: Iterable[pa.RecordBatch], files: int, buffer_rows: int, seed: list[int], together: str | None = "user_id"
+) -> Iterator[pa.RecordBatch]:
+    """`shuffle_rows` pass by pass: a stream of several passes over a job's `files` files (a
+    position's file index is epoch x `files` + the file's index, `job_reads`) is cut where the
+    epoch changes, and each pass goes through a buffer of its own seeded by `epoch_seed(seed,
+    epoch)`. Every pass is ordered differently, no row mixes into another pass, and one pass's
+    order does not depend on the passes before it (a resumed job need not read the passes it
+    finished). A 1-pass stream comes out exactly as from `shuffle_rows(batches, buffer_rows, seed)`."""
+    for epoch, pieces in itertools.groupby(_epoch_runs(batches, files), key=lambda p: p[0]):
+        yield from shuffle_rows((rb for _, rb in pieces), buffer_rows, epoch_seed(seed, epoch), together)
+
+
 def good_file_batches(
     f: DataFile,
     validator: RowValidator,
@@ -161,7 +214,7 @@ def good_file_batches(
     if counts is not None:
         counts.files.append(f.url)
     ordinal = 0
-    for batch in iter_file_batches(f):  # every column: the bad-row rules need them
+    for batch in iter_file_batches(f, view=validator.spec.columns):  # every column: the bad-row rules need them
         for c, t in (fill or {}).items():
             if c not in batch.schema.names:
                 batch = batch.append_column(c, pa.array(np.zeros(batch.num_rows, np.int64)).cast(t))
@@ -192,18 +245,21 @@ def day_batches(
     batch_size: int,
     counts: StreamCounts | None = None,
     shuffle: tuple[int, bool, list[int], str | None] | None = None,
+    epochs: int = 1,
 ) -> Iterator[pa.RecordBatch]:
     """Good rows of `days` under the logs root `logs`, in file order, as `batch_size`-row batches,
-    with positions (file index within these days' files); `counts` is filled as it goes. With
-    `shuffle` = (buffer rows, shuffle files, seed: [train seed, job key, rank], the column whose
-    consecutive rows move together), in training order (`read_order`, `shuffle_rows`), as a
-    training job's worker reads them (`TrainConfig.shuffle_plan`)."""
+    with positions (file index within these days' files); `counts` is filled as it goes (per file
+    read). With `shuffle` = (buffer rows, shuffle files, seed: [train seed, job key, rank], the
+    column whose consecutive rows move together), in training order (`read_order`, `shuffle_rows`),
+    as a training job's worker reads them (`TrainConfig.shuffle_plan`). `epochs` passes over the
+    days, each in its own order (`job_reads`, `shuffle_epochs`), as a full retrain's worker reads them."""
     validator = RowValidator(spec)
     roles = spec.column_roles()  # once per stream, not per batch
     buffer_rows, shuffle_files, seed, together = shuffle or (0, False, [0], None)
-    files = [f for day in days for f in read_order(list_day_files(logs, day), seed[0], day, shuffle_files)]
-    good = (b for i, f in enumerate(files) for b in good_file_batches(f, validator, roles, counts, file_index=i))
-    return rebatch(shuffle_rows(good, buffer_rows, seed, together), batch_size)
+    files, reads = job_reads([(day, list_day_files(logs, day)) for day in days], seed[0], shuffle_files, epochs)
+    n = len(files)
+    good = (b for v in reads for b in good_file_batches(files[v % n], validator, roles, counts, file_index=v))
+    return rebatch(shuffle_epochs(good, n, buffer_rows, seed, together), batch_size)
 
 
 # the roles a served model does not read: serving-time feature logs (candidates) hold none of them
@@ -232,7 +288,7 @@ def feature_batches(
     fill = {c: COLUMN_TYPES[role].canonical(pa.int64()) for c, (role, _) in roles.items() if role in UNSERVED_ROLES}
     files = list_day_files(root, day)
     for f in files:
-        missing = [c for c in roles if c not in fill and c not in read_schema(f).names]
+        missing = [c for c in roles if c not in fill and c not in read_schema(f, spec.columns).names]
         if missing:
             raise DataValidationError(
                 f"{f.url} lacks {', '.join(f'`{c}`' for c in missing)}: serving logs need every feature the model "

@@ -29,7 +29,7 @@ from mtrec.train import checkpoint
 from mtrec.train.loop import LoopOptions, Progress, gather_stats, train_stream
 from mtrec.train.position import Position, skip_trained
 from mtrec.train.sharding import dense_optimizer, device_for_backend, plan_summary, shard
-from mtrec.train.stream import rebatch, shuffle_rows
+from mtrec.train.stream import rebatch, shuffle_epochs
 
 
 @ray.remote(num_cpus=0)
@@ -130,13 +130,15 @@ class WorkerJob:
     day: str  # the last day, ISO
     parent: str | None
     staging: str
-    expected_rows: int
+    expected_rows: int  # good rows of the days: what each epoch trains
     allow_config_change: bool
     manifest: checkpoint.Manifest
     collector: Any = None  # the RunCollector actor the workers report to
     log_every: int = 50
     kill: str | None = None  # fault drill: MTREC_KILL_WORKER
     init_from: str | None = None  # a cold start's initial weights (another model's checkpoint)
+    epochs: int = 1  # passes over the rows (JobPlan.epochs)
+    files: int = 0  # files per epoch: a position's file index // files is its epoch
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -199,11 +201,12 @@ def train_loop_per_worker(config: dict) -> None:
     tables = shard_it.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow", prefetch_batches=2)
     # a restarted worker group streams the data from the start again: rows already trained are
     # dropped here; then exact-size batches (rebatch merges a small last one: BatchNorm never sees 1 row)
-    # the rank's rows through its shuffle buffer, then the trained ones dropped: a resumed day replays
-    # the same shuffled stream and continues where it stopped
+    # the rank's rows through its shuffle buffer (one per epoch), then the trained ones dropped: a resumed
+    # day replays the same shuffled stream and continues where it stopped
     rows = (rb for t in tables for rb in t.combine_chunks().to_batches())
     buffer_rows, _, seed, together = cfg.train.shuffle_plan(day_ordinal(job.day), rank)
-    batches = rebatch(skip_trained(shuffle_rows(rows, buffer_rows, seed, together), done), cfg.train.batch_size)
+    shuffled = shuffle_epochs(rows, job.files, buffer_rows, seed, together)
+    batches = rebatch(skip_trained(shuffled, done), cfg.train.batch_size)
     batches = _kill_switch(batches, rank, job.kill, collector)
 
     mine = Position()  # rows this rank trains in this attempt
@@ -230,6 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "step": step,
                 "position": trained.to_json(),
                 "rows_trained": trained.rows,
+                "rows_per_epoch": trained.rows_per_epoch(job.files, job.epochs),
                 "world_size": world,
             },
         )
@@ -267,11 +271,15 @@ def train_loop_per_worker(config: dict) -> None:
     mark("trained")
     everyone = gather_stats(stats)
     trained = trained_so_far()
-    if trained.rows != job.expected_rows:  # every rank sees the same sums: all stop before staging
+    per_epoch = trained.rows_per_epoch(job.files, job.epochs)
+    if per_epoch != [job.expected_rows] * job.epochs:  # every rank sees the same sums: all stop before staging
         per = ", ".join(f"{w['rows']:,}" for w in everyone)
+        split = f" (per epoch: {', '.join(f'{r:,}' for r in per_epoch)})" if job.epochs > 1 else ""
         raise MtrecError(
-            f"workers trained {trained.rows:,} rows ({per} per worker in this attempt, {done.rows:,} before it) but "
-            f"validation counted {job.expected_rows:,} good rows; nothing was published - rerun the job"
+            f"workers trained {trained.rows:,} rows{split} ({per} per worker in this attempt, {done.rows:,} before "
+            f"it) but validation counted {job.expected_rows:,} good rows"
+            + (f", each of {job.epochs} epochs to train once" if job.epochs > 1 else "")
+            + "; nothing was published - rerun the job"
         )
     t1 = time.perf_counter()
     plan_dict = plan_summary(plan)
@@ -285,7 +293,8 @@ def train_loop_per_worker(config: dict) -> None:
         **job.manifest,
         "world_size": world,
         "plan": plan_dict,
-        "rows_trained": trained.rows,
+        "rows_trained": trained.rows,  # epochs x the good rows
+        "rows_per_epoch": per_epoch,
         "steps": start_step + stats.steps,
         "metrics": metrics,
         "rows_per_worker": [w["rows"] for w in everyone],
