@@ -132,7 +132,7 @@ def serving_batches(
         )
     need = spec.required_columns()
     for f in files:
-        missing = [c for c in need if c not in read_schema(f).names]
+        missing = [c for c in need if c not in read_schema(f, spec.columns).names]
         if missing:
             raise DataValidationError(
                 f"{f.url} lacks column(s) {', '.join(missing)}; the BN check reads the day under {spec.name}'s "

@@ -23,10 +23,10 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# The data contract's required columns (docs/data-contract.md). Labels and features add more.
+# The data contract's own columns (docs/data-contract.md): required when a feature reads them
+# (ids) or a bias feature does (position); `columns:` says where a log keeps them.
 ID_COLUMNS = ("user_id", "item_id")
 POSITION_COLUMN = "position"
-REQUIRED_LABELS = ("click", "conversion")
 
 
 class Strict(BaseModel):
@@ -137,6 +137,12 @@ class SparseFeature(_Embedded):
     column: str | None = Field(None, description="Log column holding the id(s); defaults to `name`.")
     multi_hot: bool = Field(False, description="The column is a list of ids (e.g. item tags), pooled into one vector.")
     pooling: Pooling = Field(Pooling.SUM, description="How a multi-hot bag is pooled: sum or mean.")
+    fill: int | str | None = Field(
+        None,
+        description="Id a null entry (a null list, for multi_hot) takes, in training and serving alike, e.g. "
+        "`unknown`; omit to embed a null as an empty bag (a zero vector). The contract columns `user_id` and "
+        "`item_id` are never null (`null_id`).",
+    )
 
     @property
     def kind(self) -> FeatureKind:
@@ -184,6 +190,20 @@ class DenseFeature(_FromColumn):
         description="Value a null or NaN entry takes (before log1p), in training and serving alike; "
         "omit to quarantine such a row (`bad_feature:<column>`). An infinite value is quarantined either way.",
     )
+    missing_indicator: bool = Field(
+        False,
+        description="Also give the model a 0/1 input saying the value was missing (null or NaN) and took `fill`, "
+        "so it can tell a filled value from a real one. Needs `fill`.",
+    )
+
+    @model_validator(mode="after")
+    def _indicator_needs_fill(self) -> DenseFeature:
+        if self.missing_indicator and self.fill is None:
+            raise ValueError(
+                f"dense feature `{self.name}`: `missing_indicator: true` needs `fill` (the value a missing entry "
+                "takes); without it a missing value quarantines the row"
+            )
+        return self
 
 
 class BiasFeature(_FromColumn):
@@ -250,6 +270,11 @@ class FeaturesConfig(Strict):
 
     def sequence_features(self) -> list[SequenceFeature]:
         return [f for g in self.sequences for f in g.features]
+
+    def dense_inputs(self) -> list[tuple[DenseFeature, bool]]:
+        """The model's dense input columns, in order: (feature, False) for each dense feature's
+        value, then (feature, True) for each missing-indicator."""
+        return [(f, False) for f in self.dense] + [(f, True) for f in self.dense if f.missing_indicator]
 
     def embedded(self) -> list[SparseFeature | SequenceFeature]:
         """Every feature looked up in an embedding table: the sparse ones, then the sequences'."""
@@ -597,6 +622,40 @@ ModelConfig = Annotated[Union[ARCH_CONFIGS], Field(discriminator="arch")]  # noq
 
 
 # --------------------------------------------------------------------------------------------------
+# where the logs keep the contract's columns
+
+
+class ColumnsConfig(Strict):
+    """Where a log keeps the data contract's columns, when its names differ: each key names the log
+    column read as that contract column (`user_id: uid` reads the log's `uid` as `user_id`). The
+    mapping applies wherever logs are read (validation, training, evaluation, prediction, serving),
+    so the rest of the config uses the contract's names."""
+
+    user_id: str | None = Field(None, description="Log column of the user id; default `user_id`.")
+    item_id: str | None = Field(None, description="Log column of the item id; default `item_id`.")
+    position: str | None = Field(None, description="Log column of the slot an item was shown in; default `position`.")
+    position_base: Literal[0, 1] = Field(
+        0,
+        description="The number of the first slot in the logs: 0, or 1 for logs that count from 1 (then 1 is read "
+        "as 0, so the learned position curve starts at the top slot; a 0 in such a log is `bad_position`).",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Label name (under `labels`) -> the log column holding it, e.g. `{click: is_click, purchase: "
+        "booked}`; a label not listed is read from the column of its own name.",
+    )
+
+    def aliases(self) -> dict[str, str]:
+        """Contract name -> log column, for every column read under another name."""
+        out = {k: getattr(self, k) for k in (*ID_COLUMNS, POSITION_COLUMN) if getattr(self, k)}
+        return {k: v for k, v in {**out, **self.labels}.items() if k != v}
+
+    def source(self, name: str) -> str:
+        """The log column a contract column or label `name` is read from."""
+        return self.aliases().get(name, name)
+
+
+# --------------------------------------------------------------------------------------------------
 # the spec
 
 
@@ -609,22 +668,30 @@ class _SpecFields(Strict):
         description="Model name: experiment, registered model and checkpoint folder.",
     )
     labels: dict[str, LabelKind] = Field(
+        min_length=1,
         description=(
-            "Label columns in the logs and their kind (binary, regression or multiclass); must include click and "
-            "conversion."
-        )
+            "Labels and their kind (binary, regression or multiclass), named as you like (click, purchase, ...); "
+            "each is read from the log column of its name, or the one `columns.labels` maps it to."
+        ),
     )
     features: FeaturesConfig = Field(description="Feature columns.")
     tasks: list[TaskConfig] = Field(min_length=1, description="Tasks the model predicts.")
     model: ModelConfig = Field(description="Model architecture and sizes; `arch` selects the other keys.")
+    columns: ColumnsConfig = Field(
+        default_factory=ColumnsConfig,
+        description="Where the logs keep the contract's columns (ids, position, labels) when their names differ, "
+        "and whether positions count from 0 or 1.",
+    )
 
-    @field_validator("labels")
-    @classmethod
-    def _required_labels(cls, labels: dict[str, LabelKind]) -> dict[str, LabelKind]:
-        for col in REQUIRED_LABELS:
-            if labels.get(col) != LabelKind.BINARY:
-                raise ValueError(f"the data contract requires binary label `{col}`; add `{col}: binary` under `labels`")
-        return labels
+    @model_validator(mode="after")
+    def _check_columns(self) -> _SpecFields:
+        for label in self.columns.labels:
+            if label not in self.labels:
+                raise ValueError(
+                    f"`columns.labels` maps `{label}`, which is not declared under `labels` "
+                    f"(declared: {', '.join(self.labels)}); declare it or drop the mapping"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_tasks(self) -> _SpecFields:
@@ -734,11 +801,14 @@ class _SpecFields(Strict):
         feature reading the same column; the schema check and the training stream's cast both read
         this one map.
         """
-        roles = {c: (FeatureKind.ID.value, "the data contract") for c in ID_COLUMNS}
-        roles[POSITION_COLUMN] = ("position", "the data contract")
+        f = self.features
+        read = {x.source for x in [*f.embedded(), *f.dense, *f.bias]}
+        # the contract's own columns, where something reads them: a feature an id, a bias feature the position
+        roles = {c: (FeatureKind.ID.value, "the data contract") for c in ID_COLUMNS if c in read}
+        if POSITION_COLUMN in {x.source for x in f.bias}:
+            roles[POSITION_COLUMN] = ("position", "the data contract")
         for col, kind in self.labels.items():
             roles[col] = ("label" if kind == LabelKind.BINARY else kind.value, "`labels`")
-        f = self.features
         declared = [
             *((x, f"`features.sparse` ({x.name}{', multi_hot: true' if x.multi_hot else ''})") for x in f.sparse),
             *((x, f"`features.sequences` ({g.name}: {x.name})") for g in f.sequences for x in g.features),
@@ -779,7 +849,7 @@ class _SpecFields(Strict):
 
 SPEC_KEYS = frozenset(_SpecFields.model_fields)
 # spec keys outside the shape hash: a dense feature's fill value is data handling, not a weight
-HASH_EXCLUDE: dict = {"features": {"dense": {"__all__": {"fill"}}}}
+HASH_EXCLUDE: dict = {"features": {"dense": {"__all__": {"fill"}}, "sparse": {"__all__": {"fill"}}}, "columns": True}
 
 
 def _drop_unset_new_keys(shape: dict) -> None:
@@ -795,6 +865,9 @@ def _drop_unset_new_keys(shape: dict) -> None:
     for f in features["sparse"]:
         if f.get("table") is None:
             f.pop("table", None)
+    for f in features["dense"]:
+        if not f.get("missing_indicator"):
+            f.pop("missing_indicator", None)
 
 
 class ModelSpec(_SpecFields):

@@ -105,7 +105,7 @@ def test_sampling_is_deterministic_per_row_and_keeps_the_rate():
     label = np.zeros(n, np.int8)
     label[::10] = 1
     rb = pa.RecordBatch.from_pydict({"click": label, "_file": np.zeros(n, np.int32), "_row": np.arange(n)})
-    cfg = SamplingConfig(negative_rate=0.1, positive_repeat=3)
+    cfg = SamplingConfig(label="click", negative_rate=0.1, positive_repeat=3)
     out = sample(rb, cfg, seed=7)
     clicks = out.column("click").to_numpy()
     assert clicks.sum() == 3 * label.sum()

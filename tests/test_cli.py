@@ -147,7 +147,7 @@ def _day_without(world: str, root: Path, column: str | None = None, empty: bool 
     [
         ("missing", "no logs for 2026-01-09 under"),
         ("empty", "the logs of 2026-01-01 hold no rows (4 empty file(s)"),
-        ("no column", "column `conversion` is missing (required by `labels`)"),
+        ("no column", "column(s) missing: `conversion` (required by `labels`); map label `conversion`"),
     ],
 )
 def test_nightly_on_a_bad_day_fails_fast_with_one_line(world, tmp_path, case, text):

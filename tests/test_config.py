@@ -71,9 +71,19 @@ def test_task_label_not_declared(esmm):
     assert "add `purchase: binary`" in msg
 
 
-def test_required_contract_label(esmm):
-    del esmm["labels"]["conversion"]
-    assert "requires binary label `conversion`" in _err(esmm)
+def test_labels_take_any_name_and_click_only_needs_no_conversion(esmm):
+    esmm["labels"] = {"clicked": "binary", "purchase": "binary"}
+    esmm["tasks"] = [{"name": "ctr", "label": "clicked"}, {"name": "cvr", "label": "purchase", "given": "ctr"}]
+    cfg = parse_config(esmm)
+    assert cfg.spec.task("cvr").label == "purchase" and cfg.train.sampling.label == "clicked"
+    esmm["labels"] = {"click": "binary"}
+    esmm["tasks"] = [{"name": "ctr", "label": "click"}]
+    assert "conversion" not in parse_config(esmm).spec.required_columns()
+
+
+def test_column_mapping_names_only_declared_labels(esmm):
+    esmm["columns"] = {"labels": {"purchase": "booked"}}
+    assert "`columns.labels` maps `purchase`, which is not declared under `labels`" in _err(esmm)
 
 
 def test_unknown_arch(esmm):
@@ -218,3 +228,9 @@ def test_multiclass_task_rules(esmm):
     bad = copy.deepcopy(good)
     bad["gate"] = {"metrics": ["level/macro_auc", "level/accuracy"]}
     assert parse_config(bad).gate.metrics == ["level/macro_auc", "level/accuracy"]
+
+
+def test_batch_norm_needs_two_rows_per_batch(esmm):
+    esmm["model"]["batch_norm"] = True
+    esmm["train"]["batch_size"] = 1
+    assert "`model.batch_norm: true` with `train.batch_size: 1`: BatchNorm needs at least 2 rows" in _err(esmm)

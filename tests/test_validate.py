@@ -161,11 +161,25 @@ def test_missing_column_is_a_clear_error_and_nothing_is_written(world, tmp_path)
     cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
     with pytest.raises(
         DataValidationError,
-        match=rf"logs {DAY1} file part-00002.parquet: column `conversion` is missing "
-        r"\(required by `labels`\); add it to the export or remove it from the config",
+        match=rf"logs {DAY1} file part-00002.parquet: column\(s\) missing: `conversion` "
+        r"\(required by `labels`\); map label `conversion` with `columns.labels: \{conversion: <name>\}`, "
+        r"or drop it from `labels` and its tasks$",
     ):
         validate(cfg, DAY1)
     assert not (tmp_path / "work").exists()
+
+
+def test_every_missing_column_named_at_once_with_its_fix(world, tmp_path):
+    logs = _rewrite(world, tmp_path, lambda t: t.drop_columns(["conversion", "user_id", "item_price"]))
+    cfg = load_config("esmm", logs=logs, workdir=str(tmp_path / "work"))
+    with pytest.raises(DataValidationError) as e:
+        validate(cfg, DAY1)
+    msg = str(e.value)
+    assert "column(s) missing: `user_id` (required by the data contract), `conversion` (required by `labels`), " in msg
+    assert "`item_price` (required by `features.dense` (item_price))" in msg
+    assert "map `user_id` to the log's column with `columns.user_id: <name>`, or drop the feature" in msg
+    assert "add the column to the export, name it with the feature's `column:`, or remove the feature" in msg
+    assert "\n" not in msg
 
 
 def test_wrong_type_is_a_clear_error(world, tmp_path):

@@ -33,7 +33,7 @@ class Batch:
     Attributes:
         sparse (dict[str, KeyedJaggedTensor]): per embedding collection, one key per feature looked
             up in it, hashed row ids.
-        dense (Tensor): B x D float32 dense features (D may be 0).
+        dense (Tensor): B x D float32 dense inputs, `FeaturesConfig.dense_inputs` (D may be 0).
         bias (Tensor | None): B x F int64 bias feature values (clipped to num_values-1);
             None at serving.
         labels (dict[str, Tensor]): label column -> B float32; empty at serving.
@@ -91,9 +91,10 @@ class BatchConverter:
                 lengths=torch.from_numpy(np.concatenate(lengths)).to(torch.int32),
             )
         self._check_parallel(sparse)
-        dense = np.zeros((n, len(self.spec.features.dense)), dtype=np.float32)
-        for j, f in enumerate(self.spec.features.dense):
-            dense[:, j] = dense_input(f, rb.column(f.source))
+        inputs = self.spec.features.dense_inputs()
+        dense = np.zeros((n, len(inputs)), dtype=np.float32)
+        for j, (f, indicator) in enumerate(inputs):
+            dense[:, j] = dense_input(f, rb.column(f.source), indicator)
         bias = None
         if with_bias and self.spec.features.bias:
             bias = torch.from_numpy(np.stack([bias_input(f, rb.column(f.source)) for f in self.spec.features.bias], 1))
@@ -136,7 +137,7 @@ def pad_batch(spec: ModelSpec, rows: int = 2) -> Batch:
             )
             for key, names in spec.collection_features().items()
         },
-        torch.zeros(rows, len(spec.features.dense)),
+        torch.zeros(rows, len(spec.features.dense_inputs())),
         bias,
         {col: torch.zeros(rows) for col in spec.labels},
     )

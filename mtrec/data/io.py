@@ -1,4 +1,6 @@
-"""Day partitions on any fsspec URL: ``<root>/dt=YYYY-MM-DD/*.parquet``.
+"""Day partitions on any fsspec URL: ``<root>/dt=YYYY-MM-DD/*.parquet``, or another folder name
+per day (`job.partition`: ``dt=YYYYMMDD``, ``date=YYYY-MM-DD``, ...), with any subfolders inside
+(``hour=HH/``).
 
 Example:
     >>> files = list_day_files("memory://world", date(2026, 1, 1))   # doctest: +SKIP
@@ -17,7 +19,66 @@ from fsspec.core import url_to_fs
 
 from mtrec.errors import DataValidationError, MtrecError
 
-_DAY_DIR = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+# How a logs root names its day folders: `job.partition`, with YYYY, MM and DD for the date.
+DEFAULT_PARTITION = "dt=YYYY-MM-DD"
+_TOKENS = {"YYYY": r"(?P<y>\d{4})", "MM": r"(?P<m>\d{2})", "DD": r"(?P<d>\d{2})"}
+
+
+class LogsRoot(str):
+    """A logs root URL (a str) that knows how its day folders are named: `job.partition`. The
+    config hands it out as `job.logs`, so every function given a logs root finds its days."""
+
+    pattern: str  # not `partition`: str has a method of that name
+
+    def __new__(cls, url: str, pattern: str = DEFAULT_PARTITION) -> LogsRoot:
+        obj = super().__new__(cls, url)
+        obj.pattern = pattern
+        return obj
+
+    def __reduce__(self):  # Ray and pickle rebuild it with its pattern
+        return LogsRoot, (str(self), self.pattern)
+
+
+def partition_of(root: str) -> str:
+    """The day folder pattern of a logs root: a `LogsRoot`'s, else the default."""
+    return root.pattern if isinstance(root, LogsRoot) else DEFAULT_PARTITION
+
+
+def check_partition(pattern: str) -> str:
+    """A `job.partition` pattern, checked: one folder name holding YYYY, MM and DD once each.
+
+    Raises:
+        ValueError: the pattern cannot name a day.
+    """
+    if "/" in pattern or any(pattern.count(t) != 1 for t in _TOKENS):
+        raise ValueError(
+            f"`job.partition` is {pattern!r}; it names one folder per day with YYYY, MM and DD once each, e.g. "
+            "dt=YYYY-MM-DD (the default), dt=YYYYMMDD or date=YYYY-MM-DD (hour=HH subfolders are read inside it)"
+        )
+    return pattern
+
+
+def _partition_regex(pattern: str) -> re.Pattern:
+    rx = re.escape(pattern)
+    for token, group in _TOKENS.items():
+        rx = rx.replace(token, group)
+    return re.compile(f"^{rx}$")
+
+
+def partition_name(day: dt.date, pattern: str = DEFAULT_PARTITION) -> str:
+    """The folder name of `day` under `pattern` (`dt=2026-04-05`, `dt=20260405`, ...)."""
+    return pattern.replace("YYYY", f"{day.year:04d}").replace("MM", f"{day.month:02d}").replace("DD", f"{day.day:02d}")
+
+
+def parse_partition(name: str, pattern: str = DEFAULT_PARTITION) -> dt.date | None:
+    """The day a folder name stands for under `pattern`, or None."""
+    m = _partition_regex(pattern).match(name)
+    if not m:
+        return None
+    try:
+        return dt.date(int(m["y"]), int(m["m"]), int(m["d"]))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -71,7 +132,9 @@ def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def day_url(root: str, day: dt.date) -> str:
-    return join(root, f"dt={day.isoformat()}")
+    """The folder of `day` under `root`: a `LogsRoot`'s pattern (`job.partition`); what mtrec
+    writes (checkpoints, quarantine) is always dt=YYYY-MM-DD."""
+    return join(root, partition_name(day, partition_of(root)))
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -85,12 +148,14 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def list_day_files(root: str, day: dt.date) -> list[DataFile]:
-    """The Parquet files of one day, sorted by name.
+    """The Parquet files of one day, sorted by their path inside the day's folder (files in
+    subfolders such as hour=HH/ included, named by that path).
 
     Raises:
         DataValidationError: the day's folder is missing or holds no Parquet file.
     """
-    fs, path = filesystem(day_url(root, day))
+    folder, partition = day_url(root, day), partition_of(root)
+    fs, path = filesystem(folder)
     if not fs.isdir(path):
         root_fs, root_path = filesystem(root)
         if not root_fs.isdir(root_path):
@@ -101,31 +166,46 @@ def list_day_files(root: str, day: dt.date) -> list[DataFile]:
         near = (
             f"; days present: {have[0]} .. {have[-1]} ({len(have)})"
             if have
-            else "; the logs root holds no dt=YYYY-MM-DD folder"
+            else f"; the logs root holds no {partition} folder"
+            + (" (set `job.partition` to the layout of your folders)" if _other_layout(root_fs, root_path) else "")
         )
         raise DataValidationError(
-            f"no logs for {day} under {root} (expected {day_url(root, day)}/*.parquet){near}; check --logs and --date"
+            f"no logs for {day} under {root} (expected {folder}/*.parquet){near}; check --logs and --date"
+            + ("" if not have else ", or set `job.allow_gaps: true` to skip days without logs")
         )
-    infos = [i for i in fs.ls(path, detail=True) if i["type"] == "file" and i["name"].endswith(".parquet")]
+    base = path.rstrip("/") + "/"
+    infos = [
+        i
+        for i in fs.find(path, detail=True).values()
+        if i["type"] == "file" and i["name"].endswith(".parquet") and not _hidden(i["name"][len(base) :])
+    ]
     if not infos:
-        raise DataValidationError(
-            f"{day_url(root, day)} holds no .parquet file; the day's export is missing or incomplete"
-        )
+        raise DataValidationError(f"{folder} holds no .parquet file; the day's export is missing or incomplete")
     infos.sort(key=lambda i: i["name"])
     return [
-        DataFile(url=fs.unstrip_protocol(i["name"]), name=i["name"].rsplit("/", 1)[-1], size=int(i["size"] or 0))
+        DataFile(url=fs.unstrip_protocol(i["name"]), name=i["name"][len(base) :], size=int(i["size"] or 0))
         for i in infos
     ]
 
 
+def _hidden(relative: str) -> bool:
+    """A file under a folder or with a name starting with `_` or `.` (staging, markers, truth)."""
+    return any(part.startswith(("_", ".")) for part in relative.split("/"))
+
+
+def _other_layout(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return any("=" in str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False))
+
+
 def list_days(root: str) -> list[dt.date]:
     """Every day partition under a logs root, sorted."""
+    partition = partition_of(root)
     fs, path = filesystem(root)
     if not fs.isdir(path):
         return []
     days = []
     for entry in fs.ls(path, detail=False):
-        m = _DAY_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        if m:
-            days.append(dt.date.fromisoformat(m.group(1)))
+        day = parse_partition(entry.rstrip("/").rsplit("/", 1)[-1], partition)
+        if day is not None:
+            days.append(day)
     return sorted(days)

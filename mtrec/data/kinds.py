@@ -134,21 +134,38 @@ def list_lengths(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _single(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """One id per row; a null one is an empty bag."""
+def fill_id(value: int | str) -> int:
+    """A feature's `fill` id as `ids_to_int` maps it: an integer as itself, a string by its hash."""
+    return int(value) if isinstance(value, int) else int(ids_to_int(pa.array([value], pa.string()))[0])
+
+
+def _single(col: pa.Array, fill: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One id per row; a null one is an empty bag, or the `fill` id."""
+    if fill is not None and col.null_count:
+        ids = np.full(len(col), fill_id(fill), dtype=np.int64)
+        valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+        ids[valid] = ids_to_int(col.filter(pa.array(valid)))
+        return ids, np.ones(len(col), dtype=np.int64)
     valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
-    return (col.filter(pa.array(valid)) if col.null_count else col), valid.astype(np.int64)
+    return ids_to_int(col.filter(pa.array(valid)) if col.null_count else col), valid.astype(np.int64)
 
 
-def _multi_hot(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """A bag of ids per row; a null list is empty, a null id inside a list is left out of its bag."""
+def _multi_hot(col: pa.Array, fill: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A bag of ids per row; a null list is empty (or the bag [`fill`]), a null id inside a list
+    is left out of its bag."""
     flat = pc.list_flatten(col)  # a null list contributes nothing (whatever lies under it)
     lens = list_lengths(col)
     if flat.null_count:
         keep = pc.is_valid(flat).to_numpy(zero_copy_only=False)
         lens = np.bincount(np.repeat(np.arange(len(col)), lens)[keep], minlength=len(col)).astype(np.int64)
         flat = flat.filter(pa.array(keep))
-    return flat, lens
+    ids = ids_to_int(flat)
+    if fill is not None and col.null_count:
+        null = pc.is_null(col).to_numpy(zero_copy_only=False)
+        starts = np.cumsum(lens) - lens
+        ids = np.insert(ids, starts[null], fill_id(fill))  # before the next row's ids: in row order
+        lens = lens + null
+    return ids, lens
 
 
 def sequence_take(lens: np.ndarray, max_len: int, order: SequenceOrder) -> tuple[np.ndarray, np.ndarray]:
@@ -197,19 +214,20 @@ def sparse_inputs(
         group: the sequence group of a sequence feature (its `max_len` and `order`).
     """
     col = _chunk(col)
+    fill = getattr(feature, "fill", None)  # sequence features have none: a null element has its own id
     if feature.kind == FeatureKind.SEQUENCE:
         values, lens = _sequence(col, group)
-    elif feature.kind == FeatureKind.MULTI_HOT:
-        values, lens = _multi_hot(col)
-    else:
-        values, lens = _single(col)
-    return hash_ids(ids_to_int(values), table_rows), lens
+        return hash_ids(ids_to_int(values), table_rows), lens
+    ids, lens = _multi_hot(col, fill) if feature.kind == FeatureKind.MULTI_HOT else _single(col, fill)
+    return hash_ids(ids, table_rows), lens
 
 
-def dense_input(feature: DenseFeature, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def dense_input(feature: DenseFeature, col: pa.Array | pa.ChunkedArray, indicator: bool = False) -> np.ndarray:
     """A dense column -> float32 B: null/NaN take `fill` (validation quarantined them otherwise),
-    then the optional signed log1p."""
+    then the optional signed log1p; with `indicator`, 1 where the value was missing, else 0."""
     x = _chunk(col).to_numpy(zero_copy_only=False).astype(np.float32)  # a null is NaN here
+    if indicator:
+        return np.isnan(x).astype(np.float32)
     if feature.fill is not None:
         x = np.where(np.isnan(x), np.float32(feature.fill), x)
     return np.sign(x) * np.log1p(np.abs(x)) if feature.log1p else x

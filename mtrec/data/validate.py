@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mtrec.data.columns import contract_schema, contract_view, log_columns
 from mtrec.data.io import DataFile, day_url, filesystem, join, list_day_files
 from mtrec.data.kinds import COLUMN_TYPES, list_lengths
 from mtrec.errors import DataValidationError
-from mtrec.spec import ID_COLUMNS, POSITION_COLUMN, LabelKind, ModelSpec
+from mtrec.spec import ID_COLUMNS, POSITION_COLUMN, ColumnsConfig, LabelKind, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class ValidationReport:
     bad_rows: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)  # sequence group -> good rows cut to max_len
+    warnings: list[str] = field(default_factory=list)  # what looks wrong without breaking a rule
     files: list[dict] = field(default_factory=list)
     max_bad_fraction: float = 0.01
     seconds: float = 0.0
@@ -104,6 +106,7 @@ class ValidationReport:
                 lines.append(f"  {'truncated:' + group:<28} {n:>10,}  (good rows; the newest max_len kept)")
         if self.bad_rows:
             lines.append(f"  quarantine: {self.quarantine}")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -133,6 +136,33 @@ def _parallel_rule(cols: list[str]) -> Mask:
     return bad
 
 
+def _named(col: str, columns: ColumnsConfig) -> str:
+    """`col`, or `src` (read as `col`, `columns.…`) for a mapped one."""
+    src = columns.source(col)
+    return f"`{col}`" if src == col else f"`{src}` (read as `{col}`)"
+
+
+def _missing(missing: list[str], roles: dict[str, tuple[str, str]], columns: ColumnsConfig) -> str:
+    """One line naming every missing column, what requires it and how to fix each."""
+    parts, hints = [], []
+    for col in missing:
+        role, by = roles[col]
+        parts.append(f"{_named(col, columns)} (required by {by})")
+        if by == "the data contract":
+            hints.append(
+                f"map `{col}` to the log's column with `columns.{col}: <name>`, or drop the "
+                + ("bias feature that reads it" if role == "position" else "feature that reads it")
+            )
+        elif by == "`labels`":
+            hints.append(
+                f"map label `{col}` with `columns.labels: {{{col}: <name>}}`, or drop it from `labels` and its tasks"
+            )
+        else:
+            hints.append("add the column to the export, name it with the feature's `column:`, or remove the feature")
+    hint = "; ".join(dict.fromkeys(hints))
+    return f"column(s) missing: {', '.join(parts)}; {hint}"
+
+
 class RowValidator:
     """Schema check and per-row rules of the data contract for one config.
 
@@ -151,19 +181,21 @@ class RowValidator:
 
     # ---- schema ---------------------------------------------------------------------------------
     def check_schema(self, schema: pa.Schema, where: str) -> None:
-        """Raise DataValidationError (one line) on a missing or wrongly-typed column."""
+        """Raise DataValidationError (one line) on missing or wrongly-typed columns, naming every
+        missing column at once. `schema` is the file's own (its column names as logged)."""
+        columns = self.spec.columns
+        schema = contract_schema(schema, columns)
         names = set(schema.names)
-        for col, (role, by) in self.spec.column_roles().items():
+        roles = self.spec.column_roles()
+        missing = [col for col in roles if col not in names]
+        if missing:
+            raise DataValidationError(f"{where}: {_missing(missing, roles, columns)}")
+        for col, (role, by) in roles.items():
             ct = COLUMN_TYPES[role]
-            if col not in names:
-                raise DataValidationError(
-                    f"{where}: column `{col}` is missing (required by {by}); "
-                    "add it to the export or remove it from the config"
-                )
             t = schema.field(col).type
             if not ct.accepts(t):
                 raise DataValidationError(
-                    f"{where}: column `{col}` has type {t}, expected {ct.wanted} (required by {by}); "
+                    f"{where}: column {_named(col, columns)} has type {t}, expected {ct.wanted} (required by {by}); "
                     "fix the export's type or the config"
                 )
 
@@ -171,16 +203,19 @@ class RowValidator:
     def _rules(self) -> list[tuple[str, Mask]]:
         spec = self.spec
         rules: list[tuple[str, Mask]] = []
+        roles = spec.column_roles()
         for col in ID_COLUMNS:
-            rules.append(("null_id", lambda b, c=col: _np(pc.is_null(b.column(c)))))
-        rules.append(
-            (
-                "bad_position",
-                lambda b: _np(
-                    pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(_i64(b.column(POSITION_COLUMN)), 0))
-                ),
+            if col in roles:
+                rules.append(("null_id", lambda b, c=col: _np(pc.is_null(b.column(c)))))
+        if POSITION_COLUMN in roles:
+            rules.append(
+                (
+                    "bad_position",
+                    lambda b: _np(
+                        pc.or_kleene(pc.is_null(b.column(POSITION_COLUMN)), pc.less(_i64(b.column(POSITION_COLUMN)), 0))
+                    ),
+                )
             )
-        )
         for col in spec.labels:
             rules.append(("null_label", lambda b, c=col: _np(pc.is_null(b.column(c), nan_is_null=True))))
         for col, kind in spec.labels.items():
@@ -291,16 +326,23 @@ class RowValidator:
 
 
 def iter_file_batches(
-    f: DataFile, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
+    f: DataFile, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS, view: ColumnsConfig | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """Stream one Parquet file as Arrow batches (bounded memory)."""
+    """Stream one Parquet file as Arrow batches (bounded memory). With `view` (a spec's
+    `columns`), as the contract names them (`contract_view`); `columns` then names contract
+    columns."""
     fs, path = filesystem(f.url)
+    if view is not None and columns is not None:
+        columns = log_columns(columns, view)
     with fs.open(path, "rb") as fh:
-        yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns)
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
+            yield batch if view is None else contract_view(batch, view)
 
 
-def read_schema(f: DataFile) -> pa.Schema:
-    return _read_footer(f).schema.to_arrow_schema()
+def read_schema(f: DataFile, view: ColumnsConfig | None = None) -> pa.Schema:
+    """A file's schema, from its footer; with `view`, as the contract names it (`contract_schema`)."""
+    schema = _read_footer(f).schema.to_arrow_schema()
+    return schema if view is None else contract_schema(schema, view)
 
 
 def check_day(spec: ModelSpec, logs: str, day: dt.date) -> list[DataFile]:
@@ -323,11 +365,20 @@ def check_day(spec: ModelSpec, logs: str, day: dt.date) -> list[DataFile]:
         validator.check_schema(meta.schema.to_arrow_schema(), f"logs {day} file {f.name}")
         rows += meta.num_rows
     if rows == 0:
-        raise DataValidationError(
-            f"the logs of {day} hold no rows ({len(files)} empty file(s) under {logs}); the export is empty or "
-            "truncated - re-export the day, nothing was trained"
-        )
+        raise DataValidationError(_empty_day(day, logs, len(files)))
     return files
+
+
+def _empty_day(day: dt.date, logs: str, files: int) -> str:
+    return (
+        f"the logs of {day} hold no rows ({files} empty file(s) under {logs}); the export is empty or truncated - "
+        "re-export the day, or set `job.allow_gaps: true` to skip days without logs; nothing was trained"
+    )
+
+
+def footer_rows(files: list[DataFile]) -> int:
+    """Rows of these files, from their footers."""
+    return sum(_read_footer(f).num_rows for f in files)
 
 
 def _read_footer(f: DataFile) -> pq.FileMetaData:
@@ -367,8 +418,15 @@ def validate_day(
     t0 = time.perf_counter()
     files = list_day_files(logs, day)
     validator = RowValidator(spec)
+    rows_in_footers = 0
     for f in files:  # all schemas first: a bad file stops the day before anything is written
-        validator.check_schema(read_schema(f), f"logs {day} file {f.name}")
+        meta = _read_footer(f)
+        validator.check_schema(meta.schema.to_arrow_schema(), f"logs {day} file {f.name}")
+        rows_in_footers += meta.num_rows
+    if rows_in_footers == 0:
+        raise DataValidationError(_empty_day(day, logs, len(files)))
+    roles = spec.column_roles()
+    lowest = None  # the smallest good position (as the contract reads it) of the day
 
     qurl = quarantine_url(workdir, day)
     qfs, qpath = filesystem(qurl)
@@ -387,13 +445,18 @@ def validate_day(
         writer: pq.ParquetWriter | None = None
         sink = None
         try:
-            for batch in iter_file_batches(f):
+            for raw in iter_file_batches(f):
+                batch = contract_view(raw, spec.columns)
                 good, bad, bad_index = validator.split(batch)
-                if bad.num_rows:
+                if POSITION_COLUMN in roles and good.num_rows:
+                    low = pc.min(good.column(POSITION_COLUMN)).as_py()
+                    lowest = low if lowest is None else min(lowest, low)
+                if bad.num_rows:  # quarantined as logged: the log's own columns and values
+                    bad = raw.take(pa.array(bad_index)).append_column("reason", bad.column("reason"))
                     bad = _with_source(bad, f.name, bad_index + rows)
                     if writer is None:
                         qfs.makedirs(qpath, exist_ok=True)
-                        sink = qfs.open(f"{qpath}/{f.name}", "wb")
+                        sink = qfs.open(f"{qpath}/{f.name.replace('/', '_')}", "wb")
                         writer = pq.ParquetWriter(sink, bad.schema)
                     writer.write_batch(bad)
                     for reason, n in zip(
@@ -414,6 +477,13 @@ def validate_day(
         report.files.append({"name": f.name, "size": f.size, "rows": rows, "quarantined": bad_rows})
         log.debug(f"  {day_url(logs, day)}/{f.name}: {rows:,} rows, {bad_rows:,} quarantined")
     assert report.input_rows == report.good_rows + report.bad_rows  # internal invariant, not user input
+    if lowest is not None and lowest > 0 and spec.columns.position_base == 0:
+        report.warnings.append(
+            f"no position 0 in {report.good_rows:,} good rows (the smallest is {lowest}): if the logs count slots "
+            "from 1, set `columns.position_base: 1`, else the learned position curve is off by one"
+        )
+    for w in report.warnings:
+        log.warning(f"day {day}: {w}")
     report.seconds = time.perf_counter() - t0
     qfs.makedirs(qpath, exist_ok=True)
     with qfs.open(f"{qpath}/_report.json", "w") as fh:

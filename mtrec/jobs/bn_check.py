@@ -134,7 +134,7 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, r
         model_uri = tracker.log_served(
             run_id,
             served,
-            example_rows(cfg.job.logs, day, served.columns),
+            example_rows(cfg.job.logs, day, served.columns, view=cfg.spec.columns),
             {"mtrec.bn_check": "passed" if after.passed else "failed"},
         )
         version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to)

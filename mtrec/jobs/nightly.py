@@ -8,6 +8,10 @@
     backfill D1..D2: nightly for each day in order (published days skipped), one Ray session,
                 stopping at the first failure with the day named.
 
+With `job.allow_gaps`, days without logs are not gaps: a nightly for such a day does nothing, a
+nightly after them warm-starts from the newest published day before them, and a backfill skips
+them; each is said in one line.
+
 Each job holds the model's lock from start to end (taken once, here) and, with `promote`, runs
 the promotion gate under it: the challenger an earlier night registered is judged before training,
 the new version after. The cheap checks (the days' files, rows and columns, the parent) run before
@@ -26,7 +30,7 @@ from mtrec.config import MtrecConfig
 from mtrec.errors import CheckpointError, ConfigError, MtrecError
 from mtrec.jobs.cluster import ray_session
 from mtrec.jobs.plan import RunOptions, TrainSummary, report
-from mtrec.jobs.protocol import already_published, date_range, plan_job, preflight, run_job
+from mtrec.jobs.protocol import already_published, date_range, days_with_logs, has_logs, plan_job, preflight, run_job
 from mtrec.lock import model_lock
 from mtrec.train import checkpoint
 
@@ -76,6 +80,11 @@ def plan_nightly(
         if parent < day - dt.timedelta(days=1)
         else []
     )
+    if missing and cfg.job.allow_gaps:
+        quiet = [d for d in missing if not has_logs(cfg, d)]
+        missing = [d for d in missing if d not in quiet]
+        if quiet:
+            log.info(f"no logs for {_fmt_days(quiet)}: skipped (job.allow_gaps); {day} warm-starts from dt={parent}")
     if missing and not catch_up:
         raise CheckpointError(
             f"missing day(s) {_fmt_days(missing)}: {cfg.name} has no published checkpoint for them "
@@ -104,6 +113,17 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
     with model_lock(cfg, f"mtrec nightly {day}"):
         # first: the challenger an earlier night registered is judged even when this night cannot train
         pending = gate_pending(cfg, day) if opts.promote else None
+        if cfg.job.allow_gaps and not has_logs(cfg, day):
+            newest = checkpoint.published_days(cfg)
+            log.info(
+                f"no logs for {day}: nothing to train (job.allow_gaps); the newest checkpoint stays "
+                + (f"dt={newest[-1]}" if newest else "none")
+            )
+            summaries = [_no_logs(cfg, day, newest)]
+            report(summaries, opts.summary)
+            if pending is not None:
+                raise pending.reworded(f"{day} has no logs, and before that {pending}")
+            return summaries
         days, parent = plan_nightly(cfg, day, opts.cold_start, opts.catch_up, opts.force)
         if days:
             preflight(cfg, days, parent, opts.allow_config_change)
@@ -125,6 +145,18 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
             if pending is not None:
                 raise pending.reworded(f"{day} was trained and published, but before that {pending}")
     return summaries
+
+
+def _no_logs(cfg: MtrecConfig, day: dt.date, published: list[dt.date]) -> TrainSummary:
+    """The summary of a nightly for a day without logs (gaps allowed): nothing trained."""
+    return TrainSummary(
+        model=cfg.name,
+        days=[day.isoformat()],
+        world_size=cfg.train.num_workers,
+        kind="nightly",
+        skipped=True,
+        checkpoint=checkpoint.checkpoint_url(cfg, published[-1]) if published else "",
+    )
 
 
 def require_tracking(cfg: MtrecConfig) -> None:
@@ -231,7 +263,7 @@ def run_backfill(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOption
     opts = opts or RunOptions()
     if opts.promote:
         require_tracking(cfg)
-    days = date_range(start, end)
+    days = days_with_logs(cfg, date_range(start, end), f"mtrec backfill {start} .. {end}")
     with model_lock(cfg, f"mtrec backfill {start} .. {end}"):
         published = set(checkpoint.published_days(cfg))
         todo = days if opts.force else [d for d in days if d not in published]
@@ -261,7 +293,8 @@ def _backfill(cfg: MtrecConfig, days: list[dt.date], todo: list[dt.date], opts: 
         i = 0
         while i < len(todo):
             run = [todo[i]]
-            while i + len(run) < len(todo) and todo[i + len(run)] == run[-1] + dt.timedelta(days=1):
+            # consecutive days of the range (with gaps allowed, of the days that have logs)
+            while i + len(run) < len(todo) and days.index(todo[i + len(run)]) == days.index(run[-1]) + 1:
                 run.append(todo[i + len(run)])
             # --cold-start is for the range's first day only: a rerun after a failure continues
             # from the last published day instead of starting over

@@ -46,7 +46,7 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_
     files = list_day_files(logs, day)
     if not files:
         raise DataValidationError(f"no Parquet files for {day} under {logs}; check --logs and --date")
-    schemas = [read_schema(f) for f in files]
+    schemas = [read_schema(f, served.spec.columns) for f in files]  # as the contract names them (`columns:`)
     for f, schema in zip(files, schemas, strict=True):
         missing = [c for c in served.columns if c not in schema.names]
         if missing:
@@ -71,7 +71,8 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_
             for f in files:
                 ordinal = 0
                 cols = served.columns + (["row_id"] if has_row_id else [])
-                for rb in iter_file_batches(f, columns=list(dict.fromkeys(cols + (["user_id"] if users_out else [])))):
+                wanted = list(dict.fromkeys(cols + (["user_id"] if users_out else [])))
+                for rb in iter_file_batches(f, columns=wanted, view=served.spec.columns):
                     scores = served.predict(rb)
                     n = rb.num_rows
                     ids = (

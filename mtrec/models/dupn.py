@@ -86,7 +86,7 @@ class DUPN(MultiTaskModel):
         self._user_inputs = {*self.user_sparse, *self.pooled_group_features, *self._sequence_inputs}
         by_name = {x.name: x for x in f.embedded()}
         self._user_tables = sorted({f.table_of(by_name[n]).name for n in self._user_inputs})
-        dense = [x.name for x in f.dense]
+        dense = [x.name for x, _ in f.dense_inputs()]  # a missing-indicator goes with its feature
         self.user_dense = [i for i, n in enumerate(dense) if n in user]
         self.item_dense = [i for i, n in enumerate(dense) if n not in user]
         dims = {x.name: f.table_of(x).dim for x in [*f.sparse, *f.sequence_features()]}

@@ -90,7 +90,7 @@ class SparseArch(nn.Module):
         self.out_dim = (
             sum(features.table_of(f).dim for f in features.sparse)
             + sum(features.group_dim(g) for g in features.sequences)
-            + len(features.dense)
+            + len(features.dense_inputs())
         )
 
     def lookup(self, sparse: dict[str, KeyedJaggedTensor]) -> tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]:

@@ -27,13 +27,14 @@ from mtrec.tracking.client import Tracker, flatten
 log = logging.getLogger(__name__)
 
 
-def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5):
-    """The first `n` rows of a day's logs under `logs`, feature columns only (the model's input example)."""
+def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5, view=None):
+    """The first `n` rows of a day's logs under `logs`, feature columns only, as the contract
+    names them (`view`: the spec's `columns`): the model's input example."""
     from mtrec.data.validate import iter_file_batches
 
     for f in list_day_files(logs, day):
-        for rb in iter_file_batches(f, columns=columns, batch_rows=n):
-            return rb.slice(0, n).to_pandas()
+        for rb in iter_file_batches(f, columns=columns, batch_rows=n, view=view):
+            return rb.select(columns).slice(0, n).to_pandas()
     raise MtrecError(f"no rows under {logs} for {day} to make the model's input example")
 
 
@@ -96,7 +97,7 @@ def record_job(
                 history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day"
             )
         tracker.log_artifacts(run_id, tmp)
-    example = example_rows(cfg.job.logs, eval_day if metrics else last, served.columns)
+    example = example_rows(cfg.job.logs, eval_day if metrics else last, served.columns, view=cfg.spec.columns)
     model_uri = tracker.log_served(
         run_id,
         served,
