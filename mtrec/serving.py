@@ -3,7 +3,8 @@
 What serving sees differs from training in three ways, all decided here once:
 
 * no bias features: the shallow tower is not part of the served model (its weights are left out
-  and the model is built without it), so scores rank by relevance alone;
+  and the model is built without it), so scores rank by relevance alone; its logit counts as 0,
+  so a pCTR speaks for the bias values whose logit is 0 (docs/models.md, served calibration);
 * no labels, no process group: an unsharded model (TorchRec's EmbeddingBagCollection runs on CPU
   as is) built from the checkpoint's whole tables, whatever world size and sharding wrote them;
 * outputs in label space: binary tasks and joints as probabilities, regression tasks as values
@@ -30,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtrec.data.kinds import COLUMN_TYPES
-from mtrec.errors import MtrecError
+from mtrec.data.columns import contract_view
+from mtrec.data.kinds import COLUMN_TYPES, ids_to_int
+from mtrec.errors import MtrecError, first_line
 from mtrec.eval.scoring import score_batches
 from mtrec.spec import FeatureKind, LabelKind, ModelSpec
 
@@ -147,7 +149,9 @@ class ServedModel:
         return pa.table(out, names=self.columns)
 
     def _input(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
-        """The model's columns of `batch`, checked and typed (`_check`, `_typed`)."""
+        """The model's columns of `batch` (under the contract's names or the log's, `columns:`),
+        checked and typed (`_check`, `_typed`)."""
+        batch = contract_view(batch, self.spec.columns)
         self._check(batch.schema.names)
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
@@ -205,13 +209,76 @@ class ServedModel:
         b = BatchConverter(self.spec)(self._input(batch), with_bias=False, with_labels=False)
         return self.model.user_representation(b).float().numpy()
 
+    def from_pandas(self, df) -> pa.Table:
+        """A DataFrame's model columns as the Arrow table `predict` takes, each column read by its
+        kind (`_pandas_column`), so that a DataFrame is scored exactly as the same rows read from
+        Parquet are (`mtrec predict`): from here on both take one path."""
+        source = {c: c if c in df.columns else self.spec.columns.source(c) for c in self.columns}  # `columns:`
+        self._check([c for c, src in source.items() if src in df.columns])
+        return pa.table(
+            [_pandas_column(df[source[col]], kind, col) for col, kind in self._kinds.items()], names=self.columns
+        )
+
     def predict_pandas(self, df, request: bool = False):
         """A pandas DataFrame of raw feature columns -> a DataFrame with one column per output
-        (`predict`; `request`: one user's candidates, the user side on the first row)."""
+        (`from_pandas`, then `predict`; `request`: one user's candidates, the user side on the first row)."""
         import pandas as pd
 
-        self._check(list(df.columns))
-        return pd.DataFrame(self.predict(pa.Table.from_pandas(df[self.columns], preserve_index=False), request=request))
+        return pd.DataFrame(self.predict(self.from_pandas(df), request=request))
+
+
+def _missing(v) -> bool:
+    """A pandas missing value (None, NaN, pd.NA), without testing the truth of a list or array."""
+    return v is None or type(v).__name__ == "NAType" or (isinstance(v, float) and v != v)  # NAType: pd.NA
+
+
+def _pandas_column(values, kind: str, col: str) -> pa.Array:
+    """One DataFrame column as Arrow, for `_typed` to check and type as it does a Parquet column.
+    Arrow infers the type from the values; where pandas leaves nothing to infer a contract type
+    from, the kind gives it: a column of nulls only (a one-row request with None, NaN or NA in a
+    sparse column) and a list column holding no id at all become int64 (lists of int64: integer
+    ids, a null dense value), and integer and string ids mixed in one column go through `_mixed_ids`."""
+    ct = COLUMN_TYPES[kind]
+    blank = pa.int64() if ct.accepts(pa.int64()) else pa.list_(pa.int64())  # the type a column of no values gets
+    try:
+        arr = pa.array(values, from_pandas=True)  # None, NaN and pd.NA -> null
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        if kind == FeatureKind.DENSE.value:
+            raise MtrecError(f"input column `{col}` has values that are not all numbers ({first_line(e)})") from None
+        return _mixed_ids(values, pa.types.is_list(blank), col)
+    if pa.types.is_null(arr.type) or (
+        pa.types.is_list(arr.type) and pa.types.is_null(arr.type.value_type) and pa.types.is_list(blank)
+    ):
+        return arr.cast(blank)
+    return arr
+
+
+def _mixed_ids(values, listed: bool, col: str) -> pa.Array:
+    """Integer and string ids in one column (a JSON request may send "123" in one row and 456 in
+    the next), which no Arrow type holds: each string becomes the int64 `ids_to_int` makes of it in
+    a string column, each integer stays itself, so every id is hashed to the row its own type gives
+    it (the string "123" and the integer 123 are different ids, as in the logs). int64 (lists)."""
+    rows = []
+    for v in values:
+        if not _missing(v) and listed and not isinstance(v, list | tuple | np.ndarray):
+            raise MtrecError(f"input column `{col}` holds {v!r} where a list of ids belongs; send a list per row")
+        rows.append(None if _missing(v) else list(v) if listed else [v])
+    strings = sorted({x for r in rows if r for x in r if isinstance(x, str)})
+    as_int = dict(zip(strings, ids_to_int(pa.array(strings, pa.string())).tolist(), strict=True))
+
+    def one(x):
+        if _missing(x):
+            return None
+        if isinstance(x, str):
+            return as_int[x]
+        if isinstance(x, int | np.integer) or (isinstance(x, float) and x.is_integer()):
+            return (int(x) + 2**63) % 2**64 - 2**63  # past int64: wrapped, as `ids_to_int` casts uint64 ids
+        raise MtrecError(f"input column `{col}` holds {x!r} ({type(x).__name__}); send integer or string ids")
+
+    out = [None if r is None else [one(x) for x in r] for r in rows]
+    if listed:
+        return pa.array(out, pa.list_(pa.int64()))
+    return pa.array([None if r is None else r[0] for r in out], pa.int64())
 
 
 def _whole_ids(arr: pa.ChunkedArray, col: str, listed: bool) -> pa.ChunkedArray:

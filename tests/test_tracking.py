@@ -127,6 +127,153 @@ def test_floors_refuse_a_broken_model_whatever_it_is_compared_with():
     )
 
 
+def _gated(metrics: list[str], logs: str = "", days: int = 1):
+    d = load_config("esmm", logs=logs or None).model_dump(mode="json")
+    d["gate"].update(metrics=metrics, days=days)
+    return type(load_config("esmm")).model_validate(d)
+
+
+def test_a_figure_the_slice_cannot_give_defers_every_challenger_and_a_missing_one_refuses():
+    """A one-class day gives nan AUC, NE and calibration: for the first champion (compared with
+    itself) and for a challenger alike the gate defers (exit 10), whichever side has the nan or
+    inf. A metric missing from either side refuses (exit 5), even when another one is nan."""
+    from mtrec.eval.metrics import binary_report
+
+    cfg = _gated(["ctr/auc", "ctr/ne", "ctr/calibration"])
+    rng = np.random.default_rng(0)
+    p = rng.random(1000)
+    one_class = {f"ctr/{k}": v for k, v in binary_report(p, np.zeros(1000)).items()}
+    sound = {f"ctr/{k}": v for k, v in binary_report(p, (rng.random(1000) < p).astype(float)).items()}
+    assert [k for k, v in one_class.items() if np.isnan(v)] == ["ctr/auc", "ctr/ne", "ctr/calibration"]
+    for chal, champ, text in [
+        (one_class, one_class, r"ctr/auc is not a number on this slice \(challenger nan, champion nan;"),
+        (
+            sound,
+            {**sound, "ctr/ne": float("nan")},
+            r"ctr/ne is not a number on this slice \(challenger 0\.\d+, champion nan;",
+        ),
+        ({**sound, "ctr/calibration": float("inf")}, sound, r"ctr/calibration is not a number .*\(challenger inf, "),
+    ]:
+        with pytest.raises(GateDeferred, match=text) as e:
+            compare(cfg, chal, champ)
+        assert e.value.exit_code == 10
+    no_ne = {k: v for k, v in one_class.items() if k != "ctr/ne"}
+    with pytest.raises(GateRefused) as e:
+        compare(cfg, sound, no_ne)  # ctr/auc is nan too: a missing metric is "no", never "not yet"
+    assert type(e.value) is GateRefused and e.value.exit_code == 5
+    assert str(e.value).startswith("metric ctr/ne is missing from the champion's evaluation (computed: ctr/auc, ")
+
+
+def test_the_gate_slice_pools_the_newest_unseen_days_and_defers_until_there_are_enough(tmp_path):
+    from mtrec.config import GateConfig
+    from mtrec.tracking import gate_slice
+    from mtrec.tracking.client import VersionInfo
+
+    day5 = DAY4 + dt.timedelta(days=1)
+    for d in (DAY1, DAY2, DAY4, day5):  # no logs for day 3
+        (tmp_path / f"dt={d}").mkdir()
+    chal = VersionInfo("2", DAY1, "ck2", "")
+    champ = VersionInfo("1", DAY1, "ck1", "", {"mtrec.bn_recalibrated_on": str(DAY2)})  # seen to day 2
+
+    def cfg(days):
+        return _gated(["ctr/auc"], str(tmp_path), days)
+
+    assert gate_slice(cfg(1), chal, champ) == [day5]
+    assert gate_slice(cfg(2), chal, champ) == [DAY4, day5]
+    assert gate_slice(cfg(3), chal) == [DAY2, DAY4, day5]
+    with pytest.raises(GateDeferred) as e:
+        gate_slice(cfg(3), chal, champ)
+    assert str(e.value) == (
+        f"only 2 day(s) (2026-01-04,2026-01-05) with logs after 2026-01-02 under {tmp_path}, gate.days is 3: the "
+        "gate judges on days no model has seen (v2 to 2026-01-01, v1 to 2026-01-02); run `mtrec promote` again "
+        "once the next day's logs land"
+    )
+    # --date D: the newest unseen days up to D, D itself included (its logs are checked when it is scored)
+    assert gate_slice(cfg(2), chal, last=DAY4) == [DAY2, DAY4]
+    assert gate_slice(cfg(1), chal, champ, last=DAY3) == [DAY3]
+    with pytest.raises(
+        GateDeferred,
+        match=r"only 1 day\(s\) \(2026-01-04\) .* up to --date 2026-01-04, gate.days is 2: .*; "
+        r"pass a later --date, or a lower gate.days$",
+    ):
+        gate_slice(cfg(2), chal, champ, last=DAY4)
+    with pytest.raises(GateRefused) as e:
+        gate_slice(cfg(1), chal, champ, last=DAY2)
+    assert type(e.value) is GateRefused and str(e.value) == (
+        "--date 2026-01-02 is not after the data the models have seen (v2 to 2026-01-01, v1 to 2026-01-02); "
+        "pass a later day"
+    )
+    with pytest.raises(GateDeferred, match="^no day with logs after 2026-01-05 under"):
+        gate_slice(cfg(1), VersionInfo("3", day5, "ck3", ""))
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        GateConfig(days=0)
+
+
+@pytest.mark.slow  # logs two models to MLflow (embedded sqlite)
+def test_the_gate_pools_gate_days_and_defers_on_a_one_class_day(world, tmp_path, monkeypatch):
+    """Day 3 of the logs has no click: alone it cannot judge, for the first champion and for a
+    challenger (deferred, no decision written); gate.days 2 pools days 2 and 3 (40,000 rows, day
+    2's clicks) and the first champion is judged on both."""
+    from mlflow import MlflowClient
+
+    from mtrec.models import build_model
+    from mtrec.serving import ServedModel
+    from mtrec.tracking import Tracker, example_rows, promote
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logs = tmp_path / "logs"
+    for d in (DAY1, DAY2, DAY3):
+        shutil.copytree(f"{world}/dt={d}", logs / f"dt={d}")
+        shutil.copytree(f"{world}/_truth/dt={d}", logs / "_truth" / f"dt={d}")
+    for f in glob.glob(f"{logs}/dt={DAY3}/*.parquet"):
+        t = pq.read_table(f)
+        for c in ("click", "conversion", "daction", "oaction"):  # the actions need a click: no click, none
+            t = t.set_column(t.schema.get_field_index(c), c, pa.array(np.zeros(t.num_rows), t.schema.field(c).type))
+        pq.write_table(t, f)
+    d = load_config("esmm", logs=str(logs), workdir=str(tmp_path / "work")).model_dump(mode="json")
+    d["model"]["batch_norm"] = False
+    for f in d["features"]["sparse"]:
+        f["hash_size"] = min(f["hash_size"], 20_000)
+
+    def cfg(days):
+        d["gate"]["days"] = days
+        return type(load_config("esmm")).model_validate(without_floors(d))  # an untrained model
+
+    tracker = Tracker(cfg(1))
+    torch_model = build_model(cfg(1).spec, "cpu")
+    served = ServedModel(cfg(1).spec, torch_model.state_dict())
+    runs = {}
+
+    def register(trained_to):
+        run = tracker.start_run("nightly", [trained_to], f"{tmp_path}/ck-{trained_to}", None, None)
+        uri = tracker.log_model(run, served, example_rows(str(logs), DAY1, served.columns))
+        version = tracker.register(run, uri, f"{tmp_path}/ck-{trained_to}", trained_to)
+        runs[version] = run
+        return version
+
+    assert register(DAY1) == "1"
+    with pytest.raises(GateDeferred, match=r"ctr/auc is not a number on this slice \(challenger nan, champion nan;"):
+        promote(cfg(1))  # the first champion on day 3 alone
+    with pytest.raises(GateDeferred, match=r"^only 2 day\(s\) \(2026-01-02,2026-01-03\) with logs after 2026-01-01"):
+        promote(cfg(3))
+    decision = promote(cfg(2))
+    assert decision.promoted and decision.slice == "2026-01-02,2026-01-03"
+    client = MlflowClient(tracker.uri, tracker.uri)
+    metrics = client.get_run(runs["1"]).data.metrics
+    assert decision.reason.startswith(
+        f"no champion yet: version 1 becomes the first, meeting the floors on 2026-01-02,2026-01-03 (ctr/auc "
+        f"{metrics['gate/ctr/auc']:.4f}; "
+    )
+    clicks = pq.read_table(logs / f"dt={DAY2}", columns=["click"]).column(0).to_numpy().sum()
+    assert metrics["gate/ctr/rows"] == 2 * ROWS and metrics["gate/ctr/positives"] == clicks > 0
+    assert client.get_model_version(cfg(1).name, "1").tags["mtrec.gate.slice"] == "2026-01-02,2026-01-03"
+    assert register(DAY2) == "2"  # a challenger trained to day 2: only day 3 is unseen
+    with pytest.raises(GateDeferred, match=r"ctr/auc is not a number on this slice \(challenger nan, champion nan;"):
+        promote(cfg(1))
+    assert "mtrec.gate.decision" not in client.get_model_version(cfg(1).name, "2").tags
+    assert str(client.get_model_version_by_alias(cfg(1).name, "champion").version) == "1"
+
+
 def test_params_flatten_nested_config():
     flat = flatten({"a": {"b": 1, "c": [1, 2]}, "f": [{"name": "x"}, {"name": "y"}], "n": None, "t": True})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "f.0.name": "x", "f.1.name": "y", "n": "null", "t": "true"}
@@ -304,6 +451,58 @@ def test_load_served_loads_a_logged_model_with_scoring_code_only(world, tmp_path
     for got in out["scores"]:
         for k in want.columns:
             assert np.abs(np.array(got[k]) - want[k].to_numpy()).max() < 1e-6
+
+
+@pytest.mark.slow  # logs a model to MLflow and loads it back
+def test_the_pyfunc_scores_null_and_string_ids_as_the_arrow_path_does(world, tmp_path, monkeypatch):
+    """A DataFrame with None in a sparse column (an empty bag), a null and an empty multi-hot list,
+    and string ids for a model trained on integer ids, mixed with integers in one column (a JSON
+    request): `mlflow.pyfunc.load_model(...).predict` scores it as `mtrec predict`'s path
+    (`ServedModel.predict` on Arrow columns of the contract's types) scores the same rows. The
+    string "123" is another id than the integer 123 (hashed from its text), in both paths."""
+    import mlflow
+    import torch
+
+    from mtrec.errors import MtrecError
+    from mtrec.models import build_model
+    from mtrec.serving import ServedModel
+    from mtrec.tracking import example_rows, load_served
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = small(world, str(tmp_path / "work"))
+    tracker = Tracker(cfg)
+    run_id = tracker.start_run("nightly", [DAY1], str(tmp_path / "ck"), None, None)
+    torch.manual_seed(0)
+    served = ServedModel(cfg.spec, build_model(cfg.spec, "cpu").state_dict())
+    uri = tracker.log_model(run_id, served, example_rows(cfg.job.logs, DAY1, served.columns))
+    model, arrow_path = mlflow.pyfunc.load_model(uri), load_served(uri)
+
+    rows = pq.read_table(sorted(glob.glob(f"{world}/dt={DAY1}/*.parquet"))[0]).slice(0, 6).select(served.columns)
+    users, brands, tags = (rows.column(c).to_pylist() for c in ("user_id", "brand", "item_tags"))
+    brands[0] = brands[4] = None  # a null id: an empty bag
+    tags[0], tags[1] = None, []  # a null and an empty multi-hot list
+    table = rows.set_column(rows.schema.get_field_index("brand"), "brand", pa.array(brands, pa.int64()))
+    i = table.schema.get_field_index("item_tags")
+    table = table.set_column(i, "item_tags", pa.array(tags, rows["item_tags"].type))
+    as_str = table.set_column(0, "user_id", pa.array([str(u) for u in users]))
+    by_int, by_str = arrow_path.predict(table), arrow_path.predict(as_str)  # what `mtrec predict` runs per batch
+    odd = np.arange(6) % 2 == 1
+
+    df = table.to_pandas()
+    df["brand"] = pd.Series(brands, dtype=object)  # ints and None
+    df["user_id"] = [str(u) if o else u for u, o in zip(users, odd, strict=True)]  # "123" and 123 in one column
+    got = model.predict(df)
+    one = model.predict(df.iloc[[0]].assign(brand=[None], item_tags=[None]))  # a column of nulls only
+    strings = model.predict(df.assign(user_id=[str(u) for u in users]))
+    assert list(got.columns) == ["ctr", "cvr", "ctcvr"] and len(got) == 6
+    for k in got.columns:
+        want = np.where(odd, by_str[k], by_int[k])
+        assert np.abs(got[k].to_numpy() - want).max() < 1e-6
+        assert abs(one[k].iloc[0] - by_int[k][0]) < 1e-6
+        assert np.abs(strings[k].to_numpy() - by_str[k]).max() < 1e-6
+        assert np.abs(by_str[k] - by_int[k]).max() > 1e-6  # "123" is not 123: another embedding row
+    with pytest.raises(MtrecError, match=r"input column `brand` holds 1.5 \(float\); send integer or string ids"):
+        model.predict(df.assign(brand=pd.Series(["7", 1.5, None, 3, 4, 5], dtype=object)))
 
 
 # ---- integration: a real `mlflow server` ----------------------------------------------------------

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from mtrec.eval.evaluate import Predictions
-from mtrec.spec import POSITION_COLUMN, LabelKind, ModelSpec
+from mtrec.spec import POSITION_COLUMN, BiasFeature, LabelKind, ModelSpec
+
+SHALLOW_TOWER = "model.model.shallow_tower."  # its tensors' prefix in a checkpoint (`checkpoint.read_full`)
 
 
 def _pyplot():
@@ -64,31 +66,66 @@ def calibration(spec: ModelSpec, pred: Predictions, path: Path, title: str = "")
     plt.close(fig)
 
 
-def position_bias(spec: ModelSpec, full: dict[str, torch.Tensor], path: Path) -> list[float] | None:
-    """The shallow tower's logit per position (averaged over the other bias features' values), as
-    `checkpoint.read_full` tensors hold it; None when the model has no shallow tower."""
+def shallow_tower(spec: ModelSpec, full: dict[str, torch.Tensor]):
+    """The trained `ShallowTower` in eval mode, from `checkpoint.read_full` tensors (those under
+    `SHALLOW_TOWER` suffice); None when the model has no shallow tower."""
     from mtrec.models.shallow_tower import ShallowTower
 
-    st_cfg = spec.model.shallow_tower
-    if st_cfg is None:
+    if spec.model.shallow_tower is None:
         return None
-    bias = spec.features.bias
-    tower = ShallowTower(bias, st_cfg)
-    prefix = "model.model.shallow_tower."
-    tower.load_state_dict({k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)})
-    tower.eval()
-    pos = next((i for i, f in enumerate(bias) if f.source == POSITION_COLUMN), 0)
-    others = [range(f.num_values) if j != pos else [0] for j, f in enumerate(bias)]
+    tower = ShallowTower(spec.features.bias, spec.model.shallow_tower)
+    tower.load_state_dict({k.removeprefix(SHALLOW_TOWER): v for k, v in full.items() if k.startswith(SHALLOW_TOWER)})
+    return tower.eval()
+
+
+def position_feature(bias: list[BiasFeature]) -> int:
+    """The index of the bias feature that reads the position column (the first one if none does)."""
+    return next((i for i, f in enumerate(bias) if f.source == POSITION_COLUMN), 0)
+
+
+def bias_curve(tower, bias: list[BiasFeature], index: int, fixed: dict[int, int] | None = None) -> list[float]:
+    """The tower's logit per value 0..num_values-1 of bias feature `index`: the mean over every
+    combination of the other features' values (past 1024 combinations: the others at value 0),
+    except those in `fixed` (feature index -> value), which are held at their value.
+
+    Example:
+        >>> bias_curve(tower, spec.features.bias, 0, fixed={1: 1})     # position, device 1
+        [0.41, -0.30, ...]
+    """
+    fixed = fixed or {}
+    others = [[fixed[j]] if j in fixed else range(f.num_values) if j != index else [0] for j, f in enumerate(bias)]
     combos = list(itertools.product(*others))
     if len(combos) > 1024:  # too many to average over: the others at value 0
-        combos = [tuple(0 for _ in bias)]
+        combos = [tuple(fixed.get(j, 0) for j in range(len(bias)))]
     curve = []
     with torch.no_grad():
-        for p in range(bias[pos].num_values):
-            rows = torch.tensor(
-                [[p if j == pos else c[j] for j in range(len(bias))] for c in combos], dtype=torch.int64
-            )
+        for v in range(bias[index].num_values):
+            rows = torch.tensor([[v if j == index else c[j] for j in range(len(bias))] for c in combos])  # C x F
             curve.append(float(tower(rows).mean()))
+    return curve
+
+
+def spearman(curve: list[float]) -> float:
+    """Spearman's rank correlation of a curve with its values 0..n-1 (ties take their mean rank):
+    -1 when the logit falls at every step. NaN for a flat curve or fewer than 2 values."""
+    y = np.asarray(curve, dtype=np.float64)
+    if len(y) < 2 or np.all(y == y[0]):
+        return float("nan")
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # the rank each distinct value starts at
+    ranks = (first + (counts - 1) / 2)[inverse]
+    return float(np.corrcoef(np.arange(len(y)), ranks)[0, 1])
+
+
+def position_bias(spec: ModelSpec, full: dict[str, torch.Tensor], path: Path) -> list[float] | None:
+    """The shallow tower's logit per position (averaged over the other bias features' values), as
+    `checkpoint.read_full` tensors hold it, plotted to `path`; None when the model has no shallow tower."""
+    tower = shallow_tower(spec, full)
+    if tower is None:
+        return None
+    bias = spec.features.bias
+    pos = position_feature(bias)
+    curve = bias_curve(tower, bias, pos)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(len(curve)), curve, "o-")

@@ -23,8 +23,10 @@ MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
 class MtrecPyfunc(mlflow.pyfunc.PythonModel):
     """The MLflow face of `ServedModel`: a pandas DataFrame of raw feature columns in, one column
     per task (probability; regression value) out (MLflow's schema check takes DataFrames; for
-    Arrow batches use `load_served(uri).predict(table)`, the same model). Needs mtrec installed
-    where it is loaded."""
+    Arrow batches use `load_served(uri).predict(table)`, the same model). The DataFrame becomes
+    Arrow columns of the data contract's types (`ServedModel.from_pandas`: null ids, integer and
+    string ids) and is scored by `ServedModel.predict`, as `mtrec predict` scores Parquet
+    batches. Needs mtrec installed where it is loaded."""
 
     def load_context(self, context) -> None:
         self.served = ServedModel.load(context.artifacts["served"])
