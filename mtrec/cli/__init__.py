@@ -18,6 +18,8 @@ from mtrec.cli import (
     bn_check,
     demo,
     evaluate,
+    import_,
+    inspect,
     nightly,
     predict,
     promote,
@@ -29,7 +31,21 @@ from mtrec.cli import (
 from mtrec.errors import MtrecError
 from mtrec.log import configure, reset
 
-COMMANDS = (synth, validate, train, nightly, backfill, evaluate, predict, promote, bn_check, submit, demo)
+COMMANDS = (
+    synth,
+    import_,
+    validate,
+    train,
+    nightly,
+    backfill,
+    evaluate,
+    predict,
+    promote,
+    bn_check,
+    inspect,
+    submit,
+    demo,
+)
 
 
 def build_parser(abbrev: bool = True) -> argparse.ArgumentParser:
