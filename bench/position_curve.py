@@ -43,6 +43,16 @@ def learned_curve(cfg, res) -> list[float]:
     return bias_curve(tower, bias, position_feature(bias))
 
 
+def tower_config(cfg, args):
+    """The example config with the shallow tower's options of the command line."""
+    d = cfg.model_dump(mode="json")
+    if args.position_only:
+        d["features"]["bias"] = [f for f in d["features"]["bias"] if f["name"] == "position"]
+    if args.feature_dropout is not None:
+        d["model"]["shallow_tower"]["feature_dropout"] = args.feature_dropout
+    return type(cfg).model_validate(d)
+
+
 def empirical(logs: str) -> list[float]:
     t = pq.read_table(f"{logs}/dt={DAY}")
     pos, click = t.column("position").to_numpy(), t.column("click").to_numpy()
@@ -55,6 +65,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--recipes", default="0.001:1:2048,0.01:5:256", help="dense_lr:epochs:batch, comma-separated")
     ap.add_argument("--world", default="", help="extra world params k=v,k=v")
+    ap.add_argument("--position-only", action="store_true", help="the shallow tower reads position only (no device)")
+    ap.add_argument("--feature-dropout", type=float, help="the shallow tower's feature_dropout (default the example's)")
     args = ap.parse_args()
     logging.disable(logging.INFO)
     recipes = [tuple(r.split(":")) for r in args.recipes.split(",")]
@@ -71,7 +83,7 @@ def main() -> None:
                 f"Spearman of the day's own rates {ceiling[-1]:+.3f}"
             )
             for lr, epochs, batch in recipes:
-                cfg = load_config("mmoe", logs=tmp)
+                cfg = tower_config(load_config("mmoe", logs=tmp), args)
                 cfg = cfg.with_train(batch_size=int(batch), dense_optimizer={"name": "adam", "lr": float(lr)})
                 res = train_days(cfg, [DAY], epochs=int(epochs))
                 rho = spearman(learned_curve(cfg, res))
