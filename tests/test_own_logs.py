@@ -294,3 +294,26 @@ def test_a_shallow_tower_learns_a_falling_position_curve_on_5000_rows_with_the_s
     # measured -0.915 on this world (its own click rates per position: -0.716); one pass at the defaults: -0.648
     assert spearman(curve) <= -0.9, curve
     assert curve[0] > curve[1] > np.mean(curve[2:4]) > np.mean(curve[4:])
+
+
+def test_chain_rules_follow_the_tasks_given_structure_under_any_label_names():
+    cfg = parse_config(
+        {
+            "name": "t",
+            "labels": {"clicked": "binary", "purchase": "binary"},
+            "columns": {"labels": {"purchase": "booking_bool"}},
+            "features": {"sparse": [{"name": "item_id", "hash_size": 10}]},
+            "tasks": [{"name": "ctr", "label": "clicked"}, {"name": "cvr", "label": "purchase", "given": "ctr"}],
+            "model": {"arch": "esmm"},
+        }
+    )
+    rb = pa.record_batch(
+        {
+            "item_id": pa.array([1, 2, 3]),
+            "clicked": pa.array([1, 0, 0], pa.int8()),
+            "booking_bool": pa.array([1, 1, 0], pa.int8()),
+        }
+    )
+    split = RowValidator(cfg.spec).split(contract_view(rb, cfg.spec.columns))
+    assert split.bad.column("reason").to_pylist() == ["purchase_without_clicked"]
+    assert split.good.num_rows == 2 and cfg.train.sampling.label == "clicked"
