@@ -94,12 +94,14 @@ class _Moments:
 
 
 def has_serving_logs(serving_logs: str | None, day: dt.date) -> bool:
-    """Whether `serving_logs` (None: not configured) holds Parquet files for `day`.
+    """Whether `serving_logs` (None: not configured) holds rows for `day` (`validate.day_rows`).
 
     Raises:
         ConfigError: the root itself does not exist (a typo would otherwise wait for ever).
+        DataValidationError: a file of the day is not readable Parquet.
     """
-    from mtrec.data.io import day_url, filesystem
+    from mtrec.data.io import filesystem
+    from mtrec.data.validate import day_rows
     from mtrec.errors import ConfigError
 
     if serving_logs is None:
@@ -110,8 +112,7 @@ def has_serving_logs(serving_logs: str | None, day: dt.date) -> bool:
             f"the serving logs root {serving_logs} does not exist; fix job.serving_logs (or --serving-logs) "
             "or remove it"
         )
-    fs, path = filesystem(day_url(serving_logs, day))
-    return fs.isdir(path) and any(str(f).endswith(".parquet") for f in fs.ls(path, detail=False))
+    return day_rows(serving_logs, day) > 0
 
 
 def serving_batches(

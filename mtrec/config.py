@@ -231,8 +231,8 @@ class JobConfig(Strict):
     logs: str = Field(
         "./world",
         description=(
-            "Logs root (fsspec URL or path) holding dt=YYYY-MM-DD/*.parquet; "
-            "a relative path is taken from the directory the command runs in."
+            "Logs root (fsspec URL or path) holding one folder of Parquet files per day, named by `job.partition` "
+            "(default dt=YYYY-MM-DD); a relative path is taken from the directory the command runs in."
         ),
     )
     workdir: str = Field(
@@ -245,7 +245,8 @@ class JobConfig(Strict):
     serving_logs: str | None = Field(
         None,
         description=(
-            "Root (fsspec URL or path) of serving-time feature logs, dt=YYYY-MM-DD/*.parquet: the candidates each "
+            "Root (fsspec URL or path) of serving-time feature logs, one folder per day like `job.logs` "
+            "(`job.partition`): the candidates each "
             "request scored, with the features the model reads and no labels. When set, the BN statistics check "
             "(every job's, `mtrec bn-check`'s and the gate's) and `bn-check --recalibrate` use that day's "
             "candidates as the serving population instead of its impressions."
@@ -575,11 +576,11 @@ class MtrecConfig(_SpecFields):
         """The `train` keys that change what training computes (learning rates, batch size, seed),
         without the resources it runs on (workers, CPUs, threads, buffers, checkpoint period,
         sharding types: a checkpoint reshards)."""
-        settings = self.train.model_dump(mode="json", exclude=RESOURCE_KEYS | {"init_from"})  # a start, not a setting
+        # init_from: a start, not a setting; epochs: how long a retrain ran, which the nightlies that
+        # warm-start from it (one pass each) do not share (the job id tells retrains apart by it)
+        settings = self.train.model_dump(mode="json", exclude=RESOURCE_KEYS | {"init_from", "epochs"})
         if not settings["freeze"]:
             del settings["freeze"]  # as before the key existed: earlier checkpoints keep their fingerprint
-        if settings["epochs"] == 1:
-            del settings["epochs"]  # likewise: a 1-pass checkpoint keeps the fingerprint it had before the key
         if settings["shuffle"] == ShuffleConfig().model_dump(mode="json"):
             del settings["shuffle"]  # likewise: a checkpoint from before shuffling warm-starts under the default
         elif settings["shuffle"]["user_runs"]:

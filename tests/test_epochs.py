@@ -46,12 +46,18 @@ def _positions(batches) -> np.ndarray:
     )
 
 
-def test_epochs_is_a_train_key_in_the_fingerprint_only_when_not_1():
+def test_epochs_tell_retrain_jobs_apart_but_do_not_stop_a_nightly_warm_start():
+    from mtrec.jobs.protocol import job_id
+
     cfg = load_config("esmm")
-    assert cfg.train.epochs == 1 and "epochs" not in cfg.training_settings()  # 1-pass checkpoints keep theirs
     two = cfg.with_train(epochs=2)
-    assert two.training_settings()["epochs"] == 2 and two.training_fingerprint() != cfg.training_fingerprint()
+    # a nightly (one pass) under the unchanged config warm-starts from a 2-pass retrain's checkpoint
+    assert "epochs" not in two.training_settings() and two.training_fingerprint() == cfg.training_fingerprint()
     assert cfg.fingerprint() == two.fingerprint()  # the saved state's shape is the same
+    files = [DataFile("file:///x/part-0.parquet", "part-0.parquet", 10)]
+    ids = {c.train.epochs: job_id(c, "full_retrain", [DAY1], None, None, files) for c in (cfg, two)}
+    assert ids[1] != ids[2]  # a rerun with another number of passes does not resume the other's checkpoint
+    assert job_id(cfg, "nightly", [DAY1], "p", None, files) == job_id(two, "nightly", [DAY1], "p", None, files)
     with pytest.raises(ConfigError, match=r"train.epochs.*greater than or equal to 1"):
         cfg.with_train(epochs=0)
 

@@ -317,3 +317,31 @@ def test_chain_rules_follow_the_tasks_given_structure_under_any_label_names():
     split = RowValidator(cfg.spec).split(contract_view(rb, cfg.spec.columns))
     assert split.bad.column("reason").to_pylist() == ["purchase_without_clicked"]
     assert split.good.num_rows == 2 and cfg.train.sampling.label == "clicked"
+
+
+def test_a_gap_is_a_day_without_rows_never_a_broken_export_or_a_missing_root(world, tmp_path):
+    from mtrec.data.validate import day_rows
+
+    logs = tmp_path / "logs"
+    _export(world, logs, lambda t: t)  # day 1: 20,000 rows
+    (logs / f"dt={DAY1 + dt.timedelta(days=1)}").mkdir()  # a folder, no Parquet file
+    _export(world, logs, lambda t: t.slice(0, 0), day=DAY1 + dt.timedelta(days=2))  # files without rows
+    assert [day_rows(str(logs), DAY1 + dt.timedelta(days=i)) for i in range(4)] == [20_000, 0, 0, 0]
+    with pytest.raises(DataValidationError, match=r"the logs root .*nope does not exist"):
+        day_rows(str(tmp_path / "nope"), DAY1)
+    (logs / f"dt={DAY1}" / "part-00000.parquet").write_bytes(b"not parquet")
+    d = _esmm()
+    d["job"] = {"logs": str(logs), "workdir": str(tmp_path / "w"), "allow_gaps": True}
+    with pytest.raises(DataValidationError, match=r"part-00000.parquet: not a readable Parquet file"):
+        days_with_logs(parse_config(d), [DAY1], "t")  # not skipped as a gap
+
+
+def test_catch_up_on_a_day_without_logs_trains_up_to_the_newest_day_that_has_them(world, tmp_path):
+    from mtrec.jobs.nightly import _catch_up_target
+
+    d = _esmm()
+    d["job"] = {"logs": world, "workdir": str(tmp_path / "w"), "allow_gaps": True}
+    cfg = parse_config(d)  # the world has logs for days 1-3
+    day5 = DAY1 + dt.timedelta(days=4)
+    assert _catch_up_target(cfg, day5, [DAY1]) == DAY1 + dt.timedelta(days=2)
+    assert _catch_up_target(cfg, day5, [DAY1 + dt.timedelta(days=2)]) is None  # nothing with logs to catch up

@@ -170,8 +170,13 @@ def test_the_gate_slice_pools_the_newest_unseen_days_and_defers_until_there_are_
     from mtrec.tracking.client import VersionInfo
 
     day5 = DAY4 + dt.timedelta(days=1)
-    for d in (DAY1, DAY2, DAY4, day5):  # no logs for day 3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for d in (DAY1, DAY2, DAY4, day5):  # no logs for day 3; the slice needs to know only which days hold rows
         (tmp_path / f"dt={d}").mkdir()
+        pq.write_table(pa.table({"x": [1]}), tmp_path / f"dt={d}" / "part-0.parquet")
+    (tmp_path / f"dt={DAY1 + dt.timedelta(days=2)}").mkdir()  # a folder without rows is no day either
     chal = VersionInfo("2", DAY1, "ck2", "")
     champ = VersionInfo("1", DAY1, "ck1", "", {"mtrec.bn_recalibrated_on": str(DAY2)})  # seen to day 2
 

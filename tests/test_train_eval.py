@@ -157,8 +157,11 @@ def test_evaluate_from_to_skips_days_without_logs_and_prints_strict_json(tmp_pat
     from mtrec.cli import main
 
     logs = tmp_path / "logs"
-    for d in (DAY1, DAY3):
-        (logs / f"dt={d}").mkdir(parents=True)  # which days exist is all the range needs to know
+    import pyarrow.parquet as pq
+
+    for d in (DAY1, DAY3):  # which days hold rows is all the range needs to know
+        (logs / f"dt={d}").mkdir(parents=True)
+        pq.write_table(pa.table({"x": [1]}), logs / f"dt={d}" / "part-0.parquet")
     got = {}
 
     def scored(cfg, days, url=None):  # the checkpoint's scoring has its own tests
@@ -179,8 +182,8 @@ def test_evaluate_from_to_skips_days_without_logs_and_prints_strict_json(tmp_pat
         "metrics": {"ctr/auc": None, "ctr/ne": 0.25, "ctr/rows": 3.0},
     }
     assert got["days"] == [DAY1, DAY3]
-    assert f"no logs folder for 2026-01-02 under {logs}: skipped" in err
-    assert f"no logs folder for 2026-01-04 under {logs}: skipped" in err
+    assert f"no logs for 2026-01-02 under {logs}: skipped" in err
+    assert f"no logs for 2026-01-04 under {logs}: skipped" in err
     assert "on 2026-01-01 .. 2026-01-04 pooled (2 of 4 days have logs):" in err
     assert main([*common, "--date", "2026-01-03", "--json"]) == 0  # --date D is the range D .. D
     out = json.loads(capsys.readouterr().out)

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     d = day(args, cfg)
     tracking_env(cfg)
     log.info(f"mtrec predict: {args.model} on {cfg.job.logs} dt={d} -> {args.out}")
-    out = predict_to_parquet(args.model, cfg.job.logs, d, args.out, args.user_representations)
+    out = predict_to_parquet(args.model, cfg.job.logs, d, args.out, args.user_representations, cfg.spec.columns)
     log.info(
         f"wrote {out['rows']:,} rows from {out['files']} file(s) to {out['out']} in {out['seconds']:.1f}s "
         f"(columns: {', '.join(out['columns'])})"

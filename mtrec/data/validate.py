@@ -381,6 +381,31 @@ def footer_rows(files: list[DataFile]) -> int:
     return sum(_read_footer(f).num_rows for f in files)
 
 
+def day_rows(root: str, day: dt.date) -> int:
+    """Rows of a day's logs under `root`, from the files' footers (no row is read): 0 for a day
+    without logs (no folder, no Parquet file in it, or files with no row). What a gap is, for every
+    command that skips days without logs (`job.allow_gaps`, evaluation ranges, the gate's slice,
+    serving logs).
+
+    Raises:
+        DataValidationError: the root itself does not exist (a typo, a missing mount: not a gap),
+            or a file of the day is not readable Parquet (a broken export: not a gap).
+    """
+    fs, path = filesystem(day_url(root, day))
+    if not fs.isdir(path):
+        root_fs, root_path = filesystem(root)
+        if not root_fs.isdir(root_path):
+            raise DataValidationError(
+                f"the logs root {root} does not exist; check --logs (job.logs) for a typo or a missing mount"
+            )
+        return 0
+    try:
+        files = list_day_files(root, day)
+    except DataValidationError:  # the folder holds no .parquet file
+        return 0
+    return footer_rows(files)
+
+
 def _read_footer(f: DataFile) -> pq.FileMetaData:
     fs, path = filesystem(f.url)
     try:

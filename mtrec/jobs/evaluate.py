@@ -22,22 +22,28 @@ log = logging.getLogger(__name__)
 
 
 def logged_days(cfg: MtrecConfig, first: dt.date, last: dt.date) -> list[dt.date]:
-    """The days of `first` .. `last` that have a logs folder under `job.logs`; each day of the range
-    without one is skipped with a log line (a gap in the logs is not a reason to score nothing).
+    """The days of `first` .. `last` that have logs under `job.logs` (`validate.day_rows`); each day
+    of the range without any is skipped with a log line (a gap in the logs is not a reason to score
+    nothing).
 
     Raises:
         DataValidationError: no day of the range has logs.
     """
+    from mtrec.data.validate import day_rows
+
     span = date_range(first, last)
-    have = list_days(cfg.job.logs)
-    present = set(have)
-    days = [d for d in span if d in present]
+    days = [d for d in span if day_rows(cfg.job.logs, d) > 0]
     if not days:
+        have = list_days(cfg.job.logs)
         what, flags = (f"{first}", "--date") if first == last else (f"any day of {first} .. {last}", "--from/--to")
-        near = f"days present: {have[0]} .. {have[-1]} ({len(have)})" if have else "it holds no dt=YYYY-MM-DD folder"
+        near = (
+            f"days present: {have[0]} .. {have[-1]} ({len(have)})"
+            if have
+            else f"it holds no {cfg.job.partition} folder"
+        )
         raise DataValidationError(f"no logs for {what} under {cfg.job.logs} ({near}); check --logs and {flags}")
     for d in sorted(set(span) - set(days)):
-        log.info(f"no logs folder for {d} under {cfg.job.logs}: skipped")
+        log.info(f"no logs for {d} under {cfg.job.logs}: skipped")
     return days
 
 

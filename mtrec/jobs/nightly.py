@@ -113,8 +113,12 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
     with model_lock(cfg, f"mtrec nightly {day}"):
         # first: the challenger an earlier night registered is judged even when this night cannot train
         pending = gate_pending(cfg, day) if opts.promote else None
-        if cfg.job.allow_gaps and not has_logs(cfg, day):
-            newest = checkpoint.published_days(cfg)
+        newest = checkpoint.published_days(cfg) if cfg.job.allow_gaps and not has_logs(cfg, day) else None
+        target = _catch_up_target(cfg, day, newest) if newest and opts.catch_up else None
+        if target is not None:
+            log.info(f"no logs for {day}: catching up to {target}, the newest day with logs (job.allow_gaps)")
+            day = target
+        elif newest is not None:
             log.info(
                 f"no logs for {day}: nothing to train (job.allow_gaps); the newest checkpoint stays "
                 + (f"dt={newest[-1]}" if newest else "none")
@@ -145,6 +149,16 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
             if pending is not None:
                 raise pending.reworded(f"{day} was trained and published, but before that {pending}")
     return summaries
+
+
+def _catch_up_target(cfg: MtrecConfig, day: dt.date, published: list[dt.date]) -> dt.date | None:
+    """With --catch-up, for a `day` without logs: the newest day before it, after the newest
+    published one, that has logs (the days a catch-up would train end there); None if none."""
+    after = [d for d in published if d < day]
+    if not after or after[-1] >= day - dt.timedelta(days=1):
+        return None
+    candidates = date_range(after[-1] + dt.timedelta(days=1), day - dt.timedelta(days=1))
+    return next((d for d in reversed(candidates) if has_logs(cfg, d)), None)
 
 
 def _no_logs(cfg: MtrecConfig, day: dt.date, published: list[dt.date]) -> TrainSummary:

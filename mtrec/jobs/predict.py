@@ -24,14 +24,18 @@ import pyarrow.parquet as pq
 from mtrec.data.io import filesystem, list_day_files
 from mtrec.data.validate import iter_file_batches, read_schema
 from mtrec.errors import DataValidationError, MtrecError
+from mtrec.spec import ColumnsConfig
 
 log = logging.getLogger(__name__)
 
 
-def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_out: str | None = None) -> dict:
+def predict_to_parquet(
+    model_uri: str, logs: str, day: dt.date, out: str, users_out: str | None = None, view: ColumnsConfig | None = None
+) -> dict:
     """Score every row of `day` under `logs` with `model_uri` into the Parquet file `out`; with
     `users_out`, also each user's representation at their last row of the day (a model with a
-    user part: DUPN), one row per user, into that Parquet file.
+    user part: DUPN), one row per user, into that Parquet file. The logs are read under `view`
+    (the config's `columns:`; default the model's own: the log's names may have changed since).
 
     Returns:
         dict: {"rows", "files", "seconds", "out", "columns"} (and "users" with `users_out`).
@@ -43,10 +47,11 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_
 
     t0 = time.perf_counter()
     served = load_served(model_uri)
+    view = view or served.spec.columns
     files = list_day_files(logs, day)
     if not files:
         raise DataValidationError(f"no Parquet files for {day} under {logs}; check --logs and --date")
-    schemas = [read_schema(f, served.spec.columns) for f in files]  # as the contract names them (`columns:`)
+    schemas = [read_schema(f, view) for f in files]  # as the contract names them (`columns:`)
     for f, schema in zip(files, schemas, strict=True):
         missing = [c for c in served.columns if c not in schema.names]
         if missing:
@@ -72,7 +77,7 @@ def predict_to_parquet(model_uri: str, logs: str, day: dt.date, out: str, users_
                 ordinal = 0
                 cols = served.columns + (["row_id"] if has_row_id else [])
                 wanted = list(dict.fromkeys(cols + (["user_id"] if users_out else [])))
-                for rb in iter_file_batches(f, columns=wanted, view=served.spec.columns):
+                for rb in iter_file_batches(f, columns=wanted, view=view):
                     scores = served.predict(rb)
                     n = rb.num_rows
                     ids = (

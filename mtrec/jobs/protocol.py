@@ -55,14 +55,14 @@ def date_range(start: dt.date, end: dt.date) -> list[dt.date]:
 
 
 def has_logs(cfg: MtrecConfig, day: dt.date) -> bool:
-    """Whether `day` has logs to train: Parquet files whose footers hold rows (no row is read)."""
-    from mtrec.data.validate import footer_rows
-    from mtrec.errors import DataValidationError
+    """Whether `day` has logs to train (`validate.day_rows`: Parquet files whose footers hold rows).
 
-    try:
-        return footer_rows(list_day_files(cfg.job.logs, day)) > 0
-    except DataValidationError:
-        return False
+    Raises:
+        DataValidationError: the logs root is missing, or a file of the day is unreadable.
+    """
+    from mtrec.data.validate import day_rows
+
+    return day_rows(cfg.job.logs, day) > 0
 
 
 def days_with_logs(cfg: MtrecConfig, days: list[dt.date], what: str) -> list[dt.date]:
@@ -232,6 +232,8 @@ def job_id(
     }
     if init_from:
         key["init_from"] = init_from
+    if kind == "full_retrain" and cfg.train.epochs != 1:
+        key["epochs"] = cfg.train.epochs  # another number of passes is another job
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

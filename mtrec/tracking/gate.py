@@ -21,6 +21,7 @@ import numpy as np
 
 from mtrec.config import GATE_METRICS, MtrecConfig
 from mtrec.data.io import list_days
+from mtrec.data.validate import day_rows
 from mtrec.errors import GateDeferred, GateRefused, MtrecError
 from mtrec.eval.metrics import auc_standard_error
 from mtrec.serving import ServedModel
@@ -169,6 +170,12 @@ def seen_until(v: VersionInfo) -> dt.date:
     return max(v.date, dt.date.fromisoformat(recal)) if recal else v.date
 
 
+def read_as(spec: ModelSpec, cfg: MtrecConfig) -> ModelSpec:
+    """A registered version's spec reading today's logs under the config's `columns:` (the log's
+    names may have changed since it was trained: the mapping is outside the fingerprint)."""
+    return spec.model_copy(update={"columns": cfg.spec.columns})
+
+
 def gate_slice(cfg: MtrecConfig, *versions: VersionInfo, last: dt.date | None = None) -> list[dt.date]:
     """The gate's slice, oldest day first: the `gate.days` newest days with logs that none of the
     versions has seen (`seen_until`), which the gate scores as one; with `last` (`--date`), the
@@ -184,6 +191,7 @@ def gate_slice(cfg: MtrecConfig, *versions: VersionInfo, last: dt.date | None = 
     if last is not None and last <= after:
         raise GateRefused(f"--date {last} is not after the data the models have seen ({seen}); pass a later day")
     days = [d for d in list_days(cfg.job.logs) if after < d and (last is None or d < last)]
+    days = [d for d in days if day_rows(cfg.job.logs, d) > 0]  # a folder with no rows is no day to judge on
     days = (days + ([last] if last is not None else []))[-cfg.gate.days :]
     if len(days) < cfg.gate.days:
         found = f"only {len(days)} day(s) ({slice_name(days)})" if days else "no day"
@@ -218,7 +226,7 @@ def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date):
             f"no serving logs for {day} under {serving} (job.serving_logs) to check the BN statistics against; "
             "run `mtrec promote` again once that day's candidates are logged"
         )
-    rep = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn, serving)
+    rep = bn.check(served.model, read_as(served.spec, cfg), cfg.job.logs, day, cfg.bn, serving)
     log.info("%s", rep.summary())
     return rep
 
@@ -249,7 +257,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
     if champ is None:  # the first champion: nothing to compare with, but the floors and its BN statistics
         days = gate_slice(cfg, chal, last=day)  # the floors, on days it has not seen
         served = load_served(f"models:/{cfg.name}/{chal.version}")
-        scores = evaluate_days(served.model, served.spec, cfg.job.logs, days)
+        scores = evaluate_days(served.model, read_as(served.spec, cfg), cfg.job.logs, days)
         rep = _bn_check(served, cfg, days[-1])
         if chal.run_id:
             tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores.items()})
@@ -286,7 +294,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         for who, v in (("challenger", chal), ("champion", champ)):
             served = load_served(f"models:/{cfg.name}/{v.version}")
             # both on the same slice (this config's logs), each with its own spec
-            scores[who] = evaluate_days(served.model, served.spec, cfg.job.logs, days)
+            scores[who] = evaluate_days(served.model, read_as(served.spec, cfg), cfg.job.logs, days)
             if who == "challenger":  # the BN check on the slice's newest day: what serving sees now
                 bn_report, served_spec = _bn_check(served, cfg, days[-1]), served.spec
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mtrec.config import MtrecConfig
-from mtrec.data.io import list_day_files, list_days
+from mtrec.data.io import list_day_files
 from mtrec.errors import ConfigError, MtrecError
 from mtrec.serving import ServedModel
 from mtrec.tracking.client import Tracker, flatten
@@ -36,6 +36,19 @@ def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5, view=N
         for rb in iter_file_batches(f, columns=columns, batch_rows=n, view=view):
             return rb.select(columns).slice(0, n).to_pandas()
     raise MtrecError(f"no rows under {logs} for {day} to make the model's input example")
+
+
+def _has_rows(cfg: MtrecConfig, day: dt.date) -> bool:
+    """Whether the day after a job has logs to evaluate on; an unreadable one is said, not fatal:
+    the job's own days trained fine."""
+    from mtrec.data.validate import day_rows
+    from mtrec.errors import DataValidationError
+
+    try:
+        return day_rows(cfg.job.logs, day) > 0
+    except DataValidationError as e:
+        log.warning(f"not evaluated on {day}: {e}")
+        return False
 
 
 def record_job(
@@ -67,7 +80,7 @@ def record_job(
             (out / "validation").mkdir(exist_ok=True)
             (out / "validation" / f"dt={r.date}.json").write_text(r.to_json())
         (out / "plots").mkdir()
-        if eval_day in list_days(cfg.job.logs):
+        if _has_rows(cfg, eval_day):
             pred = predict_day(served.model, served.spec, cfg.job.logs, eval_day)
             metrics = report(served.spec, pred, read_truth(cfg.job.logs, eval_day))
             tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items()})
