@@ -14,7 +14,8 @@ from conftest import _mini
 
 from mtrec.cli import main
 from mtrec.cli.import_ import DAY_FORMATS, FORMATS
-from mtrec.data.importer import DayFormat, ImportOptions, SourceFormat, day_of, import_files
+from mtrec.data.importer import DayFormat, ImportOptions, SourceFormat, _Staging, day_of, import_files
+from mtrec.errors import MtrecError
 
 APR5 = 1_775_347_200  # 2026-04-05 00:00:00 UTC in epoch seconds
 HOUR = 3600
@@ -130,6 +131,111 @@ def test_existing_day_refused_then_replaced_with_overwrite(tmp_path, capsys):
     assert pq.read_table(out / "dt=2026-04-05").column("user_id").to_pylist() == [7, 8]
     assert pq.read_table(out / "dt=2026-04-06").column("user_id").to_pylist() == [2]  # a day not imported: kept
     assert sorted(p.name for p in out.iterdir()) == ["dt=2026-04-05", "dt=2026-04-06"]
+
+
+def old_and_new_exports(tmp_path: Path) -> tuple[Path, Path]:
+    """Old days Apr 5 (users 1, 2) and Apr 6 (user 3); the new export has Apr 4 (user 6, a day
+    not in `<out>` yet), Apr 5 (users 7, 8) and Apr 6 (user 9)."""
+    old = write_csv(tmp_path / "old.csv", ["user_id", "ts"], [[1, APR5], [2, APR5 + HOUR], [3, APR5 + 30 * HOUR]])
+    new = write_csv(
+        tmp_path / "new.csv",
+        ["user_id", "ts"],
+        [[6, APR5 - 5 * HOUR], [7, APR5 + 2 * HOUR], [8, APR5 + 3 * HOUR], [9, APR5 + 40 * HOUR]],
+    )
+    return old, new
+
+
+def failing_move(monkeypatch, day: str, back: str | None = None) -> None:
+    """Make moving the staged `day` into place fail (and moving the old version of `back` back)."""
+    real = _Staging._move
+
+    def move(self, src: str, dst: str) -> None:
+        staged = "/_replaced/" not in src and src.endswith(f"/{day}")
+        if staged or (back and src.endswith(f"/_replaced/{back}")):
+            raise OSError("No space left on device")
+        real(self, src, dst)
+
+    monkeypatch.setattr(_Staging, "_move", move)
+
+
+def test_overwrite_whose_second_day_fails_to_move_puts_every_day_back(tmp_path, capsys, monkeypatch):
+    """Apr 4 is published, Apr 5 replaced, then Apr 6's move fails: Apr 4 is removed, Apr 5 and
+    Apr 6 hold their old files again, and the staging folder is gone."""
+    out = tmp_path / "logs"
+    old, new = old_and_new_exports(tmp_path)
+    assert run(capsys, "import", str(old), "--out", str(out), "--day-column", "ts")[0] == 0
+    failing_move(monkeypatch, "dt=2026-04-06")
+    code, _, err = run(capsys, "import", str(new), "--out", str(out), "--day-column", "ts", "--overwrite")
+    assert code == 2
+    assert err.splitlines() == [
+        f"read file://{new}: 4 rows",
+        f"mtrec: error: could not move dt=2026-04-06 into {out} (No space left on device); {out} is as it was "
+        "before the import (put back: dt=2026-04-04, dt=2026-04-05, dt=2026-04-06)",
+    ]
+    assert day_files(out) == {"dt=2026-04-05": ["part-00000.parquet"], "dt=2026-04-06": ["part-00000.parquet"]}
+    assert pq.read_table(out / "dt=2026-04-05").column("user_id").to_pylist() == [1, 2]
+    assert pq.read_table(out / "dt=2026-04-06").column("user_id").to_pylist() == [3]
+
+
+def test_overwrite_on_an_object_store_whose_copy_breaks_halfway_puts_every_day_back(tmp_path, monkeypatch):
+    """On an object store a move is a copy: Apr 6's breaks after its first file. Every day holds
+    its complete old files again."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = fsspec.filesystem("memory")
+    old, new = old_and_new_exports(tmp_path)
+    real = MemoryFileSystem.mv
+
+    def mv(self, src, dst, recursive=False, **kwargs):
+        if "/_replaced/" not in src and src.endswith("/dt=2026-04-06"):
+            first = sorted(self.find(src))[0]
+            self.copy(first, f"{dst}/{first.rsplit('/', 1)[-1]}")
+            raise OSError("connection reset")
+        return real(self, src, dst, recursive=recursive, **kwargs)
+
+    try:
+        import_files([str(old)], "memory://imp-over", ImportOptions(day_column="ts", rows_per_file=1))
+        before = {f: fs.cat(f) for f in fs.find("/imp-over")}
+        assert sorted(before) == [
+            "/imp-over/dt=2026-04-05/part-00000.parquet",
+            "/imp-over/dt=2026-04-05/part-00001.parquet",
+            "/imp-over/dt=2026-04-06/part-00000.parquet",
+        ]
+        monkeypatch.setattr(MemoryFileSystem, "mv", mv)
+        with pytest.raises(MtrecError) as e:
+            opts = ImportOptions(day_column="ts", rows_per_file=1, overwrite=True)
+            import_files([str(new)], "memory://imp-over", opts)
+        assert str(e.value) == (
+            "could not move dt=2026-04-06 into memory://imp-over (connection reset); memory://imp-over is as it "
+            "was before the import (put back: dt=2026-04-04, dt=2026-04-05, dt=2026-04-06)"
+        )
+        assert {f: fs.cat(f) for f in fs.find("/imp-over")} == before  # the same files, byte for byte
+        files = sorted(before)
+        assert [pq.read_table(fs.open(f)).column("user_id").to_pylist() for f in files] == [[1], [2], [3]]
+    finally:
+        fs.rm("/imp-over", recursive=True)
+
+
+def test_overwrite_that_cannot_put_a_day_back_keeps_its_old_version_in_staging(tmp_path, capsys, monkeypatch):
+    """Apr 6's move fails, and so does moving Apr 5's old version back: the line names what is
+    where, and the staging folder with Apr 5's old files is kept."""
+    out = tmp_path / "logs"
+    old, new = old_and_new_exports(tmp_path)
+    assert run(capsys, "import", str(old), "--out", str(out), "--day-column", "ts")[0] == 0
+    failing_move(monkeypatch, "dt=2026-04-06", back="dt=2026-04-05")
+    code, _, err = run(capsys, "import", str(new), "--out", str(out), "--day-column", "ts", "--overwrite")
+    assert code == 2
+    (staging,) = (out / "_staging").iterdir()
+    assert err.splitlines() == [
+        f"read file://{new}: 4 rows",
+        f"mtrec: error: could not move dt=2026-04-06 into {out} (No space left on device), and putting back "
+        "dt=2026-04-05 failed too: still published: none; missing: dt=2026-04-05; restored: dt=2026-04-04, "
+        f"dt=2026-04-06; the old versions of dt=2026-04-05 are in {staging}/_replaced/, which is kept: move them "
+        f"into {out} by hand",
+    ]
+    assert day_files(out) == {"_staging": [staging.name], "dt=2026-04-06": ["part-00000.parquet"]}
+    assert pq.read_table(out / "dt=2026-04-06").column("user_id").to_pylist() == [3]
+    assert pq.read_table(staging / "_replaced" / "dt=2026-04-05").column("user_id").to_pylist() == [1, 2]
 
 
 def iso_export(tmp_path: Path) -> Path:

@@ -7,8 +7,8 @@ Column names and pyarrow's inferred types are kept: the config's `columns:` maps
 names to them. Memory stays bounded: the sources are streamed, and the days' buffers together
 never exceed `MAX_BUFFERED_BYTES`.
 
-Nothing half-done is ever visible: every day is written under ``<out>/_staging/<import id>/``
-and moved into place only when all sources were read and every check passed.
+Every day is written under ``<out>/_staging/<import id>/`` and moved into place only when all
+sources were read and every check passed; if a move fails, ``<out>`` is put back as it was.
 
 Example:
     >>> s = import_files(["export/*.csv"], "s3://logs", ImportOptions(day_column="ts"))   # doctest: +SKIP
@@ -38,7 +38,7 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from mtrec.data.io import day_url, filesystem, is_local_fs, join
-from mtrec.errors import ConfigError, DataValidationError, first_line
+from mtrec.errors import ConfigError, DataValidationError, MtrecError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ MAX_OPEN_FILES = 32  # output files open at once; the least recently written is 
 DAY_RANGE = (dt.date(1900, 1, 1), dt.date(2199, 12, 31))  # outside: a unit mix-up (ms read as s), a bad day
 STAGING = "_staging"
 REJECTS = "_import_rejects"
+REPLACED = "_replaced"  # in the staging folder: the old versions of the days replaced
 REJECT_COLUMNS = ("source_file", "source_row", "reason")
 _EPOCH = dt.date(1970, 1, 1)
 _BAD = np.iinfo(np.int32).min  # day code of a row without a valid day
@@ -719,30 +720,100 @@ class _Staging:
         return self.fs.exists(self.final(day))
 
     def publish(self, overwrite: bool) -> list[dt.date]:
-        """Move every staged day into place (replacing the ones that exist, with `overwrite`), then
-        the rejects; returns the days replaced. On a local disk each move is one rename; on an
-        object store it is a copy."""
+        """Move every staged day into place, then the rejects; returns the days replaced.
+
+        A day that exists (with `overwrite`) is first moved aside into `<staging>/_replaced/`, then the
+        new one is moved in; the old versions are deleted only once every day and the rejects are in
+        place. If a move fails, `<out>` is put back as it was before the import (the days published
+        are removed, the old versions moved back) and one line says so; if putting back fails too,
+        the line names the days published, the days restored and the folder the old versions are
+        in, and `abort` keeps that folder. On a local disk each move is one rename; on an object
+        store it is a copy, then a delete.
+        """
         self.fs.invalidate_cache()
         days = sorted(k for k in self.parts if k != REJECTS)
         taken = [d for d in days if self.exists(d)]
         if taken and not overwrite:
             raise _exists(taken[0], self.out)
-        local = is_local_fs(self.fs)
-        for day in days:
-            final = self.final(day)
-            if day in taken:
-                if local:  # out of the way in one rename, so the day is never half old, half new
-                    aside = f"{self.staging}/replaced-{day.isoformat()}"
-                    os.rename(final, aside)
-                    self.fs.rm(aside, recursive=True)
-                else:
-                    self.fs.rm(final, recursive=True)
-            self._move(self.parts[day].folder, final)
-        if REJECTS in self.parts:
-            self.fs.makedirs(f"{self.root}/{REJECTS}", exist_ok=True)
-            self._move(self.parts[REJECTS].folder, self.final(REJECTS))
-        self._remove_staging()
+        keys = [*days, REJECTS] if REJECTS in self.parts else days
+        done: list = []  # days (and REJECTS) whose new version is in place
+        aside: list[dt.date] = []  # days whose old version is complete in <staging>/_replaced/
+        for key in keys:
+            try:
+                if key in taken:
+                    self._set_aside(key, aside)
+                elif key == REJECTS:
+                    self.fs.makedirs(f"{self.root}/{REJECTS}", exist_ok=True)
+                self._move(self.parts[key].folder, self.final(key))
+                done.append(key)
+            except BaseException as e:
+                message = self._roll_back(key, done, aside, key in taken, e)
+                if not isinstance(e, Exception):  # Ctrl-C: put back, say so, stop
+                    log.error(message)
+                    raise
+                raise MtrecError(message) from e
+        try:  # every day is in place: the old versions go
+            self._remove_staging()
+        except Exception as e:
+            log.warning(f"imported, but could not remove {self.staging}: {first_line(e)}; remove it by hand")
         return taken
+
+    def _set_aside(self, day: dt.date, aside: list[dt.date]) -> None:
+        final, old = self.final(day), self._old(day)
+        self.fs.makedirs(old.rsplit("/", 1)[0], exist_ok=True)
+        if is_local_fs(self.fs):
+            os.rename(final, old)
+            aside.append(day)
+        else:  # a copy, then a delete: the old version is complete aside before any of it is deleted
+            self.fs.copy(final, old, recursive=True)
+            aside.append(day)
+            self.fs.rm(final, recursive=True)
+
+    def _old(self, day: dt.date) -> str:
+        return f"{self.staging}/{REPLACED}/{self._name(day)}"
+
+    def _name(self, key) -> str:
+        return f"{REJECTS}/{self.id}" if key == REJECTS else self.final(key).rstrip("/").rsplit("/", 1)[-1]
+
+    def _roll_back(self, failed, done: list, aside: list[dt.date], existed: bool, error: BaseException) -> str:
+        """Put `<out>` back as it was after the move of `failed` (a day that `existed` or not) broke:
+        each day set aside moved back over what is in its place, each day new to `<out>` removed;
+        returns the line to raise."""
+        restored, kept = [], []
+        for key in [failed, *reversed(done)]:
+            if key == failed and existed and key not in aside:
+                continue  # setting it aside failed: its old version is still in place
+            try:
+                final = self.final(key)
+                if self.fs.exists(final):
+                    self.fs.rm(final, recursive=True)
+                if key in aside:
+                    self._move(self._old(key), final)
+                if key == REJECTS:
+                    with contextlib.suppress(Exception):
+                        self.fs.rmdir(f"{self.root}/{REJECTS}")  # only if empty
+                restored.append(key)
+            except Exception:
+                kept.append(key)
+        where = f"could not move {self._name(failed)} into {self.out} ({first_line(error)})"
+        if not kept:
+            return f"{where}; {self.out} is as it was before the import (put back: {self._list(restored)})"
+        present = [k for k in kept if self._present(k)]
+        return (
+            f"{where}, and putting back {self._list(kept)} failed too: still published: {self._list(present)}; "
+            f"missing: {self._list(k for k in kept if k not in present)}; restored: {self._list(restored)}; the old "
+            f"versions of {self._list(k for k in kept if k in aside)} are in {self.staging}/{REPLACED}/, which is "
+            f"kept: move them into {self.out} by hand"
+        )
+
+    def _present(self, key) -> bool:
+        try:
+            return self.fs.exists(self.final(key))
+        except Exception:
+            return True  # unknown: not claimed missing
+
+    def _list(self, keys) -> str:
+        return ", ".join(self._name(k) for k in sorted(keys, key=str)) or "none"
 
     def _move(self, src: str, dst: str) -> None:
         if is_local_fs(self.fs):
@@ -751,10 +822,16 @@ class _Staging:
             self.fs.mv(src, dst, recursive=True)
 
     def abort(self) -> None:
-        """Remove everything this import staged (and `<out>` itself if the import created it)."""
+        """Remove everything this import staged (and `<out>` itself if the import created it),
+        except when `<staging>/_replaced/` still holds an old version that a failed publish could
+        not put back: then the staging folder is kept."""
         for key, part in list(self.open.items()):
             with contextlib.suppress(Exception):  # a broken sink: its folder is removed below anyway
                 self._close_file(key, part)
+        old = f"{self.staging}/{REPLACED}"
+        self.fs.invalidate_cache()
+        if self.fs.exists(old) and self.fs.ls(old):
+            return
         self._remove_staging()
         if not self.existed and self.fs.exists(self.root) and not self.fs.ls(self.root):
             self.fs.rm(self.root, recursive=True)
@@ -832,6 +909,8 @@ def import_files(sources: Sequence[str], out: str, options: ImportOptions) -> Im
             without `overwrite`: nothing is written.
         DataValidationError: a source does not parse, the sources' columns differ, or rows have
             no valid day (with `bad_days` fail): nothing is written.
+        MtrecError: moving a day into place failed: `out` is put back as it was, or the message
+            says which days are where and which staging folder holds the old versions.
     """
     t0 = time.perf_counter()
     files = resolve_sources(sources, options.format)
