@@ -907,3 +907,65 @@ def test_a_day_sorted_by_click_read_in_file_order_never_becomes_champion(ray_loc
             assert "its training loss rose from" in str(refused), str(refused)
             assert version.tags["mtrec.gate.decision"] == "refused" and "champion" not in aliases
     assert decisions[True].promoted, decisions[True]
+
+
+def test_nightly_promote_judges_the_newest_version_with_gate_days_unseen_days(tmp_path, monkeypatch, caplog):
+    """gate.days 2, versions trained to days 1, 2, 3, logs for days 1..4: before training day 4 the
+    pending judgement is day 2's version (unseen days 3, 4), not the challenger (day 3's, only day 4
+    unseen), and day 1's is skipped; with gate.days 1 it is the challenger. Once judged, the next
+    night judges day 3's. The gate itself is stubbed: this is about which version it is given."""
+    from mlflow import MlflowClient
+
+    from mtrec.jobs.nightly import gate_pending
+    from mtrec.tracking.client import VersionInfo
+    from mtrec.tracking.gate import next_to_judge
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logs = tmp_path / "logs"
+    day5 = DAY4 + dt.timedelta(days=1)
+    for d in (DAY1, DAY2, DAY3, DAY4):
+        (logs / f"dt={d}").mkdir(parents=True)
+        pq.write_table(pa.table({"x": [1]}), logs / f"dt={d}" / "part-0.parquet")
+    base = small(str(logs), str(tmp_path / "work"))
+
+    def cfg(days):
+        return base.model_copy(update={"gate": base.gate.model_copy(update={"days": days})})
+
+    judged = []
+    monkeypatch.setattr("mtrec.tracking.gate.promote", lambda c, version=None, day=None: judged.append(version))
+    client = MlflowClient(Tracker(base).uri, Tracker(base).uri)
+    client.create_registered_model(base.name)
+    for d in (DAY1, DAY2, DAY3):  # as `register` leaves them: `challenger` on the newest day's version
+        mv = client.create_model_version(base.name, str(tmp_path / f"ck-{d}"), tags={"mtrec.date": str(d)})
+        client.set_registered_model_alias(base.name, "challenger", mv.version)
+    assert [v.version for v in Tracker(base).versions()] == ["3", "2", "1"]
+
+    caplog.set_level(logging.INFO, logger="mtrec")
+    assert gate_pending(cfg(1), DAY4) is None and judged == ["3"]  # N=1: the challenger, as before
+    assert gate_pending(cfg(2), DAY4) is None and judged[1:] == ["2"]
+    assert caplog.messages[-1] == (
+        f"gate: judging version v2 (trained to {DAY2}, not judged yet) before training {DAY4}; newer v3 (to {DAY3}) "
+        f"wait for gate.days=2 unseen days; skipping older unjudged v1 (to {DAY1}), superseded"
+    )
+    assert gate_pending(cfg(3), DAY4) is None and judged[2:] == ["1"]  # unseen days 2, 3, 4
+    # none has 4 unseen days: the challenger is handed to the gate, which defers (as with one day)
+    assert gate_pending(cfg(4), DAY4) is None and judged[3:] == ["3"]
+
+    # v1 became champion, v2 was judged: the next night (day 5's logs, day 4's version) judges v3
+    client.set_registered_model_alias(base.name, "champion", "1")
+    client.set_model_version_tag(base.name, "1", "mtrec.gate.decision", "promoted")
+    client.set_model_version_tag(base.name, "2", "mtrec.gate.decision", "refused")
+    (logs / f"dt={day5}").mkdir()
+    pq.write_table(pa.table({"x": [1]}), logs / f"dt={day5}" / "part-0.parquet")
+    mv = client.create_model_version(base.name, str(tmp_path / f"ck-{DAY4}"), tags={"mtrec.date": str(DAY4)})
+    client.set_registered_model_alias(base.name, "challenger", mv.version)
+    assert gate_pending(cfg(2), day5) is None and judged[4:] == ["3"]
+
+    # the pure choice: versions older than the newest judged one (or the champion) are never candidates
+    v = {n: VersionInfo(str(n), d, "", "") for n, d in ((1, DAY1), (2, DAY2), (3, DAY3))}
+    newest_first = [v[3], v[2], v[1]]
+    assert next_to_judge(cfg(3), newest_first, None) == (v[2], [v[1]])  # logs to day 5: v2 has days 3, 4, 5
+    assert next_to_judge(cfg(3), newest_first, v[2]) == (v[3], [])  # not ready (days 4, 5): handed on to defer
+    assert next_to_judge(cfg(1), newest_first, v[3]) == (None, [])
+    judged_v2 = VersionInfo("2", DAY2, "", "", {"mtrec.gate.decision": "refused"})
+    assert next_to_judge(cfg(1), [v[3], judged_v2, v[1]], v[1]) == (v[3], [])

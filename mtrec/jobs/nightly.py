@@ -13,8 +13,8 @@ nightly after them warm-starts from the newest published day before them, and a 
 them; each is said in one line.
 
 Each job holds the model's lock from start to end (taken once, here) and, with `promote`, runs
-the promotion gate under it: the challenger an earlier night registered is judged before training,
-the new version after. The cheap checks (the days' files, rows and columns, the parent) run before
+the promotion gate under it: before training, the newest version an earlier night registered that
+has `gate.days` unseen days with logs (with one day: the challenger) is judged; the new version after. The cheap checks (the days' files, rows and columns, the parent) run before
 Ray starts. The parent checkpoint is never chosen silently: it is the newest published day before
 D, and a damaged or incompatible one fails the job rather than falling back to an older one or a
 cold start.
@@ -111,7 +111,7 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
     if opts.promote:
         require_tracking(cfg)
     with model_lock(cfg, f"mtrec nightly {day}"):
-        # first: the challenger an earlier night registered is judged even when this night cannot train
+        # first: a version an earlier night registered is judged even when this night cannot train
         pending = gate_pending(cfg, day) if opts.promote else None
         newest = checkpoint.published_days(cfg) if cfg.job.allow_gaps and not has_logs(cfg, day) else None
         target = _catch_up_target(cfg, day, newest) if newest and opts.catch_up else None
@@ -186,23 +186,34 @@ def require_tracking(cfg: MtrecConfig) -> None:
 
 
 def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
-    """`--promote`, before training `day`: the challenger an earlier night registered and no gate
-    has judged yet is judged now, on the newest day with logs neither it nor the champion trained
-    on (on a schedule: `day` itself). A nightly for yesterday can never judge its own version (no
-    later day has logs yet), so this is where a scheduled job's versions get promoted: each one
-    the next night, on the day after its data.
+    """`--promote`, before training `day`: a version an earlier night registered and no gate has
+    judged yet is judged now, on the `gate.days` newest days with logs neither it nor the champion
+    trained on (on a schedule: up to `day` itself). A nightly for yesterday can never judge its own
+    version (no later day has logs yet), so this is where a scheduled job's versions get promoted.
+    The version is the newest unjudged one with `gate.days` such days (`next_to_judge`): with one
+    day, the challenger, the night after its data; with N days, the version N-1 nights older, while
+    the newer ones wait for their days. Unjudged versions older than it are skipped (logged). With
+    none ready, the challenger's gate defers.
 
     Returns:
         The gate's refusal (training goes on; the caller reports it at the end), or None.
     """
     from mtrec.errors import GateDeferred, GateRefused
-    from mtrec.tracking import CHALLENGER, CHAMPION, Tracker, promote
+    from mtrec.tracking import CHAMPION, Tracker, promote
+    from mtrec.tracking.gate import next_to_judge
 
     tracker = Tracker(cfg)
-    chal, champ = tracker.alias(CHALLENGER), tracker.alias(CHAMPION)
-    if chal is None or "mtrec.gate.decision" in chal.tags or (champ is not None and champ.version == chal.version):
+    versions = tracker.versions()
+    chal, skipped = next_to_judge(cfg, versions, tracker.alias(CHAMPION))
+    if chal is None:
         return None
-    log.info(f"gate: judging challenger v{chal.version} (trained to {chal.date}, not judged yet) before training {day}")
+    waiting = [v for v in versions if (v.date, int(v.version)) > (chal.date, int(chal.version))]
+    log.info(
+        f"gate: judging {'challenger' if not waiting else 'version'} v{chal.version} (trained to {chal.date}, "
+        f"not judged yet) before training {day}"
+        + (f"; newer {_versions(waiting)} wait for gate.days={cfg.gate.days} unseen days" if waiting else "")
+        + (f"; skipping older unjudged {_versions(skipped)}, superseded" if skipped else "")
+    )
     try:
         promote(cfg, version=chal.version)
     except GateDeferred as e:
@@ -211,6 +222,11 @@ def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
         log.info(f"gate: {e}")
         return e
     return None
+
+
+def _versions(versions: list) -> str:
+    """Registered versions as a log line names them: "v3 (to 2026-01-03), v2 (to 2026-01-02)"."""
+    return ", ".join(f"v{v.version} (to {v.date})" for v in versions)
 
 
 def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary]) -> None:

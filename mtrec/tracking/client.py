@@ -418,6 +418,22 @@ class Tracker:
             )
         return _info(mv)
 
+    def versions(self) -> list[VersionInfo]:
+        """Every version an mtrec job registered (others are left out), newest data first: by the
+        last day trained on, then by version number (a retrain of the same day is the newer)."""
+        found, token = [], None
+        while True:
+            page = self.call(
+                "listing the versions",
+                self.client.search_model_versions,
+                f"name = '{self.name}'",
+                page_token=token,
+            )
+            found += [_info(mv) for mv in page if "mtrec.date" in (mv.tags or {})]
+            token = page.token
+            if not token:
+                return sorted(found, key=lambda v: (v.date, int(v.version)), reverse=True)
+
 
 REGISTERED = re.compile(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))")  # models:/NAME/N or models:/NAME@alias
 

@@ -207,6 +207,32 @@ def gate_slice(cfg: MtrecConfig, *versions: VersionInfo, last: dt.date | None = 
     return days
 
 
+def next_to_judge(
+    cfg: MtrecConfig, versions: list[VersionInfo], champion: VersionInfo | None
+) -> tuple[VersionInfo | None, list[VersionInfo]]:
+    """(the version the gate judges next, the unjudged versions it skips), for `nightly --promote`.
+
+    `versions` newest data first (`Tracker.versions`). The candidates are the versions newer than
+    the champion and than every version the gate judged (a `mtrec.gate.decision` tag): older ones
+    are superseded. Of them, the newest that has `gate.days` days with logs after its and the
+    champion's data (`gate_slice` would not defer) is judged; the newer ones wait for their days,
+    the older ones are skipped. With none ready, the newest candidate (the challenger), whose gate
+    then defers; (None, []) when there is no candidate.
+    """
+    candidates = []
+    for v in versions:
+        if "mtrec.gate.decision" in v.tags or (champion is not None and v.version == champion.version):
+            break
+        candidates.append(v)
+    for i, v in enumerate(candidates):
+        try:
+            gate_slice(cfg, v, *([champion] if champion is not None else []))
+        except GateDeferred:
+            continue
+        return v, candidates[i + 1 :]
+    return (candidates[0], []) if candidates else (None, [])
+
+
 def slice_name(days: list[dt.date]) -> str:
     """A slice as the tags and messages name it: its days, comma-separated ("2026-01-04" for one)."""
     return ",".join(d.isoformat() for d in days)
