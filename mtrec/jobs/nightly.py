@@ -14,7 +14,8 @@ them; each is said in one line.
 
 Each job holds the model's lock from start to end (taken once, here) and, with `promote`, runs
 the promotion gate under it: before training, the newest version an earlier night registered that
-has `gate.days` unseen days with logs (with one day: the challenger) is judged; the new version after. The cheap checks (the days' files, rows and columns, the parent) run before
+has `gate.days` unseen days with logs (with one day: the challenger) is judged; the new version
+after. The cheap checks (the days' files, rows and columns, the parent) run before
 Ray starts. The parent checkpoint is never chosen silently: it is the newest published day before
 D, and a damaged or incompatible one fails the job rather than falling back to an older one or a
 cold start.
