@@ -84,13 +84,32 @@ VARIANTS = {  # name: (tasks, model)
 WITH_SEQUENCES = {"esmm+seq", *(v for v in VARIANTS if v.startswith("dupn"))}
 
 
-def variant_config(name: str, logs: str, batch_size: int, seed: int):
+def variant_config(name: str, logs: str, batch_size: int, seed: int, overrides: list[str] | None = None):
     base = yaml.safe_load(example_path("esmm_seq" if name in WITH_SEQUENCES else "esm2").read_text())
     tasks, model = VARIANTS[name]
     base.update(name=name.replace("+", "_"), tasks=copy.deepcopy(tasks), model=copy.deepcopy(model))
     base["train"].update(batch_size=batch_size, seed=seed)
     base["job"].update(logs=logs)
+    for item in overrides or []:
+        apply_override(base, item)
     return parse_config(base)
+
+
+def apply_override(config: dict, item: str) -> None:
+    """`--set KEY=VALUE`: a dotted config key set to a YAML value (`train.embedding_optimizer.lr=0.1`);
+    `features.sparse.*.KEY` sets KEY in every sparse feature, `*.hash_size=x8` multiplies it."""
+    key, _, text = item.partition("=")
+    if not key or not _:
+        raise MtrecError(f"--set {item!r}: expected KEY=VALUE, e.g. train.embedding_optimizer.lr=0.1")
+    parts = key.split(".")
+    nodes = [config]
+    for p in parts[:-1]:
+        nodes = [x for n in nodes for x in (n if p == "*" else [n.setdefault(p, {})])]
+    for n in nodes:
+        if text.startswith("x") and parts[-1] in n:
+            n[parts[-1]] = int(n[parts[-1]] * float(text[1:]))
+        else:
+            n[parts[-1]] = yaml.safe_load(text)
 
 
 def position_logits(model) -> np.ndarray:
@@ -144,7 +163,7 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
     fits = [v for v in VARIANTS if v not in WITH_SEQUENCES or params.history]  # histories are in the logs
     names = args.models.split(",") if args.models else fits
     for name in names:
-        cfg = variant_config(name, out, args.batch_size, seed)
+        cfg = variant_config(name, out, args.batch_size, seed, args.set)
         t0 = time.perf_counter()
         res = train_days(cfg, train)
         m = evaluate_day(res.model, cfg.spec, cfg.job.logs, test)
@@ -257,6 +276,14 @@ def main() -> None:
         "--models", help="comma-separated variants (default: every one that fits the world: esmm+seq needs histories)"
     )
     ap.add_argument("--out", help="world dir, reused when it exists (with --seeds: a folder per seed under it)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every model (repeatable), e.g. train.embedding_optimizer.lr=0.1, "
+        "features.sparse.*.dim=16, features.sparse.*.hash_size=x8, train.shuffle.buffer_rows=0",
+    )
     ap.add_argument("--preset", help="a named world variant (mtrec.data.synth.PRESETS), e.g. item_quality")
     ap.add_argument(
         "--world", action="append", default=[], metavar="PARAM=VALUE", help="a WorldParams field (repeatable)"
