@@ -112,6 +112,32 @@ def apply_override(config: dict, item: str) -> None:
             n[parts[-1]] = yaml.safe_load(text)
 
 
+def base_rate_start(cfg, day: dt.date, given: bool = False) -> dict:
+    """A fresh model whose binary root towers start at the log-odds of their label's rate on `day`
+    instead of p = 0.5 (with `given`, a `given` task's too, at its rate among the parent's
+    positives): the `dmp` / `optimizer` arguments of `train_days`."""
+    import pyarrow.dataset as pads
+
+    from mtrec.spec import LabelKind
+    from mtrec.train.local import build_sharded
+
+    dmp, optimizer = build_sharded(cfg)
+    t = pads.dataset(f"{cfg.job.logs}/dt={day}").to_table()
+    towers = getattr(dmp.module.model, "towers", {})
+    with torch.no_grad():
+        for task in cfg.spec.tasks:
+            if cfg.spec.label_kind(task) != LabelKind.BINARY or task.name not in towers:
+                continue
+            if task.given is not None and not given:
+                continue
+            y = t.column(task.label).to_numpy().astype(np.float64)
+            if task.given is not None:
+                y = y[t.column(cfg.spec.task(task.given).label).to_numpy() > 0]
+            rate = float(np.clip(y.mean(), 1e-4, 1 - 1e-4))
+            towers[task.name].out.bias.fill_(float(np.log(rate / (1 - rate))))
+    return {"dmp": dmp, "optimizer": optimizer}
+
+
 def position_logits(model) -> np.ndarray:
     """The shallow tower's logit per position (device 0), eval mode."""
     st = model.shallow_tower
@@ -165,7 +191,8 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
     for name in names:
         cfg = variant_config(name, out, args.batch_size, seed, args.set)
         t0 = time.perf_counter()
-        res = train_days(cfg, train)
+        start = base_rate_start(cfg, train[0], args.init == "base_rate_all") if args.init != "default" else {}
+        res = train_days(cfg, train, **start)
         m = evaluate_day(res.model, cfg.spec, cfg.job.logs, test)
         row = {"model": name, "rows/s": res.counts.good / res.seconds, "secs": time.perf_counter() - t0, **m}
         if res.model.shallow_tower is not None:
@@ -178,6 +205,7 @@ def run_seed(args, seed: int, out: str) -> dict[str, dict]:
             f"{m['cvr/auc']:.4f} entire-space {m['cvr/auc_entire_space']:.4f} | ctcvr auc {m['ctcvr/auc']:.4f}"
             + (f" | watch pearson {m['watch_time/pearson']:.4f}" if "watch_time/pearson" in m else "")
             + (f" | pos spearman {row['pos_spearman']:.3f} {row['pos_logits']}" if "pos_spearman" in row else "")
+            + f" | ctr calibration {m['ctr/calibration']:.3f}"
             + f" | {row['rows/s']:,.0f} rows/s",
             flush=True,
         )
@@ -276,6 +304,13 @@ def main() -> None:
         "--models", help="comma-separated variants (default: every one that fits the world: esmm+seq needs histories)"
     )
     ap.add_argument("--out", help="world dir, reused when it exists (with --seeds: a folder per seed under it)")
+    ap.add_argument(
+        "--init",
+        choices=("default", "base_rate", "base_rate_all"),
+        default="default",
+        help="base_rate: binary root towers start at their label's log-odds on the first day (not p = 0.5); "
+        "base_rate_all: `given` tasks too, at their rate among the parent's positives",
+    )
     ap.add_argument(
         "--set",
         action="append",
