@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from conftest import DAY1, WORLD_ROWS
 
 from mtrec.config import load_config
@@ -209,3 +210,34 @@ def test_a_killed_two_epoch_job_resumes_in_its_second_epoch_to_the_uninterrupted
         "2 epochs killed twice in epoch 2 vs uninterrupted",
         tol=0.0,
     )
+
+
+def test_a_fresh_model_can_start_its_root_towers_at_the_base_rate(world):
+    """`train.start_at_base_rate`: before the first step the root binary task's output bias is the
+    log-odds of its label's rate in that step's rows; a `given` task's is left as initialised."""
+    from conftest import _batch
+
+    from mtrec.train.local import build_sharded
+    from mtrec.train.loop import start_at_base_rate
+
+    cfg = load_config("esmm", logs=world).with_train(start_at_base_rate=True)
+    dmp, _ = build_sharded(cfg)
+    towers = dmp.module.model.towers
+    cvr_before = towers["cvr"].out.bias.detach().clone()
+    rb = _batch(click=pa.array([1] + [0] * 9, pa.int8()))  # 10% clicks
+    assert start_at_base_rate(dmp, cfg, rb, 1, torch.device("cpu")) == pytest.approx({"ctr": np.log(0.1 / 0.9)})
+    assert float(towers["ctr"].out.bias.detach()) == pytest.approx(np.log(0.1 / 0.9))
+    assert torch.equal(towers["cvr"].out.bias, cvr_before)
+    assert "start_at_base_rate" not in cfg.training_settings()  # a start, not a training setting
+
+
+def test_train_days_starts_a_fresh_model_at_the_base_rate_only_when_asked(world):
+    from mtrec.train.local import train_days
+
+    cfg = load_config("esmm", logs=world).with_train(batch_size=256)
+    first = {}
+    for flag in (False, True):
+        res = train_days(cfg.with_train(start_at_base_rate=flag), [DAY1], log_every=1)
+        first[flag] = res.losses[0]["loss"]
+    # p = 0.5 costs ~0.69 nats per task on the first batch; at the base rate the first loss is far lower
+    assert first[True] < 0.6 * first[False], first

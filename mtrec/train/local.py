@@ -58,13 +58,19 @@ def train_days(
     `train_days(cfg, [d])` takes the same steps as the job that trains day d on one worker, and
     `train_days(cfg, days, epochs=cfg.train.epochs)` those of the full retrain over `days`."""
     days = list(days)
-    if dmp is None:
+    fresh = dmp is None
+    if fresh:
         dmp, optimizer = build_sharded(cfg)
     device, _ = device_for_backend()
     counts = StreamCounts()
     t0 = time.perf_counter()
     key = days[-1].toordinal()
-    opts = LoopOptions(log_every=log_every, on_progress=lambda p: log.info(p.line()), rng_key=key)
+    opts = LoopOptions(
+        log_every=log_every,
+        on_progress=lambda p: log.info(p.line()),
+        rng_key=key,
+        base_rate_start=fresh and cfg.train.start_at_base_rate,
+    )
     batches = day_batches(
         cfg.spec, cfg.job.logs, days, cfg.train.batch_size, counts, cfg.train.shuffle_plan(key, rank=0), epochs
     )

@@ -114,6 +114,42 @@ class LoopOptions:
     # called on every rank after each step with the job's step count (intra-day checkpoints; a
     # collective is allowed there, every rank calls it at the same step)
     on_step: Callable[[int], None] | None = None
+    # a fresh model: before the first step, each binary root task's output bias is set to the log-odds of
+    # its label's rate in that step's rows, all ranks together (`train.start_at_base_rate`)
+    base_rate_start: bool = False
+
+
+def start_at_base_rate(
+    dmp: nn.Module, cfg: MtrecConfig, fed: pa.RecordBatch | None, world: int, device: torch.device, pg=None
+) -> dict[str, float]:
+    """Set each binary root task's output bias to the log-odds of its label's rate in `fed` (this
+    step's rows after sampling; None: none on this rank), summed over the ranks (a collective at
+    world size > 1: every rank calls it at the same step). A model's output otherwise starts near
+    p = 0.5, 10-20x a click rate. Returns task -> the bias set (rate clipped to [1e-4, 1 - 1e-4])."""
+    from mtrec.spec import LabelKind
+
+    towers = dmp.module.model.towers
+    tasks = [
+        t for t in cfg.spec.tasks if t.given is None and cfg.spec.label_kind(t) == LabelKind.BINARY and t.name in towers
+    ]
+    if not tasks:
+        return {}
+    counts = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=device)  # positives per task, rows
+    if fed is not None:
+        for i, t in enumerate(tasks):
+            counts[i] = float(np.sum(fed.column(t.label).to_numpy(zero_copy_only=False) > 0))
+        counts[-1] = fed.num_rows
+    if world > 1:
+        dist.all_reduce(counts, group=pg)
+    if counts[-1] <= 0:
+        return {}
+    out = {}
+    with torch.no_grad():
+        for i, t in enumerate(tasks):
+            rate = min(max(float(counts[i] / counts[-1]), 1e-4), 1 - 1e-4)
+            out[t.name] = float(np.log(rate / (1 - rate)))
+            towers[t.name].out.bias.fill_(out[t.name])
+    return out
 
 
 @dataclass
@@ -200,6 +236,8 @@ def train_stream(
             alive, active = int(rb is not None), int(fed is not None)
         if alive == 0:
             break
+        if opts.base_rate_start and stats.steps == 0 and start_step == 0:
+            start_at_base_rate(dmp, cfg, fed, world, device, pg)
         optimizer.zero_grad()
         torch.manual_seed(step_seed(cfg.train.seed, opts.rng_key, start_step + stats.steps, rank))
         if fed is not None:

@@ -185,7 +185,8 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         dist.broadcast_object_list(choice, src=0)
     partial = choice[0]
-    if partial and partial[1].get("job_id") == job.id:
+    partial_resumed = bool(partial and partial[1].get("job_id") == job.id)
+    if partial_resumed:
         checkpoint.load(dmp, optimizer, partial[0], cfg)
         done, start_step = Position.from_json(partial[1]["position"]), int(partial[1]["step"])
         if rank == 0:
@@ -266,6 +267,8 @@ def train_loop_per_worker(config: dict) -> None:
             start_step=start_step,
             rng_key=day_ordinal(job.day),
             on_step=on_step,
+            # a fresh model only: a resumed, warm-started or init_from model keeps its weights
+            base_rate_start=cfg.train.start_at_base_rate and not (partial_resumed or job.parent or job.init_from),
         ),
     )
     mark("trained")
