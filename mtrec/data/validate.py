@@ -437,19 +437,12 @@ def validate_day(
         ValidationReport: counts by reason; also written to ``<quarantine>/_report.json``.
 
     Raises:
-        DataValidationError: schema problem (nothing written), or bad fraction above the limit
+        DataValidationError: schema problem or no rows (`check_day`: nothing written), or bad fraction above the limit
             (quarantine and report written first so the rows can be inspected).
     """
     t0 = time.perf_counter()
-    files = list_day_files(logs, day)
+    files = check_day(spec, logs, day)  # schemas and rows first: a bad day stops before anything is written
     validator = RowValidator(spec)
-    rows_in_footers = 0
-    for f in files:  # all schemas first: a bad file stops the day before anything is written
-        meta = _read_footer(f)
-        validator.check_schema(meta.schema.to_arrow_schema(), f"logs {day} file {f.name}")
-        rows_in_footers += meta.num_rows
-    if rows_in_footers == 0:
-        raise DataValidationError(_empty_day(day, logs, len(files)))
     roles = spec.column_roles()
     lowest = None  # the smallest good position (as the contract reads it) of the day
 
