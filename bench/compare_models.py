@@ -23,7 +23,7 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from mtrec.config import example_path, parse_config
+from mtrec.config import apply_override, example_path, parse_config
 from mtrec.data.synth import WorldParams, read_world, world_params, write_world
 from mtrec.errors import MtrecError
 from mtrec.eval.evaluate import evaluate_day
@@ -93,23 +93,6 @@ def variant_config(name: str, logs: str, batch_size: int, seed: int, overrides: 
     for item in overrides or []:
         apply_override(base, item)
     return parse_config(base)
-
-
-def apply_override(config: dict, item: str) -> None:
-    """`--set KEY=VALUE`: a dotted config key set to a YAML value (`train.embedding_optimizer.lr=0.1`);
-    `features.sparse.*.KEY` sets KEY in every sparse feature, `*.hash_size=x8` multiplies it."""
-    key, _, text = item.partition("=")
-    if not key or not _:
-        raise MtrecError(f"--set {item!r}: expected KEY=VALUE, e.g. train.embedding_optimizer.lr=0.1")
-    parts = key.split(".")
-    nodes = [config]
-    for p in parts[:-1]:
-        nodes = [x for n in nodes for x in (n if p == "*" else [n.setdefault(p, {})])]
-    for n in nodes:
-        if text.startswith("x") and parts[-1] in n:
-            n[parts[-1]] = int(n[parts[-1]] * float(text[1:]))
-        else:
-            n[parts[-1]] = yaml.safe_load(text)
 
 
 def base_rate_start(cfg, day: dt.date, given: bool = False) -> dict:

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from mtrec.config import load_config  # noqa: E402
+from mtrec.config import apply_override, load_config  # noqa: E402
 from mtrec.data.synth import world_params, write_world  # noqa: E402
 from mtrec.eval.plots import SHALLOW_TOWER, bias_curve, position_feature, shallow_tower, spearman  # noqa: E402
 from mtrec.train.local import train_days  # noqa: E402
@@ -50,6 +50,8 @@ def tower_config(cfg, args):
         d["features"]["bias"] = [f for f in d["features"]["bias"] if f["name"] == "position"]
     if args.feature_dropout is not None:
         d["model"]["shallow_tower"]["feature_dropout"] = args.feature_dropout
+    for item in args.set:
+        apply_override(d, item)
     return type(cfg).model_validate(d)
 
 
@@ -66,6 +68,9 @@ def main() -> None:
     ap.add_argument("--recipes", default="0.001:1:2048,0.01:5:256", help="dense_lr:epochs:batch, comma-separated")
     ap.add_argument("--world", default="", help="extra world params k=v,k=v")
     ap.add_argument("--position-only", action="store_true", help="the shallow tower reads position only (no device)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config key, e.g. model.batch_norm=false"
+    )
     ap.add_argument("--feature-dropout", type=float, help="the shallow tower's feature_dropout (default the example's)")
     args = ap.parse_args()
     logging.disable(logging.INFO)

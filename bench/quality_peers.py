@@ -188,7 +188,8 @@ def run_world(args, python: Path, preset: str, seed: int) -> dict[str, dict]:
         t0 = time.perf_counter()
         cmd = [str(python), str(HERE / "peers_train.py"), "--data", str(data), "--model", peer]
         cmd += ["--seed", str(seed), "--batch-size", str(args.batch_size), "--out", str(preds), *extra]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        if not preds.exists():  # a peer's run is a function of the rows, its flags and the seed: reused
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         m = score_peer(world, args.batch_size, seed, preds)
         name = " ".join([peer, *extra])
         by[name] = m

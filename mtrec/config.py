@@ -15,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -643,6 +645,17 @@ def load_config(source: str | Path, logs: str | None = None, workdir: str | None
     Raises:
         ConfigError: one line naming the key, the value received and the fix.
     """
+    data, label = read_config_dict(source)
+    return parse_config(data, label).with_overrides(logs=logs, workdir=workdir)
+
+
+def read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
+    """(the config file's keys as written, not validated; its file name): what `load_config`
+    validates, for tools that change keys before validating (`set_key`, `mtrec tune`).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping.
+    """
     src = str(source)
     if src in EXAMPLES:
         src = str(example_path(src))
@@ -669,9 +682,107 @@ def load_config(source: str | Path, logs: str | None = None, workdir: str | None
             f"config {label}: the top level must be a mapping of keys (name, labels, features, ...), "
             f"got {type(data).__name__}"
         )
-    return parse_config(data, label).with_overrides(logs=logs, workdir=workdir)
+    return data, label
 
 
 def parse_config(data: dict[str, Any], label: str = "config") -> MtrecConfig:
     """Validate a config given as a dict (already parsed YAML); see `load_config`."""
     return validate(MtrecConfig, data, label)
+
+
+# --------------------------------------------------------------------------------------------------
+# dotted keys: changing a config dict before it is validated (`mtrec tune`'s search space, bench --set)
+
+
+def set_key(config: dict[str, Any], key: str, value: Any) -> int:
+    """Set a dotted `key` of a config dict (parsed YAML, not validated yet) to `value`, in place.
+
+    `*` stands for every item of a list (or every value of a mapping), a number for one list item;
+    missing mappings on the way are created, so an unknown key is caught by `parse_config`
+    afterwards with its usual one-line error (did you mean ...).
+
+    Args:
+        config (dict): the config's keys, as `read_config_dict` returns them.
+        key (str): e.g. ``train.dense_optimizer.lr``, ``features.sparse.*.dim``, ``tasks.1.weight``.
+        value: the new value (any YAML value: number, string, list, mapping).
+
+    Returns:
+        int: the number of places set (a `*` key sets one per item).
+
+    Raises:
+        ConfigError: the key runs through something that is not a mapping or list, or a `*` matches
+            nothing.
+
+    Example:
+        >>> d = {"features": {"sparse": [{"name": "a", "dim": 16}, {"name": "b", "dim": 8}]}}
+        >>> set_key(d, "features.sparse.*.dim", 4), [f["dim"] for f in d["features"]["sparse"]]
+        (2, [4, 4])
+    """
+    places = key_places(config, key)
+    for node, leaf in places:
+        node[leaf] = copy.deepcopy(value)
+    return len(places)
+
+
+def apply_override(config: dict[str, Any], item: str) -> None:
+    """``KEY=VALUE`` (a command line's ``--set``): `set_key` with VALUE read as YAML; a VALUE ``xN``
+    multiplies the number each place holds by N (ints stay ints): ``features.sparse.*.hash_size=x8``.
+
+    Raises:
+        ConfigError: not ``KEY=VALUE``, a bad key (`set_key`), or ``xN`` where no number is set.
+    """
+    key, eq, text = item.partition("=")
+    if not key or not eq:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.embedding_optimizer.lr=0.1")
+    scale = re.fullmatch(r"x(\d+(?:\.\d*)?|\.\d+)", text.strip())
+    if scale is None:
+        set_key(config, key, yaml.safe_load(text))
+        return
+    factor = float(scale.group(1))
+    for node, leaf in key_places(config, key):
+        current = node.get(leaf) if isinstance(node, dict) else node[leaf]
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            raise ConfigError(
+                f"override {item!r}: {text} multiplies a number, but `{key}` holds {current!r} there; "
+                "set the key to a value instead"
+            )
+        node[leaf] = int(current * factor) if isinstance(current, int) else current * factor
+
+
+def key_places(config: dict[str, Any], key: str) -> list[tuple[Any, Any]]:
+    """(container, key or index) of every place a dotted `key` names in `config` (see `set_key`);
+    mappings missing on the way are created."""
+    parts = key.split(".")
+    if not key or any(not p for p in parts) or parts[-1] == "*":
+        raise ConfigError(f"key `{key}`: expected a dotted config key such as train.dense_optimizer.lr")
+    nodes: list[Any] = [config]
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[:i]) or "(top level)"
+        found: list[Any] = []
+        for node in nodes:
+            if part == "*":
+                if not isinstance(node, (list, dict)) or not node:
+                    raise ConfigError(
+                        f"key `{key}`: `*` needs a non-empty list or mapping at `{where}`, which holds {node!r}; "
+                        "name the key without `*`"
+                    )
+                found += list(node) if isinstance(node, list) else list(node.values())
+            elif isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"key `{key}`: `{where}` is a list of {len(node)}; use an index 0..{len(node) - 1} or `*`"
+                    )
+                found.append((node, int(part)) if last else node[int(part)])
+            elif isinstance(node, dict):
+                if last:
+                    found.append((node, part))
+                else:
+                    child = node.setdefault(part, {})
+                    if child is None:
+                        child = node[part] = {}
+                    found.append(child)
+            else:
+                raise ConfigError(f"key `{key}`: `{where}` holds {node!r}, not a mapping or list; check the key")
+        nodes = found
+    return nodes
