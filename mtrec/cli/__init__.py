@@ -26,6 +26,7 @@ from mtrec.cli import (
     submit,
     synth,
     train,
+    tune,
     validate,
 )
 from mtrec.errors import MtrecError
@@ -39,6 +40,7 @@ COMMANDS = (
     nightly,
     backfill,
     evaluate,
+    tune,
     predict,
     promote,
     bn_check,

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 READ_CPUS = 2  # logical CPUs a local cluster keeps for Ray Data read tasks beyond the workers
 
 
-def local_cpus(cfg: MtrecConfig) -> int:
-    need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + READ_CPUS
+def local_cpus(cfg: MtrecConfig, extra: float = 0.0) -> int:
+    """Logical CPUs of a local cluster: the workers', `extra` (e.g. `mtrec tune`'s trial actors and
+    concurrent trials) and READ_CPUS, at least the box's cores."""
+    need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + extra) + READ_CPUS
     return max(os.cpu_count() or 1, need)
 
 
@@ -39,11 +41,14 @@ def quiet_ray() -> None:
 
 
 @contextmanager
-def ray_session(cfg: MtrecConfig, address: str | None = None, ray_logs: bool = False) -> Iterator[dict]:
+def ray_session(
+    cfg: MtrecConfig, address: str | None = None, ray_logs: bool = False, extra_cpus: float = 0.0
+) -> Iterator[dict]:
     """Ray for one job: reuse an initialized session, join `address` (or RAY_ADDRESS), or start
     a local cluster that is shut down afterwards. Worker and Ray-internal output stays in the Ray
     session's log files unless `ray_logs` (the job prints its own progress; a failure is
-    reported as one line naming the worker).
+    reported as one line naming the worker). `extra_cpus`: logical CPUs the caller needs beside
+    one job's workers (`mtrec tune`: its trial actors), added to a local cluster and to the check.
 
     Yields:
         dict: {"mode": "existing" | "joined" | "local", "address", "cpus", "gpus", "nodes"}.
@@ -69,7 +74,7 @@ def ray_session(cfg: MtrecConfig, address: str | None = None, ray_logs: bool = F
     else:
         ray.init(
             address="local",
-            num_cpus=local_cpus(cfg),
+            num_cpus=local_cpus(cfg, extra_cpus),
             include_dashboard=False,
             logging_level=library_level(),
             log_to_driver=ray_logs,
@@ -84,10 +89,11 @@ def ray_session(cfg: MtrecConfig, address: str | None = None, ray_logs: bool = F
             "gpus": res.get("GPU", 0),
             "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
         }
-        need = cfg.train.num_workers * cfg.train.cpus_per_worker
+        need = cfg.train.num_workers * cfg.train.cpus_per_worker + extra_cpus
         if need > info["cpus"]:
+            extra = f" + {extra_cpus:g} (tune trials)" if extra_cpus else ""
             raise ConfigError(
-                f"`train.num_workers` x `train.cpus_per_worker` = {need:g} CPUs but the Ray cluster has "
+                f"`train.num_workers` x `train.cpus_per_worker`{extra} = {need:g} CPUs but the Ray cluster has "
                 f"{info['cpus']:g}; pass fewer --workers or a smaller --cpus-per-worker, or add nodes"
             )
         log.info(

@@ -155,12 +155,15 @@ class Tracker:
 
     Args:
         cfg (MtrecConfig): model name (experiment and registered model), tracking settings.
+        experiment (str | None): another experiment than the model's name (`mtrec tune`'s
+            searches: `<name>-tune`); the registered model keeps the model's name.
     """
 
-    def __init__(self, cfg: MtrecConfig):
+    def __init__(self, cfg: MtrecConfig, experiment: str | None = None):
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.name = cfg.name
+        self.experiment = experiment or cfg.name
         # mtrec retries (below) with its own backoff; MLflow's HTTP layer would otherwise retry 7
         # times over minutes before the first failure surfaces
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -198,12 +201,12 @@ class Tracker:
 
     def experiment_id(self) -> str:
         if self._experiment is None:
-            exp = self.call("reading the experiment", self.client.get_experiment_by_name, self.name)
+            exp = self.call("reading the experiment", self.client.get_experiment_by_name, self.experiment)
             if exp is None:
                 exp_id = self.call(
                     "creating the experiment",
                     self.client.create_experiment,
-                    self.name,
+                    self.experiment,
                     artifact_location=_artifact_root(self.cfg, self.uri),
                 )
             else:
