@@ -87,7 +87,9 @@ WITH_SEQUENCES = {"esmm+seq", *(v for v in VARIANTS if v.startswith("dupn"))}
 def variant_config(name: str, logs: str, batch_size: int, seed: int, overrides: list[str] | None = None):
     base = yaml.safe_load(example_path("esmm_seq" if name in WITH_SEQUENCES else "esm2").read_text())
     tasks, model = VARIANTS[name]
-    base.update(name=name.replace("+", "_"), tasks=copy.deepcopy(tasks), model=copy.deepcopy(model))
+    # the example's towers' batch norm carries over: the variants differ in architecture only
+    model = {"batch_norm": base["model"].get("batch_norm", False), **copy.deepcopy(model)}
+    base.update(name=name.replace("+", "_"), tasks=copy.deepcopy(tasks), model=model)
     base["train"].update(batch_size=batch_size, seed=seed)
     base["job"].update(logs=logs)
     for item in overrides or []:

@@ -203,12 +203,13 @@ class TrainConfig(Strict):
         "copied (tables, encoder, towers); the rest starts fresh. Warm starts ignore it.",
     )
     start_at_base_rate: bool = Field(
-        False,
+        True,
         description="A fresh model (a cold start without `init_from`) starts each binary root task's output at the "
         "log-odds of its label's rate in the first training step's rows (all workers' together), not near p = 0.5, "
-        "so one pass does not spend its first steps unlearning a 10-20x over-prediction (ESMM: +0.007 CTR AUC; "
-        "but a shallow tower then learns its position curve less well on small logs: docs/models.md). Warm "
-        "starts and resumed jobs keep their weights.",
+        "so one pass does not spend its first steps unlearning a 10-20x over-prediction (ESMM, one pass: +0.008 "
+        "CTR AUC alone, +0.034 with `model.batch_norm`). Turn it off on small logs with a shallow tower, which "
+        "then learns its position curve less well (docs/training.md, Small logs). Warm starts and resumed jobs "
+        "keep their weights.",
     )
     freeze: list[str] = Field(
         default_factory=list,

@@ -18,10 +18,9 @@ BIN = Path(sys.executable).parent
 @pytest.mark.slow
 @pytest.mark.integration
 def test_demo_tells_the_story_and_mlflow_holds_what_it_reports(tmp_path):
-    # MMoE has no BatchNorm: at this size BN running statistics would still be near their initial
-    # values and (rightly) fail the check that the ESMM part of the demo passes at full size. 20,000
-    # rows a day, not fewer: after 12,000 rows the first model's CTR is still ~4x too high, and the
-    # gate's calibration floor (rightly) refuses it as the first champion
+    # MMoE's towers and experts have BatchNorm (the example's), so every version's BN check runs: it
+    # passed on all 4 at this size. 20,000 rows a day, not fewer: a first model trained on few rows
+    # can be refused as the first champion by the gate's calibration floor
     work = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # a user's server: the demo keeps to its own store
@@ -55,7 +54,7 @@ def test_demo_tells_the_story_and_mlflow_holds_what_it_reports(tmp_path):
     for r in summary["rows"][1:]:  # every night judged against the champion of the moment
         assert r["gate"] in (f"promoted over v{champion}", f"refused (champion v{champion} stays)"), r["gate"]
         champion = r["version"] if r["gate"].startswith("promoted") else champion
-    assert all(r["bn"] == "no BN layers" for r in summary["rows"])
+    assert all(r["bn"] == "passed" for r in summary["rows"]), [r["bn"] for r in summary["rows"]]
     assert any(ln.startswith("mmoe: next-day ctr AUC ") and "a nightly day took" in ln for ln in out)
     assert any("mlflow ui --backend-store-uri sqlite:///" in ln for ln in out) and any(
         "mtrec predict" in ln for ln in out

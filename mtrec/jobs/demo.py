@@ -164,15 +164,13 @@ def _prepare(workdir: Path) -> None:
 
 
 def demo_config(example: str, workdir: Path, logs: str, workers: int) -> Path:
-    """The shipped example pointed at the demo's world and workdir, with 2 workers (and BatchNorm
-    in ESMM's towers, so the BN check has statistics to check); written where a user can read it."""
+    """The shipped example pointed at the demo's world and workdir, with 2 workers; written where a
+    user can read it. The examples' towers have BatchNorm, so the BN check has statistics to check."""
     d = yaml.safe_load(example_path(example).read_text())
     d["job"].update(logs=logs, workdir=str(workdir))
     d["train"].update(num_workers=workers, cpus_per_worker=1)
     # the demo's own store, whatever MLFLOW_TRACKING_URI says: it must not register versions on a real server
     d.setdefault("tracking", {})["uri"] = f"sqlite:///{workdir}/mlflow.db"
-    if example == "esmm":
-        d["model"]["batch_norm"] = True
     path = workdir / "configs" / f"{example}.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(f"# mtrec/configs/{example}.yaml as `mtrec demo` runs it\n" + yaml.safe_dump(d, sort_keys=False))
