@@ -34,6 +34,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_models import run_seed, variant_config  # noqa: E402
 
+from mtrec.data.kinds import dense_input  # noqa: E402
 from mtrec.data.synth import read_world  # noqa: E402
 from mtrec.errors import MtrecError  # noqa: E402
 from mtrec.eval.evaluate import Predictions, read_truth, report  # noqa: E402
@@ -79,10 +80,6 @@ def good_rows(cfg, days: list[dt.date]) -> pa.Table:
     return pa.Table.from_batches(batches)
 
 
-def signed_log1p(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
-
-
 def encode(cfg, train: pa.Table, test: pa.Table) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Exact index encoding fitted on the training rows: id -> 1 + its rank in the training
     vocabulary, 0 for an id the training days never saw; a multi-hot list padded with 0 (1 = unseen);
@@ -115,9 +112,7 @@ def encode(cfg, train: pa.Table, test: pa.Table) -> tuple[dict, dict[str, np.nda
             out[f.name] = np.where(seen, pos + 1, 0).astype(np.int64)
         meta["sparse"].append({"name": f.name, "rows": len(vocab) + 1, "dim": f.dim, "maxlen": 0})
     for f in cfg.spec.features.dense:
-        tr, te = (np.nan_to_num(t.column(f.name).to_numpy().astype(np.float64)) for t in (train, test))
-        if f.log1p:
-            tr, te = signed_log1p(tr), signed_log1p(te)
+        tr, te = (dense_input(f, t.column(f.name)).astype(np.float64) for t in (train, test))
         lo, hi = tr.min(), tr.max()
         edges = np.unique(np.quantile(tr, np.linspace(0, 1, BUCKETS + 1)[1:-1]))
         for x, out in ((tr, out_tr), (te, out_te)):
