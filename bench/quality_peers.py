@@ -122,6 +122,9 @@ def encode(cfg, train: pa.Table, test: pa.Table) -> tuple[dict, dict[str, np.nda
     for t, out in ((train, out_tr), (test, out_te)):
         for c in ("click", "conversion"):
             out[c] = t.column(c).to_numpy().astype(np.float32)
+    # what scoring needs beside the predictions: the raw user ids (GAUC) and row ids (the truth)
+    out_te["__user_id"] = test.column("user_id").to_numpy()
+    out_te["__row_id"] = test.column("row_id").to_numpy()
     return meta, out_tr, out_te
 
 
@@ -145,16 +148,17 @@ def export(world: str, batch_size: int, seed: int, data: Path) -> None:
 
 
 def score_peer(world: str, batch_size: int, seed: int, preds: Path) -> dict[str, float]:
-    """mtrec's report (truth metrics included) of a peer's predictions of the test day."""
+    """mtrec's report (truth metrics included) of a peer's predictions of the test day, whose rows,
+    labels and ids the export beside them holds (`encode`)."""
     cfg = variant_config("esmm", world, batch_size, seed)
     test_day = dt.date.fromisoformat(read_world(world)["days"][-1])
-    rows = good_rows(cfg, [test_day])
+    test = np.load(preds.parent / "test.npz")
     p = np.load(preds)
     pred = Predictions(
         {k: p[k] for k in ("ctr", "cvr", "ctcvr")},
-        {c: rows.column(c).to_numpy().astype(np.float32) for c in ("click", "conversion")},
-        rows.column("user_id").to_numpy(),
-        rows.column("row_id").to_numpy(),
+        {c: test[c] for c in ("click", "conversion")},
+        test["__user_id"],
+        test["__row_id"],
     )
     return {**report(cfg.spec, pred, read_truth(world, test_day)), "secs": float(p["seconds"])}
 
