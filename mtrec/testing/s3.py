@@ -1,0 +1,275 @@
+"""A real S3 server on 127.0.0.1 for tests and benchmarks: moto's S3 behind a proxy that counts
+requests and can fail a fraction of them, the way a real object store throttles.
+
+    with S3Server() as s3:                      # a subprocess: its own view, like a real store
+        s3.make_bucket("mtrec")
+        os.environ.update(s3.env())             # credentials and endpoint, the standard way
+        ...                                     # s3://mtrec/... through s3fs, boto3, MLflow
+        s3.set_faults(0.05, seed=1)             # 5% of requests answer 503 SlowDown
+        s3.counts()                             # {"GET": 812, "PUT": 240, ..., "failed": 53}
+        s3.hold("/dt=2026-01-02/", after=3)     # the 4th request on that path and later hang
+
+The server is one process (`python -m mtrec.testing.s3`): moto's S3 (`ThreadedMotoServer`) on one
+port, the proxy on another; clients talk to the proxy (`endpoint`). moto enforces S3's
+conditional writes (`If-None-Match: *`, `If-Match`), has no atomic rename, and answers listings
+from the objects present. An injected failure is answered before the request reaches moto,
+so it changed nothing: what a client sees of a throttled request (503 SlowDown), which every S3
+client retries with backoff. `delay_s` adds latency to every request. The control endpoint
+`/_mtrec/...` is the proxy's own and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ACCESS_KEY = "mtrec-test-key"
+SECRET_KEY = "mtrec-test-secret"
+REGION = "us-east-1"
+CONTROL = "/_mtrec/"
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+# hop-by-hop headers: the proxy frames each message itself
+_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
+
+
+class _State:
+    """What the proxy shares between its request threads."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.fail_rate = 0.0
+        self.delay_s = 0.0
+        self.rng = random.Random(0)
+        self.hold: tuple[str, int] | None = None  # (path substring, matching requests still let through)
+        self.released = threading.Event()
+
+    def held(self, path: str) -> bool:
+        """Whether this request is to be held (not answered until released): the test kills its
+        client meanwhile, e.g. a job between two objects of a publish."""
+        with self.lock:
+            if self.hold is None or self.hold[0] not in path:
+                return False
+            if self.hold[1] > 0:
+                self.hold = (self.hold[0], self.hold[1] - 1)
+                return False
+            self.counts["held"] += 1
+        return True
+
+    def admit(self, method: str) -> bool:
+        """Count a request; False when it is to fail."""
+        with self.lock:
+            self.counts[method] += 1
+            fail = self.fail_rate > 0 and self.rng.random() < self.fail_rate
+            if fail:
+                self.counts["failed"] += 1
+            return not fail
+
+
+def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet: tests read counts(), not a log
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                out = bytearray()
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return bytes(out)
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+            n = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(n) if n else b""
+
+        def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes, head: bool = False) -> None:
+            self.send_response(status)
+            for k, v in headers:
+                if k.lower() not in _HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            length = dict((k.lower(), v) for k, v in headers).get("content-length", str(len(body)))
+            self.send_header("Content-Length", length if head else str(len(body)))
+            self.end_headers()
+            if not head and body:
+                self.wfile.write(body)
+
+        def _control(self) -> None:
+            what = self.path[len(CONTROL) :].split("?")[0]
+            body = json.loads(self._body() or b"{}")
+            with state.lock:
+                if what == "faults":
+                    state.fail_rate = float(body.get("rate", 0.0))
+                    state.rng = random.Random(int(body.get("seed", 0)))
+                    state.delay_s = float(body.get("delay_s", state.delay_s))
+                elif what == "reset":
+                    state.counts.clear()
+                elif what == "hold":
+                    state.hold = (body["pattern"], int(body.get("after", 0)))
+                    state.released.clear()
+                elif what == "release":
+                    state.hold = None
+                    state.released.set()
+                out = json.dumps(dict(state.counts)).encode()
+            self._reply(200, [("Content-Type", "application/json")], out)
+
+        def _forward(self) -> None:
+            if self.path.startswith(CONTROL):
+                return self._control()
+            body = self._body()
+            if state.held(urllib.parse.unquote(self.path)):  # keys arrive quoted: dt%3D2026-01-02
+                state.released.wait()
+            if state.delay_s:
+                time.sleep(state.delay_s)
+            if not state.admit(self.command):
+                return self._reply(503, [("Content-Type", "application/xml"), ("Retry-After", "0")], SLOW_DOWN)
+            conn = http.client.HTTPConnection(*state.upstream, timeout=120)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self._reply(r.status, r.getheaders(), data, head=self.command == "HEAD")
+            finally:
+                conn.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    return Proxy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(port: int) -> None:
+    """The server process: moto's S3 on a free port, the proxy on `port`, until killed."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    moto.start()
+    proxy = ThreadingHTTPServer(("127.0.0.1", port), _handler(_State(moto.get_host_and_port())))
+    proxy.daemon_threads = True
+    print("ready", flush=True)
+    proxy.serve_forever()
+
+
+class S3Server:
+    """moto's S3 in a subprocess on 127.0.0.1, behind the counting, fault-injecting proxy."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> S3Server:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mtrec.testing.s3", "--port", str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self._proc.stdout.readline()
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"the S3 test server did not start (said {line!r})")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _control(self, what: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(
+            f"{self.endpoint}{CONTROL}{what}", data=json.dumps(body or {}).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def counts(self) -> dict[str, int]:
+        """Requests by HTTP method since the last `reset_counts`, and `failed`: those injected to fail."""
+        return self._control("counts")
+
+    def reset_counts(self) -> None:
+        self._control("reset")
+
+    def set_faults(self, rate: float, seed: int = 0, delay_s: float = 0.0) -> None:
+        """Fail `rate` of the requests from now on (503 SlowDown, seeded), each delayed `delay_s`."""
+        self._control("faults", {"rate": rate, "seed": seed, "delay_s": delay_s})
+
+    def hold(self, pattern: str, after: int = 0) -> None:
+        """From now on, let `after` requests whose path holds `pattern` through, then hold every
+        later one unanswered (counted as `held`) until `release`."""
+        self._control("hold", {"pattern": pattern, "after": after})
+
+    def release(self) -> None:
+        self._control("release")
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment of a client of this server: credentials, region, endpoint
+        (read by botocore, so by s3fs, boto3 and MLflow alike)."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def client(self):
+        """A boto3 S3 client of this server."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+        )
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket `name`; returns its URL `s3://name`."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    serve(p.parse_args().port)
+
+
+if __name__ == "__main__":
+    main()
