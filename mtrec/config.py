@@ -278,6 +278,35 @@ class JobConfig(Strict):
         0.01, ge=0, le=1, description="A day fails validation when more than this fraction of rows is quarantined."
     )
     timezone: str = Field("UTC", description="Timezone in which `--date yesterday` is resolved.")
+    lease_ttl_s: float = Field(
+        300.0,
+        ge=3,
+        description=(
+            "On an object store, how long the model's lock (a lease, renewed every third of it) outlives a job "
+            "that died without releasing it: the next job waits that long. See docs/operations.md."
+        ),
+    )
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "fsspec options per protocol, for every process of a job (driver, Ray workers, read tasks), e.g. "
+            "`{s3: {endpoint_url: 'http://minio:9000'}}` for an S3-compatible store; credentials are better left to "
+            "the environment (AWS_ACCESS_KEY_ID, ..., or the node's role). See docs/operations.md."
+        ),
+    )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_options(cls, opts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import fsspec
+
+        for proto in opts:
+            if proto not in fsspec.available_protocols():
+                raise ValueError(
+                    f"`job.storage_options` names protocol {proto!r}, which fsspec does not know; use the protocol of "
+                    "the URLs (s3, gs, abfs, ...)"
+                )
+        return opts
 
     @field_validator("logs", "workdir", "serving_logs")
     @classmethod
@@ -687,8 +716,13 @@ def read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def parse_config(data: dict[str, Any], label: str = "config") -> MtrecConfig:
-    """Validate a config given as a dict (already parsed YAML); see `load_config`."""
-    return validate(MtrecConfig, data, label)
+    """Validate a config given as a dict (already parsed YAML); see `load_config`. This process's
+    fsspec file systems take the config's `job.storage_options` from then on."""
+    from mtrec.data.io import apply_storage_options
+
+    cfg = validate(MtrecConfig, data, label)
+    apply_storage_options(cfg.job.storage_options)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------

@@ -137,6 +137,25 @@ def day_url(root: str, day: dt.date) -> str:
     return join(root, partition_name(day, partition_of(root)))
 
 
+# Object stores whose fsspec backends cache directory listings per process: mtrec reads what other
+# processes wrote (workers' shards, another job's lease, a day that landed since), so every
+# listing asks the store. Set through fsspec's own per-protocol defaults, which every
+# `url_to_fs` reads (torch's DCP reader and writer included).
+NO_LISTINGS_CACHE = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+for _proto in NO_LISTINGS_CACHE:
+    fsspec.config.conf.setdefault(_proto, {}).setdefault("use_listings_cache", False)
+
+
+def apply_storage_options(options: dict[str, dict]) -> None:
+    """Make `options` ({protocol: fsspec options}, `job.storage_options`) the defaults of this
+    process's file systems of those protocols: the driver applies them when it reads the config,
+    a Ray worker or read task when it starts on one. MLflow's artifact client (boto3) reads no
+    fsspec options: for it, the endpoint and credentials come from the environment
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which s3fs reads too."""
+    for proto, opts in options.items():
+        fsspec.config.conf.setdefault(proto, {}).update(opts)
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of a URL and the path inside it."""
     try:
@@ -145,6 +164,35 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise MtrecError(
             f"cannot open {url!r}: {e}; install the fsspec backend for that protocol (e.g. s3fs for s3://)"
         ) from None
+
+
+def check_bucket(url: str, what: str) -> None:
+    """On an object store, the bucket of `url` (named in the config as `what`, e.g. `job.workdir`)
+    exists and these credentials may see it; elsewhere nothing. Checked before a job writes
+    anything: the S3 client would otherwise create a missing bucket on the first write, a typo
+    becoming a bucket of its own.
+
+    Raises:
+        ConfigError: the bucket is missing or access is denied (one line: the URL and the fix).
+    """
+    from mtrec.errors import ConfigError
+
+    fs, path = filesystem(url)
+    if not set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & set(NO_LISTINGS_CACHE):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except PermissionError:
+        raise ConfigError(
+            f"{what} {url}: access to bucket {bucket} is denied; give these credentials (AWS_ACCESS_KEY_ID, the "
+            "node's role, ...) read and write access to it, or fix the URL"
+        ) from None
+    if not found:
+        raise ConfigError(
+            f"{what} {url}: bucket {bucket} does not exist (or these credentials cannot see it); create it "
+            f"(e.g. `aws s3 mb s3://{bucket}`) or fix the URL; nothing was written"
+        )
 
 
 def list_day_files(root: str, day: dt.date) -> list[DataFile]:

@@ -31,7 +31,16 @@ from mtrec.config import MtrecConfig
 from mtrec.errors import CheckpointError, ConfigError, MtrecError
 from mtrec.jobs.cluster import ray_session
 from mtrec.jobs.plan import RunOptions, TrainSummary, report
-from mtrec.jobs.protocol import already_published, date_range, days_with_logs, has_logs, plan_job, preflight, run_job
+from mtrec.jobs.protocol import (
+    already_published,
+    check_stores,
+    date_range,
+    days_with_logs,
+    has_logs,
+    plan_job,
+    preflight,
+    run_job,
+)
 from mtrec.lock import model_lock
 from mtrec.train import checkpoint
 
@@ -111,6 +120,7 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
     opts = opts or RunOptions()
     if opts.promote:
         require_tracking(cfg)
+    check_stores(cfg)
     with model_lock(cfg, f"mtrec nightly {day}"):
         # first: a version an earlier night registered is judged even when this night cannot train
         pending = gate_pending(cfg, day) if opts.promote else None
@@ -295,6 +305,7 @@ def run_backfill(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOption
     if opts.promote:
         require_tracking(cfg)
     days = days_with_logs(cfg, date_range(start, end), f"mtrec backfill {start} .. {end}")
+    check_stores(cfg)
     with model_lock(cfg, f"mtrec backfill {start} .. {end}"):
         published = set(checkpoint.published_days(cfg))
         todo = days if opts.force else [d for d in days if d not in published]

@@ -28,10 +28,11 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from mtrec import __version__
 from mtrec.config import MtrecConfig
-from mtrec.data.io import DataFile, is_local, join, list_day_files, local_path
+from mtrec.data.io import DataFile, check_bucket, filesystem, is_local, join, list_day_files, local_path
 from mtrec.data.validate import ValidationReport, check_day, validate_day
 from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
 from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
@@ -106,7 +107,7 @@ def good_rows_dataset(
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     return ds.map_batches(
         read_good_rows,
-        fn_kwargs={"spec": cfg.spec.model_dump(mode="json"), "done": done},
+        fn_kwargs={"spec": cfg.spec.model_dump(mode="json"), "done": done, "storage": cfg.job.storage_options},
         batch_size=1,
         batch_format="pyarrow",
     )
@@ -159,13 +160,19 @@ def _exact_split_config(buffer_bytes: int):
     return ExactSplit()
 
 
-def _storage(cfg: MtrecConfig) -> str:
+def _storage(cfg: MtrecConfig) -> tuple[str, Any]:
+    """Ray Train's storage (path, pyarrow file system or None) under the workdir. On an object
+    store Ray is handed mtrec's fsspec file system, so it reaches the store with the same
+    options (`job.storage_options`) and credentials as the job."""
     url = join(cfg.job.workdir, "ray")
     if not is_local(url):
-        return url
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, path = filesystem(url)
+        return path, PyFileSystem(FSSpecHandler(fs))
     path = os.path.abspath(local_path(url))
     os.makedirs(path, exist_ok=True)
-    return path
+    return path, None
 
 
 def worker_failure(err: Exception, workers: dict[int, dict]) -> MtrecError:
@@ -235,6 +242,14 @@ def job_id(
     if kind == "full_retrain" and cfg.train.epochs != 1:
         key["epochs"] = cfg.train.epochs  # another number of passes is another job
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_stores(cfg: MtrecConfig) -> None:
+    """Before a job takes its lock (the first thing it writes): the buckets it writes to exist
+    (`check_bucket`: a workdir or artifact root on an object store)."""
+    check_bucket(cfg.job.workdir, "job.workdir")
+    if cfg.tracking.enabled and cfg.tracking.artifacts:
+        check_bucket(cfg.tracking.artifacts, "tracking.artifacts")
 
 
 def preflight(
@@ -600,6 +615,7 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         log_every=opts.log_every,
         kill=os.environ.get("MTREC_KILL_WORKER"),
     )
+    storage_path, storage_fs = _storage(cfg)
     return trainer_class()(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -614,7 +630,8 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
         run_config=RunConfig(
             name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}",
-            storage_path=_storage(cfg),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )

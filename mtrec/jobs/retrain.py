@@ -13,7 +13,15 @@ import logging
 from mtrec.config import MtrecConfig
 from mtrec.jobs.cluster import ray_session
 from mtrec.jobs.plan import RunOptions, TrainSummary, report
-from mtrec.jobs.protocol import already_published, date_range, days_with_logs, plan_job, preflight, run_job
+from mtrec.jobs.protocol import (
+    already_published,
+    check_stores,
+    date_range,
+    days_with_logs,
+    plan_job,
+    preflight,
+    run_job,
+)
 from mtrec.lock import model_lock
 from mtrec.train import checkpoint
 
@@ -33,6 +41,7 @@ def run_train(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOptions |
     opts = opts or RunOptions()
     days = days_with_logs(cfg, date_range(start, end), f"mtrec train {start} .. {end}")
     end = days[-1]  # with gaps allowed, the last day that has logs names the checkpoint
+    check_stores(cfg)
     with model_lock(cfg, f"mtrec train {start} .. {end}"):
         if not opts.force and end in checkpoint.published_days(cfg):
             log.info(

@@ -298,11 +298,17 @@ def feature_batches(
     return rebatch(good, batch_size)
 
 
-def read_good_rows(files: pa.Table, spec: dict, done: dict | None = None) -> Iterator[pa.Table]:
+def read_good_rows(
+    files: pa.Table, spec: dict, done: dict | None = None, storage: dict | None = None
+) -> Iterator[pa.Table]:
     """Ray Data UDF (no Ray import needed): the files of this block (index, url, name, size) ->
     their good rows, canonical, with positions, one Arrow table per read batch. Rows inside
-    `done` (a resumed job's trained rows, `Position.to_json()`) are not emitted. Lives here, away
-    from torch, so the Ray Data read workers import only pyarrow and the model spec (`spec`, dumped)."""
+    `done` (a resumed job's trained rows, `Position.to_json()`) are not emitted; `storage` is the
+    job's `job.storage_options`. Lives here, away from torch, so the Ray Data read workers import
+    only pyarrow and the model spec (`spec`, dumped)."""
+    from mtrec.data.io import apply_storage_options
+
+    apply_storage_options(storage or {})
     model_spec = ModelSpec.model_validate(spec)
     validator, roles = RowValidator(model_spec), model_spec.column_roles()
     trained = Position.from_json(done)

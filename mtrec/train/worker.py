@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mtrec.config import MtrecConfig
+from mtrec.data.io import apply_storage_options
 from mtrec.errors import MtrecError
 from mtrec.models import MultiTaskTrain, build_model
 from mtrec.train import checkpoint
@@ -150,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     stages the final checkpoint only when every good row was trained exactly once."""
     job = config["job"]
     cfg = MtrecConfig.model_validate(job.cfg)
+    apply_storage_options(cfg.job.storage_options)
     day = dt.date.fromisoformat(job.day)
     collector = job.collector
     ctx = ray.train.get_context()
