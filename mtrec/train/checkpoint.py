@@ -193,8 +193,9 @@ def publish(staged: str, url: str) -> None:
     one: --force). Local disk: `_SUCCESS` into the staged folder, then renames, so `url` is
     always either the old complete checkpoint or the new one (a crash between the two renames
     leaves the old one as `<staged>.replaced`, which the next run of the day puts back). Object
-    store: the old marker goes first, the objects are copied, stale ones removed, and `_SUCCESS`
-    is written after the last one (a crash in between leaves the day unpublished, never mixed).
+    store: the old marker goes first, the objects are copied, stale ones removed, each is read
+    back (size), and `_SUCCESS` is written after that (a crash in between leaves the day
+    unpublished, never mixed; the next run of the day trains it again and publishes over it).
 
     Raises:
         CheckpointError: the storage refused an operation (one line; the staged copy is kept).
@@ -215,12 +216,13 @@ def publish(staged: str, url: str) -> None:
             return
         if fs.exists(f"{dst}/{SUCCESS}"):
             fs.rm(f"{dst}/{SUCCESS}")
-        new = {p[len(src) :].lstrip("/") for p in fs.find(src)}
+        new = {p[len(src) :].lstrip("/"): int(i["size"]) for p, i in fs.find(src, detail=True).items()}
         for rel in sorted(new):
             fs.copy(f"{src}/{rel}", f"{dst}/{rel}")
         for p in fs.find(dst) if fs.exists(dst) else []:
             if p[len(dst) :].lstrip("/") not in new:
                 fs.rm(p)
+        _check_copied(fs, dst, new)
         _touch(fs, f"{dst}/{SUCCESS}")
     except OSError as e:
         raise CheckpointError(
@@ -228,6 +230,15 @@ def publish(staged: str, url: str) -> None:
             "- check the storage and rerun the job"
         ) from None
     fs.rm(src, recursive=True)
+
+
+def _check_copied(fs, dst: str, sizes: dict[str, int]) -> None:
+    """Every object `_SUCCESS` will cover is readable at `dst` with its size (one HEAD each: a
+    store may answer a copy before every reader sees it), else OSError: nothing is published."""
+    for rel, size in sorted(sizes.items()):
+        got = int(fs.info(f"{dst}/{rel}")["size"])
+        if got != size:
+            raise OSError(f"{dst}/{rel} holds {got} bytes after the copy, its staged copy {size}")
 
 
 def discard(url: str) -> None:
