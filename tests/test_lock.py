@@ -95,25 +95,63 @@ def test_lease_gives_way_to_a_concurrent_writer_and_never_overwrites_a_takeover(
     fs = fsspec.filesystem("memory")
     path = lock.lock_url(cfg).removeprefix("memory://")
     other = {"token": "other", "holder": {"job": "the other job", "pid": 7, "host": "h2"}, "expires": time.time() + 60}
+    read = lock._MemoryStore.read
+
+    def racing_read(self, path_):  # another job's write lands right after our read, before our write
+        seen = read(self, path_)
+        fs.pipe(path, json.dumps(other).encode())
+        return seen
+
+    monkeypatch.setattr(lock._MemoryStore, "read", racing_read)
+    for before in (None, {"token": "dead", "holder": {"job": "crashed"}, "expires": time.time() - 1}):
+        if before:  # an expired lease: the other job takes it over first
+            fs.pipe(path, json.dumps(before).encode())
+        with pytest.raises(LockHeld, match="`the other job` \\(pid 7 on h2"), lock.model_lock(cfg, "mine"):
+            pass
+        assert json.loads(fs.cat(path))["token"] == "other"  # its lease is left alone
+        fs.rm(path)
+    monkeypatch.setattr(lock._MemoryStore, "read", read)
+    # we hold it, miss renewals, and another job takes over: our renewal must not overwrite it
+    monkeypatch.setattr(lock, "LEASE_TTL_S", 0.6)
+    with lock.model_lock(cfg, "mine"):
+        fs.pipe(path, json.dumps(other).encode())
+        time.sleep(0.5)  # > ttl/3: the renewer has looked
+        assert json.loads(fs.cat(path))["token"] == "other"
+    assert json.loads(fs.cat(path))["token"] == "other"  # and the release does not delete it
+
+
+def test_other_object_stores_get_a_best_effort_lease_and_say_so_once(monkeypatch, caplog):
+    """gs://, abfs://, ...: mtrec uses no conditional writes there; the lease is checked before
+    its write and read back after it (a writer landing in between wins), and a warning says the
+    lease is best effort, once per process."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class OtherStore(MemoryFileSystem):  # all the lock looks at: the protocol
+        protocol = ("gs", "gcs")
+
+    cfg = load_config("esmm", logs="memory://w/logs", workdir="memory://best-effort/work")
+    url = lock.lock_url(cfg)
+    fs, path = OtherStore(), url.removeprefix("memory://")
+    other = {"token": "other", "holder": {"job": "the other job", "pid": 7, "host": "h2"}, "expires": time.time() + 60}
     real_sleep = time.sleep
 
     def racing_sleep(seconds):  # another job's write lands between our write and our read-back
         fs.pipe(path, json.dumps(other).encode())
         real_sleep(seconds)
 
-    monkeypatch.setattr(lock.time, "sleep", racing_sleep)
-    with pytest.raises(LockHeld, match="`the other job` \\(pid 7 on h2"), lock.model_lock(cfg, "mine"):
-        pass
-    assert json.loads(fs.cat(path))["token"] == "other"  # its lease is left alone
-    monkeypatch.setattr(lock.time, "sleep", real_sleep)
+    monkeypatch.setattr(lock, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="mtrec.lock"):
+        with lock._lease(cfg, fs, path, url, "first", ttl=1.0):
+            assert json.loads(fs.cat(path))["holder"]["job"] == "first"
+            with pytest.raises(LockHeld, match="`first`"), lock._lease(cfg, fs, path, url, "second", ttl=1.0):
+                pass
+        assert not fs.exists(path)  # released
+        monkeypatch.setattr(lock.time, "sleep", racing_sleep)
+        with pytest.raises(LockHeld, match="`the other job` \\(pid 7 on h2"), lock._lease(cfg, fs, path, url, "mine"):
+            pass
+        assert json.loads(fs.cat(path))["token"] == "other"  # its lease is left alone
+    assert caplog.text.count("the model lock on gs:// is a best-effort lease") == 1
     fs.rm(path)
-    # we hold it, miss renewals, and another job takes over: our renewal must not overwrite it
-    monkeypatch.setattr(lock, "LEASE_TTL_S", 0.6)
-    with lock.model_lock(cfg, "mine"):
-        fs.pipe(path, json.dumps(other).encode())
-        real_sleep(0.5)  # > ttl/3: the renewer has looked
-        assert json.loads(fs.cat(path))["token"] == "other"
-    assert json.loads(fs.cat(path))["token"] == "other"  # and the release does not delete it
 
 
 def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_names_the_new_holder(monkeypatch, caplog):
@@ -136,12 +174,12 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
     others = ExitStack()  # the other job's lease, released at the end
     mid_training: list = []  # what happens while the (fake) workers train
     unreachable = False
-    write_lease = lock._write_lease
+    replace = lock._MemoryStore.replace
 
-    def flaky_write(fs_, path_, lease):  # only this job's renewals fail, the other job's writes land
-        if unreachable and lease["holder"]["job"] == "mtrec nightly 2026-01-03":
+    def flaky_replace(self, path_, body, etag):  # this job's renewals fail for a while, the other job's writes land
+        if unreachable and json.loads(body)["holder"]["job"] == "mtrec nightly 2026-01-03":
             raise OSError("store unreachable")
-        write_lease(fs_, path_, lease)
+        return replace(self, path_, body, etag)
 
     def wait_for(condition, what):
         deadline = time.time() + 10
@@ -154,6 +192,7 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
         unreachable = True
         wait_for(lambda: json.loads(fs.cat(path))["expires"] < time.time(), "the lease to expire")
         others.enter_context(lock._lease(cfg, fs, path, url, "mtrec backfill 2026-01-01 .. 2026-01-03"))
+        unreachable = False  # the store is back: this job's next renewal finds the other job's lease
         wait_for(lambda: "lost the lease" in caplog.text, "the renewer to notice")
 
     class Trainer:  # Ray Train: fit() is the training
@@ -188,7 +227,7 @@ def test_a_job_whose_lease_is_taken_over_mid_training_publishes_nothing_and_name
         published.append(final)
         publish(staged, final)
 
-    monkeypatch.setattr(lock, "_write_lease", flaky_write)
+    monkeypatch.setattr(lock._MemoryStore, "replace", flaky_replace)
     monkeypatch.setattr(protocol, "trainer_class", lambda: Trainer)
     monkeypatch.setattr(protocol, "good_rows_dataset", lambda *a, **k: None)
     monkeypatch.setattr(protocol, "_exact_split_config", lambda *a: None)
