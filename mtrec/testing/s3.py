@@ -6,6 +6,7 @@ requests and can fail a fraction of them, the way a real object store throttles.
         os.environ.update(s3.env())             # credentials and endpoint, the standard way
         ...                                     # s3://mtrec/... through s3fs, boto3, MLflow
         s3.set_faults(0.05, seed=1)             # 5% of requests answer 503 SlowDown
+        s3.set_faults(0.04, seed=1, lose=0.01)  # and 1% done but never answered
         s3.counts()                             # {"GET": 812, "PUT": 240, ..., "failed": 53}
         s3.hold("/dt=2026-01-02/", after=3)     # the 4th request on that path and later hang
 
@@ -15,7 +16,9 @@ conditional writes (`If-None-Match: *`, `If-Match`), has no atomic rename, and a
 from the objects present. An injected failure is answered before the request reaches moto,
 so it changed nothing: what a client sees of a throttled request (503 SlowDown), which every S3
 client retries with backoff. `delay_s` adds latency to every request. The control endpoint
-`/_mtrec/...` is the proxy's own and is not counted.
+`/_mtrec/...` is the proxy's own and is not counted. `set_faults(lose=...)` is
+the nastier fault: the store does the request, the answer is lost (the client retries a write
+that already happened; a conditional create then fails on its own object).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+)
 # hop-by-hop headers: the proxy frames each message itself
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
 
@@ -55,10 +61,12 @@ class _State:
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.fail_rate = 0.0
+        self.lose_rate = 0.0
         self.delay_s = 0.0
         self.rng = random.Random(0)
         self.hold: tuple[str, int] | None = None  # (path substring, matching requests still let through)
         self.released = threading.Event()
+        self.denied: list[str] = []  # path substrings answered 403 AccessDenied, as a bucket policy would
 
     def held(self, path: str) -> bool:
         """Whether this request is to be held (not answered until released): the test kills its
@@ -72,14 +80,19 @@ class _State:
             self.counts["held"] += 1
         return True
 
-    def admit(self, method: str) -> bool:
-        """Count a request; False when it is to fail."""
+    def admit(self, method: str) -> str:
+        """Count a request and decide its fate: "fail" (503 before the store sees it), "lose" (the
+        store does it, the answer is lost: the connection drops) or "pass"."""
         with self.lock:
             self.counts[method] += 1
-            fail = self.fail_rate > 0 and self.rng.random() < self.fail_rate
-            if fail:
+            draw = self.rng.random()
+            if draw < self.fail_rate:
                 self.counts["failed"] += 1
-            return not fail
+                return "fail"
+            if draw < self.fail_rate + self.lose_rate:
+                self.counts["lost"] += 1
+                return "lose"
+            return "pass"
 
 
 def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
@@ -103,13 +116,15 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
             n = int(self.headers.get("Content-Length") or 0)
             return self.rfile.read(n) if n else b""
 
-        def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes, head: bool = False) -> None:
+        def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+            """Send a response; to a HEAD without a body (and with the upstream's length, if any)."""
+            head = self.command == "HEAD"
             self.send_response(status)
             for k, v in headers:
                 if k.lower() not in _HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            length = dict((k.lower(), v) for k, v in headers).get("content-length", str(len(body)))
-            self.send_header("Content-Length", length if head else str(len(body)))
+            upstream = {k.lower(): v for k, v in headers}.get("content-length")
+            self.send_header("Content-Length", upstream if head and upstream else str(len(body)))
             self.end_headers()
             if not head and body:
                 self.wfile.write(body)
@@ -120,6 +135,7 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 if what == "faults":
                     state.fail_rate = float(body.get("rate", 0.0))
+                    state.lose_rate = float(body.get("lose", 0.0))
                     state.rng = random.Random(int(body.get("seed", 0)))
                     state.delay_s = float(body.get("delay_s", state.delay_s))
                 elif what == "reset":
@@ -130,6 +146,8 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 elif what == "release":
                     state.hold = None
                     state.released.set()
+                elif what == "deny":
+                    state.denied = list(body.get("patterns", []))
                 out = json.dumps(dict(state.counts)).encode()
             self._reply(200, [("Content-Type", "application/json")], out)
 
@@ -141,15 +159,22 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 state.released.wait()
             if state.delay_s:
                 time.sleep(state.delay_s)
-            if not state.admit(self.command):
+            fate = state.admit(self.command)
+            if fate == "fail":
                 return self._reply(503, [("Content-Type", "application/xml"), ("Retry-After", "0")], SLOW_DOWN)
+            if any(p in urllib.parse.unquote(self.path) for p in state.denied):
+                return self._reply(403, [("Content-Type", "application/xml")], ACCESS_DENIED)
             conn = http.client.HTTPConnection(*state.upstream, timeout=120)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 r = conn.getresponse()
                 data = r.read()
-                self._reply(r.status, r.getheaders(), data, head=self.command == "HEAD")
+                if fate == "lose":  # done by the store, never answered: the client sees the connection drop
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return None
+                self._reply(r.status, r.getheaders(), data)
             finally:
                 conn.close()
 
@@ -225,9 +250,11 @@ class S3Server:
     def reset_counts(self) -> None:
         self._control("reset")
 
-    def set_faults(self, rate: float, seed: int = 0, delay_s: float = 0.0) -> None:
-        """Fail `rate` of the requests from now on (503 SlowDown, seeded), each delayed `delay_s`."""
-        self._control("faults", {"rate": rate, "seed": seed, "delay_s": delay_s})
+    def set_faults(self, rate: float, seed: int = 0, delay_s: float = 0.0, lose: float = 0.0) -> None:
+        """From now on (seeded): fail `rate` of the requests before the store sees them (503
+        SlowDown), and let the store do `lose` of them but drop the connection instead of
+        answering (the client cannot tell whether it happened); delay each by `delay_s`."""
+        self._control("faults", {"rate": rate, "seed": seed, "delay_s": delay_s, "lose": lose})
 
     def hold(self, pattern: str, after: int = 0) -> None:
         """From now on, let `after` requests whose path holds `pattern` through, then hold every
@@ -236,6 +263,11 @@ class S3Server:
 
     def release(self) -> None:
         self._control("release")
+
+    def deny(self, *patterns: str) -> None:
+        """Answer every request whose path holds one of `patterns` with 403 AccessDenied (as a
+        bucket policy that does not grant these credentials would); none: deny nothing."""
+        self._control("deny", {"patterns": list(patterns)})
 
     def env(self) -> dict[str, str]:
         """The standard AWS environment of a client of this server: credentials, region, endpoint
