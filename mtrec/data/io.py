@@ -182,17 +182,20 @@ def check_bucket(url: str, what: str) -> None:
         return
     bucket = path.split("/", 1)[0]
     try:
-        found = fs.exists(bucket)
+        if fs.exists(bucket):
+            return
+        fs.ls(bucket)  # exists() says False for a bucket it may not see: listing it tells which
     except PermissionError:
         raise ConfigError(
             f"{what} {url}: access to bucket {bucket} is denied; give these credentials (AWS_ACCESS_KEY_ID, the "
-            "node's role, ...) read and write access to it, or fix the URL"
+            "node's role, ...) read and write access to it, or fix the URL; nothing was written"
         ) from None
-    if not found:
-        raise ConfigError(
-            f"{what} {url}: bucket {bucket} does not exist (or these credentials cannot see it); create it "
-            f"(e.g. `aws s3 mb s3://{bucket}`) or fix the URL; nothing was written"
-        )
+    except FileNotFoundError:
+        pass
+    raise ConfigError(
+        f"{what} {url}: bucket {bucket} does not exist (or these credentials cannot see it); create it "
+        f"(e.g. `aws s3 mb s3://{bucket}`) or fix the URL; nothing was written"
+    )
 
 
 def list_day_files(root: str, day: dt.date) -> list[DataFile]:
