@@ -83,3 +83,10 @@ class ClusterError(MtrecError):
     """The Ray cluster's job server cannot be reached, or a submitted job never ran its command."""
 
     exit_code = 9
+
+
+class StorageError(MtrecError):
+    """A file system or object store operation failed after the client's own retries (denied,
+    missing, unreachable): the CLI's one line for an OSError that no job step named itself."""
+
+    exit_code = 11

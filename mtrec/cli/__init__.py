@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 
 from mtrec.cli import (
@@ -29,7 +30,7 @@ from mtrec.cli import (
     tune,
     validate,
 )
-from mtrec.errors import MtrecError
+from mtrec.errors import MtrecError, StorageError, first_line
 from mtrec.log import configure, reset
 
 COMMANDS = (
@@ -75,6 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MtrecError as e:
         print(f"mtrec: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # storage (a denied or vanished object, a store down after retries): one line
+        if args.verbose:
+            traceback.print_exc()
+        where = f" on {e.filename}" if getattr(e, "filename", None) else ""
+        err = StorageError(
+            f"a storage operation failed{where} ({first_line(e, typed=True)}) after the client's retries; check the "
+            "URL, the credentials and the store, then rerun (a nightly resumes where it stopped; --verbose shows where)"
+        )
+        print(f"mtrec: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("mtrec: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,8 @@ machine). What is sent, as the job's runtime environment:
   cluster runs exactly the submitter's version; `--installed` uses the cluster's own install
   instead) and the `--config` file when it is a local file (it is read on the cluster from the
   uploaded copy; URLs and the shipped examples are passed as they are);
-- env vars: MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI when set here, and each `--env KEY[=VALUE]`.
+- env vars: MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI and the store endpoints (MLFLOW_S3_ENDPOINT_URL,
+  AWS_ENDPOINT_URL[_S3], AWS_REGION, AWS_DEFAULT_REGION) when set here, and each `--env KEY[=VALUE]`.
 
 The job's driver runs `python -m mtrec.cli <command>` on the head node, joins the cluster (Ray sets
 RAY_ADDRESS for it) and starts its Ray Train workers there. `submit` streams the job's output and
@@ -50,7 +51,17 @@ from mtrec.retry import retry
 
 log = logging.getLogger(__name__)
 
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+# what a job needs to reach the same stores as this shell; credentials are not forwarded unless
+# named with --env (a cluster's nodes should have their own: an instance role, a mounted secret)
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 PATH_FLAGS = ("--logs", "--workdir", "--out", "--summary", "--checkpoint")
 SUBMITTABLE = ("train", "nightly", "backfill", "evaluate", "predict", "promote", "bn-check", "validate", "synth")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
