@@ -1,9 +1,10 @@
 """Running it for real: `mtrec submit` to a two-node Ray cluster started with `ray start`.
 
 The integration test starts a head (with the job server on 127.0.0.1) and a second node, each
-with `ray start --block` in its own process group, token-authenticated; submits a full retrain
-with 2 workers (one per node), then two nightlies for the next day at once: exactly one trains
-(warm-started from the retrain's checkpoint), the other exits 8 naming the holder. Both nodes are
+with `ray start --block` in its own process group, token-authenticated; with logs and workdir on
+an S3 server (`mtrec.testing.s3`), it submits a full retrain with 2 workers (one per node), then
+two nightlies for the next day at once: exactly one trains (warm-started from the retrain's
+checkpoint), the other exits 8 naming the holder of the lease. Both nodes are
 stopped at the end, also on failure (not with `ray stop`, which would also kill the session's
 local cluster and this pytest process with it).
 """
@@ -155,16 +156,42 @@ def _mtrec(env: dict, *argv: str, timeout: int = 600) -> subprocess.CompletedPro
     return subprocess.run([str(BIN / "mtrec"), *argv], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture
+def s3_world(world3):
+    """An S3 server (`mtrec.testing.s3`) holding world3 under s3://mtrec/world: the only storage
+    the two nodes share, as on separate machines. Yields (server, logs URL)."""
+    import s3fs
+
+    from mtrec.testing.s3 import S3Server
+
+    with S3Server() as s3:
+        s3.make_bucket("mtrec")
+        fs = s3fs.S3FileSystem(
+            key=s3.env()["AWS_ACCESS_KEY_ID"],
+            secret=s3.env()["AWS_SECRET_ACCESS_KEY"],
+            endpoint_url=s3.endpoint,
+            skip_instance_cache=True,
+        )
+        fs.put(world3, "mtrec/world", recursive=True)
+        yield s3, "s3://mtrec/world"
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, world3, tmp_path):
+def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, s3_world, tmp_path):
+    """Logs, workdir (checkpoints, the lease) and MLflow's artifacts on S3; the endpoint reaches the
+    job because `submit` forwards AWS_ENDPOINT_URL, the keys because they are named with --env."""
     url, env = two_node_cluster
-    cfg = small_config(world3, str(tmp_path / "work"), placement="spread")
+    s3, logs = s3_world
+    env = {**env, **s3.env()}
+    workdir = "s3://mtrec/work"
+    cfg = small_config(logs, workdir, placement="spread")
     d = cfg.model_dump(mode="json")
-    d["tracking"]["enabled"] = True  # embedded sqlite under the workdir: both nodes see it
+    d["tracking"].update(enabled=True, uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=f"{workdir}/mlartifacts")
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(d))
     summary = tmp_path / "summary.json"
+    keys = ["--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY"]
 
     # 1. full retrain of days 1-2 with 2 workers, through the job server
     p = _mtrec(
@@ -172,6 +199,7 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
         "submit",
         "--address",
         url,
+        *keys,
         "--",
         "train",
         "--config",
@@ -188,6 +216,7 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     assert "submitted mtrec-train-2026-01-01-2026-01-02-" in out and "SUCCEEDED" in out
+    assert "AWS_ENDPOINT_URL" in out and "AWS_SECRET_ACCESS_KEY" in out  # the env names sent, not the values
     assert "ray: joined cluster" in out and "2 node(s)" in out  # the job's own output, streamed
     s = json.loads(summary.read_text())
     assert s["rows"] == s["expected_rows"] == 2 * ROWS
@@ -198,24 +227,29 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
     assert pc.sum(pa.array([w["pad_steps"] for w in s["workers"]])).as_py() == abs(
         s["workers"][0]["batches"] - s["workers"][1]["batches"]
     )
-    ckpt = Path(s["checkpoint"])
-    assert ckpt == Path(d["job"]["workdir"]) / "checkpoints" / cfg.name / f"dt={DAY2}" and (ckpt / "_SUCCESS").exists()
+    ckpt = f"{workdir}/checkpoints/{cfg.name}/dt={DAY2}"
+    bucket = s3.client()
+    assert s["checkpoint"] == ckpt
+    assert bucket.head_object(Bucket="mtrec", Key=f"work/checkpoints/{cfg.name}/dt={DAY2}/_SUCCESS")
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{d['job']['workdir']}/mlflow.db"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri, uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     assert (
         run.info.status == "FINISHED"
         and run.data.tags["mtrec.kind"] == "full_retrain"
-        and run.data.tags["mtrec.checkpoint"] == str(ckpt)
+        and run.data.tags["mtrec.checkpoint"] == ckpt
     )
     assert (
         run.data.params["world_size"] == "2" and 0 < run.data.metrics["eval/ctr/auc"] < 1
     )  # evaluated on day 3 (8k rows: no quality claim)
+    assert run.info.artifact_uri.startswith(f"{workdir}/mlartifacts/")
+    listed = bucket.list_objects_v2(Bucket="mtrec", Prefix=run.info.artifact_uri.removeprefix("s3://mtrec/"))
+    assert listed["KeyCount"] > 0  # the artifacts are on the server
 
     # 2. two nightlies for day 3 at once: one trains (warm start from day 2), the other is refused
-    nightly = ["--", "nightly", "--config", str(path), "--date", str(DAY3)]
+    nightly = [*keys, "--", "nightly", "--config", str(path), "--date", str(DAY3)]
     ids = []
     for _ in range(2):
         p = _mtrec(env, "submit", "--address", url, "--no-wait", *nightly, timeout=120)
@@ -230,10 +264,12 @@ def test_submit_a_retrain_and_a_nightly_to_a_two_node_cluster(two_node_cluster, 
     assert (
         f"esmm_synth is being trained by `mtrec nightly {DAY3}`" in refused.stdout
         and f"Ray job {winner}" in refused.stdout
+        and f"{workdir}/locks/esmm_synth.lock" in refused.stdout
     )
     assert f"job {loser} FAILED: mtrec exited 8" in refused.stderr
-    manifest = json.loads((ckpt.parent / f"dt={DAY3}" / "manifest.json").read_text())
-    assert manifest["parent"] == str(ckpt) and manifest["days"] == [str(DAY3)]
+    body = bucket.get_object(Bucket="mtrec", Key=f"work/checkpoints/{cfg.name}/dt={DAY3}/manifest.json")["Body"]
+    manifest = json.loads(body.read())
+    assert manifest["parent"] == ckpt and manifest["days"] == [str(DAY3)]
     status = _mtrec(env, "submit", "--address", url, "--status", winner, timeout=60)
     assert status.returncode == 0 and f"{winner}: SUCCEEDED" in status.stdout
 
