@@ -288,7 +288,8 @@ def feature_batches(
     fill = {c: COLUMN_TYPES[role].canonical(pa.int64()) for c, (role, _) in roles.items() if role in UNSERVED_ROLES}
     files = list_day_files(root, day)
     for f in files:
-        missing = [c for c in roles if c not in fill and c not in read_schema(f, spec.columns).names]
+        names = set(read_schema(f, spec.columns).names)  # one footer read per file
+        missing = [c for c in roles if c not in fill and c not in names]
         if missing:
             raise DataValidationError(
                 f"{f.url} lacks {', '.join(f'`{c}`' for c in missing)}: serving logs need every feature the model "
