@@ -345,6 +345,18 @@ class JobConfig(Strict):
         return name
 
 
+SECRET_KEY_RE = re.compile(r"key|secret|token|password|credential|sas|signature", re.IGNORECASE)
+
+
+def _redact(value: Any, name: str = "") -> Any:
+    """`value` with every leaf under a key matching SECRET_KEY_RE replaced by "<redacted>"."""
+    if isinstance(value, dict):
+        return {k: _redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, name) for v in value]
+    return "<redacted>" if SECRET_KEY_RE.search(name) and value not in (None, "") else value
+
+
 def absolute_url(url: str) -> str:
     """A relative local path made absolute against the current directory (where the config is
     loaded): Ray workers run in other directories, so every process must see the same path.
@@ -607,6 +619,13 @@ class MtrecConfig(_SpecFields):
             return {}
         return {t.name: math.log(s.odds_factor) for t in self.tasks if t.given is None and t.label == s.label}
 
+    def redacted(self) -> dict[str, Any]:
+        """The config as JSON data for what others read (MLflow params and artifacts, checkpoint
+        manifests): `job.storage_options` values whose key names a secret are replaced."""
+        data = self.model_dump(mode="json")
+        data["job"]["storage_options"] = _redact(data["job"]["storage_options"])
+        return data
+
     def fingerprint(self) -> str:
         """Hash of everything that shapes the saved state: the model spec and the kind of each
         optimizer (not paths, not learning rates). A checkpoint loads only under an equal one."""
@@ -674,9 +693,16 @@ def load_config(source: str | Path, logs: str | None = None, workdir: str | None
 
     Raises:
         ConfigError: one line naming the key, the value received and the fix.
+
+    This process's fsspec file systems take the config's `job.storage_options` from then on (a
+    job applies them again when it starts, `mtrec.jobs.protocol.check_stores`).
     """
+    from mtrec.data.io import apply_storage_options
+
     data, label = read_config_dict(source)
-    return parse_config(data, label).with_overrides(logs=logs, workdir=workdir)
+    cfg = parse_config(data, label).with_overrides(logs=logs, workdir=workdir)
+    apply_storage_options(cfg.job.storage_options)
+    return cfg
 
 
 def read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
@@ -716,13 +742,8 @@ def read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def parse_config(data: dict[str, Any], label: str = "config") -> MtrecConfig:
-    """Validate a config given as a dict (already parsed YAML); see `load_config`. This process's
-    fsspec file systems take the config's `job.storage_options` from then on."""
-    from mtrec.data.io import apply_storage_options
-
-    cfg = validate(MtrecConfig, data, label)
-    apply_storage_options(cfg.job.storage_options)
-    return cfg
+    """Validate a config given as a dict (already parsed YAML); see `load_config`."""
+    return validate(MtrecConfig, data, label)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -235,3 +235,28 @@ def test_batch_norm_needs_two_rows_per_batch(esmm):
     esmm["model"]["batch_norm"] = True
     esmm["train"]["batch_size"] = 1
     assert "`model.batch_norm: true` with `train.batch_size: 1`: BatchNorm needs at least 2 rows" in _err(esmm)
+
+
+def test_storage_options_are_checked_and_their_secrets_never_recorded(esmm):
+    d = copy.deepcopy(esmm)
+    d["job"]["storage_options"] = {
+        "s3": {
+            "endpoint_url": "http://minio:9000",
+            "key": "AKIA1",
+            "secret": "s3cr3t",
+            "client_kwargs": {"region_name": "x"},
+        }
+    }
+    cfg = parse_config(d)
+    assert cfg.job.storage_options["s3"]["secret"] == "s3cr3t"  # the job uses them as given
+    shown = cfg.redacted()["job"]["storage_options"]["s3"]
+    assert shown == {
+        "endpoint_url": "http://minio:9000",
+        "key": "<redacted>",
+        "secret": "<redacted>",
+        "client_kwargs": {"region_name": "x"},
+    }
+    assert "s3cr3t" not in yaml.safe_dump(cfg.redacted()) and cfg.fingerprint() == parse_config(esmm).fingerprint()
+    d["job"]["storage_options"] = {"s4": {}}
+    with pytest.raises(ConfigError, match="`job.storage_options` names protocol 's4', which fsspec does not know"):
+        parse_config(d)

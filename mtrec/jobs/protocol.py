@@ -32,7 +32,16 @@ from typing import Any
 
 from mtrec import __version__
 from mtrec.config import MtrecConfig
-from mtrec.data.io import DataFile, check_bucket, filesystem, is_local, join, list_day_files, local_path
+from mtrec.data.io import (
+    DataFile,
+    apply_storage_options,
+    check_bucket,
+    filesystem,
+    is_local,
+    join,
+    list_day_files,
+    local_path,
+)
 from mtrec.data.validate import ValidationReport, check_day, validate_day
 from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
 from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
@@ -245,8 +254,10 @@ def job_id(
 
 
 def check_stores(cfg: MtrecConfig) -> None:
-    """Before a job takes its lock (the first thing it writes): the buckets it writes to exist
-    (`check_bucket`: a workdir or artifact root on an object store)."""
+    """Before a job takes its lock (the first thing it writes): its storage options apply in this
+    process, and the buckets it writes to exist (`check_bucket`: a workdir or artifact root on an
+    object store)."""
+    apply_storage_options(cfg.job.storage_options)
     check_bucket(cfg.job.workdir, "job.workdir")
     if cfg.tracking.enabled and cfg.tracking.artifacts:
         check_bucket(cfg.tracking.artifacts, "tracking.artifacts")
@@ -356,7 +367,7 @@ def plan_job(
         "job_id": jid,
         "config_fingerprint": cfg.fingerprint(),
         "training_fingerprint": cfg.training_fingerprint(),
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.redacted(),
         "epochs": epochs,
         "input_rows": sum(r.input_rows for r in reports),
         "quarantined_rows": sum(r.bad_rows for r in reports),

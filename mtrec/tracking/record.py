@@ -62,7 +62,7 @@ def record_job(
     from mtrec.train import checkpoint
 
     t0 = time.perf_counter()
-    params = flatten(cfg.model_dump(mode="json"))
+    params = flatten(cfg.redacted())
     params["world_size"] = str(summary.world_size)
     params.update({f"plan.{t}": v["sharding_type"] for t, v in summary.plan.items()})
     tracker.log_params(run_id, params)
@@ -74,7 +74,7 @@ def record_job(
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        (out / "config.json").write_text(json.dumps(cfg.redacted(), indent=2))
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         for r in reports:
             (out / "validation").mkdir(exist_ok=True)
