@@ -148,6 +148,10 @@ def test_train_nightly_resume_publish_and_gate_on_s3_equal_local_disk(ray_local,
     assert run.info.artifact_uri.startswith(f"s3://{BUCKET}/work/mlartifacts/")
     assert {"config.json", "manifest.json", "plots"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
     assert fs.find(run.info.artifact_uri.removeprefix("s3://"))  # the objects are on the server
+    # the keys in job.storage_options reach every process, never a record
+    secret = s3.env()["AWS_SECRET_ACCESS_KEY"]
+    assert run.data.params["job.storage_options.s3.secret"] == "<redacted>"
+    assert secret not in str(ck.read_manifest(got[1].checkpoint)) and secret not in str(run.data.params)
 
 
 def test_a_missing_or_denied_bucket_is_one_line_and_nothing_is_written(s3, worlds, tmp_path):

@@ -1,5 +1,5 @@
 """A real S3 server on 127.0.0.1 for tests and benchmarks: moto's S3 behind a proxy that counts
-requests and can fail a fraction of them, the way a real object store throttles.
+requests and can fail, lose, hold or deny them.
 
     with S3Server() as s3:                      # a subprocess: its own view, like a real store
         s3.make_bucket("mtrec")
@@ -8,17 +8,24 @@ requests and can fail a fraction of them, the way a real object store throttles.
         s3.set_faults(0.05, seed=1)             # 5% of requests answer 503 SlowDown
         s3.set_faults(0.04, seed=1, lose=0.01)  # and 1% done but never answered
         s3.counts()                             # {"GET": 812, "PUT": 240, ..., "failed": 53}
+        s3.requests()                           # [(time, "PUT", "/mtrec/work/..."), ...]
         s3.hold("/dt=2026-01-02/", after=3)     # the 4th request on that path and later hang
+        s3.deny("/other-bucket")                # 403 AccessDenied, as a bucket policy would
 
 The server is one process (`python -m mtrec.testing.s3`): moto's S3 (`ThreadedMotoServer`) on one
 port, the proxy on another; clients talk to the proxy (`endpoint`). moto enforces S3's
 conditional writes (`If-None-Match: *`, `If-Match`), has no atomic rename, and answers listings
-from the objects present. An injected failure is answered before the request reaches moto,
-so it changed nothing: what a client sees of a throttled request (503 SlowDown), which every S3
-client retries with backoff. `delay_s` adds latency to every request. The control endpoint
-`/_mtrec/...` is the proxy's own and is not counted. `set_faults(lose=...)` is
-the nastier fault: the store does the request, the answer is lost (the client retries a write
-that already happened; a conditional create then fails on its own object).
+from the objects present. The faults:
+
+- failed (`set_faults(rate)`): answered 503 SlowDown before the request reaches moto, so it
+  changed nothing: what a client sees of a throttled request, which every S3 client retries;
+- lost (`set_faults(lose=...)`): moto does the request and the proxy drops the connection instead
+  of answering, so the client retries a write that already happened (a conditional create then
+  fails on its own object);
+- `delay_s`: latency added to every request; `hold`: requests left unanswered until `release`
+  (a test kills the client meanwhile); `deny`: 403 AccessDenied.
+
+The control endpoint `/_mtrec/...` is the proxy's own and is not counted.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class _State:
         self.upstream = upstream
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.log: list[tuple[float, str, str]] = []  # (time.time(), method, path?query) of each request
         self.fail_rate = 0.0
         self.lose_rate = 0.0
         self.delay_s = 0.0
@@ -80,11 +88,12 @@ class _State:
             self.counts["held"] += 1
         return True
 
-    def admit(self, method: str) -> str:
+    def admit(self, method: str, path: str) -> str:
         """Count a request and decide its fate: "fail" (503 before the store sees it), "lose" (the
         store does it, the answer is lost: the connection drops) or "pass"."""
         with self.lock:
             self.counts[method] += 1
+            self.log.append((time.time(), method, path))
             draw = self.rng.random()
             if draw < self.fail_rate:
                 self.counts["failed"] += 1
@@ -140,6 +149,7 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.delay_s = float(body.get("delay_s", state.delay_s))
                 elif what == "reset":
                     state.counts.clear()
+                    state.log.clear()
                 elif what == "hold":
                     state.hold = (body["pattern"], int(body.get("after", 0)))
                     state.released.clear()
@@ -148,7 +158,7 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     state.released.set()
                 elif what == "deny":
                     state.denied = list(body.get("patterns", []))
-                out = json.dumps(dict(state.counts)).encode()
+                out = json.dumps(state.log if what == "requests" else dict(state.counts)).encode()
             self._reply(200, [("Content-Type", "application/json")], out)
 
         def _forward(self) -> None:
@@ -159,7 +169,7 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 state.released.wait()
             if state.delay_s:
                 time.sleep(state.delay_s)
-            fate = state.admit(self.command)
+            fate = state.admit(self.command, self.path)
             if fate == "fail":
                 return self._reply(503, [("Content-Type", "application/xml"), ("Retry-After", "0")], SLOW_DOWN)
             if any(p in urllib.parse.unquote(self.path) for p in state.denied):
@@ -246,6 +256,11 @@ class S3Server:
     def counts(self) -> dict[str, int]:
         """Requests by HTTP method since the last `reset_counts`, and `failed`: those injected to fail."""
         return self._control("counts")
+
+    def requests(self) -> list[tuple[float, str, str]]:
+        """Every request since the last `reset_counts`: (time.time() on arrival, HTTP method, path
+        with its query, as sent: keys quoted), injected failures included."""
+        return [tuple(r) for r in self._control("requests")]
 
     def reset_counts(self) -> None:
         self._control("reset")
