@@ -123,6 +123,28 @@ def test_publish_is_atomic_locally_and_marker_last_on_an_object_store(saved, tmp
     assert not fsspec.filesystem("memory").exists("/mtrec-test/_staging/run")
 
 
+def test_an_object_that_is_not_readable_whole_after_its_copy_is_never_covered_by_success(saved, monkeypatch):
+    """The store answered a copy, but the object is not there whole: the day stays unpublished
+    (no `_SUCCESS`), the error names the object, and the staged copy is kept for the rerun."""
+    import fsspec
+
+    cfg, res, _ = saved
+    staged, final = "memory://mtrec-short/_staging/run", "memory://mtrec-short/dt=2026-01-01"
+    ck.save(res.dmp, res.optimizer, staged, {"model": cfg.name}, marker=False)
+    fs = fsspec.filesystem("memory")
+    copy = type(fs).copy
+
+    def short_copy(self, path1, path2, **kw):
+        copy(self, path1, path2, **kw)
+        if str(path2).endswith("manifest.json"):
+            self.pipe_file(path2, self.cat_file(path2)[:-1])
+
+    monkeypatch.setattr(type(fs), "copy", short_copy)
+    with pytest.raises(CheckpointError, match=r"dt=2026-01-01/manifest.json holds \d+ bytes after the copy"):
+        ck.publish(staged, final)
+    assert not fs.exists("/mtrec-short/dt=2026-01-01/_SUCCESS") and fs.exists("/mtrec-short/_staging/run/manifest.json")
+
+
 def test_a_force_run_that_died_between_renames_gets_the_old_checkpoint_back(saved, tmp_path):
     cfg, res, url = saved
     here = cfg.with_overrides(workdir=str(tmp_path / "work"))
