@@ -184,15 +184,17 @@ def test_a_missing_or_denied_bucket_is_one_line_and_nothing_is_written(s3, world
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_writer_killed_between_objects_of_a_publish_is_repaired_by_the_next_run(s3, worlds, tmp_path):
+def test_a_writer_killed_between_objects_of_a_publish_is_repaired_by_the_next_run(ray_local, s3, worlds, tmp_path):
     """`mtrec nightly` SIGKILLed while it copies the day's checkpoint into dt=D/ (the server holds
     its next request): no reader accepts the half-copied day; the next run, once the dead job's
     lease has expired, trains the day again and publishes it whole."""
     cfg = job_config(worlds[1], f"s3://{BUCKET}/killed", tmp_path / "k.db", s3, num_workers=1)
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, **s3.env()}
-    env.pop("RAY_ADDRESS", None)
+    import ray
+
+    # the jobs join the session's Ray cluster (a driver killed there takes only its own job along)
+    env = {**os.environ, **s3.env(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     day = f"{BUCKET}/killed/checkpoints/esmm_synth/dt={DAY1}/"
     s3.hold(f"/{day}", after=3)  # the old marker's check and two objects pass, the third copy hangs
     argv = [sys.executable, "-m", "mtrec.cli", "nightly", "--config", str(cfg_file), "--date", str(DAY1)]
