@@ -188,3 +188,19 @@ def test_json_is_strict_a_nan_metric_is_null(capsys):
         "metrics": {"ctr/auc": None, "ctr/ne": None, "rows": 3},
         "days": [1.5],
     }
+
+
+def test_a_storage_failure_no_step_named_is_one_line_with_exit_11(world, tmp_path, capsys, monkeypatch):
+    """An OSError from a store (here: listing the logs is denied) that reaches the CLI is one
+    line naming the config's stores, not a traceback; exit 11 says a rerun may help."""
+    from mtrec.data import io
+
+    def denied(root):
+        raise PermissionError("Forbidden")
+
+    monkeypatch.setattr(io, "list_days", denied)
+    monkeypatch.setattr("mtrec.data.validate.list_day_files", lambda *a: denied(a[0]))
+    code, out, err = run(capsys, "validate", "--logs", world, "--workdir", str(tmp_path / "w"), "--date", "2026-01-01")
+    assert code == 11 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"mtrec: error: a storage operation failed on one of job.logs {world}, job.workdir ")
+    assert "(PermissionError: Forbidden) after the client's retries" in err

@@ -68,6 +68,19 @@ def build_parser(abbrev: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _stores(args: argparse.Namespace) -> str:
+    """ " on one of <the command's config's logs and workdir>", or "" (no config, or none that loads)."""
+    if not hasattr(args, "config"):
+        return ""
+    try:
+        from mtrec.config import load_config
+
+        cfg = load_config(args.config, logs=getattr(args, "logs", None), workdir=getattr(args, "workdir", None))
+    except Exception:  # noqa: BLE001 - only a hint for a message about another failure
+        return ""
+    return f" on one of job.logs {cfg.job.logs}, job.workdir {cfg.job.workdir}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure(sys.stderr, args.verbose)
@@ -79,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # storage (a denied or vanished object, a store down after retries): one line
         if args.verbose:
             traceback.print_exc()
-        where = f" on {e.filename}" if getattr(e, "filename", None) else ""
+        where = f" on {e.filename}" if getattr(e, "filename", None) else _stores(args)
         err = StorageError(
             f"a storage operation failed{where} ({first_line(e, typed=True)}) after the client's retries; check the "
             "URL, the credentials and the store, then rerun (a nightly resumes where it stopped; --verbose shows where)"

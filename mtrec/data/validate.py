@@ -411,6 +411,11 @@ def _read_footer(f: DataFile) -> pq.FileMetaData:
     try:
         with fs.open(path, "rb") as fh:
             return pq.ParquetFile(fh).metadata
+    except PermissionError as e:
+        raise DataValidationError(
+            f"{f.url}: access denied ({e}); give these credentials read access to the logs (AWS_ACCESS_KEY_ID, "
+            "the node's role, ...)"
+        ) from None
     except (pa.ArrowInvalid, OSError) as e:
         raise DataValidationError(
             f"{f.url}: not a readable Parquet file ({e}); re-export the file or remove it from the day"
