@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from mtrec.config import MtrecConfig
-from mtrec.data.io import filesystem, is_local_fs, join
+from mtrec.data.io import filesystem, is_local_fs, join, protocols
 from mtrec.errors import ConfigError, LockHeld
 
 # the lease's lifetime when set (tests); else the config's `job.lease_ttl_s`
@@ -160,10 +160,6 @@ def _read_holder(fd: int) -> dict | None:
         return json.loads(os.pread(fd, 65536, 0).decode() or "null")
     except (OSError, ValueError):
         return None
-
-
-def _protocols(fs) -> tuple[str, ...]:
-    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
 def _encode(lease: dict) -> bytes:
@@ -372,19 +368,19 @@ class _ReadBackStore(_Store):
 
 
 def _store(fs, ttl: float) -> _Store:
-    protocols = _protocols(fs)
-    if "s3" in protocols:
+    names = protocols(fs)
+    if "s3" in names:
         return _S3Store(fs)
-    if "memory" in protocols:
+    if "memory" in names:
         return _MemoryStore(fs)
     with _guard:
-        first = protocols[0] not in _warned
-        _warned.add(protocols[0])
+        first = names[0] not in _warned
+        _warned.add(names[0])
     if first:
         log.warning(
             "the model lock on %s:// is a best-effort lease (this store's conditional writes are not used): "
             "two jobs starting within a second could both hold it; let the scheduler never start two at once",
-            protocols[0],
+            names[0],
         )
     return _ReadBackStore(fs, settle=min(0.5, ttl / 10))
 

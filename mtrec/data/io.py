@@ -126,9 +126,14 @@ def local_path(url: str) -> str:
     return url.removeprefix("file://")
 
 
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    """The protocol names of an fsspec file system (one, or a tuple of aliases: ("s3", "s3a"))."""
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
     """True for fsspec's local file system, whose paths the os module can rename and lock."""
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return "file" in protocols(fs)
 
 
 def day_url(root: str, day: dt.date) -> str:
@@ -178,7 +183,7 @@ def check_bucket(url: str, what: str) -> None:
     from mtrec.errors import ConfigError
 
     fs, path = filesystem(url)
-    if not set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & set(NO_LISTINGS_CACHE):
+    if not set(protocols(fs)) & set(NO_LISTINGS_CACHE):
         return
     bucket = path.split("/", 1)[0]
     try:
