@@ -37,11 +37,18 @@ BUCKET = "mtrec"
 def s3():
     """One S3 server for the module, bucket `mtrec`; this process's AWS environment points at it
     (the standard way, read by s3fs and by MLflow's boto3)."""
+    import copy
+
+    import fsspec
+
+    conf = copy.deepcopy(fsspec.config.conf)  # the jobs apply job.storage_options to this process
     with S3Server() as server, pytest.MonkeyPatch.context() as mp:
         for k, v in server.env().items():
             mp.setenv(k, v)
         server.make_bucket(BUCKET)
         yield server
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(conf)
 
 
 @pytest.fixture(scope="module")
