@@ -93,10 +93,7 @@ def job_config(logs: str, workdir: str, db: Path, artifacts: str | None, args, s
     if artifacts:
         d["tracking"]["artifacts"] = artifacts
     if s3 is not None:
-        env = s3.env()
-        d["job"]["storage_options"] = {
-            "s3": {"endpoint_url": s3.endpoint, "key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"]}
-        }
+        d["job"]["storage_options"] = {"s3": s3.storage_options()}
     return parse_config(d)
 
 

@@ -166,12 +166,7 @@ def s3_world(world3):
 
     with S3Server() as s3:
         s3.make_bucket("mtrec")
-        fs = s3fs.S3FileSystem(
-            key=s3.env()["AWS_ACCESS_KEY_ID"],
-            secret=s3.env()["AWS_SECRET_ACCESS_KEY"],
-            endpoint_url=s3.endpoint,
-            skip_instance_cache=True,
-        )
+        fs = s3fs.S3FileSystem(**s3.storage_options(), skip_instance_cache=True)
         fs.put(world3, "mtrec/world", recursive=True)
         yield s3, "s3://mtrec/world"
 

@@ -78,10 +78,7 @@ def job_config(logs: str, workdir: str, db, s3: S3Server | None = None, **train)
         f["hash_size"] = min(f["hash_size"], 20_000)
     d["tracking"].update(uri=f"sqlite:///{db}", artifacts=f"{workdir}/mlartifacts")
     if s3 is not None:
-        env = s3.env()
-        d["job"]["storage_options"] = {
-            "s3": {"endpoint_url": s3.endpoint, "key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"]}
-        }
+        d["job"]["storage_options"] = {"s3": s3.storage_options()}
         d["job"]["lease_ttl_s"] = 6
     return parse_config(without_floors(d))
 

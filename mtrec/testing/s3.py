@@ -294,6 +294,11 @@ class S3Server:
             "AWS_ENDPOINT_URL": self.endpoint,
         }
 
+    def storage_options(self) -> dict[str, str]:
+        """s3fs's options for this server (endpoint and keys): `job.storage_options: {s3: ...}`, or
+        `s3fs.S3FileSystem(**options)`."""
+        return {"endpoint_url": self.endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY}
+
     def client(self):
         """A boto3 S3 client of this server."""
         import boto3
