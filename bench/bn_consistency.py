@@ -56,7 +56,7 @@ def separation(model, cfg, day) -> dict[str, tuple[float, float]]:
     (share after sampling - share served) x (mu_click - mu_noclick), so the smd it can cause is
     that shift over sd: this says how large the check's figure can get on this world."""
     layers = bn.bn_layers(model)
-    acc = {name: [bn._Moments(m.num_features), bn._Moments(m.num_features)] for name, m in layers.items()}
+    acc = {name: [bn.Moments(m.num_features), bn.Moments(m.num_features)] for name, m in layers.items()}
     mask = {}
 
     def hook(name):

@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import torch
 from torch import nn
 
 from mtrec.config import BNCheckConfig
@@ -51,6 +50,7 @@ from mtrec.data.io import list_day_files
 from mtrec.data.validate import read_schema
 from mtrec.errors import DataValidationError
 from mtrec.eval.scoring import evaluating, score_batches
+from mtrec.eval.sharded import Moments
 from mtrec.spec import ModelSpec
 from mtrec.train.stream import day_batches, feature_batches
 
@@ -74,23 +74,32 @@ def capture(model: nn.Module) -> dict[str, dict]:
     }
 
 
-class _Moments:
-    """Per-channel count, sum and sum of squares (float64) of a layer's inputs."""
+def served_bn_names(model: nn.Module) -> list[str]:
+    """The BN layers of `model` that the served model keeps (a training model's shallow tower is
+    dropped at serving), in forward order."""
+    return [name for name in bn_layers(model) if not name.startswith("shallow_tower.")]
 
-    def __init__(self, channels: int):
-        self.n = 0
-        self.s = np.zeros(channels)
-        self.ss = np.zeros(channels)
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().double().reshape(x.shape[0], x.shape[1], -1).transpose(1, 2).reshape(-1, x.shape[1])  # rows x C
-        self.n += x.shape[0]
-        self.s += x.sum(0).numpy()
-        self.ss += (x * x).sum(0).numpy()
+def running_stats(model: nn.Module, names: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{layer: (running mean, running var)} as float64 arrays (`names`: those layers only)."""
+    layers = bn_layers(model)
+    return {
+        name: (m.running_mean.double().cpu().numpy(), m.running_var.double().cpu().numpy())
+        for name, m in layers.items()
+        if names is None or name in names
+    }
 
-    def mean_var(self) -> tuple[np.ndarray, np.ndarray]:
-        mean = self.s / max(self.n, 1)
-        return mean, np.maximum(self.ss / max(self.n, 1) - mean * mean, 0.0)  # population variance, as BN normalizes
+
+def from_moments(
+    model: nn.Module, moments: dict[str, Moments], limits: BNCheckConfig, day: dt.date, population: str
+) -> BNReport:
+    """The check of `model`'s running statistics against reference moments collected elsewhere
+    (on the workers, merged across ranks: `mtrec.eval.sharded`), for the layers in `moments`."""
+    rows = max((m.n for m in moments.values()), default=0)
+    ref = {name: m.mean_var() for name, m in moments.items()}
+    report = compare(running_stats(model, list(moments)), ref, limits, day.isoformat(), rows)
+    report.population = population
+    return report
 
 
 def has_serving_logs(serving_logs: str | None, day: dt.date) -> bool:
@@ -154,7 +163,7 @@ def reference(
     """({layer: (mean, var) of its input on the day as served}, rows): eval mode, forward hooks;
     the day's impressions, or with `serving_logs` its candidates (`serving_batches`)."""
     layers = bn_layers(model)
-    moments = {name: _Moments(m.num_features) for name, m in layers.items()}
+    moments = {name: Moments(m.num_features) for name, m in layers.items()}
     hooks = [
         m.register_forward_pre_hook(lambda _m, args, name=name: moments[name].add(args[0]))
         for name, m in layers.items()
@@ -328,7 +337,7 @@ def check(
     layers = bn_layers(model)
     if not layers:
         return BNReport(day.isoformat(), 0, [], limits.model_dump(), time.perf_counter() - t0, population)
-    running = {name: (m.running_mean.double().numpy(), m.running_var.double().numpy()) for name, m in layers.items()}
+    running = running_stats(model)
     ref, rows = reference(model, spec, logs, day, limits.batch_rows, serving_logs)
     report = compare(running, ref, limits, day.isoformat(), rows)
     report.seconds, report.population = time.perf_counter() - t0, population
