@@ -426,10 +426,150 @@ def quarantine_url(workdir: str, day: dt.date) -> str:
     return day_url(join(workdir, "quarantine"), day)
 
 
+@dataclass
+class FileCounts:
+    """What the contract found in one file: its rows, the quarantined ones by reason, good rows
+    whose sequences were cut to max_len, and the smallest good position. `validate_day` and a
+    training job's read (`checked_batches`, the same pass that feeds training) make them alike."""
+
+    name: str
+    size: int
+    rows: int = 0
+    bad: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
+    lowest: int | None = None  # the smallest good position as the contract reads it (None: no position column)
+
+    @property
+    def good(self) -> int:
+        return self.rows - self.bad
+
+
+def checked_batches(
+    f: DataFile,
+    validator: RowValidator,
+    counts: FileCounts,
+    quarantine: str | None = None,
+    fill: dict[str, pa.DataType] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """One file's good rows batch by batch as read, under the contract's names; every row counted
+    in `counts` (good, or bad by reason). With `quarantine` (a folder URL), the bad rows are written
+    as logged (the log's own columns, plus `source_file`, `source_row`, `reason`) to
+    `<quarantine>/<file name>`, complete when the file has been read to its end. Columns of `fill`
+    that the file lacks are added as zeros of their type before the row rules (serving logs)."""
+    spec = validator.spec
+    roles = spec.column_roles()
+    qfs, qpath = filesystem(quarantine) if quarantine is not None else (None, None)
+    writer: pq.ParquetWriter | None = None
+    sink = None
+    try:
+        for raw in iter_file_batches(f):  # every column: the bad-row rules need them, and quarantine keeps them
+            batch = contract_view(raw, spec.columns)
+            for c, t in (fill or {}).items():
+                if c not in batch.schema.names:
+                    batch = batch.append_column(c, pa.array(np.zeros(batch.num_rows, np.int64)).cast(t))
+            good, bad, bad_index = validator.split(batch)
+            if POSITION_COLUMN in roles and good.num_rows:
+                low = pc.min(good.column(POSITION_COLUMN)).as_py()
+                counts.lowest = low if counts.lowest is None else min(counts.lowest, low)
+            if bad.num_rows:
+                for reason, n in zip(
+                    *np.unique(bad.column("reason").to_numpy(zero_copy_only=False), return_counts=True), strict=True
+                ):
+                    counts.by_reason[str(reason)] = counts.by_reason.get(str(reason), 0) + int(n)
+                if qfs is not None:  # quarantined as logged: the log's own columns and values
+                    logged = raw.take(pa.array(bad_index)).append_column("reason", bad.column("reason"))
+                    logged = _with_source(logged, f.name, bad_index + counts.rows)
+                    if writer is None:
+                        qfs.makedirs(qpath, exist_ok=True)
+                        sink = qfs.open(f"{qpath}/{f.name.replace('/', '_')}", "wb")
+                        writer = pq.ParquetWriter(sink, logged.schema)
+                    writer.write_batch(logged)
+            for group, n in validator.truncated(good).items():
+                counts.truncated[group] = counts.truncated.get(group, 0) + n
+            counts.rows += batch.num_rows
+            counts.bad += bad.num_rows
+            yield good
+    finally:
+        if writer is not None:
+            writer.close()
+            sink.close()
+
+
+def clear_quarantine(workdir: str, day: dt.date) -> str:
+    """The day's quarantine folder emptied (validating a day again replaces it); returns its URL."""
+    qurl = quarantine_url(workdir, day)
+    qfs, qpath = filesystem(qurl)
+    if qfs.exists(qpath):
+        qfs.rm(qpath, recursive=True)
+    return qurl
+
+
+def day_report(
+    spec: ModelSpec,
+    logs: str,
+    day: dt.date,
+    workdir: str,
+    counts: list[FileCounts],
+    max_bad_fraction: float = 0.01,
+    seconds: float = 0.0,
+) -> ValidationReport:
+    """A day's report from its files' counts (in file order), written to
+    `<quarantine>/_report.json`, with the threshold enforced (`seconds`: what counting took).
+
+    Raises:
+        DataValidationError: the quarantined fraction is above `max_bad_fraction` (the quarantine
+            and the report are written first, so the rows can be inspected).
+    """
+    validator = RowValidator(spec)
+    qurl = quarantine_url(workdir, day)
+    report = ValidationReport(
+        date=day.isoformat(),
+        logs=day_url(logs, day),
+        quarantine=qurl,
+        by_reason={r: 0 for r in validator.reasons},
+        truncated={g.name: 0 for g in spec.features.sequences},
+        max_bad_fraction=max_bad_fraction,
+        seconds=seconds,
+    )
+    lowest = None
+    for c in counts:
+        report.input_rows += c.rows
+        report.bad_rows += c.bad
+        report.good_rows += c.good
+        for reason, n in c.by_reason.items():
+            report.by_reason[reason] = report.by_reason.get(reason, 0) + n
+        for group, n in c.truncated.items():
+            report.truncated[group] = report.truncated.get(group, 0) + n
+        if c.lowest is not None:
+            lowest = c.lowest if lowest is None else min(lowest, c.lowest)
+        report.files.append({"name": c.name, "size": c.size, "rows": c.rows, "quarantined": c.bad})
+    if lowest is not None and lowest > 0 and spec.columns.position_base == 0:
+        report.warnings.append(
+            f"no position 0 in {report.good_rows:,} good rows (the smallest is {lowest}): if the logs count slots "
+            "from 1, set `columns.position_base: 1`, else the learned position curve is off by one"
+        )
+    for w in report.warnings:
+        log.warning(f"day {day}: {w}")
+    qfs, qpath = filesystem(qurl)
+    qfs.makedirs(qpath, exist_ok=True)
+    with qfs.open(f"{qpath}/_report.json", "w") as fh:
+        fh.write(report.to_json())
+    if not report.passed:
+        top = ", ".join(f"{r} {n:,}" for r, n in sorted(report.by_reason.items(), key=lambda kv: -kv[1]) if n)
+        raise DataValidationError(
+            f"day {day}: {report.bad_fraction:.2%} of rows quarantined "
+            f"({report.bad_rows:,} of {report.input_rows:,}: {top}) "
+            f"is above job.max_bad_fraction={max_bad_fraction:.2%}; inspect {qurl}, fix the logs or raise the limit"
+        )
+    return report
+
+
 def validate_day(
     spec: ModelSpec, logs: str, day: dt.date, workdir: str, max_bad_fraction: float = 0.01
 ) -> ValidationReport:
-    """Validate one day of logs, write its quarantine and report, and enforce the threshold.
+    """Validate one day of logs, write its quarantine and report, and enforce the threshold
+    (`mtrec validate`; a training job does the same inside its read: `checked_batches`).
 
     Args:
         spec (ModelSpec): the columns and label rules to check.
@@ -448,77 +588,15 @@ def validate_day(
     t0 = time.perf_counter()
     files = check_day(spec, logs, day)  # schemas and rows first: a bad day stops before anything is written
     validator = RowValidator(spec)
-    roles = spec.column_roles()
-    lowest = None  # the smallest good position (as the contract reads it) of the day
-
-    qurl = quarantine_url(workdir, day)
-    qfs, qpath = filesystem(qurl)
-    if qfs.exists(qpath):
-        qfs.rm(qpath, recursive=True)  # re-validating a day replaces its quarantine
-    report = ValidationReport(
-        date=day.isoformat(),
-        logs=day_url(logs, day),
-        quarantine=qurl,
-        by_reason={r: 0 for r in validator.reasons},
-        truncated={g.name: 0 for g in spec.features.sequences},
-        max_bad_fraction=max_bad_fraction,
-    )
+    qurl = clear_quarantine(workdir, day)
+    counts = []
     for f in files:
-        rows = bad_rows = 0
-        writer: pq.ParquetWriter | None = None
-        sink = None
-        try:
-            for raw in iter_file_batches(f):
-                batch = contract_view(raw, spec.columns)
-                good, bad, bad_index = validator.split(batch)
-                if POSITION_COLUMN in roles and good.num_rows:
-                    low = pc.min(good.column(POSITION_COLUMN)).as_py()
-                    lowest = low if lowest is None else min(lowest, low)
-                if bad.num_rows:  # quarantined as logged: the log's own columns and values
-                    bad = raw.take(pa.array(bad_index)).append_column("reason", bad.column("reason"))
-                    bad = _with_source(bad, f.name, bad_index + rows)
-                    if writer is None:
-                        qfs.makedirs(qpath, exist_ok=True)
-                        sink = qfs.open(f"{qpath}/{f.name.replace('/', '_')}", "wb")
-                        writer = pq.ParquetWriter(sink, bad.schema)
-                    writer.write_batch(bad)
-                    for reason, n in zip(
-                        *np.unique(bad.column("reason").to_numpy(zero_copy_only=False), return_counts=True), strict=True
-                    ):
-                        report.by_reason[str(reason)] += int(n)
-                for group, n in validator.truncated(good).items():
-                    report.truncated[group] += n
-                rows += batch.num_rows
-                bad_rows += bad.num_rows
-                report.good_rows += good.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-                sink.close()
-        report.input_rows += rows
-        report.bad_rows += bad_rows
-        report.files.append({"name": f.name, "size": f.size, "rows": rows, "quarantined": bad_rows})
-        log.debug(f"  {day_url(logs, day)}/{f.name}: {rows:,} rows, {bad_rows:,} quarantined")
-    assert report.input_rows == report.good_rows + report.bad_rows  # internal invariant, not user input
-    if lowest is not None and lowest > 0 and spec.columns.position_base == 0:
-        report.warnings.append(
-            f"no position 0 in {report.good_rows:,} good rows (the smallest is {lowest}): if the logs count slots "
-            "from 1, set `columns.position_base: 1`, else the learned position curve is off by one"
-        )
-    for w in report.warnings:
-        log.warning(f"day {day}: {w}")
-    report.seconds = time.perf_counter() - t0
-    qfs.makedirs(qpath, exist_ok=True)
-    with qfs.open(f"{qpath}/_report.json", "w") as fh:
-        fh.write(report.to_json())
-    if not report.passed:
-        top = ", ".join(f"{r} {n:,}" for r, n in sorted(report.by_reason.items(), key=lambda kv: -kv[1]) if n)
-        raise DataValidationError(
-            f"day {day}: {report.bad_fraction:.2%} of rows quarantined "
-            f"({report.bad_rows:,} of {report.input_rows:,}: {top}) "
-            f"is above job.max_bad_fraction={max_bad_fraction:.2%}; inspect {qurl}, fix the logs or raise the limit"
-        )
-    return report
+        c = FileCounts(f.name, f.size)
+        for _ in checked_batches(f, validator, c, qurl):
+            pass
+        counts.append(c)
+        log.debug(f"  {day_url(logs, day)}/{f.name}: {c.rows:,} rows, {c.bad:,} quarantined")
+    return day_report(spec, logs, day, workdir, counts, max_bad_fraction, time.perf_counter() - t0)
 
 
 def _with_source(bad: pa.RecordBatch, name: str, rows: np.ndarray) -> pa.RecordBatch:

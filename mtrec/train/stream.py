@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from mtrec.data.io import DataFile, list_day_files
 from mtrec.data.kinds import COLUMN_TYPES
-from mtrec.data.validate import RowValidator, iter_file_batches
+from mtrec.data.validate import FileCounts, RowValidator, checked_batches
 from mtrec.spec import ModelSpec
 from mtrec.train.position import FILE_COL, ROW_COL, Position, batch_positions, skip_trained
 
@@ -205,25 +205,24 @@ def good_file_batches(
     counts: StreamCounts | None = None,
     file_index: int | None = None,
     fill: dict[str, pa.DataType] | None = None,
+    check: FileCounts | None = None,
+    quarantine: str | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """One file's good rows, canonical (`canonical`), batch by batch as read. The one reader of
     training data: the single-process stream below and the Ray Data read tasks both use it.
     With `file_index`, each row also carries its position (`mtrec.train.position`): `_file` =
     file_index, `_row` = its ordinal among the file's good rows. Columns of `fill` that the file
-    lacks are added as zeros of their type before the row rules (`feature_batches`)."""
+    lacks are added as zeros of their type before the row rules (`feature_batches`). The same
+    pass validates (`validate.checked_batches`): `check` receives the file's counts, and with
+    `quarantine` (a folder URL) its bad rows are written there as logged."""
     if counts is not None:
         counts.files.append(f.url)
+    check = check if check is not None else FileCounts(f.name, f.size)
     ordinal = 0
-    for batch in iter_file_batches(f, view=validator.spec.columns):  # every column: the bad-row rules need them
-        for c, t in (fill or {}).items():
-            if c not in batch.schema.names:
-                batch = batch.append_column(c, pa.array(np.zeros(batch.num_rows, np.int64)).cast(t))
-        split = validator.split(batch)
+    for good in checked_batches(f, validator, check, quarantine, fill):
         if counts is not None:
-            counts.read += batch.num_rows
-            counts.good += split.good.num_rows
-            counts.bad += split.bad.num_rows
-        out = canonical(split.good, roles)
+            counts.good += good.num_rows
+        out = canonical(good, roles)
         if file_index is not None:
             n = out.num_rows
             out = pa.RecordBatch.from_arrays(
@@ -236,6 +235,9 @@ def good_file_batches(
             )
             ordinal += n
         yield out
+    if counts is not None:
+        counts.read += check.rows
+        counts.bad += check.bad
 
 
 def day_batches(
@@ -275,7 +277,6 @@ def feature_batches(
     neutral values (0) before the contract's row rules, so a batch has training's layout; served
     scoring reads none of them. A file that lacks a feature column is refused in one line."""
     from mtrec.data.io import day_url, filesystem
-    from mtrec.data.validate import read_schema
     from mtrec.errors import DataValidationError
 
     fs, path = filesystem(day_url(root, day))
@@ -285,36 +286,71 @@ def feature_batches(
             "candidates there, or check job.serving_logs / --serving-logs"
         )
     validator, roles = RowValidator(spec), spec.column_roles()
-    fill = {c: COLUMN_TYPES[role].canonical(pa.int64()) for c, (role, _) in roles.items() if role in UNSERVED_ROLES}
-    files = list_day_files(root, day)
+    fill = unserved_fill(spec)
+    files = check_serving_files(spec, list_day_files(root, day))
+    good = (b for f in files for b in good_file_batches(f, validator, roles, counts, fill=fill))
+    return rebatch(good, batch_size)
+
+
+def unserved_fill(spec: ModelSpec) -> dict[str, pa.DataType]:
+    """The columns serving logs need not hold (labels, positions, bias features) and the type each
+    is filled with (zeros) so that their rows pass the contract as training's do."""
+    roles = spec.column_roles()
+    return {c: COLUMN_TYPES[role].canonical(pa.int64()) for c, (role, _) in roles.items() if role in UNSERVED_ROLES}
+
+
+def check_serving_files(spec: ModelSpec, files: list[DataFile]) -> list[DataFile]:
+    """`files` of serving logs, each holding every feature the model reads (one footer read per
+    file); one line naming the file and the columns otherwise."""
+    from mtrec.data.validate import read_schema
+    from mtrec.errors import DataValidationError
+
+    fill = unserved_fill(spec)
     for f in files:
-        names = set(read_schema(f, spec.columns).names)  # one footer read per file
-        missing = [c for c in roles if c not in fill and c not in names]
+        names = set(read_schema(f, spec.columns).names)
+        missing = [c for c in spec.column_roles() if c not in fill and c not in names]
         if missing:
             raise DataValidationError(
                 f"{f.url} lacks {', '.join(f'`{c}`' for c in missing)}: serving logs need every feature the model "
                 "reads (not labels or positions); log them at serving time, or check job.serving_logs"
             )
-    good = (b for f in files for b in good_file_batches(f, validator, roles, counts, fill=fill))
-    return rebatch(good, batch_size)
+    return files
 
 
 def read_good_rows(
-    files: pa.Table, spec: dict, done: dict | None = None, storage: dict | None = None
+    files: pa.Table,
+    spec: dict,
+    done: dict | None = None,
+    storage: dict | None = None,
+    serving: bool = False,
+    report=None,
 ) -> Iterator[pa.Table]:
-    """Ray Data UDF (no Ray import needed): the files of this block (index, url, name, size) ->
-    their good rows, canonical, with positions, one Arrow table per read batch. Rows inside
-    `done` (a resumed job's trained rows, `Position.to_json()`) are not emitted; `storage` is the
-    job's `job.storage_options`. Lives here, away from torch, so the Ray Data read workers import
-    only pyarrow and the model spec (`spec`, dumped)."""
+    """Ray Data UDF: the files of this block (index, url, name, size, and for a training job's
+    files `file`, the file's index in an epoch, and `quarantine`, its day's folder) -> their good
+    rows, canonical, with positions, one Arrow table per read batch. Rows inside `done` (a resumed
+    job's trained rows, `Position.to_json()`) are not emitted, but still counted; `storage` is the
+    job's `job.storage_options`; `serving`: the files are serving logs (`feature_batches`: the
+    columns a served model does not read are filled). With `report` (an actor with
+    `file_counts(file, FileCounts)`: the job's RunCollector), this read is the file's validation:
+    its bad rows go to its quarantine folder and its counts to `report` once the file is read to
+    its end, before the task ends. Lives here, away from torch, so the Ray Data read workers
+    import only pyarrow and the model spec (`spec`, dumped)."""
     from mtrec.data.io import apply_storage_options
 
     apply_storage_options(storage or {})
     model_spec = ModelSpec.model_validate(spec)
     validator, roles = RowValidator(model_spec), model_spec.column_roles()
+    fill = unserved_fill(model_spec) if serving else None
     trained = Position.from_json(done)
     for row in files.to_pylist():
         f = DataFile(row["url"], row["name"], row["size"])
-        for b in skip_trained(good_file_batches(f, validator, roles, file_index=row["index"]), trained):
+        check = FileCounts(f.name, f.size)
+        quarantine = row.get("quarantine") if report is not None else None
+        good = good_file_batches(f, validator, roles, None, row["index"], fill, check, quarantine)
+        for b in skip_trained(good, trained):
             if b.num_rows:
                 yield pa.Table.from_batches([b])
+        if report is not None:
+            import ray
+
+            ray.get(report.file_counts.remote(row["file"], check))  # recorded before this task can end
