@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -229,3 +231,33 @@ def test_a_writer_killed_between_objects_of_a_publish_is_repaired_by_the_next_ru
     assert staged == []  # the dead job's staged copy was cleaned up
     man = ck.read_manifest(f"s3://{day}")
     assert man["rows_trained"] == ROWS and fs.exists(f"{day}_SUCCESS")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_job_opens_each_file_once_for_its_footer_and_once_for_its_rows(ray_local, s3, worlds, tmp_path):
+    """A job training day 2 (BAD rows to quarantine) and scoring day 3, on S3, 2 workers: every
+    log file of both days is opened exactly twice (each s3fs open is one HEAD): once for its
+    footer, the cheap check before Ray starts, and once by the read that validates, quarantines
+    and trains (day 2) or scores (day 3) its rows. Validation counts and quarantine come from that
+    read and stay exact."""
+    from mtrec.jobs.retrain import run_train
+
+    _, logs = worlds
+    cfg = job_config(logs, f"s3://{BUCKET}/opens", tmp_path / "mlflow.db", s3)
+    s3.reset_counts()
+    s = run_train(cfg, DAY2, DAY2)
+    heads = [unquote(urlsplit(p).path) for _, m, p in s3.requests() if m == "HEAD"]
+    opened = Counter(p for p in heads if p.startswith(f"/{BUCKET}/world/dt="))
+    want = {f"/{BUCKET}/world/dt={d}/part-{i:05d}.parquet": 2 for d in (DAY2, DAY3) for i in range(3)}
+    assert dict(opened) == want
+    assert (s.input_rows, s.quarantined_rows, s.rows) == (ROWS, BAD, ROWS - BAD)
+    assert s.mlflow["eval_day"] == str(DAY3) and s.mlflow["metrics"]["ctr/auc"] > 0
+    fs, _ = filesystem(f"s3://{BUCKET}")
+    assert fs.find(f"{BUCKET}/opens/quarantine/dt={DAY2}") == [
+        f"{BUCKET}/opens/quarantine/dt={DAY2}/_report.json",
+        f"{BUCKET}/opens/quarantine/dt={DAY2}/part-00001.parquet",
+    ]
+    with fs.open(f"{BUCKET}/opens/quarantine/dt={DAY2}/part-00001.parquet", "rb") as f:
+        bad = pq.read_table(f)
+    assert bad.num_rows == BAD and set(bad.column("reason").to_pylist()) == {"conversion_without_click"}

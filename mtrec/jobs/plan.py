@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from mtrec.data.io import DataFile, filesystem
-from mtrec.data.validate import ValidationReport
+from mtrec.data.validate import FileCounts, ValidationReport
 from mtrec.log import to_json
 from mtrec.train.checkpoint import Manifest
 from mtrec.train.position import Position
@@ -44,7 +44,6 @@ class JobPlan:
     days: list[dt.date]
     parent: str | None  # the checkpoint it warm-starts from (None: a fresh model)
     files: list[DataFile]  # every file of `days`, in training order (epoch 0's)
-    reports: list[ValidationReport]
     job_id: str  # same data, parent and settings -> same id: a rerun resumes the intra-day checkpoint
     done: Position  # rows an earlier run of this job already trained (its newest intra-day checkpoint)
     staged: str  # where the checkpoint is staged before publishing
@@ -54,6 +53,11 @@ class JobPlan:
     init_from: str | None = None  # a cold start's initial weights: another model's checkpoint (`train.init_from`)
     epochs: int = 1  # passes over the good rows: `train.epochs` for a full retrain, 1 for a nightly day
     reads: list[int] = field(default_factory=list)  # every file read, in order (`stream.job_reads`); []: files once
+    file_days: list[dt.date] = field(default_factory=list)  # per file of `files`, its day
+    # per file index, what the contract found in it: from the training read (filled after training), or
+    # already known to a resumed job from its intra-day checkpoint
+    counts: dict[int, FileCounts] = field(default_factory=dict)
+    reports: list[ValidationReport] = field(default_factory=list)  # per day, from `counts` after training
 
     @property
     def end(self) -> dt.date:
@@ -65,9 +69,18 @@ class JobPlan:
         return self.staged.rsplit(".", 1)[-1]
 
     @property
-    def expected_rows(self) -> int:
-        """Good rows of `days`: the rows each epoch trains."""
-        return sum(r.good_rows for r in self.reports)
+    def expected_rows(self) -> int | None:
+        """Good rows of `days`, the rows each epoch trains, once every file's counts are known
+        (None before)."""
+        if len(self.counts) < len(self.files):
+            return None
+        return sum(c.good for c in self.counts.values())
+
+    def quarantine(self, workdir: str) -> list[str]:
+        """Per file of `files`, its day's quarantine folder."""
+        from mtrec.data.validate import quarantine_url
+
+        return [quarantine_url(workdir, d) for d in self.file_days]
 
 
 @dataclass

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 from mtrec import __version__
@@ -36,13 +37,21 @@ from mtrec.data.io import (
     DataFile,
     apply_storage_options,
     check_bucket,
+    day_url,
     filesystem,
     is_local,
     join,
     list_day_files,
     local_path,
 )
-from mtrec.data.validate import ValidationReport, check_day, validate_day
+from mtrec.data.validate import (
+    FileCounts,
+    ValidationReport,
+    check_day,
+    clear_quarantine,
+    day_report,
+    validate_day,
+)
 from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
 from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
 from mtrec.shims import trainer_class
@@ -102,21 +111,45 @@ def days_with_logs(cfg: MtrecConfig, days: list[dt.date], what: str) -> list[dt.
 
 
 def good_rows_dataset(
-    cfg: MtrecConfig, files: list[DataFile], done: dict | None = None, reads: list[int] | None = None
+    cfg: MtrecConfig,
+    files: list[DataFile],
+    done: dict | None = None,
+    reads: list[int] | None = None,
+    serving: bool = False,
+    report=None,
+    quarantine: list[str] | None = None,
 ):
     """A Ray Dataset streaming the good rows of `files` in file order (one read task per file),
     with positions (file index in `files`), leaving out the rows in `done` (`Position.to_json()`).
     With `reads` (`mtrec.train.stream.job_reads`: several epochs), those reads in that order, each
-    row's file index the read's."""
+    row's file index the read's. `serving`: the files are serving logs (`read_good_rows`). With
+    `report` (the job's RunCollector) and `quarantine` (per file, its day's quarantine folder),
+    the read validates: bad rows quarantined, each file's counts reported."""
     import ray.data
 
     n = len(files)
     order = range(n) if reads is None else reads
-    items = [{"index": v, "url": files[v % n].url, "name": files[v % n].name, "size": files[v % n].size} for v in order]
+    items = [
+        {
+            "index": v,
+            "file": v % n,
+            "url": files[v % n].url,
+            "name": files[v % n].name,
+            "size": files[v % n].size,
+            "quarantine": quarantine[v % n] if quarantine else None,
+        }
+        for v in order
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     return ds.map_batches(
         read_good_rows,
-        fn_kwargs={"spec": cfg.spec.model_dump(mode="json"), "done": done, "storage": cfg.job.storage_options},
+        fn_kwargs={
+            "spec": cfg.spec.model_dump(mode="json"),
+            "done": done,
+            "storage": cfg.job.storage_options,
+            "serving": serving,
+            "report": report,
+        },
         batch_size=1,
         batch_format="pyarrow",
     )
@@ -138,7 +171,8 @@ def _reads_left(plan: JobPlan) -> list[int]:
     n = len(plan.files)
     reads = plan.reads or list(range(n))
     per_epoch = plan.done.rows_per_epoch(n, plan.epochs)
-    return [v for v in reads if plan.done.empty or per_epoch[v // n] < plan.expected_rows]
+    good = plan.expected_rows  # None: some file's counts are not known yet, so no epoch is known to be finished
+    return [v for v in reads if plan.done.empty or good is None or per_epoch[v // n] < good]
 
 
 def _exact_split_config(buffer_bytes: int):
@@ -311,11 +345,13 @@ def resolve_init(cfg: MtrecConfig) -> str | None:
 def plan_job(
     cfg: MtrecConfig, days: list[dt.date], kind: str, parent: str | None, allow_config_change: bool = False
 ) -> JobPlan:
-    """Validate `days` (quarantine, threshold), check the parent, and find what an unfinished
-    earlier run of the same job already trained (its newest intra-day checkpoint).
+    """List `days`' files, check the parent, and find what an unfinished earlier run of the same
+    job already trained (its newest intra-day checkpoint). The rows are validated by the training
+    read itself (`checked_batches` in the read tasks: each file opened once), so the plan holds no
+    counts yet, except those a resumed job's checkpoint carries.
 
     Raises:
-        DataValidationError: a day fails the contract (nothing trained).
+        DataValidationError: a day has no Parquet file.
         CheckpointError: the parent is unpublished or does not fit (see `preflight`).
     """
     started = time.time()
@@ -323,29 +359,30 @@ def plan_job(
     if parent:
         parent_manifest = checkpoint.read_manifest(parent)
         checkpoint.check_compatible(parent_manifest, parent, cfg, allow_config_change)
-    listed: list[tuple[dt.date, list[DataFile]]] = []
-    reports: list[ValidationReport] = []
-    for day in days:
-        report = validate(cfg, day)
-        reports.append(report)
-        listed.append((day, list_day_files(cfg.job.logs, day)))
-        log.info(f"validated {day}: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined")
+    listed = [(day, list_day_files(cfg.job.logs, day)) for day in days]
+    day_of = {f.url: day for day, fs in listed for f in fs}
     epochs = cfg.train.epochs if kind == "full_retrain" else 1  # a nightly learns its new day once
     files, reads = job_reads(listed, cfg.train.seed, cfg.train.shuffle.files, epochs)
-    good = sum(r.good_rows for r in reports)
     end = days[-1]
     init = None if parent else resolve_init(cfg)
     jid = job_id(cfg, kind, days, parent, parent_manifest, files, init)
-    done = Position()
+    done, counts = Position(), {}
     partial = checkpoint.latest_partial(cfg, end)
     if partial and partial[1].get("job_id") == jid:
         done = Position.from_json(partial[1]["position"])  # read less; the workers skip by the newest one
+        counts = {int(k): FileCounts(**v) for k, v in (partial[1].get("file_counts") or {}).items()}
+        good = sum(c.good for c in counts.values()) if len(counts) == len(files) else None
         per_epoch = done.rows_per_epoch(len(files), epochs)
-        at = next((e for e, rows in enumerate(per_epoch) if rows < good), epochs - 1)
+        at = next((e for e, rows in enumerate(per_epoch) if good is None or rows < good), epochs - 1)
+        of = f" of {epochs * good:,}" if good is not None else ""
         log.info(
             f"resuming from intra-day checkpoint {partial[0]}: step {partial[1]['step']}, "
-            f"{done.rows:,} of {epochs * good:,} rows already trained"
-            + (f" (in epoch {at + 1} of {epochs}: {per_epoch[at]:,} of {good:,})" if epochs > 1 else "")
+            f"{done.rows:,}{of} rows already trained"
+            + (
+                f" (in epoch {at + 1} of {epochs}: {per_epoch[at]:,}{f' of {good:,}' if good else ''})"
+                if epochs > 1
+                else ""
+            )
         )
     elif partial:
         log.info(
@@ -355,6 +392,9 @@ def plan_job(
         checkpoint.prune_partials(cfg, end)
     for line in checkpoint.recover_staging(cfg, end):  # a driver that died between staging and publishing
         log.info(line)
+    if done.empty:  # the training read writes each day's quarantine afresh (a resumed job keeps what it wrote)
+        for day in days:
+            clear_quarantine(cfg.job.workdir, day)
     manifest = {
         **checkpoint.spec_manifest(cfg),
         "date": end.isoformat(),
@@ -369,9 +409,6 @@ def plan_job(
         "training_fingerprint": cfg.training_fingerprint(),
         "config": cfg.redacted(),
         "epochs": epochs,
-        "input_rows": sum(r.input_rows for r in reports),
-        "quarantined_rows": sum(r.bad_rows for r in reports),
-        "truncated": {g: sum(r.truncated.get(g, 0) for r in reports) for g in reports[0].truncated},
         "files": [{"url": f.url, "size": f.size} for f in files],
         "mtrec_version": __version__,
     }
@@ -380,7 +417,6 @@ def plan_job(
         days=days,
         parent=parent,
         files=files,
-        reports=reports,
         job_id=jid,
         done=done,
         staged=checkpoint.staging_url(cfg, end),
@@ -390,7 +426,34 @@ def plan_job(
         init_from=init,
         epochs=epochs,
         reads=reads,
+        file_days=[day_of[f.url] for f in files],
+        counts=counts,
     )
+
+
+def day_reports(cfg: MtrecConfig, plan: JobPlan, counts: dict[int, FileCounts], seconds: float) -> list:
+    """Each day's validation report from the training read's per-file counts (`validate.day_report`:
+    `_report.json` written, the threshold enforced), and the counts' totals in the manifest.
+
+    Raises:
+        DataValidationError: a day's quarantined fraction is above `job.max_bad_fraction`.
+        MtrecError: a file has no counts (the read did not report it).
+    """
+    missing = [plan.files[i].url for i in range(len(plan.files)) if i not in counts]
+    if missing:
+        raise MtrecError(
+            f"the training read reported no counts for {len(missing)} file(s) ({missing[0]} ...); nothing was "
+            "published - rerun the job"
+        )
+    reports = []
+    for day in plan.days:
+        mine = sorted((counts[i] for i, d in enumerate(plan.file_days) if d == day), key=lambda c: c.name)
+        report = day_report(cfg.spec, cfg.job.logs, day, cfg.job.workdir, mine, cfg.job.max_bad_fraction, seconds)
+        log.info(
+            f"validated {day} in the training read: {report.good_rows:,} good rows, {report.bad_rows:,} quarantined"
+        )
+        reports.append(report)
+    return reports
 
 
 def run_job(cfg: MtrecConfig, plan: JobPlan, opts: RunOptions, ray_info: dict | None = None) -> TrainSummary:
@@ -425,10 +488,6 @@ class _Job:
             parent=plan.parent,
             ray=ray_info,
             checkpoint=plan.checkpoint,
-            input_rows=plan.manifest["input_rows"],
-            quarantined_rows=plan.manifest["quarantined_rows"],
-            truncated=plan.manifest.get("truncated", {}),
-            expected_rows=plan.expected_rows,
             epochs=plan.epochs,
         )
         self.manifest = dict(plan.manifest)
@@ -436,6 +495,7 @@ class _Job:
         self.published = False
         self.tracking_error: MtrecError | None = None  # MLflow failed while the workers trained
         self.marks: dict[str, float] = {}
+        self.workers_result: dict = {}  # rank 0's result: the next day's figures, the BN statistics
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks[name] = (time.time() if at is None else at) - self.t_epoch
@@ -499,9 +559,10 @@ class _Job:
             use_gpu=summary.ray.get("gpus", 0) >= cfg.train.num_workers > 0,
         )
         log.info(
-            f"training {cfg.name} on {plan.epochs * summary.expected_rows - plan.done.rows:,} rows "
-            + (f"(of {plan.epochs} epochs x {summary.expected_rows:,}) " if plan.epochs > 1 else "")
-            + f"with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}"
+            f"training {cfg.name} on the good rows of {len(plan.files)} file(s), validated as they are read"
+            + (f" ({plan.done.rows:,} rows trained before)" if plan.done.rows else "")
+            + (f" x {plan.epochs} epochs" if plan.epochs > 1 else "")
+            + f" with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}"
         )
         outcome: dict = {}
         self.mark("validated")
@@ -535,10 +596,36 @@ class _Job:
             raise self._fail(err) from None
         summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in snap["result"]["workers"]]
         summary.plan = snap["result"]["plan"]
+        self.workers_result = snap["result"]
+        self.validated(snap.get("counts", {}))
         for k, v in snap["marks"].items():
             self.mark(k, v)
         self.mark("fit_returned")
         return snap
+
+    def validated(self, counts: dict[int, FileCounts]) -> None:
+        """The days' validation from the training read's counts (known ones of a resumed job
+        beneath): reports written, the threshold enforced before anything is recorded or
+        published, the totals in the summary and manifest."""
+        plan, summary = self.plan, self.summary
+        try:
+            plan.reports = day_reports(self.cfg, plan, {**plan.counts, **counts}, self.marks.get("trained", 0.0))
+        except MtrecError as e:
+            raise self._fail(e, "; the day was trained but nothing was published") from None
+        totals = {
+            "input_rows": sum(r.input_rows for r in plan.reports),
+            "quarantined_rows": sum(r.bad_rows for r in plan.reports),
+            "truncated": {g: sum(r.truncated.get(g, 0) for r in plan.reports) for g in plan.reports[0].truncated}
+            if plan.reports
+            else {},
+        }
+        self.manifest.update(totals)
+        summary.input_rows, summary.quarantined_rows, summary.truncated = (
+            totals["input_rows"],
+            totals["quarantined_rows"],
+            totals["truncated"],
+        )
+        summary.expected_rows = sum(r.good_rows for r in plan.reports)
 
     def record(self) -> None:
         """The run's params, next-day evaluation, artifacts and served model (tracking on)."""
@@ -558,6 +645,7 @@ class _Job:
                     self.manifest,
                     self.summary,
                     self.plan.reports,
+                    self.workers_result,
                 )
             )
         except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
@@ -602,12 +690,66 @@ class _Job:
         self.mark("registered")
 
 
+def next_day_inputs(cfg: MtrecConfig, end: dt.date) -> tuple[dt.date | None, list[DataFile], list[DataFile]]:
+    """What the workers score after training (tracking on): the day after `end` when its logs can
+    be (footers only: files with rows and the columns), its files, and its serving logs' files
+    for the BN check (`serving_files`). A day that cannot be scored is said (not fatal: the job's
+    own days trained fine)."""
+    day = end + dt.timedelta(days=1)
+    fs, path = filesystem(day_url(cfg.job.logs, day))
+    if not fs.isdir(path):
+        log.info(
+            "no logs for %s yet: the run has no evaluation metrics (the promotion gate evaluates once they land)", day
+        )
+        return None, [], []
+    try:
+        files = check_day(cfg.spec, cfg.job.logs, day)  # one footer read per file
+    except MtrecError as e:
+        log.warning(f"not evaluated on {day}: {e}")
+        return None, [], []
+    return day, files, serving_files(cfg, day)
+
+
+def serving_files(cfg: MtrecConfig, day: dt.date) -> list[DataFile]:
+    """For a model with BN layers, `day`'s serving logs' files when `job.serving_logs` holds it (the
+    BN check's population, checked from the footers: every feature the model reads); [] for the
+    impressions (no serving logs configured or none for the day, or a missing root: said)."""
+    from mtrec import bn
+    from mtrec.models import build_model
+    from mtrec.train.stream import check_serving_files
+
+    serving: list[DataFile] = []
+    if cfg.job.serving_logs and bn.bn_layers(build_model(cfg.spec, "meta", cfg.score_offsets())):
+        try:
+            if bn.has_serving_logs(cfg.job.serving_logs, day):
+                serving = check_serving_files(cfg.spec, list_day_files(cfg.job.serving_logs, day))
+        except ConfigError as e:  # the BN check falls back to the impressions, said
+            log.warning("%s; the job's BN check uses the impressions of %s", e, day)
+    return serving
+
+
 def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, collector, use_gpu: bool):
     """The Ray TorchTrainer of a planned job: its workers, their data and the job they run."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from mtrec.train.worker import WorkerJob, train_loop_per_worker
+
+    eval_day, eval_files, serving_files = next_day_inputs(cfg, plan.end) if cfg.tracking.enabled else (None, [], [])
+    datasets = {
+        "train": good_rows_dataset(
+            cfg,
+            plan.files,
+            _read_side_skip(cfg, plan),
+            _reads_left(plan),
+            report=collector,
+            quarantine=plan.quarantine(cfg.job.workdir),
+        )
+    }
+    if eval_day is not None:
+        datasets["eval"] = good_rows_dataset(cfg, eval_files)
+    if serving_files:
+        datasets["bn"] = good_rows_dataset(cfg, serving_files, serving=True)
 
     job = WorkerJob(
         cfg=cfg.model_dump(mode="json"),
@@ -617,7 +759,11 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         parent=plan.parent,
         init_from=plan.init_from,
         staging=plan.staged,
-        expected_rows=plan.expected_rows,
+        inputs=tuple(
+            {"url": f.url, "name": f.name, "size": f.size, "quarantine": q}
+            for f, q in zip(plan.files, plan.quarantine(cfg.job.workdir), strict=True)
+        ),
+        known_counts={i: asdict(c) for i, c in plan.counts.items()},
         epochs=plan.epochs,
         files=len(plan.files),
         allow_config_change=opts.allow_config_change,
@@ -625,6 +771,9 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         collector=collector,
         log_every=opts.log_every,
         kill=os.environ.get("MTREC_KILL_WORKER"),
+        eval_days=(eval_day.isoformat(),) if eval_day else (),
+        file_days=(0,) * len(eval_files),
+        bn_serving=bool(serving_files),
     )
     storage_path, storage_fs = _storage(cfg)
     return trainer_class()(
@@ -637,7 +786,7 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
             placement_strategy=cfg.train.placement.value.upper(),
         ),
-        datasets={"train": good_rows_dataset(cfg, plan.files, _read_side_skip(cfg, plan), _reads_left(plan))},
+        datasets=datasets,
         dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
         run_config=RunConfig(
             name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}",

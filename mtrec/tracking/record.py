@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import list_day_files
-from mtrec.errors import ConfigError, MtrecError
+from mtrec.errors import MtrecError
 from mtrec.serving import ServedModel
 from mtrec.tracking.client import Tracker, flatten
 
@@ -38,39 +38,41 @@ def example_rows(logs: str, day: dt.date, columns: list[str], n: int = 5, view=N
     raise MtrecError(f"no rows under {logs} for {day} to make the model's input example")
 
 
-def _has_rows(cfg: MtrecConfig, day: dt.date) -> bool:
-    """Whether the day after a job has logs to evaluate on; an unreadable one is said, not fatal:
-    the job's own days trained fine."""
-    from mtrec.data.validate import day_rows
-    from mtrec.errors import DataValidationError
-
-    try:
-        return day_rows(cfg.job.logs, day) > 0
-    except DataValidationError as e:
-        log.warning(f"not evaluated on {day}: {e}")
-        return False
-
-
 def record_job(
-    tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, manifest: dict, summary, reports: list
+    tracker: Tracker,
+    run_id: str,
+    cfg: MtrecConfig,
+    staged: str,
+    manifest: dict,
+    summary,
+    reports: list,
+    workers: dict | None = None,
 ) -> dict:
     """Everything a run holds about a trained (staged, not yet published) checkpoint: params,
     evaluation on the day after the last trained day (when its logs exist), artifacts, plots, the
-    served model. Returns {"model_uri", "eval_day", "metrics"}."""
+    served model. The evaluation, the BN check and the BN layers' running statistics come from the
+    workers (`workers`: the result of `mtrec.train.worker`: `evaluation`, `bn_running`), which
+    scored the day with the sharded model; the driver never loads the tables. Returns
+    {"model_uri", "eval_day", "metrics", "gate", "bn"}.
+
+    Raises:
+        MtrecError: the workers could not make the evaluation's figures (one line), or MLflow failed.
+    """
     from mtrec.eval import plots
-    from mtrec.eval.evaluate import predict_day, read_truth, report
     from mtrec.train import checkpoint
 
     t0 = time.perf_counter()
+    workers = workers or {}
     params = flatten(cfg.redacted())
     params["world_size"] = str(summary.world_size)
     params.update({f"plan.{t}": v["sharding_type"] for t, v in summary.plan.items()})
     tracker.log_params(run_id, params)
 
-    full = checkpoint.read_full(staged)
-    served = ServedModel.from_state(cfg.spec, full, cfg.score_offsets())
     last = dt.date.fromisoformat(summary.days[-1])
-    eval_day = last + dt.timedelta(days=1)
+    evaluation = workers.get("evaluation")
+    if evaluation is not None and evaluation.get("error"):
+        raise MtrecError(f"evaluating on {evaluation['day']} failed on the workers: {evaluation['error']}")
+    eval_day = dt.date.fromisoformat(evaluation["day"]) if evaluation else last + dt.timedelta(days=1)
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -80,28 +82,24 @@ def record_job(
             (out / "validation").mkdir(exist_ok=True)
             (out / "validation" / f"dt={r.date}.json").write_text(r.to_json())
         (out / "plots").mkdir()
-        if _has_rows(cfg, eval_day):
-            pred = predict_day(served.model, served.spec, cfg.job.logs, eval_day)
-            metrics = report(served.spec, pred, read_truth(cfg.job.logs, eval_day))
+        if evaluation is not None and evaluation["rows"]:
+            metrics = evaluation["metrics"]
             tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items()})
-            plots.calibration(
-                served.spec,
-                pred,
-                out / "plots" / "calibration.png",
-                title=f"{cfg.name}: trained to {last}, scored on {eval_day}",
-            )
+            if evaluation.get("calibration_png"):
+                (out / "plots" / "calibration.png").write_bytes(evaluation["calibration_png"])
             log.info(
-                "evaluated on %s: %s",
+                "evaluated on %s (%s rows, on the workers in %.1fs): %s",
                 eval_day,
+                f"{evaluation['rows']:,}",
+                evaluation.get("seconds", 0.0),
                 ", ".join(f"{m} {metrics[m]:.4f}" for m in cfg.gate_metrics() if m in metrics),
             )
-        else:
-            log.info(
-                "no logs for %s yet: the run has no evaluation metrics (the promotion gate evaluates once they land)",
-                eval_day,
-            )
-        bn_result = record_bn(tracker, run_id, served, cfg, eval_day if metrics else None, out)
-        curve = plots.position_bias(cfg.spec, full, out / "plots" / "position_bias.png")
+        elif evaluation is not None:
+            log.warning("not evaluated on %s: none of its rows passed the data contract", eval_day)
+        bn_result = record_bn(tracker, run_id, workers.get("bn_running") or {}, evaluation, out)
+        curve = plots.position_bias(
+            cfg.spec, checkpoint.read_full(staged, prefix=plots.SHALLOW_TOWER), out / "plots" / "position_bias.png"
+        )
         if curve:
             tracker.log_metrics(run_id, {f"position_bias/{p}": v for p, v in enumerate(curve)})
         history = day_trend(tracker, cfg.gate_metrics())
@@ -110,10 +108,13 @@ def record_job(
                 history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day"
             )
         tracker.log_artifacts(run_id, tmp)
-    example = example_rows(cfg.job.logs, eval_day if metrics else last, served.columns, view=cfg.spec.columns)
-    model_uri = tracker.log_served(
+    head = (evaluation or {}).get("example") or workers.get("example")
+    example = head.select(input_columns(cfg)).to_pandas() if head is not None else None
+    model_uri = log_served_apart(
+        tracker,
         run_id,
-        served,
+        cfg,
+        staged,
         example,
         {"mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result},
     )
@@ -127,33 +128,94 @@ def record_job(
     }
 
 
-def record_bn(
-    tracker: Tracker, run_id: str, served: ServedModel, cfg: MtrecConfig, day: dt.date | None, out: Path
-) -> str:
-    """A model with BatchNorm: its running statistics as an artifact and, when `day` has logs, the
-    consistency check against it (metrics `bn/...`, `bn/check.json`, `plots/bn_drift.png`).
-    Returns "passed", "failed", "not run" (no day) or "no BN layers"."""
+def input_columns(cfg: MtrecConfig) -> list[str]:
+    """The columns the served model of `cfg` reads (`ServedModel.columns`), without building it."""
+    return cfg.spec.serving().input_columns()
+
+
+def record_bn(tracker: Tracker, run_id: str, running: dict, evaluation: dict | None, out: Path) -> str:
+    """A model with BatchNorm (`running`: its served layers' running statistics, `bn.capture`):
+    those statistics as an artifact and, when the workers checked them against the day after
+    (`evaluation["bn"]`, a `BNReport`), the check (metrics `bn/...`, `bn/check.json`,
+    `plots/bn_drift.png`). Returns "passed", "failed", "not run" (no day) or "no BN layers"."""
     from mtrec import bn
 
-    if not bn.bn_layers(served.model):
+    if not running:
         return "no BN layers"
     (out / "bn").mkdir(exist_ok=True)
-    (out / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
-    if day is None:
+    (out / "bn" / "running_stats.json").write_text(json.dumps(running))
+    report = (evaluation or {}).get("bn")
+    if report is None or not (evaluation or {}).get("metrics"):
         return "not run"
-    # the serving population when serving logs hold the day (the next day's candidates may not be
-    # logged yet when the job ends), its impressions otherwise; the report says which
-    try:
-        serving = cfg.job.serving_logs if bn.has_serving_logs(cfg.job.serving_logs, day) else None
-    except ConfigError as e:  # the model is published already: say so, check against the impressions
-        log.warning("%s; the job's BN check uses the impressions of %s", e, day)
-        serving = None
-    report = bn.check(served.model, served.spec, cfg.job.logs, day, cfg.bn, serving)
     tracker.log_metrics(run_id, report.metrics())
     (out / "bn" / "check.json").write_text(report.to_json())
     bn.drift_plot(report, out / "plots" / "bn_drift.png")
     log.info("%s (%.1fs)", report.summary(), report.seconds)
     return "passed" if report.passed else "failed"
+
+
+def _served_task(cfg_json: dict, uri: str, staged: str, run_id: str, call: dict) -> str:
+    """Ray task body of `log_served_apart`: in the driver's folder and environment, the served
+    model built from the staged checkpoint's model tensors and logged under the run."""
+    import os
+
+    from mtrec.data.io import apply_storage_options
+    from mtrec.train import checkpoint
+
+    os.environ.update(call["env"])
+    if os.path.isdir(call["cwd"]):
+        os.chdir(call["cwd"])  # a relative sqlite or artifact path means what it means to the driver
+    cfg = MtrecConfig.model_validate(cfg_json)
+    apply_storage_options(cfg.job.storage_options)
+    tracker = Tracker(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})}))
+    served = ServedModel.from_state(cfg.spec, checkpoint.read_full(staged, prefix=MODEL_PREFIX), cfg.score_offsets())
+    return tracker.log_served(run_id, served, call["example"], call["tags"])
+
+
+MODEL_PREFIX = "model.model."  # the model's tensors in a checkpoint (not the optimizers')
+_FORWARDED = ("MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "OSS_")  # what reaches MLflow and the stores
+
+
+def log_served_apart(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, example, tags: dict) -> str:
+    """The served model logged under the run by a Ray task on this node, in a process of its own
+    that exits after it (`max_calls=1`): the driver never holds the embedding tables, whatever
+    their size; the task reads the staged checkpoint's model tensors (not the optimizers'). Runs
+    in the job's Ray session. Returns the model URI.
+
+    Raises:
+        MtrecError: the task's own error (MLflow unreachable: TrackingError), or one line naming
+            how the task failed.
+    """
+    import os
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from mtrec.errors import TrackingError, first_line
+
+    call = {
+        "env": {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED)},
+        "cwd": os.getcwd(),
+        "example": example,
+        "tags": tags,
+    }
+    task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_served_task)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = task.options(scheduling_strategy=here).remote(cfg.model_dump(mode="json"), tracker.uri, staged, run_id, call)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, MtrecError):
+            raise cause from None
+        raise TrackingError(
+            f"logging the served model of run {run_id} failed: {first_line(cause or e, typed=True)}"
+        ) from None
+    except ray.exceptions.RayError as e:
+        raise TrackingError(
+            f"logging the served model of run {run_id} failed: its Ray task died ({first_line(e, typed=True)}); "
+            "see the Ray logs"
+        ) from None
 
 
 def day_trend(tracker: Tracker, metrics: list[str]) -> dict[str, list[tuple[str, float]]]:

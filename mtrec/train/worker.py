@@ -14,16 +14,19 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
 
+from mtrec import bn
 from mtrec.config import MtrecConfig
-from mtrec.data.io import apply_storage_options
+from mtrec.data.io import DataFile, apply_storage_options
+from mtrec.data.validate import FileCounts
 from mtrec.errors import MtrecError
 from mtrec.models import MultiTaskTrain, build_model
 from mtrec.train import checkpoint
@@ -47,6 +50,7 @@ class RunCollector:
         self.killed = False
         self.marks: dict[str, float] = {}  # rank 0's milestones (epoch seconds), newest attempt
         self.starts: list[dict] = []  # per attempt that resumed: checkpoint, step, rows
+        self.counts: dict[int, FileCounts] = {}  # per file index, what the training read's validation found
 
     def mark(self, name: str, t: float) -> None:
         self.marks[name] = t
@@ -71,6 +75,13 @@ class RunCollector:
         """An attempt started from an intra-day checkpoint (the first such start is the job's resume point)."""
         self.starts.append(resumed)
 
+    def file_counts(self, file: int, counts: FileCounts) -> None:
+        """A read task validated file `file` to its end (a retried or later-epoch read: the same counts)."""
+        self.counts[file] = counts
+
+    def counts_of(self) -> dict[int, FileCounts]:
+        return self.counts
+
     def claim_kill(self) -> bool:
         first, self.killed = not self.killed, True
         return first
@@ -83,6 +94,7 @@ class RunCollector:
             "attempts": self.attempts,
             "marks": self.marks,
             "starts": self.starts,
+            "counts": self.counts,
         }
 
 
@@ -102,6 +114,56 @@ def _kill_switch(batches, rank: int, kill: str | None, collector):
     for i, b in enumerate(batches):
         if who == rank and i == after and ray.get(collector.claim_kill.remote()):
             os.kill(os.getpid(), signal.SIGKILL)
+        yield b
+
+
+def _complete_counts(job: WorkerJob, collector) -> dict | None:
+    """Every file's counts so far (the reads' and those a resumed job carried), JSON-ready, when
+    they cover every file; None otherwise."""
+    counts = {**{int(k): v for k, v in job.known_counts.items()}}
+    counts.update({i: asdict(c) for i, c in ray.get(collector.counts_of.remote()).items()})
+    return {str(i): c for i, c in sorted(counts.items())} if len(counts) == len(job.inputs) else None
+
+
+def _good_rows(job: WorkerJob, cfg: MtrecConfig, rank: int, world: int) -> tuple[int, dict]:
+    """(the good rows of the job's files, the manifest's input_rows / quarantined_rows /
+    truncated), as its read counted them (rank 0 asks the collector, and validates itself any file
+    no read reported: a resumed job whose reads were all done before), the same on every rank."""
+    from mtrec.data.validate import RowValidator, checked_batches
+
+    total: list = [0, {}]
+    if rank == 0:
+        counts = {int(k): FileCounts(**v) for k, v in job.known_counts.items()}
+        counts.update(ray.get(job.collector.counts_of.remote()))
+        for i, f in enumerate(job.inputs):
+            if i not in counts:  # not read by this run: validated here (quarantine too), and reported
+                c = FileCounts(f["name"], f["size"])
+                for _ in checked_batches(
+                    DataFile(f["url"], f["name"], f["size"]), RowValidator(cfg.spec), c, f["quarantine"]
+                ):
+                    pass
+                ray.get(job.collector.file_counts.remote(i, c))
+                counts[i] = c
+        truncated: dict[str, int] = {}
+        for c in counts.values():
+            for g, n in c.truncated.items():
+                truncated[g] = truncated.get(g, 0) + n
+        totals = {
+            "input_rows": sum(c.rows for c in counts.values()),
+            "quarantined_rows": sum(c.bad for c in counts.values()),
+            "truncated": {g.name: truncated.get(g.name, 0) for g in cfg.spec.features.sequences},
+        }
+        total = [sum(c.good for c in counts.values()), totals]
+    if world > 1:
+        dist.broadcast_object_list(total, src=0)
+    return total[0], total[1]
+
+
+def _first_rows(batches, head: list, rows: int = 5):
+    """`batches` as they are; the first one's first `rows` rows kept in `head`."""
+    for b in batches:
+        if not head and b.num_rows:
+            head.append(pa.Table.from_batches([b.slice(0, rows)]))
         yield b
 
 
@@ -131,7 +193,6 @@ class WorkerJob:
     day: str  # the last day, ISO
     parent: str | None
     staging: str
-    expected_rows: int  # good rows of the days: what each epoch trains
     allow_config_change: bool
     manifest: checkpoint.Manifest
     collector: Any = None  # the RunCollector actor the workers report to
@@ -140,6 +201,11 @@ class WorkerJob:
     init_from: str | None = None  # a cold start's initial weights (another model's checkpoint)
     epochs: int = 1  # passes over the rows (JobPlan.epochs)
     files: int = 0  # files per epoch: a position's file index // files is its epoch
+    eval_days: tuple[str, ...] = ()  # the day after, ISO, when its logs are there: dataset shard "eval"
+    file_days: tuple[int, ...] = ()  # per file of "eval", its day's index in `eval_days`
+    bn_serving: bool = False  # the BN check reads the last eval day's serving logs: dataset shard "bn"
+    inputs: tuple[dict, ...] = ()  # per file index: url, name, size, its day's quarantine folder
+    known_counts: dict[int, dict] = field(default_factory=dict)  # FileCounts a resumed job's checkpoint carried
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -211,6 +277,8 @@ def train_loop_per_worker(config: dict) -> None:
     shuffled = shuffle_epochs(rows, job.files, buffer_rows, seed, together)
     batches = rebatch(skip_trained(shuffled, done), cfg.train.batch_size)
     batches = _kill_switch(batches, rank, job.kill, collector)
+    head: list[pa.Table] = []  # rank 0's first rows: the served model's input example when no day is scored
+    batches = _first_rows(batches, head) if rank == 0 else batches
 
     mine = Position()  # rows this rank trains in this attempt
     every = cfg.train.checkpoint_every_batches
@@ -225,6 +293,9 @@ def train_loop_per_worker(config: dict) -> None:
         if step % every:
             return
         trained = trained_so_far()
+        # every file's counts once the reads have reported them all: a resumed job then knows which epochs
+        # it finished (rank 0 writes the manifest)
+        known = [_complete_counts(job, collector) if rank == 0 else None]
         url = checkpoint.partial_url(cfg, day, step, job.run)
         checkpoint.save(
             dmp,
@@ -238,6 +309,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "rows_trained": trained.rows,
                 "rows_per_epoch": trained.rows_per_epoch(job.files, job.epochs),
                 "world_size": world,
+                "file_counts": known[0],
             },
         )
         if rank == 0:
@@ -277,12 +349,13 @@ def train_loop_per_worker(config: dict) -> None:
     everyone = gather_stats(stats)
     trained = trained_so_far()
     per_epoch = trained.rows_per_epoch(job.files, job.epochs)
-    if per_epoch != [job.expected_rows] * job.epochs:  # every rank sees the same sums: all stop before staging
+    expected, totals = _good_rows(job, cfg, rank, world)  # what the same read's validation counted
+    if per_epoch != [expected] * job.epochs:  # every rank sees the same sums: all stop before staging
         per = ", ".join(f"{w['rows']:,}" for w in everyone)
         split = f" (per epoch: {', '.join(f'{r:,}' for r in per_epoch)})" if job.epochs > 1 else ""
         raise MtrecError(
             f"workers trained {trained.rows:,} rows{split} ({per} per worker in this attempt, {done.rows:,} before "
-            f"it) but validation counted {job.expected_rows:,} good rows"
+            f"it) but validation counted {expected:,} good rows"
             + (f", each of {job.epochs} epochs to train once" if job.epochs > 1 else "")
             + "; nothing was published - rerun the job"
         )
@@ -296,6 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics[f"train_{k}"] = sum(v) / len(v)
     manifest = {
         **job.manifest,
+        **totals,
         "world_size": world,
         "plan": plan_dict,
         "rows_trained": trained.rows,  # epochs x the good rows
@@ -308,6 +382,9 @@ def train_loop_per_worker(config: dict) -> None:
     }
     checkpoint.save(dmp, optimizer, job.staging, manifest, marker=False)
     mark("staged")
+    evaluation = score_days(dmp.module.model, cfg, job) if job.eval_days else None
+    mark("evaluated")
+    served_bn = bn.served_bn_names(dmp.module.model)
     if rank == 0:
         ray.get(
             collector.finish.remote(
@@ -317,6 +394,77 @@ def train_loop_per_worker(config: dict) -> None:
                     "setup_s": setup_s,
                     "rows_trained": trained.rows,
                     "checkpoint_s": time.perf_counter() - t1,
+                    "evaluation": evaluation,
+                    "bn_running": {k: v for k, v in bn.capture(dmp.module.model).items() if k in served_bn},
+                    "example": head[0] if head else None,
                 }
+            )
+        )
+
+
+def _shard_batches(name: str, batch_rows: int):
+    """This rank's share of the dataset `name` as Arrow record batches."""
+    tables = ray.train.get_dataset_shard(name).iter_batches(
+        batch_size=batch_rows, batch_format="pyarrow", prefetch_batches=2
+    )
+    return (rb for t in tables for rb in t.combine_chunks().to_batches())
+
+
+def score_days(model: torch.nn.Module, cfg: MtrecConfig, job) -> dict | None:
+    """The model (sharded, on every rank) scored as served on `job.eval_days` (a training job: the
+    day after its data): each rank its share of the rows (dataset shard "eval"), in one pass that
+    also collects the BN layers' input moments (or a second pass over the last day's serving logs,
+    shard "bn", with `job.bn_serving`); merged on rank 0 (`mtrec.eval.sharded`), which returns the
+    figures the driver records (`next_day_figures`); None on the other ranks. `job`: a WorkerJob
+    or a ScoreJob."""
+    from mtrec.eval.sharded import merge, next_day_figures, score_shard
+
+    t0 = time.perf_counter()
+    names = bn.served_bn_names(model)
+    rows = cfg.bn.batch_rows
+    scored = merge(score_shard(model, cfg.spec, _shard_batches("eval", rows), None if job.bn_serving else names))
+    serving = None
+    if names and job.bn_serving:
+        serving = merge(score_shard(model, cfg.spec, _shard_batches("bn", rows), names, keep=False, head_rows=0))
+    if scored is None:
+        return None
+    days = [dt.date.fromisoformat(d) for d in job.eval_days]
+    out = next_day_figures(model, cfg, scored, serving, days, list(job.file_days), job.day)
+    out["seconds"] = time.perf_counter() - t0
+    if out["bn"] is not None:
+        out["bn"].seconds = out["seconds"]
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """A scoring job's worker input (`score_loop_per_worker`): a checkpoint scored on days."""
+
+    cfg: dict[str, Any]  # the run spec, dumped
+    checkpoint: str  # the checkpoint's URL (any world size: DCP reshards it)
+    day: str  # the last day it was trained on, ISO
+    eval_days: tuple[str, ...]
+    file_days: tuple[int, ...]
+    bn_serving: bool = False
+    collector: Any = None
+
+
+def score_loop_per_worker(config: dict) -> None:
+    """Ray Train entry of a scoring job (`mtrec.jobs.evaluate.score_checkpoint`): the checkpoint
+    loaded sharded at this world size, the days scored (`score_days`); rank 0 hands the figures
+    to the collector."""
+    job: ScoreJob = config["job"]
+    cfg = MtrecConfig.model_validate(job.cfg)
+    apply_storage_options(cfg.job.storage_options)
+    ctx = ray.train.get_context()
+    torch.set_num_threads(torch_threads(cfg.train.torch_threads, ctx.get_local_world_size()))
+    device, _ = device_for_backend()
+    dmp, _ = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
+    manifest = checkpoint.load(dmp, None, job.checkpoint, cfg, allow_config_change=True)  # scoring: rates do not matter
+    evaluation = score_days(dmp.module.model, cfg, job)
+    if ctx.get_world_rank() == 0:
+        ray.get(
+            job.collector.finish.remote(
+                {"evaluation": evaluation, "manifest": manifest, "world_size": ctx.get_world_size()}
             )
         )
