@@ -19,6 +19,13 @@ def add(sub, abbrev: bool = True) -> None:
     p.add_argument("--from", dest="start", help="first day of a range scored as one slice (with --to)")
     p.add_argument("--to", dest="end", help="last day (inclusive) of the range; days without logs are skipped")
     p.add_argument("--checkpoint", help="checkpoint URL (default: the newest published one before the first day)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="score on this many Ray Train workers, the checkpoint loaded sharded (default: train.num_workers; "
+        "1 scores in this process)",
+    )
+    p.add_argument("--address", help="Ray cluster to join with --workers > 1 (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout (the table goes to stderr)")
     p.set_defaults(run=run)
 
@@ -40,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from mtrec.jobs.evaluate import evaluate_checkpoint, logged_days
 
     cfg = load(args)
+    if args.workers is not None:
+        cfg = cfg.with_train(num_workers=args.workers)
     first, last = days_asked(args, cfg)
     days = logged_days(cfg, first, last)
-    metrics, url, manifest = evaluate_checkpoint(cfg, days, args.checkpoint)
+    metrics, url, manifest = evaluate_checkpoint(cfg, days, args.checkpoint, args.address)
     span = (last - first).days + 1
     scored = f"{first}" if first == last else f"{first} .. {last} pooled ({len(days)} of {span} days have logs)"
     log.info(

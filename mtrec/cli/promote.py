@@ -22,6 +22,12 @@ def add(sub, abbrev: bool = True) -> None:
         help="day to compare on (default: the newest day with logs neither model trained on); with gate.days N, "
         "the last of the N days pooled",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="score both versions on this many Ray Train workers from their checkpoints, sharded (default: "
+        "train.num_workers; 1 scores the served models in this process)",
+    )
     p.add_argument("--json", action="store_true", help="print the decision as JSON on stdout")
     p.set_defaults(run=run)
 
@@ -32,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args)
     if args.name and args.name != cfg.name:
         cfg = cfg.model_copy(update={"name": args.name})
+    if args.workers is not None:
+        cfg = cfg.with_train(num_workers=args.workers)
     decision = promote(cfg, version=args.version, day=day(args, cfg) if args.date else None)
     if args.json:
         print_json(asdict(decision))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import list_days
-from mtrec.errors import DataValidationError
+from mtrec.errors import DataValidationError, MtrecError
 from mtrec.eval.evaluate import evaluate_days
 from mtrec.jobs.protocol import date_range
 from mtrec.train import checkpoint
@@ -48,13 +49,95 @@ def logged_days(cfg: MtrecConfig, first: dt.date, last: dt.date) -> list[dt.date
 
 
 def evaluate_checkpoint(
-    cfg: MtrecConfig, days: dt.date | list[dt.date], url: str | None = None
+    cfg: MtrecConfig, days: dt.date | list[dt.date], url: str | None = None, address: str | None = None
 ) -> tuple[dict[str, float], str, dict]:
     """(metrics of `days` pooled, checkpoint URL, manifest): the newest checkpoint before the first
-    day unless `url`. `days`: one day, or the days with logs of a range (`logged_days`)."""
+    day unless `url`. `days`: one day, or the days with logs of a range (`logged_days`). With
+    `train.num_workers` > 1 the workers score it, sharded (`score_checkpoint`); with one, this
+    process does (`address`: the Ray cluster the workers join)."""
     days = [days] if isinstance(days, dt.date) else sorted(days)
     url = url or checkpoint.latest_before(cfg, days[0])
+    if cfg.train.num_workers > 1:  # the tables stay sharded over the workers
+        metrics, _, manifest = score_checkpoint(cfg, days, url, address)
+        return metrics, url, manifest
     dmp, _ = build_sharded(cfg)
     manifest = checkpoint.load(dmp, None, url, cfg, allow_config_change=True)  # scoring: learning rates do not matter
     dmp.eval()
     return evaluate_days(dmp.module.model, cfg.spec, cfg.job.logs, days), url, manifest
+
+
+def score_checkpoint(
+    cfg: MtrecConfig, days: list[dt.date], url: str, address: str | None = None
+) -> tuple[dict, dict, dict]:
+    """A checkpoint scored on `days` pooled, as served, by `train.num_workers` Ray Train workers:
+    loaded sharded at that world size (DCP reshards it), each worker scoring its share of the rows
+    read by Ray Data, the figures merged on rank 0 (`mtrec.eval.sharded`); neither the tables nor
+    the rows pass through this process. Returns (metrics, the figures `next_day_figures` makes:
+    rows, BN report, calibration plot, ...; the checkpoint's manifest).
+
+    Raises:
+        DataValidationError: a day lacks a column (footers).
+        MtrecError: a worker failed (named), or the figures could not be made (one line).
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from mtrec.data.validate import check_day
+    from mtrec.jobs.cluster import ray_session
+    from mtrec.jobs.protocol import _exact_split_config, _storage, good_rows_dataset, serving_files, worker_failure
+    from mtrec.shims import trainer_class
+    from mtrec.train.worker import RunCollector, ScoreJob, score_loop_per_worker
+
+    days = sorted(days)
+    manifest = checkpoint.read_manifest(url)
+    files, file_days = [], []
+    for i, d in enumerate(days):
+        fs = check_day(cfg.spec, cfg.job.logs, d)
+        files += fs
+        file_days += [i] * len(fs)
+    serving = serving_files(cfg, days[-1])
+    with ray_session(cfg, address):
+        collector = RunCollector.remote()
+        job = ScoreJob(
+            cfg=cfg.model_dump(mode="json"),
+            checkpoint=url,
+            day=manifest.get("date") or "",
+            eval_days=tuple(d.isoformat() for d in days),
+            file_days=tuple(file_days),
+            bn_serving=bool(serving),
+            collector=collector,
+        )
+        datasets = {"eval": good_rows_dataset(cfg, files)}
+        if serving:
+            datasets["bn"] = good_rows_dataset(cfg, serving, serving=True)
+        storage_path, storage_fs = _storage(cfg)
+        trainer = trainer_class()(
+            score_loop_per_worker,
+            train_loop_config={"job": job},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.train.num_workers,
+                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                placement_strategy=cfg.train.placement.value.upper(),
+            ),
+            datasets=datasets,
+            dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
+            run_config=RunConfig(
+                name=f"{cfg.name}-score-{days[0]}-{days[-1]}-{int(time.time())}",
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # noqa: BLE001 - Ray Train's failure: one line naming the worker
+            raise worker_failure(e, ray.get(collector.snapshot.remote())["workers"]) from None
+        result = ray.get(collector.snapshot.remote())["result"] or {}
+    figures = result.get("evaluation")
+    if figures is None:
+        raise MtrecError("scoring ended without a result from worker 0; see the Ray logs")
+    if figures.get("error"):
+        raise MtrecError(f"scoring {url} on {figures['day']} failed on the workers: {figures['error']}")
+    return figures["metrics"], figures, manifest

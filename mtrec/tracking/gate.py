@@ -1,7 +1,9 @@
 """The promotion gate: the challenger against the champion on a day neither has seen (or the
 `gate.days` newest such days, pooled into one slice).
 
-Both versions are loaded as served (`load_served`) and scored on the same slice; `champion` moves
+Both versions are scored on the same slice as served: with `train.num_workers` > 1 by that many
+Ray Train workers from their checkpoints, the tables sharded (`_score`), else loaded as served
+(`load_served`) in this process; `champion` moves
 only if no gate metric is worse than the champion's by more than `gate.tolerance`, the
 challenger's BN statistics check passes, and the challenger meets the floors (`floors`: AUC above
 `gate.min_auc`, calibration within `gate.max_calibration_factor`, a training loss that did not
@@ -247,14 +249,65 @@ def _bn_check(served: ServedModel, cfg: MtrecConfig, day: dt.date):
     if not bn.bn_layers(served.model):
         return None
     serving = cfg.job.serving_logs
-    if serving is not None and not bn.has_serving_logs(serving, day):
+    if serving is not None:
+        _defer_without_serving_logs(serving, day)
+    rep = bn.check(served.model, read_as(served.spec, cfg), cfg.job.logs, day, cfg.bn, serving)
+    log.info("%s", rep.summary())
+    return rep
+
+
+def version_config(cfg: MtrecConfig, url: str) -> MtrecConfig | None:
+    """`cfg` with the model spec and training-time sampling (its score offsets) of the checkpoint at
+    `url`, reading today's logs under `cfg`'s `columns:` (`read_as`): what its workers build to
+    score it sharded. None when its manifest does not tell the offsets apart (scored as served)."""
+    from mtrec.config import parse_config
+    from mtrec.spec import SPEC_KEYS
+    from mtrec.train import checkpoint
+
+    manifest = checkpoint.read_manifest(url)
+    spec, offsets = checkpoint.trained_spec(manifest, url)
+    data = cfg.model_dump(mode="json")
+    data.update({k: v for k, v in read_as(spec, cfg).model_dump(mode="json").items() if k in SPEC_KEYS})
+    sampling = ((manifest.get("config") or {}).get("train") or {}).get("sampling")
+    if sampling is not None:
+        data["train"]["sampling"] = sampling
+    vcfg = parse_config(data, label=f"{url} manifest")
+    return vcfg if vcfg.score_offsets() == offsets else None
+
+
+def _score(cfg: MtrecConfig, v: VersionInfo, days: list[dt.date], bn_check: bool) -> tuple[dict, ModelSpec, object]:
+    """(metrics of version `v` on `days` pooled, its spec, its BN check on the last day or None):
+    with `train.num_workers` > 1, by that many Ray Train workers from its checkpoint, the tables
+    sharded (`mtrec.jobs.evaluate.score_checkpoint`); else its served model in this process."""
+    vcfg = version_config(cfg, v.checkpoint) if cfg.train.num_workers > 1 and v.checkpoint else None
+    if vcfg is None:
+        from mtrec.eval.evaluate import evaluate_days
+
+        served = load_served(f"models:/{cfg.name}/{v.version}")
+        scores = evaluate_days(served.model, read_as(served.spec, cfg), cfg.job.logs, days)
+        return scores, served.spec, _bn_check(served, cfg, days[-1]) if bn_check else None
+    from mtrec import bn
+    from mtrec.jobs.evaluate import score_checkpoint
+    from mtrec.models import build_model
+
+    serving = cfg.job.serving_logs
+    if bn_check and serving is not None and bn.bn_layers(build_model(vcfg.spec, "meta")):
+        _defer_without_serving_logs(serving, days[-1])
+    scores, figures, _ = score_checkpoint(vcfg, days, v.checkpoint)
+    rep = figures["bn"] if bn_check else None
+    if rep is not None:
+        log.info("%s", rep.summary())
+    return scores, vcfg.spec.serving(), rep
+
+
+def _defer_without_serving_logs(serving: str, day: dt.date) -> None:
+    from mtrec import bn
+
+    if not bn.has_serving_logs(serving, day):
         raise GateDeferred(
             f"no serving logs for {day} under {serving} (job.serving_logs) to check the BN statistics against; "
             "run `mtrec promote` again once that day's candidates are logged"
         )
-    rep = bn.check(served.model, read_as(served.spec, cfg), cfg.job.logs, day, cfg.bn, serving)
-    log.info("%s", rep.summary())
-    return rep
 
 
 def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = None) -> GateDecision:
@@ -268,8 +321,6 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         GateDeferred: not yet: fewer than `gate.days` days with logs that neither model trained on,
             or a gate metric that is not a number on the slice (one class).
     """
-    from mtrec.eval.evaluate import evaluate_days
-
     tracker = Tracker(cfg)
     chal = tracker.version(version) if version else tracker.alias(CHALLENGER)
     if chal is None:
@@ -282,15 +333,13 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         return GateDecision(True, chal.version, champ.version, None, "already champion")
     if champ is None:  # the first champion: nothing to compare with, but the floors and its BN statistics
         days = gate_slice(cfg, chal, last=day)  # the floors, on days it has not seen
-        served = load_served(f"models:/{cfg.name}/{chal.version}")
-        scores = evaluate_days(served.model, read_as(served.spec, cfg), cfg.job.logs, days)
-        rep = _bn_check(served, cfg, days[-1])
+        scores, chal_spec, rep = _score(cfg, chal, days, bn_check=True)
         if chal.run_id:
             tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores.items()})
         compare(
             cfg, scores, scores
         )  # a gated metric missing (refused) or not a number (deferred), as for any challenger
-        below = floors(cfg, served.spec, scores, _train_metrics(chal))
+        below = floors(cfg, chal_spec, scores, _train_metrics(chal))
         reasons = below + ([f"its {rep.summary()}"] if rep is not None and not rep.passed else [])
         shown = "; ".join(f"{m} {scores[m]:.4f}" for m in cfg.gate_metrics() if m in scores)
         decision = GateDecision(
@@ -318,11 +367,11 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         )
         scores, bn_report = {}, None
         for who, v in (("challenger", chal), ("champion", champ)):
-            served = load_served(f"models:/{cfg.name}/{v.version}")
-            # both on the same slice (this config's logs), each with its own spec
-            scores[who] = evaluate_days(served.model, read_as(served.spec, cfg), cfg.job.logs, days)
-            if who == "challenger":  # the BN check on the slice's newest day: what serving sees now
-                bn_report, served_spec = _bn_check(served, cfg, days[-1]), served.spec
+            # both on the same slice (this config's logs), each with its own spec; the challenger's BN check on
+            # the slice's newest day: what serving sees now
+            scores[who], spec, rep = _score(cfg, v, days, bn_check=who == "challenger")
+            if who == "challenger":
+                bn_report, served_spec = rep, spec
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
             tracker.log_metrics(
                 chal.run_id,

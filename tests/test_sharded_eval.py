@@ -1,0 +1,112 @@
+"""Scoring where the model lives: the figures a job records come from its Ray Train workers
+(the tables sharded, rows split across the workers, merged on rank 0), and equal what one process
+computes with the whole model, at world size 1 and 2, on one day and on days pooled."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import DAY1, without_floors
+
+from mtrec import bn
+from mtrec.config import load_config
+from mtrec.errors import GateRefused
+from mtrec.eval.evaluate import evaluate_days
+from mtrec.eval.sharded import Moments, Scored, merge, score_shard, with_truth
+from mtrec.jobs.evaluate import score_checkpoint
+from mtrec.jobs.retrain import run_train
+from mtrec.serving import ServedModel
+from mtrec.tracking import Tracker, promote
+from mtrec.tracking.gate import gate_slice
+
+DAY2 = DAY1 + dt.timedelta(days=1)
+DAY3 = DAY1 + dt.timedelta(days=2)
+
+
+def bn_config(world: str, workdir: str, workers: int = 1):
+    d = load_config("esmm", logs=world, workdir=workdir).model_dump(mode="json")
+    d["model"].update(batch_norm=True, tower=[16, 8])
+    d["train"].update(num_workers=workers, batch_size=512)
+    for f in d["features"]["sparse"]:
+        f["hash_size"] = min(f["hash_size"], 5000)
+    return type(load_config("esmm")).model_validate(without_floors(d))
+
+
+def assert_same(got: dict[str, float], want: dict[str, float], what: str, tol: float = 1e-6) -> None:
+    assert set(got) == set(want), (what, sorted(set(got) ^ set(want)))
+    for k, v in want.items():
+        same = (math.isnan(v) and math.isnan(got[k])) or abs(got[k] - v) <= tol
+        assert same, (what, k, got[k], v)
+
+
+@pytest.mark.slow
+def test_the_workers_figures_equal_one_process_at_world_size_1_and_2(ray_local, world, tmp_path):
+    """A job trains day 1 at one worker and records its evaluation of day 2 and its BN check,
+    both made on the worker; the published checkpoint is then scored by 2 workers (sharded, rows
+    split) and by this process with the whole model (the single-process path). Every metric the
+    job records, eval/... and bn/..., agrees within 1e-6; pooled days 2-3 too (truth joined per
+    day)."""
+    cfg = bn_config(world, str(tmp_path / "work"))
+    s = run_train(cfg, DAY1, DAY1)
+    run = mlflow.MlflowClient(s.mlflow["uri"]).get_run(s.mlflow["run_id"])
+    job = {k.removeprefix("eval/"): v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    job_bn = {k: v for k, v in run.data.metrics.items() if k.startswith("bn/")}
+    assert job and job_bn and "ctr/auc_unbiased" in job and "ctr/gauc" in job
+
+    served = ServedModel.from_checkpoint(s.checkpoint)
+    one = evaluate_days(served.model, served.spec, world, [DAY2])
+    one_bn = bn.check(served.model, served.spec, world, DAY2, cfg.bn).metrics()
+    assert_same(job, one, "the job (1 worker) vs one process")
+    assert_same(job_bn, one_bn, "the job's BN check vs one process", tol=1e-6)
+
+    two, figures, manifest = score_checkpoint(cfg.with_train(num_workers=2), [DAY2], s.checkpoint)
+    assert figures["rows"] == 20_000 and manifest["world_size"] == 1
+    assert_same(two, one, "2 workers vs one process")
+    assert_same(figures["bn"].metrics(), one_bn, "2 workers' BN check vs one process")
+
+    pooled, figures, _ = score_checkpoint(cfg.with_train(num_workers=2), [DAY2, DAY3], s.checkpoint)
+    assert figures["rows"] == 40_000
+    assert_same(pooled, evaluate_days(served.model, served.spec, world, [DAY2, DAY3]), "days 2-3 pooled")
+
+    try:  # the gate at 2 workers scores the version's checkpoint sharded; its figures go to the run as gate/...
+        decision = promote(cfg.with_train(num_workers=2))
+    except GateRefused as e:
+        decision = e
+    run = mlflow.MlflowClient(s.mlflow["uri"]).get_run(s.mlflow["run_id"])
+    gate = {k.removeprefix("gate/"): v for k, v in run.data.metrics.items() if k.startswith("gate/")}
+    days = gate_slice(cfg, Tracker(cfg).alias("challenger"))
+    assert_same(gate, evaluate_days(served.model, served.spec, world, days), f"the gate at 2 workers ({decision})")
+
+
+def test_merge_at_world_size_1_is_the_rank_itself_and_moments_add_up():
+    m = Moments(2)
+    m.add(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    other = Moments(2)
+    other.add(torch.tensor([[5.0, 6.0]]))
+    m.merge(other)
+    mean, var = m.mean_var()
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    assert m.n == 3 and np.allclose(mean, x.mean(0)) and np.allclose(var, x.var(0))
+    assert not dist.is_initialized() or dist.get_world_size() == 1  # other tests may init a 1-rank group
+    mine = Scored(rows=3, moments={"l": m})
+    assert merge(mine) is mine
+
+
+def test_a_rank_with_no_rows_scores_nothing_and_keeps_the_output_keys(world):
+    """A rank whose share is empty (more workers than files) returns empty arrays, which the
+    merge leaves out."""
+    from mtrec.models import build_model
+
+    cfg = bn_config(world, "/tmp/unused")
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    scored = score_shard(model, cfg.spec, iter(()), bn.served_bn_names(model))
+    assert scored.rows == 0 and scored.head is None and all(m.n == 0 for m in scored.moments.values())
+    assert all(len(v) == 0 for v in scored.predictions.labels.values())
+    pred, aligned = with_truth(world, scored, [DAY2, DAY3], [0, 1])
+    assert aligned is None and pred is scored.predictions
