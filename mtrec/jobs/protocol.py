@@ -496,6 +496,7 @@ class _Job:
         self.tracking_error: MtrecError | None = None  # MLflow failed while the workers trained
         self.marks: dict[str, float] = {}
         self.workers_result: dict = {}  # rank 0's result: the next day's figures, the BN statistics
+        self.served = None  # the Ray task building and logging the served model, once the checkpoint is staged
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks[name] = (time.time() if at is None else at) - self.t_epoch
@@ -570,6 +571,12 @@ class _Job:
         thread.start()
 
         def drain() -> None:
+            if self.tracker is not None and self.served is None and self.tracking_error is None:
+                staged, example = ray.get(collector.staged_example.remote())
+                if staged:  # built beside the evaluation, from the staged checkpoint
+                    from mtrec.tracking.record import start_served
+
+                    self.served = start_served(self.tracker, self.run_id, cfg, plan.staged, example)
             recs = ray.get(collector.drain.remote())
             for rec in recs:
                 log.info(rec["line"])
@@ -645,7 +652,7 @@ class _Job:
                     self.manifest,
                     self.summary,
                     self.plan.reports,
-                    self.workers_result,
+                    {**self.workers_result, "served": self.served},
                 )
             )
         except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published

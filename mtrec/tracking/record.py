@@ -108,15 +108,15 @@ def record_job(
                 history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day"
             )
         tracker.log_artifacts(run_id, tmp)
-    head = (evaluation or {}).get("example") or workers.get("example")
-    example = head.select(input_columns(cfg)).to_pandas() if head is not None else None
-    model_uri = log_served_apart(
-        tracker,
+    served = workers.get("served") or start_served(tracker, run_id, cfg, staged, workers.get("example"))
+    model_uri = finish_served(served, run_id)
+    tracker.set_tags(
         run_id,
-        cfg,
-        staged,
-        example,
-        {"mtrec.eval_day": eval_day.isoformat() if metrics else "", "mtrec.bn_check": bn_result},
+        {
+            "mtrec.model_uri": model_uri,
+            "mtrec.eval_day": eval_day.isoformat() if metrics else "",
+            "mtrec.bn_check": bn_result,
+        },
     )
     log.info("recorded run %s in %s (%.1fs)", run_id, tracker.uri, time.perf_counter() - t0)
     return {
@@ -155,8 +155,8 @@ def record_bn(tracker: Tracker, run_id: str, running: dict, evaluation: dict | N
 
 
 def _served_task(cfg_json: dict, uri: str, staged: str, run_id: str, call: dict) -> str:
-    """Ray task body of `log_served_apart`: in the driver's folder and environment, the served
-    model built from the staged checkpoint's model tensors and logged under the run."""
+    """Ray task body of `start_served`: in the driver's folder and environment, the served model
+    built from the staged checkpoint's model tensors and logged under the run; its model URI."""
     import os
 
     from mtrec.data.io import apply_storage_options
@@ -169,39 +169,46 @@ def _served_task(cfg_json: dict, uri: str, staged: str, run_id: str, call: dict)
     apply_storage_options(cfg.job.storage_options)
     tracker = Tracker(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})}))
     served = ServedModel.from_state(cfg.spec, checkpoint.read_full(staged, prefix=MODEL_PREFIX), cfg.score_offsets())
-    return tracker.log_served(run_id, served, call["example"], call["tags"])
+    return tracker.log_model(run_id, served, call["example"])
 
 
 MODEL_PREFIX = "model.model."  # the model's tensors in a checkpoint (not the optimizers')
 _FORWARDED = ("MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "OSS_")  # what reaches MLflow and the stores
 
 
-def log_served_apart(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, example, tags: dict) -> str:
-    """The served model logged under the run by a Ray task on this node, in a process of its own
-    that exits after it (`max_calls=1`): the driver never holds the embedding tables, whatever
-    their size; the task reads the staged checkpoint's model tensors (not the optimizers'). Runs
-    in the job's Ray session. Returns the model URI.
-
-    Raises:
-        MtrecError: the task's own error (MLflow unreachable: TrackingError), or one line naming
-            how the task failed.
-    """
+def start_served(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, head):
+    """Start logging the served model under the run: a Ray task on this node, in a process of its
+    own that exits after it (`max_calls=1`), reads the staged checkpoint's model tensors (not the
+    optimizers'), builds the served model and logs it, so the driver never holds the embedding
+    tables, whatever their size. `head`: the first rows read (an Arrow table), the model's input
+    example. Runs in the job's Ray session; returns the task's ObjectRef (`finish_served`)."""
     import os
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from mtrec.errors import TrackingError, first_line
-
+    example = head.select(input_columns(cfg)).to_pandas() if head is not None else None
     call = {
         "env": {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED)},
         "cwd": os.getcwd(),
         "example": example,
-        "tags": tags,
     }
     task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_served_task)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ref = task.options(scheduling_strategy=here).remote(cfg.model_dump(mode="json"), tracker.uri, staged, run_id, call)
+    return task.options(scheduling_strategy=here).remote(cfg.model_dump(mode="json"), tracker.uri, staged, run_id, call)
+
+
+def finish_served(ref, run_id: str) -> str:
+    """The model URI the `start_served` task logged.
+
+    Raises:
+        MtrecError: the task's own error (MLflow unreachable: TrackingError), or one line naming
+            how the task failed.
+    """
+    import ray
+
+    from mtrec.errors import TrackingError, first_line
+
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:

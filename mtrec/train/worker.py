@@ -55,6 +55,14 @@ class RunCollector:
     def mark(self, name: str, t: float) -> None:
         self.marks[name] = t
 
+    def staged(self, example) -> None:
+        """Rank 0 staged the checkpoint (`example`: its first rows): the driver may start building
+        the served model while the workers evaluate."""
+        self.example = example
+
+    def staged_example(self) -> tuple[bool, object]:
+        return hasattr(self, "example"), getattr(self, "example", None)
+
     def register(self, rank: int, info: dict) -> None:
         self.workers[rank] = info
         if rank == 0:
@@ -382,6 +390,8 @@ def train_loop_per_worker(config: dict) -> None:
     }
     checkpoint.save(dmp, optimizer, job.staging, manifest, marker=False)
     mark("staged")
+    if rank == 0:
+        ray.get(collector.staged.remote(head[0] if head else None))
     evaluation = score_days(dmp.module.model, cfg, job) if job.eval_days else None
     mark("evaluated")
     served_bn = bn.served_bn_names(dmp.module.model)
