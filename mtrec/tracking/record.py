@@ -6,7 +6,11 @@ after its data, plots, the BN statistics check, artifacts and the served model.
                `bn/...` (models with BatchNorm), `position_bias/<p>`
     artifacts  config.json, manifest.json, validation/dt=D.json, plots/ (calibration, position
                bias, metric trend, BN drift), bn/ (running statistics, the check)
-    model      the served model (pyfunc, `Tracker.log_served`), its URI as tag `mtrec.model_uri`
+    model      the served model (pyfunc, `Tracker.log_model`), its URI as tag `mtrec.model_uri`
+
+The figures of the next day come from the Ray Train workers (`mtrec.eval.sharded`), and the served
+model is built and logged by a Ray task beside the driver (`start_served`): recording a job never
+loads the embedding tables into the driver.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def record_job(
     """Everything a run holds about a trained (staged, not yet published) checkpoint: params,
     evaluation on the day after the last trained day (when its logs exist), artifacts, plots, the
     served model. The evaluation, the BN check and the BN layers' running statistics come from the
-    workers (`workers`: the result of `mtrec.train.worker`: `evaluation`, `bn_running`), which
+    workers (`workers`: rank 0's result, `mtrec.train.worker`: `evaluation`, `bn_running`,
+    `example`; and `served`, the `start_served` task when the driver started it already), which
     scored the day with the sharded model; the driver never loads the tables. Returns
     {"model_uri", "eval_day", "metrics", "gate", "bn"}.
 
