@@ -69,9 +69,7 @@ class ServedModel:
         self.columns = self.spec.input_columns()
         roles = self.spec.column_roles()
         self._kinds = {col: roles[col][0] for col in self.columns}  # column -> kind, for `_typed`
-        self._columns_of = self.spec.served_columns()  # served column -> (model output, class or None)
-        self.outputs = list(self._columns_of)
-        self._expm1 = {t.name for t in self.spec.tasks if t.log1p and self.spec.label_kind(t) == LabelKind.REGRESSION}
+        self.outputs = list(self.spec.served_columns())  # one column per output, per class of a multiclass task
 
     @classmethod
     def from_checkpoint(cls, url: str) -> ServedModel:
@@ -132,21 +130,8 @@ class ServedModel:
             )
 
     def _typed(self, table: pa.Table) -> pa.Table:
-        """The model's columns with the contract's types. Ids that arrive as floats (pandas turns an
-        integer column with a null into float64) are taken back to int64 when whole; any other type
-        the contract does not allow is refused with one line."""
-        out = []
-        for col, kind in self._kinds.items():
-            arr = table.column(col)
-            t = arr.type
-            listed = pa.types.is_list(t) or pa.types.is_large_list(t)
-            if kind != FeatureKind.DENSE.value and pa.types.is_floating(t.value_type if listed else t):
-                arr = _whole_ids(arr, col, listed)
-            ct = COLUMN_TYPES[kind]
-            if not ct.accepts(arr.type):
-                raise MtrecError(f"input column `{col}` has type {arr.type}, expected {ct.wanted}")
-            out.append(arr)
-        return pa.table(out, names=self.columns)
+        """The model's columns with the contract's types (`typed_inputs`)."""
+        return typed_inputs(table, self._kinds)
 
     def _input(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
         """The model's columns of `batch` (under the contract's names or the log's, `columns:`),
@@ -187,9 +172,8 @@ class ServedModel:
             batch = self._one_user(batch)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.outputs}
         for _, out in score_batches(self.model, self.spec, batch.to_batches(max_chunksize=batch_rows)):
-            for col, (k, cls) in self._columns_of.items():
-                v = out[k].float() if cls is None else out[k][:, cls].float()
-                parts[col].append((torch.expm1(v) if k in self._expm1 else v).numpy())
+            for col, v in served_scores(self.spec, out).items():
+                parts[col].append(v)
         return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.float32) for k, v in parts.items()}
 
     @torch.no_grad()
@@ -279,6 +263,40 @@ def _mixed_ids(values, listed: bool, col: str) -> pa.Array:
     if listed:
         return pa.array(out, pa.list_(pa.int64()))
     return pa.array([None if r is None else r[0] for r in out], pa.int64())
+
+
+def typed_inputs(table: pa.Table, kinds: dict[str, str], canonical: bool = False) -> pa.Table:
+    """The columns of `kinds` (column -> kind) with the contract's types. Ids that arrive as floats
+    (pandas turns an integer column with a null into float64) are taken back to int64 when whole;
+    any other type the contract does not allow is refused with one line. With `canonical`, each
+    column is also cast to its kind's one type (`COLUMN_TYPES[kind].canonical`), so that tables of
+    files that differ in integer widths concatenate."""
+    out = []
+    for col, kind in kinds.items():
+        arr = table.column(col)
+        t = arr.type
+        listed = pa.types.is_list(t) or pa.types.is_large_list(t)
+        if kind != FeatureKind.DENSE.value and pa.types.is_floating(t.value_type if listed else t):
+            arr = _whole_ids(arr, col, listed)
+        ct = COLUMN_TYPES[kind]
+        if not ct.accepts(arr.type):
+            raise MtrecError(f"input column `{col}` has type {arr.type}, expected {ct.wanted}")
+        if canonical and arr.type != ct.canonical(arr.type):
+            arr = arr.cast(ct.canonical(arr.type), safe=False)
+        out.append(arr)
+    return pa.table(out, names=list(kinds))
+
+
+def served_scores(spec: ModelSpec, out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per served column (`ModelSpec.served_columns`) of `spec` (a served spec), the scores of one
+    batch's model outputs: probabilities, regression values in label space (expm1 of a `log1p`
+    task), one column per class of a multiclass task."""
+    expm1 = {t.name for t in spec.tasks if t.log1p and spec.label_kind(t) == LabelKind.REGRESSION}
+    scores = {}
+    for col, (k, cls) in spec.served_columns().items():
+        v = out[k].float() if cls is None else out[k][:, cls].float()
+        scores[col] = (torch.expm1(v) if k in expm1 else v).cpu().numpy()
+    return scores
 
 
 def _whole_ids(arr: pa.ChunkedArray, col: str, listed: bool) -> pa.ChunkedArray:

@@ -9,6 +9,7 @@ import math
 
 import mlflow
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from mtrec.errors import GateRefused
 from mtrec.eval.evaluate import evaluate_days
 from mtrec.eval.sharded import Moments, Scored, merge, score_shard, with_truth
 from mtrec.jobs.evaluate import score_checkpoint
+from mtrec.jobs.predict import predict_on_workers, predict_to_parquet
 from mtrec.jobs.retrain import run_train
 from mtrec.serving import ServedModel
 from mtrec.tracking import Tracker, promote
@@ -82,6 +84,18 @@ def test_the_workers_figures_equal_one_process_at_world_size_1_and_2(ray_local, 
     gate = {k.removeprefix("gate/"): v for k, v in run.data.metrics.items() if k.startswith("gate/")}
     days = gate_slice(cfg, Tracker(cfg).alias("challenger"))
     assert_same(gate, evaluate_days(served.model, served.spec, world, days), f"the gate at 2 workers ({decision})")
+
+    # batch scoring: 2 workers, the checkpoint sharded, parts written by each worker, as the pyfunc scores
+    uri = "models:/esmm_synth@challenger"
+    out = predict_on_workers(cfg.with_train(num_workers=2), uri, DAY2, str(tmp_path / "scores"))
+    one = pq.read_table(predict_to_parquet(uri, world, DAY2, str(tmp_path / "one.parquet"))["out"])
+    parts = pq.read_table(str(tmp_path / "scores"))
+    assert out["rows"] == parts.num_rows == one.num_rows == 20_000 and out["parts"] == 2
+    assert (tmp_path / "scores" / "_SUCCESS").exists() and parts.column_names == one.column_names
+    parts, one = parts.sort_by("row_id"), one.sort_by("row_id")
+    assert parts.column("row_id").equals(one.column("row_id"))
+    for k in ("ctr", "cvr", "ctcvr"):
+        assert np.abs(parts.column(k).to_numpy() - one.column(k).to_numpy()).max() < 1e-6, k
 
 
 def test_merge_at_world_size_1_is_the_rank_itself_and_moments_add_up():

@@ -19,7 +19,18 @@ def add(sub, abbrev: bool = True) -> None:
         required=True,
         help="MLflow model URI, e.g. models:/esmm_synth@champion, models:/esmm_synth/3, runs:/<id>/model",
     )
-    p.add_argument("--out", required=True, help="Parquet file to write (path or fsspec URL)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="Parquet file to write (path or fsspec URL); with --workers, a folder of Parquet parts and _SUCCESS",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="score on this many Ray Train workers, the version's checkpoint loaded sharded (a model of any size); "
+        "--model is then models:/NAME/N, models:/NAME@alias or a checkpoint URL",
+    )
+    p.add_argument("--address", help="Ray cluster to join with --workers (default: RAY_ADDRESS, else a local one)")
     p.add_argument(
         "--user-representations",
         metavar="PATH",
@@ -36,7 +47,15 @@ def run(args: argparse.Namespace) -> int:
     d = day(args, cfg)
     tracking_env(cfg)
     log.info(f"mtrec predict: {args.model} on {cfg.job.logs} dt={d} -> {args.out}")
-    out = predict_to_parquet(args.model, cfg.job.logs, d, args.out, args.user_representations, cfg.spec.columns)
+    if args.workers is not None:
+        from mtrec.errors import ConfigError
+        from mtrec.jobs.predict import predict_on_workers
+
+        if args.user_representations:
+            raise ConfigError("--user-representations is written by one process: leave out --workers")
+        out = predict_on_workers(cfg.with_train(num_workers=args.workers), args.model, d, args.out, args.address)
+    else:
+        out = predict_to_parquet(args.model, cfg.job.logs, d, args.out, args.user_representations, cfg.spec.columns)
     log.info(
         f"wrote {out['rows']:,} rows from {out['files']} file(s) to {out['out']} in {out['seconds']:.1f}s "
         f"(columns: {', '.join(out['columns'])})"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +120,45 @@ class _Parts:
 
 
 @torch.no_grad()
+def lockstep(
+    model: nn.Module,
+    spec: ModelSpec,
+    batches: Iterable[pa.RecordBatch],
+    on_batch: Callable[[pa.RecordBatch, dict[str, torch.Tensor]], None],
+    padding: list[bool] | None = None,
+) -> None:
+    """`model` (a MultiTaskModel, its tables sharded or not) in eval mode over this rank's `batches`
+    (Arrow, converted as served by `spec`: no bias features, no labels), in lockstep with the other
+    ranks of the default group: every rank takes the same number of forwards (sharded tables make
+    each one a collective), a rank whose share has run out scoring a pad batch (`padding[0]` is
+    True meanwhile) and throwing it away. `on_batch(batch, outputs)` for each real batch."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = model_device(model)
+    conv = BatchConverter(spec)
+    pad = None
+    it = iter(batches)
+    with evaluating(model):
+        while True:
+            rb = next(it, None)
+            if world > 1:
+                alive = torch.tensor([0 if rb is None else 1], dtype=torch.int64, device=device)
+                dist.all_reduce(alive)
+                if int(alive.item()) == 0:
+                    break
+            elif rb is None:
+                break
+            if rb is None:  # this rank's share is done; the others' forwards still need it
+                pad = pad if pad is not None else pad_batch(spec).to(device)
+                if padding is not None:
+                    padding[0] = True
+                model(pad)
+                if padding is not None:
+                    padding[0] = False
+                continue
+            if rb.num_rows:
+                on_batch(rb, model(conv(rb, with_bias=False, with_labels=False).to(device)))
+
+
 def score_shard(
     model: nn.Module,
     spec: ModelSpec,
@@ -129,7 +168,7 @@ def score_shard(
     head_rows: int = 5,
 ) -> Scored:
     """This rank's `batches` (canonical Arrow batches) through `model` (a MultiTaskModel, its
-    tables sharded or not) as served, in lockstep with the other ranks of the default group.
+    tables sharded or not) as served, in lockstep with the other ranks (`lockstep`).
 
     Args:
         model: `dmp.module.model` on a worker; any MultiTaskModel.
@@ -139,53 +178,33 @@ def score_shard(
         keep: keep the per-row arrays for the metrics (False: BN moments only).
         head_rows: how many of the first rows to keep as read.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    device = model_device(model)
-    conv = BatchConverter(spec)
     modules = dict(model.named_modules())
     moments = {name: Moments(modules[name].num_features) for name in bn_names or []}
-    counting = [True]  # off while a pad batch runs: its rows are not data
+    padding = [False]  # a pad batch's rows are not data
 
     def hook(name: str):
-        return lambda _m, args: moments[name].add(args[0]) if counting[0] else None
+        return lambda _m, args: None if padding[0] else moments[name].add(args[0])
 
     hooks = [modules[name].register_forward_pre_hook(hook(name)) for name in moments]
     parts = _Parts(spec) if keep else None
     scored = Scored(moments=moments)
-    pad = None
-    last_out = None
-    it = iter(batches)
+    last: list[dict] = []
+
+    def on_batch(rb: pa.RecordBatch, out: dict[str, torch.Tensor]) -> None:
+        last[:] = [out]
+        scored.rows += rb.num_rows
+        if scored.head is None and head_rows:
+            scored.head = pa.Table.from_batches([rb.slice(0, head_rows)])
+        if parts is not None:
+            parts.add(rb, out)
+
     try:
-        with evaluating(model):
-            while True:
-                rb = next(it, None)
-                if world > 1:
-                    alive = torch.tensor([0 if rb is None else 1], dtype=torch.int64, device=device)
-                    dist.all_reduce(alive)
-                    if int(alive.item()) == 0:
-                        break
-                elif rb is None:
-                    break
-                if rb is None:  # this rank's share is done; the others' forwards still need it
-                    pad = pad if pad is not None else pad_batch(spec).to(device)
-                    counting[0] = False
-                    model(pad)
-                    counting[0] = True
-                    continue
-                if not rb.num_rows:
-                    continue
-                out = model(conv(rb, with_bias=False, with_labels=False).to(device))
-                last_out = out
-                scored.rows += rb.num_rows
-                if scored.head is None and head_rows:
-                    scored.head = pa.Table.from_batches([rb.slice(0, head_rows)])
-                if parts is not None:
-                    parts.add(rb, out)
+        lockstep(model, spec, batches, on_batch, padding)
     finally:
         for h in hooks:
             h.remove()
     if parts is not None:
-        scored.predictions = parts.predictions(last_out)
+        scored.predictions = parts.predictions(last[0] if last else None)
         scored.files = np.concatenate(parts.files) if parts.files else None
     return scored
 

@@ -137,3 +137,168 @@ def _whole_file(out: str) -> Iterator[IO[bytes]]:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def read_for_scoring(
+    files: pa.Table, kinds: dict, view: dict, storage: dict | None = None, row_id: bool = True
+) -> Iterator[pa.Table]:
+    """Ray Data UDF of `predict_on_workers`: every row of these files (index, url, name, size; no
+    contract rule: labels are not read), the model's input columns typed as served and cast to
+    one type per kind (`serving.typed_inputs`), with `row_id`, or the file index and the row's
+    ordinal in the file (`_file`, `_row`) when the logs have none."""
+    from mtrec.data.io import DataFile, apply_storage_options
+    from mtrec.serving import typed_inputs
+    from mtrec.train.position import FILE_COL, ROW_COL
+
+    apply_storage_options(storage or {})
+    columns = ColumnsConfig.model_validate(view)
+    for item in files.to_pylist():
+        f = DataFile(item["url"], item["name"], item["size"])
+        ordinal = 0
+        for rb in iter_file_batches(f, columns=list(kinds) + (["row_id"] if row_id else []), view=columns):
+            t = typed_inputs(pa.Table.from_batches([rb]), kinds, canonical=True)
+            n = rb.num_rows
+            if row_id:
+                t = t.append_column("row_id", rb.column("row_id").cast(pa.int64()))
+            else:
+                t = t.append_column(FILE_COL, pa.array(np.full(n, item["index"], dtype=np.int32)))
+                t = t.append_column(ROW_COL, pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64)))
+            ordinal += n
+            yield t
+
+
+def predict_on_workers(cfg, model_uri: str, day: dt.date, out: str, address: str | None = None) -> dict:
+    """Score every row of `day` under `cfg`'s logs with a registered version (`models:/NAME/N`,
+    `models:/NAME@alias`) or a published checkpoint's URL, by `train.num_workers` Ray Train workers:
+    the checkpoint loaded sharded (any size: no process holds the whole model), the rows read by
+    Ray Data, each worker writing its rows' scores as Parquet parts into the folder `out`
+    (`part-<rank>-<k>.parquet`: `row_id`, or `file` and `row`, and one column per served output).
+    An earlier output in `out` is replaced; `_SUCCESS` (JSON: rows, parts, checkpoint) is written
+    last, so a reader that waits for it never sees a half-written day.
+
+    Returns:
+        dict: {"rows", "files", "parts", "seconds", "out", "columns", "checkpoint"}.
+    Raises:
+        DataValidationError: no logs for the day, or a file lacks a feature column the model reads.
+        ConfigError: `model_uri` names neither a registered mtrec version nor a checkpoint.
+        MtrecError: a worker failed (named).
+    """
+    import json
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from mtrec.data.columns import contract_schema
+    from mtrec.data.validate import _read_footer
+    from mtrec.errors import ConfigError
+    from mtrec.jobs.cluster import ray_session
+    from mtrec.jobs.protocol import _exact_split_config, _storage, worker_failure
+    from mtrec.shims import trainer_class
+    from mtrec.tracking import registered_version
+    from mtrec.tracking.gate import version_config
+    from mtrec.train import checkpoint
+    from mtrec.train.worker import PredictJob, RunCollector, predict_loop_per_worker
+
+    t0 = time.perf_counter()
+    url = model_uri
+    if model_uri.startswith("models:/"):
+        v = registered_version(cfg, model_uri)
+        if v is None or not v.checkpoint:
+            raise ConfigError(f"{model_uri} names no registered mtrec version with a checkpoint; pass one that does")
+        url = v.checkpoint
+    elif "://" in model_uri and model_uri.split("://")[0] in ("runs", "models"):
+        raise ConfigError(
+            f"--workers scores a checkpoint: pass models:/NAME/N, models:/NAME@alias or its URL, not {model_uri}"
+        )
+    checkpoint.read_manifest(url)  # published, or one line saying it is not
+    vcfg = version_config(cfg, url)
+    if vcfg is None:
+        raise ConfigError(f"{url}'s manifest does not say its sampling offsets; score it without --workers")
+    spec = vcfg.spec.serving()
+    kinds = {c: spec.column_roles()[c][0] for c in spec.input_columns()}
+    files = list_day_files(cfg.job.logs, day)
+    if not files:
+        raise DataValidationError(f"no Parquet files for {day} under {cfg.job.logs}; check --logs and --date")
+    footers = [_read_footer(f) for f in files]  # one footer read per file: its columns and rows
+    schemas = [contract_schema(m.schema.to_arrow_schema(), spec.columns) for m in footers]
+    for f, schema in zip(files, schemas, strict=True):
+        missing = [c for c in kinds if c not in schema.names]
+        if missing:
+            raise DataValidationError(
+                f"{f.url} lacks feature column(s) {', '.join(missing)} that {model_uri} reads; "
+                "score logs written under the model's data contract"
+            )
+    row_id = all("row_id" in s.names for s in schemas)
+    fs, root = filesystem(out)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)  # an earlier output is replaced, _SUCCESS first gone
+    fs.makedirs(root, exist_ok=True)
+    with ray_session(cfg, address):
+        import ray.data
+
+        collector = RunCollector.remote()
+        items = [{"index": i, "url": f.url, "name": f.name, "size": f.size} for i, f in enumerate(files)]
+        rows_ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_for_scoring,
+            fn_kwargs={
+                "kinds": kinds,
+                "view": spec.columns.model_dump(mode="json"),
+                "storage": cfg.job.storage_options,
+                "row_id": row_id,
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+        )
+        job = PredictJob(
+            cfg=vcfg.model_dump(mode="json"),
+            checkpoint=url,
+            out=out,
+            names=tuple(f.name for f in files),
+            row_id=row_id,
+            collector=collector,
+        )
+        storage_path, storage_fs = _storage(cfg)
+        trainer = trainer_class()(
+            predict_loop_per_worker,
+            train_loop_config={"job": job},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.train.num_workers,
+                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                placement_strategy=cfg.train.placement.value.upper(),
+            ),
+            datasets={"rows": rows_ds},
+            dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
+            run_config=RunConfig(
+                name=f"{cfg.name}-predict-{day}-{int(time.time())}",
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # noqa: BLE001 - Ray Train's failure: one line naming the worker
+            raise worker_failure(e, ray.get(collector.snapshot.remote())["workers"]) from None
+        result = ray.get(collector.snapshot.remote())["result"] or {}
+    ranks = result.get("ranks") or []
+    rows = sum(r["rows"] for r in ranks)
+    if rows != sum(m.num_rows for m in footers):  # every row scored once: no _SUCCESS otherwise
+        raise MtrecError(
+            f"the workers scored {rows:,} rows but the day's files hold {sum(m.num_rows for m in footers):,}; "
+            f"{out} has no _SUCCESS - rerun the command"
+        )
+    parts = sorted(p for r in ranks for p in r["parts"])
+    columns = (["row_id"] if row_id else ["file", "row"]) + list(spec.served_columns())
+    with fs.open(f"{root}/_SUCCESS", "w") as fh:
+        fh.write(json.dumps({"rows": rows, "parts": parts, "checkpoint": url, "day": day.isoformat()}))
+    return {
+        "rows": rows,
+        "files": len(files),
+        "parts": len(parts),
+        "seconds": time.perf_counter() - t0,
+        "out": out,
+        "columns": columns,
+        "checkpoint": url,
+    }

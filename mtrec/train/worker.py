@@ -31,7 +31,7 @@ from mtrec.errors import MtrecError
 from mtrec.models import MultiTaskTrain, build_model
 from mtrec.train import checkpoint
 from mtrec.train.loop import LoopOptions, Progress, gather_stats, train_stream
-from mtrec.train.position import Position, skip_trained
+from mtrec.train.position import FILE_COL, ROW_COL, Position, skip_trained
 from mtrec.train.sharding import dense_optimizer, device_for_backend, plan_summary, shard
 from mtrec.train.stream import rebatch, shuffle_epochs
 
@@ -478,3 +478,87 @@ def score_loop_per_worker(config: dict) -> None:
                 {"evaluation": evaluation, "manifest": manifest, "world_size": ctx.get_world_size()}
             )
         )
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """A batch-scoring job's worker input (`predict_loop_per_worker`)."""
+
+    cfg: dict[str, Any]  # the run spec the checkpoint was trained under (`gate.version_config`), dumped
+    checkpoint: str  # its URL (any world size: DCP reshards it)
+    out: str  # the output folder: part-<rank>-<k>.parquet
+    names: tuple[str, ...]  # per file index of the dataset, the file's name (rows without row_id)
+    row_id: bool  # the logs have `row_id`: the output's id column; else `file` and `row`
+    rows_per_part: int = 1_000_000
+    collector: Any = None
+
+
+def predict_loop_per_worker(config: dict) -> None:
+    """Ray Train entry of `mtrec predict --workers N`: the checkpoint loaded sharded at this world
+    size, this rank's share of the day's rows (dataset shard "rows": typed input columns and ids)
+    scored as served in lockstep (`mtrec.eval.sharded.lockstep`), written by this rank as Parquet
+    parts of at most `rows_per_part` rows; rank 0 hands the rows and parts of every rank to the
+    collector."""
+    import pyarrow.parquet as pq
+
+    from mtrec.data.io import filesystem, join
+    from mtrec.eval.sharded import lockstep
+    from mtrec.serving import served_scores
+
+    job: PredictJob = config["job"]
+    cfg = MtrecConfig.model_validate(job.cfg)
+    apply_storage_options(cfg.job.storage_options)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(torch_threads(cfg.train.torch_threads, ctx.get_local_world_size()))
+    device, _ = device_for_backend()
+    dmp, _ = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
+    checkpoint.load(dmp, None, job.checkpoint, cfg, allow_config_change=True)  # scoring: rates do not matter
+    spec = cfg.spec.serving()
+    outputs = list(spec.served_columns())
+    ids = (
+        [pa.field("row_id", pa.int64())] if job.row_id else [pa.field("file", pa.string()), pa.field("row", pa.int64())]
+    )
+    schema = pa.schema(ids + [pa.field(k, pa.float32()) for k in outputs])
+    fs, root = filesystem(job.out)
+    state = {"writer": None, "sink": None, "rows": 0, "in_part": 0}
+    parts: list[str] = []
+
+    def close() -> None:
+        if state["writer"] is not None:
+            state["writer"].close()
+            state["sink"].close()
+            state["writer"] = None
+
+    def on_batch(rb: pa.RecordBatch, out: dict[str, torch.Tensor]) -> None:
+        if state["writer"] is None or state["in_part"] >= job.rows_per_part:
+            close()
+            name = f"part-{rank:05d}-{len(parts):05d}.parquet"
+            parts.append(name)
+            state["sink"] = fs.open(f"{root}/{name}", "wb")
+            state["writer"] = pq.ParquetWriter(state["sink"], schema)
+            state["in_part"] = 0
+        scores = served_scores(spec, out)
+        if job.row_id:
+            cols = [rb.column("row_id").cast(pa.int64())]
+        else:
+            files = rb.column(FILE_COL).to_numpy(zero_copy_only=False)
+            cols = [pa.array([job.names[i] for i in files], pa.string()), rb.column(ROW_COL).cast(pa.int64())]
+        state["writer"].write_table(pa.Table.from_arrays(cols + [pa.array(scores[k]) for k in outputs], schema=schema))
+        state["rows"] += rb.num_rows
+        state["in_part"] += rb.num_rows
+
+    tables = ray.train.get_dataset_shard("rows").iter_batches(
+        batch_size=cfg.bn.batch_rows, batch_format="pyarrow", prefetch_batches=2
+    )
+    try:
+        lockstep(dmp.module.model, spec, (rb for t in tables for rb in t.combine_chunks().to_batches()), on_batch)
+    finally:
+        close()
+    mine = {"rank": rank, "rows": state["rows"], "parts": [join(job.out, p) for p in parts]}
+    everyone: list = [mine]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        ray.get(job.collector.finish.remote({"ranks": everyone}))
