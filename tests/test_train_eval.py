@@ -167,7 +167,7 @@ def test_evaluate_from_to_skips_days_without_logs_and_prints_strict_json(tmp_pat
         pq.write_table(pa.table({"x": [1]}), logs / f"dt={d}" / "part-0.parquet")
     got = {}
 
-    def scored(cfg, days, url=None):  # the checkpoint's scoring has its own tests
+    def scored(cfg, days, url=None, address=None):  # the checkpoint's scoring has its own tests
         got["days"] = days
         metrics = {"ctr/auc": float("nan"), "ctr/ne": np.float32(0.25), "ctr/rows": 3.0}
         return metrics, "file:///ck/dt=2025-12-31", {"days": ["2025-12-31"], "rows_trained": 10, "world_size": 1}

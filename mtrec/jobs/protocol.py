@@ -566,7 +566,7 @@ class _Job:
             + f" with {cfg.train.num_workers} worker(s), batch {cfg.train.batch_size}"
         )
         outcome: dict = {}
-        self.mark("validated")
+        self.mark("planned")  # plan, MLflow run and trainer ready: the workers start next
         thread = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
         thread.start()
 
