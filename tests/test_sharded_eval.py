@@ -67,7 +67,7 @@ def test_the_workers_figures_equal_one_process_at_world_size_1_and_2(ray_local, 
     assert_same(job, one, "the job (1 worker) vs one process")
     assert_same(job_bn, one_bn, "the job's BN check vs one process", tol=1e-6)
 
-    two, figures, manifest = score_checkpoint(cfg.with_train(num_workers=2), [DAY2], s.checkpoint)
+    two, figures, manifest = score_checkpoint(cfg.with_train(num_workers=2), [DAY2], s.checkpoint, bn_check=True)
     assert figures["rows"] == 20_000 and manifest["world_size"] == 1
     assert_same(two, one, "2 workers vs one process")
     assert_same(figures["bn"].metrics(), one_bn, "2 workers' BN check vs one process")

@@ -147,6 +147,8 @@ def lockstep(
                     break
             elif rb is None:
                 break
+            if rb is not None and not rb.num_rows:
+                rb = None  # an empty batch scores nothing, but the forward is still every rank's
             if rb is None:  # this rank's share is done; the others' forwards still need it
                 pad = pad if pad is not None else pad_batch(spec).to(device)
                 if padding is not None:
@@ -155,8 +157,7 @@ def lockstep(
                 if padding is not None:
                     padding[0] = False
                 continue
-            if rb.num_rows:
-                on_batch(rb, model(conv(rb, with_bias=False, with_labels=False).to(device)))
+            on_batch(rb, model(conv(rb, with_bias=False, with_labels=False).to(device)))
 
 
 def score_shard(
@@ -209,19 +210,20 @@ def score_shard(
     return scored
 
 
-def merge(mine: Scored) -> Scored | None:
+def merge(mine: Scored, device: torch.device | None = None) -> Scored | None:
     """Every rank's Scored, merged on rank 0 (rows summed, moments summed, predictions
     concatenated in rank order, the first rank's head); None on the other ranks. A collective:
-    every rank calls it."""
+    every rank calls it. `device`: where the process group's tensors live (the model's: nccl
+    takes CUDA tensors only)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     rank, world = dist.get_rank(), dist.get_world_size()
     for m in mine.moments.values():  # summed in float64 across ranks
-        flat = torch.from_numpy(np.concatenate([[float(m.n)], m.s, m.ss]))
+        flat = torch.from_numpy(np.concatenate([[float(m.n)], m.s, m.ss])).to(device)
         dist.all_reduce(flat)
-        c = len(m.s)
+        flat, c = flat.cpu(), len(m.s)
         m.n, m.s, m.ss = int(round(float(flat[0]))), flat[1 : 1 + c].numpy().copy(), flat[1 + c :].numpy().copy()
-    total = torch.tensor([mine.rows], dtype=torch.int64)
+    total = torch.tensor([mine.rows], dtype=torch.int64, device=device)
     dist.all_reduce(total)
     parts: list | None = [None] * world if rank == 0 else None
     dist.gather_object((mine.rows, mine.predictions, mine.head, mine.files), parts, dst=0)

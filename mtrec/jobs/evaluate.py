@@ -67,13 +67,14 @@ def evaluate_checkpoint(
 
 
 def score_checkpoint(
-    cfg: MtrecConfig, days: list[dt.date], url: str, address: str | None = None
+    cfg: MtrecConfig, days: list[dt.date], url: str, address: str | None = None, bn_check: bool = False
 ) -> tuple[dict, dict, dict]:
     """A checkpoint scored on `days` pooled, as served, by `train.num_workers` Ray Train workers:
     loaded sharded at that world size (DCP reshards it), each worker scoring its share of the rows
     read by Ray Data, the figures merged on rank 0 (`mtrec.eval.sharded`); neither the tables nor
     the rows pass through this process. Returns (metrics, the figures `next_day_figures` makes:
-    rows, BN report, calibration plot, ...; the checkpoint's manifest).
+    rows, BN report with `bn_check` (on the last day: its serving logs when `job.serving_logs`
+    holds them, its impressions otherwise), calibration plot, ...; the checkpoint's manifest).
 
     Raises:
         DataValidationError: a day lacks a column (footers).
@@ -96,7 +97,7 @@ def score_checkpoint(
         fs = check_day(cfg.spec, cfg.job.logs, d)
         files += fs
         file_days += [i] * len(fs)
-    serving = serving_files(cfg, days[-1])
+    serving = serving_files(cfg, days[-1]) if bn_check else []
     with ray_session(cfg, address):
         collector = RunCollector.remote()
         job = ScoreJob(
@@ -106,6 +107,7 @@ def score_checkpoint(
             eval_days=tuple(d.isoformat() for d in days),
             file_days=tuple(file_days),
             bn_serving=bool(serving),
+            bn_check=bn_check,
             collector=collector,
         )
         datasets = {"eval": good_rows_dataset(cfg, files)}

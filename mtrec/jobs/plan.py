@@ -49,7 +49,7 @@ class JobPlan:
     staged: str  # where the checkpoint is staged before publishing
     checkpoint: str  # where it is published (dt=<last day>)
     manifest: Manifest = field(default_factory=Manifest)  # the entries known before training
-    started: float = field(default_factory=time.time)  # when planning began: the job's wall time includes validation
+    started: float = field(default_factory=time.time)  # when planning began: the job's wall time includes it
     init_from: str | None = None  # a cold start's initial weights: another model's checkpoint (`train.init_from`)
     epochs: int = 1  # passes over the good rows: `train.epochs` for a full retrain, 1 for a nightly day
     reads: list[int] = field(default_factory=list)  # every file read, in order (`stream.job_reads`); []: files once

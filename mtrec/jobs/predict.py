@@ -5,6 +5,9 @@ the logs have none) and one column per task (probability; regression value).
 Every row of the day is scored (labels are neither needed nor read, so request logs work too);
 memory is bounded by one read batch. The file appears complete or not at all: it is written
 beside its destination and moved into place at the end.
+
+`predict_on_workers` (`mtrec predict --workers N`) does the same on Ray Train workers with the
+model sharded, into a folder of Parquet parts (one set per worker) and `_SUCCESS`.
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ def predict_on_workers(cfg, model_uri: str, day: dt.date, out: str, address: str
         if v is None or not v.checkpoint:
             raise ConfigError(f"{model_uri} names no registered mtrec version with a checkpoint; pass one that does")
         url = v.checkpoint
-    elif "://" in model_uri and model_uri.split("://")[0] in ("runs", "models"):
+    elif model_uri.startswith("runs:/"):
         raise ConfigError(
             f"--workers scores a checkpoint: pass models:/NAME/N, models:/NAME@alias or its URL, not {model_uri}"
         )
@@ -232,7 +235,14 @@ def predict_on_workers(cfg, model_uri: str, day: dt.date, out: str, address: str
     row_id = all("row_id" in s.names for s in schemas)
     fs, root = filesystem(out)
     if fs.exists(root):
-        fs.rm(root, recursive=True)  # an earlier output is replaced, _SUCCESS first gone
+        if not fs.isdir(root) or (fs.ls(root, detail=False) and not fs.exists(f"{root}/_SUCCESS")):
+            raise ConfigError(
+                f"--out {out} exists and is not an earlier output of mtrec predict --workers (no _SUCCESS in it); "
+                "pass a new or empty folder"
+            )
+        if fs.exists(f"{root}/_SUCCESS"):
+            fs.rm(f"{root}/_SUCCESS")  # an earlier output is replaced: first it stops being complete
+        fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
     with ray_session(cfg, address):
         import ray.data

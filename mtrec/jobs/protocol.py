@@ -1,17 +1,20 @@
 """One training job on Ray: the run protocol `mtrec train`, `mtrec nightly` and `mtrec backfill` share.
 
     preflight (before Ray starts): each day's files, rows and columns from their footers; the parent
-    -> plan: validate every day (quarantine, threshold) -> the good-row count the job must train
-    -> Ray Data: one read task per Parquet file (any fsspec URL), the contract's row rules, the
-       training columns plus each row's position; a stream in file order, split across the
-       workers without dropping rows
+    -> plan: the days' files, the job id, what an earlier run of the job already trained
+    -> Ray Data: one read task per Parquet file (any fsspec URL) that validates as it reads (the
+       contract's row rules, bad rows quarantined, the file's counts reported), the training
+       columns plus each row's position; a stream in file order, split across the workers
+       without dropping rows
     -> Ray Train: `num_workers` workers, each a DistributedModelParallel rank
        (mtrec.train.worker), warm-started from the parent checkpoint or the job's newest
        intra-day checkpoint; an intra-day checkpoint every `train.checkpoint_every_batches`
        steps; a failed worker group restarts from it (`train.max_failures`)
-    -> the rows trained (positions merged over ranks and restarts) checked against the
-       validated count: every row once; the checkpoint is staged
-    -> record (MLflow run, next-day evaluation, the served model) -> publish (atomic) -> register
+    -> the rows trained (positions merged over ranks and restarts) checked against the good rows
+       the read counted: every row once; the checkpoint is staged; the workers score the next
+       day with the sharded model (metrics, BN check) while a Ray task builds the served model
+    -> each day's validation report, the threshold -> record (MLflow run, the workers' figures,
+       the served model) -> publish (atomic) -> register
 
 The pipeline never materializes the data: memory is bounded by Ray Data's backpressure and the
 workers' prefetch, whatever the size of the range.
@@ -52,7 +55,7 @@ from mtrec.data.validate import (
     day_report,
     validate_day,
 )
-from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
+from mtrec.errors import ConfigError, DataValidationError, MtrecError, TrackingError, first_line
 from mtrec.jobs.plan import JobPlan, RunOptions, TrainSummary
 from mtrec.shims import trainer_class
 from mtrec.train import checkpoint
@@ -136,7 +139,8 @@ def good_rows_dataset(
             "url": files[v % n].url,
             "name": files[v % n].name,
             "size": files[v % n].size,
-            "quarantine": quarantine[v % n] if quarantine else None,
+            # a file's first read writes its quarantine (a full retrain reads it once per epoch)
+            "quarantine": quarantine[v % n] if quarantine and v < n else None,
         }
         for v in order
     ]
@@ -478,7 +482,7 @@ class _Job:
 
     def __init__(self, cfg: MtrecConfig, plan: JobPlan, opts: RunOptions, ray_info: dict):
         self.cfg, self.plan, self.opts = cfg, plan, opts
-        self.t_epoch = plan.started  # the job's clock starts with its plan (validation included)
+        self.t_epoch = plan.started  # the job's clock starts with its plan
         self.t_job = time.perf_counter() - (time.time() - plan.started)
         self.summary = TrainSummary(
             model=cfg.name,
@@ -496,7 +500,8 @@ class _Job:
         self.tracking_error: MtrecError | None = None  # MLflow failed while the workers trained
         self.marks: dict[str, float] = {}
         self.workers_result: dict = {}  # rank 0's result: the next day's figures, the BN statistics
-        self.served = None  # the Ray task building and logging the served model, once the checkpoint is staged
+        # (attempt, Ray task) building and logging the served model, once that attempt staged the checkpoint
+        self.served: tuple[int, Any] | None = None
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks[name] = (time.time() if at is None else at) - self.t_epoch
@@ -536,8 +541,17 @@ class _Job:
         s.wall_s = time.perf_counter() - self.t_job
         return s
 
+    def cancel_served(self) -> None:
+        """The served model's task stopped (the checkpoint it reads is being replaced or discarded)."""
+        if self.served is not None:
+            import ray
+
+            ray.cancel(self.served[1], force=True)
+            self.served = None
+
     def _fail(self, err: MtrecError, what: str = "") -> MtrecError:
         """The staged checkpoint discarded; the error says where the next run resumes."""
+        self.cancel_served()
         checkpoint.discard(self.plan.staged)
         left = checkpoint.latest_partial(self.cfg, self.plan.end)
         resume = f"; the next run of this job resumes from {left[0]} (step {left[1]['step']})" if left else ""
@@ -571,12 +585,15 @@ class _Job:
         thread.start()
 
         def drain() -> None:
-            if self.tracker is not None and self.served is None and self.tracking_error is None:
-                staged, example = ray.get(collector.staged_example.remote())
-                if staged:  # built beside the evaluation, from the staged checkpoint
+            if self.tracker is not None and self.tracking_error is None:
+                staged = ray.get(collector.staged_example.remote())
+                if staged is not None and (self.served is None or self.served[0] != staged[0]):
+                    # built beside the evaluation, from the staged checkpoint; a worker group that restarted
+                    # after staging stages again: the task of the earlier attempt is dropped
                     from mtrec.tracking.record import start_served
 
-                    self.served = start_served(self.tracker, self.run_id, cfg, plan.staged, example)
+                    self.cancel_served()
+                    self.served = (staged[0], start_served(self.tracker, self.run_id, cfg, plan.staged, staged[1]))
             recs = ray.get(collector.drain.remote())
             for rec in recs:
                 log.info(rec["line"])
@@ -604,10 +621,12 @@ class _Job:
         summary.workers = [{**w, **snap["workers"].get(w["rank"], {})} for w in snap["result"]["workers"]]
         summary.plan = snap["result"]["plan"]
         self.workers_result = snap["result"]
-        self.validated(snap.get("counts", {}))
+        if self.served is not None and self.served[0] != snap["attempts"]:  # staged by an attempt that did not end
+            self.cancel_served()
         for k, v in snap["marks"].items():
             self.mark(k, v)
         self.mark("fit_returned")
+        self.validated(snap.get("counts", {}))
         return snap
 
     def validated(self, counts: dict[int, FileCounts]) -> None:
@@ -652,7 +671,7 @@ class _Job:
                     self.manifest,
                     self.summary,
                     self.plan.reports,
-                    {**self.workers_result, "served": self.served},
+                    {**self.workers_result, "served": self.served[1] if self.served else None},
                 )
             )
         except Exception as e:  # noqa: BLE001 - MLflow, plotting, scoring: one line, nothing published
@@ -730,8 +749,8 @@ def serving_files(cfg: MtrecConfig, day: dt.date) -> list[DataFile]:
         try:
             if bn.has_serving_logs(cfg.job.serving_logs, day):
                 serving = check_serving_files(cfg.spec, list_day_files(cfg.job.serving_logs, day))
-        except ConfigError as e:  # the BN check falls back to the impressions, said
-            log.warning("%s; the job's BN check uses the impressions of %s", e, day)
+        except (ConfigError, DataValidationError) as e:  # the BN check falls back to the impressions, said
+            log.warning("%s; the BN check uses the impressions of %s", e, day)
     return serving
 
 

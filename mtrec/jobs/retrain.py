@@ -52,7 +52,7 @@ def run_train(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOptions |
         else:
             preflight(cfg, days)
             log.info(f"mtrec train {cfg.name}: full retrain over {start} .. {end} from {cfg.job.logs}")
-            plan = plan_job(cfg, days, "full_retrain", None)  # validation too before Ray starts: nothing depends on it
+            plan = plan_job(cfg, days, "full_retrain", None)  # before Ray starts: nothing depends on it
             with ray_session(cfg, opts.address, opts.ray_logs) as info:
                 summary = run_job(cfg, plan, opts, info)
         report([summary], opts.summary)

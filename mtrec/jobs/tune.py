@@ -398,7 +398,8 @@ def _scored(cfg: MtrecConfig, day: dt.date, job: TrialJob) -> dict[str, float]:
             return json.loads(fh.read())
     torch.set_num_threads(job.threads)  # the trial's actor reserves ~0 CPUs: Ray would pin it to 1 thread
     eval_days = [dt.date.fromisoformat(d) for d in job.eval_days]
-    metrics, _, _ = evaluate_checkpoint(cfg, eval_days, checkpoint.checkpoint_url(cfg, day))
+    # in the trial's own process: a trial is one Ray task already
+    metrics, _, _ = evaluate_checkpoint(cfg.with_train(num_workers=1), eval_days, checkpoint.checkpoint_url(cfg, day))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as fh:
         fh.write(to_json(metrics))

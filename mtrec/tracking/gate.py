@@ -293,7 +293,7 @@ def _score(cfg: MtrecConfig, v: VersionInfo, days: list[dt.date], bn_check: bool
     serving = cfg.job.serving_logs
     if bn_check and serving is not None and bn.bn_layers(build_model(vcfg.spec, "meta")):
         _defer_without_serving_logs(serving, days[-1])
-    scores, figures, _ = score_checkpoint(vcfg, days, v.checkpoint)
+    scores, figures, _ = score_checkpoint(vcfg, days, v.checkpoint, bn_check=bn_check)
     rep = figures["bn"] if bn_check else None
     if rep is not None:
         log.info("%s", rep.summary())

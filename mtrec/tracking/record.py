@@ -178,7 +178,24 @@ def _served_task(cfg_json: dict, uri: str, staged: str, run_id: str, call: dict)
 
 
 MODEL_PREFIX = "model.model."  # the model's tensors in a checkpoint (not the optimizers')
-_FORWARDED = ("MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "OSS_")  # what reaches MLflow and the stores
+# what reaches MLflow and the stores: credentials, endpoints, proxies and CA bundles
+_FORWARDED = (
+    "MLFLOW_",
+    "AWS_",
+    "GOOGLE_",
+    "AZURE_",
+    "OSS_",
+    "DATABRICKS_",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+)
 
 
 def start_served(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, head):

@@ -58,10 +58,14 @@ class RunCollector:
     def staged(self, example) -> None:
         """Rank 0 staged the checkpoint (`example`: its first rows): the driver may start building
         the served model while the workers evaluate."""
-        self.example = example
+        self.example = (self.attempts, example)
 
-    def staged_example(self) -> tuple[bool, object]:
-        return hasattr(self, "example"), getattr(self, "example", None)
+    def staged_example(self) -> tuple[int, object] | None:
+        """(the attempt that staged the checkpoint, its first rows), or None before any did."""
+        return getattr(self, "example", None)
+
+    def attempt(self) -> int:
+        return self.attempts
 
     def register(self, rank: int, info: dict) -> None:
         self.workers[rank] = info
@@ -212,6 +216,7 @@ class WorkerJob:
     eval_days: tuple[str, ...] = ()  # the day after, ISO, when its logs are there: dataset shard "eval"
     file_days: tuple[int, ...] = ()  # per file of "eval", its day's index in `eval_days`
     bn_serving: bool = False  # the BN check reads the last eval day's serving logs: dataset shard "bn"
+    bn_check: bool = True  # check the BN statistics on the last eval day
     inputs: tuple[dict, ...] = ()  # per file index: url, name, size, its day's quarantine folder
     known_counts: dict[int, dict] = field(default_factory=dict)  # FileCounts a resumed job's checkpoint carried
 
@@ -427,15 +432,18 @@ def score_days(model: torch.nn.Module, cfg: MtrecConfig, job) -> dict | None:
     shard "bn", with `job.bn_serving`); merged on rank 0 (`mtrec.eval.sharded`), which returns the
     figures the driver records (`next_day_figures`); None on the other ranks. `job`: a WorkerJob
     or a ScoreJob."""
+    from mtrec.eval.scoring import model_device
     from mtrec.eval.sharded import merge, next_day_figures, score_shard
 
     t0 = time.perf_counter()
-    names = bn.served_bn_names(model)
-    rows = cfg.bn.batch_rows
-    scored = merge(score_shard(model, cfg.spec, _shard_batches("eval", rows), None if job.bn_serving else names))
+    names = bn.served_bn_names(model) if job.bn_check else []
+    rows, device = cfg.bn.batch_rows, model_device(model)
+    eval_batches = _shard_batches("eval", rows)
+    scored = merge(score_shard(model, cfg.spec, eval_batches, None if job.bn_serving else names), device)
     serving = None
     if names and job.bn_serving:
-        serving = merge(score_shard(model, cfg.spec, _shard_batches("bn", rows), names, keep=False, head_rows=0))
+        bn_batches = _shard_batches("bn", rows)
+        serving = merge(score_shard(model, cfg.spec, bn_batches, names, keep=False, head_rows=0), device)
     if scored is None:
         return None
     days = [dt.date.fromisoformat(d) for d in job.eval_days]
@@ -456,6 +464,7 @@ class ScoreJob:
     eval_days: tuple[str, ...]
     file_days: tuple[int, ...]
     bn_serving: bool = False
+    bn_check: bool = False  # also check the BN statistics on the last day (the gate's challenger)
     collector: Any = None
 
 
