@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import list_days
@@ -80,14 +79,9 @@ def score_checkpoint(
         DataValidationError: a day lacks a column (footers).
         MtrecError: a worker failed (named), or the figures could not be made (one line).
     """
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-
     from mtrec.data.validate import check_day
     from mtrec.jobs.cluster import ray_session
-    from mtrec.jobs.protocol import _exact_split_config, _storage, good_rows_dataset, serving_files, worker_failure
-    from mtrec.shims import trainer_class
+    from mtrec.jobs.protocol import good_rows_dataset, run_scoring, serving_files
     from mtrec.train.worker import RunCollector, ScoreJob, score_loop_per_worker
 
     days = sorted(days)
@@ -113,33 +107,8 @@ def score_checkpoint(
         datasets = {"eval": good_rows_dataset(cfg, files)}
         if serving:
             datasets["bn"] = good_rows_dataset(cfg, serving, serving=True)
-        storage_path, storage_fs = _storage(cfg)
-        trainer = trainer_class()(
-            score_loop_per_worker,
-            train_loop_config={"job": job},
-            torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.train.num_workers,
-                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-                placement_strategy=cfg.train.placement.value.upper(),
-            ),
-            datasets=datasets,
-            dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
-            run_config=RunConfig(
-                name=f"{cfg.name}-score-{days[0]}-{days[-1]}-{int(time.time())}",
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                failure_config=FailureConfig(max_failures=0),
-            ),
-        )
-        try:
-            trainer.fit()
-        except Exception as e:  # noqa: BLE001 - Ray Train's failure: one line naming the worker
-            raise worker_failure(e, ray.get(collector.snapshot.remote())["workers"]) from None
-        result = ray.get(collector.snapshot.remote())["result"] or {}
-    figures = result.get("evaluation")
-    if figures is None:
-        raise MtrecError("scoring ended without a result from worker 0; see the Ray logs")
+        result = run_scoring(cfg, score_loop_per_worker, job, datasets, f"{cfg.name}-score-{days[0]}-{days[-1]}")
+    figures = result["evaluation"]
     if figures.get("error"):
         raise MtrecError(f"scoring {url} on {figures['day']} failed on the workers: {figures['error']}")
     return figures["metrics"], figures, manifest

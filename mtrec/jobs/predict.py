@@ -188,16 +188,11 @@ def predict_on_workers(cfg, model_uri: str, day: dt.date, out: str, address: str
     """
     import json
 
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-
     from mtrec.data.columns import contract_schema
     from mtrec.data.validate import _read_footer
     from mtrec.errors import ConfigError
     from mtrec.jobs.cluster import ray_session
-    from mtrec.jobs.protocol import _exact_split_config, _storage, worker_failure
-    from mtrec.shims import trainer_class
+    from mtrec.jobs.protocol import run_scoring
     from mtrec.tracking import registered_version
     from mtrec.tracking.gate import version_config
     from mtrec.train import checkpoint
@@ -268,30 +263,7 @@ def predict_on_workers(cfg, model_uri: str, day: dt.date, out: str, address: str
             row_id=row_id,
             collector=collector,
         )
-        storage_path, storage_fs = _storage(cfg)
-        trainer = trainer_class()(
-            predict_loop_per_worker,
-            train_loop_config={"job": job},
-            torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.train.num_workers,
-                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-                placement_strategy=cfg.train.placement.value.upper(),
-            ),
-            datasets={"rows": rows_ds},
-            dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
-            run_config=RunConfig(
-                name=f"{cfg.name}-predict-{day}-{int(time.time())}",
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                failure_config=FailureConfig(max_failures=0),
-            ),
-        )
-        try:
-            trainer.fit()
-        except Exception as e:  # noqa: BLE001 - Ray Train's failure: one line naming the worker
-            raise worker_failure(e, ray.get(collector.snapshot.remote())["workers"]) from None
-        result = ray.get(collector.snapshot.remote())["result"] or {}
+        result = run_scoring(cfg, predict_loop_per_worker, job, {"rows": rows_ds}, f"{cfg.name}-predict-{day}")
     ranks = result.get("ranks") or []
     rows = sum(r["rows"] for r in ranks)
     if rows != sum(m.num_rows for m in footers):  # every row scored once: no _SUCCESS otherwise

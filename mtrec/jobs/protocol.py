@@ -823,6 +823,47 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
     )
 
 
+def run_scoring(cfg: MtrecConfig, loop, job, datasets: dict, name: str) -> dict:
+    """A Ray Train job that scores (no training: no restart, gloo): `train.num_workers` workers run
+    `loop` with {"job": job} on `datasets`, split without dropping a row; returns what rank 0
+    handed to `job.collector` (`RunCollector.finish`). Runs inside a Ray session.
+
+    Raises:
+        MtrecError: a worker failed (named), or rank 0 handed nothing.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    storage_path, storage_fs = _storage(cfg)
+    trainer = trainer_class()(
+        loop,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement.value.upper(),
+        ),
+        datasets=datasets,
+        dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
+        run_config=RunConfig(
+            name=f"{name}-{int(time.time())}",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray Train's failure: one line naming the worker
+        raise worker_failure(e, ray.get(job.collector.snapshot.remote())["workers"]) from None
+    result = ray.get(job.collector.snapshot.remote())["result"]
+    if result is None:
+        raise MtrecError(f"{name} ended without a result from worker 0; see the Ray logs")
+    return result
+
+
 def ensure_registered(cfg: MtrecConfig, url: str) -> str | None:
     """For a day already published (a rerun is a no-op): its model version, registering it now if
     MLflow was down when the job that published it tried (tracking on; None otherwise)."""

@@ -129,12 +129,18 @@ def _kill_switch(batches, rank: int, kill: str | None, collector):
         yield b
 
 
-def _complete_counts(job: WorkerJob, collector) -> dict | None:
-    """Every file's counts so far (the reads' and those a resumed job carried), JSON-ready, when
-    they cover every file; None otherwise."""
-    counts = {**{int(k): v for k, v in job.known_counts.items()}}
-    counts.update({i: asdict(c) for i, c in ray.get(collector.counts_of.remote()).items()})
-    return {str(i): c for i, c in sorted(counts.items())} if len(counts) == len(job.inputs) else None
+def _known_counts(job: WorkerJob) -> dict[int, FileCounts]:
+    """Per file index, the counts known so far: those a resumed job carried, then the reads'."""
+    counts = {int(k): FileCounts(**v) for k, v in job.known_counts.items()}
+    counts.update(ray.get(job.collector.counts_of.remote()))
+    return counts
+
+
+def _complete_counts(job: WorkerJob) -> dict | None:
+    """Every file's counts so far (`_known_counts`), JSON-ready, when they cover every file; None
+    otherwise."""
+    counts = _known_counts(job)
+    return {str(i): asdict(c) for i, c in sorted(counts.items())} if len(counts) == len(job.inputs) else None
 
 
 def _good_rows(job: WorkerJob, cfg: MtrecConfig, rank: int, world: int) -> tuple[int, dict]:
@@ -145,8 +151,7 @@ def _good_rows(job: WorkerJob, cfg: MtrecConfig, rank: int, world: int) -> tuple
 
     total: list = [0, {}]
     if rank == 0:
-        counts = {int(k): FileCounts(**v) for k, v in job.known_counts.items()}
-        counts.update(ray.get(job.collector.counts_of.remote()))
+        counts = _known_counts(job)
         for i, f in enumerate(job.inputs):
             if i not in counts:  # not read by this run: validated here (quarantine too), and reported
                 c = FileCounts(f["name"], f["size"])
@@ -308,7 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
         trained = trained_so_far()
         # every file's counts once the reads have reported them all: a resumed job then knows which epochs
         # it finished (rank 0 writes the manifest)
-        known = [_complete_counts(job, collector) if rank == 0 else None]
+        known = [_complete_counts(job) if rank == 0 else None]
         url = checkpoint.partial_url(cfg, day, step, job.run)
         checkpoint.save(
             dmp,
@@ -454,6 +459,19 @@ def score_days(model: torch.nn.Module, cfg: MtrecConfig, job) -> dict | None:
     return out
 
 
+def _loaded(job) -> tuple[MtrecConfig, torch.nn.Module, dict]:
+    """A scoring worker's run spec, model and checkpoint manifest: `job.cfg`'s model built on meta,
+    sharded at this world size and loaded from `job.checkpoint` (DCP reshards it); the model is
+    `dmp.module.model`, its tables sharded."""
+    cfg = MtrecConfig.model_validate(job.cfg)
+    apply_storage_options(cfg.job.storage_options)
+    torch.set_num_threads(torch_threads(cfg.train.torch_threads, ray.train.get_context().get_local_world_size()))
+    device, _ = device_for_backend()
+    dmp, _ = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
+    manifest = checkpoint.load(dmp, None, job.checkpoint, cfg, allow_config_change=True)  # scoring: rates do not matter
+    return cfg, dmp.module.model, manifest
+
+
 @dataclass(frozen=True)
 class ScoreJob:
     """A scoring job's worker input (`score_loop_per_worker`): a checkpoint scored on days."""
@@ -473,14 +491,9 @@ def score_loop_per_worker(config: dict) -> None:
     loaded sharded at this world size, the days scored (`score_days`); rank 0 hands the figures
     to the collector."""
     job: ScoreJob = config["job"]
-    cfg = MtrecConfig.model_validate(job.cfg)
-    apply_storage_options(cfg.job.storage_options)
+    cfg, model, manifest = _loaded(job)
     ctx = ray.train.get_context()
-    torch.set_num_threads(torch_threads(cfg.train.torch_threads, ctx.get_local_world_size()))
-    device, _ = device_for_backend()
-    dmp, _ = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
-    manifest = checkpoint.load(dmp, None, job.checkpoint, cfg, allow_config_change=True)  # scoring: rates do not matter
-    evaluation = score_days(dmp.module.model, cfg, job)
+    evaluation = score_days(model, cfg, job)
     if ctx.get_world_rank() == 0:
         ray.get(
             job.collector.finish.remote(
@@ -515,14 +528,9 @@ def predict_loop_per_worker(config: dict) -> None:
     from mtrec.serving import served_scores
 
     job: PredictJob = config["job"]
-    cfg = MtrecConfig.model_validate(job.cfg)
-    apply_storage_options(cfg.job.storage_options)
+    cfg, model, _ = _loaded(job)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(torch_threads(cfg.train.torch_threads, ctx.get_local_world_size()))
-    device, _ = device_for_backend()
-    dmp, _ = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
-    checkpoint.load(dmp, None, job.checkpoint, cfg, allow_config_change=True)  # scoring: rates do not matter
     spec = cfg.spec.serving()
     outputs = list(spec.served_columns())
     ids = (
@@ -561,7 +569,7 @@ def predict_loop_per_worker(config: dict) -> None:
         batch_size=cfg.bn.batch_rows, batch_format="pyarrow", prefetch_batches=2
     )
     try:
-        lockstep(dmp.module.model, spec, (rb for t in tables for rb in t.combine_chunks().to_batches()), on_batch)
+        lockstep(model, spec, (rb for t in tables for rb in t.combine_chunks().to_batches()), on_batch)
     finally:
         close()
     mine = {"rank": rank, "rows": state["rows"], "parts": [join(job.out, p) for p in parts]}
