@@ -296,6 +296,23 @@ def test_tracking_uri_defaults_to_sqlite_in_the_workdir(tmp_path, monkeypatch):
         tracking_uri(small("./logs", "s3://bucket/work"))
 
 
+def test_one_jobs_store_is_not_the_next_configs_default(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports the URI to os.environ; a Tracker keeps the environment as
+    the user set it, so the next config of the process (no tracking.uri) gets its own workdir's
+    store, not the previous job's, and a user's MLFLOW_TRACKING_URI stays theirs."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    first = Tracker(small("./logs", str(tmp_path / "a"), uri=f"sqlite:///{tmp_path}/a.db"))
+    assert mlflow.get_tracking_uri() == first.uri == mlflow.get_registry_uri()
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert Tracker(small("./logs", str(tmp_path / "b"))).uri == f"sqlite:///{tmp_path}/b/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/user.db")
+    Tracker(small("./logs", str(tmp_path / "c"), uri=f"sqlite:///{tmp_path}/c.db"))
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/user.db"
+
+
 def test_unreachable_server_fails_after_retries_naming_the_uri(tmp_path):
     port = _free_port()
     cfg = small("./logs", str(tmp_path), uri=f"http://127.0.0.1:{port}")

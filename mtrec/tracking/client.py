@@ -150,6 +150,22 @@ class VersionInfo:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+def _set_uris(uri: str) -> None:
+    """`uri` as this process's MLflow tracking and registry URI, without MLflow's export of it to
+    `os.environ`: the next config of the process (a library caller's second job, a test session)
+    would read that export as the user's MLFLOW_TRACKING_URI and send its runs to this store, and
+    `mtrec submit` would forward it to a cluster job. Child processes get the URI explicitly."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 class Tracker:
     """MLflow for one job or command: the URI, the retrying client, the experiment.
 
@@ -169,8 +185,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.tracking.timeout_s))
         quiet_mlflow()
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
+        _set_uris(self.uri)
         self.client = MlflowClient(self.uri, self.uri)
         self._experiment: str | None = None
 
