@@ -756,9 +756,6 @@ def serving_files(cfg: MtrecConfig, day: dt.date) -> list[DataFile]:
 
 def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, collector, use_gpu: bool):
     """The Ray TorchTrainer of a planned job: its workers, their data and the job they run."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-
     from mtrec.train.worker import WorkerJob, train_loop_per_worker
 
     eval_day, eval_files, serving_files = next_day_inputs(cfg, plan.end) if cfg.tracking.enabled else (None, [], [])
@@ -801,9 +798,20 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         file_days=(0,) * len(eval_files),
         bn_serving=bool(serving_files),
     )
+    name = f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}"
+    return _ray_trainer(cfg, train_loop_per_worker, job, datasets, name, cfg.train.max_failures, use_gpu)
+
+
+def _ray_trainer(cfg: MtrecConfig, loop, job, datasets: dict, name: str, max_failures: int, use_gpu: bool):
+    """The TorchTrainer every mtrec Ray Train job runs on: `train.num_workers` workers (a GPU each
+    with `use_gpu`: nccl, else gloo) run `loop` with {"job": job} on `datasets`, split exactly (no
+    row dropped), Ray Train's storage under the workdir."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
     storage_path, storage_fs = _storage(cfg)
     return trainer_class()(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -815,45 +823,27 @@ def _trainer(cfg: MtrecConfig, plan: JobPlan, manifest: dict, opts: RunOptions, 
         datasets=datasets,
         dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
         run_config=RunConfig(
-            name=f"{cfg.name}-{plan.kind}-{plan.days[0]}-{plan.end}-{int(time.time())}",
+            name=f"{name}-{int(time.time())}",
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
 
 
 def run_scoring(cfg: MtrecConfig, loop, job, datasets: dict, name: str) -> dict:
-    """A Ray Train job that scores (no training: no restart, gloo): `train.num_workers` workers run
-    `loop` with {"job": job} on `datasets`, split without dropping a row; returns what rank 0
-    handed to `job.collector` (`RunCollector.finish`). Runs inside a Ray session.
+    """A Ray Train job that scores (no training: no restart; a GPU per worker when the cluster has
+    one for each, as training): `train.num_workers` workers run `loop` with {"job": job} on
+    `datasets`, split without dropping a row; returns what rank 0 handed to `job.collector`
+    (`RunCollector.finish`). Runs inside a Ray session.
 
     Raises:
         MtrecError: a worker failed (named), or rank 0 handed nothing.
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
-    storage_path, storage_fs = _storage(cfg)
-    trainer = trainer_class()(
-        loop,
-        train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-            placement_strategy=cfg.train.placement.value.upper(),
-        ),
-        datasets=datasets,
-        dataset_config=_exact_split_config(cfg.train.ingest_buffer_mb * 2**20),
-        run_config=RunConfig(
-            name=f"{name}-{int(time.time())}",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.num_workers > 0
+    trainer = _ray_trainer(cfg, loop, job, datasets, name, 0, use_gpu)
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray Train's failure: one line naming the worker
