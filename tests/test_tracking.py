@@ -949,7 +949,9 @@ def test_nightly_promote_judges_the_newest_version_with_gate_days_unseen_days(tm
         return base.model_copy(update={"gate": base.gate.model_copy(update={"days": days})})
 
     judged = []
-    monkeypatch.setattr("mtrec.tracking.gate.promote", lambda c, version=None, day=None: judged.append(version))
+    monkeypatch.setattr(
+        "mtrec.tracking.gate.promote", lambda c, version=None, day=None, address=None: judged.append(version)
+    )
     client = MlflowClient(Tracker(base).uri, Tracker(base).uri)
     client.create_registered_model(base.name)
     for d in (DAY1, DAY2, DAY3):  # as `register` leaves them: `challenger` on the newest day's version

@@ -42,6 +42,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_scoring_flags(p: argparse.ArgumentParser, workers: str) -> None:
+    """--workers (help `workers`: what it scores, and what without it) and --address, for the
+    commands that can score on Ray Train workers with the model sharded."""
+    p.add_argument("--workers", type=int, help=workers)
+    p.add_argument("--address", help="Ray cluster to join with --workers (default: RAY_ADDRESS, else a local one)")
+
+
 def load(args: argparse.Namespace):
     """The run spec of `--config` with `--logs` / `--workdir` applied."""
     from mtrec.config import load_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtrec.cli.common import add_common, day, load, log, print_json
+from mtrec.cli.common import add_common, add_scoring_flags, day, load, log, print_json
 
 
 def add(sub, abbrev: bool = True) -> None:
@@ -19,13 +19,11 @@ def add(sub, abbrev: bool = True) -> None:
     p.add_argument("--from", dest="start", help="first day of a range scored as one slice (with --to)")
     p.add_argument("--to", dest="end", help="last day (inclusive) of the range; days without logs are skipped")
     p.add_argument("--checkpoint", help="checkpoint URL (default: the newest published one before the first day)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        help="score on this many Ray Train workers, the checkpoint loaded sharded (default: train.num_workers; "
+    add_scoring_flags(
+        p,
+        "score on this many Ray Train workers, the checkpoint loaded sharded (default: train.num_workers; "
         "1 scores in this process)",
     )
-    p.add_argument("--address", help="Ray cluster to join with --workers > 1 (default: RAY_ADDRESS, else a local one)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout (the table goes to stderr)")
     p.set_defaults(run=run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtrec.cli.common import add_common, day, load, log, tracking_env
+from mtrec.cli.common import add_common, add_scoring_flags, day, load, log, tracking_env
 
 
 def add(sub, abbrev: bool = True) -> None:
@@ -24,13 +24,11 @@ def add(sub, abbrev: bool = True) -> None:
         required=True,
         help="Parquet file to write (path or fsspec URL); with --workers, a folder of Parquet parts and _SUCCESS",
     )
-    p.add_argument(
-        "--workers",
-        type=int,
-        help="score on this many Ray Train workers, the version's checkpoint loaded sharded (a model of any size); "
+    add_scoring_flags(
+        p,
+        "score on this many Ray Train workers, the version's checkpoint loaded sharded (a model of any size); "
         "--model is then models:/NAME/N, models:/NAME@alias or a checkpoint URL",
     )
-    p.add_argument("--address", help="Ray cluster to join with --workers (default: RAY_ADDRESS, else a local one)")
     p.add_argument(
         "--user-representations",
         metavar="PATH",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from mtrec.cli.common import add_common, day, load, print_json
+from mtrec.cli.common import add_common, add_scoring_flags, day, load, print_json
 
 
 def add(sub, abbrev: bool = True) -> None:
@@ -22,10 +22,9 @@ def add(sub, abbrev: bool = True) -> None:
         help="day to compare on (default: the newest day with logs neither model trained on); with gate.days N, "
         "the last of the N days pooled",
     )
-    p.add_argument(
-        "--workers",
-        type=int,
-        help="score both versions on this many Ray Train workers from their checkpoints, sharded (default: "
+    add_scoring_flags(
+        p,
+        "score both versions on this many Ray Train workers from their checkpoints, sharded (default: "
         "train.num_workers; 1 scores the served models in this process)",
     )
     p.add_argument("--json", action="store_true", help="print the decision as JSON on stdout")
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"name": args.name})
     if args.workers is not None:
         cfg = cfg.with_train(num_workers=args.workers)
-    decision = promote(cfg, version=args.version, day=day(args, cfg) if args.date else None)
+    decision = promote(cfg, version=args.version, day=day(args, cfg) if args.date else None, address=args.address)
     if args.json:
         print_json(asdict(decision))
     return 0

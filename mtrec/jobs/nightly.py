@@ -123,7 +123,7 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
     check_stores(cfg)
     with model_lock(cfg, f"mtrec nightly {day}"):
         # first: a version an earlier night registered is judged even when this night cannot train
-        pending = gate_pending(cfg, day) if opts.promote else None
+        pending = gate_pending(cfg, day, opts.address) if opts.promote else None
         newest = checkpoint.published_days(cfg) if cfg.job.allow_gaps and not has_logs(cfg, day) else None
         target = _catch_up_target(cfg, day, newest) if newest and opts.catch_up else None
         if target is not None:
@@ -156,7 +156,7 @@ def run_nightly(cfg: MtrecConfig, day: dt.date, opts: RunOptions | None = None) 
                 summaries = _chain(cfg, days, parent, opts, info)
         report(summaries, opts.summary)
         if opts.promote:
-            gate_after(cfg, summaries)
+            gate_after(cfg, summaries, opts.address)
             if pending is not None:
                 raise pending.reworded(f"{day} was trained and published, but before that {pending}")
     return summaries
@@ -196,7 +196,7 @@ def require_tracking(cfg: MtrecConfig) -> None:
         )
 
 
-def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
+def gate_pending(cfg: MtrecConfig, day: dt.date, address: str | None = None) -> MtrecError | None:
     """`--promote`, before training `day`: a version an earlier night registered and no gate has
     judged yet is judged now, on the `gate.days` newest days with logs neither it nor the champion
     trained on (on a schedule: up to `day` itself). A nightly for yesterday can never judge its own
@@ -204,7 +204,8 @@ def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
     The version is the newest unjudged one with `gate.days` such days (`next_to_judge`): with one
     day, the challenger, the night after its data; with N days, the version N-1 nights older, while
     the newer ones wait for their days. Unjudged versions older than it are skipped (logged). With
-    none ready, the challenger's gate defers.
+    none ready, the challenger's gate defers. `address`: the job's Ray cluster, where the gate
+    scores when `train.num_workers` > 1.
 
     Returns:
         The gate's refusal (training goes on; the caller reports it at the end), or None.
@@ -226,7 +227,7 @@ def gate_pending(cfg: MtrecConfig, day: dt.date) -> MtrecError | None:
         + (f"; skipping older unjudged {_versions(skipped)}, superseded" if skipped else "")
     )
     try:
-        promote(cfg, version=chal.version)
+        promote(cfg, version=chal.version, address=address)
     except GateDeferred as e:
         log.info(f"gate deferred: {e}")
     except GateRefused as e:
@@ -240,9 +241,10 @@ def _versions(versions: list) -> str:
     return ", ".join(f"v{v.version} (to {v.date})" for v in versions)
 
 
-def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary]) -> None:
+def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary], address: str | None = None) -> None:
     """`--promote`: the promotion gate on the version the job registered, when a day after it
     already has logs (a backfill, a late rerun); otherwise it is deferred to `mtrec promote`.
+    `address`: as for `gate_pending`.
 
     Raises:
         GateRefused: the gate refused it (the checkpoint stays published, `champion` stays).
@@ -259,7 +261,7 @@ def gate_after(cfg: MtrecConfig, summaries: list[TrainSummary]) -> None:
             "to record and register it, or run `mtrec promote --version V` on a registered one"
         )
     try:
-        promote(cfg, version=version)
+        promote(cfg, version=version, address=address)
     except GateDeferred as e:
         log.info(f"gate deferred: {e}")
     except MtrecError as e:
@@ -323,7 +325,7 @@ def run_backfill(cfg: MtrecConfig, start: dt.date, end: dt.date, opts: RunOption
         report(summaries, opts.summary)
         log.info(f"backfill done: {len(todo)} day(s) trained, {len(skipped)} already published")
         if opts.promote:
-            gate_after(cfg, summaries)
+            gate_after(cfg, summaries, opts.address)
     return summaries
 
 

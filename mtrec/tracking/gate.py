@@ -275,10 +275,13 @@ def version_config(cfg: MtrecConfig, url: str) -> MtrecConfig | None:
     return vcfg if vcfg.score_offsets() == offsets else None
 
 
-def _score(cfg: MtrecConfig, v: VersionInfo, days: list[dt.date], bn_check: bool) -> tuple[dict, ModelSpec, object]:
+def _score(
+    cfg: MtrecConfig, v: VersionInfo, days: list[dt.date], bn_check: bool, address: str | None
+) -> tuple[dict, ModelSpec, object]:
     """(metrics of version `v` on `days` pooled, its spec, its BN check on the last day or None):
     with `train.num_workers` > 1, by that many Ray Train workers from its checkpoint, the tables
-    sharded (`mtrec.jobs.evaluate.score_checkpoint`); else its served model in this process."""
+    sharded (`mtrec.jobs.evaluate.score_checkpoint`, on the Ray cluster at `address`); else its
+    served model in this process."""
     vcfg = version_config(cfg, v.checkpoint) if cfg.train.num_workers > 1 and v.checkpoint else None
     if vcfg is None:
         from mtrec.eval.evaluate import evaluate_days
@@ -293,7 +296,7 @@ def _score(cfg: MtrecConfig, v: VersionInfo, days: list[dt.date], bn_check: bool
     serving = cfg.job.serving_logs
     if bn_check and serving is not None and bn.bn_layers(build_model(vcfg.spec, "meta")):
         _defer_without_serving_logs(serving, days[-1])
-    scores, figures, _ = score_checkpoint(vcfg, days, v.checkpoint, bn_check=bn_check)
+    scores, figures, _ = score_checkpoint(vcfg, days, v.checkpoint, address, bn_check=bn_check)
     rep = figures["bn"] if bn_check else None
     if rep is not None:
         log.info("%s", rep.summary())
@@ -310,11 +313,14 @@ def _defer_without_serving_logs(serving: str, day: dt.date) -> None:
         )
 
 
-def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = None) -> GateDecision:
+def promote(
+    cfg: MtrecConfig, version: str | None = None, day: dt.date | None = None, address: str | None = None
+) -> GateDecision:
     """The promotion gate: evaluate the challenger (`version`, default alias `challenger`) and the
     champion on the same unseen slice (`gate_slice`; `day`: its last day) with the served models,
     and move `champion` only if no gate metric is worse than the champion's by more than
     `gate.tolerance`. The decision and its figures are written as tags on the challenger's version.
+    `address`: the Ray cluster the scoring joins when `train.num_workers` > 1.
 
     Raises:
         GateRefused: the challenger is worse (the reason names the metric and both values).
@@ -333,7 +339,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         return GateDecision(True, chal.version, champ.version, None, "already champion")
     if champ is None:  # the first champion: nothing to compare with, but the floors and its BN statistics
         days = gate_slice(cfg, chal, last=day)  # the floors, on days it has not seen
-        scores, chal_spec, rep = _score(cfg, chal, days, bn_check=True)
+        scores, chal_spec, rep = _score(cfg, chal, days, True, address)
         if chal.run_id:
             tracker.log_metrics(chal.run_id, {f"gate/{k}": v for k, v in scores.items()})
         compare(
@@ -369,7 +375,7 @@ def promote(cfg: MtrecConfig, version: str | None = None, day: dt.date | None = 
         for who, v in (("challenger", chal), ("champion", champ)):
             # both on the same slice (this config's logs), each with its own spec; the challenger's BN check on
             # the slice's newest day: what serving sees now
-            scores[who], spec, rep = _score(cfg, v, days, bn_check=who == "challenger")
+            scores[who], spec, rep = _score(cfg, v, days, who == "challenger", address)
             if who == "challenger":
                 bn_report, served_spec = rep, spec
         if chal.run_id:  # the challenger's run gets its evaluation on the slice (a nightly for yesterday had none)
