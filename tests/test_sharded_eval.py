@@ -17,7 +17,7 @@ from conftest import DAY1, without_floors
 
 from mtrec import bn
 from mtrec.config import load_config
-from mtrec.errors import GateRefused
+from mtrec.errors import ConfigError, GateRefused
 from mtrec.eval.evaluate import evaluate_days
 from mtrec.eval.sharded import Moments, Scored, merge, score_shard, with_truth
 from mtrec.jobs.evaluate import score_checkpoint
@@ -96,6 +96,14 @@ def test_the_workers_figures_equal_one_process_at_world_size_1_and_2(ray_local, 
     assert parts.column("row_id").equals(one.column("row_id"))
     for k in ("ctr", "cvr", "ctcvr"):
         assert np.abs(parts.column(k).to_numpy() - one.column(k).to_numpy()).max() < 1e-6, k
+    # a folder that is not an earlier output (no _SUCCESS), or a file, is refused and left as it was
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "file.parquet").write_text("keep")
+    for taken in ("mine", "file.parquet"):
+        with pytest.raises(ConfigError, match=r"is not an earlier output of mtrec predict --workers.*new or empty"):
+            predict_on_workers(cfg.with_train(num_workers=2), uri, DAY2, str(tmp_path / taken))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == (tmp_path / "file.parquet").read_text() == "keep"
 
 
 def test_merge_at_world_size_1_is_the_rank_itself_and_moments_add_up():
