@@ -20,12 +20,15 @@ way look fine.
                  summarized per layer (mean and max over channels). A layer fails when the mean
                  over its channels of smd, |lvr| or kl exceeds `bn.max_smd`,
                  `bn.max_abs_log_var_ratio` or `bn.max_kl`.
-    recalibrate  the fix: reset the running statistics and recompute them on the serving-like slice
-                 as a cumulative average over equal-size batches (momentum None; only the last
-                 batch is shorter), BN layers in train mode and every other module in eval mode
-                 (dropout off), no gradients. Only BN buffers change. The variance is the mean of
-                 the batches' variances (BN's own estimate): with 8192-row batches of one day the
-                 spread of batch means it leaves out is small.
+    recalibrate  the fix: each BN layer's running mean and variance become the mean and
+                 (unbiased) variance of its input on the serving-like slice, as the served model
+                 computes that input: eval mode, every BN layer before it already recalibrated
+                 (`settle`). A layer's input depends only on the layers before it, so one pass
+                 over the slice fixes the layers 1 deep, the next those 2 deep, ...; passes repeat
+                 until one measures what the previous did (depth + 1 passes; the first is the
+                 check before). The result is exact population statistics: it does not depend
+                 on batch size, row order or how the rows are split across workers, and the check
+                 after it finds no drift on that slice. Only BN running means and variances change.
 
 Example:
     >>> report = check(model, spec, logs, day, cfg.bn)   # model: a MultiTaskModel (ServedModel.model)
@@ -38,7 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -162,6 +165,18 @@ def reference(
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
     """({layer: (mean, var) of its input on the day as served}, rows): eval mode, forward hooks;
     the day's impressions, or with `serving_logs` its candidates (`serving_batches`)."""
+    moments, rows = _measure(model, spec, serving_batches(spec, logs, day, batch_rows, serving_logs))
+    if rows == 0:
+        where = f"the serving logs under {serving_logs}" if serving_logs else f"the logs under {logs}"
+        raise DataValidationError(
+            f"no good row on {day} in {where}: the BN statistics have nothing to be checked against; "
+            "`mtrec validate` shows what is wrong with the day's rows"
+        )
+    return {name: m.mean_var() for name, m in moments.items()}, rows
+
+
+def _measure(model: nn.Module, spec: ModelSpec, batches: Iterator[pa.RecordBatch]) -> tuple[dict[str, Moments], int]:
+    """One pass of `batches` through `model` in eval mode: every BN layer's input moments, rows."""
     layers = bn_layers(model)
     moments = {name: Moments(m.num_features) for name, m in layers.items()}
     hooks = [
@@ -171,18 +186,12 @@ def reference(
     rows = 0
     try:
         with evaluating(model):
-            for rb, _ in score_batches(model, spec, serving_batches(spec, logs, day, batch_rows, serving_logs)):
+            for rb, _ in score_batches(model, spec, batches):
                 rows += rb.num_rows
     finally:
         for h in hooks:
             h.remove()
-    if rows == 0:
-        where = f"the serving logs under {serving_logs}" if serving_logs else f"the logs under {logs}"
-        raise DataValidationError(
-            f"no good row on {day} in {where}: the BN statistics have nothing to be checked against; "
-            "`mtrec validate` shows what is wrong with the day's rows"
-        )
-    return {name: m.mean_var() for name, m in moments.items()}, rows
+    return moments, rows
 
 
 def figures(mu: np.ndarray, var: np.ndarray, m: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
@@ -352,33 +361,79 @@ def recalibrate(
     batch_rows: int = 8192,
     serving_logs: str | None = None,
 ) -> int:
-    """Recompute every BN layer's running statistics on `day` as served (cumulative average), on
-    its impressions or, with `serving_logs`, its candidates; every other parameter and buffer is
-    left bit-identical. Returns the rows used."""
-    layers = bn_layers(model)
-    if not layers:
+    """Recompute every BN layer's running statistics on `day` as served (`settle`), on its
+    impressions or, with `serving_logs`, its candidates; every other parameter and buffer is left
+    bit-identical. Returns the rows used."""
+    if not bn_layers(model):
         return 0
-    momenta = {name: m.momentum for name, m in layers.items()}
-    rows = 0
-    with evaluating(model):
-        try:
-            for m in layers.values():
-                m.reset_running_stats()
-                m.momentum = None  # cumulative moving average over the slice's batches
-                m.train()
-            # BN needs 2+ rows for batch statistics
-            batches = (rb for rb in serving_batches(spec, logs, day, batch_rows, serving_logs) if rb.num_rows >= 2)
-            for rb, _ in score_batches(model, spec, batches):
-                rows += rb.num_rows
-        finally:
-            for name, m in layers.items():
-                m.momentum = momenta[name]
-    if rows == 0:
+    where = f"{day} under {serving_logs or logs}"
+    return settle(
+        model, lambda: _measure(model, spec, serving_batches(spec, logs, day, batch_rows, serving_logs)), where
+    ).rows
+
+
+@dataclass
+class Settled:
+    """What `settle` measured: each layer's input moments in the first pass (against the
+    statistics as they were: the check before) and in the last (against the recalibrated ones:
+    the check after), the rows of a pass and the passes made."""
+
+    before: dict[str, Moments]
+    after: dict[str, Moments]
+    rows: int
+    passes: int
+
+
+def settle(model: nn.Module, measure: Callable[[], tuple[dict[str, Moments], int]], where: str) -> Settled:
+    """Recalibrate the BN layers `measure` collects: each one's running mean and variance become
+    the mean and unbiased variance of its input in eval mode, the layers before it recalibrated.
+    `measure()` makes one pass over the slice (eval mode; on workers, in lockstep and summed
+    across ranks, so every rank sets the same values) and returns the layers' input moments and
+    the rows. Pass k settles the layers k deep; passes repeat until one measures what the one
+    before did (within 1e-6 of a standard deviation), at most one more than there are layers.
+
+    Raises:
+        DataValidationError: fewer than 2 rows on the slice (`where` names it).
+    """
+    before, rows = measure()
+    if before and rows < 2:
         raise DataValidationError(
-            f"no batch of 2 or more good rows on {day} under {serving_logs or logs}: the BN statistics cannot be "
-            "recomputed (they are reset); recalibrate on a day with logs"
+            f"{rows} good row(s) on {where}: BN statistics need 2 or more; recalibrate on a day with logs"
         )
-    return rows
+    current, passes = before, 1
+    for _ in range(len(before)):  # a layer is at most as deep as there are layers
+        _set_running(model, current)
+        measured, rows = measure()
+        passes += 1
+        same = _same_moments(current, measured)
+        current = measured
+        if same:
+            break
+    _set_running(model, current)
+    return Settled(before, current, rows, passes)
+
+
+def _set_running(model: nn.Module, moments: dict[str, Moments]) -> None:
+    """Each measured layer's running mean and unbiased variance from its input moments."""
+    import torch
+
+    layers = bn_layers(model)
+    for name, m in moments.items():
+        mean, var = m.mean_var()
+        layer = layers[name]
+        with torch.no_grad():
+            layer.running_mean.copy_(torch.from_numpy(mean))
+            layer.running_var.copy_(torch.from_numpy(var * m.n / max(m.n - 1, 1)))
+
+
+def _same_moments(a: dict[str, Moments], b: dict[str, Moments]) -> bool:
+    """Whether two passes measured the same input statistics for every layer."""
+    for name, ma in a.items():
+        (m1, v1), (m2, v2) = ma.mean_var(), b[name].mean_var()
+        v1 = np.maximum(v1, _EPS)
+        if np.any(np.abs(m1 - m2) > 1e-6 * np.sqrt(v1)) or np.any(np.abs(v1 - np.maximum(v2, _EPS)) > 1e-6 * v1):
+            return False
+    return True
 
 
 def drift_plot(report: BNReport, path) -> None:

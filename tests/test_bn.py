@@ -100,6 +100,35 @@ def test_recalibration_changes_only_bn_buffers_and_matches_the_slice(world):
     assert bn.check(model, cfg.spec, cfg.job.logs, DAY1, cfg.bn).passed
 
 
+def test_recalibration_is_the_slices_exact_statistics_whatever_it_started_from(world):
+    """Each BN layer ends with the mean and unbiased variance of its input as the served model
+    computes it, the same from any starting statistics and batch size; the towers are 2 BN layers
+    deep, so 3 passes (the last measures what the one before did)."""
+    cfg = bn_cfg(world)
+    torch.manual_seed(0)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    results = []
+    for start, batch in ((5.0, 8192), (0.0, 999)):
+        for m in bn.bn_layers(model).values():
+            m.running_mean.fill_(start)
+            m.running_var.fill_(start + 1)
+        passes = []
+
+        def measure(batch=batch, passes=passes):
+            passes.append(1)
+            return bn._measure(model, cfg.spec, bn.serving_batches(cfg.spec, cfg.job.logs, DAY1, batch))
+
+        got = bn.settle(model, measure, str(DAY1))
+        assert (got.rows, got.passes, len(passes)) == (20_000, 3, 3)
+        results.append(bn.running_stats(model))
+    ref, rows = bn.reference(model, cfg.spec, cfg.job.logs, DAY1)
+    for name, (mean, var) in results[1].items():
+        assert np.abs(mean - results[0][name][0]).max() < 1e-6 and np.abs(var - results[0][name][1]).max() < 1e-6
+        assert np.abs(mean - ref[name][0]).max() < 1e-6, name
+        assert np.abs(var - ref[name][1] * rows / (rows - 1)).max() < 1e-5 * max(1.0, ref[name][1].max()), name
+    assert max(lc.smd_max for lc in bn.check(model, cfg.spec, cfg.job.logs, DAY1, cfg.bn).layers) < 1e-5
+
+
 def test_sampling_is_deterministic_per_row_and_keeps_the_rate():
     n = 200_000
     label = np.zeros(n, np.int8)

@@ -210,6 +210,18 @@ def score_shard(
     return scored
 
 
+def reduce_moments(moments: dict[str, Moments], device: torch.device | None = None) -> None:
+    """Every rank's `moments` summed in float64, in place on every rank (a collective: every rank
+    calls it with the same layers; a no-op without a process group). `device`: as for `merge`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for m in moments.values():
+        flat = torch.from_numpy(np.concatenate([[float(m.n)], m.s, m.ss])).to(device)
+        dist.all_reduce(flat)
+        flat, c = flat.cpu(), len(m.s)
+        m.n, m.s, m.ss = int(round(float(flat[0]))), flat[1 : 1 + c].numpy().copy(), flat[1 + c :].numpy().copy()
+
+
 def merge(mine: Scored, device: torch.device | None = None) -> Scored | None:
     """Every rank's Scored, merged on rank 0 (rows summed, moments summed, predictions
     concatenated in rank order, the first rank's head); None on the other ranks. A collective:
@@ -218,11 +230,7 @@ def merge(mine: Scored, device: torch.device | None = None) -> Scored | None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     rank, world = dist.get_rank(), dist.get_world_size()
-    for m in mine.moments.values():  # summed in float64 across ranks
-        flat = torch.from_numpy(np.concatenate([[float(m.n)], m.s, m.ss])).to(device)
-        dist.all_reduce(flat)
-        flat, c = flat.cpu(), len(m.s)
-        m.n, m.s, m.ss = int(round(float(flat[0]))), flat[1 : 1 + c].numpy().copy(), flat[1 + c :].numpy().copy()
+    reduce_moments(mine.moments, device)
     total = torch.tensor([mine.rows], dtype=torch.int64, device=device)
     dist.all_reduce(total)
     parts: list | None = [None] * world if rank == 0 else None
