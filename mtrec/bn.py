@@ -65,8 +65,8 @@ def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def capture(model: nn.Module) -> dict[str, dict]:
-    """The running statistics of every BN layer (JSON-ready lists)."""
+def capture(model: nn.Module, names: list[str] | None = None) -> dict[str, dict]:
+    """The running statistics of every BN layer (JSON-ready lists; `names`: those layers only)."""
     return {
         name: {
             "running_mean": m.running_mean.double().tolist(),
@@ -74,7 +74,36 @@ def capture(model: nn.Module) -> dict[str, dict]:
             "num_batches_tracked": int(m.num_batches_tracked),
         }
         for name, m in bn_layers(model).items()
+        if names is None or name in names
     }
+
+
+def apply(model: nn.Module, captured: dict[str, dict] | None) -> None:
+    """Running statistics as `capture` wrote them (a recalibrated version's, over its checkpoint's)
+    into `model`'s BN layers of those names; None: nothing.
+
+    Raises:
+        ConfigError: a layer the statistics name is not in `model` (another architecture).
+    """
+    if not captured:
+        return
+    import torch
+
+    from mtrec.errors import ConfigError
+
+    layers = bn_layers(model)
+    unknown = sorted(set(captured) - set(layers))
+    if unknown:
+        raise ConfigError(
+            f"BN statistics name layer(s) {', '.join(unknown)} that the model does not have: they were "
+            "recalibrated for another architecture"
+        )
+    with torch.no_grad():
+        for name, st in captured.items():
+            m = layers[name]
+            m.running_mean.copy_(torch.tensor(st["running_mean"], dtype=m.running_mean.dtype))
+            m.running_var.copy_(torch.tensor(st["running_var"], dtype=m.running_var.dtype))
+            m.num_batches_tracked.fill_(int(st["num_batches_tracked"]))
 
 
 def served_bn_names(model: nn.Module) -> list[str]:

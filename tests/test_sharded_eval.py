@@ -132,3 +132,43 @@ def test_a_rank_with_no_rows_scores_nothing_and_keeps_the_output_keys(world):
     assert all(len(v) == 0 for v in scored.predictions.labels.values())
     pred, aligned = with_truth(world, scored, [DAY2, DAY3], [0, 1])
     assert aligned is None and pred is scored.predictions
+
+
+@pytest.mark.slow
+def test_bn_check_and_recalibration_on_workers_equal_one_process(ray_local, world, tmp_path):
+    """`mtrec bn-check` on 2 workers (the checkpoint sharded, moments summed across ranks) gives
+    the one-process check; `--recalibrate` on 2 workers sets the statistics one process sets
+    (exact, layer by layer), registers a version whose pyfunc (built by a Ray task from the
+    checkpoint and those statistics) holds them, and workers that score that version apply them:
+    the same metrics as its pyfunc."""
+    from mtrec.jobs.bn_check import run_bn_check
+    from mtrec.tracking import load_served
+    from mtrec.tracking.gate import version_bn_stats
+
+    cfg = bn_config(world, str(tmp_path / "work"))
+    s = run_train(cfg, DAY1, DAY1)
+    two = cfg.with_train(num_workers=2)
+    one = run_bn_check(cfg, DAY2, url=s.checkpoint)
+    got = run_bn_check(two, DAY2, url=s.checkpoint)
+    assert got.before.rows == one.before.rows == 20_000 and got.before.layers
+    assert_same(got.before.metrics(), one.before.metrics(), "the check on 2 workers vs one process")
+
+    rec = run_bn_check(two, DAY2, model_uri="models:/esmm_synth/1", recalibrate=True)
+    assert rec.version == "2" and rec.after.passed
+    assert max(lc.smd_max for lc in rec.after.layers) < 1e-5  # the slice's own statistics: no drift left
+    served = ServedModel.from_checkpoint(s.checkpoint)
+    bn.recalibrate(served.model, served.spec, world, DAY2)
+    want = bn.capture(served.model)
+    version = Tracker(cfg).version(rec.version)
+    assert version.tags["mtrec.bn_recalibrated_on"] == str(DAY2) and version.checkpoint == s.checkpoint
+    stats = version_bn_stats(cfg, version)
+    pyfunc = load_served(f"models:/esmm_synth/{rec.version}")
+    assert set(stats) == set(want) == set(bn.capture(pyfunc.model))
+    for name, w in want.items():
+        for key in ("running_mean", "running_var"):
+            for what, have in (("workers", stats[name][key]), ("pyfunc", bn.capture(pyfunc.model)[name][key])):
+                diff = np.abs(np.array(have) - np.array(w[key])).max()
+                assert diff < 1e-6 * max(1.0, np.abs(w[key]).max()), (what, name, key, diff)
+
+    metrics, _, _ = score_checkpoint(two, [DAY3], s.checkpoint, bn_stats=stats)
+    assert_same(metrics, evaluate_days(pyfunc.model, pyfunc.spec, world, [DAY3]), "the recalibrated version")

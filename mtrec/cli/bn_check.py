@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mtrec.cli.common import add_common, day, load, print_json, tracking_env
+from mtrec.cli.common import add_common, add_scoring_flags, day, load, print_json, tracking_env
 
 
 def add(sub, abbrev: bool = True) -> None:
@@ -31,6 +31,11 @@ def add(sub, abbrev: bool = True) -> None:
         help="check (and recalibrate) against the candidates serving scored on --date under this root, not the "
         "day's impressions (overrides job.serving_logs)",
     )
+    add_scoring_flags(
+        p,
+        "check (and recalibrate) on this many Ray Train workers, the checkpoint loaded sharded (default: "
+        "train.num_workers; 1 checks the served model in this process)",
+    )
     p.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
     p.set_defaults(run=run)
 
@@ -43,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     d = day(args, cfg)
     if args.model:
         tracking_env(cfg)
-    out = run_bn_check(cfg, d, model_uri=args.model, url=args.checkpoint, recalibrate=args.recalibrate)
+    if args.workers is not None:
+        cfg = cfg.with_train(num_workers=args.workers)
+    out = run_bn_check(cfg, d, args.model, args.checkpoint, args.recalibrate, args.address)
     if args.json:
         print_json(
             {

@@ -3,10 +3,16 @@
 model: --model URI (a logged/registered model), --checkpoint URL, or by default the newest
        published checkpoint before --date
 check: mtrec.bn.check on the day (eval mode, forward hooks, streamed); prints a per-layer table
---recalibrate: recompute the running statistics on the day (mtrec.bn.recalibrate), check again,
-       and (tracking on) record the recalibrated model as a new run and model version: same
-       checkpoint (the training state is unchanged), tagged `mtrec.bn_recalibrated_on`; it
-       becomes the challenger and goes through the gate like any other version
+--recalibrate: recompute the running statistics on the day (mtrec.bn.settle: each layer's input
+       statistics as served, layer by layer), check again, and (tracking on) record the
+       recalibrated model as a new run and model version: same checkpoint (the training state is
+       unchanged), its new statistics as the run's bn/running_stats.json, tagged
+       `mtrec.bn_recalibrated_on`; it becomes the challenger and goes through the gate like any
+       other version
+--workers N (or train.num_workers > 1): the same on N Ray Train workers, the checkpoint loaded
+       sharded and the moments summed across ranks; the recalibrated model's pyfunc is built by a
+       Ray task from the checkpoint and the new statistics. Workers that score a recalibrated
+       version (the gate, `mtrec predict --workers`) apply its statistics over the checkpoint's.
 """
 
 from __future__ import annotations
@@ -15,23 +21,27 @@ import datetime as dt
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtrec import bn
 from mtrec.config import MtrecConfig
-from mtrec.errors import ConfigError
+from mtrec.data.io import list_day_files
+from mtrec.errors import ConfigError, DataValidationError
 from mtrec.serving import ServedModel
 from mtrec.train import checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def _source(
+def _describe(
     cfg: MtrecConfig, day: dt.date, model_uri: str | None, url: str | None, recalibrate: bool
-) -> tuple[ServedModel, dict]:
-    """The model and what it is: {"name", "date", "checkpoint", "version"} (version "" for a
-    checkpoint). With `recalibrate`, refuses (before any work) what could not be registered."""
+) -> tuple[dict, object]:
+    """What the model is, without loading it: ({"name", "date", "checkpoint", "version"} (version
+    "" for a checkpoint, checkpoint "" for a model URI that is not an mtrec version), its
+    VersionInfo or None). With `recalibrate`, refuses (before any work) what could not be
+    registered."""
     if model_uri and url:
         raise ConfigError("pass --model or --checkpoint, not both")
     if recalibrate and not cfg.tracking.enabled:
@@ -39,10 +49,9 @@ def _source(
             "--recalibrate registers the recalibrated model as a new version: it needs `tracking.enabled: true`"
         )
     if model_uri:
-        from mtrec.tracking import load_served
         from mtrec.tracking.client import REGISTERED, registered_version
 
-        info = {"name": cfg.name, "date": "", "checkpoint": "", "version": ""}
+        info, v = {"name": cfg.name, "date": "", "checkpoint": "", "version": ""}, None
         if cfg.tracking.enabled:
             v = registered_version(cfg, model_uri)
             if v is not None:
@@ -57,17 +66,12 @@ def _source(
                 "--recalibrate needs a registered mtrec version (models:/NAME/N or models:/NAME@alias), "
                 f"got {model_uri}; pass one, or --checkpoint"
             )
-        return load_served(model_uri), info
+        return info, v
     url = url or checkpoint.latest_before(cfg, day)
     manifest = checkpoint.read_manifest(url)
     if manifest.get("model") != cfg.name:
         checkpoint.check_compatible(manifest, url, cfg, allow_config_change=True)  # names the mismatch
-    return ServedModel.from_checkpoint(url), {
-        "name": cfg.name,
-        "date": manifest["date"],
-        "checkpoint": url,
-        "version": "",
-    }
+    return {"name": cfg.name, "date": manifest["date"], "checkpoint": url, "version": ""}, None
 
 
 @dataclass
@@ -85,20 +89,32 @@ class BNCheckResult:
 
 
 def run_bn_check(
-    cfg: MtrecConfig, day: dt.date, model_uri: str | None = None, url: str | None = None, recalibrate: bool = False
+    cfg: MtrecConfig,
+    day: dt.date,
+    model_uri: str | None = None,
+    url: str | None = None,
+    recalibrate: bool = False,
+    address: str | None = None,
 ) -> BNCheckResult:
-    """Check (and with `recalibrate`, fix) a model's BN statistics on `day`."""
-    served, source = _source(cfg, day, model_uri, url, recalibrate)
+    """Check (and with `recalibrate`, fix) a model's BN statistics on `day`: with
+    `train.num_workers` > 1 on that many Ray Train workers (the Ray cluster at `address`), the
+    checkpoint loaded sharded (`_on_workers`); else the served model in this process."""
+    source, v = _describe(cfg, day, model_uri, url, recalibrate)
     what = model_uri or source["checkpoint"]
     if source["date"] and dt.date.fromisoformat(source["date"]) >= day:
         log.info(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
+    if cfg.train.num_workers > 1:
+        return _on_workers(cfg, day, source, v, (what, recalibrate, address))
+    if model_uri:
+        from mtrec.tracking import load_served
+
+        served = load_served(model_uri)
+    else:
+        served = ServedModel.from_checkpoint(source["checkpoint"])
     logs = cfg.job.logs  # the day under this config's logs, with its limits and batch size
     serving = cfg.job.serving_logs  # the day's candidates instead of its impressions, when set
     before = bn.check(served.model, served.spec, logs, day, cfg.bn, serving)
-    log.info(f"{what} on {day}" + (f", against the serving logs under {serving}:" if serving else ":"))
-    for line in before.table() if before.layers else []:
-        log.info("  " + line)
-    log.info(before.summary() + f" ({before.seconds:.1f}s)")
+    _log_report(before, what, day, serving)
     out = BNCheckResult(before, source=source)
     if not recalibrate:
         return out
@@ -109,13 +125,107 @@ def run_bn_check(
     after = bn.check(served.model, served.spec, logs, day, cfg.bn, serving)
     out.after = after
     log.info(f"recalibrated on {rows:,} rows of {day}{' (serving logs)' if serving else ''}: {after.summary()}")
-    out.version = _record(cfg.model_copy(update={"name": source["name"]}), served, source, day, out)
+
+    def log_model(tracker, run_id: str) -> str:
+        from mtrec.tracking import example_rows
+
+        return tracker.log_model(run_id, served, example_rows(logs, day, served.columns, view=cfg.spec.columns))
+
+    rcfg = cfg.model_copy(update={"name": source["name"]})
+    out.version = _record(rcfg, source, day, out, bn.capture(served.model), log_model)
     return out
 
 
-def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, result: BNCheckResult) -> str:
-    """The recalibrated model as a run and a model version (the same checkpoint: only BN buffers differ)."""
-    from mtrec.tracking import Tracker, example_rows
+def _log_report(report: bn.BNReport, what: str, day: dt.date, serving: str | None) -> None:
+    log.info(f"{what} on {day}" + (f", against the serving logs under {serving}:" if serving else ":"))
+    for line in report.table() if report.layers else []:
+        log.info("  " + line)
+    log.info(report.summary() + f" ({report.seconds:.1f}s)")
+
+
+def _on_workers(cfg: MtrecConfig, day: dt.date, source: dict, v, run: tuple) -> BNCheckResult:
+    """`run_bn_check` on `train.num_workers` Ray Train workers: the checkpoint loaded sharded
+    (with a recalibrated version's own statistics over it), the day read by Ray Data, each BN
+    layer's input moments summed across ranks (`bn_loop_per_worker`); with recalibration, the
+    recalibrated version's served model is built and logged by a Ray task from the checkpoint and
+    the new statistics (`start_served`). Neither the tables nor the rows pass through this
+    process. `run`: (what the model is called, recalibrate, the Ray address)."""
+    from mtrec.data.validate import check_day
+    from mtrec.jobs.cluster import ray_session
+    from mtrec.jobs.protocol import good_rows_dataset, run_scoring
+    from mtrec.models import build_model
+    from mtrec.tracking.gate import version_bn_stats, version_config
+    from mtrec.train.stream import check_serving_files
+    from mtrec.train.worker import BNJob, RunCollector, bn_loop_per_worker
+
+    what, recalibrate, address = run
+    url = source["checkpoint"]
+    if not url:
+        raise ConfigError(
+            f"--workers checks a checkpoint: pass a registered mtrec version (models:/NAME/N, models:/NAME@alias) "
+            f"or --checkpoint, not {what}; or leave out --workers"
+        )
+    vcfg = version_config(cfg, url)
+    if vcfg is None:
+        raise ConfigError(f"{url}'s manifest does not say its sampling offsets; check it without --workers")
+    serving = cfg.job.serving_logs
+    population = "serving logs" if serving else "impressions"
+    if not bn.served_bn_names(build_model(vcfg.spec, "meta", vcfg.score_offsets())):
+        log.info(f"{what} has no BN layers: nothing to check" + (" or recalibrate" if recalibrate else ""))
+        return BNCheckResult(bn.BNReport(day.isoformat(), 0, [], cfg.bn.model_dump(), 0.0, population), source=source)
+    if serving:
+        if not bn.has_serving_logs(serving, day):
+            raise DataValidationError(f"no serving logs for {day} under {serving}; pass a day they hold")
+        files = check_serving_files(vcfg.spec, list_day_files(serving, day))
+    else:
+        files = check_day(vcfg.spec, cfg.job.logs, day)
+    t0 = time.perf_counter()
+    with ray_session(cfg, address):
+        collector = RunCollector.remote()
+        job = BNJob(
+            cfg=vcfg.model_dump(mode="json"),
+            checkpoint=url,
+            where=f"{day} under {serving or cfg.job.logs}",
+            recalibrate=recalibrate,
+            bn_stats=version_bn_stats(cfg.model_copy(update={"name": source["name"]}), v) if v else None,
+            collector=collector,
+        )
+        datasets = {"bn": good_rows_dataset(vcfg, files, serving=bool(serving))}
+        result = run_scoring(vcfg, bn_loop_per_worker, job, datasets, f"{cfg.name}-bn-check-{day}")
+        seconds = time.perf_counter() - t0
+
+        def report(running_ref: tuple) -> bn.BNReport:
+            rep = bn.compare(*running_ref, cfg.bn, day.isoformat(), result["rows"])
+            rep.seconds, rep.population = seconds, population
+            return rep
+
+        out = BNCheckResult(report(result["before"]), source=source)
+        _log_report(out.before, what, day, serving)
+        if not recalibrate:
+            return out
+        out.after = report(result["after"])
+        log.info(
+            f"recalibrated on {result['rows']:,} rows of {day}{' (serving logs)' if serving else ''} in "
+            f"{result['passes']} passes on {cfg.train.num_workers} workers: {out.after.summary()}"
+        )
+
+        def log_model(tracker, run_id: str) -> str:
+            from mtrec.tracking.record import finish_served, start_served
+
+            ref = start_served(tracker, run_id, vcfg, url, result["head"], bn_stats=result["captured"])
+            return finish_served(ref, run_id)
+
+        rcfg = cfg.model_copy(update={"name": source["name"]})
+        out.version = _record(rcfg, source, day, out, result["captured"], log_model)
+    return out
+
+
+def _record(cfg: MtrecConfig, source: dict, day: dt.date, result: BNCheckResult, captured: dict, log_model) -> str:
+    """The recalibrated model as a run and a model version (the same checkpoint: only BN buffers
+    differ): the reports, the new statistics (`captured`, `bn.capture`'s form: what the version's
+    workers apply over the checkpoint), and its served model, logged by `log_model(tracker,
+    run_id)` (returns the model URI)."""
+    from mtrec.tracking import Tracker
 
     before, after = result.before, result.final
     tracker = Tracker(cfg)
@@ -129,14 +239,11 @@ def _record(cfg: MtrecConfig, served: ServedModel, source: dict, day: dt.date, r
             (Path(tmp) / "bn").mkdir()
             (Path(tmp) / "bn" / "check_before.json").write_text(before.to_json())
             (Path(tmp) / "bn" / "check.json").write_text(after.to_json())
-            (Path(tmp) / "bn" / "running_stats.json").write_text(json.dumps(bn.capture(served.model)))
+            (Path(tmp) / "bn" / "running_stats.json").write_text(json.dumps(captured))
             tracker.log_artifacts(run_id, tmp)
-        model_uri = tracker.log_served(
-            run_id,
-            served,
-            example_rows(cfg.job.logs, day, served.columns, view=cfg.spec.columns),
-            {"mtrec.bn_check": "passed" if after.passed else "failed"},
-        )
+        model_uri = log_model(tracker, run_id)
+        checked = "passed" if after.passed else "failed"
+        tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.bn_check": checked})  # as log_served tags
         version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to)
     tracker.tag_version(version, {"mtrec.bn_recalibrated_on": day.isoformat()})
     chal = tracker.alias("challenger")

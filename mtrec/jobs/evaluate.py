@@ -66,7 +66,12 @@ def evaluate_checkpoint(
 
 
 def score_checkpoint(
-    cfg: MtrecConfig, days: list[dt.date], url: str, address: str | None = None, bn_check: bool = False
+    cfg: MtrecConfig,
+    days: list[dt.date],
+    url: str,
+    address: str | None = None,
+    bn_check: bool = False,
+    bn_stats: dict | None = None,
 ) -> tuple[dict, dict, dict]:
     """A checkpoint scored on `days` pooled, as served, by `train.num_workers` Ray Train workers:
     loaded sharded at that world size (DCP reshards it), each worker scoring its share of the rows
@@ -74,6 +79,7 @@ def score_checkpoint(
     the rows pass through this process. Returns (metrics, the figures `next_day_figures` makes:
     rows, BN report with `bn_check` (on the last day: its serving logs when `job.serving_logs`
     holds them, its impressions otherwise), calibration plot, ...; the checkpoint's manifest).
+    `bn_stats`: a recalibrated version's BN statistics over the checkpoint's (`version_bn_stats`).
 
     Raises:
         DataValidationError: a day lacks a column (footers).
@@ -102,6 +108,7 @@ def score_checkpoint(
             file_days=tuple(file_days),
             bn_serving=bool(serving),
             bn_check=bn_check,
+            bn_stats=bn_stats,
             collector=collector,
         )
         datasets = {"eval": good_rows_dataset(cfg, files)}

@@ -194,17 +194,17 @@ def predict_on_workers(cfg, model_uri: str, day: dt.date, out: str, address: str
     from mtrec.jobs.cluster import ray_session
     from mtrec.jobs.protocol import run_scoring
     from mtrec.tracking import registered_version
-    from mtrec.tracking.gate import version_config
+    from mtrec.tracking.gate import version_bn_stats, version_config
     from mtrec.train import checkpoint
     from mtrec.train.worker import PredictJob, RunCollector, predict_loop_per_worker
 
     t0 = time.perf_counter()
-    url = model_uri
+    url, bn_stats = model_uri, None
     if model_uri.startswith("models:/"):
         v = registered_version(cfg, model_uri)
         if v is None or not v.checkpoint:
             raise ConfigError(f"{model_uri} names no registered mtrec version with a checkpoint; pass one that does")
-        url = v.checkpoint
+        url, bn_stats = v.checkpoint, version_bn_stats(cfg, v)  # a recalibrated version: its own BN statistics
     elif model_uri.startswith("runs:/"):
         raise ConfigError(
             f"--workers scores a checkpoint: pass models:/NAME/N, models:/NAME@alias or its URL, not {model_uri}"
@@ -261,6 +261,7 @@ def predict_on_workers(cfg, model_uri: str, day: dt.date, out: str, address: str
             out=out,
             names=tuple(f.name for f in files),
             row_id=row_id,
+            bn_stats=bn_stats,
             collector=collector,
         )
         result = run_scoring(cfg, predict_loop_per_worker, job, {"rows": rows_ds}, f"{cfg.name}-predict-{day}")

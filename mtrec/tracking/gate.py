@@ -24,7 +24,7 @@ import numpy as np
 from mtrec.config import GATE_METRICS, MtrecConfig
 from mtrec.data.io import list_days
 from mtrec.data.validate import day_rows
-from mtrec.errors import GateDeferred, GateRefused, MtrecError
+from mtrec.errors import GateDeferred, GateRefused, MtrecError, TrackingError
 from mtrec.eval.metrics import auc_standard_error
 from mtrec.serving import ServedModel
 from mtrec.spec import LabelKind, ModelSpec
@@ -275,6 +275,32 @@ def version_config(cfg: MtrecConfig, url: str) -> MtrecConfig | None:
     return vcfg if vcfg.score_offsets() == offsets else None
 
 
+def version_bn_stats(cfg: MtrecConfig, v: VersionInfo) -> dict | None:
+    """The BN statistics of a version recalibrated after its checkpoint (`mtrec bn-check
+    --recalibrate`: its run's `bn/running_stats.json`), which its workers apply over the
+    checkpoint's so that they score the model the version serves; None for any other version.
+
+    Raises:
+        TrackingError: the version says it was recalibrated but its run lacks the statistics.
+    """
+    import json
+    import tempfile
+
+    if "mtrec.bn_recalibrated_on" not in v.tags:
+        return None
+    tracker = Tracker(cfg)
+    path = "bn/running_stats.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = tracker.call("reading its BN statistics", tracker.client.download_artifacts, v.run_id, path, tmp)
+        except TrackingError as e:
+            raise TrackingError(
+                f"version {v.version} of {cfg.name} was recalibrated but its statistics could not be read: {e}"
+            ) from None
+        with open(local) as f:
+            return json.load(f)
+
+
 def _score(
     cfg: MtrecConfig, v: VersionInfo, days: list[dt.date], bn_check: bool, address: str | None
 ) -> tuple[dict, ModelSpec, object]:
@@ -296,7 +322,7 @@ def _score(
     serving = cfg.job.serving_logs
     if bn_check and serving is not None and bn.bn_layers(build_model(vcfg.spec, "meta")):
         _defer_without_serving_logs(serving, days[-1])
-    scores, figures, _ = score_checkpoint(vcfg, days, v.checkpoint, address, bn_check=bn_check)
+    scores, figures, _ = score_checkpoint(vcfg, days, v.checkpoint, address, bn_check, version_bn_stats(cfg, v))
     rep = figures["bn"] if bn_check else None
     if rep is not None:
         log.info("%s", rep.summary())

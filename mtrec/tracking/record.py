@@ -164,6 +164,7 @@ def _served_task(cfg_json: dict, uri: str, staged: str, run_id: str, call: dict)
     built from the staged checkpoint's model tensors and logged under the run; its model URI."""
     import os
 
+    from mtrec import bn
     from mtrec.data.io import apply_storage_options
     from mtrec.train import checkpoint
 
@@ -174,6 +175,7 @@ def _served_task(cfg_json: dict, uri: str, staged: str, run_id: str, call: dict)
     apply_storage_options(cfg.job.storage_options)
     tracker = Tracker(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})}))
     served = ServedModel.from_state(cfg.spec, checkpoint.read_full(staged, prefix=MODEL_PREFIX), cfg.score_offsets())
+    bn.apply(served.model, call.get("bn_stats"))  # a recalibrated version's statistics over the checkpoint's
     return tracker.log_model(run_id, served, call["example"])
 
 
@@ -198,12 +200,13 @@ _FORWARDED = (
 )
 
 
-def start_served(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, head):
+def start_served(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, head, bn_stats: dict | None = None):
     """Start logging the served model under the run: a Ray task on this node, in a process of its
     own that exits after it (`max_calls=1`), reads the staged checkpoint's model tensors (not the
     optimizers'), builds the served model and logs it, so the driver never holds the embedding
     tables, whatever their size. `head`: the first rows read (an Arrow table), the model's input
-    example. Runs in the job's Ray session; returns the task's ObjectRef (`finish_served`)."""
+    example. `bn_stats`: BN statistics over the checkpoint's (a recalibration's, `bn.capture`'s
+    form). Runs in the job's Ray session; returns the task's ObjectRef (`finish_served`)."""
     import os
 
     import ray
@@ -214,6 +217,7 @@ def start_served(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, h
         "env": {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED)},
         "cwd": os.getcwd(),
         "example": example,
+        "bn_stats": bn_stats,
     }
     task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_served_task)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

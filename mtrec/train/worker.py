@@ -461,14 +461,16 @@ def score_days(model: torch.nn.Module, cfg: MtrecConfig, job) -> dict | None:
 
 def _loaded(job) -> tuple[MtrecConfig, torch.nn.Module, dict]:
     """A scoring worker's run spec, model and checkpoint manifest: `job.cfg`'s model built on meta,
-    sharded at this world size and loaded from `job.checkpoint` (DCP reshards it); the model is
-    `dmp.module.model`, its tables sharded."""
+    sharded at this world size and loaded from `job.checkpoint` (DCP reshards it), with
+    `job.bn_stats` (a version's recalibrated BN statistics, `bn.capture`'s form) over the
+    checkpoint's; the model is `dmp.module.model`, its tables sharded."""
     cfg = MtrecConfig.model_validate(job.cfg)
     apply_storage_options(cfg.job.storage_options)
     torch.set_num_threads(torch_threads(cfg.train.torch_threads, ray.train.get_context().get_local_world_size()))
     device, _ = device_for_backend()
     dmp, _ = shard(MultiTaskTrain(build_model(cfg.spec, "meta", cfg.score_offsets()), cfg.spec), cfg, device)
     manifest = checkpoint.load(dmp, None, job.checkpoint, cfg, allow_config_change=True)  # scoring: rates do not matter
+    bn.apply(dmp.module.model, job.bn_stats)  # a recalibrated version's statistics over its checkpoint's
     return cfg, dmp.module.model, manifest
 
 
@@ -483,6 +485,7 @@ class ScoreJob:
     file_days: tuple[int, ...]
     bn_serving: bool = False
     bn_check: bool = False  # also check the BN statistics on the last day (the gate's challenger)
+    bn_stats: dict | None = None  # the version's recalibrated BN statistics (`bn.capture`), if any
     collector: Any = None
 
 
@@ -503,6 +506,61 @@ def score_loop_per_worker(config: dict) -> None:
 
 
 @dataclass(frozen=True)
+class BNJob:
+    """A BN check's worker input (`bn_loop_per_worker`): a checkpoint's BN statistics against a
+    day as served (dataset shard "bn": its impressions' good rows, or its serving logs')."""
+
+    cfg: dict[str, Any]  # the run spec the checkpoint was trained under, dumped
+    checkpoint: str  # its URL (any world size: DCP reshards it)
+    where: str  # the day and root checked, as errors name them
+    recalibrate: bool = False  # also recalibrate (`bn.settle`): every rank sets the same statistics
+    bn_stats: dict | None = None  # the version's recalibrated BN statistics (`bn.capture`), if any
+    collector: Any = None
+
+
+def bn_loop_per_worker(config: dict) -> None:
+    """Ray Train entry of `mtrec bn-check --workers N`: the checkpoint loaded sharded, this rank's
+    share of the day through the model as served in lockstep, each served BN layer's input
+    moments summed across ranks; with `recalibrate`, the passes of `bn.settle`. Rank 0 hands the
+    running statistics and reference moments before (and after) to the collector, with the
+    recalibrated statistics (`bn.capture`) and the first rows it read (the served model's input
+    example)."""
+    from mtrec.eval.scoring import model_device
+    from mtrec.eval.sharded import reduce_moments, score_shard
+
+    job: BNJob = config["job"]
+    cfg, model, manifest = _loaded(job)
+    names, device = bn.served_bn_names(model), model_device(model)
+    head = []
+
+    def measure():
+        s = score_shard(model, cfg.spec, _shard_batches("bn", cfg.bn.batch_rows), names, False, 0 if head else 5)
+        head.append(s.head)
+        reduce_moments(s.moments, device)
+        return s.moments, max((m.n for m in s.moments.values()), default=0)
+
+    running = bn.running_stats(model, names)
+    if job.recalibrate:
+        settled = bn.settle(model, measure, job.where)
+    else:
+        before, rows = measure()
+        settled = bn.Settled(before, before, rows, 1)
+    if ray.train.get_context().get_world_rank() == 0:
+        out = {
+            "manifest": manifest,
+            "rows": settled.rows,
+            "passes": settled.passes,
+            "before": (running, {n: m.mean_var() for n, m in settled.before.items()}),
+            "after": None,
+            "head": head[0],
+        }
+        if job.recalibrate:
+            after = {n: m.mean_var() for n, m in settled.after.items()}
+            out.update(after=(bn.running_stats(model, names), after), captured=bn.capture(model, names))
+        ray.get(job.collector.finish.remote(out))
+
+
+@dataclass(frozen=True)
 class PredictJob:
     """A batch-scoring job's worker input (`predict_loop_per_worker`)."""
 
@@ -512,6 +570,7 @@ class PredictJob:
     names: tuple[str, ...]  # per file index of the dataset, the file's name (rows without row_id)
     row_id: bool  # the logs have `row_id`: the output's id column; else `file` and `row`
     rows_per_part: int = 1_000_000
+    bn_stats: dict | None = None  # the version's recalibrated BN statistics (`bn.capture`), if any
     collector: Any = None
 
 
