@@ -19,10 +19,11 @@ from mtrec import bn
 from mtrec.config import load_config
 from mtrec.errors import ConfigError, GateRefused
 from mtrec.eval.evaluate import evaluate_days
-from mtrec.eval.sharded import Moments, Scored, merge, score_shard, with_truth
+from mtrec.eval.sharded import Moments, Scored, ShardFailed, failure_line, lockstep, merge, score_shard, with_truth
 from mtrec.jobs.evaluate import score_checkpoint
 from mtrec.jobs.predict import predict_on_workers, predict_to_parquet
 from mtrec.jobs.retrain import run_train
+from mtrec.models import build_model
 from mtrec.serving import ServedModel
 from mtrec.tracking import Tracker, promote
 from mtrec.tracking.gate import gate_slice
@@ -172,3 +173,74 @@ def test_bn_check_and_recalibration_on_workers_equal_one_process(ray_local, worl
 
     metrics, _, _ = score_checkpoint(two, [DAY3], s.checkpoint, bn_stats=stats)
     assert_same(metrics, evaluate_days(pyfunc.model, pyfunc.spec, world, [DAY3]), "the recalibrated version")
+
+
+def _lockstep_rank(rank: int, store: str, logs: str, out: str) -> None:
+    """One rank of a 2-process gloo group: rank 0 has 4 batches, rank 1's read fails after 1."""
+    import json
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    cfg = bn_config(logs, "/tmp/unused")
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    batches = list(bn.serving_batches(cfg.spec, logs, DAY1, 1000))[:4]
+
+    def mine():
+        if rank == 0:
+            yield from batches
+        else:
+            yield batches[0]
+            raise OSError("the file went away")
+
+    seen = []
+    try:
+        lockstep(model, cfg.spec, mine(), lambda rb, _: seen.append(rb.num_rows))
+        got = {"raised": False}
+    except ShardFailed as e:
+        got = {"raised": True, "local": e.local, "line": failure_line(e), "seen": len(seen)}
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(got, f)
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_read_fails_stops_every_rank_at_the_same_step(world, tmp_path):
+    """Lockstep on 2 ranks: rank 1's read raises after its first batch; both ranks raise
+    ShardFailed at the next step (no rank left waiting in a collective), and rank 0 gets the
+    failed rank's error as one line."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_lockstep_rank, args=(r, str(tmp_path / "store"), world, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in (0, 1)]
+    assert got[0] == {"raised": True, "local": False, "line": "worker 1: OSError: the file went away", "seen": 1}
+    assert got[1] == {"raised": True, "local": True, "line": None, "seen": 1}
+
+
+@pytest.mark.slow
+def test_an_evaluation_read_that_fails_after_training_fails_the_job_without_retraining(ray_local, tmp_path):
+    """Day 1 trained on 2 workers; a day-2 file whose footer reads but whose pages do not (the
+    plan checks footers only) breaks the workers' next-day evaluation on one rank. Every rank
+    stops at the same step, and the job fails in one line naming the worker and the error: the
+    worker group is not restarted to retrain the day, and nothing is published."""
+    from mtrec.data.synth import write_world
+    from mtrec.errors import MtrecError
+    from mtrec.train import checkpoint
+
+    logs = str(tmp_path / "logs")
+    write_world(logs, days=2, rows_per_day=4000, seed=5, files_per_day=2)
+    broken = tmp_path / "logs" / f"dt={DAY1 + dt.timedelta(days=1)}" / "part-00001.parquet"
+    data = bytearray(broken.read_bytes())
+    data[4:260] = b"\xff" * 256  # the first pages' headers: unreadable, the footer intact
+    broken.write_bytes(bytes(data))
+    cfg = bn_config(logs, str(tmp_path / "work"), workers=2).with_train(max_failures=2)
+    with pytest.raises(MtrecError, match=r"evaluating on 2026-01-02 failed on the workers: worker \d: ") as e:
+        run_train(cfg, DAY1, DAY1)
+    assert "\n" not in str(e.value) and "nothing was published" in str(e.value)
+    assert checkpoint.published_days(cfg) == []

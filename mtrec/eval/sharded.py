@@ -119,6 +119,16 @@ class _Parts:
         )
 
 
+class ShardFailed(Exception):
+    """Raised on every rank, at the same step, when any rank's share failed (a read, a batch's
+    conversion, `on_batch`): the ranks stop together instead of one waiting in a collective for a
+    rank that is gone. `local`: whether this rank's own share failed (the message is its error)."""
+
+    def __init__(self, message: str, local: bool):
+        super().__init__(message)
+        self.local = local
+
+
 @torch.no_grad()
 def lockstep(
     model: nn.Module,
@@ -131,25 +141,44 @@ def lockstep(
     (Arrow, converted as served by `spec`: no bias features, no labels), in lockstep with the other
     ranks of the default group: every rank takes the same number of forwards (sharded tables make
     each one a collective), a rank whose share has run out scoring a pad batch (`padding[0]` is
-    True meanwhile) and throwing it away. `on_batch(batch, outputs)` for each real batch."""
+    True meanwhile) and throwing it away. `on_batch(batch, outputs)` for each real batch.
+
+    Raises:
+        ShardFailed: on every rank, when reading, converting or handling a batch failed on any.
+    """
+    from mtrec.errors import first_line
+
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = model_device(model)
     conv = BatchConverter(spec)
     pad = None
+    failed: list[str] = []  # this rank's error: it then only pads until every rank knows
     it = iter(batches)
     with evaluating(model):
         while True:
-            rb = next(it, None)
+            rb = None
+            if not failed:
+                try:
+                    rb = next(it, None)
+                except Exception as e:  # noqa: BLE001 - a read failed: every rank stops at this step
+                    failed.append(first_line(e, typed=True))
             if world > 1:
-                alive = torch.tensor([0 if rb is None else 1], dtype=torch.int64, device=device)
-                dist.all_reduce(alive)
-                if int(alive.item()) == 0:
-                    break
-            elif rb is None:
+                flags = torch.tensor([0 if rb is None else 1, len(failed)], dtype=torch.int64, device=device)
+                dist.all_reduce(flags)
+                alive, errors = (int(x) for x in flags.tolist())
+            else:
+                alive, errors = (0 if rb is None else 1), len(failed)
+            if errors:
+                raise ShardFailed(failed[0] if failed else "another worker's share failed", bool(failed))
+            if alive == 0:
                 break
-            if rb is not None and not rb.num_rows:
-                rb = None  # an empty batch scores nothing, but the forward is still every rank's
-            if rb is None:  # this rank's share is done; the others' forwards still need it
+            batch = None
+            if rb is not None and rb.num_rows:  # an empty batch scores nothing, but the forward is every rank's
+                try:
+                    batch = conv(rb, with_bias=False, with_labels=False).to(device)
+                except Exception as e:  # noqa: BLE001 - told to the others at the next step
+                    failed.append(first_line(e, typed=True))
+            if batch is None:  # no batch here; the others' forwards still need this rank's
                 pad = pad if pad is not None else pad_batch(spec).to(device)
                 if padding is not None:
                     padding[0] = True
@@ -157,7 +186,24 @@ def lockstep(
                 if padding is not None:
                     padding[0] = False
                 continue
-            on_batch(rb, model(conv(rb, with_bias=False, with_labels=False).to(device)))
+            out = model(batch)
+            try:
+                on_batch(rb, out)
+            except Exception as e:  # noqa: BLE001 - told to the others at the next step
+                failed.append(first_line(e, typed=True))
+
+
+def failure_line(e: ShardFailed) -> str | None:
+    """On rank 0, the failed ranks' errors as one line ("worker 1: OSError: ..."); None on the
+    other ranks. A collective: every rank that caught the ShardFailed of one `lockstep` calls it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return str(e)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    got: list | None = [None] * world if rank == 0 else None
+    dist.gather_object(str(e) if e.local else None, got, dst=0)
+    if rank != 0:
+        return None
+    return "; ".join(f"worker {r}: {m}" for r, m in enumerate(got) if m)
 
 
 def score_shard(

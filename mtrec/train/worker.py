@@ -435,20 +435,26 @@ def score_days(model: torch.nn.Module, cfg: MtrecConfig, job) -> dict | None:
     day after its data): each rank its share of the rows (dataset shard "eval"), in one pass that
     also collects the BN layers' input moments (or a second pass over the last day's serving logs,
     shard "bn", with `job.bn_serving`); merged on rank 0 (`mtrec.eval.sharded`), which returns the
-    figures the driver records (`next_day_figures`); None on the other ranks. `job`: a WorkerJob
-    or a ScoreJob."""
+    figures the driver records (`next_day_figures`); None on the other ranks. A share that fails
+    on any rank ends every rank's pass at the same step, and rank 0 returns {"day", "error"}
+    naming the ranks and their errors: the job then fails in one line (the worker group is not
+    restarted, so the day is not retrained). `job`: a WorkerJob or a ScoreJob."""
     from mtrec.eval.scoring import model_device
-    from mtrec.eval.sharded import merge, next_day_figures, score_shard
+    from mtrec.eval.sharded import ShardFailed, failure_line, merge, next_day_figures, score_shard
 
     t0 = time.perf_counter()
     names = bn.served_bn_names(model) if job.bn_check else []
     rows, device = cfg.bn.batch_rows, model_device(model)
-    eval_batches = _shard_batches("eval", rows)
-    scored = merge(score_shard(model, cfg.spec, eval_batches, None if job.bn_serving else names), device)
-    serving = None
-    if names and job.bn_serving:
-        bn_batches = _shard_batches("bn", rows)
-        serving = merge(score_shard(model, cfg.spec, bn_batches, names, keep=False, head_rows=0), device)
+    try:
+        eval_batches = _shard_batches("eval", rows)
+        scored = merge(score_shard(model, cfg.spec, eval_batches, None if job.bn_serving else names), device)
+        serving = None
+        if names and job.bn_serving:
+            bn_batches = _shard_batches("bn", rows)
+            serving = merge(score_shard(model, cfg.spec, bn_batches, names, keep=False, head_rows=0), device)
+    except ShardFailed as e:  # every rank stopped at the same step: the driver fails the job, no restart
+        line = failure_line(e)
+        return None if line is None else {"day": job.eval_days[-1], "error": line}
     if scored is None:
         return None
     days = [dt.date.fromisoformat(d) for d in job.eval_days]
@@ -457,6 +463,16 @@ def score_days(model: torch.nn.Module, cfg: MtrecConfig, job) -> dict | None:
     if out["bn"] is not None:
         out["bn"].seconds = out["seconds"]
     return out
+
+
+def _agreed(e) -> None:
+    """After a `lockstep` that failed (`ShardFailed`, on every rank): rank 0 raises the failed
+    ranks' errors as one MtrecError (what Ray Train reports); the other ranks return."""
+    from mtrec.eval.sharded import failure_line
+
+    line = failure_line(e)
+    if line is not None:
+        raise MtrecError(line) from None
 
 
 def _loaded(job) -> tuple[MtrecConfig, torch.nn.Module, dict]:
@@ -526,7 +542,7 @@ def bn_loop_per_worker(config: dict) -> None:
     recalibrated statistics (`bn.capture`) and the first rows it read (the served model's input
     example)."""
     from mtrec.eval.scoring import model_device
-    from mtrec.eval.sharded import reduce_moments, score_shard
+    from mtrec.eval.sharded import ShardFailed, reduce_moments, score_shard
 
     job: BNJob = config["job"]
     cfg, model, manifest = _loaded(job)
@@ -540,11 +556,15 @@ def bn_loop_per_worker(config: dict) -> None:
         return s.moments, max((m.n for m in s.moments.values()), default=0)
 
     running = bn.running_stats(model, names)
-    if job.recalibrate:
-        settled = bn.settle(model, measure, job.where)
-    else:
-        before, rows = measure()
-        settled = bn.Settled(before, before, rows, 1)
+    try:
+        if job.recalibrate:
+            settled = bn.settle(model, measure, job.where)
+        else:
+            before, rows = measure()
+            settled = bn.Settled(before, before, rows, 1)
+    except ShardFailed as e:
+        _agreed(e)
+        return
     if ray.train.get_context().get_world_rank() == 0:
         out = {
             "manifest": manifest,
@@ -583,7 +603,7 @@ def predict_loop_per_worker(config: dict) -> None:
     import pyarrow.parquet as pq
 
     from mtrec.data.io import filesystem, join
-    from mtrec.eval.sharded import lockstep
+    from mtrec.eval.sharded import ShardFailed, lockstep
     from mtrec.serving import served_scores
 
     job: PredictJob = config["job"]
@@ -629,6 +649,9 @@ def predict_loop_per_worker(config: dict) -> None:
     )
     try:
         lockstep(model, spec, (rb for t in tables for rb in t.combine_chunks().to_batches()), on_batch)
+    except ShardFailed as e:
+        _agreed(e)
+        return
     finally:
         close()
     mine = {"rank": rank, "rows": state["rows"], "parts": [join(job.out, p) for p in parts]}
