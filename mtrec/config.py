@@ -402,6 +402,15 @@ class TrackingConfig(Strict):
         description="First wait between retries, doubled after each (1 s: a restarting server has ~15 s to come back).",
     )
     timeout_s: int = Field(30, gt=0, description="Timeout of one HTTP request to an MLflow server.")
+    max_pyfunc_mb: float | None = Field(
+        8192.0,
+        ge=0,
+        description=(
+            "Largest served model (its tensors: embedding tables and dense layers, float32, in MiB) a job logs "
+            "as an MLflow pyfunc; above it the version is registered without one (tag mtrec.served_model: none) "
+            "and is scored from its checkpoint with --workers N; null: no limit, 0: never a pyfunc."
+        ),
+    )
 
     @field_validator("artifacts")
     @classmethod

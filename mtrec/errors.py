@@ -36,6 +36,11 @@ class ConfigError(MtrecError):
     """The YAML config (or a CLI override) is invalid."""
 
 
+class NoPyfunc(ConfigError):
+    """A command that loads the served model (the pyfunc) was given a version registered without
+    one (above `tracking.max_pyfunc_mb`): it is scored from its checkpoint, with --workers N."""
+
+
 class DataValidationError(MtrecError):
     """A day's logs break the data contract (schema), or too many rows were quarantined."""
 

@@ -500,7 +500,8 @@ class _Job:
         self.tracking_error: MtrecError | None = None  # MLflow failed while the workers trained
         self.marks: dict[str, float] = {}
         self.workers_result: dict = {}  # rank 0's result: the next day's figures, the BN statistics
-        # (attempt, Ray task) building and logging the served model, once that attempt staged the checkpoint
+        # (attempt, Ray task) building and logging the served model, once that attempt staged the checkpoint;
+        # the task is None above tracking.max_pyfunc_mb (no pyfunc: `start_served` starts none)
         self.served: tuple[int, Any] | None = None
 
     def mark(self, name: str, at: float | None = None) -> None:
@@ -546,7 +547,8 @@ class _Job:
         if self.served is not None:
             import ray
 
-            ray.cancel(self.served[1], force=True)
+            if self.served[1] is not None:  # None: above tracking.max_pyfunc_mb, no task was started
+                ray.cancel(self.served[1], force=True)
             self.served = None
 
     def _fail(self, err: MtrecError, what: str = "") -> MtrecError:
@@ -593,7 +595,11 @@ class _Job:
                     from mtrec.tracking.record import start_served
 
                     self.cancel_served()
-                    self.served = (staged[0], start_served(self.tracker, self.run_id, cfg, plan.staged, staged[1]))
+                    try:  # above tracking.max_pyfunc_mb no task: it tags the run instead, and MLflow may fail
+                        self.served = (staged[0], start_served(self.tracker, self.run_id, cfg, plan.staged, staged[1]))
+                    except MtrecError as e:  # as for the progress below: the job fails before publishing
+                        self.tracking_error = e
+                        log.info(f"{e}; training goes on, but the job will fail before publishing")
             recs = ray.get(collector.drain.remote())
             for rec in recs:
                 log.info(rec["line"])

@@ -5,9 +5,11 @@
                   parent checkpoint and run, checkpoint URL, version), per-step training metrics
                   (`train/loss`, `train/loss/<task>`, `train/rows_per_s`), evaluation metrics on
                   the day after the last trained day (`eval/<task>/<metric>`), artifacts (config,
-                  manifest, validation reports, plots) and the served model (pyfunc)
+                  manifest, validation reports, plots) and the served model (pyfunc; none above
+                  `tracking.max_pyfunc_mb`, tag `mtrec.served_model: none`)
     registered model = model name; one version per published day, tagged with its date and
-                  checkpoint; aliases `challenger` (newest) and `champion` (serving)
+                  checkpoint; aliases `challenger` (newest) and `champion` (serving); a version
+                  without a pyfunc is scored from its checkpoint (`--workers N`)
 
 The order a job follows, so that the registry never points at a missing checkpoint and no
 checkpoint is published without its run:
@@ -22,10 +24,11 @@ The modules:
 
     client   `Tracker`: the tracking URI, the retrying calls, the experiment, a job's run
              (`job_run`), the served model (`log_served`), the registry (`register`)
-    record   what a training job records: `record_job`, `record_bn`, `day_trend`, `example_rows`
+    record   what a training job records: `record_job`, `record_bn`, `day_trend`, `example_rows`,
+             `served_size` (the served model's MiB against `tracking.max_pyfunc_mb`)
     gate     the promotion gate: `promote`, `compare`, `gate_slice`, `GateDecision`
-    pyfunc   the served model's MLflow face: `MtrecPyfunc`, `load_served`; imports only what
-             scoring needs
+    pyfunc   the served model's MLflow face: `MtrecPyfunc`, `load_served` (refuses a version
+             registered without a pyfunc: NoPyfunc); imports only what scoring needs
 
 The names below are importable from `mtrec.tracking` and load their module on first use, so that
 importing one (`load_served` in a scoring process) does not import the others.

@@ -41,7 +41,7 @@ from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
 from mtrec.log import quiet_libraries, verbose
 from mtrec.retry import retry
 from mtrec.serving import ServedModel
-from mtrec.tracking.pyfunc import MODEL_CODE, served_signature
+from mtrec.tracking.pyfunc import LIMIT_TAG, MODEL_CODE, SERVED_TAG, SIZE_TAG, served_signature
 
 log = logging.getLogger(__name__)
 
@@ -359,11 +359,20 @@ class Tracker:
         """The version of the registered model for the published checkpoint of run `run_id`;
         alias `challenger` -> it unless a newer day's version holds it; the run ends FINISHED.
         Idempotent: a rerun after a partial registration finds the version (by run id) and
-        completes the rest; a retry after a timeout does not register twice."""
+        completes the rest; a retry after a timeout does not register twice. An empty `model_uri`:
+        the run logged no pyfunc (above `tracking.max_pyfunc_mb`, its tags say), and the version
+        is registered without one (`_register_without_pyfunc`)."""
         tags = {"mtrec.date": day.isoformat(), "mtrec.checkpoint": checkpoint_url, "mtrec.run_id": run_id}
+        if not model_uri:
+            tags.update(self._no_pyfunc_tags(run_id))
 
         def find_or_register():
-            return self.version_of_run(run_id, retry=False) or mlflow.register_model(model_uri, self.name, tags=tags)
+            found = self.version_of_run(run_id, retry=False)
+            if found is not None:
+                return found
+            if not model_uri:
+                return self._register_without_pyfunc(run_id, tags)
+            return mlflow.register_model(model_uri, self.name, tags=tags)
 
         version = str(self.call("registering the version", find_or_register).version)
         current = self.alias(CHALLENGER)
@@ -374,6 +383,32 @@ class Tracker:
         self.set_tags(run_id, {"mtrec.model_version": version})
         self.end_run(run_id)
         return version
+
+    def _no_pyfunc_tags(self, run_id: str) -> dict[str, str]:
+        """The tags of a run recorded without a pyfunc that its version carries too (what was
+        decided, the size, the limit), so that every reader of the version can tell.
+
+        Raises:
+            TrackingError: the run has neither a logged model nor those tags.
+        """
+        run_tags = self.call("reading the run", self.client.get_run, run_id).data.tags
+        if run_tags.get(SERVED_TAG) != "none":
+            raise TrackingError(f"run {run_id} has no logged model; retrain the day with --force")
+        return {k: run_tags.get(k, "") for k in (SERVED_TAG, SIZE_TAG, LIMIT_TAG)}
+
+    def _register_without_pyfunc(self, run_id: str, tags: dict[str, str]):
+        """A model version with no pyfunc behind it (called inside `register`'s retried step, which
+        looked for the run's version first). Its source is the run's artifacts (`runs:/<run_id>`:
+        the manifest, reports and plots of a job; no model), not the checkpoint: an `mlflow server`
+        refuses a local path outside the run's artifacts as a source, and a client that downloads
+        the source (`mlflow.pyfunc.load_model`) fetches a few small files, not the tables. The
+        checkpoint is the `mtrec.checkpoint` tag, as on every version."""
+        try:
+            self.client.create_registered_model(self.name)
+        except MlflowException as e:  # the model's first version creates it; later ones find it
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        return self.client.create_model_version(self.name, f"runs:/{run_id}", run_id=run_id, tags=tags)
 
     def version_of_run(self, run_id: str, retry: bool = True):
         """The model version registered from run `run_id`, if any."""
@@ -410,9 +445,9 @@ class Tracker:
             )
             return str(mv.version) if mv is not None else None
         model_uri = run.data.tags.get("mtrec.model_uri")
-        if not model_uri:
+        if not model_uri and run.data.tags.get(SERVED_TAG) != "none":  # "none": recorded without a pyfunc
             raise TrackingError(f"run {run_id} of {checkpoint_url} has no logged model; retrain the day with --force")
-        version = self.register(run_id, model_uri, checkpoint_url, dt.date.fromisoformat(manifest["date"]))
+        version = self.register(run_id, model_uri or "", checkpoint_url, dt.date.fromisoformat(manifest["date"]))
         log.info("mlflow: completed the registration of %s: version %s of %s", checkpoint_url, version, self.name)
         return version
 

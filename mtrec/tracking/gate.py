@@ -29,7 +29,7 @@ from mtrec.eval.metrics import auc_standard_error
 from mtrec.serving import ServedModel
 from mtrec.spec import LabelKind, ModelSpec
 from mtrec.tracking.client import CHALLENGER, CHAMPION, Tracker, VersionInfo
-from mtrec.tracking.pyfunc import load_served
+from mtrec.tracking.pyfunc import SERVED_TAG, load_served
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +305,12 @@ def _score(
     cfg: MtrecConfig, v: VersionInfo, days: list[dt.date], bn_check: bool, address: str | None
 ) -> tuple[dict, ModelSpec, object]:
     """(metrics of version `v` on `days` pooled, its spec, its BN check on the last day or None):
-    with `train.num_workers` > 1, by that many Ray Train workers from its checkpoint, the tables
-    sharded (`mtrec.jobs.evaluate.score_checkpoint`, on the Ray cluster at `address`); else its
-    served model in this process."""
-    vcfg = version_config(cfg, v.checkpoint) if cfg.train.num_workers > 1 and v.checkpoint else None
+    with `train.num_workers` > 1, or for a version registered without a pyfunc (above
+    `tracking.max_pyfunc_mb`), by `train.num_workers` Ray Train workers from its checkpoint, the
+    tables sharded (`mtrec.jobs.evaluate.score_checkpoint`, on the Ray cluster at `address`);
+    else its served model in this process."""
+    on_workers = cfg.train.num_workers > 1 or v.tags.get(SERVED_TAG) == "none"
+    vcfg = version_config(cfg, v.checkpoint) if on_workers and v.checkpoint else None
     if vcfg is None:
         from mtrec.eval.evaluate import evaluate_days
 

@@ -12,12 +12,17 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from mtrec.errors import TrackingError, first_line
+from mtrec.errors import NoPyfunc, TrackingError, first_line
 from mtrec.serving import ServedModel
 
 # the code MLflow runs to rebuild the model at load time ("models from code": no pickle); MLflow
 # keeps a copy of it in the logged model
 MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
+# what a run and its version say about the served model (`mtrec.tracking.record.ServedSize`): a
+# model above `tracking.max_pyfunc_mb` is registered without a pyfunc, and the readers refuse it
+SERVED_TAG = "mtrec.served_model"  # "pyfunc", or "none": no pyfunc was logged
+SIZE_TAG = "mtrec.served_model_mb"  # MiB of the served model's tensors
+LIMIT_TAG = "mtrec.max_pyfunc_mb"  # the job's tracking.max_pyfunc_mb ("": no limit)
 
 
 class MtrecPyfunc(mlflow.pyfunc.PythonModel):
@@ -62,6 +67,7 @@ def load_served(model_uri: str) -> ServedModel:
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow, network, a model logged by another version: one line
+        _refuse_without_pyfunc(model_uri)  # a version registered without one: say that, and the fix
         raise TrackingError(
             f"cannot load {model_uri}: {first_line(e, limit=240)}; check the name, version or alias "
             f"and the tracking URI ({mlflow.get_tracking_uri()})"
@@ -74,4 +80,47 @@ def load_served(model_uri: str) -> ServedModel:
     return inner.served
 
 
-__all__ = ["MODEL_CODE", "MtrecPyfunc", "load_served", "served_signature"]
+def no_pyfunc_reason(model_uri: str, tags: dict[str, str]) -> str | None:
+    """The one line refusing to load `model_uri` when its version's `tags` say it was registered
+    without a pyfunc (`SERVED_TAG` "none"); None for a version that has one."""
+    if tags.get(SERVED_TAG) != "none":
+        return None
+    limit = tags.get(LIMIT_TAG) or "none"
+    return (
+        f"{model_uri} has no pyfunc: its model's tensors ({_mib(tags.get(SIZE_TAG))} MiB) were above "
+        f"tracking.max_pyfunc_mb ({_mib(limit)}) when it was trained; score it from its checkpoint on Ray workers "
+        "with --workers N (mtrec predict/evaluate/promote)"
+    )
+
+
+def _refuse_without_pyfunc(model_uri: str) -> None:
+    """Raise NoPyfunc when `model_uri` (`models:/NAME/N`, `models:/NAME@alias`) names a version
+    registered without a pyfunc. Asked only once loading failed (such a version's source is its
+    run's artifacts, with no MLmodel), so a model that loads costs no extra call; a version that
+    cannot be read is left to the caller's message."""
+    import re
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
+    if not m:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
+    except Exception:  # noqa: BLE001 - absent, unreachable: the caller's one line says it
+        return
+    what = model_uri if m[2] else f"{model_uri} (version {mv.version})"
+    reason = no_pyfunc_reason(what, dict(mv.tags or {}))
+    if reason:
+        raise NoPyfunc(reason)
+
+
+def _mib(value: str | float | None) -> str:
+    """A size in MiB as the refusal prints it: 12,345 (and 0.0123 below 10)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{x:,.0f}" if x >= 10 else f"{x:.3g}"
+
+
+__all__ = ["MODEL_CODE", "MtrecPyfunc", "load_served", "no_pyfunc_reason", "served_signature"]

@@ -6,7 +6,9 @@ after its data, plots, the BN statistics check, artifacts and the served model.
                `bn/...` (models with BatchNorm), `position_bias/<p>`
     artifacts  config.json, manifest.json, validation/dt=D.json, plots/ (calibration, position
                bias, metric trend, BN drift), bn/ (running statistics, the check)
-    model      the served model (pyfunc, `Tracker.log_model`), its URI as tag `mtrec.model_uri`
+    model      the served model (pyfunc, `Tracker.log_model`), its URI as tag `mtrec.model_uri`;
+               none above `tracking.max_pyfunc_mb` (`served_size`: tags `mtrec.served_model`,
+               `mtrec.served_model_mb`, `mtrec.max_pyfunc_mb`)
 
 The figures of the next day come from the Ray Train workers (`mtrec.eval.sharded`), and the served
 model is built and logged by a Ray task beside the driver (`start_served`): recording a job never
@@ -20,13 +22,16 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mtrec.config import MtrecConfig
 from mtrec.data.io import list_day_files
 from mtrec.errors import MtrecError
 from mtrec.serving import ServedModel
+from mtrec.spec import ModelSpec
 from mtrec.tracking.client import Tracker, flatten
+from mtrec.tracking.pyfunc import LIMIT_TAG, SERVED_TAG, SIZE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +118,19 @@ def record_job(
                 history, out / "plots" / "metric_trend.png", title=f"{cfg.name}: next-day metrics per trained day"
             )
         tracker.log_artifacts(run_id, tmp)
-    served = workers.get("served") or start_served(tracker, run_id, cfg, staged, workers.get("example"))
-    model_uri = finish_served(served, run_id)
+    size = served_size(cfg)
+    if size.pyfunc:
+        served = workers.get("served") or start_served(tracker, run_id, cfg, staged, workers.get("example"))
+        model_uri = finish_served(served, run_id)
+    else:  # no task (`start_served` said why); `register` reads the tags below: a version without a pyfunc
+        model_uri = ""
     tracker.set_tags(
         run_id,
         {
             "mtrec.model_uri": model_uri,
             "mtrec.eval_day": eval_day.isoformat() if metrics else "",
             "mtrec.bn_check": bn_result,
+            **size.tags(),
         },
     )
     log.info("recorded run %s in %s (%.1fs)", run_id, tracker.uri, time.perf_counter() - t0)
@@ -206,12 +216,21 @@ def start_served(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, h
     optimizers'), builds the served model and logs it, so the driver never holds the embedding
     tables, whatever their size. `head`: the first rows read (an Arrow table), the model's input
     example. `bn_stats`: BN statistics over the checkpoint's (a recalibration's, `bn.capture`'s
-    form). Runs in the job's Ray session; returns the task's ObjectRef (`finish_served`)."""
+    form). Runs in the job's Ray session; returns the task's ObjectRef (`finish_served`). Above
+    `tracking.max_pyfunc_mb` (`served_size`) it starts no task: it tags the run with that decision
+    (`ServedSize.tags`, which `Tracker.register` reads to register the version without a pyfunc)
+    and returns None, for which `finish_served` gives an empty model URI.
+
+    Raises:
+        TrackingError: MLflow unreachable while tagging the run (above the limit only).
+    """
     import os
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if not pyfunc_fits(tracker, run_id, served_size(cfg)):
+        return None
     example = head.select(input_columns(cfg)).to_pandas() if head is not None else None
     call = {
         "env": {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED)},
@@ -224,8 +243,66 @@ def start_served(tracker: Tracker, run_id: str, cfg: MtrecConfig, staged: str, h
     return task.options(scheduling_strategy=here).remote(cfg.model_dump(mode="json"), tracker.uri, staged, run_id, call)
 
 
+MIB = 2**20  # tracking.max_pyfunc_mb counts MiB
+
+
+def served_bytes(spec: ModelSpec) -> int:
+    """Bytes of the served model's tensors (what `ServedModel.save` writes: every parameter and
+    buffer of the model without its shallow tower, embedding tables included), exact and without
+    allocating a table: the model is built from the spec with its tables on the meta device
+    (shapes and dtypes, no storage; the dense layers are built on CPU, they are small)."""
+    from mtrec.models import build_model
+
+    state = build_model(spec.serving(), "meta").state_dict()
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+@dataclass(frozen=True)
+class ServedSize:
+    """The served model's size against `tracking.max_pyfunc_mb` (MiB; None: no limit)."""
+
+    mb: float
+    limit: float | None
+
+    @property
+    def pyfunc(self) -> bool:
+        """Whether the job logs the served model as a pyfunc (at or below the limit)."""
+        return self.limit is None or self.mb <= self.limit
+
+    def tags(self) -> dict[str, str]:
+        """The run's (and, without a pyfunc, the version's) tags saying what was decided."""
+        return {
+            SERVED_TAG: "pyfunc" if self.pyfunc else "none",
+            SIZE_TAG: f"{self.mb:.4f}",
+            LIMIT_TAG: "" if self.limit is None else f"{self.limit:g}",
+        }
+
+    def reason(self) -> str:
+        return f"its tensors ({self.mb:,.1f} MiB) are above tracking.max_pyfunc_mb ({self.limit:,g})"
+
+
+def served_size(cfg: MtrecConfig) -> ServedSize:
+    """The served model of `cfg` against its `tracking.max_pyfunc_mb` (`served_bytes`)."""
+    return ServedSize(served_bytes(cfg.spec) / MIB, cfg.tracking.max_pyfunc_mb)
+
+
+def pyfunc_fits(tracker: Tracker, run_id: str, size: ServedSize) -> bool:
+    """Whether the run logs its served model as a pyfunc; when not (above the limit), says why
+    and tags the run with the decision (`Tracker.register` reads it: a version without one).
+
+    Raises:
+        TrackingError: MLflow unreachable while tagging the run.
+    """
+    if size.pyfunc:
+        return True
+    log.info("no pyfunc for run %s: %s; score this model with --workers N", run_id, size.reason())
+    tracker.set_tags(run_id, size.tags())
+    return False
+
+
 def finish_served(ref, run_id: str) -> str:
-    """The model URI the `start_served` task logged.
+    """The model URI the `start_served` task logged; "" when it started none (`ref` None: above
+    `tracking.max_pyfunc_mb`).
 
     Raises:
         MtrecError: the task's own error (MLflow unreachable: TrackingError), or one line naming
@@ -235,6 +312,8 @@ def finish_served(ref, run_id: str) -> str:
 
     from mtrec.errors import TrackingError, first_line
 
+    if ref is None:
+        return ""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
