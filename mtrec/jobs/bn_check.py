@@ -97,13 +97,16 @@ def run_bn_check(
     address: str | None = None,
 ) -> BNCheckResult:
     """Check (and with `recalibrate`, fix) a model's BN statistics on `day`: with
-    `train.num_workers` > 1 on that many Ray Train workers (the Ray cluster at `address`), the
-    checkpoint loaded sharded (`_on_workers`); else the served model in this process."""
+    `train.num_workers` > 1, or for a version registered without a pyfunc, on `train.num_workers`
+    Ray Train workers (the Ray cluster at `address`), the checkpoint loaded sharded
+    (`_on_workers`); else the served model in this process."""
     source, v = _describe(cfg, day, model_uri, url, recalibrate)
     what = model_uri or source["checkpoint"]
     if source["date"] and dt.date.fromisoformat(source["date"]) >= day:
         log.info(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
-    if cfg.train.num_workers > 1:
+    from mtrec.tracking.pyfunc import SERVED_TAG
+
+    if cfg.train.num_workers > 1 or (v is not None and v.tags.get(SERVED_TAG) == "none"):  # no pyfunc: workers
         return _on_workers(cfg, day, source, v, (what, recalibrate, address))
     if model_uri:
         from mtrec.tracking import load_served
@@ -128,7 +131,10 @@ def run_bn_check(
 
     def log_model(tracker, run_id: str) -> str:
         from mtrec.tracking import example_rows
+        from mtrec.tracking.record import MIB, ServedSize, pyfunc_fits, served_bytes
 
+        if not pyfunc_fits(tracker, run_id, ServedSize(served_bytes(served.spec) / MIB, cfg.tracking.max_pyfunc_mb)):
+            return ""  # above tracking.max_pyfunc_mb: the version is registered without one
         return tracker.log_model(run_id, served, example_rows(logs, day, served.columns, view=cfg.spec.columns))
 
     rcfg = cfg.model_copy(update={"name": source["name"]})
