@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,7 @@ from mtrec.spec import ModelSpec
 from mtrec.train.stream import day_batches, feature_batches
 
 _EPS = 1e-5  # BatchNorm1d's default eps: variances below it are noise
+log = logging.getLogger(__name__)
 
 
 def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -422,22 +424,30 @@ def settle(model: nn.Module, measure: Callable[[], tuple[dict[str, Moments], int
     before did (within 1e-6 of a standard deviation), at most one more than there are layers.
 
     Raises:
-        DataValidationError: fewer than 2 rows on the slice (`where` names it).
+        DataValidationError: fewer than 2 rows on the slice (`where` names it), or a pass that
+            read another number of rows than the first.
     """
     before, rows = measure()
     if before and rows < 2:
         raise DataValidationError(
             f"{rows} good row(s) on {where}: BN statistics need 2 or more; recalibrate on a day with logs"
         )
-    current, passes = before, 1
+    current, passes, same = before, 1, not before
     for _ in range(len(before)):  # a layer is at most as deep as there are layers
         _set_running(model, current)
-        measured, rows = measure()
+        measured, n = measure()
         passes += 1
+        if n != rows:
+            raise DataValidationError(
+                f"a pass over {where} read {n:,} rows, the first {rows:,}: the slice changed while it was read; "
+                "rerun the recalibration"
+            )
         same = _same_moments(current, measured)
         current = measured
         if same:
             break
+    if not same:  # depth <= layers: only float noise above 1e-6 of a deviation can get here
+        log.warning("BN recalibration on %s: pass %d still moved the statistics; kept its values", where, passes)
     _set_running(model, current)
     return Settled(before, current, rows, passes)
 

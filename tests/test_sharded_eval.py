@@ -215,9 +215,14 @@ def test_a_rank_whose_read_fails_stops_every_rank_at_the_same_step(world, tmp_pa
     procs = [ctx.Process(target=_lockstep_rank, args=(r, str(tmp_path / "store"), world, out)) for r in (0, 1)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    try:
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0, 0]  # None: a rank still waiting in a collective
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     got = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in (0, 1)]
     assert got[0] == {"raised": True, "local": False, "line": "worker 1: OSError: the file went away", "seen": 1}
     assert got[1] == {"raised": True, "local": True, "line": None, "seen": 1}

@@ -34,7 +34,7 @@ def add(sub, abbrev: bool = True) -> None:
     add_scoring_flags(
         p,
         "check (and recalibrate) on this many Ray Train workers, the checkpoint loaded sharded (default: "
-        "train.num_workers; 1 checks the served model in this process)",
+        "train.num_workers; 1 checks the served model in this process, a version without a pyfunc on 1 worker)",
     )
     p.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
     p.set_defaults(run=run)

@@ -168,12 +168,15 @@ def _on_workers(cfg: MtrecConfig, day: dt.date, source: dict, v, run: tuple) -> 
     url = source["checkpoint"]
     if not url:
         raise ConfigError(
-            f"--workers checks a checkpoint: pass a registered mtrec version (models:/NAME/N, models:/NAME@alias) "
-            f"or --checkpoint, not {what}; or leave out --workers"
+            f"on workers the check loads a checkpoint: pass a registered mtrec version (models:/NAME/N, "
+            f"models:/NAME@alias) or --checkpoint, not {what}; or check it in this process with --workers 1"
         )
     vcfg = version_config(cfg, url)
     if vcfg is None:
-        raise ConfigError(f"{url}'s manifest does not say its sampling offsets; check it without --workers")
+        raise ConfigError(
+            f"{url}'s manifest does not say its sampling offsets, so workers cannot build its model; check it in "
+            "this process with --workers 1"
+        )
     serving = cfg.job.serving_logs
     population = "serving logs" if serving else "impressions"
     if not bn.served_bn_names(build_model(vcfg.spec, "meta", vcfg.score_offsets())):
@@ -205,6 +208,12 @@ def _on_workers(cfg: MtrecConfig, day: dt.date, source: dict, v, run: tuple) -> 
             rep.seconds, rep.population = seconds, population
             return rep
 
+        if not result["rows"]:
+            where = f"the serving logs under {serving}" if serving else f"the logs under {cfg.job.logs}"
+            raise DataValidationError(
+                f"no good row on {day} in {where}: the BN statistics have nothing to be checked against; "
+                "`mtrec validate` shows what is wrong with the day's rows"
+            )
         out = BNCheckResult(report(result["before"]), source=source)
         _log_report(out.before, what, day, serving)
         if not recalibrate:
@@ -250,8 +259,9 @@ def _record(cfg: MtrecConfig, source: dict, day: dt.date, result: BNCheckResult,
         model_uri = log_model(tracker, run_id)
         checked = "passed" if after.passed else "failed"
         tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.bn_check": checked})  # as log_served tags
-        version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to)
-    tracker.tag_version(version, {"mtrec.bn_recalibrated_on": day.isoformat()})
+        # created with the tag: workers that score the version read it to apply its statistics
+        recalibrated = {"mtrec.bn_recalibrated_on": day.isoformat()}
+        version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to, recalibrated)
     chal = tracker.alias("challenger")
     alias = (
         " (alias challenger)"

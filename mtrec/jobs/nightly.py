@@ -205,7 +205,7 @@ def gate_pending(cfg: MtrecConfig, day: dt.date, address: str | None = None) -> 
     day, the challenger, the night after its data; with N days, the version N-1 nights older, while
     the newer ones wait for their days. Unjudged versions older than it are skipped (logged). With
     none ready, the challenger's gate defers. `address`: the job's Ray cluster, where the gate
-    scores when `train.num_workers` > 1.
+    scores when it scores on workers (`train.num_workers` > 1, or a version without a pyfunc).
 
     Returns:
         The gate's refusal (training goes on; the caller reports it at the end), or None.

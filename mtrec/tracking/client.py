@@ -355,14 +355,22 @@ class Tracker:
         return model_uri
 
     # ---- registry ----------------------------------------------------------------------------------
-    def register(self, run_id: str, model_uri: str, checkpoint_url: str, day: dt.date) -> str:
+    def register(
+        self, run_id: str, model_uri: str, checkpoint_url: str, day: dt.date, tags: dict[str, str] | None = None
+    ) -> str:
         """The version of the registered model for the published checkpoint of run `run_id`;
         alias `challenger` -> it unless a newer day's version holds it; the run ends FINISHED.
         Idempotent: a rerun after a partial registration finds the version (by run id) and
         completes the rest; a retry after a timeout does not register twice. An empty `model_uri`:
         the run logged no pyfunc (above `tracking.max_pyfunc_mb`, its tags say), and the version
-        is registered without one (`_register_without_pyfunc`)."""
-        tags = {"mtrec.date": day.isoformat(), "mtrec.checkpoint": checkpoint_url, "mtrec.run_id": run_id}
+        is registered without one (`_register_without_pyfunc`). `tags`: more version tags, set
+        as the version is created (what readers must never see it without)."""
+        tags = {
+            "mtrec.date": day.isoformat(),
+            "mtrec.checkpoint": checkpoint_url,
+            "mtrec.run_id": run_id,
+            **(tags or {}),
+        }
         if not model_uri:
             tags.update(self._no_pyfunc_tags(run_id))
 

@@ -309,8 +309,13 @@ def _score(
     `tracking.max_pyfunc_mb`), by `train.num_workers` Ray Train workers from its checkpoint, the
     tables sharded (`mtrec.jobs.evaluate.score_checkpoint`, on the Ray cluster at `address`);
     else its served model in this process."""
-    on_workers = cfg.train.num_workers > 1 or v.tags.get(SERVED_TAG) == "none"
-    vcfg = version_config(cfg, v.checkpoint) if on_workers and v.checkpoint else None
+    no_pyfunc = v.tags.get(SERVED_TAG) == "none"
+    vcfg = version_config(cfg, v.checkpoint) if (cfg.train.num_workers > 1 or no_pyfunc) and v.checkpoint else None
+    if vcfg is None and no_pyfunc:
+        raise MtrecError(
+            f"version {v.version} of {cfg.name} has no pyfunc, and its checkpoint {v.checkpoint or '(none)'} "
+            "does not say its sampling offsets: workers cannot build its model; retrain the day with --force"
+        )
     if vcfg is None:
         from mtrec.eval.evaluate import evaluate_days
 
@@ -348,7 +353,8 @@ def promote(
     champion on the same unseen slice (`gate_slice`; `day`: its last day) with the served models,
     and move `champion` only if no gate metric is worse than the champion's by more than
     `gate.tolerance`. The decision and its figures are written as tags on the challenger's version.
-    `address`: the Ray cluster the scoring joins when `train.num_workers` > 1.
+    `address`: the Ray cluster the scoring joins when it runs on workers (`train.num_workers` > 1,
+    or a version without a pyfunc).
 
     Raises:
         GateRefused: the challenger is worse (the reason names the metric and both values).
