@@ -30,6 +30,16 @@ def local_cpus(cfg: MtrecConfig, extra: float = 0.0) -> int:
     return max(os.cpu_count() or 1, need)
 
 
+def local_startup_concurrency(num_cpus: int) -> None:
+    """Before a local cluster starts: Ray caps how many worker processes start at once by the
+    machine's cores, and once 4x that many are alive it prints a warning on the driver's stdout
+    whatever `log_to_driver` says. A local mtrec cluster declares more logical CPUs than cores
+    (READ_CPUS for Ray Data beside the workers), and a job's ordinary processes (the workers, the
+    datasets' coordinators, read tasks, the served model's task) crossed that line on 2 cores. Both
+    follow the logical CPUs instead, unless RAY_worker_maximum_startup_concurrency is set."""
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
+
+
 def quiet_ray() -> None:
     """Ray Train/Data log a lot, and warn about things a job cannot act on (e.g. that token
     authentication is on): the job prints its own progress, Ray's lines only with --verbose.
@@ -72,6 +82,7 @@ def ray_session(
             ) from None
         mode, owned = "joined", True
     else:
+        local_startup_concurrency(local_cpus(cfg, extra_cpus))
         ray.init(
             address="local",
             num_cpus=local_cpus(cfg, extra_cpus),

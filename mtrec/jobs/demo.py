@@ -225,13 +225,14 @@ def run_demo(
 
     import ray
 
-    from mtrec.jobs.cluster import local_cpus, quiet_ray
+    from mtrec.jobs.cluster import local_cpus, local_startup_concurrency, quiet_ray
     from mtrec.log import library_level
 
     configs = {m: demo_config(m, root, logs, workers) for m in models}
     quiet_ray()
     cfg0 = load_config(str(next(iter(configs.values()))))
     with step("ray", "starting a local Ray cluster") as s:
+        local_startup_concurrency(local_cpus(cfg0))
         ray.init(
             address="local",
             num_cpus=local_cpus(cfg0),
