@@ -198,12 +198,17 @@ def reference(
     the day's impressions, or with `serving_logs` its candidates (`serving_batches`)."""
     moments, rows = _measure(model, spec, serving_batches(spec, logs, day, batch_rows, serving_logs))
     if rows == 0:
-        where = f"the serving logs under {serving_logs}" if serving_logs else f"the logs under {logs}"
-        raise DataValidationError(
-            f"no good row on {day} in {where}: the BN statistics have nothing to be checked against; "
-            "`mtrec validate` shows what is wrong with the day's rows"
-        )
+        raise no_good_rows(day, f"the serving logs under {serving_logs}" if serving_logs else f"the logs under {logs}")
     return {name: m.mean_var() for name, m in moments.items()}, rows
+
+
+def no_good_rows(day: dt.date, where: str) -> DataValidationError:
+    """The error for a slice with no good row to check BN statistics against (`where`: what was
+    read, e.g. "the logs under s3://b/logs")."""
+    return DataValidationError(
+        f"no good row on {day} in {where}: the BN statistics have nothing to be checked against; "
+        "`mtrec validate` shows what is wrong with the day's rows"
+    )
 
 
 def _measure(model: nn.Module, spec: ModelSpec, batches: Iterator[pa.RecordBatch]) -> tuple[dict[str, Moments], int]:

@@ -350,7 +350,7 @@ def next_day_figures(
     when the figures could not be made, None otherwise: the driver fails the job with it).
     """
     from mtrec import bn
-    from mtrec.errors import DataValidationError, first_line
+    from mtrec.errors import first_line
     from mtrec.eval import plots
     from mtrec.eval.evaluate import _report
 
@@ -370,10 +370,7 @@ def next_day_figures(
         population = "serving logs" if serving is not None else "impressions"
         if source.moments:
             if not source.rows:
-                raise DataValidationError(
-                    f"no good row on {day} in the {population}: the BN statistics have nothing to be checked "
-                    "against; `mtrec validate` shows what is wrong with the day's rows"
-                )
+                raise bn.no_good_rows(day, f"the {population}")
             out["bn"] = bn.from_moments(model, source.moments, cfg.bn, day, population)
     except Exception as e:  # noqa: BLE001 - handed to the driver as one line; the job fails there
         out["error"] = first_line(e, typed=True)

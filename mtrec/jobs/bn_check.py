@@ -104,9 +104,9 @@ def run_bn_check(
     what = model_uri or source["checkpoint"]
     if source["date"] and dt.date.fromisoformat(source["date"]) >= day:
         log.info(f"note: {what} trained on {source['date']}, so {day} is not a day it has not seen")
-    from mtrec.tracking.pyfunc import SERVED_TAG
+    from mtrec.tracking.pyfunc import without_pyfunc
 
-    if cfg.train.num_workers > 1 or (v is not None and v.tags.get(SERVED_TAG) == "none"):  # no pyfunc: workers
+    if cfg.train.num_workers > 1 or (v is not None and without_pyfunc(v.tags)):  # no pyfunc: on workers
         return _on_workers(cfg, day, source, v, (what, recalibrate, address))
     if model_uri:
         from mtrec.tracking import load_served
@@ -209,10 +209,8 @@ def _on_workers(cfg: MtrecConfig, day: dt.date, source: dict, v, run: tuple) -> 
             return rep
 
         if not result["rows"]:
-            where = f"the serving logs under {serving}" if serving else f"the logs under {cfg.job.logs}"
-            raise DataValidationError(
-                f"no good row on {day} in {where}: the BN statistics have nothing to be checked against; "
-                "`mtrec validate` shows what is wrong with the day's rows"
+            raise bn.no_good_rows(
+                day, f"the serving logs under {serving}" if serving else f"the logs under {cfg.job.logs}"
             )
         out = BNCheckResult(report(result["before"]), source=source)
         _log_report(out.before, what, day, serving)
@@ -258,7 +256,8 @@ def _record(cfg: MtrecConfig, source: dict, day: dt.date, result: BNCheckResult,
             tracker.log_artifacts(run_id, tmp)
         model_uri = log_model(tracker, run_id)
         checked = "passed" if after.passed else "failed"
-        tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.bn_check": checked})  # as log_served tags
+        # the model URI: `ensure_registered` completes a lost registration from it
+        tracker.set_tags(run_id, {"mtrec.model_uri": model_uri, "mtrec.bn_check": checked})
         # created with the tag: workers that score the version read it to apply its statistics
         recalibrated = {"mtrec.bn_recalibrated_on": day.isoformat()}
         version = tracker.register(run_id, model_uri, source["checkpoint"], trained_to, recalibrated)

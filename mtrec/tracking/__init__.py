@@ -23,7 +23,7 @@ checkpoint is published without its run:
 The modules:
 
     client   `Tracker`: the tracking URI, the retrying calls, the experiment, a job's run
-             (`job_run`), the served model (`log_served`), the registry (`register`)
+             (`job_run`), the served model (`log_model`), the registry (`register`)
     record   what a training job records: `record_job`, `record_bn`, `day_trend`, `example_rows`,
              `served_size` (the served model's MiB against `tracking.max_pyfunc_mb`)
     gate     the promotion gate: `promote`, `compare`, `gate_slice`, `GateDecision`

@@ -41,7 +41,15 @@ from mtrec.errors import ConfigError, MtrecError, TrackingError, first_line
 from mtrec.log import quiet_libraries, verbose
 from mtrec.retry import retry
 from mtrec.serving import ServedModel
-from mtrec.tracking.pyfunc import LIMIT_TAG, MODEL_CODE, SERVED_TAG, SIZE_TAG, served_signature
+from mtrec.tracking.pyfunc import (
+    LIMIT_TAG,
+    MODEL_CODE,
+    REGISTERED,
+    SERVED_TAG,
+    SIZE_TAG,
+    served_signature,
+    without_pyfunc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -346,14 +354,6 @@ class Tracker:
 
             return self.call("logging the model", log)
 
-    def log_served(self, run_id: str, served: ServedModel, example, tags: dict[str, str] | None = None) -> str:
-        """The served model logged under the run, and the run tagged with its URI
-        (`mtrec.model_uri`, from which `ensure_registered` completes a lost registration) and
-        `tags`; returns the model URI."""
-        model_uri = self.log_model(run_id, served, example)
-        self.set_tags(run_id, {"mtrec.model_uri": model_uri, **(tags or {})})
-        return model_uri
-
     # ---- registry ----------------------------------------------------------------------------------
     def register(
         self, run_id: str, model_uri: str, checkpoint_url: str, day: dt.date, tags: dict[str, str] | None = None
@@ -400,7 +400,7 @@ class Tracker:
             TrackingError: the run has neither a logged model nor those tags.
         """
         run_tags = self.call("reading the run", self.client.get_run, run_id).data.tags
-        if run_tags.get(SERVED_TAG) != "none":
+        if not without_pyfunc(run_tags):
             raise TrackingError(f"run {run_id} has no logged model; retrain the day with --force")
         return {k: run_tags.get(k, "") for k in (SERVED_TAG, SIZE_TAG, LIMIT_TAG)}
 
@@ -453,7 +453,7 @@ class Tracker:
             )
             return str(mv.version) if mv is not None else None
         model_uri = run.data.tags.get("mtrec.model_uri")
-        if not model_uri and run.data.tags.get(SERVED_TAG) != "none":  # "none": recorded without a pyfunc
+        if not model_uri and not without_pyfunc(run.data.tags):
             raise TrackingError(f"run {run_id} of {checkpoint_url} has no logged model; retrain the day with --force")
         version = self.register(run_id, model_uri or "", checkpoint_url, dt.date.fromisoformat(manifest["date"]))
         log.info("mlflow: completed the registration of %s: version %s of %s", checkpoint_url, version, self.name)
@@ -494,9 +494,6 @@ class Tracker:
             token = page.token
             if not token:
                 return sorted(found, key=lambda v: (v.date, int(v.version)), reverse=True)
-
-
-REGISTERED = re.compile(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))")  # models:/NAME/N or models:/NAME@alias
 
 
 def registered_version(cfg: MtrecConfig, model_uri: str) -> VersionInfo | None:

@@ -29,7 +29,7 @@ from mtrec.eval.metrics import auc_standard_error
 from mtrec.serving import ServedModel
 from mtrec.spec import LabelKind, ModelSpec
 from mtrec.tracking.client import CHALLENGER, CHAMPION, Tracker, VersionInfo
-from mtrec.tracking.pyfunc import SERVED_TAG, load_served
+from mtrec.tracking.pyfunc import load_served, without_pyfunc
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _score(
     `tracking.max_pyfunc_mb`), by `train.num_workers` Ray Train workers from its checkpoint, the
     tables sharded (`mtrec.jobs.evaluate.score_checkpoint`, on the Ray cluster at `address`);
     else its served model in this process."""
-    no_pyfunc = v.tags.get(SERVED_TAG) == "none"
+    no_pyfunc = without_pyfunc(v.tags)
     vcfg = version_config(cfg, v.checkpoint) if (cfg.train.num_workers > 1 or no_pyfunc) and v.checkpoint else None
     if vcfg is None and no_pyfunc:
         raise MtrecError(

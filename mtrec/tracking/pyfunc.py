@@ -7,6 +7,7 @@ registered model does not import the run config, the evaluation, plots or the pr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -23,6 +24,12 @@ MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
 SERVED_TAG = "mtrec.served_model"  # "pyfunc", or "none": no pyfunc was logged
 SIZE_TAG = "mtrec.served_model_mb"  # MiB of the served model's tensors
 LIMIT_TAG = "mtrec.max_pyfunc_mb"  # the job's tracking.max_pyfunc_mb ("": no limit)
+REGISTERED = re.compile(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))")  # models:/NAME/N or models:/NAME@alias
+
+
+def without_pyfunc(tags: dict[str, str]) -> bool:
+    """Whether a run's or version's tags say it was recorded without a pyfunc (`SERVED_TAG`)."""
+    return tags.get(SERVED_TAG) == "none"
 
 
 class MtrecPyfunc(mlflow.pyfunc.PythonModel):
@@ -83,7 +90,7 @@ def load_served(model_uri: str) -> ServedModel:
 def no_pyfunc_reason(model_uri: str, tags: dict[str, str]) -> str | None:
     """The one line refusing to load `model_uri` when its version's `tags` say it was registered
     without a pyfunc (`SERVED_TAG` "none"); None for a version that has one."""
-    if tags.get(SERVED_TAG) != "none":
+    if not without_pyfunc(tags):
         return None
     limit = tags.get(LIMIT_TAG) or "none"
     return (
@@ -98,9 +105,7 @@ def _refuse_without_pyfunc(model_uri: str) -> None:
     registered without a pyfunc. Asked only once loading failed (such a version's source is its
     run's artifacts, with no MLmodel), so a model that loads costs no extra call; a version that
     cannot be read is left to the caller's message."""
-    import re
-
-    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
+    m = REGISTERED.fullmatch(model_uri)
     if not m:
         return
     client = mlflow.MlflowClient()
