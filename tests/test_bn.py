@@ -464,3 +464,33 @@ def test_a_jobs_own_check_uses_the_serving_logs_of_its_evaluation_day(ray_local,
         check = json.loads(Path(path).read_text())
         population[day] = (check["population"], check["rows"])
     assert population == {DAY1: ("serving logs", 9_000), DAY2: ("impressions", 3_000)}
+
+
+def test_recalibration_refuses_a_slice_that_changes_and_statistics_of_another_model(world):
+    """A pass that reads another number of rows than the first, or a slice of one row, is refused
+    in one line; statistics naming a layer the model lacks are refused, not half applied."""
+    from mtrec.errors import ConfigError, DataValidationError
+    from mtrec.eval.sharded import Moments
+
+    cfg = bn_cfg(world)
+    model = build_model(cfg.spec, "cpu", cfg.score_offsets())
+    names = list(bn.bn_layers(model))
+    rows = iter([1000, 999])
+
+    def shrinking():
+        n = next(rows)
+        out = {name: Moments(bn.bn_layers(model)[name].num_features) for name in names}
+        for m in out.values():
+            m.add(torch.randn(n, m.s.shape[0]))
+        return out, n
+
+    changed = r"a pass over day 4 read 999 rows, the first 1,000: the slice changed"
+    with pytest.raises(DataValidationError, match=changed):
+        bn.settle(model, shrinking, "day 4")
+    one = {name: Moments(bn.bn_layers(model)[name].num_features) for name in names}
+    with pytest.raises(DataValidationError, match=r"^1 good row\(s\) on day 4: BN statistics need 2 or more"):
+        bn.settle(model, lambda: (one, 1), "day 4")
+    before = bn.capture(model)
+    with pytest.raises(ConfigError, match=r"name layer\(s\) towers.x.mlp.1 that the model does not have"):
+        bn.apply(model, {**before, "towers.x.mlp.1": before[names[0]]})
+    assert bn.capture(model) == before
